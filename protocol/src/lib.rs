@@ -1,0 +1,348 @@
+//! The Drover wire protocol: the messages agents and servers exchange over a WebSocket,
+//! and their MessagePack codec. `PROTOCOL.md` at the repository root is the prose version.
+//!
+//! Every frame is one WebSocket binary message holding one MessagePack map:
+//! `{"v": PROTOCOL_VERSION, "type": "<message type>", ...fields}`. Fields are only ever
+//! added, never renamed or removed, and every added field has a default, so frames from
+//! older and newer peers keep decoding. `v` changes only on an incompatible change.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks, carried in every frame as `v`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts. Real messages are a few hundred bytes.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Messages an agent sends to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First frame of every session. Since version 1.
+    Hello(Hello),
+    /// Sent every heartbeat interval. Since version 1.
+    Heartbeat(Heartbeat),
+    /// Progress of an update task. Since version 1.
+    UpdateProgress(UpdateProgress),
+    /// Final outcome of an update task. Since version 1.
+    UpdateResult(UpdateResult),
+    /// A message type this version does not know (sent by a newer peer); ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Messages the server sends to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to an accepted hello. Since version 1.
+    Welcome(Welcome),
+    /// Install a build. Since version 1.
+    Update(Update),
+    /// Stop working on a task. Since version 1.
+    Cancel(Cancel),
+    /// The session is refused or ended; the server closes the socket after it. Since version 1.
+    Reject(Reject),
+    /// A message type this version does not know (sent by a newer peer); ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Credentials and facts about the agent. Either `agent_id` and `secret` (an enrolled
+/// agent) or `enroll_token` (first contact) must be present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub enroll_token: Option<String>,
+    pub fingerprint: String,
+    pub hostname: String,
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    /// False when the agent was told not to apply updates (`--no-auto-update`).
+    #[serde(default = "default_true")]
+    pub auto_update: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Counts up from 1 within a session.
+    pub seq: u64,
+    /// The version the agent is running.
+    pub version: String,
+}
+
+/// Stages an agent reports while it works on an update task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateStage {
+    Downloading,
+    Verifying,
+    Installing,
+    Restarting,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateProgress {
+    pub task_id: String,
+    pub stage: UpdateStage,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+}
+
+/// How an update task ended on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOutcome {
+    /// The new version started, connected and heartbeated.
+    Succeeded,
+    /// The update was not installed (download, verification or install failed).
+    Failed,
+    /// The new version was installed but did not prove itself; the previous one runs again.
+    RolledBack,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateResult {
+    pub task_id: String,
+    pub outcome: UpdateOutcome,
+    /// The version the agent runs after the task.
+    pub version: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub agent_id: String,
+    /// Present only when the hello enrolled the agent; the agent must store it.
+    #[serde(default)]
+    pub secret: Option<String>,
+    pub heartbeat_interval_secs: u32,
+    #[serde(default)]
+    pub server_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    pub task_id: String,
+    pub version: String,
+    /// Absolute URL of the build.
+    pub url: String,
+    /// Lower-case hex SHA-256 of the build.
+    pub sha256: String,
+    pub size: u64,
+    /// Hex ed25519 signature over the build, when the server has one.
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// True when this is an operator's rollback: the agent accepts an older version.
+    #[serde(default)]
+    pub rollback: bool,
+    /// Server clock when the message was sent, Unix milliseconds.
+    #[serde(default)]
+    pub sent_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub task_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Why the server refused or ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Unknown agent id or wrong secret.
+    BadCredentials,
+    /// The enrollment token is unknown or revoked.
+    BadEnrollToken,
+    /// The first frame was not a hello, or the hello lacked credentials.
+    ExpectedHello,
+    /// The frame's `v` is not a protocol version the server speaks.
+    UnsupportedProtocol,
+    /// The frame is not valid MessagePack or not a known message shape.
+    MalformedFrame,
+    /// The frame exceeds `MAX_FRAME_BYTES`.
+    FrameTooLarge,
+    /// Another session for the same agent took over.
+    Replaced,
+    /// No frame arrived within the heartbeat deadline.
+    Timeout,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    pub code: RejectCode,
+    #[serde(default)]
+    pub message: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("unsupported protocol version {0} (this side speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl DecodeError {
+    /// The reject code a peer is told when its frame fails to decode.
+    pub fn reject_code(&self) -> RejectCode {
+        match self {
+            DecodeError::TooLarge { .. } => RejectCode::FrameTooLarge,
+            DecodeError::UnsupportedVersion(_) => RejectCode::UnsupportedProtocol,
+            DecodeError::Malformed(_) => RejectCode::MalformedFrame,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct FrameOut<'a, M> {
+    v: u32,
+    #[serde(flatten)]
+    message: &'a M,
+}
+
+#[derive(Deserialize)]
+struct FrameIn<M> {
+    v: u32,
+    #[serde(flatten)]
+    message: M,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u32,
+}
+
+impl AgentMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        decode(frame)
+    }
+}
+
+impl ServerMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        decode(frame)
+    }
+}
+
+fn encode<M: Serialize>(message: &M) -> Vec<u8> {
+    let frame = FrameOut {
+        v: PROTOCOL_VERSION,
+        message,
+    };
+    // Plain structs of strings, integers and booleans always serialize into a Vec.
+    rmp_serde::to_vec_named(&frame).expect("protocol messages always serialize")
+}
+
+fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge {
+            size: frame.len(),
+            limit: MAX_FRAME_BYTES,
+        });
+    }
+    // Check the version before the shape, so an incompatible peer hears the right reason.
+    let version: VersionOnly =
+        rmp_serde::from_slice(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if version.v != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version.v));
+    }
+    let frame: FrameIn<M> =
+        rmp_serde::from_slice(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok(frame.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat() -> AgentMessage {
+        AgentMessage::Heartbeat(Heartbeat {
+            seq: 7,
+            version: "1.2.3".into(),
+        })
+    }
+
+    #[test]
+    fn frames_are_maps_with_version_and_type() {
+        let bytes = heartbeat().encode();
+        let value: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            rmp_serde::from_slice(&bytes).unwrap();
+        let keys: Vec<_> = value.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["seq", "type", "v", "version"]);
+    }
+
+    #[test]
+    fn rejects_oversized_frames_before_parsing() {
+        let frame = vec![0x90; MAX_FRAME_BYTES + 1];
+        assert_eq!(
+            AgentMessage::decode(&frame),
+            Err(DecodeError::TooLarge {
+                size: MAX_FRAME_BYTES + 1,
+                limit: MAX_FRAME_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_wrong_versions() {
+        let cases: [(&[u8], RejectCode); 4] = [
+            (b"", RejectCode::MalformedFrame),
+            (b"\xc1\xc1\xc1", RejectCode::MalformedFrame),
+            // {"v": 2, "type": "heartbeat"}
+            (
+                b"\x82\xa1v\x02\xa4type\xa9heartbeat",
+                RejectCode::UnsupportedProtocol,
+            ),
+            // {"v": 1, "type": "heartbeat"} without its fields
+            (
+                b"\x82\xa1v\x01\xa4type\xa9heartbeat",
+                RejectCode::MalformedFrame,
+            ),
+        ];
+        for (frame, code) in cases {
+            let err = AgentMessage::decode(frame).unwrap_err();
+            assert_eq!(err.reject_code(), code, "frame {frame:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_message_types_decode_as_unknown() {
+        // {"v": 1, "type": "telemetry", "cpu": 3}
+        let frame = b"\x83\xa1v\x01\xa4type\xa9telemetry\xa3cpu\x03";
+        assert_eq!(AgentMessage::decode(frame), Ok(AgentMessage::Unknown));
+        assert_eq!(ServerMessage::decode(frame), Ok(ServerMessage::Unknown));
+    }
+}

@@ -1,0 +1,143 @@
+//! Property tests: every message survives encode then decode unchanged, and no byte
+//! string makes the decoder panic.
+
+use proptest::prelude::*;
+use protocol::*;
+
+fn text() -> impl Strategy<Value = String> {
+    ".{0,40}"
+}
+
+fn stage() -> impl Strategy<Value = UpdateStage> {
+    prop_oneof![
+        Just(UpdateStage::Downloading),
+        Just(UpdateStage::Verifying),
+        Just(UpdateStage::Installing),
+        Just(UpdateStage::Restarting),
+    ]
+}
+
+fn outcome() -> impl Strategy<Value = UpdateOutcome> {
+    prop_oneof![
+        Just(UpdateOutcome::Succeeded),
+        Just(UpdateOutcome::Failed),
+        Just(UpdateOutcome::RolledBack),
+    ]
+}
+
+fn reject_code() -> impl Strategy<Value = RejectCode> {
+    prop_oneof![
+        Just(RejectCode::BadCredentials),
+        Just(RejectCode::BadEnrollToken),
+        Just(RejectCode::ExpectedHello),
+        Just(RejectCode::UnsupportedProtocol),
+        Just(RejectCode::MalformedFrame),
+        Just(RejectCode::FrameTooLarge),
+        Just(RejectCode::Replaced),
+        Just(RejectCode::Timeout),
+    ]
+}
+
+fn agent_message() -> impl Strategy<Value = AgentMessage> {
+    let hello = (
+        (
+            proptest::option::of(text()),
+            proptest::option::of(text()),
+            proptest::option::of(text()),
+        ),
+        (text(), text(), text(), text(), text()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((agent_id, secret, enroll_token), (fingerprint, hostname, version, os, arch), auto_update)| {
+                AgentMessage::Hello(Hello {
+                    agent_id,
+                    secret,
+                    enroll_token,
+                    fingerprint,
+                    hostname,
+                    version,
+                    os,
+                    arch,
+                    auto_update,
+                })
+            },
+        );
+    let heartbeat = (any::<u64>(), text())
+        .prop_map(|(seq, version)| AgentMessage::Heartbeat(Heartbeat { seq, version }));
+    let progress = (text(), stage(), any::<u64>(), any::<u64>()).prop_map(
+        |(task_id, stage, bytes_done, bytes_total)| {
+            AgentMessage::UpdateProgress(UpdateProgress {
+                task_id,
+                stage,
+                bytes_done,
+                bytes_total,
+            })
+        },
+    );
+    let result = (text(), outcome(), text(), proptest::option::of(text())).prop_map(
+        |(task_id, outcome, version, error)| {
+            AgentMessage::UpdateResult(UpdateResult {
+                task_id,
+                outcome,
+                version,
+                error,
+            })
+        },
+    );
+    prop_oneof![hello, heartbeat, progress, result]
+}
+
+fn server_message() -> impl Strategy<Value = ServerMessage> {
+    let welcome = (text(), proptest::option::of(text()), any::<u32>(), text()).prop_map(
+        |(agent_id, secret, heartbeat_interval_secs, server_version)| {
+            ServerMessage::Welcome(Welcome {
+                agent_id,
+                secret,
+                heartbeat_interval_secs,
+                server_version,
+            })
+        },
+    );
+    let update = (
+        (text(), text(), text(), text()),
+        (any::<u64>(), proptest::option::of(text()), any::<bool>(), any::<u64>()),
+    )
+        .prop_map(
+            |((task_id, version, url, sha256), (size, signature, rollback, sent_at_ms))| {
+                ServerMessage::Update(Update {
+                    task_id,
+                    version,
+                    url,
+                    sha256,
+                    size,
+                    signature,
+                    rollback,
+                    sent_at_ms,
+                })
+            },
+        );
+    let cancel = (text(), text())
+        .prop_map(|(task_id, reason)| ServerMessage::Cancel(Cancel { task_id, reason }));
+    let reject = (reject_code(), text())
+        .prop_map(|(code, message)| ServerMessage::Reject(Reject { code, message }));
+    prop_oneof![welcome, update, cancel, reject]
+}
+
+proptest! {
+    #[test]
+    fn agent_messages_round_trip(message in agent_message()) {
+        prop_assert_eq!(AgentMessage::decode(&message.encode()), Ok(message));
+    }
+
+    #[test]
+    fn server_messages_round_trip(message in server_message()) {
+        prop_assert_eq!(ServerMessage::decode(&message.encode()), Ok(message));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = AgentMessage::decode(&bytes);
+        let _ = ServerMessage::decode(&bytes);
+    }
+}

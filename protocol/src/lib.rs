@@ -181,6 +181,8 @@ pub enum RejectCode {
     Replaced,
     /// No frame arrived within the heartbeat deadline.
     Timeout,
+    /// The server failed (for example its database); retry later with backoff.
+    ServerError,
     #[serde(other)]
     Unknown,
 }
@@ -225,9 +227,9 @@ struct FrameOut<'a, M> {
     message: &'a M,
 }
 
+/// `v` was checked already; as an unknown key here it is skipped.
 #[derive(Deserialize)]
 struct FrameIn<M> {
-    v: u32,
     #[serde(flatten)]
     message: M,
 }

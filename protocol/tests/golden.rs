@@ -135,7 +135,11 @@ fn every_message_matches_its_golden_frame() {
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (DROVER_BLESS=1 writes it)", path.display()));
         let golden = hex::decode(text.trim()).unwrap();
-        assert_eq!(hex::encode(&bytes), hex::encode(&golden), "{name}: encoding changed");
+        assert_eq!(
+            hex::encode(&bytes),
+            hex::encode(&golden),
+            "{name}: encoding changed"
+        );
         match sample {
             Sample::Agent(m) => assert_eq!(AgentMessage::decode(&golden).unwrap(), m, "{name}"),
             Sample::Server(m) => assert_eq!(ServerMessage::decode(&golden).unwrap(), m, "{name}"),
@@ -145,7 +149,10 @@ fn every_message_matches_its_golden_frame() {
 
 #[test]
 fn every_golden_file_has_a_sample() {
-    let names: Vec<_> = samples().into_iter().map(|(n, _)| format!("{n}.hex")).collect();
+    let names: Vec<_> = samples()
+        .into_iter()
+        .map(|(n, _)| format!("{n}.hex"))
+        .collect();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden/v1");
     for entry in std::fs::read_dir(dir).unwrap() {
         let file = entry.unwrap().file_name().into_string().unwrap();

@@ -35,6 +35,7 @@ fn reject_code() -> impl Strategy<Value = RejectCode> {
         Just(RejectCode::FrameTooLarge),
         Just(RejectCode::Replaced),
         Just(RejectCode::Timeout),
+        Just(RejectCode::ServerError),
     ]
 }
 
@@ -49,7 +50,11 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         any::<bool>(),
     )
         .prop_map(
-            |((agent_id, secret, enroll_token), (fingerprint, hostname, version, os, arch), auto_update)| {
+            |(
+                (agent_id, secret, enroll_token),
+                (fingerprint, hostname, version, os, arch),
+                auto_update,
+            )| {
                 AgentMessage::Hello(Hello {
                     agent_id,
                     secret,
@@ -101,7 +106,12 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
     );
     let update = (
         (text(), text(), text(), text()),
-        (any::<u64>(), proptest::option::of(text()), any::<bool>(), any::<u64>()),
+        (
+            any::<u64>(),
+            proptest::option::of(text()),
+            any::<bool>(),
+            any::<u64>(),
+        ),
     )
         .prop_map(
             |((task_id, version, url, sha256), (size, signature, rollback, sent_at_ms))| {

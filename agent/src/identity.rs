@@ -1,0 +1,88 @@
+//! The agent's identity: the id and secret the server issued at enrollment, kept in
+//! `identity.json` in the state directory (mode 0600). Updates never touch it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "identity.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Identity {
+    pub(crate) agent_id: String,
+    pub(crate) secret: String,
+}
+
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE)
+}
+
+/// The stored identity, or `None` before the first enrollment. A file that exists but
+/// cannot be read is an error, never silently replaced: that would orphan the record.
+pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Identity>> {
+    let path = path(state_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("while reading {}", path.display())),
+    };
+    let identity = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a valid identity file; move it away to enroll again",
+            path.display()
+        )
+    })?;
+    Ok(Some(identity))
+}
+
+/// Stores the identity atomically: temporary file (0600), fsync, rename, fsync the
+/// directory. A kill at any moment leaves the old file or the new one.
+pub(crate) fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
+    let mut file = tempfile::NamedTempFile::new_in(state_dir)
+        .with_context(|| format!("while creating a file in {}", state_dir.display()))?;
+    serde_json::to_writer_pretty(&mut file, identity)?;
+    file.write_all(b"\n")?;
+    file.as_file().sync_all()?;
+    let path = path(state_dir);
+    file.persist(&path)
+        .with_context(|| format!("while writing {}", path.display()))?;
+    std::fs::File::open(state_dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn saves_privately_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let identity = Identity {
+            agent_id: "a-1".into(),
+            secret: "s-1".into(),
+        };
+        save(dir.path(), &identity).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(identity));
+        let mode = std::fs::metadata(path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_not_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path()), "{\"agent_id\": ").unwrap();
+        let err = load(dir.path()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a valid identity file"),
+            "{err:#}"
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! Command-line flags and environment variables of `drover-server`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "drover-server", version, about = "Drover fleet update server")]
+pub struct Args {
+    /// Address to listen on (use port 0 for any free port)
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Directory for the SQLite database and generated token files
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL (sqlite://PATH); default: drover.db in the data directory
+    #[arg(long, env = "DROVER_DATABASE_URL")]
+    pub database: Option<String>,
+
+    /// Directory holding agent builds and their sidecars
+    #[arg(long, env = "DROVER_DOWNLOADS", default_value = "./downloads")]
+    pub downloads: PathBuf,
+
+    /// URL agents use to reach this server (default: derived from --listen)
+    #[arg(long, env = "DROVER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// How often agents heartbeat: seconds, or a duration such as 30s or 5m
+    #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_interval)]
+    pub heartbeat_interval: Duration,
+}
+
+/// Accepts bare seconds (`30`) or a duration with a unit (`30s`, `5m`, `1h`).
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let duration = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration like 30, 30s or 5m: {e}"))?,
+    };
+    if duration < Duration::from_secs(1) || duration > Duration::from_secs(24 * 3600) {
+        return Err(format!("{text:?} is out of range: use 1s to 24h"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        let cases = [
+            ("30", Ok(30)),
+            ("30s", Ok(30)),
+            ("5m", Ok(300)),
+            (" 1h ", Ok(3600)),
+            ("0", Err(())),
+            ("25h", Err(())),
+            ("soon", Err(())),
+            ("500ms", Err(())),
+        ];
+        for (input, expected) in cases {
+            let got = parse_interval(input).map(|d| d.as_secs()).map_err(|_| ());
+            assert_eq!(got, expected, "{input:?}");
+        }
+    }
+}

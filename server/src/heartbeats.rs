@@ -1,0 +1,118 @@
+//! Heartbeat ingest: sessions hand heartbeats to one writer task, which folds them per
+//! agent and writes each batch in a single transaction, instead of one per heartbeat.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{HeartbeatRecord, Store};
+
+const QUEUE_CAPACITY: usize = 65_536;
+
+#[derive(Clone)]
+pub(crate) struct HeartbeatSink {
+    tx: mpsc::Sender<HeartbeatRecord>,
+}
+
+impl HeartbeatSink {
+    /// Queues a heartbeat; waits only when the writer is a full queue behind.
+    pub(crate) async fn record(&self, beat: HeartbeatRecord) {
+        // The writer only stops at shutdown, when losing a last-seen update is harmless.
+        let _ = self.tx.send(beat).await;
+    }
+}
+
+/// Starts the writer. It flushes every `flush_every`, and once more when `shutdown` fires;
+/// the returned handle finishes after that last flush.
+pub(crate) fn start(
+    store: Arc<dyn Store>,
+    flush_every: Duration,
+    shutdown: CancellationToken,
+) -> (HeartbeatSink, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let task = tokio::spawn(write_batches(store, rx, flush_every, shutdown));
+    (HeartbeatSink { tx }, task)
+}
+
+async fn write_batches(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<HeartbeatRecord>,
+    flush_every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut pending: HashMap<String, HeartbeatRecord> = HashMap::new();
+    let mut ticker = tokio::time::interval(flush_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buffer = Vec::with_capacity(1024);
+    loop {
+        tokio::select! {
+            received = rx.recv_many(&mut buffer, 1024) => {
+                if received == 0 {
+                    break;
+                }
+                for beat in buffer.drain(..) {
+                    fold(&mut pending, beat);
+                }
+            }
+            _ = ticker.tick() => flush(&*store, &mut pending).await,
+            () = shutdown.cancelled() => break,
+        }
+    }
+    while let Ok(beat) = rx.try_recv() {
+        fold(&mut pending, beat);
+    }
+    flush(&*store, &mut pending).await;
+}
+
+/// Keeps only the newest heartbeat of each agent.
+fn fold(pending: &mut HashMap<String, HeartbeatRecord>, beat: HeartbeatRecord) {
+    match pending.get_mut(&beat.agent_id) {
+        Some(existing) if existing.at_ms > beat.at_ms => {}
+        Some(existing) => *existing = beat,
+        None => {
+            pending.insert(beat.agent_id.clone(), beat);
+        }
+    }
+}
+
+async fn flush(store: &dyn Store, pending: &mut HashMap<String, HeartbeatRecord>) {
+    if pending.is_empty() {
+        return;
+    }
+    let batch: Vec<HeartbeatRecord> = pending.drain().map(|(_, beat)| beat).collect();
+    if let Err(err) = store.record_heartbeats(&batch).await {
+        tracing::warn!(count = batch.len(), %err, "could not write heartbeats; they will be written on the next beat");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(agent: &str, version: &str, at_ms: i64) -> HeartbeatRecord {
+        HeartbeatRecord {
+            agent_id: agent.into(),
+            version: version.into(),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn folding_keeps_the_newest_beat_per_agent() {
+        let mut pending = HashMap::new();
+        for b in [
+            beat("a", "1.0.0", 10),
+            beat("b", "1.0.0", 11),
+            beat("a", "1.1.0", 30),
+            beat("a", "0.9.0", 20),
+        ] {
+            fold(&mut pending, b);
+        }
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending["a"], beat("a", "1.1.0", 30));
+        assert_eq!(pending["b"], beat("b", "1.0.0", 11));
+    }
+}

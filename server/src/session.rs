@@ -1,0 +1,348 @@
+//! Agent sessions: one task per WebSocket, from hello to close. Only this module encodes
+//! and decodes frames. The `Registry` maps agent ids to their live session so other parts
+//! of the server can push messages to a connected agent.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use protocol::{AgentMessage, DecodeError, Hello, Reject, RejectCode, ServerMessage, Welcome};
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::auth::{generate_secret, hash_secret};
+use crate::clock::now_ms;
+use crate::store::{AgentFacts, HeartbeatRecord, StoreError};
+
+/// How long a new socket may stay silent before its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that sends nothing for this many heartbeat intervals is closed.
+const MISSED_HEARTBEATS: u32 = 3;
+const OUTBOX_CAPACITY: usize = 16;
+
+/// What other parts of the server can ask a session to do.
+#[derive(Debug)]
+pub enum Outbound {
+    Send(ServerMessage),
+    /// Send a reject with this code and message, then close.
+    Close(RejectCode, String),
+}
+
+struct SessionHandle {
+    session: u64,
+    outbox: mpsc::Sender<Outbound>,
+}
+
+/// The agents connected to this server process.
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    next_session: AtomicU64,
+}
+
+impl Registry {
+    /// Registers a session for `agent_id`, telling any older session of the same agent
+    /// that it has been replaced. Returns the session number for `unregister`.
+    fn register(&self, agent_id: &str, outbox: mpsc::Sender<Outbound>) -> u64 {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let previous = self
+            .lock()
+            .insert(agent_id.to_owned(), SessionHandle { session, outbox });
+        if let Some(previous) = previous {
+            let _ = previous.outbox.try_send(Outbound::Close(
+                RejectCode::Replaced,
+                "a newer session of this agent connected".into(),
+            ));
+        }
+        session
+    }
+
+    fn unregister(&self, agent_id: &str, session: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(agent_id).is_some_and(|h| h.session == session) {
+            sessions.remove(agent_id);
+        }
+    }
+
+    pub fn is_online(&self, agent_id: &str) -> bool {
+        self.lock().contains_key(agent_id)
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Queues a message for a connected agent; false when it is not connected here or its
+    /// outbox is full.
+    pub fn send(&self, agent_id: &str, message: Outbound) -> bool {
+        let outbox = self.lock().get(agent_id).map(|h| h.outbox.clone());
+        outbox.is_some_and(|outbox| outbox.try_send(message).is_ok())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        // A panic while holding this lock cannot leave the map half-updated.
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Why a session ended early; becomes a reject message and a close frame.
+struct Refusal {
+    code: RejectCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: RejectCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn close_code(&self) -> u16 {
+        match self.code {
+            RejectCode::MalformedFrame => close_code::INVALID,
+            RejectCode::FrameTooLarge => close_code::SIZE,
+            RejectCode::Replaced | RejectCode::Timeout => close_code::NORMAL,
+            _ => close_code::POLICY,
+        }
+    }
+}
+
+impl From<DecodeError> for Refusal {
+    fn from(err: DecodeError) -> Refusal {
+        Refusal::new(err.reject_code(), err.to_string())
+    }
+}
+
+pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
+    let hello = match read_hello(&mut socket).await {
+        Ok(Some(hello)) => hello,
+        Ok(None) => return,
+        Err(refusal) => return refuse(socket, &peer, refusal).await,
+    };
+    let (agent_id, secret) = match admit(&state, &hello).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse(socket, &peer, refusal).await,
+    };
+
+    let (outbox, mut inbox) = mpsc::channel(OUTBOX_CAPACITY);
+    let session = state.registry.register(&agent_id, outbox);
+    tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
+    let welcome = ServerMessage::Welcome(Welcome {
+        agent_id: agent_id.clone(),
+        secret,
+        heartbeat_interval_secs: u32::try_from(state.settings.heartbeat_interval.as_secs())
+            .unwrap_or(u32::MAX),
+        server_version: env!("CARGO_PKG_VERSION").into(),
+    });
+    let ended = match socket.send(Message::Binary(welcome.encode().into())).await {
+        Ok(()) => serve(&mut socket, &state, &agent_id, &mut inbox).await,
+        Err(_) => Ok(()),
+    };
+    state.registry.unregister(&agent_id, session);
+    match ended {
+        Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),
+        Err(refusal) => {
+            tracing::warn!(agent = %agent_id, code = ?refusal.code, reason = %refusal.message, "closing agent session");
+            refuse(socket, &peer, refusal).await;
+        }
+    }
+}
+
+/// Waits for the first frame, which must be a hello. `Ok(None)` when the peer left.
+async fn read_hello(socket: &mut WebSocket) -> Result<Option<Hello>, Refusal> {
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, socket.recv())
+            .await
+            .map_err(|_| Refusal::new(RejectCode::Timeout, "no hello within 10 seconds"))?;
+        match frame {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(_))) => {
+                return Err(Refusal::new(
+                    RejectCode::MalformedFrame,
+                    "text frames are not part of the protocol; send MessagePack binary frames",
+                ));
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                return match AgentMessage::decode(&bytes)? {
+                    AgentMessage::Hello(hello) => Ok(Some(hello)),
+                    other => Err(Refusal::new(
+                        RejectCode::ExpectedHello,
+                        format!("the first frame must be a hello, not {}", kind(&other)),
+                    )),
+                };
+            }
+        }
+    }
+}
+
+/// Authenticates or enrolls the agent. Returns its id, and its new secret when enrolled.
+async fn admit(state: &AppState, hello: &Hello) -> Result<(String, Option<String>), Refusal> {
+    let facts = AgentFacts {
+        fingerprint: hello.fingerprint.clone(),
+        hostname: hello.hostname.clone(),
+        version: hello.version.clone(),
+        os: hello.os.clone(),
+        arch: hello.arch.clone(),
+        auto_update: hello.auto_update,
+    };
+    let now = now_ms();
+    match (&hello.agent_id, &hello.secret, &hello.enroll_token) {
+        (Some(agent_id), Some(secret), _) => {
+            match state
+                .store
+                .authenticate(agent_id, &hash_secret(secret), &facts, now)
+                .await
+            {
+                Ok(()) => Ok((agent_id.clone(), None)),
+                Err(StoreError::NotFound) => Err(Refusal::new(
+                    RejectCode::BadCredentials,
+                    "unknown agent or wrong secret",
+                )),
+                Err(err) => Err(internal(err)),
+            }
+        }
+        (_, _, Some(token)) => {
+            if hello.fingerprint.trim().is_empty() {
+                return Err(Refusal::new(
+                    RejectCode::ExpectedHello,
+                    "enrollment needs a machine fingerprint",
+                ));
+            }
+            let secret = generate_secret("drv_agent_");
+            match state
+                .store
+                .enroll(&hash_secret(token), &facts, &hash_secret(&secret), now)
+                .await
+            {
+                Ok(enrolled) => {
+                    tracing::info!(agent = %enrolled.agent_id, rebound = enrolled.rebound, hostname = %hello.hostname, "agent enrolled");
+                    Ok((enrolled.agent_id, Some(secret)))
+                }
+                Err(StoreError::NotFound) => Err(Refusal::new(
+                    RejectCode::BadEnrollToken,
+                    "unknown or revoked enrollment token",
+                )),
+                Err(err) => Err(internal(err)),
+            }
+        }
+        _ => Err(Refusal::new(
+            RejectCode::ExpectedHello,
+            "hello needs agent_id and secret, or enroll_token",
+        )),
+    }
+}
+
+fn internal(err: StoreError) -> Refusal {
+    tracing::error!(%err, "database error while admitting an agent");
+    // The agent retries with backoff; nothing about its identity is wrong.
+    Refusal::new(RejectCode::ServerError, "server error; retry later")
+}
+
+/// The established session: heartbeats in, server-initiated messages out.
+async fn serve(
+    socket: &mut WebSocket,
+    state: &AppState,
+    agent_id: &str,
+    inbox: &mut mpsc::Receiver<Outbound>,
+) -> Result<(), Refusal> {
+    let silence_limit = state.settings.heartbeat_interval * MISSED_HEARTBEATS;
+    loop {
+        tokio::select! {
+            frame = tokio::time::timeout(silence_limit, socket.recv()) => {
+                let frame = frame.map_err(|_| Refusal::new(
+                    RejectCode::Timeout,
+                    format!("no frame for {}s", silence_limit.as_secs()),
+                ))?;
+                match frame {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(Refusal::new(RejectCode::MalformedFrame, "text frames are not part of the protocol"));
+                    }
+                    Some(Ok(Message::Binary(bytes))) => {
+                        handle(state, agent_id, AgentMessage::decode(&bytes)?).await;
+                    }
+                }
+            }
+            outbound = inbox.recv() => match outbound {
+                Some(Outbound::Send(message)) => {
+                    if socket.send(Message::Binary(message.encode().into())).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Outbound::Close(code, message)) => return Err(Refusal::new(code, message)),
+                None => return Ok(()),
+            },
+            () = state.shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(Some(CloseFrame {
+                    code: close_code::AWAY,
+                    reason: "server shutting down".into(),
+                }))).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn handle(state: &AppState, agent_id: &str, message: AgentMessage) {
+    match message {
+        AgentMessage::Heartbeat(beat) => {
+            state
+                .heartbeats
+                .record(HeartbeatRecord {
+                    agent_id: agent_id.to_owned(),
+                    version: beat.version,
+                    at_ms: now_ms(),
+                })
+                .await;
+        }
+        AgentMessage::Hello(_) => {
+            tracing::debug!(agent = %agent_id, "ignoring a second hello");
+        }
+        AgentMessage::UpdateProgress(_) | AgentMessage::UpdateResult(_) => {
+            tracing::debug!(agent = %agent_id, "ignoring update report: this server dispatches no updates");
+        }
+        AgentMessage::Unknown => {
+            tracing::debug!(agent = %agent_id, "ignoring a message type from a newer protocol");
+        }
+    }
+}
+
+/// Sends the reject, then a close frame with the same reason, and drops the socket.
+async fn refuse(mut socket: WebSocket, peer: &str, refusal: Refusal) {
+    tracing::info!(%peer, code = ?refusal.code, reason = %refusal.message, "refusing agent session");
+    let reject = ServerMessage::Reject(Reject {
+        code: refusal.code,
+        message: refusal.message.clone(),
+    });
+    if socket
+        .send(Message::Binary(reject.encode().into()))
+        .await
+        .is_ok()
+    {
+        let _ = socket
+            .send(Message::Close(Some(CloseFrame {
+                code: refusal.close_code(),
+                reason: refusal.message.into(),
+            })))
+            .await;
+    }
+}
+
+fn kind(message: &AgentMessage) -> &'static str {
+    match message {
+        AgentMessage::Hello(_) => "hello",
+        AgentMessage::Heartbeat(_) => "heartbeat",
+        AgentMessage::UpdateProgress(_) => "update_progress",
+        AgentMessage::UpdateResult(_) => "update_result",
+        AgentMessage::Unknown => "an unknown message",
+    }
+}

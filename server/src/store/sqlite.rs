@@ -1,0 +1,291 @@
+//! The SQLite backend: one database file in WAL mode, migrations from `migrations/sqlite`.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+const DEFAULT_CLIENT: &str = "default";
+const DEFAULT_SITE: &str = "default";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("while creating {}", parent.display()))?;
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("while opening the database {}", path.display()))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .with_context(|| format!("while migrating the database {}", path.display()))?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+const AGENT_COLUMNS: &str = "a.id, a.site_id, a.fingerprint, a.hostname, a.version, a.os, a.arch, \
+     a.paused, a.auto_update, a.enrolled_at, a.last_seen, \
+     a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel \
+     FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id";
+
+fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, sqlx::Error> {
+    Ok(AgentRecord {
+        id: row.try_get("id")?,
+        site_id: row.try_get("site_id")?,
+        fingerprint: row.try_get("fingerprint")?,
+        hostname: row.try_get("hostname")?,
+        version: row.try_get("version")?,
+        os: row.try_get("os")?,
+        arch: row.try_get("arch")?,
+        paused: row.try_get("paused")?,
+        auto_update: row.try_get("auto_update")?,
+        enrolled_at_ms: row.try_get("enrolled_at")?,
+        last_seen_ms: row.try_get("last_seen")?,
+        agent_channel: row.try_get("agent_channel")?,
+        site_channel: row.try_get("site_channel")?,
+        client_channel: row.try_get("client_channel")?,
+    })
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn bootstrap_state(&self) -> StoreResult<BootstrapState> {
+        let admins: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let enrolls: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM enrollment_tokens WHERE revoked_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(BootstrapState {
+            has_admin_token: admins > 0,
+            has_enroll_token: enrolls > 0,
+        })
+    }
+
+    async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome> {
+        let now = crate::clock::now_ms();
+        let mut outcome = BootstrapOutcome::default();
+        let mut tx = self.pool.begin().await?;
+        let client_id: Option<String> = sqlx::query_scalar("SELECT id FROM clients WHERE name = ?")
+            .bind(DEFAULT_CLIENT)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let client_id = match client_id {
+            Some(id) => id,
+            None => {
+                let id = new_id();
+                sqlx::query("INSERT INTO clients (id, name, created_at) VALUES (?, ?, ?)")
+                    .bind(&id)
+                    .bind(DEFAULT_CLIENT)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                id
+            }
+        };
+        let site_id: Option<String> =
+            sqlx::query_scalar("SELECT id FROM sites WHERE client_id = ? AND name = ?")
+                .bind(&client_id)
+                .bind(DEFAULT_SITE)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let site_id = match site_id {
+            Some(id) => id,
+            None => {
+                let id = new_id();
+                sqlx::query(
+                    "INSERT INTO sites (id, client_id, name, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&id)
+                .bind(&client_id)
+                .bind(DEFAULT_SITE)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                outcome.created_site = true;
+                id
+            }
+        };
+        let admins: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if let (0, Some(hash)) = (admins, &pieces.admin_token_hash) {
+            sqlx::query(
+                "INSERT INTO api_tokens (id, name, role, token_hash, created_at) \
+                 VALUES (?, 'bootstrap admin', 'admin', ?, ?)",
+            )
+            .bind(new_id())
+            .bind(hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            outcome.created_admin_token = true;
+        }
+        let enrolls: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM enrollment_tokens WHERE revoked_at IS NULL")
+                .fetch_one(&mut *tx)
+                .await?;
+        if let (0, Some(hash)) = (enrolls, &pieces.enroll_token_hash) {
+            sqlx::query(
+                "INSERT INTO enrollment_tokens (id, site_id, token_hash, created_at) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(new_id())
+            .bind(&site_id)
+            .bind(hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            outcome.created_enroll_token = true;
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn api_token_role(&self, token_hash: &str) -> StoreResult<Role> {
+        let role: String = sqlx::query_scalar(
+            "SELECT role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_one(&self.pool)
+        .await?;
+        Role::parse(&role).ok_or_else(|| StoreError::Other(format!("unknown role {role:?}")))
+    }
+
+    async fn enroll(
+        &self,
+        enroll_token_hash: &str,
+        facts: &AgentFacts,
+        secret_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Enrolled> {
+        let mut tx = self.pool.begin().await?;
+        let site_id: String = sqlx::query_scalar(
+            "SELECT site_id FROM enrollment_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(enroll_token_hash)
+        .fetch_one(&mut *tx)
+        .await?;
+        let candidate = new_id();
+        let agent_id: String = sqlx::query_scalar(
+            "INSERT INTO agents (id, site_id, fingerprint, secret_hash, hostname, version, os, arch, \
+                                 auto_update, enrolled_at, last_seen) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (site_id, fingerprint) DO UPDATE SET \
+                 secret_hash = excluded.secret_hash, hostname = excluded.hostname, \
+                 version = excluded.version, os = excluded.os, arch = excluded.arch, \
+                 auto_update = excluded.auto_update, last_seen = excluded.last_seen \
+             RETURNING id",
+        )
+        .bind(&candidate)
+        .bind(&site_id)
+        .bind(&facts.fingerprint)
+        .bind(secret_hash)
+        .bind(&facts.hostname)
+        .bind(&facts.version)
+        .bind(&facts.os)
+        .bind(&facts.arch)
+        .bind(facts.auto_update)
+        .bind(now_ms)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Enrolled {
+            rebound: agent_id != candidate,
+            agent_id,
+        })
+    }
+
+    async fn authenticate(
+        &self,
+        agent_id: &str,
+        secret_hash: &str,
+        facts: &AgentFacts,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let stored: String = sqlx::query_scalar("SELECT secret_hash FROM agents WHERE id = ?")
+            .bind(agent_id)
+            .fetch_one(&self.pool)
+            .await?;
+        if !crate::auth::hashes_equal(&stored, secret_hash) {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "UPDATE agents SET hostname = ?, version = ?, os = ?, arch = ?, auto_update = ?, \
+                 last_seen = ? WHERE id = ?",
+        )
+        .bind(&facts.hostname)
+        .bind(&facts.version)
+        .bind(&facts.os)
+        .bind(&facts.arch)
+        .bind(facts.auto_update)
+        .bind(now_ms)
+        .bind(agent_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for beat in batch {
+            sqlx::query(
+                "UPDATE agents SET version = ?, last_seen = MAX(last_seen, ?) WHERE id = ?",
+            )
+            .bind(&beat.version)
+            .bind(beat.at_ms)
+            .bind(&beat.agent_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+        let rows = sqlx::query(&format!("SELECT {AGENT_COLUMNS} ORDER BY a.hostname, a.id"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(agent_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn agent(&self, id: &str) -> StoreResult<AgentRecord> {
+        let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} WHERE a.id = ?"))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(agent_from_row(&row)?)
+    }
+}

@@ -1,0 +1,375 @@
+//! Harness for end-to-end tests: starts the real `drover-server` and `drover-agent`
+//! binaries in temporary directories, talks to them over real HTTP and WebSocket, and
+//! waits with bounded polling instead of fixed sleeps.
+
+#![allow(dead_code, unreachable_pub)] // each test file uses a different part of the harness
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{AgentMessage, Hello, ServerMessage};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ENROLL_TOKEN: &str = "test-enroll-token";
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_drover-server");
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_drover-agent");
+pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_drover");
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A running `drover-server`. Killed (SIGKILL) when dropped.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+    pub dir: PathBuf,
+    /// Environment given to every start of this server.
+    env: Vec<(String, String)>,
+}
+
+impl Server {
+    /// Starts a server with the test tokens set through the environment.
+    pub fn start(dir: &Path) -> Server {
+        Server::start_with_env(
+            dir,
+            &[
+                ("DROVER_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("DROVER_ENROLL_TOKEN", ENROLL_TOKEN),
+            ],
+        )
+    }
+
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, port) = spawn_server(dir, 0, &env);
+        Server {
+            child,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_owned(),
+            env,
+        }
+    }
+
+    /// SIGKILL: no shutdown handler runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, _) = spawn_server(&self.dir, self.port, &self.env);
+        self.child = child;
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/api/v1/agent/ws", self.port)
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url, ADMIN_TOKEN)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn_server(dir: &Path, port: u16, env: &[(String, String)]) -> (Child, u16) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    let mut child = Command::new(SERVER_BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--downloads")
+        .arg(dir.join("downloads"))
+        .args(["--heartbeat-interval", "1"])
+        .env_remove("DROVER_ADMIN_TOKEN")
+        .env_remove("DROVER_ENROLL_TOKEN")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("drover-server starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let banner = dir.join("server.out");
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&banner)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes())
+                });
+            if !sent && let Some(addr) = line.split("listening on http://").nth(1) {
+                let port: u16 = addr.rsplit(':').next().unwrap().trim().parse().unwrap();
+                let _ = tx.send(port);
+                sent = true;
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            panic!(
+                "drover-server did not start; log:\n{}",
+                std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+            )
+        });
+    (child, port)
+}
+
+/// A running `drover-agent run`. Killed (SIGKILL) when dropped.
+pub struct Agent {
+    child: Child,
+    pub state_dir: PathBuf,
+    pub log_path: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(server: &Server, dir: &Path, name: &str) -> Agent {
+        Agent::start_with(
+            server,
+            dir,
+            name,
+            &[
+                "--enroll-token",
+                ENROLL_TOKEN,
+                "--fingerprint",
+                &format!("fp-{name}"),
+            ],
+        )
+    }
+
+    /// Starts an agent with its state in `dir/name`, hostname `name`, and `extra` flags.
+    pub fn start_with(server: &Server, dir: &Path, name: &str, extra: &[&str]) -> Agent {
+        let state_dir = dir.join(name);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--server".into(),
+            server.url.clone(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--hostname".into(),
+            name.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::fs::create_dir_all(dir).unwrap();
+        let log_path = dir.join(format!("{name}.log"));
+        let child = spawn_agent(&args, &log_path);
+        Agent {
+            child,
+            state_dir,
+            log_path,
+            args,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = spawn_agent(&self.args, &self.log_path);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The id the agent stored at enrollment.
+    pub fn stored_id(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.state_dir.join("identity.json")).ok()?;
+        let value: Value = serde_json::from_str(&text).ok()?;
+        value["agent_id"].as_str().map(str::to_owned)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn_agent(args: &[String], log_path: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    Command::new(AGENT_BIN)
+        .args(args)
+        .env_remove("DROVER_SERVER")
+        .env_remove("DROVER_ENROLL_TOKEN")
+        .env_remove("DROVER_STATE_DIR")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("drover-agent starts")
+}
+
+/// The REST API as an operator calls it.
+pub struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str, token: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// GET with the token; returns the status and the JSON body (Null when not JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("server answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The agent listing; `None` while the server is not answering.
+    pub async fn agents(&self) -> Option<Vec<Value>> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/agents", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
+        response.json().await.ok()
+    }
+}
+
+/// Waits until the listing holds exactly `count` agents, all online; returns them.
+pub async fn all_online(api: &Api, count: usize) -> Vec<Value> {
+    eventually(
+        &format!("{count} agents online"),
+        Duration::from_secs(30),
+        || async {
+            let agents = api.agents().await?;
+            let online = agents.iter().filter(|a| a["online"] == true).count();
+            (agents.len() == count && online == count).then_some(agents)
+        },
+    )
+    .await
+}
+
+pub type RawSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A hand-driven protocol client, for frames a real agent would never send.
+pub async fn raw_connect(server: &Server) -> RawSocket {
+    let (socket, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .expect("websocket connects");
+    socket
+}
+
+pub fn hello(fingerprint: &str) -> Hello {
+    Hello {
+        agent_id: None,
+        secret: None,
+        enroll_token: Some(ENROLL_TOKEN.into()),
+        fingerprint: fingerprint.into(),
+        hostname: fingerprint.into(),
+        version: "1.0.0".into(),
+        os: "linux".into(),
+        arch: "amd64".into(),
+        auto_update: true,
+    }
+}
+
+pub async fn send(socket: &mut RawSocket, message: AgentMessage) {
+    socket
+        .send(Message::Binary(message.encode().into()))
+        .await
+        .expect("frame sent");
+}
+
+/// The next protocol message, skipping control frames; `None` once the server closed.
+pub async fn receive(socket: &mut RawSocket) -> Option<ServerMessage> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("server answers within 10s");
+        match frame {
+            Some(Ok(Message::Binary(bytes))) => {
+                return Some(ServerMessage::decode(&bytes).expect("server frames decode"));
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code and reason, if a close frame came.
+pub async fn close_frame(socket: &mut RawSocket) -> Option<(u16, String)> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("server closes within 10s");
+        match frame {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return Some((frame.code.into(), frame.reason.to_string()));
+            }
+            Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}

@@ -1,12 +1,24 @@
-//! `drover`, the operator command line: a thin client of the REST API.
+//! `drover`, the operator command line: a thin client of the REST API. This file holds
+//! the command line and what each command asks the server; `api` does the HTTP and
+//! `render` the printing.
+
+mod api;
+mod render;
 
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use comfy_table::Table;
-use serde::Deserialize;
-use serde_json::Value;
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::api::Api;
+use crate::render::{
+    Agent, AgentDetail, ChannelChanged, Client, Listing, Release, Site, UpdateRequested,
+    UpdatesSwitch, agent_details, agents_table, channel_line, client_created, clients_table,
+    listing_view, paused_line, releases_view, site_created, sites_table, update_line, updates_line,
+};
 
 /// Where `drover-server` writes a generated admin token, relative to where it runs.
 const DEFAULT_TOKEN_FILE: &str = "drover-data/admin-token";
@@ -43,48 +55,153 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show one agent, request an update, or pause and resume its updates
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
+    /// List the builds offered to agents, or rescan the downloads directory
+    Releases {
+        /// Print the API's JSON instead of tables
+        #[arg(long, global = true)]
+        json: bool,
+        /// Also list the files in the downloads directory that are not offered, and why
+        #[arg(long)]
+        skipped: bool,
+        #[command(subcommand)]
+        action: Option<ReleasesAction>,
+    },
+    /// Set or clear the release channel of an agent, a site or a client
+    Channel {
+        #[command(subcommand)]
+        action: ChannelAction,
+    },
+    /// List clients, or create one
+    Clients {
+        /// Print the API's JSON instead of a table
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<ClientsAction>,
+    },
+    /// List sites, or create one
+    Sites {
+        /// Print the API's JSON instead of a table
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<SitesAction>,
+    },
+    /// Show whether updates are on server-wide, or switch them
+    Updates {
+        #[command(subcommand)]
+        action: Option<UpdatesAction>,
+    },
 }
 
-#[derive(Debug, Deserialize)]
-struct Agent {
-    id: String,
-    hostname: String,
-    version: String,
-    os: String,
-    arch: String,
-    channel: String,
-    channel_source: String,
-    online: bool,
-    last_seen: String,
-    paused: bool,
-    auto_update: bool,
+#[derive(Debug, Subcommand)]
+enum AgentAction {
+    /// Show the agent and its update tasks
+    Show {
+        id: String,
+        /// Print the API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Update the agent now, even if paused (default: the newest build of its channel)
+    Update {
+        id: String,
+        /// A version offered for the agent's platform
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Stop automatic updates of the agent
+    Pause { id: String },
+    /// Let the agent update automatically again
+    Resume { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleasesAction {
+    /// Rescan the downloads directory now and list the result
+    Rescan,
+}
+
+#[derive(Debug, Subcommand)]
+enum ChannelAction {
+    /// Put an agent, a site or a client on a channel
+    Set {
+        #[command(flatten)]
+        owner: ChannelOwner,
+        /// stable or beta
+        channel: String,
+    },
+    /// Inherit the channel from the level above again
+    Clear {
+        #[command(flatten)]
+        owner: ChannelOwner,
+    },
+}
+
+/// Where in the hierarchy a channel is set: exactly one of the three.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct ChannelOwner {
+    /// One agent
+    #[arg(long, value_name = "ID")]
+    agent: Option<String>,
+    /// Every agent of a site that has no channel of its own
+    #[arg(long, value_name = "ID")]
+    site: Option<String>,
+    /// Every agent of a client whose site and agent set no channel
+    #[arg(long, value_name = "ID")]
+    client: Option<String>,
+}
+
+impl ChannelOwner {
+    /// The owner's kind (`agent`, `site`, `client`) and id.
+    fn kind_and_id(&self) -> (&'static str, &str) {
+        match (&self.agent, &self.site, &self.client) {
+            (Some(id), _, _) => ("agent", id),
+            (_, Some(id), _) => ("site", id),
+            (_, _, Some(id)) => ("client", id),
+            (None, None, None) => unreachable!("clap requires one of --agent, --site, --client"),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientsAction {
+    /// Create a client
+    Create { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SitesAction {
+    /// Create a site under a client
+    Create {
+        #[arg(long, value_name = "ID")]
+        client: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UpdatesAction {
+    /// Let the server dispatch updates again
+    Enable,
+    /// Stop all update dispatch and downloads, for every agent
+    Disable,
 }
 
 /// The `drover` binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let token = match cli.token.clone() {
+    let token = match cli.token {
         Some(token) => token,
         None => default_token()?,
     };
-    let client = Client {
-        base: cli.server.trim_end_matches('/').to_owned(),
-        token,
-        http: reqwest::blocking::Client::new(),
-    };
-    match cli.command {
-        Command::Agents { json } => {
-            let body = client.get("/api/v1/agents")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&body)?);
-            } else {
-                let agents: Vec<Agent> =
-                    serde_json::from_value(body).context("unexpected answer from the server")?;
-                print!("{}", agents_table(&agents));
-            }
-        }
-    }
-    Ok(())
+    run(cli.command, &Api::new(&cli.server, token))
 }
 
 fn default_token() -> anyhow::Result<String> {
@@ -97,113 +214,181 @@ fn default_token() -> anyhow::Result<String> {
     }
 }
 
-struct Client {
-    base: String,
-    token: String,
-    http: reqwest::blocking::Client,
-}
-
-impl Client {
-    fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .with_context(|| format!("could not reach the server at {}", self.base))?;
-        let status = response.status();
-        let body: Value = response
-            .json()
-            .with_context(|| format!("the server's answer to GET {path} is not JSON"))?;
-        if !status.is_success() {
-            let error = body["error"].as_str().unwrap_or("request failed");
-            let detail = match &body["detail"] {
-                Value::Null => String::new(),
-                Value::String(s) => format!(": {s}"),
-                other => format!(": {other}"),
+fn run(command: Command, api: &Api) -> anyhow::Result<()> {
+    match command {
+        Command::Agents { json } => show(api.get("/api/v1/agents")?, json, |agents: Vec<Agent>| {
+            agents_table(&agents)
+        }),
+        Command::Agent { action } => run_agent(action, api),
+        Command::Releases {
+            json,
+            skipped,
+            action,
+        } => {
+            let body = match (action, skipped) {
+                (Some(ReleasesAction::Rescan), _) => {
+                    api.request(Method::POST, "/api/v1/releases/rescan", None)?
+                }
+                (None, true) => api.get("/api/v1/releases?include=skipped")?,
+                (None, false) => {
+                    return show(api.get("/api/v1/releases")?, json, |r: Vec<Release>| {
+                        releases_view(&r, None)
+                    });
+                }
             };
-            bail!("{status} {error}{detail}");
+            show(body, json, |listing: Listing| listing_view(&listing))
         }
-        Ok(body)
+        Command::Channel { action } => {
+            let (owner, channel) = match &action {
+                ChannelAction::Set { owner, channel } => (owner, Some(channel)),
+                ChannelAction::Clear { owner } => (owner, None),
+            };
+            let (kind, id) = owner.kind_and_id();
+            let path = format!("/api/v1/{kind}s/{id}/channel");
+            let body = json!({ "channel": channel });
+            let answer = api.request(Method::PUT, &path, Some(&body))?;
+            show(answer, false, |change: ChannelChanged| {
+                channel_line(kind, &change)
+            })
+        }
+        Command::Clients { json, action } => match action {
+            None => show(api.get("/api/v1/clients")?, json, |c: Vec<Client>| {
+                clients_table(&c)
+            }),
+            Some(ClientsAction::Create { name }) => {
+                let body = json!({ "name": name });
+                let answer = api.request(Method::POST, "/api/v1/clients", Some(&body))?;
+                show(answer, json, |client: Client| client_created(&client))
+            }
+        },
+        Command::Sites { json, action } => match action {
+            None => show(api.get("/api/v1/sites")?, json, |s: Vec<Site>| {
+                sites_table(&s)
+            }),
+            Some(SitesAction::Create { client, name }) => {
+                let body = json!({ "client_id": client, "name": name });
+                let answer = api.request(Method::POST, "/api/v1/sites", Some(&body))?;
+                show(answer, json, |site: Site| site_created(&site))
+            }
+        },
+        Command::Updates { action } => {
+            let answer = match action {
+                None => api.get("/api/v1/updates")?,
+                Some(action) => {
+                    let body = json!({ "enabled": matches!(action, UpdatesAction::Enable) });
+                    api.request(Method::PUT, "/api/v1/updates", Some(&body))?
+                }
+            };
+            show(answer, false, |switch: UpdatesSwitch| updates_line(&switch))
+        }
     }
 }
 
-fn agents_table(agents: &[Agent]) -> String {
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::NOTHING);
-    table.set_header([
-        "ID",
-        "HOSTNAME",
-        "VERSION",
-        "PLATFORM",
-        "CHANNEL",
-        "STATUS",
-        "LAST SEEN",
-        "UPDATES",
-    ]);
-    for agent in agents {
-        let updates = match (agent.paused, agent.auto_update) {
-            (true, _) => "paused",
-            (false, false) => "off (agent)",
-            (false, true) => "auto",
-        };
-        table.add_row([
-            agent.id.clone(),
-            agent.hostname.clone(),
-            agent.version.clone(),
-            format!("{}/{}", agent.os, agent.arch),
-            format!("{} ({})", agent.channel, agent.channel_source),
-            if agent.online { "online" } else { "offline" }.to_owned(),
-            agent.last_seen.clone(),
-            updates.to_owned(),
-        ]);
+fn run_agent(action: AgentAction, api: &Api) -> anyhow::Result<()> {
+    let (verb, id) = match &action {
+        AgentAction::Show { id, json } => {
+            let answer = api.get(&format!("/api/v1/agents/{id}"))?;
+            return show(answer, *json, |detail: AgentDetail| agent_details(&detail));
+        }
+        AgentAction::Update { id, version } => {
+            let body = version
+                .as_ref()
+                .map(|version| json!({ "version": version }));
+            let path = format!("/api/v1/agents/{id}/update");
+            let answer = api.request(Method::POST, &path, body.as_ref())?;
+            return show(answer, false, |update: UpdateRequested| {
+                update_line(&update)
+            });
+        }
+        AgentAction::Pause { id } => ("pause", id),
+        AgentAction::Resume { id } => ("resume", id),
+    };
+    let answer = api.request(Method::POST, &format!("/api/v1/agents/{id}/{verb}"), None)?;
+    show(answer, false, |agent: Agent| paused_line(&agent))
+}
+
+/// Prints the server's answer: as pretty JSON, or through `render` once it has the
+/// shape `render` expects.
+fn show<T: DeserializeOwned>(
+    answer: Value,
+    json: bool,
+    render: impl FnOnce(T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        let answer = serde_json::from_value(answer).context("unexpected answer from the server")?;
+        print!("{}", render(answer));
     }
-    let online = agents.iter().filter(|a| a.online).count();
-    format!("{table}\n{} agents, {online} online\n", agents.len())
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([&["drover"], args].concat())
+    }
+
     #[test]
-    fn table_shows_status_channel_and_update_mode() {
-        let agents = [
-            Agent {
-                id: "a1".into(),
-                hostname: "till-01".into(),
-                version: "1.2.0".into(),
-                os: "linux".into(),
-                arch: "amd64".into(),
-                channel: "beta".into(),
-                channel_source: "site".into(),
-                online: true,
-                last_seen: "2026-11-25T12:00:00.000Z".into(),
-                paused: false,
-                auto_update: false,
-            },
-            Agent {
-                id: "a2".into(),
-                hostname: "till-02".into(),
-                version: "1.1.0".into(),
-                os: "windows".into(),
-                arch: "arm64".into(),
-                channel: "stable".into(),
-                channel_source: "default".into(),
-                online: false,
-                last_seen: "2026-11-24T08:00:00.000Z".into(),
-                paused: true,
-                auto_update: true,
-            },
-        ];
-        let text = agents_table(&agents);
-        let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].contains("HOSTNAME"));
-        assert!(lines[1].contains("till-01") && lines[1].contains("beta (site)"));
-        assert!(lines[1].contains("online") && lines[1].contains("off (agent)"));
-        assert!(lines[2].contains("windows/arm64") && lines[2].contains("offline"));
-        assert!(lines[2].contains("paused"));
-        assert_eq!(lines.last(), Some(&"2 agents, 1 online"));
+    fn channel_set_needs_exactly_one_owner() {
+        assert!(parse(&["channel", "set", "beta"]).is_err());
+        assert!(parse(&["channel", "set", "--agent", "a1", "--site", "s1", "beta"]).is_err());
+        assert!(parse(&["channel", "clear"]).is_err());
+        assert!(parse(&["channel", "clear", "--site", "s1", "--client", "c1"]).is_err());
+        for flag in ["--agent", "--site", "--client"] {
+            let cli = parse(&["channel", "set", flag, "x1", "beta"]).unwrap();
+            let Command::Channel {
+                action: ChannelAction::Set { owner, channel },
+            } = cli.command
+            else {
+                panic!("parsed as {:?}", cli.command);
+            };
+            assert_eq!(owner.kind_and_id(), (&flag[2..], "x1"));
+            assert_eq!(channel, "beta");
+        }
+    }
+
+    #[test]
+    fn releases_takes_flags_with_or_without_rescan() {
+        let cli = parse(&["releases", "--skipped"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Releases {
+                json: false,
+                skipped: true,
+                action: None
+            }
+        ));
+        let cli = parse(&["releases", "rescan", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Releases {
+                json: true,
+                action: Some(ReleasesAction::Rescan),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn agent_update_version_is_optional() {
+        for (args, expected) in [
+            (&["agent", "update", "a1"][..], None),
+            (
+                &["agent", "update", "a1", "--version", "1.2.0"][..],
+                Some("1.2.0"),
+            ),
+        ] {
+            let cli = parse(args).unwrap();
+            let Command::Agent {
+                action: AgentAction::Update { id, version },
+            } = cli.command
+            else {
+                panic!("parsed as {:?}", cli.command);
+            };
+            assert_eq!((id.as_str(), version.as_deref()), ("a1", expected));
+        }
     }
 }

@@ -31,6 +31,30 @@ pub struct Args {
     /// How often agents heartbeat: seconds, or a duration such as 30s or 5m
     #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_interval)]
     pub heartbeat_interval: Duration,
+
+    /// Downloads served at once; more get 503 with Retry-After, and 0 serves none
+    #[arg(long, env = "DROVER_MAX_CONCURRENT_DOWNLOADS", default_value_t = 64)]
+    pub max_concurrent_downloads: usize,
+
+    /// An update task without progress for this long is sent again, or timed out
+    #[arg(long, env = "DROVER_TASK_TIMEOUT", default_value = "10m", value_parser = parse_interval)]
+    pub task_timeout: Duration,
+
+    /// How many times one update task is sent before it is timed out
+    #[arg(long, env = "DROVER_TASK_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub task_max_attempts: u32,
+
+    /// Channel of builds without a .channel sidecar (stable or beta)
+    #[arg(long, env = "DROVER_DEFAULT_CHANNEL", default_value = "stable")]
+    pub default_channel: String,
+
+    /// Offer only builds with a .sig signature file
+    #[arg(long, env = "DROVER_REQUIRE_SIGNATURES")]
+    pub require_signatures: bool,
+
+    /// How often the downloads directory is rescanned even without change events
+    #[arg(long, env = "DROVER_RESCAN_INTERVAL", default_value = "60s", value_parser = parse_interval)]
+    pub rescan_interval: Duration,
 }
 
 /// Accepts bare seconds (`30`) or a duration with a unit (`30s`, `5m`, `1h`).

@@ -2,17 +2,24 @@
 //! `main` parses flags and prepares the data directory; `run` serves on a listener until
 //! the shutdown token fires, which is what tests call too.
 
-pub mod api;
+mod api;
 mod auth;
 mod bootstrap;
 mod clock;
 pub mod config;
+mod dispatch;
+mod downloads;
+mod engine;
 mod heartbeats;
+mod releases;
 pub mod session;
 pub mod store;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -25,26 +32,52 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::heartbeats::HeartbeatSink;
-use crate::session::Registry;
+use crate::releases::{Channel, Releases, ScanOptions, WatchOptions};
+use crate::session::{Outbound, Registry};
 use crate::store::Store;
 
 /// What `run` needs besides the store and the listener.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Base URL agents reach this server at; download URLs start with it.
+    pub public_url: String,
     /// Interval agents are told to heartbeat at.
     pub heartbeat_interval: Duration,
     /// How often batched heartbeats are written to the database.
     pub heartbeat_flush: Duration,
+    pub downloads: PathBuf,
+    /// Concurrent downloads served; beyond it 503 with `Retry-After`, and 0 serves none.
+    pub max_concurrent_downloads: usize,
+    /// A task without progress for this long is re-dispatched, or timed out.
+    pub task_timeout: Duration,
+    /// Dispatches of one task before it is `timed_out`.
+    pub task_max_attempts: u32,
+    /// Channel of a build without a `.channel` sidecar.
+    pub default_channel: String,
+    pub require_signatures: bool,
+    /// Rescan period for filesystems that send no change events.
+    pub rescan_every: Duration,
 }
 
-impl Default for Settings {
-    fn default() -> Settings {
+impl Settings {
+    pub fn new(public_url: String, downloads: PathBuf) -> Settings {
         Settings {
+            public_url,
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_flush: Duration::from_secs(1),
+            downloads,
+            max_concurrent_downloads: 64,
+            task_timeout: Duration::from_secs(600),
+            task_max_attempts: 3,
+            default_channel: "stable".into(),
+            require_signatures: false,
+            rescan_every: Duration::from_secs(60),
         }
     }
 }
+
+/// The settings key of the server-wide update switch.
+const UPDATES_ENABLED: &str = "updates_enabled";
 
 /// Shared by every request and session.
 #[derive(Clone)]
@@ -52,8 +85,24 @@ pub struct AppState {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     heartbeats: HeartbeatSink,
+    releases: Releases,
     settings: Arc<Settings>,
+    updates_enabled: Arc<AtomicBool>,
+    blocked_versions: Arc<RwLock<HashSet<String>>>,
+    downloads: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
+}
+
+impl AppState {
+    fn updates_enabled(&self) -> bool {
+        self.updates_enabled.load(Ordering::Relaxed)
+    }
+
+    fn blocked_versions(&self) -> std::sync::RwLockReadGuard<'_, HashSet<String>> {
+        self.blocked_versions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Largest WebSocket message accepted at all. Frames above the protocol's own limit but
@@ -67,15 +116,44 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let default_channel = Channel::parse(&settings.default_channel).with_context(|| {
+        format!(
+            "default channel {:?} is neither stable nor beta",
+            settings.default_channel
+        )
+    })?;
+    let releases = Releases::start(
+        settings.downloads.clone(),
+        ScanOptions {
+            default_channel,
+            require_signatures: settings.require_signatures,
+        },
+        WatchOptions {
+            debounce: Duration::from_millis(300),
+            fallback_every: settings.rescan_every,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let updates_enabled = store.setting(UPDATES_ENABLED).await?.as_deref() != Some("false");
+    let blocked: HashSet<String> = store.blocked_versions().await?.into_iter().collect();
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
     let state = AppState {
         store,
         registry: Arc::new(Registry::default()),
         heartbeats,
+        releases,
+        downloads: Arc::new(tokio::sync::Semaphore::new(
+            settings.max_concurrent_downloads,
+        )),
         settings: Arc::new(settings),
+        updates_enabled: Arc::new(AtomicBool::new(updates_enabled)),
+        blocked_versions: Arc::new(RwLock::new(blocked)),
         shutdown: shutdown.clone(),
     };
+    tokio::spawn(nudge_on_new_releases(state.clone()));
+    tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     let app = router(state);
     axum::serve(
         listener,
@@ -88,9 +166,19 @@ pub async fn run(
     Ok(())
 }
 
+/// Every change to the offered builds is checked against every connected agent at once,
+/// rather than at each one's next heartbeat.
+async fn nudge_on_new_releases(state: AppState) {
+    let mut changes = state.releases.subscribe();
+    while changes.changed().await.is_ok() {
+        state.registry.broadcast(|| Outbound::Check);
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/downloads/{file}", get(downloads::serve))
         .nest(
             "/api/v1",
             api::router().route("/agent/ws", get(agent_socket)),
@@ -156,10 +244,10 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
     let tokens = bootstrap::first_start(&*store, &args.data_dir).await?;
     let listener = bind(&args.listen).await?;
     let addr = listener.local_addr()?;
-    let public_url = args
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let public_url = args.public_url.as_deref().map_or_else(
+        || format!("http://{addr}"),
+        |url| url.trim_end_matches('/').to_owned(),
+    );
     let ws_url = public_url.replacen("http", "ws", 1);
 
     println!(
@@ -180,7 +268,13 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let settings = Settings {
         heartbeat_interval: args.heartbeat_interval,
-        ..Settings::default()
+        max_concurrent_downloads: args.max_concurrent_downloads,
+        task_timeout: args.task_timeout,
+        task_max_attempts: args.task_max_attempts,
+        default_channel: args.default_channel,
+        require_signatures: args.require_signatures,
+        rescan_every: args.rescan_interval,
+        ..Settings::new(public_url.clone(), args.downloads.clone())
     };
     run(store, settings, listener, shutdown).await
 }

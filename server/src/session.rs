@@ -8,12 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
-use protocol::{AgentMessage, DecodeError, Hello, Reject, RejectCode, ServerMessage, Welcome};
+use protocol::{
+    AgentMessage, Cancel, DecodeError, Hello, Reject, RejectCode, ServerMessage, Welcome,
+};
 use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
 use crate::clock::now_ms;
+use crate::dispatch::{self, LiveAgent, Trigger};
 use crate::store::{AgentFacts, HeartbeatRecord, StoreError};
 
 /// How long a new socket may stay silent before its hello.
@@ -25,9 +28,13 @@ const OUTBOX_CAPACITY: usize = 16;
 /// What other parts of the server can ask a session to do.
 #[derive(Debug)]
 pub enum Outbound {
-    Send(ServerMessage),
     /// Send a reject with this code and message, then close.
     Close(RejectCode, String),
+    /// Decide again whether an update is due (the offered builds changed).
+    Check,
+    /// Re-read the agent's settings and tasks from the database, then decide again (an
+    /// operator changed something about this agent).
+    Refresh,
 }
 
 struct SessionHandle {
@@ -81,6 +88,13 @@ impl Registry {
         outbox.is_some_and(|outbox| outbox.try_send(message).is_ok())
     }
 
+    /// Queues a message for every connected agent.
+    pub fn broadcast(&self, message: impl Fn() -> Outbound) {
+        for handle in self.lock().values() {
+            let _ = handle.outbox.try_send(message());
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
         // A panic while holding this lock cannot leave the map half-updated.
         self.sessions
@@ -130,6 +144,10 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
         Err(refusal) => return refuse(socket, &peer, refusal).await,
     };
 
+    let mut live = match LiveAgent::load(&state, &agent_id, &hello.version).await {
+        Ok(live) => live,
+        Err(err) => return refuse(socket, &peer, internal(err)).await,
+    };
     let (outbox, mut inbox) = mpsc::channel(OUTBOX_CAPACITY);
     let session = state.registry.register(&agent_id, outbox);
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
@@ -141,7 +159,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
         server_version: env!("CARGO_PKG_VERSION").into(),
     });
     let ended = match socket.send(Message::Binary(welcome.encode().into())).await {
-        Ok(()) => serve(&mut socket, &state, &agent_id, &mut inbox).await,
+        Ok(()) => serve(&mut socket, &state, &mut live, &mut inbox).await,
         Err(_) => Ok(()),
     };
     state.registry.unregister(&agent_id, session);
@@ -246,15 +264,25 @@ fn internal(err: StoreError) -> Refusal {
     Refusal::new(RejectCode::ServerError, "server error; retry later")
 }
 
-/// The established session: heartbeats in, server-initiated messages out.
+/// The established session: heartbeats and reports in, updates out.
 async fn serve(
     socket: &mut WebSocket,
     state: &AppState,
-    agent_id: &str,
+    live: &mut LiveAgent,
     inbox: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), Refusal> {
     let silence_limit = state.settings.heartbeat_interval * MISSED_HEARTBEATS;
+    // An agent that starts outdated learns it at once, not at its first heartbeat.
+    let mut reply = decide(state, live, Trigger::Connect).await;
     loop {
+        if let Some(message) = reply.take()
+            && socket
+                .send(Message::Binary(message.encode().into()))
+                .await
+                .is_err()
+        {
+            return Ok(());
+        }
         tokio::select! {
             frame = tokio::time::timeout(silence_limit, socket.recv()) => {
                 let frame = frame.map_err(|_| Refusal::new(
@@ -262,23 +290,21 @@ async fn serve(
                     format!("no frame for {}s", silence_limit.as_secs()),
                 ))?;
                 match frame {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                    None | Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Err(err)) => return Err(socket_error(err)),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Text(_))) => {
                         return Err(Refusal::new(RejectCode::MalformedFrame, "text frames are not part of the protocol"));
                     }
                     Some(Ok(Message::Binary(bytes))) => {
-                        handle(state, agent_id, AgentMessage::decode(&bytes)?).await;
+                        reply = handle(state, live, AgentMessage::decode(&bytes)?).await;
                     }
                 }
             }
             outbound = inbox.recv() => match outbound {
-                Some(Outbound::Send(message)) => {
-                    if socket.send(Message::Binary(message.encode().into())).await.is_err() {
-                        return Ok(());
-                    }
-                }
                 Some(Outbound::Close(code, message)) => return Err(Refusal::new(code, message)),
+                Some(Outbound::Check) => reply = decide(state, live, Trigger::Nudge).await,
+                Some(Outbound::Refresh) => reply = refresh(state, live).await,
                 None => return Ok(()),
             },
             () = state.shutdown.cancelled() => {
@@ -292,28 +318,86 @@ async fn serve(
     }
 }
 
-async fn handle(state: &AppState, agent_id: &str, message: AgentMessage) {
-    match message {
+/// A WebSocket-level error: an over-limit message deserves a reason; anything else means
+/// the connection is gone.
+fn socket_error(err: axum::Error) -> Refusal {
+    let text = err.to_string();
+    if text.contains("too long") || text.contains("Space limit") {
+        Refusal::new(RejectCode::FrameTooLarge, text)
+    } else {
+        Refusal::new(RejectCode::MalformedFrame, text)
+    }
+}
+
+/// Runs the update decision; a database failure is logged and retried at the next
+/// heartbeat rather than ending the session.
+async fn decide(state: &AppState, live: &mut LiveAgent, trigger: Trigger) -> Option<ServerMessage> {
+    dispatch::check(state, live, trigger)
+        .await
+        .unwrap_or_else(|err| {
+            tracing::warn!(agent = %live.id, %err, "could not decide on an update");
+            None
+        })
+}
+
+/// Re-reads the agent after an operator action. A task replaced meanwhile is cancelled
+/// on the agent.
+async fn refresh(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage> {
+    let previous = live.active.as_ref().map(|t| t.id.clone());
+    match LiveAgent::load(state, &live.id, &live.position.version).await {
+        Ok(fresh) => *live = fresh,
+        Err(err) => {
+            tracing::warn!(agent = %live.id, %err, "could not re-read agent");
+            return None;
+        }
+    }
+    let current = live.active.as_ref().map(|t| t.id.clone());
+    match previous {
+        Some(task_id) if current.as_ref() != Some(&task_id) => {
+            // The cancel goes out now; the new task's update follows at the next check.
+            let _ = state.registry.send(&live.id, Outbound::Check);
+            Some(ServerMessage::Cancel(Cancel {
+                task_id,
+                reason: "superseded by an operator's action".into(),
+            }))
+        }
+        _ => decide(state, live, Trigger::Nudge).await,
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    live: &mut LiveAgent,
+    message: AgentMessage,
+) -> Option<ServerMessage> {
+    let outcome = match message {
         AgentMessage::Heartbeat(beat) => {
             state
                 .heartbeats
                 .record(HeartbeatRecord {
-                    agent_id: agent_id.to_owned(),
-                    version: beat.version,
+                    agent_id: live.id.clone(),
+                    version: beat.version.clone(),
                     at_ms: now_ms(),
                 })
                 .await;
+            live.position.version = beat.version;
+            return decide(state, live, Trigger::Heartbeat).await;
         }
+        AgentMessage::UpdateProgress(report) => dispatch::progress(state, live, report).await,
+        AgentMessage::UpdateResult(report) => dispatch::result(state, live, report).await,
         AgentMessage::Hello(_) => {
-            tracing::debug!(agent = %agent_id, "ignoring a second hello");
-        }
-        AgentMessage::UpdateProgress(_) | AgentMessage::UpdateResult(_) => {
-            tracing::debug!(agent = %agent_id, "ignoring update report: this server dispatches no updates");
+            tracing::debug!(agent = %live.id, "ignoring a second hello");
+            Ok(())
         }
         AgentMessage::Unknown => {
-            tracing::debug!(agent = %agent_id, "ignoring a message type from a newer protocol");
+            tracing::debug!(agent = %live.id, "ignoring a message type from a newer protocol");
+            Ok(())
         }
+    };
+    if let Err(err) = outcome {
+        tracing::warn!(agent = %live.id, %err, "could not record an update report");
     }
+    None
 }
 
 /// Sends the reject, then a close frame with the same reason, and drops the socket.

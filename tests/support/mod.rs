@@ -45,8 +45,9 @@ pub struct Server {
     pub port: u16,
     pub url: String,
     pub dir: PathBuf,
-    /// Environment given to every start of this server.
+    /// Environment and extra flags given to every start of this server.
     env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl Server {
@@ -62,18 +63,44 @@ impl Server {
     }
 
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_with(dir, env, &[])
+    }
+
+    /// Starts a server with the test tokens and extra flags.
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Server {
+        Server::start_with(
+            dir,
+            &[
+                ("DROVER_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("DROVER_ENROLL_TOKEN", ENROLL_TOKEN),
+            ],
+            args,
+        )
+    }
+
+    fn start_with(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (child, port) = spawn_server(dir, 0, &env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, port) = spawn_server(dir, 0, &env, &args);
         Server {
             child,
             port,
             url: format!("http://127.0.0.1:{port}"),
             dir: dir.to_owned(),
             env,
+            args,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn downloads(&self) -> PathBuf {
+        self.dir.join("downloads")
     }
 
     /// SIGKILL: no shutdown handler runs.
@@ -85,7 +112,7 @@ impl Server {
     /// Starts the server again on the same data directory and port.
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, _) = spawn_server(&self.dir, self.port, &self.env);
+        let (child, _) = spawn_server(&self.dir, self.port, &self.env, &self.args);
         self.child = child;
     }
 
@@ -108,7 +135,7 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(dir: &Path, port: u16, env: &[(String, String)]) -> (Child, u16) {
+fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]) -> (Child, u16) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -121,6 +148,7 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)]) -> (Child, u16)
         .arg("--downloads")
         .arg(dir.join("downloads"))
         .args(["--heartbeat-interval", "1"])
+        .args(args)
         .env_remove("DROVER_ADMIN_TOKEN")
         .env_remove("DROVER_ENROLL_TOKEN")
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -272,13 +300,31 @@ impl Api {
 
     /// GET with the token; returns the status and the JSON body (Null when not JSON).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
             .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .expect("server answers");
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("server answers");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -370,6 +416,120 @@ pub async fn close_frame(socket: &mut RawSocket) -> Option<(u16, String)> {
             }
             Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
             Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Publishes a build the way an operator should: binary first, sidecars after.
+pub fn publish(downloads: &Path, version: &str, channel: Option<&str>, contents: &[u8]) -> String {
+    use sha2::Digest;
+    let file = format!("drover-agent-linux-amd64-{version}");
+    std::fs::create_dir_all(downloads).unwrap();
+    std::fs::write(downloads.join(&file), contents).unwrap();
+    let digest = hex::encode(sha2::Sha256::digest(contents));
+    std::fs::write(
+        downloads.join(format!("{file}.sha256")),
+        format!("{digest}  {file}\n"),
+    )
+    .unwrap();
+    if let Some(channel) = channel {
+        std::fs::write(
+            downloads.join(format!("{file}.channel")),
+            format!("{channel}\n"),
+        )
+        .unwrap();
+    }
+    file
+}
+
+/// An agent driven by the test through the real protocol: it heartbeats while waiting
+/// and reports whatever the test tells it to.
+pub struct ProtocolAgent {
+    pub socket: RawSocket,
+    pub id: String,
+    pub secret: String,
+    pub version: String,
+    seq: u64,
+}
+
+impl ProtocolAgent {
+    pub async fn enroll(server: &Server, fingerprint: &str, version: &str) -> ProtocolAgent {
+        let mut socket = raw_connect(server).await;
+        let mut hello = hello(fingerprint);
+        hello.version = version.into();
+        send(&mut socket, AgentMessage::Hello(hello)).await;
+        let Some(ServerMessage::Welcome(welcome)) = receive(&mut socket).await else {
+            panic!("expected a welcome");
+        };
+        ProtocolAgent {
+            socket,
+            id: welcome.agent_id,
+            secret: welcome.secret.expect("enrollment returns a secret"),
+            version: version.into(),
+            seq: 0,
+        }
+    }
+
+    /// A new session with the stored credentials, reporting `version`.
+    pub async fn reconnect(&mut self, server: &Server, version: &str) {
+        let mut socket = raw_connect(server).await;
+        let mut hello = hello(&format!("fp-{}", self.id));
+        hello.enroll_token = None;
+        hello.agent_id = Some(self.id.clone());
+        hello.secret = Some(self.secret.clone());
+        hello.version = version.into();
+        send(&mut socket, AgentMessage::Hello(hello)).await;
+        let Some(ServerMessage::Welcome(_)) = receive(&mut socket).await else {
+            panic!("expected a welcome");
+        };
+        self.socket = socket;
+        self.version = version.into();
+        self.seq = 0;
+    }
+
+    pub async fn heartbeat(&mut self) {
+        self.seq += 1;
+        let beat = AgentMessage::Heartbeat(protocol::Heartbeat {
+            seq: self.seq,
+            version: self.version.clone(),
+        });
+        send(&mut self.socket, beat).await;
+    }
+
+    pub async fn report(&mut self, message: AgentMessage) {
+        send(&mut self.socket, message).await;
+    }
+
+    /// Heartbeats every 300 ms until a server message arrives or `within` passes.
+    pub async fn next_message(&mut self, within: Duration) -> Option<ServerMessage> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            self.heartbeat().await;
+            let wait = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(Duration::from_millis(300));
+            if wait.is_zero() {
+                return None;
+            }
+            match tokio::time::timeout(wait, self.socket.next()).await {
+                Ok(Some(Ok(Message::Binary(bytes)))) => {
+                    return Some(ServerMessage::decode(&bytes).expect("server frames decode"));
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    panic!("server closed the session: {frame:?}")
+                }
+                Ok(None) | Ok(Some(Err(_))) => panic!("session lost"),
+                Ok(Some(Ok(_))) | Err(_) => {}
+            }
+        }
+    }
+
+    /// The next `update`, failing on any other message.
+    pub async fn next_update(&mut self, within: Duration) -> Option<protocol::Update> {
+        match self.next_message(within).await {
+            None => None,
+            Some(ServerMessage::Update(update)) => Some(update),
+            Some(other) => panic!("expected an update, got {other:?}"),
         }
     }
 }

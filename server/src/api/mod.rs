@@ -1,33 +1,61 @@
 //! The REST API under `/api/v1`: bearer-token authentication, JSON bodies, and one
 //! `ApiError` that turns domain errors into status codes.
 
-use axum::extract::{FromRequestParts, Path, State};
+mod agents;
+mod hierarchy;
+mod releases;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::AppState;
 use crate::auth::hash_secret;
-use crate::clock::rfc3339;
-use crate::store::{AgentRecord, Role, StoreError};
+use crate::store::{Role, StoreError};
 
-pub fn router() -> Router<AppState> {
+pub(crate) fn router() -> Router<AppState> {
     Router::new()
-        .route("/agents", get(list_agents))
-        .route("/agents/{id}", get(get_agent))
+        .route("/agents", get(agents::list))
+        .route("/agents/{id}", get(agents::one))
+        .route("/agents/{id}/pause", post(agents::pause))
+        .route("/agents/{id}/resume", post(agents::resume))
+        .route("/agents/{id}/update", post(agents::update_now))
+        .route("/agents/{id}/explain", get(agents::explain))
+        .route("/agents/{id}/channel", put(hierarchy::set_agent_channel))
+        .route(
+            "/clients",
+            get(hierarchy::list_clients).post(hierarchy::create_client),
+        )
+        .route("/clients/{id}/channel", put(hierarchy::set_client_channel))
+        .route(
+            "/sites",
+            get(hierarchy::list_sites).post(hierarchy::create_site),
+        )
+        .route("/sites/{id}/channel", put(hierarchy::set_site_channel))
+        .route("/releases", get(releases::list))
+        .route("/releases/rescan", post(releases::rescan))
+        .route(
+            "/updates",
+            get(releases::updates_switch).put(releases::set_updates_switch),
+        )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
 }
 
 /// An error answer: a status and `{"error": "...", "detail": ...}`.
 #[derive(Debug)]
-pub enum ApiError {
+pub(crate) enum ApiError {
+    BadRequest(String),
     Unauthorized(&'static str),
+    Forbidden(String),
     NotFound(String),
     Conflict(String),
+    Unavailable(String),
     Internal(String),
 }
 
@@ -47,6 +75,13 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(detail) => {
                 (StatusCode::UNAUTHORIZED, "unauthorized", json!(detail))
             }
+            ApiError::BadRequest(detail) => (StatusCode::BAD_REQUEST, "bad request", json!(detail)),
+            ApiError::Forbidden(detail) => (StatusCode::FORBIDDEN, "forbidden", json!(detail)),
+            ApiError::Unavailable(detail) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                json!(detail),
+            ),
             ApiError::NotFound(detail) => (StatusCode::NOT_FOUND, "not found", json!(detail)),
             ApiError::Conflict(detail) => (StatusCode::CONFLICT, "conflict", json!(detail)),
             ApiError::Internal(detail) => {
@@ -64,8 +99,23 @@ impl IntoResponse for ApiError {
 
 /// The caller of an operator endpoint, authenticated by `Authorization: Bearer <token>`.
 #[derive(Debug, Clone, Copy)]
-pub struct Caller {
-    pub role: Role,
+pub(crate) struct Caller {
+    role: Role,
+}
+
+impl Caller {
+    /// Refuses callers below `needed`.
+    fn require(self, needed: Role) -> Result<Caller, ApiError> {
+        if self.role >= needed {
+            Ok(self)
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this action needs the {} role; the token has {}",
+                needed.as_str(),
+                self.role.as_str()
+            )))
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -96,122 +146,20 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// An agent as the REST API shows it.
-#[derive(Debug, Serialize)]
-pub struct AgentView {
-    pub id: String,
-    pub hostname: String,
-    pub version: String,
-    pub os: String,
-    pub arch: String,
-    pub site_id: String,
-    pub channel: String,
-    pub channel_source: &'static str,
-    pub online: bool,
-    pub last_seen: String,
-    pub enrolled_at: String,
-    pub paused: bool,
-    pub auto_update: bool,
-    pub fingerprint: String,
-}
+/// A JSON request body whose rejections are `ApiError`s with the JSON error shape.
+pub(crate) struct Body<T>(T);
 
-/// Where an agent's channel came from, most specific first.
-pub fn resolve_channel(agent: &AgentRecord) -> (String, &'static str) {
-    [
-        (&agent.agent_channel, "agent"),
-        (&agent.site_channel, "site"),
-        (&agent.client_channel, "client"),
-    ]
-    .into_iter()
-    .find_map(|(channel, source)| channel.clone().map(|c| (c, source)))
-    .unwrap_or_else(|| ("stable".to_owned(), "default"))
-}
+impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
+    type Rejection = ApiError;
 
-fn view(state: &AppState, agent: AgentRecord) -> AgentView {
-    let (channel, channel_source) = resolve_channel(&agent);
-    AgentView {
-        online: state.registry.is_online(&agent.id),
-        last_seen: rfc3339(agent.last_seen_ms),
-        enrolled_at: rfc3339(agent.enrolled_at_ms),
-        channel,
-        channel_source,
-        id: agent.id,
-        hostname: agent.hostname,
-        version: agent.version,
-        os: agent.os,
-        arch: agent.arch,
-        site_id: agent.site_id,
-        paused: agent.paused,
-        auto_update: agent.auto_update,
-        fingerprint: agent.fingerprint,
-    }
-}
-
-async fn list_agents(
-    _caller: Caller,
-    State(state): State<AppState>,
-) -> Result<Json<Vec<AgentView>>, ApiError> {
-    let agents = state.store.list_agents().await?;
-    Ok(Json(agents.into_iter().map(|a| view(&state, a)).collect()))
-}
-
-async fn get_agent(
-    _caller: Caller,
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<AgentView>, ApiError> {
-    match state.store.agent(&id).await {
-        Ok(agent) => Ok(Json(view(&state, agent))),
-        Err(StoreError::NotFound) => Err(ApiError::NotFound(format!("no agent with id {id}"))),
-        Err(err) => Err(err.into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn agent(agent: Option<&str>, site: Option<&str>, client: Option<&str>) -> AgentRecord {
-        AgentRecord {
-            id: "a".into(),
-            site_id: "s".into(),
-            fingerprint: "f".into(),
-            hostname: "h".into(),
-            version: "1.0.0".into(),
-            os: "linux".into(),
-            arch: "amd64".into(),
-            paused: false,
-            auto_update: true,
-            enrolled_at_ms: 0,
-            last_seen_ms: 0,
-            agent_channel: agent.map(Into::into),
-            site_channel: site.map(Into::into),
-            client_channel: client.map(Into::into),
+    async fn from_request(request: Request, state: &AppState) -> Result<Body<T>, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) => Err(bad_body(rejection)),
         }
     }
+}
 
-    #[test]
-    fn channel_resolves_agent_then_site_then_client_then_stable() {
-        let cases = [
-            (
-                agent(Some("beta"), Some("stable"), Some("stable")),
-                ("beta", "agent"),
-            ),
-            (agent(None, Some("beta"), Some("stable")), ("beta", "site")),
-            (agent(None, None, Some("beta")), ("beta", "client")),
-            (agent(None, None, None), ("stable", "default")),
-            (
-                agent(Some("stable"), Some("beta"), None),
-                ("stable", "agent"),
-            ),
-        ];
-        for (record, (channel, source)) in cases {
-            let (got_channel, got_source) = resolve_channel(&record);
-            assert_eq!(
-                (got_channel.as_str(), got_source),
-                (channel, source),
-                "{record:?}"
-            );
-        }
-    }
+fn bad_body(rejection: JsonRejection) -> ApiError {
+    ApiError::BadRequest(rejection.body_text())
 }

@@ -127,6 +127,177 @@ pub struct BootstrapState {
     pub has_enroll_token: bool,
 }
 
+/// Why a task exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// The server decided the agent is due a newer build.
+    Update,
+    /// An operator asked for it.
+    Forced,
+    /// An operator rolled a version back; the agent accepts an older build.
+    Rollback,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Update => "update",
+            TaskKind::Forced => "forced",
+            TaskKind::Rollback => "rollback",
+        }
+    }
+
+    fn parse(text: &str) -> Option<TaskKind> {
+        [TaskKind::Update, TaskKind::Forced, TaskKind::Rollback]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Queued,
+    Dispatched,
+    Downloading,
+    Verifying,
+    Installing,
+    Restarting,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Cancelled,
+    TimedOut,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 11] = [
+        TaskStatus::Queued,
+        TaskStatus::Dispatched,
+        TaskStatus::Downloading,
+        TaskStatus::Verifying,
+        TaskStatus::Installing,
+        TaskStatus::Restarting,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::RolledBack,
+        TaskStatus::Cancelled,
+        TaskStatus::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Dispatched => "dispatched",
+            TaskStatus::Downloading => "downloading",
+            TaskStatus::Verifying => "verifying",
+            TaskStatus::Installing => "installing",
+            TaskStatus::Restarting => "restarting",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::RolledBack => "rolled_back",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::TimedOut => "timed_out",
+        }
+    }
+
+    fn parse(text: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Unfinished: the agent still owes an outcome.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Queued
+                | TaskStatus::Dispatched
+                | TaskStatus::Downloading
+                | TaskStatus::Verifying
+                | TaskStatus::Installing
+                | TaskStatus::Restarting
+        )
+    }
+
+    /// Counts against the version on this agent: not offered again unless forced.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Failed | TaskStatus::RolledBack | TaskStatus::TimedOut
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateTask {
+    pub id: String,
+    pub agent_id: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub os: String,
+    pub arch: String,
+    pub kind: TaskKind,
+    pub status: TaskStatus,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub dispatched_at_ms: Option<i64>,
+    pub progress_at_ms: Option<i64>,
+}
+
+impl UpdateTask {
+    /// When the agent last showed it was working on the task.
+    pub fn last_activity_ms(&self) -> i64 {
+        self.progress_at_ms
+            .into_iter()
+            .chain(self.dispatched_at_ms)
+            .max()
+            .unwrap_or(self.created_at_ms)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTask<'a> {
+    pub agent_id: &'a str,
+    pub from_version: &'a str,
+    pub to_version: &'a str,
+    pub os: &'a str,
+    pub arch: &'a str,
+    pub kind: TaskKind,
+    /// `Dispatched` when it is sent at once, `Queued` when the agent is not connected.
+    pub status: TaskStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Client {
+    pub id: String,
+    pub name: String,
+    pub channel: Option<String>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Site {
+    pub id: String,
+    pub client_id: String,
+    pub name: String,
+    pub channel: Option<String>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+/// Which level of the hierarchy a channel is set on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelScope {
+    Agent,
+    Site,
+    Client,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Which bootstrap tokens exist already, so first start generates only the missing ones.
@@ -165,6 +336,78 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
 
     async fn agent(&self, id: &str) -> StoreResult<AgentRecord>;
+
+    async fn list_clients(&self) -> StoreResult<Vec<Client>>;
+
+    /// `Conflict` when the name is taken.
+    async fn create_client(&self, name: &str) -> StoreResult<Client>;
+
+    async fn list_sites(&self) -> StoreResult<Vec<Site>>;
+
+    /// `NotFound` when the client does not exist; `Conflict` when the name is taken in it.
+    async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site>;
+
+    /// Sets or clears (`None`) a channel; `NotFound` when the row does not exist.
+    async fn set_channel(
+        &self,
+        scope: ChannelScope,
+        id: &str,
+        channel: Option<&str>,
+    ) -> StoreResult<()>;
+
+    /// Ids of the agents a channel change at `scope`/`id` affects.
+    async fn agents_under(&self, scope: ChannelScope, id: &str) -> StoreResult<Vec<String>>;
+
+    async fn set_paused(&self, agent_id: &str, paused: bool) -> StoreResult<()>;
+
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
+
+    async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    async fn blocked_versions(&self) -> StoreResult<Vec<String>>;
+
+    /// Creates a task; `Conflict` when the agent already has an unfinished one.
+    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask>;
+
+    /// The agent's unfinished task, if any.
+    async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;
+
+    /// Versions whose task failed, rolled back or timed out on this agent.
+    async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
+
+    /// Unfinished, dispatched tasks (not `queued`) whose agent has shown no activity on
+    /// them since `cutoff_ms`.
+    async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>>;
+
+    /// Newest first.
+    async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>>;
+
+    /// Marks a (re-)dispatch: status `dispatched`, one more attempt. `NotFound` unless the
+    /// task is unfinished.
+    async fn record_dispatch(&self, task_id: &str, now_ms: i64) -> StoreResult<UpdateTask>;
+
+    /// Moves an unfinished task of this agent to an in-progress status. `NotFound` when the
+    /// task is not this agent's or is finished.
+    async fn record_progress(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        status: TaskStatus,
+        bytes_done: i64,
+        bytes_total: i64,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask>;
+
+    /// Ends an unfinished task of this agent with a final status. `NotFound` when the task
+    /// is not this agent's or is finished already (so a repeated result changes nothing).
+    async fn finish_task(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        status: TaskStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask>;
 }
 
 /// Opens the database named by `url` (`sqlite://...`), running migrations, or a SQLite

@@ -69,6 +69,57 @@ fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, sqlx::Er
     })
 }
 
+const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, os, arch, kind, status, \
+     attempts, error, bytes_done, bytes_total, created_at, updated_at, dispatched_at, progress_at";
+
+const ACTIVE_STATUSES: &str =
+    "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
+
+fn task_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<UpdateTask, sqlx::Error> {
+    let kind: String = row.try_get("kind")?;
+    let status: String = row.try_get("status")?;
+    let corrupt = |what: &str, value: &str| {
+        sqlx::Error::Decode(format!("unknown task {what} {value:?}").into())
+    };
+    Ok(UpdateTask {
+        id: row.try_get("id")?,
+        agent_id: row.try_get("agent_id")?,
+        from_version: row.try_get("from_version")?,
+        to_version: row.try_get("to_version")?,
+        os: row.try_get("os")?,
+        arch: row.try_get("arch")?,
+        kind: TaskKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+        status: TaskStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        attempts: row.try_get("attempts")?,
+        error: row.try_get("error")?,
+        bytes_done: row.try_get("bytes_done")?,
+        bytes_total: row.try_get("bytes_total")?,
+        created_at_ms: row.try_get("created_at")?,
+        updated_at_ms: row.try_get("updated_at")?,
+        dispatched_at_ms: row.try_get("dispatched_at")?,
+        progress_at_ms: row.try_get("progress_at")?,
+    })
+}
+
+fn client_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Client, sqlx::Error> {
+    Ok(Client {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        channel: row.try_get("channel")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn site_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Site, sqlx::Error> {
+    Ok(Site {
+        id: row.try_get("id")?,
+        client_id: row.try_get("client_id")?,
+        name: row.try_get("name")?,
+        channel: row.try_get("channel")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
 fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -287,5 +338,264 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(agent_from_row(&row)?)
+    }
+
+    async fn list_clients(&self) -> StoreResult<Vec<Client>> {
+        let rows = sqlx::query("SELECT id, name, channel, created_at FROM clients ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(client_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn create_client(&self, name: &str) -> StoreResult<Client> {
+        let row = sqlx::query(
+            "INSERT INTO clients (id, name, created_at) VALUES (?, ?, ?) \
+             RETURNING id, name, channel, created_at",
+        )
+        .bind(new_id())
+        .bind(name)
+        .bind(crate::clock::now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(client_from_row(&row)?)
+    }
+
+    async fn list_sites(&self) -> StoreResult<Vec<Site>> {
+        let rows = sqlx::query(
+            "SELECT id, client_id, name, channel, created_at FROM sites ORDER BY client_id, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(site_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site> {
+        let mut tx = self.pool.begin().await?;
+        let _: String = sqlx::query_scalar("SELECT id FROM clients WHERE id = ?")
+            .bind(client_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "INSERT INTO sites (id, client_id, name, created_at) VALUES (?, ?, ?, ?) \
+             RETURNING id, client_id, name, channel, created_at",
+        )
+        .bind(new_id())
+        .bind(client_id)
+        .bind(name)
+        .bind(crate::clock::now_ms())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(site_from_row(&row)?)
+    }
+
+    async fn set_channel(
+        &self,
+        scope: ChannelScope,
+        id: &str,
+        channel: Option<&str>,
+    ) -> StoreResult<()> {
+        let table = match scope {
+            ChannelScope::Agent => "agents",
+            ChannelScope::Site => "sites",
+            ChannelScope::Client => "clients",
+        };
+        let done = sqlx::query(&format!("UPDATE {table} SET channel = ? WHERE id = ?"))
+            .bind(channel)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn agents_under(&self, scope: ChannelScope, id: &str) -> StoreResult<Vec<String>> {
+        let query = match scope {
+            ChannelScope::Agent => "SELECT id FROM agents WHERE id = ?",
+            ChannelScope::Site => "SELECT id FROM agents WHERE site_id = ?",
+            ChannelScope::Client => {
+                "SELECT a.id FROM agents a JOIN sites s ON s.id = a.site_id WHERE s.client_id = ?"
+            }
+        };
+        Ok(sqlx::query_scalar(query)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn set_paused(&self, agent_id: &str, paused: bool) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE agents SET paused = ? WHERE id = ?")
+            .bind(paused)
+            .bind(agent_id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn blocked_versions(&self) -> StoreResult<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT version FROM version_blocks ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask> {
+        let dispatched = task.status == TaskStatus::Dispatched;
+        let row = sqlx::query(&format!(
+            "INSERT INTO update_tasks (id, agent_id, from_version, to_version, os, arch, kind, \
+                 status, attempts, created_at, updated_at, dispatched_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(new_id())
+        .bind(task.agent_id)
+        .bind(task.from_version)
+        .bind(task.to_version)
+        .bind(task.os)
+        .bind(task.arch)
+        .bind(task.kind.as_str())
+        .bind(task.status.as_str())
+        .bind(i64::from(dispatched))
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(dispatched.then_some(now_ms))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(task_from_row(&row)?)
+    }
+
+    async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM update_tasks \
+             WHERE agent_id = ? AND status IN {ACTIVE_STATUSES}"
+        ))
+        .bind(agent_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(task_from_row).transpose()?)
+    }
+
+    async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT to_version FROM update_tasks \
+             WHERE agent_id = ? AND status IN ('failed', 'rolled_back', 'timed_out')",
+        )
+        .bind(agent_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM update_tasks \
+             WHERE status IN {ACTIVE_STATUSES} AND status <> 'queued' \
+               AND MAX(created_at, COALESCE(dispatched_at, 0), COALESCE(progress_at, 0)) < ?"
+        ))
+        .bind(cutoff_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(task_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM update_tasks WHERE agent_id = ? \
+             ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        ))
+        .bind(agent_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(task_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn record_dispatch(&self, task_id: &str, now_ms: i64) -> StoreResult<UpdateTask> {
+        let row = sqlx::query(&format!(
+            "UPDATE update_tasks SET status = 'dispatched', attempts = attempts + 1, \
+                 dispatched_at = ?, updated_at = ? \
+             WHERE id = ? AND status IN {ACTIVE_STATUSES} RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(task_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(task_from_row(&row)?)
+    }
+
+    async fn record_progress(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        status: TaskStatus,
+        bytes_done: i64,
+        bytes_total: i64,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask> {
+        let row = sqlx::query(&format!(
+            "UPDATE update_tasks SET status = ?, bytes_done = ?, bytes_total = ?, \
+                 progress_at = ?, updated_at = ? \
+             WHERE id = ? AND agent_id = ? AND status IN {ACTIVE_STATUSES} \
+             RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(status.as_str())
+        .bind(bytes_done)
+        .bind(bytes_total)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(task_id)
+        .bind(agent_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(task_from_row(&row)?)
+    }
+
+    async fn finish_task(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        status: TaskStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask> {
+        let row = sqlx::query(&format!(
+            "UPDATE update_tasks SET status = ?, error = ?, updated_at = ? \
+             WHERE id = ? AND agent_id = ? AND status IN {ACTIVE_STATUSES} \
+             RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_ms)
+        .bind(task_id)
+        .bind(agent_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(task_from_row(&row)?)
     }
 }

@@ -1,0 +1,106 @@
+//! The HTTP side of `drover`: one authenticated request helper that turns the server's
+//! error answers into errors.
+
+use anyhow::{Context, bail};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+pub(crate) struct Api {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    pub(crate) fn new(server: &str, token: String) -> Api {
+        Api {
+            base: server.trim_end_matches('/').to_owned(),
+            token,
+            http: reqwest::blocking::Client::new(),
+        }
+    }
+
+    pub(crate) fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.request(Method::GET, path, None)
+    }
+
+    /// Sends one API call; `body`, when given, goes as JSON.
+    pub(crate) fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .with_context(|| format!("could not reach the server at {}", self.base))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .with_context(|| format!("could not read the server's answer to {method} {path}"))?;
+        // A proxy in front of the server may answer errors with HTML, so a non-JSON error
+        // still reports its status.
+        match serde_json::from_str::<Value>(&text) {
+            Ok(body) if status.is_success() => Ok(body),
+            Ok(body) => bail!(error_message(status, &body)),
+            Err(_) if status.is_success() => {
+                bail!("the server's answer to {method} {path} is not JSON")
+            }
+            Err(_) => bail!("{status} from {method} {path}"),
+        }
+    }
+}
+
+/// `{"error": "...", "detail": ...}` as one line, e.g. `409 Conflict conflict: ...`.
+fn error_message(status: StatusCode, body: &Value) -> String {
+    let error = body["error"].as_str().unwrap_or("request failed");
+    let detail = match &body["detail"] {
+        Value::Null => String::new(),
+        Value::String(s) => format!(": {s}"),
+        other => format!(": {other}"),
+    };
+    format!("{status} {error}{detail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn error_message_shows_status_error_and_detail() {
+        let cases = [
+            (
+                StatusCode::CONFLICT,
+                json!({"error": "conflict", "detail": "the agent already runs 1.2.0"}),
+                "409 Conflict conflict: the agent already runs 1.2.0",
+            ),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "internal error", "detail": null}),
+                "500 Internal Server Error internal error",
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "bad request", "detail": {"field": "name"}}),
+                r#"400 Bad Request bad request: {"field":"name"}"#,
+            ),
+            (
+                StatusCode::NOT_FOUND,
+                json!({}),
+                "404 Not Found request failed",
+            ),
+        ];
+        for (status, body, expected) in cases {
+            assert_eq!(error_message(status, &body), expected);
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! `/api/v1/agents`: the fleet listing, one agent with its tasks, and per-agent actions.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, Caller};
+use crate::AppState;
+use crate::clock::{now_ms, rfc3339};
+use crate::dispatch::LiveAgent;
+use crate::engine::{Decision, Policy, channel_admits, needs_update, resolve_channel};
+use crate::session::Outbound;
+use crate::store::{AgentRecord, NewTask, Role, StoreError, TaskKind, TaskStatus, UpdateTask};
+
+/// Tasks shown with one agent.
+const TASK_HISTORY: i64 = 50;
+
+/// An agent as the REST API shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct AgentView {
+    id: String,
+    hostname: String,
+    version: String,
+    os: String,
+    arch: String,
+    site_id: String,
+    channel: &'static str,
+    channel_source: &'static str,
+    online: bool,
+    last_seen: String,
+    enrolled_at: String,
+    paused: bool,
+    auto_update: bool,
+    fingerprint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tasks: Option<Vec<TaskView>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TaskView {
+    id: String,
+    agent_id: String,
+    from_version: String,
+    to_version: String,
+    kind: TaskKind,
+    status: TaskStatus,
+    attempts: i64,
+    error: Option<String>,
+    bytes_done: i64,
+    bytes_total: i64,
+    created_at: String,
+    updated_at: String,
+}
+
+impl From<UpdateTask> for TaskView {
+    fn from(task: UpdateTask) -> TaskView {
+        TaskView {
+            created_at: rfc3339(task.created_at_ms),
+            updated_at: rfc3339(task.updated_at_ms),
+            id: task.id,
+            agent_id: task.agent_id,
+            from_version: task.from_version,
+            to_version: task.to_version,
+            kind: task.kind,
+            status: task.status,
+            attempts: task.attempts,
+            error: task.error,
+            bytes_done: task.bytes_done,
+            bytes_total: task.bytes_total,
+        }
+    }
+}
+
+fn view(state: &AppState, agent: AgentRecord) -> AgentView {
+    let (channel, channel_source) = resolve_channel(&agent);
+    AgentView {
+        online: state.registry.is_online(&agent.id),
+        last_seen: rfc3339(agent.last_seen_ms),
+        enrolled_at: rfc3339(agent.enrolled_at_ms),
+        channel: channel.as_str(),
+        channel_source,
+        id: agent.id,
+        hostname: agent.hostname,
+        version: agent.version,
+        os: agent.os,
+        arch: agent.arch,
+        site_id: agent.site_id,
+        paused: agent.paused,
+        auto_update: agent.auto_update,
+        fingerprint: agent.fingerprint,
+        tasks: None,
+    }
+}
+
+async fn agent_or_404(state: &AppState, id: &str) -> Result<AgentRecord, ApiError> {
+    match state.store.agent(id).await {
+        Ok(agent) => Ok(agent),
+        Err(StoreError::NotFound) => Err(ApiError::NotFound(format!("no agent with id {id}"))),
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub(crate) async fn list(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<AgentView>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let agents = state.store.list_agents().await?;
+    Ok(Json(agents.into_iter().map(|a| view(&state, a)).collect()))
+}
+
+pub(crate) async fn one(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let agent = agent_or_404(&state, &id).await?;
+    let tasks = state.store.tasks_for_agent(&id, TASK_HISTORY).await?;
+    let mut view = view(&state, agent);
+    view.tasks = Some(tasks.into_iter().map(TaskView::from).collect());
+    Ok(Json(view))
+}
+
+pub(crate) async fn pause(
+    caller: Caller,
+    state: State<AppState>,
+    id: Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    set_paused(caller, state, id, true).await
+}
+
+pub(crate) async fn resume(
+    caller: Caller,
+    state: State<AppState>,
+    id: Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    set_paused(caller, state, id, false).await
+}
+
+async fn set_paused(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    paused: bool,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Role::Operator)?;
+    match state.store.set_paused(&id, paused).await {
+        Ok(()) => {}
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::NotFound(format!("no agent with id {id}")));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    tracing::info!(agent = %id, paused, "agent updates {}", if paused { "paused" } else { "resumed" });
+    state.registry.send(&id, Outbound::Refresh);
+    Ok(Json(view(&state, agent_or_404(&state, &id).await?)))
+}
+
+/// Why an agent is or is not being updated, without reading logs.
+#[derive(Debug, Serialize)]
+pub(crate) struct Explanation {
+    agent_id: String,
+    version: String,
+    channel: &'static str,
+    channel_source: &'static str,
+    /// `offer` when a build is due, `hold` otherwise.
+    decision: &'static str,
+    offer: Option<String>,
+    reason: String,
+    active_task: Option<TaskView>,
+}
+
+pub(crate) async fn explain(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Explanation>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let record = agent_or_404(&state, &id).await?;
+    let live = LiveAgent::load(&state, &id, &record.version).await?;
+    let (channel, channel_source) = resolve_channel(&record);
+    let decision = {
+        let index = state.releases.current();
+        let blocked = state.blocked_versions();
+        let policy = Policy {
+            updates_enabled: state.updates_enabled(),
+            blocked_versions: &blocked,
+        };
+        needs_update(&live.position, &index, &policy)
+    };
+    let (decision, offer, reason) = match (&live.active, decision) {
+        (Some(task), _) => (
+            "hold",
+            None,
+            format!(
+                "task {} to {} is {}",
+                task.id,
+                task.to_version,
+                task.status.as_str()
+            ),
+        ),
+        (None, Decision::Offer(release)) => (
+            "offer",
+            Some(release.version.to_string()),
+            format!(
+                "{} is due and is sent at the next heartbeat",
+                release.version
+            ),
+        ),
+        (None, Decision::Hold(reason)) => ("hold", None, reason.describe()),
+    };
+    Ok(Json(Explanation {
+        agent_id: id,
+        version: record.version,
+        channel: channel.as_str(),
+        channel_source,
+        decision,
+        offer,
+        reason,
+        active_task: live.active.map(TaskView::from),
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateNow {
+    version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct UpdateQueued {
+    task: TaskView,
+    /// True when the agent is connected here and was sent the update at once.
+    pushed: bool,
+}
+
+/// Request an update now: a forced task, pushed at once when the agent is connected and
+/// on its next connect otherwise. It overrides a pause and a version's earlier failure.
+pub(crate) async fn update_now(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<UpdateQueued>), ApiError> {
+    caller.require(Role::Operator)?;
+    // The body is optional: no body means "the newest build of the agent's channel".
+    let request: UpdateNow = if body.iter().all(u8::is_ascii_whitespace) {
+        UpdateNow::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?
+    };
+    let agent = agent_or_404(&state, &id).await?;
+    if !state.updates_enabled() {
+        return Err(ApiError::Conflict(
+            "updates are disabled server-wide".into(),
+        ));
+    }
+    if !agent.auto_update {
+        return Err(ApiError::Conflict(
+            "the agent runs with auto-update off and declines updates".into(),
+        ));
+    }
+    let running = semver::Version::parse(&agent.version).map_err(|_| {
+        ApiError::Conflict(format!(
+            "the agent's version {:?} is not semver",
+            agent.version
+        ))
+    })?;
+    let index = state.releases.current();
+    let release = match &request.version {
+        Some(text) => {
+            let version = semver::Version::parse(text)
+                .map_err(|e| ApiError::BadRequest(format!("version {text:?}: {e}")))?;
+            index
+                .find(&version, &agent.os, &agent.arch)
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "no offered build {text} for {}/{}",
+                        agent.os, agent.arch
+                    ))
+                })?
+        }
+        None => {
+            let (channel, _) = resolve_channel(&agent);
+            let blocked = state.blocked_versions();
+            index
+                .newest(&agent.os, &agent.arch, |r| {
+                    channel_admits(channel, r.channel) && !blocked.contains(&r.version.to_string())
+                })
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "no offered {} build for {}/{}",
+                        channel.as_str(),
+                        agent.os,
+                        agent.arch
+                    ))
+                })?
+        }
+    };
+    if state
+        .blocked_versions()
+        .contains(&release.version.to_string())
+    {
+        return Err(ApiError::Conflict(format!(
+            "{} is blocked",
+            release.version
+        )));
+    }
+    if release.version <= running {
+        return Err(ApiError::Conflict(format!(
+            "the agent already runs {running}; {} would not be an update",
+            release.version
+        )));
+    }
+    let now = now_ms();
+    if let Some(active) = state.store.active_task(&id).await? {
+        let _ = state
+            .store
+            .finish_task(
+                &id,
+                &active.id,
+                TaskStatus::Cancelled,
+                Some("superseded by a requested update"),
+                now,
+            )
+            .await;
+    }
+    let task = state
+        .store
+        .create_task(
+            &NewTask {
+                agent_id: &id,
+                from_version: &agent.version,
+                to_version: &release.version.to_string(),
+                os: &release.os,
+                arch: &release.arch,
+                kind: TaskKind::Forced,
+                status: TaskStatus::Queued,
+            },
+            now,
+        )
+        .await?;
+    tracing::info!(agent = %id, task = %task.id, to = %task.to_version, "update requested by an operator");
+    let pushed = state.registry.send(&id, Outbound::Refresh);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(UpdateQueued {
+            task: task.into(),
+            pushed,
+        }),
+    ))
+}

@@ -1,7 +1,6 @@
 //! The agent's identity: the id and secret the server issued at enrollment, kept in
 //! `identity.json` in the state directory (mode 0600). Updates never touch it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -37,19 +36,11 @@ pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Identity>> {
     Ok(Some(identity))
 }
 
-/// Stores the identity atomically: temporary file (0600), fsync, rename, fsync the
-/// directory. A kill at any moment leaves the old file or the new one.
+/// Stores the identity atomically and privately (0600).
 pub(crate) fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
-    let mut file = tempfile::NamedTempFile::new_in(state_dir)
-        .with_context(|| format!("while creating a file in {}", state_dir.display()))?;
-    serde_json::to_writer_pretty(&mut file, identity)?;
-    file.write_all(b"\n")?;
-    file.as_file().sync_all()?;
-    let path = path(state_dir);
-    file.persist(&path)
-        .with_context(|| format!("while writing {}", path.display()))?;
-    std::fs::File::open(state_dir)?.sync_all()?;
-    Ok(())
+    let mut text = serde_json::to_vec_pretty(identity)?;
+    text.push(b'\n');
+    crate::atomic_file::write(&path(state_dir), &text)
 }
 
 #[cfg(test)]

@@ -1,10 +1,19 @@
 //! The Drover agent: enrolls once, keeps its identity in its state directory, holds a
-//! WebSocket session to the server and heartbeats, reconnecting with backoff.
+//! WebSocket session to the server and heartbeats, reconnecting with backoff, and applies
+//! pushed updates. `drover-agent run` is a supervisor; the session lives in a worker
+//! process (`drover-agent worker`) that the supervisor restarts, and reverts when a new
+//! version fails its probation.
 
+mod atomic_file;
 mod backoff;
+mod download;
 mod identity;
+mod install;
+mod journal;
 mod machine;
 mod session;
+mod supervisor;
+mod updater;
 pub mod version;
 
 use std::path::PathBuf;
@@ -23,8 +32,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Connect to the server and stay connected
+    /// Connect to the server and stay connected, applying pushed updates
     Run(RunArgs),
+    /// The session process the supervisor starts (not for direct use)
+    #[command(hide = true)]
+    Worker(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +68,24 @@ struct RunArgs {
     /// Decline updates pushed by the server
     #[arg(long, env = "DROVER_NO_AUTO_UPDATE")]
     no_auto_update: bool,
+
+    /// Hex ed25519 public key: only builds signed with its private key are installed
+    #[arg(long, env = "DROVER_PUBLIC_KEY")]
+    public_key: Option<String>,
+
+    /// How long a new version has to connect and heartbeat before it is reverted
+    #[arg(long, env = "DROVER_PROBATION_TIMEOUT", default_value = "120", value_parser = parse_seconds)]
+    probation_timeout: Duration,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .trim_end_matches('s')
+        .parse::<u64>()
+        .ok()
+        .filter(|secs| *secs > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
 }
 
 /// Everything `run` needs.
@@ -67,55 +97,118 @@ pub struct AgentConfig {
     pub fingerprint: String,
     pub hostname: String,
     pub auto_update: bool,
+    /// The executable updates replace.
+    pub exe: PathBuf,
+    pub public_key: Option<ed25519_dalek::VerifyingKey>,
     /// First reconnect delay ceiling; doubles per failed attempt.
     pub reconnect_base: Duration,
     pub reconnect_max: Duration,
 }
 
-/// Runs the agent until `shutdown` fires.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    session::run(config, shutdown).await
-}
-
 /// The `drover-agent` binary.
 pub fn main() -> anyhow::Result<()> {
-    let Command::Run(args) = Cli::parse().command;
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let fingerprint = match args.fingerprint {
-        Some(fingerprint) => fingerprint,
-        None => machine::fingerprint()?,
-    };
-    let config = AgentConfig {
-        server: args.server,
-        enroll_token: args.enroll_token,
-        state_dir: args.state_dir,
-        fingerprint,
-        hostname: args.hostname.unwrap_or_else(machine::hostname),
-        auto_update: !args.no_auto_update,
-        reconnect_base: Duration::from_secs(1),
-        reconnect_max: Duration::from_secs(60),
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("while starting the async runtime")?;
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut terminate =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+    match cli.command {
+        Command::Run(args) => runtime.block_on(supervise(args)),
+        Command::Worker(args) => {
+            let exit = runtime.block_on(work(args))?;
+            if matches!(exit, session::Exit::Restart) {
+                std::process::exit(supervisor::RESTART_STATUS);
             }
-            stop.cancel();
-        });
-        run(config, shutdown).await
+            Ok(())
+        }
+    }
+}
+
+async fn supervise(args: RunArgs) -> anyhow::Result<()> {
+    // Checked here so that a bad flag fails at once rather than in every worker start.
+    let config = config_from(&args)?;
+    let exe = std::env::current_exe().context("cannot find this agent's executable")?;
+    let worker_args: Vec<String> = std::env::args()
+        .skip_while(|arg| arg != "run")
+        .skip(1)
+        .collect();
+    supervisor::Supervisor {
+        state_dir: config.state_dir,
+        exe,
+        worker_args,
+        probation: args.probation_timeout,
+    }
+    .run(stop_signal())
+    .await
+}
+
+async fn work(args: RunArgs) -> anyhow::Result<session::Exit> {
+    let config = config_from(&args)?;
+    let shutdown = stop_signal();
+    // The supervisor holds our stdin open; when it goes away, so do we.
+    let orphaned = shutdown.clone();
+    tokio::spawn(async move {
+        let mut sink = [0u8; 64];
+        let mut stdin = tokio::io::stdin();
+        let ended = loop {
+            match tokio::io::AsyncReadExt::read(&mut stdin, &mut sink).await {
+                Ok(0) => break "end of input".to_owned(),
+                Ok(_) => {}
+                Err(err) => break err.to_string(),
+            }
+        };
+        tracing::warn!(%ended, "the supervisor is gone; stopping");
+        orphaned.cancel();
+    });
+    session::run(config, shutdown).await
+}
+
+fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
+    let fingerprint = match &args.fingerprint {
+        Some(fingerprint) => fingerprint.clone(),
+        None => machine::fingerprint()?,
+    };
+    let exe = match std::env::var_os(supervisor::EXE_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe().context("cannot find this agent's executable")?,
+    };
+    let public_key = args
+        .public_key
+        .as_deref()
+        .map(updater::parse_public_key)
+        .transpose()?;
+    Ok(AgentConfig {
+        server: args.server.clone(),
+        enroll_token: args.enroll_token.clone(),
+        state_dir: args.state_dir.clone(),
+        fingerprint,
+        hostname: args.hostname.clone().unwrap_or_else(machine::hostname),
+        auto_update: !args.no_auto_update,
+        exe,
+        public_key,
+        reconnect_base: Duration::from_secs(1),
+        reconnect_max: Duration::from_secs(60),
     })
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+fn stop_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        }
+        stop.cancel();
+    });
+    shutdown
 }

@@ -2,14 +2,17 @@
 //! the wire protocol.
 
 use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use protocol::{
-    AgentMessage, Heartbeat, Hello, MAX_FRAME_BYTES, RejectCode, ServerMessage, Welcome,
+    AgentMessage, Heartbeat, Hello, MAX_FRAME_BYTES, RejectCode, ServerMessage, Update,
+    UpdateOutcome, UpdateResult, Welcome,
 };
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -17,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::identity::{self, Identity};
+use crate::journal::{self, Journal, Step};
+use crate::updater::{Event, Updater};
 use crate::{AgentConfig, version};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,14 +34,35 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// How a session ended, for the reconnect loop.
 enum Ended {
     Shutdown,
+    /// A new version is installed: the worker exits so the supervisor starts it.
+    Restart,
     /// The session was accepted and later lost; reconnect soon.
     AfterWelcome(String),
     /// The session never got going; back off further.
     BeforeWelcome(String),
 }
 
-/// Connects, and reconnects with backoff, until `shutdown` fires.
-pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// How the worker ended.
+pub(crate) enum Exit {
+    Shutdown,
+    /// Start the newly installed version.
+    Restart,
+}
+
+/// What lives across sessions: the identity, and the update being applied (its task
+/// keeps downloading while the session reconnects).
+struct Worker {
+    config: AgentConfig,
+    identity: Option<Identity>,
+    updater: Arc<Updater>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    applying: Option<(String, tokio::task::JoinHandle<()>)>,
+}
+
+/// Connects, and reconnects with backoff, until `shutdown` fires or a new version is
+/// installed.
+pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     // The state directory holds the agent's secret: readable by its owner only.
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -48,18 +74,38 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
                 config.state_dir.display()
             )
         })?;
-    let mut identity = identity::load(&config.state_dir)?;
+    let identity = identity::load(&config.state_dir)?;
     if identity.is_none() && config.enroll_token.is_none() {
         bail!(
             "this agent is not enrolled yet ({} is missing): pass --enroll-token",
             identity::path(&config.state_dir).display()
         );
     }
-    let mut backoff = Backoff::new(config.reconnect_base, config.reconnect_max);
+    let (events_tx, events) = mpsc::channel(64);
+    let updater = Arc::new(Updater {
+        state_dir: config.state_dir.clone(),
+        exe: config.exe.clone(),
+        public_key: config.public_key,
+        http: reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(Duration::from_secs(60))
+            .build()?,
+        running: version::current().to_owned(),
+    });
+    let mut worker = Worker {
+        config,
+        identity,
+        updater,
+        events_tx,
+        events,
+        applying: None,
+    };
+    worker.resume_interrupted_download();
+    let mut backoff = Backoff::new(worker.config.reconnect_base, worker.config.reconnect_max);
     loop {
-        let ended = session(&config, &mut identity, &shutdown).await;
-        match ended {
-            Ended::Shutdown => return Ok(()),
+        match worker.session(&shutdown).await {
+            Ended::Shutdown => return Ok(Exit::Shutdown),
+            Ended::Restart => return Ok(Exit::Restart),
             Ended::AfterWelcome(reason) => {
                 tracing::warn!(%reason, "session lost; reconnecting");
                 backoff.reset();
@@ -73,82 +119,285 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         );
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return Ok(Exit::Shutdown),
         }
     }
 }
 
-async fn session(
-    config: &AgentConfig,
-    identity: &mut Option<Identity>,
-    shutdown: &CancellationToken,
-) -> Ended {
-    let url = socket_url(&config.server);
-    let mut socket = tokio::select! {
-        connected = connect(&url) => match connected {
-            Ok(socket) => socket,
-            Err(err) => return Ended::BeforeWelcome(format!("{err:#}")),
-        },
-        () = shutdown.cancelled() => return Ended::Shutdown,
-    };
-    let hello = AgentMessage::Hello(Hello {
-        agent_id: identity.as_ref().map(|i| i.agent_id.clone()),
-        secret: identity.as_ref().map(|i| i.secret.clone()),
-        enroll_token: match identity {
-            Some(_) => None,
-            None => config.enroll_token.clone(),
-        },
-        fingerprint: config.fingerprint.clone(),
-        hostname: config.hostname.clone(),
-        version: version::current().to_owned(),
-        os: crate::machine::os().to_owned(),
-        arch: crate::machine::arch().to_owned(),
-        auto_update: config.auto_update,
-    });
-    if let Err(err) = socket.send(Message::Binary(hello.encode().into())).await {
-        return Ended::BeforeWelcome(format!("could not send hello: {err}"));
+impl Worker {
+    /// A download cut short by a restart carries on from its journal.
+    fn resume_interrupted_download(&mut self) {
+        if let Ok(Some(journal)) = journal::load(&self.config.state_dir)
+            && matches!(journal.step, Step::Downloading | Step::Verified)
+        {
+            tracing::info!(task = %journal.task_id, version = %journal.version, "resuming an interrupted update");
+            self.start_applying(journal);
+        }
     }
-    let welcome = tokio::select! {
-        welcome = await_welcome(&mut socket) => welcome,
-        () = shutdown.cancelled() => return Ended::Shutdown,
-    };
-    let welcome = match welcome {
-        Ok(welcome) => welcome,
-        Err(Refused::Rejected(code, message)) => {
-            if code == RejectCode::BadCredentials {
-                if config.enroll_token.is_some() {
-                    tracing::error!(%message, "the server rejected this agent's credentials; enrolling again with the enrollment token");
-                    *identity = None;
-                } else {
-                    tracing::error!(%message, "the server rejected this agent's credentials and no --enroll-token was given to enroll again");
+
+    fn start_applying(&mut self, journal: Journal) {
+        let task_id = journal.task_id.clone();
+        let handle = tokio::spawn(self.updater.clone().apply(journal, self.events_tx.clone()));
+        self.applying = Some((task_id, handle));
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken) -> Ended {
+        let url = socket_url(&self.config.server);
+        let mut socket = tokio::select! {
+            connected = connect(&url) => match connected {
+                Ok(socket) => socket,
+                Err(err) => return Ended::BeforeWelcome(format!("{err:#}")),
+            },
+            () = shutdown.cancelled() => return Ended::Shutdown,
+        };
+        let config = &self.config;
+        let identity = &self.identity;
+        let hello = AgentMessage::Hello(Hello {
+            agent_id: identity.as_ref().map(|i| i.agent_id.clone()),
+            secret: identity.as_ref().map(|i| i.secret.clone()),
+            enroll_token: match identity {
+                Some(_) => None,
+                None => config.enroll_token.clone(),
+            },
+            fingerprint: config.fingerprint.clone(),
+            hostname: config.hostname.clone(),
+            version: version::current().to_owned(),
+            os: crate::machine::os().to_owned(),
+            arch: crate::machine::arch().to_owned(),
+            auto_update: config.auto_update,
+        });
+        if let Err(err) = send(&mut socket, hello).await {
+            return Ended::BeforeWelcome(err);
+        }
+        let welcome = tokio::select! {
+            welcome = await_welcome(&mut socket) => welcome,
+            () = shutdown.cancelled() => return Ended::Shutdown,
+        };
+        let welcome = match welcome {
+            Ok(welcome) => welcome,
+            Err(Refused::Rejected(code, message)) => {
+                if code == RejectCode::BadCredentials {
+                    if config.enroll_token.is_some() {
+                        tracing::error!(%message, "the server rejected this agent's credentials; enrolling again with the enrollment token");
+                        self.identity = None;
+                    } else {
+                        tracing::error!(%message, "the server rejected this agent's credentials and no --enroll-token was given to enroll again");
+                    }
+                }
+                return Ended::BeforeWelcome(format!("rejected ({code:?}): {message}"));
+            }
+            Err(Refused::Other(reason)) => return Ended::BeforeWelcome(reason),
+        };
+        if let Some(secret) = &welcome.secret {
+            let enrolled = Identity {
+                agent_id: welcome.agent_id.clone(),
+                secret: secret.clone(),
+            };
+            if let Err(err) = identity::save(&config.state_dir, &enrolled) {
+                // Without a stored secret the next start would enroll again (and be re-bound
+                // by fingerprint); keep going with the identity in memory meanwhile.
+                tracing::error!(error = %format!("{err:#}"), "could not store the agent identity");
+            }
+            tracing::info!(agent = %welcome.agent_id, "enrolled");
+            self.identity = Some(enrolled);
+        }
+        tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {}", self.config.server);
+        let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
+        tokio::select! {
+            ended = self.converse(&mut socket, interval) => ended,
+            () = shutdown.cancelled() => {
+                let _ = socket.close(None).await;
+                Ended::Shutdown
+            }
+        }
+    }
+
+    /// The accepted session: outcomes owed from before, heartbeats, updates, and the
+    /// probation of a freshly installed version.
+    async fn converse(&mut self, socket: &mut Socket, interval: Duration) -> Ended {
+        let state_dir = self.config.state_dir.clone();
+        let mut on_probation = None;
+        match journal::load(&state_dir) {
+            Ok(Some(journal)) => match owed_report(&journal) {
+                Some(result) => {
+                    if let Err(err) = send(socket, AgentMessage::UpdateResult(result)).await {
+                        return Ended::AfterWelcome(err);
+                    }
+                    let _ = journal::clear(&state_dir);
+                }
+                None if journal.step == Step::Swapped && journal.version == version::current() => {
+                    on_probation = Some(journal);
+                }
+                None => {}
+            },
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "could not read the update journal")
+            }
+        }
+
+        let mut ticker = tokio::time::interval(interval);
+        let mut seq = 0u64;
+        let silence_limit = interval * MISSED_HEARTBEATS;
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return Ended::AfterWelcome(format!("nothing heard from the server for {}s", silence_limit.as_secs()));
+                    }
+                    seq += 1;
+                    let beat = AgentMessage::Heartbeat(Heartbeat { seq, version: version::current().to_owned() });
+                    if let Err(err) = send(socket, beat).await {
+                        return Ended::AfterWelcome(err);
+                    }
+                    // The pong tells us the server read the heartbeat: frames are handled
+                    // in order, and heartbeats themselves are not answered.
+                    if let Err(err) = socket.send(Message::Ping(Vec::new().into())).await {
+                        return Ended::AfterWelcome(format!("could not send ping: {err}"));
+                    }
+                }
+                frame = socket.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        Some(Ok(Message::Pong(_))) => {
+                            if let Some(mut journal) = on_probation.take()
+                                && let Err(err) = self.commit(socket, &mut journal).await
+                            {
+                                return Ended::AfterWelcome(err);
+                            }
+                        }
+                        Some(Ok(Message::Binary(bytes))) => match ServerMessage::decode(&bytes) {
+                            Ok(ServerMessage::Reject(reject)) => {
+                                return Ended::AfterWelcome(format!("server ended the session ({:?}): {}", reject.code, reject.message));
+                            }
+                            Ok(ServerMessage::Update(update)) => {
+                                if let Some(refusal) = self.take_update(update)
+                                    && let Err(err) = send(socket, AgentMessage::UpdateResult(refusal)).await
+                                {
+                                    return Ended::AfterWelcome(err);
+                                }
+                            }
+                            Ok(ServerMessage::Cancel(cancel)) => self.cancel(&cancel.task_id, &cancel.reason),
+                            Ok(message) => tracing::debug!(?message, "ignoring message"),
+                            Err(err) => return Ended::AfterWelcome(format!("bad frame from server: {err}")),
+                        },
+                        Some(Ok(Message::Close(frame))) => {
+                            return Ended::AfterWelcome(format!("server closed the session: {}", frame.map(|f| f.reason.to_string()).unwrap_or_default()));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(err)) => return Ended::AfterWelcome(err.to_string()),
+                        None => return Ended::AfterWelcome("server closed the connection".into()),
+                    }
+                }
+                Some(event) = self.events.recv() => match event {
+                    Event::Progress(report) => {
+                        if let Err(err) = send(socket, AgentMessage::UpdateProgress(report)).await {
+                            return Ended::AfterWelcome(err);
+                        }
+                    }
+                    Event::Finished(result) => {
+                        self.applying = None;
+                        if let Err(err) = send(socket, AgentMessage::UpdateResult(result)).await {
+                            // The journal still holds the outcome; it is reported on reconnect.
+                            return Ended::AfterWelcome(err);
+                        }
+                        let _ = journal::clear(&state_dir);
+                    }
+                    Event::Restart => {
+                        let _ = socket.close(None).await;
+                        return Ended::Restart;
+                    }
                 }
             }
-            return Ended::BeforeWelcome(format!("rejected ({code:?}): {message}"));
         }
-        Err(Refused::Other(reason)) => return Ended::BeforeWelcome(reason),
-    };
-    if let Some(secret) = &welcome.secret {
-        let enrolled = Identity {
-            agent_id: welcome.agent_id.clone(),
-            secret: secret.clone(),
+    }
+
+    /// Probation passed: the new version connected and the server read its heartbeat.
+    async fn commit(&mut self, socket: &mut Socket, journal: &mut Journal) -> Result<(), String> {
+        let state_dir = &self.config.state_dir;
+        journal
+            .advance(state_dir, Step::Committed)
+            .map_err(|e| format!("could not journal the commit: {e:#}"))?;
+        tracing::info!(version = %journal.version, "update committed");
+        if let Some(result) = owed_report(journal) {
+            send(socket, AgentMessage::UpdateResult(result)).await?;
+        }
+        let _ = journal::clear(state_dir);
+        Ok(())
+    }
+
+    /// Starts on an update unless it is refused; a refusal is returned for reporting.
+    fn take_update(&mut self, update: Update) -> Option<UpdateResult> {
+        let refuse = |reason: String| {
+            tracing::warn!(task = %update.task_id, version = %update.version, %reason, "update refused");
+            Some(UpdateResult {
+                task_id: update.task_id.clone(),
+                outcome: UpdateOutcome::Failed,
+                version: version::current().to_owned(),
+                error: Some(reason),
+            })
         };
-        if let Err(err) = identity::save(&config.state_dir, &enrolled) {
-            // Without a stored secret the next start would enroll again (and be re-bound
-            // by fingerprint); keep going with the identity in memory meanwhile.
-            tracing::error!(error = %format!("{err:#}"), "could not store the agent identity");
+        if !self.config.auto_update {
+            return refuse("auto-update is off on this agent (--no-auto-update)".into());
         }
-        tracing::info!(agent = %welcome.agent_id, "enrolled");
-        *identity = Some(enrolled);
-    }
-    tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {}", config.server);
-    let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
-    tokio::select! {
-        reason = heartbeat(&mut socket, interval) => Ended::AfterWelcome(reason),
-        () = shutdown.cancelled() => {
-            let _ = socket.close(None).await;
-            Ended::Shutdown
+        match journal::load(&self.config.state_dir) {
+            // Sent twice (a re-dispatch): installed once.
+            Ok(Some(journal)) if journal.task_id == update.task_id => return None,
+            Ok(Some(journal)) if !matches!(journal.step, Step::Downloading | Step::Verified) => {
+                tracing::info!(busy_with = %journal.task_id, "an update is being finished; the new one waits for a re-dispatch");
+                return None;
+            }
+            Ok(Some(journal)) => self.cancel(&journal.task_id, "superseded by a newer update"),
+            Ok(None) | Err(_) => {}
+        }
+        match self.updater.accept(&update) {
+            Ok(journal) => {
+                tracing::info!(task = %update.task_id, version = %update.version, rollback = update.rollback, "applying update");
+                self.start_applying(journal);
+                None
+            }
+            Err(reason) => refuse(reason),
         }
     }
+
+    /// Abandons a task that has not reached the install step.
+    fn cancel(&mut self, task_id: &str, reason: &str) {
+        let Some((current, handle)) = self.applying.take_if(|(id, _)| id == task_id) else {
+            return;
+        };
+        handle.abort();
+        if let Ok(Some(journal)) = journal::load(&self.config.state_dir)
+            && journal.task_id == current
+            && matches!(journal.step, Step::Downloading | Step::Verified)
+        {
+            let _ = journal::clear(&self.config.state_dir);
+        }
+        tracing::info!(task = %current, %reason, "update cancelled");
+    }
+}
+
+/// The final outcome a journal still owes the server, if it is in a final step.
+fn owed_report(journal: &Journal) -> Option<UpdateResult> {
+    let outcome = match journal.step {
+        Step::Committed => UpdateOutcome::Succeeded,
+        Step::Failed => UpdateOutcome::Failed,
+        Step::Reverted => UpdateOutcome::RolledBack,
+        _ => return None,
+    };
+    Some(UpdateResult {
+        task_id: journal.task_id.clone(),
+        outcome,
+        version: version::current().to_owned(),
+        error: journal.reason.clone(),
+    })
+}
+
+async fn send(socket: &mut Socket, message: AgentMessage) -> Result<(), String> {
+    socket
+        .send(Message::Binary(message.encode().into()))
+        .await
+        .map_err(|e| format!("could not send to the server: {e}"))
 }
 
 enum Refused {
@@ -179,54 +428,6 @@ async fn await_welcome(socket: &mut Socket) -> Result<Welcome, Refused> {
             Some(Ok(_)) => continue,
             Some(Err(err)) => return Err(Refused::Other(err.to_string())),
             None => return Err(Refused::Other("server closed the connection".into())),
-        }
-    }
-}
-
-/// Heartbeats until the session ends; returns why it ended.
-async fn heartbeat(socket: &mut Socket, interval: Duration) -> String {
-    let mut ticker = tokio::time::interval(interval);
-    let mut seq = 0u64;
-    let silence_limit = interval * MISSED_HEARTBEATS;
-    let mut last_heard = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > silence_limit {
-                    return format!("nothing heard from the server for {}s", silence_limit.as_secs());
-                }
-                seq += 1;
-                let beat = AgentMessage::Heartbeat(Heartbeat { seq, version: version::current().to_owned() });
-                // The ping's pong tells us the server is still there, since heartbeats
-                // themselves are not answered.
-                if let Err(err) = socket.send(Message::Binary(beat.encode().into())).await {
-                    return format!("could not send heartbeat: {err}");
-                }
-                if let Err(err) = socket.send(Message::Ping(Vec::new().into())).await {
-                    return format!("could not send ping: {err}");
-                }
-            }
-            frame = socket.next() => {
-                last_heard = tokio::time::Instant::now();
-                match frame {
-                    Some(Ok(Message::Binary(bytes))) => match ServerMessage::decode(&bytes) {
-                        Ok(ServerMessage::Reject(reject)) => {
-                            return format!("server ended the session ({:?}): {}", reject.code, reject.message);
-                        }
-                        Ok(ServerMessage::Update(update)) => {
-                            tracing::info!(task = %update.task_id, version = %update.version, "update offered; this agent does not install updates yet");
-                        }
-                        Ok(message) => tracing::debug!(?message, "ignoring message"),
-                        Err(err) => return format!("bad frame from server: {err}"),
-                    },
-                    Some(Ok(Message::Close(frame))) => {
-                        return format!("server closed the session: {}", frame.map(|f| f.reason.to_string()).unwrap_or_default());
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(err)) => return err.to_string(),
-                    None => return "server closed the connection".into(),
-                }
-            }
         }
     }
 }

@@ -162,6 +162,7 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]
     let banner = dir.join("server.out");
     std::thread::spawn(move || {
         let mut sent = false;
+        let mut port: Option<u16> = None;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = std::fs::OpenOptions::new()
                 .create(true)
@@ -170,8 +171,14 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]
                 .and_then(|mut f| {
                     std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes())
                 });
-            if !sent && let Some(addr) = line.split("listening on http://").nth(1) {
-                let port: u16 = addr.rsplit(':').next().unwrap().trim().parse().unwrap();
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                port = addr.rsplit(':').next().unwrap().trim().parse().ok();
+            }
+            // The banner's last line: everything it says has been written.
+            if !sent
+                && line.contains("start an agent:")
+                && let Some(port) = port
+            {
                 let _ = tx.send(port);
                 sent = true;
             }

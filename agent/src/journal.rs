@@ -1,0 +1,190 @@
+//! The update journal: `update.json` in the state directory records which step of an
+//! update the agent reached, so that whatever kills it, the next start knows whether to
+//! resume, finish, undo or report. Written atomically at every step.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "update.json";
+
+/// Steps in the order an update goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Step {
+    /// Bytes are arriving in `staging/<task>.part`; resumable.
+    Downloading,
+    /// `staging/<task>.verified` holds the checked build.
+    Verified,
+    /// The executable is being replaced; it is the old or the new one, never missing.
+    Swapping,
+    /// The new executable is installed and on probation.
+    Swapped,
+    /// The new version connected and heartbeated: the update is done.
+    Committed,
+    /// Not installed; `reason` says why. Reported, then cleared.
+    Failed,
+    /// Installed, did not prove itself, and the previous executable is back.
+    Reverted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Journal {
+    pub(crate) task_id: String,
+    pub(crate) version: String,
+    pub(crate) previous_version: String,
+    pub(crate) url: String,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
+    #[serde(default)]
+    pub(crate) signature: Option<String>,
+    #[serde(default)]
+    pub(crate) rollback: bool,
+    pub(crate) step: Step,
+    #[serde(default)]
+    pub(crate) reason: Option<String>,
+}
+
+impl Journal {
+    /// Records a new step durably.
+    pub(crate) fn advance(&mut self, state_dir: &Path, step: Step) -> anyhow::Result<()> {
+        self.step = step;
+        save(state_dir, self)
+    }
+
+    /// Ends the update with an outcome still to be reported.
+    pub(crate) fn end(&mut self, state_dir: &Path, step: Step, reason: &str) -> anyhow::Result<()> {
+        self.reason = Some(reason.to_owned());
+        self.advance(state_dir, step)
+    }
+}
+
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE)
+}
+
+pub(crate) fn staging_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("staging")
+}
+
+pub(crate) fn partial_path(state_dir: &Path, task_id: &str) -> PathBuf {
+    staging_dir(state_dir).join(format!("{}.part", file_safe(task_id)))
+}
+
+pub(crate) fn verified_path(state_dir: &Path, task_id: &str) -> PathBuf {
+    staging_dir(state_dir).join(format!("{}.verified", file_safe(task_id)))
+}
+
+/// Task ids come from the server; keep them from naming paths elsewhere.
+fn file_safe(task_id: &str) -> String {
+    task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The journal, or `None` when no update is under way. An unreadable journal is moved
+/// aside rather than trusted; the installed executable is always startable regardless.
+pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Journal>> {
+    let path = path(state_dir);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("while reading {}", path.display())),
+    };
+    match serde_json::from_slice(&text) {
+        Ok(journal) => Ok(Some(journal)),
+        Err(err) => {
+            let aside = path.with_extension("json.corrupt");
+            tracing::error!(%err, "the update journal is unreadable; moving it to {}", aside.display());
+            std::fs::rename(&path, &aside)?;
+            Ok(None)
+        }
+    }
+}
+
+pub(crate) fn save(state_dir: &Path, journal: &Journal) -> anyhow::Result<()> {
+    let text = serde_json::to_vec_pretty(journal)?;
+    crate::atomic_file::write(&path(state_dir), &text)
+}
+
+/// Clears the journal and the staging area once an outcome is reported.
+pub(crate) fn clear(state_dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path(state_dir)) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err.into()),
+    }
+    crate::atomic_file::sync_dir(state_dir)?;
+    clear_staging(state_dir);
+    Ok(())
+}
+
+/// Removes staged downloads; best effort, as leftovers only cost disk space.
+pub(crate) fn clear_staging(state_dir: &Path) {
+    let _ = std::fs::remove_dir_all(staging_dir(state_dir));
+}
+
+#[cfg(test)]
+pub(crate) fn sample(step: Step) -> Journal {
+    Journal {
+        task_id: "task-1".into(),
+        version: "1.1.0".into(),
+        previous_version: "1.0.0".into(),
+        url: "http://127.0.0.1:1/downloads/drover-agent-linux-amd64-1.1.0".into(),
+        sha256: "00".repeat(32),
+        size: 3,
+        signature: None,
+        rollback: false,
+        step,
+        reason: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let mut journal = sample(Step::Downloading);
+        save(dir.path(), &journal).unwrap();
+        journal.end(dir.path(), Step::Failed, "disk full").unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(
+            (loaded.step, loaded.reason.as_deref()),
+            (Step::Failed, Some("disk full"))
+        );
+        std::fs::create_dir_all(staging_dir(dir.path())).unwrap();
+        std::fs::write(partial_path(dir.path(), "task-1"), b"abc").unwrap();
+        clear(dir.path()).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        assert!(!staging_dir(dir.path()).exists());
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path()), b"{\"task_id\": ").unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        assert!(dir.path().join("update.json.corrupt").exists());
+    }
+
+    #[test]
+    fn task_ids_cannot_escape_the_staging_directory() {
+        let dir = Path::new("/state");
+        assert_eq!(
+            partial_path(dir, "../../etc/passwd"),
+            Path::new("/state/staging/______etc_passwd.part")
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! The supervisor: `drover-agent run` is a small long-lived process that starts the
+//! worker (`drover-agent worker`, which holds the session), restarts it when it exits,
+//! and watches a newly installed version through its probation. It is never the new
+//! code: a new build that crashes or cannot reach the server is reverted by the old one.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::install;
+use crate::journal::{self, Journal, Step};
+
+/// Exit status with which a worker asks to be restarted at once (a new version is
+/// installed and waits for its probation).
+pub(crate) const RESTART_STATUS: i32 = 75;
+/// Tells the worker which executable to replace (its own path can read as deleted once
+/// replaced).
+pub(crate) const EXE_ENV: &str = "DROVER_AGENT_EXE";
+const WORKER_PID_FILE: &str = "worker.pid";
+const PROBATION_POLL: Duration = Duration::from_millis(100);
+
+pub(crate) struct Supervisor {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) exe: PathBuf,
+    /// Arguments for the worker after `worker`.
+    pub(crate) worker_args: Vec<String>,
+    pub(crate) probation: Duration,
+}
+
+enum Probation {
+    Passed,
+    Failed(String),
+}
+
+impl Supervisor {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut crashes = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            let on_probation = recover(&self.state_dir, &self.exe)?;
+            let (mut worker, _lifeline) = self.spawn()?;
+            if let Some(journal) = on_probation {
+                tracing::info!(version = %journal.version, "new version on probation for {}s", self.probation.as_secs());
+                match self.watch_probation(&mut worker, &shutdown).await {
+                    None => return stop(worker).await,
+                    Some(Probation::Passed) => {
+                        tracing::info!(version = %journal.version, "new version passed probation");
+                    }
+                    Some(Probation::Failed(reason)) => {
+                        let _ = worker.kill().await;
+                        self.revert(journal, &reason)?;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                status = worker.wait() => {
+                    let status = status.context("while waiting for the worker")?;
+                    if status.code() == Some(RESTART_STATUS) {
+                        crashes.reset();
+                        continue;
+                    }
+                    let delay = crashes.next_delay(&mut rand::rng());
+                    tracing::error!(%status, delay_ms = delay.as_millis() as u64, "worker exited; restarting it");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                () = shutdown.cancelled() => return stop(worker).await,
+            }
+        }
+    }
+
+    /// Starts a worker. The returned pipe must live as long as the worker should: the
+    /// worker stops when it closes (and `Child::wait` would close it if left inside).
+    fn spawn(&self) -> anyhow::Result<(Child, Option<ChildStdin>)> {
+        let mut child = Command::new(&self.exe)
+            .arg("worker")
+            .args(&self.worker_args)
+            .env(EXE_ENV, &self.exe)
+            // The worker exits when this pipe closes, so it never outlives its supervisor.
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("while starting {}", self.exe.display()))?;
+        if let Some(pid) = child.id() {
+            let _ = std::fs::write(self.state_dir.join(WORKER_PID_FILE), pid.to_string());
+        }
+        let lifeline = child.stdin.take();
+        Ok((child, lifeline))
+    }
+
+    /// Waits until the new version commits (it connected and heartbeated), exits, or
+    /// runs out of time. `None` on shutdown.
+    async fn watch_probation(
+        &self,
+        worker: &mut Child,
+        shutdown: &CancellationToken,
+    ) -> Option<Probation> {
+        let deadline = tokio::time::Instant::now() + self.probation;
+        loop {
+            match journal::load(&self.state_dir) {
+                Ok(None) => return Some(Probation::Passed),
+                Ok(Some(journal)) if journal.step == Step::Committed => {
+                    return Some(Probation::Passed);
+                }
+                Ok(Some(_)) | Err(_) => {}
+            }
+            tokio::select! {
+                status = worker.wait() => {
+                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                    return Some(Probation::Failed(format!("the new version exited ({status}) during probation")));
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Some(Probation::Failed(format!(
+                        "the new version did not connect and heartbeat within {}s",
+                        self.probation.as_secs()
+                    )));
+                }
+                () = tokio::time::sleep(PROBATION_POLL) => {}
+                () = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    fn revert(&self, mut journal: Journal, reason: &str) -> anyhow::Result<()> {
+        tracing::error!(version = %journal.version, %reason, "reverting to {}", journal.previous_version);
+        install::revert(&self.exe)?;
+        journal.end(&self.state_dir, Step::Reverted, reason)
+    }
+}
+
+async fn stop(mut worker: Child) -> anyhow::Result<()> {
+    // Safe at any moment: every step of an update is journaled.
+    let _ = worker.kill().await;
+    Ok(())
+}
+
+/// Brings an interrupted update to a consistent point before any worker starts. Returns
+/// the journal when a newly installed version is (again) on probation.
+pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Journal>> {
+    let Some(mut journal) = journal::load(state_dir)? else {
+        return Ok(None);
+    };
+    match journal.step {
+        // The worker resumes these, or reports them.
+        Step::Downloading | Step::Verified | Step::Committed | Step::Failed | Step::Reverted => {
+            Ok(None)
+        }
+        Step::Swapping => {
+            let installed = install::sha256_file(exe).ok();
+            if installed.as_deref() != Some(journal.sha256.as_str()) {
+                // Killed before the new build was renamed in: finish the swap.
+                let verified = journal::verified_path(state_dir, &journal.task_id);
+                let staged_ok = install::sha256_file(&verified).ok().as_deref()
+                    == Some(journal.sha256.as_str());
+                if !staged_ok {
+                    journal.end(
+                        state_dir,
+                        Step::Failed,
+                        "install was interrupted and the staged build is gone",
+                    )?;
+                    return Ok(None);
+                }
+                install::install(exe, &verified)?;
+            }
+            journal.advance(state_dir, Step::Swapped)?;
+            Ok(Some(journal))
+        }
+        Step::Swapped => Ok(Some(journal)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::sample;
+
+    const NEW: &[u8] = b"new";
+
+    /// A state directory and executable as a kill at `step` leaves them.
+    fn killed_at(
+        step: Step,
+        exe_holds: &[u8],
+        staged: bool,
+    ) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(journal::staging_dir(&state)).unwrap();
+        let exe = dir.path().join("drover-agent");
+        std::fs::write(&exe, exe_holds).unwrap();
+        std::fs::write(install::previous_path(&exe), b"old").unwrap();
+        if staged {
+            std::fs::write(journal::verified_path(&state, "task-1"), NEW).unwrap();
+        }
+        let mut journal = sample(step);
+        journal.sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(NEW));
+        journal::save(&state, &journal).unwrap();
+        (dir, state, exe)
+    }
+
+    #[test]
+    fn every_step_recovers_to_the_old_or_the_new_version() {
+        // (step, executable content at the kill, staged build present) →
+        // (probation expected, executable content after, journal step after)
+        type Case = (Step, &'static [u8], bool, bool, &'static [u8], Step);
+        let cases: [Case; 8] = [
+            (
+                Step::Downloading,
+                b"old",
+                false,
+                false,
+                b"old",
+                Step::Downloading,
+            ),
+            (Step::Verified, b"old", true, false, b"old", Step::Verified),
+            (Step::Swapping, b"old", true, true, NEW, Step::Swapped),
+            (Step::Swapping, NEW, true, true, NEW, Step::Swapped),
+            (Step::Swapping, b"old", false, false, b"old", Step::Failed),
+            (Step::Swapped, NEW, false, true, NEW, Step::Swapped),
+            (Step::Committed, NEW, false, false, NEW, Step::Committed),
+            (Step::Reverted, b"old", false, false, b"old", Step::Reverted),
+        ];
+        for (step, exe_holds, staged, probation, exe_after, step_after) in cases {
+            let (_dir, state, exe) = killed_at(step, exe_holds, staged);
+            let result = recover(&state, &exe).unwrap();
+            let label = format!(
+                "{step:?} with executable {:?}",
+                String::from_utf8_lossy(exe_holds)
+            );
+            assert_eq!(result.is_some(), probation, "{label}");
+            assert_eq!(std::fs::read(&exe).unwrap(), exe_after, "{label}");
+            assert_eq!(
+                journal::load(&state).unwrap().unwrap().step,
+                step_after,
+                "{label}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_journal_means_nothing_to_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("drover-agent");
+        std::fs::write(&exe, b"old").unwrap();
+        assert!(recover(dir.path(), &exe).unwrap().is_none());
+        assert_eq!(std::fs::read(&exe).unwrap(), b"old");
+    }
+}

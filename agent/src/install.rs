@@ -1,6 +1,9 @@
-//! Replacing the agent's executable. At every instant the executable path holds a complete
-//! binary, old or new: the previous one is hard-linked aside (`<exe>.prev`) before the
-//! new one is renamed over it, and a revert renames `<exe>.prev` back.
+//! Installing a new build without ever leaving a broken executable where the service
+//! manager looks for one. The executable (`<exe>`, what systemd starts, which runs the
+//! supervisor) is not touched while a new build is on probation: the new build waits as
+//! `<exe>.next` and runs from there. Only once it has proved itself is it promoted by an
+//! atomic rename over `<exe>`, the previous one kept as `<exe>.prev`. A power cut at any
+//! moment therefore boots the old, proven supervisor, which resumes the probation.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -15,8 +18,9 @@ pub(crate) fn previous_path(exe: &Path) -> PathBuf {
     with_suffix(exe, ".prev")
 }
 
-fn incoming_path(exe: &Path) -> PathBuf {
-    with_suffix(exe, ".new")
+/// Where a new build runs from during its probation.
+pub(crate) fn next_path(exe: &Path) -> PathBuf {
+    with_suffix(exe, ".next")
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -41,18 +45,42 @@ pub(crate) fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Installs `verified` as `exe`, keeping the current executable as `<exe>.prev`.
-pub(crate) fn install(exe: &Path, verified: &Path) -> anyhow::Result<()> {
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    keep_previous(exe)?;
-    let incoming = incoming_path(exe);
+/// Places the verified build at `<exe>.next`, executable, durably.
+pub(crate) fn stage(exe: &Path, verified: &Path) -> anyhow::Result<()> {
+    let next = next_path(exe);
+    let incoming = with_suffix(exe, ".next.tmp");
     std::fs::copy(verified, &incoming)
         .with_context(|| format!("while copying the new build to {}", incoming.display()))?;
     std::fs::set_permissions(&incoming, std::fs::Permissions::from_mode(0o755))?;
     std::fs::File::open(&incoming)?.sync_all()?;
-    std::fs::rename(&incoming, exe)
-        .with_context(|| format!("while installing {}", exe.display()))?;
-    sync_dir(dir)
+    std::fs::rename(&incoming, &next)
+        .with_context(|| format!("while placing {}", next.display()))?;
+    sync_dir(parent(exe))
+}
+
+/// Makes the proven `<exe>.next` the executable, keeping the current one as
+/// `<exe>.prev`. Idempotent: after a completed promotion there is no `<exe>.next`.
+pub(crate) fn promote(exe: &Path) -> anyhow::Result<()> {
+    let next = next_path(exe);
+    if !next.exists() {
+        return Ok(());
+    }
+    keep_previous(exe)?;
+    std::fs::rename(&next, exe).with_context(|| format!("while installing {}", exe.display()))?;
+    sync_dir(parent(exe))
+}
+
+/// Drops a build that failed its probation; the executable was never touched.
+pub(crate) fn discard(exe: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(next_path(exe)) {
+        Ok(()) => sync_dir(parent(exe)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
 }
 
 /// `<exe>.prev` becomes a second name of the current executable, replacing any older one.
@@ -71,41 +99,49 @@ fn keep_previous(exe: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts `<exe>.prev` back in place of the executable.
-pub(crate) fn revert(exe: &Path) -> anyhow::Result<()> {
-    let previous = previous_path(exe);
-    std::fs::rename(&previous, exe).with_context(|| {
-        format!(
-            "while restoring {} from {}",
-            exe.display(),
-            previous.display()
-        )
-    })?;
-    sync_dir(exe.parent().unwrap_or(Path::new(".")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn install_keeps_the_previous_binary_and_revert_restores_it() {
+    fn staging_leaves_the_executable_alone_and_promotion_keeps_the_previous() {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("drover-agent");
-        let staged = dir.path().join("staged");
+        let verified = dir.path().join("verified");
         std::fs::write(&exe, b"old").unwrap();
-        std::fs::write(&staged, b"new").unwrap();
+        std::fs::write(&verified, b"new").unwrap();
 
-        install(&exe, &staged).unwrap();
+        stage(&exe, &verified).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), b"old");
+        assert_eq!(std::fs::read(next_path(&exe)).unwrap(), b"new");
+        let mode = std::fs::metadata(next_path(&exe))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+
+        promote(&exe).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"new");
         assert_eq!(std::fs::read(previous_path(&exe)).unwrap(), b"old");
-        let mode = std::fs::metadata(&exe).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o755);
-        assert!(!incoming_path(&exe).exists());
+        assert!(!next_path(&exe).exists());
+        promote(&exe).unwrap();
+        assert_eq!(
+            std::fs::read(&exe).unwrap(),
+            b"new",
+            "promotion is idempotent"
+        );
+    }
 
-        revert(&exe).unwrap();
+    #[test]
+    fn a_discarded_build_leaves_the_executable_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("drover-agent");
+        std::fs::write(&exe, b"old").unwrap();
+        std::fs::write(next_path(&exe), b"bad").unwrap();
+        discard(&exe).unwrap();
+        discard(&exe).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"old");
-        assert!(!previous_path(&exe).exists());
+        assert!(!next_path(&exe).exists());
     }
 
     #[test]

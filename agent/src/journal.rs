@@ -17,10 +17,10 @@ pub(crate) enum Step {
     Downloading,
     /// `staging/<task>.verified` holds the checked build.
     Verified,
-    /// The executable is being replaced; it is the old or the new one, never missing.
-    Swapping,
-    /// The new executable is installed and on probation.
-    Swapped,
+    /// The new build is being placed at `<exe>.next`; the executable is untouched.
+    Installing,
+    /// The new build is at `<exe>.next` and runs from there on probation.
+    Probation,
     /// The new version connected and heartbeated: the update is done.
     Committed,
     /// Not installed; `reason` says why. Reported, then cleared.

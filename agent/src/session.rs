@@ -225,7 +225,9 @@ impl Worker {
                     }
                     let _ = journal::clear(&state_dir);
                 }
-                None if journal.step == Step::Swapped && journal.version == version::current() => {
+                None if journal.step == Step::Probation
+                    && journal.version == version::current() =>
+                {
                     on_probation = Some(journal);
                 }
                 None => {}

@@ -1,7 +1,8 @@
 //! The supervisor: `drover-agent run` is a small long-lived process that starts the
 //! worker (`drover-agent worker`, which holds the session), restarts it when it exits,
-//! and watches a newly installed version through its probation. It is never the new
-//! code: a new build that crashes or cannot reach the server is reverted by the old one.
+//! and watches a new build through its probation. It is never the new code: the new
+//! build runs from `<exe>.next` and replaces the executable only once it has connected
+//! and heartbeated; one that crashes or cannot reach the server is discarded.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,13 +43,18 @@ impl Supervisor {
         let mut crashes = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             let on_probation = recover(&self.state_dir, &self.exe)?;
-            let (mut worker, _lifeline) = self.spawn()?;
+            let program = match on_probation {
+                Some(_) => install::next_path(&self.exe),
+                None => self.exe.clone(),
+            };
+            let (mut worker, _lifeline) = self.spawn(&program)?;
             if let Some(journal) = on_probation {
                 tracing::info!(version = %journal.version, "new version on probation for {}s", self.probation.as_secs());
                 match self.watch_probation(&mut worker, &shutdown).await {
                     None => return stop(worker).await,
                     Some(Probation::Passed) => {
-                        tracing::info!(version = %journal.version, "new version passed probation");
+                        install::promote(&self.exe)?;
+                        tracing::info!(version = %journal.version, "new version passed probation and is installed");
                     }
                     Some(Probation::Failed(reason)) => {
                         let _ = worker.kill().await;
@@ -78,8 +84,8 @@ impl Supervisor {
 
     /// Starts a worker. The returned pipe must live as long as the worker should: the
     /// worker stops when it closes (and `Child::wait` would close it if left inside).
-    fn spawn(&self) -> anyhow::Result<(Child, Option<ChildStdin>)> {
-        let mut child = Command::new(&self.exe)
+    fn spawn(&self, program: &Path) -> anyhow::Result<(Child, Option<ChildStdin>)> {
+        let mut child = Command::new(program)
             .arg("worker")
             .args(&self.worker_args)
             .env(EXE_ENV, &self.exe)
@@ -87,7 +93,7 @@ impl Supervisor {
             .stdin(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("while starting {}", self.exe.display()))?;
+            .with_context(|| format!("while starting {}", program.display()))?;
         if let Some(pid) = child.id() {
             let _ = std::fs::write(self.state_dir.join(WORKER_PID_FILE), pid.to_string());
         }
@@ -129,9 +135,9 @@ impl Supervisor {
     }
 
     fn revert(&self, mut journal: Journal, reason: &str) -> anyhow::Result<()> {
-        tracing::error!(version = %journal.version, %reason, "reverting to {}", journal.previous_version);
-        install::revert(&self.exe)?;
-        journal.end(&self.state_dir, Step::Reverted, reason)
+        tracing::error!(version = %journal.version, %reason, "back to {}", journal.previous_version);
+        journal.end(&self.state_dir, Step::Reverted, reason)?;
+        install::discard(&self.exe)
     }
 }
 
@@ -142,37 +148,54 @@ async fn stop(mut worker: Child) -> anyhow::Result<()> {
 }
 
 /// Brings an interrupted update to a consistent point before any worker starts. Returns
-/// the journal when a newly installed version is (again) on probation.
+/// the journal when a new build is (again) on probation.
 pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Journal>> {
     let Some(mut journal) = journal::load(state_dir)? else {
         return Ok(None);
     };
+    let next = install::next_path(exe);
+    let next_is_target =
+        || install::sha256_file(&next).ok().as_deref() == Some(journal.sha256.as_str());
     match journal.step {
-        // The worker resumes these, or reports them.
-        Step::Downloading | Step::Verified | Step::Committed | Step::Failed | Step::Reverted => {
-            Ok(None)
-        }
-        Step::Swapping => {
-            let installed = install::sha256_file(exe).ok();
-            if installed.as_deref() != Some(journal.sha256.as_str()) {
-                // Killed before the new build was renamed in: finish the swap.
+        // The worker resumes these.
+        Step::Downloading | Step::Verified => Ok(None),
+        Step::Installing => {
+            if !next_is_target() {
                 let verified = journal::verified_path(state_dir, &journal.task_id);
-                let staged_ok = install::sha256_file(&verified).ok().as_deref()
-                    == Some(journal.sha256.as_str());
-                if !staged_ok {
+                if install::sha256_file(&verified).ok().as_deref() != Some(journal.sha256.as_str())
+                {
                     journal.end(
                         state_dir,
                         Step::Failed,
                         "install was interrupted and the staged build is gone",
                     )?;
+                    install::discard(exe)?;
                     return Ok(None);
                 }
-                install::install(exe, &verified)?;
+                install::stage(exe, &verified)?;
             }
-            journal.advance(state_dir, Step::Swapped)?;
+            journal.advance(state_dir, Step::Probation)?;
             Ok(Some(journal))
         }
-        Step::Swapped => Ok(Some(journal)),
+        Step::Probation if next_is_target() => Ok(Some(journal)),
+        Step::Probation => {
+            journal.end(
+                state_dir,
+                Step::Failed,
+                "the new build vanished during its probation",
+            )?;
+            Ok(None)
+        }
+        // Proven, perhaps not yet in place; the worker reports it.
+        Step::Committed => {
+            install::promote(exe)?;
+            Ok(None)
+        }
+        // Reported by the worker; the executable was never touched.
+        Step::Failed | Step::Reverted => {
+            install::discard(exe)?;
+            Ok(None)
+        }
     }
 }
 
@@ -182,19 +205,23 @@ mod tests {
     use crate::journal::sample;
 
     const NEW: &[u8] = b"new";
+    const OLD: &[u8] = b"old";
 
-    /// A state directory and executable as a kill at `step` leaves them.
+    /// A state directory and executable as a kill at `step` leaves them: the executable
+    /// always holds the old build; `<exe>.next` holds `next`, if anything.
     fn killed_at(
         step: Step,
-        exe_holds: &[u8],
+        next: Option<&[u8]>,
         staged: bool,
     ) -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir_all(journal::staging_dir(&state)).unwrap();
         let exe = dir.path().join("drover-agent");
-        std::fs::write(&exe, exe_holds).unwrap();
-        std::fs::write(install::previous_path(&exe), b"old").unwrap();
+        std::fs::write(&exe, OLD).unwrap();
+        if let Some(next) = next {
+            std::fs::write(install::next_path(&exe), next).unwrap();
+        }
         if staged {
             std::fs::write(journal::verified_path(&state, "task-1"), NEW).unwrap();
         }
@@ -206,35 +233,132 @@ mod tests {
 
     #[test]
     fn every_step_recovers_to_the_old_or_the_new_version() {
-        // (step, executable content at the kill, staged build present) →
-        // (probation expected, executable content after, journal step after)
-        type Case = (Step, &'static [u8], bool, bool, &'static [u8], Step);
-        let cases: [Case; 8] = [
+        // (step at the kill, <exe>.next, staged build present) →
+        // (on probation, executable after, <exe>.next after, journal step after)
+        type Case = (
+            Step,
+            Option<&'static [u8]>,
+            bool,
+            bool,
+            &'static [u8],
+            bool,
+            Step,
+        );
+        let cases: [Case; 11] = [
             (
                 Step::Downloading,
-                b"old",
+                None,
                 false,
                 false,
-                b"old",
+                OLD,
+                false,
                 Step::Downloading,
             ),
-            (Step::Verified, b"old", true, false, b"old", Step::Verified),
-            (Step::Swapping, b"old", true, true, NEW, Step::Swapped),
-            (Step::Swapping, NEW, true, true, NEW, Step::Swapped),
-            (Step::Swapping, b"old", false, false, b"old", Step::Failed),
-            (Step::Swapped, NEW, false, true, NEW, Step::Swapped),
-            (Step::Committed, NEW, false, false, NEW, Step::Committed),
-            (Step::Reverted, b"old", false, false, b"old", Step::Reverted),
+            (
+                Step::Verified,
+                None,
+                true,
+                false,
+                OLD,
+                false,
+                Step::Verified,
+            ),
+            (
+                Step::Installing,
+                None,
+                true,
+                true,
+                OLD,
+                true,
+                Step::Probation,
+            ),
+            (
+                Step::Installing,
+                Some(b"ne"),
+                true,
+                true,
+                OLD,
+                true,
+                Step::Probation,
+            ),
+            (
+                Step::Installing,
+                Some(NEW),
+                true,
+                true,
+                OLD,
+                true,
+                Step::Probation,
+            ),
+            (
+                Step::Installing,
+                None,
+                false,
+                false,
+                OLD,
+                false,
+                Step::Failed,
+            ),
+            (
+                Step::Probation,
+                Some(NEW),
+                false,
+                true,
+                OLD,
+                true,
+                Step::Probation,
+            ),
+            (
+                Step::Probation,
+                None,
+                false,
+                false,
+                OLD,
+                false,
+                Step::Failed,
+            ),
+            (
+                Step::Committed,
+                Some(NEW),
+                false,
+                false,
+                NEW,
+                false,
+                Step::Committed,
+            ),
+            (
+                Step::Committed,
+                None,
+                false,
+                false,
+                OLD,
+                false,
+                Step::Committed,
+            ),
+            (
+                Step::Reverted,
+                Some(NEW),
+                false,
+                false,
+                OLD,
+                false,
+                Step::Reverted,
+            ),
         ];
-        for (step, exe_holds, staged, probation, exe_after, step_after) in cases {
-            let (_dir, state, exe) = killed_at(step, exe_holds, staged);
+        for (step, next, staged, probation, exe_after, next_after, step_after) in cases {
+            let (_dir, state, exe) = killed_at(step, next, staged);
             let result = recover(&state, &exe).unwrap();
-            let label = format!(
-                "{step:?} with executable {:?}",
-                String::from_utf8_lossy(exe_holds)
-            );
+            let label = format!("{step:?} with next {next:?}, staged {staged}");
             assert_eq!(result.is_some(), probation, "{label}");
             assert_eq!(std::fs::read(&exe).unwrap(), exe_after, "{label}");
+            assert_eq!(install::next_path(&exe).exists(), next_after, "{label}");
+            if next_after {
+                assert_eq!(
+                    std::fs::read(install::next_path(&exe)).unwrap(),
+                    NEW,
+                    "{label}"
+                );
+            }
             assert_eq!(
                 journal::load(&state).unwrap().unwrap().step,
                 step_after,
@@ -247,8 +371,8 @@ mod tests {
     fn no_journal_means_nothing_to_recover() {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("drover-agent");
-        std::fs::write(&exe, b"old").unwrap();
+        std::fs::write(&exe, OLD).unwrap();
         assert!(recover(dir.path(), &exe).unwrap().is_none());
-        assert_eq!(std::fs::read(&exe).unwrap(), b"old");
+        assert_eq!(std::fs::read(&exe).unwrap(), OLD);
     }
 }

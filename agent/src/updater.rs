@@ -130,15 +130,10 @@ impl Updater {
             journal.advance(&self.state_dir, Step::Verified)?;
         }
         progress(events, journal, UpdateStage::Installing, journal.size);
-        journal.advance(&self.state_dir, Step::Swapping)?;
-        if let Err(err) = install::install(&self.exe, &verified) {
-            // The executable is whole either way; only a completed rename makes it new.
-            if install::sha256_file(&self.exe).ok().as_deref() != Some(journal.sha256.as_str()) {
-                return Err(err.context("install failed"));
-            }
-        }
-        journal.advance(&self.state_dir, Step::Swapped)?;
-        tracing::info!(task = %journal.task_id, version = %journal.version, "installed; restarting into the new version");
+        journal.advance(&self.state_dir, Step::Installing)?;
+        install::stage(&self.exe, &verified).context("install failed")?;
+        journal.advance(&self.state_dir, Step::Probation)?;
+        tracing::info!(task = %journal.task_id, version = %journal.version, "installed; restarting into the new version for its probation");
         Ok(())
     }
 

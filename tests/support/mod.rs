@@ -198,6 +198,7 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]
 /// A running `drover-agent run`. Killed (SIGKILL) when dropped.
 pub struct Agent {
     child: Child,
+    exe: PathBuf,
     pub state_dir: PathBuf,
     pub log_path: PathBuf,
     args: Vec<String>,
@@ -220,6 +221,18 @@ impl Agent {
 
     /// Starts an agent with its state in `dir/name`, hostname `name`, and `extra` flags.
     pub fn start_with(server: &Server, dir: &Path, name: &str, extra: &[&str]) -> Agent {
+        Agent::start_installed(server, Path::new(AGENT_BIN), dir, name, extra)
+    }
+
+    /// Like `start_with`, running the agent installed at `exe` (a copy the agent may
+    /// replace when it updates).
+    pub fn start_installed(
+        server: &Server,
+        exe: &Path,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Agent {
         let state_dir = dir.join(name);
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -233,9 +246,10 @@ impl Agent {
         args.extend(extra.iter().map(|s| s.to_string()));
         std::fs::create_dir_all(dir).unwrap();
         let log_path = dir.join(format!("{name}.log"));
-        let child = spawn_agent(&args, &log_path);
+        let child = spawn(exe, &args, &log_path);
         Agent {
             child,
+            exe: exe.to_owned(),
             state_dir,
             log_path,
             args,
@@ -249,7 +263,7 @@ impl Agent {
 
     pub fn restart(&mut self) {
         self.kill9();
-        self.child = spawn_agent(&self.args, &self.log_path);
+        self.child = spawn(&self.exe, &self.args, &self.log_path);
     }
 
     pub fn log(&self) -> String {
@@ -270,13 +284,13 @@ impl Drop for Agent {
     }
 }
 
-fn spawn_agent(args: &[String], log_path: &Path) -> Child {
+fn spawn(exe: &Path, args: &[String], log_path: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .unwrap();
-    Command::new(AGENT_BIN)
+    Command::new(exe)
         .args(args)
         .env_remove("DROVER_SERVER")
         .env_remove("DROVER_ENROLL_TOKEN")
@@ -537,6 +551,181 @@ impl ProtocolAgent {
             None => None,
             Some(ServerMessage::Update(update)) => Some(update),
             Some(other) => panic!("expected an update, got {other:?}"),
+        }
+    }
+}
+
+impl Agent {
+    /// SIGKILL to the supervisor and its worker together, as a power cut would.
+    pub fn kill9_all(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.state_dir.join("worker.pid")) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        self.kill9();
+    }
+}
+
+/// Writes a copy of the agent binary that reports `version` (scripts/stamp-agent).
+pub fn stamp_agent(version: &str, out: &Path) {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let status = Command::new("scripts/stamp-agent")
+        .args([version, out.to_str().unwrap(), AGENT_BIN])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "stamp-agent {version} failed");
+}
+
+/// What `exe --version` prints, without the program name.
+pub fn version_of(exe: &Path) -> String {
+    let output = Command::new(exe).arg("--version").output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// One request a `Cdn` answered: where its Range started and how many bytes it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub range_start: u64,
+    pub bytes: u64,
+}
+
+/// A stand-in for what sits between agents and the server in the field (a CDN, a
+/// proxy): it either forwards downloads slowly, or serves corrupted bytes.
+pub struct Cdn {
+    pub url: String,
+    served: Shared<Vec<Served>>,
+    origin: Shared<String>,
+}
+
+type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+pub enum CdnMode {
+    /// Forward to the origin (`forward_to`) at this many bytes per second.
+    Throttle { bytes_per_sec: u64 },
+    /// Answer every request with this many bytes of garbage.
+    Corrupt { size: u64 },
+}
+
+impl Cdn {
+    pub async fn start(mode: CdnMode) -> Cdn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served: Shared<Vec<Served>> = Default::default();
+        let origin: Shared<String> = Default::default();
+        let mode = std::sync::Arc::new(mode);
+        let (log, upstream) = (served.clone(), origin.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let origin = upstream.lock().unwrap().clone();
+                tokio::spawn(serve_one(stream, mode.clone(), origin, log.clone()));
+            }
+        });
+        Cdn {
+            url,
+            served,
+            origin,
+        }
+    }
+
+    /// Where a throttling CDN fetches from.
+    pub fn forward_to(&self, origin: &str) {
+        *self.origin.lock().unwrap() = origin.to_owned();
+    }
+
+    pub fn served(&self) -> Vec<Served> {
+        self.served.lock().unwrap().clone()
+    }
+}
+
+async fn serve_one(
+    mut stream: tokio::net::TcpStream,
+    mode: std::sync::Arc<CdnMode>,
+    origin: String,
+    log: Shared<Vec<Served>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let range = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Range: ")
+                .or_else(|| l.strip_prefix("range: "))
+        })
+        .map(str::to_owned);
+    let range_start: u64 = range
+        .as_deref()
+        .and_then(|r| r.trim().strip_prefix("bytes="))
+        .and_then(|r| r.split('-').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let index = log.lock().unwrap().len();
+    log.lock().unwrap().push(Served {
+        range_start,
+        bytes: 0,
+    });
+    match &*mode {
+        CdnMode::Corrupt { size } => {
+            let header =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(header.as_bytes()).await;
+            let _ = stream.write_all(&vec![0xAB; *size as usize]).await;
+            log.lock().unwrap()[index].bytes = *size;
+        }
+        CdnMode::Throttle { bytes_per_sec } => {
+            let mut request = reqwest::Client::new().get(format!("{origin}{path}"));
+            if let Some(range) = &range {
+                request = request.header("Range", range.trim());
+            }
+            let Ok(mut response) = request.send().await else {
+                return;
+            };
+            let mut header = format!("HTTP/1.1 {}\r\nConnection: close\r\n", response.status());
+            for name in ["content-length", "content-range", "retry-after"] {
+                if let Some(value) = response.headers().get(name) {
+                    header += &format!("{name}: {}\r\n", value.to_str().unwrap());
+                }
+            }
+            header += "\r\n";
+            if stream.write_all(header.as_bytes()).await.is_err() {
+                return;
+            }
+            let tick = Duration::from_millis(50);
+            let per_tick = (*bytes_per_sec / 20).max(1) as usize;
+            let mut pending = Vec::new();
+            loop {
+                while pending.len() < per_tick {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => pending.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                if pending.is_empty() {
+                    return;
+                }
+                let take = pending.len().min(per_tick);
+                if stream.write_all(&pending[..take]).await.is_err() {
+                    return;
+                }
+                log.lock().unwrap()[index].bytes += take as u64;
+                pending.drain(..take);
+                tokio::time::sleep(tick).await;
+            }
         }
     }
 }

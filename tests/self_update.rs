@@ -1,0 +1,410 @@
+//! End-to-end: real agents apply pushed updates, and no broken, corrupted or interrupted
+//! update leaves them without a working agent.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+const UPDATE_WAIT: Duration = Duration::from_secs(60);
+
+/// An agent binary at 1.0.0 installed in its own directory, so it can replace itself.
+fn install_agent(dir: &Path) -> PathBuf {
+    let exe = dir.join("bin/drover-agent");
+    stamp_agent("1.0.0", &exe);
+    exe
+}
+
+/// Publishes a build of the agent that reports `version`.
+fn publish_agent(server: &Server, dir: &Path, version: &str, channel: &str) {
+    let build = dir.join(format!("build-{version}"));
+    stamp_agent(version, &build);
+    publish(
+        &server.downloads(),
+        version,
+        Some(channel),
+        &std::fs::read(&build).unwrap(),
+    );
+}
+
+/// Publishes a "build" that is a shell script: a broken release.
+fn publish_script(server: &Server, version: &str, script: &str) {
+    publish(
+        &server.downloads(),
+        version,
+        Some("stable"),
+        script.as_bytes(),
+    );
+}
+
+async fn agent_view(server: &Server, name: &str) -> Option<Value> {
+    let agents = server.api().agents().await?;
+    agents.into_iter().find(|a| a["hostname"] == name)
+}
+
+async fn tasks_of(server: &Server, id: &str) -> Vec<Value> {
+    let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
+    body["tasks"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits for the agent's newest task to reach `status`; returns it.
+async fn task_reaches(server: &Server, id: &str, status: &str) -> Value {
+    eventually(&format!("the task to be {status}"), UPDATE_WAIT, || async {
+        let tasks = tasks_of(server, id).await;
+        let newest = tasks.first()?.clone();
+        (newest["status"] == status).then_some(newest)
+    })
+    .await
+}
+
+/// Waits until the executable at `exe` reports `version`: the supervisor promotes a new
+/// build once it has seen it pass probation.
+async fn installed(exe: &Path, version: &str) {
+    eventually(&format!("{} to be {version}", exe.display()), Duration::from_secs(10), || async {
+        (version_of(exe) == version).then_some(())
+    })
+    .await;
+}
+
+async fn enrolled_id(server: &Server, name: &str) -> String {
+    eventually(
+        &format!("{name} online"),
+        Duration::from_secs(30),
+        || async {
+            let agent = agent_view(server, name).await?;
+            (agent["online"] == true).then(|| agent["id"].as_str().unwrap().to_owned())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_beta_agent_updates_itself_to_the_published_beta() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = install_agent(dir.path());
+    let _agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "kilo",
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-kilo",
+            "--probation-timeout",
+            "30",
+        ],
+    );
+    let id = enrolled_id(&server, "kilo").await;
+    let (status, _) = server
+        .api()
+        .put(
+            &format!("/api/v1/agents/{id}/channel"),
+            json!({"channel": "beta"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    publish_agent(&server, dir.path(), "1.1.0", "beta");
+    let task = task_reaches(&server, &id, "succeeded").await;
+    assert_eq!(
+        (task["from_version"].as_str(), task["to_version"].as_str()),
+        (Some("1.0.0"), Some("1.1.0"))
+    );
+
+    let listed = eventually("the listing to show 1.1.0", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "kilo").await?;
+        (agent["version"] == "1.1.0" && agent["online"] == true).then_some(agent)
+    })
+    .await;
+    assert_eq!(
+        listed["id"],
+        id.as_str(),
+        "the identity survives the update"
+    );
+    installed(&exe, "1.1.0").await;
+    assert_eq!(
+        version_of(&exe.with_file_name("drover-agent.prev")),
+        "1.0.0",
+        "the previous binary is kept"
+    );
+    let state = dir.path().join("kilo");
+    eventually(
+        "the journal to be cleared",
+        Duration::from_secs(10),
+        || async { (!state.join("update.json").exists()).then_some(()) },
+    )
+    .await;
+    assert!(!state.join("staging").exists());
+    assert_eq!(server.api().agents().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_corrupted_in_transit_fails_and_the_agent_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let contents = b"#!/bin/sh\nexit 0\n";
+    let cdn = Cdn::start(CdnMode::Corrupt {
+        size: contents.len() as u64,
+    })
+    .await;
+    let server = Server::start_with_args(dir.path(), &["--public-url", &cdn.url]);
+    publish(&server.downloads(), "1.1.0", Some("stable"), contents);
+    let exe = install_agent(dir.path());
+    let agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "lima",
+        &["--enroll-token", ENROLL_TOKEN, "--fingerprint", "fp-lima"],
+    );
+    let id = enrolled_id(&server, "lima").await;
+    let task = task_reaches(&server, &id, "failed").await;
+    assert!(
+        task["error"]
+            .as_str()
+            .unwrap()
+            .contains("checksum mismatch"),
+        "{task}"
+    );
+    assert_eq!(
+        version_of(&exe),
+        "1.0.0",
+        "the installed binary is untouched"
+    );
+    assert!(
+        !agent.state_dir.join("staging").exists(),
+        "the staging area is clean"
+    );
+    assert!(!cdn.served().is_empty());
+    // Not retried: the failed version stays failed on this agent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(tasks_of(&server, &id).await.len(), 1);
+    assert_eq!(agent_view(&server, "lima").await.unwrap()["online"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_crashes_on_start_is_reverted_and_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = install_agent(dir.path());
+    let _agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "mike",
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-mike",
+            "--probation-timeout",
+            "30",
+        ],
+    );
+    let id = enrolled_id(&server, "mike").await;
+    publish_script(
+        &server,
+        "1.1.0",
+        "#!/bin/sh\necho broken build >&2\nexit 3\n",
+    );
+
+    let task = task_reaches(&server, &id, "rolled_back").await;
+    assert!(task["error"].as_str().unwrap().contains("exited"), "{task}");
+    assert_eq!(version_of(&exe), "1.0.0");
+    let agent = eventually("the old version back online", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "mike").await?;
+        (agent["online"] == true).then_some(agent)
+    })
+    .await;
+    assert_eq!(agent["version"], "1.0.0");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        tasks_of(&server, &id).await.len(),
+        1,
+        "a reverted version is not offered again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_never_reaches_the_server_is_reverted_after_probation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = install_agent(dir.path());
+    let _agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "november",
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-november",
+            "--probation-timeout",
+            "3",
+        ],
+    );
+    let id = enrolled_id(&server, "november").await;
+    publish_script(&server, "1.1.0", "#!/bin/sh\nexec sleep 600\n");
+
+    let task = task_reaches(&server, &id, "rolled_back").await;
+    assert!(
+        task["error"].as_str().unwrap().contains("did not connect"),
+        "{task}"
+    );
+    assert_eq!(version_of(&exe), "1.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_during_probation_ends_on_a_consistent_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = install_agent(dir.path());
+    let mut agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "oscar",
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-oscar",
+            "--probation-timeout",
+            "4",
+        ],
+    );
+    let id = enrolled_id(&server, "oscar").await;
+    publish_script(&server, "1.1.0", "#!/bin/sh\nexec sleep 600\n");
+    let journal = agent.state_dir.join("update.json");
+    eventually("the new build on probation", UPDATE_WAIT, || async {
+        let text = std::fs::read_to_string(&journal).ok()?;
+        text.contains("\"probation\"").then_some(())
+    })
+    .await;
+
+    // Power cut: supervisor and worker die at once, mid-probation.
+    agent.kill9_all();
+    agent.restart();
+    let task = task_reaches(&server, &id, "rolled_back").await;
+    assert!(
+        task["error"].as_str().unwrap().contains("did not connect"),
+        "{task}"
+    );
+    assert_eq!(version_of(&exe), "1.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_download_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = dir.path().join("build-1.1.0");
+    stamp_agent("1.1.0", &build);
+    let size = std::fs::metadata(&build).unwrap().len();
+    // Downloads go through a slow CDN (about 8 s for the build); the session goes to
+    // the server directly.
+    let cdn = Cdn::start(CdnMode::Throttle {
+        bytes_per_sec: size / 8,
+    })
+    .await;
+    let server = Server::start_with_args(dir.path(), &["--public-url", &cdn.url]);
+    cdn.forward_to(&server.url);
+    let exe = install_agent(dir.path());
+    let mut agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "quebec",
+        &["--enroll-token", ENROLL_TOKEN, "--fingerprint", "fp-quebec"],
+    );
+    let id = enrolled_id(&server, "quebec").await;
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        &std::fs::read(&build).unwrap(),
+    );
+
+    eventually("a quarter of the build downloaded", UPDATE_WAIT, || async {
+        let served = cdn.served();
+        (served.len() == 1 && served[0].bytes > size / 4).then_some(())
+    })
+    .await;
+    agent.kill9_all();
+    let staged = std::fs::read_dir(agent.state_dir.join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum::<u64>();
+    assert!(
+        staged > 0 && staged < size,
+        "a partial download is kept ({staged} of {size} bytes)"
+    );
+
+    agent.restart();
+    task_reaches(&server, &id, "succeeded").await;
+    installed(&exe, "1.1.0").await;
+    let served = cdn.served();
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert_eq!(served[0].range_start, 0);
+    assert!(
+        served[1].range_start > 0,
+        "the second request resumes: {served:?}"
+    );
+    assert!(
+        served[1].bytes < size,
+        "fewer bytes the second time: {served:?}"
+    );
+    assert_eq!(served[1].range_start + served[1].bytes, size);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_auto_update_off_applies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = install_agent(dir.path());
+    let _agent = Agent::start_installed(
+        &server,
+        &exe,
+        dir.path(),
+        "papa",
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-papa",
+            "--no-auto-update",
+        ],
+    );
+    let id = enrolled_id(&server, "papa").await;
+    let listed = agent_view(&server, "papa").await.unwrap();
+    assert_eq!(listed["auto_update"], false, "shown as pinned by the agent");
+    publish_agent(&server, dir.path(), "1.1.0", "stable");
+    eventually(
+        "the build to be offered",
+        Duration::from_secs(10),
+        || async {
+            let (_, releases) = server.api().get("/api/v1/releases").await;
+            (releases.as_array()?.len() == 1).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(tasks_of(&server, &id).await.is_empty());
+    let (_, explain) = server
+        .api()
+        .get(&format!("/api/v1/agents/{id}/explain"))
+        .await;
+    assert_eq!(explain["decision"], "hold");
+    assert!(
+        explain["reason"]
+            .as_str()
+            .unwrap()
+            .contains("auto-update off"),
+        "{explain}"
+    );
+    assert_eq!(version_of(&exe), "1.0.0");
+}

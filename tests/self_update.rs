@@ -63,9 +63,11 @@ async fn task_reaches(server: &Server, id: &str, status: &str) -> Value {
 /// Waits until the executable at `exe` reports `version`: the supervisor promotes a new
 /// build once it has seen it pass probation.
 async fn installed(exe: &Path, version: &str) {
-    eventually(&format!("{} to be {version}", exe.display()), Duration::from_secs(10), || async {
-        (version_of(exe) == version).then_some(())
-    })
+    eventually(
+        &format!("{} to be {version}", exe.display()),
+        Duration::from_secs(10),
+        || async { (version_of(exe) == version).then_some(()) },
+    )
     .await;
 }
 
@@ -407,4 +409,86 @@ async fn an_agent_with_auto_update_off_applies_nothing() {
         "{explain}"
     );
     assert_eq!(version_of(&exe), "1.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_install_script_installs_a_verified_agent_that_runs_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    publish_agent(&server, dir.path(), "1.2.0", "stable");
+    eventually(
+        "the build to be offered",
+        Duration::from_secs(10),
+        || async {
+            let (_, releases) = server.api().get("/api/v1/releases").await;
+            (releases.as_array()?.len() == 1).then_some(())
+        },
+    )
+    .await;
+    let root = dir.path().join("machine");
+    let install = |token: &str| {
+        std::process::Command::new("scripts/install.sh")
+            .args([
+                "--server",
+                &server.url,
+                "--enroll-token",
+                token,
+                "--no-systemd",
+            ])
+            .arg("--prefix")
+            .arg(root.join("usr"))
+            .arg("--config-dir")
+            .arg(root.join("etc"))
+            .arg("--state-dir")
+            .arg(root.join("state"))
+            .output()
+            .unwrap()
+    };
+
+    let refused = install("not-a-token");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
+    assert!(
+        !root.join("usr/bin/drover-agent").exists(),
+        "nothing installed"
+    );
+
+    let installed = install(ENROLL_TOKEN);
+    assert!(installed.status.success(), "{installed:?}");
+    let exe = root.join("usr/bin/drover-agent");
+    assert_eq!(version_of(&exe), "1.2.0");
+    let config = root.join("etc/agent.conf");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&format!("server = {}", server.url)), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The installed agent needs nothing but its config file.
+    let mut agent = std::process::Command::new(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .args(["--fingerprint", "fp-romeo", "--hostname", "romeo"])
+        .env_remove("DROVER_SERVER")
+        .env_remove("DROVER_ENROLL_TOKEN")
+        .env_remove("DROVER_STATE_DIR")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let online = eventually(
+        "the installed agent online",
+        Duration::from_secs(30),
+        || async {
+            let agent = agent_view(&server, "romeo").await?;
+            (agent["online"] == true).then_some(agent)
+        },
+    )
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(online["version"], "1.2.0");
+    assert!(root.join("state/identity.json").exists());
 }

@@ -6,6 +6,7 @@
 
 mod atomic_file;
 mod backoff;
+mod config_file;
 mod download;
 mod identity;
 mod install;
@@ -24,7 +25,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-agent", version = version::current(), about = "Drover fleet update agent")]
+#[command(
+    name = "drover-agent",
+    version = version::current(),
+    about = "Drover fleet update agent",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,6 +47,10 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// Config file of `key = value` lines named like these flags (flags win over it)
+    #[arg(long, env = "DROVER_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+
     /// Server URL, e.g. https://updates.example.com
     #[arg(long, env = "DROVER_SERVER")]
     server: String,
@@ -107,7 +117,7 @@ pub struct AgentConfig {
 
 /// The `drover-agent` binary.
 pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

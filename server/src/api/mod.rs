@@ -3,6 +3,7 @@
 
 mod agents;
 mod hierarchy;
+mod install;
 mod releases;
 
 use axum::extract::rejection::JsonRejection;
@@ -38,6 +39,7 @@ pub(crate) fn router() -> Router<AppState> {
             get(hierarchy::list_sites).post(hierarchy::create_site),
         )
         .route("/sites/{id}/channel", put(hierarchy::set_site_channel))
+        .route("/agent/install", get(install::newest_for_install))
         .route("/releases", get(releases::list))
         .route("/releases/rescan", post(releases::rescan))
         .route(

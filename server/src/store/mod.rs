@@ -320,6 +320,9 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Enrolled>;
 
+    /// The site an enrollment token enrolls into; `NotFound` when unknown or revoked.
+    async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String>;
+
     /// Checks an agent's credentials and records what its hello said.
     /// `NotFound` when the id is unknown or the secret does not match.
     async fn authenticate(

@@ -279,6 +279,15 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String> {
+        Ok(sqlx::query_scalar(
+            "SELECT site_id FROM enrollment_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(enroll_token_hash)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn authenticate(
         &self,
         agent_id: &str,

@@ -24,6 +24,19 @@ impl Api {
         self.request(Method::GET, path, None)
     }
 
+    /// A GET with query parameters; those that are `None` are left out.
+    pub(crate) fn get_with_query(
+        &self,
+        path: &str,
+        query: &[(&str, Option<String>)],
+    ) -> anyhow::Result<Value> {
+        let given: Vec<_> = query
+            .iter()
+            .filter_map(|(key, value)| Some((*key, value.as_deref()?)))
+            .collect();
+        self.send(Method::GET, path, &given, None)
+    }
+
     /// Sends one API call; `body`, when given, goes as JSON.
     pub(crate) fn request(
         &self,
@@ -31,9 +44,20 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
+        self.send(method, path, &[], body)
+    }
+
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
+            .query(query)
             .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);

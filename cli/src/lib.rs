@@ -15,9 +15,13 @@ use serde_json::{Value, json};
 
 use crate::api::Api;
 use crate::render::{
-    Agent, AgentDetail, ChannelChanged, Client, Listing, Release, Site, UpdateRequested,
-    UpdatesSwitch, agent_details, agents_table, channel_line, client_created, clients_table,
-    listing_view, paused_line, releases_view, site_created, sites_table, update_line, updates_line,
+    Agent, AgentDetail, ApiToken, AuditPage, ChannelChanged, Client, EnrollmentToken, Explanation,
+    Listing, NewApiToken, Promoted, Release, Resumed, RevokedToken, RolledBack, Rollout, Site,
+    Unblocked, UpdateRequested, UpdatesSwitch, agent_details, agents_table, audit_view,
+    channel_line, client_created, clients_table, enrollment_token_created, explanation,
+    listing_view, paused_line, promoted_line, releases_view, resumed_line, rolled_back_line,
+    rollouts_view, site_created, sites_table, token_created, token_revoked, tokens_table,
+    unblocked_line, update_line, updates_line,
 };
 
 /// Where `drover-server` writes a generated admin token, relative to where it runs.
@@ -96,6 +100,62 @@ enum Command {
     Updates {
         #[command(subcommand)]
         action: Option<UpdatesAction>,
+    },
+    /// List rollouts: how far each version has gone per platform, and whether it may be
+    /// promoted
+    Rollouts {
+        /// Print the API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote a beta version to stable once its gate passes
+    Promote {
+        version: String,
+        #[command(flatten)]
+        platform: Platform,
+        /// Promote even though the gate blocks it
+        #[arg(long)]
+        force: bool,
+    },
+    /// Block a version and move the agents that run it back to their previous version
+    Rollback { version: String },
+    /// Offer a blocked version again
+    Unblock { version: String },
+    /// Let a halted rollout continue
+    Resume {
+        version: String,
+        #[command(flatten)]
+        platform: Platform,
+    },
+    /// Show who did what, newest first
+    Audit {
+        /// How many entries to show
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Only entries of this action, e.g. promote
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries older than this one (from the `more:` hint)
+        #[arg(long, value_name = "ID")]
+        before: Option<i64>,
+        /// Print the API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// List API tokens, or create or revoke one (admin only)
+    Tokens {
+        /// Print the API's JSON instead of a table
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<TokensAction>,
+    },
+    /// Explain why an agent is or is not being updated
+    Explain {
+        agent_id: String,
+        /// Print the API's JSON instead of text
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -184,6 +244,39 @@ enum SitesAction {
         client: String,
         name: String,
     },
+    /// Create a token that enrolls agents into a site; it is shown only once
+    EnrollToken {
+        site_id: String,
+        /// How long the token is valid, e.g. 30m, 12h, 7d or seconds (default: forever)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires_in: Option<u64>,
+        /// How many agents may enroll with it (default: any number)
+        #[arg(long, value_name = "N")]
+        max_uses: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensAction {
+    /// Create an API token; it is shown only once
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+    /// Revoke an API token
+    Revoke { id: String },
+}
+
+/// The platform a rollout command is limited to; without it, every platform.
+#[derive(Debug, Args)]
+struct Platform {
+    /// Only this operating system, e.g. linux
+    #[arg(long)]
+    os: Option<String>,
+    /// Only this architecture, e.g. amd64
+    #[arg(long)]
+    arch: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +285,31 @@ enum UpdatesAction {
     Enable,
     /// Stop all update dispatch and downloads, for every agent
     Disable,
+}
+
+/// `30m`, `12h`, `7d`, or a plain number of seconds, as seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid duration {text:?}: expected e.g. 30m, 12h, 7d or seconds");
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(invalid()),
+    };
+    match number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(0) => Err("a duration must be more than zero".to_owned()),
+        Some(seconds) => Ok(seconds),
+        None => Err(invalid()),
+    }
 }
 
 /// The `drover` binary.
@@ -257,8 +375,9 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             }),
             Some(ClientsAction::Create { name }) => {
                 let body = json!({ "name": name });
-                let answer = api.request(Method::POST, "/api/v1/clients", Some(&body))?;
-                show(answer, json, |client: Client| client_created(&client))
+                post(api, "/api/v1/clients", Some(body), json, |c: Client| {
+                    client_created(&c)
+                })
             }
         },
         Command::Sites { json, action } => match action {
@@ -267,8 +386,23 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             }),
             Some(SitesAction::Create { client, name }) => {
                 let body = json!({ "client_id": client, "name": name });
-                let answer = api.request(Method::POST, "/api/v1/sites", Some(&body))?;
-                show(answer, json, |site: Site| site_created(&site))
+                post(api, "/api/v1/sites", Some(body), json, |s: Site| {
+                    site_created(&s)
+                })
+            }
+            Some(SitesAction::EnrollToken {
+                site_id,
+                expires_in,
+                max_uses,
+            }) => {
+                let body = given_fields([
+                    ("expires_in_secs", json!(expires_in)),
+                    ("max_uses", json!(max_uses)),
+                ]);
+                let path = format!("/api/v1/sites/{site_id}/enrollment-tokens");
+                post(api, &path, Some(body), json, |t: EnrollmentToken| {
+                    enrollment_token_created(&t)
+                })
             }
         },
         Command::Updates { action } => {
@@ -281,7 +415,91 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             };
             show(answer, false, |switch: UpdatesSwitch| updates_line(&switch))
         }
+        Command::Rollouts { json } => {
+            show(api.get("/api/v1/rollouts")?, json, |r: Vec<Rollout>| {
+                rollouts_view(&r)
+            })
+        }
+        Command::Promote {
+            version,
+            platform,
+            force,
+        } => {
+            let body = given_fields([
+                ("os", json!(platform.os)),
+                ("arch", json!(platform.arch)),
+                ("force", json!(force)),
+            ]);
+            let path = format!("/api/v1/rollouts/{version}/promote");
+            post(api, &path, Some(body), false, |p: Promoted| {
+                promoted_line(&p)
+            })
+        }
+        Command::Rollback { version } => {
+            let path = format!("/api/v1/rollouts/{version}/rollback");
+            post(api, &path, None, false, |r: RolledBack| {
+                rolled_back_line(&r)
+            })
+        }
+        Command::Unblock { version } => {
+            let path = format!("/api/v1/rollouts/{version}/unblock");
+            post(api, &path, None, false, |u: Unblocked| unblocked_line(&u))
+        }
+        Command::Resume { version, platform } => {
+            let body = given_fields([("os", json!(platform.os)), ("arch", json!(platform.arch))]);
+            let path = format!("/api/v1/rollouts/{version}/resume");
+            post(api, &path, Some(body), false, |r: Resumed| resumed_line(&r))
+        }
+        Command::Audit {
+            limit,
+            action,
+            before,
+            json,
+        } => {
+            let filters = [("limit", limit.map(|n| n.to_string())), ("action", action)];
+            // The paging hint repeats the filters, so the next page is of the same kind.
+            let again: String = filters
+                .iter()
+                .filter_map(|(key, value)| Some(format!(" --{key} {}", value.as_ref()?)))
+                .collect();
+            let mut query = filters.to_vec();
+            query.push(("before", before.map(|id| id.to_string())));
+            let answer = api.get_with_query("/api/v1/audit", &query)?;
+            show(answer, json, |page: AuditPage| {
+                audit_view(&page, &format!("drover audit{again}"))
+            })
+        }
+        Command::Tokens { json, action } => match action {
+            None => show(api.get("/api/v1/tokens")?, json, |t: Vec<ApiToken>| {
+                tokens_table(&t)
+            }),
+            Some(TokensAction::Create { name, role }) => {
+                let body = json!({ "name": name, "role": role });
+                post(api, "/api/v1/tokens", Some(body), json, |t: NewApiToken| {
+                    token_created(&t)
+                })
+            }
+            Some(TokensAction::Revoke { id }) => {
+                let path = format!("/api/v1/tokens/{id}");
+                let answer = api.request(Method::DELETE, &path, None)?;
+                show(answer, json, |t: RevokedToken| token_revoked(&t))
+            }
+        },
+        Command::Explain { agent_id, json } => {
+            let answer = api.get(&format!("/api/v1/agents/{agent_id}/explain"))?;
+            show(answer, json, |e: Explanation| explanation(&e))
+        }
     }
+}
+
+/// A JSON object of the fields that have a value: optional fields left unset are left
+/// out rather than sent as null, so the server applies its own defaults.
+fn given_fields<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    let given = fields
+        .into_iter()
+        .filter(|(_, value)| !value.is_null())
+        .map(|(key, value)| (key.to_owned(), value));
+    Value::Object(given.collect())
 }
 
 fn run_agent(action: AgentAction, api: &Api) -> anyhow::Result<()> {
@@ -295,16 +513,30 @@ fn run_agent(action: AgentAction, api: &Api) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|version| json!({ "version": version }));
             let path = format!("/api/v1/agents/{id}/update");
-            let answer = api.request(Method::POST, &path, body.as_ref())?;
-            return show(answer, false, |update: UpdateRequested| {
-                update_line(&update)
+            return post(api, &path, body, false, |u: UpdateRequested| {
+                update_line(&u)
             });
         }
         AgentAction::Pause { id } => ("pause", id),
         AgentAction::Resume { id } => ("resume", id),
     };
-    let answer = api.request(Method::POST, &format!("/api/v1/agents/{id}/{verb}"), None)?;
-    show(answer, false, |agent: Agent| paused_line(&agent))
+    let path = format!("/api/v1/agents/{id}/{verb}");
+    post(api, &path, None, false, |agent: Agent| paused_line(&agent))
+}
+
+/// Sends `body`, if any, to `path` and prints the answer as `show` does.
+fn post<T: DeserializeOwned>(
+    api: &Api,
+    path: &str,
+    body: Option<Value>,
+    json: bool,
+    render: impl FnOnce(T) -> String,
+) -> anyhow::Result<()> {
+    show(
+        api.request(Method::POST, path, body.as_ref())?,
+        json,
+        render,
+    )
 }
 
 /// Prints the server's answer: as pretty JSON, or through `render` once it has the
@@ -370,6 +602,168 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_a_unit_or_plain_seconds() {
+        for (text, expected) in [
+            ("30m", Ok(1800)),
+            ("12h", Ok(43_200)),
+            ("7d", Ok(604_800)),
+            ("45", Ok(45)),
+            ("45s", Ok(45)),
+        ] {
+            assert_eq!(parse_duration(text), expected, "{text}");
+        }
+        for bad in [
+            "",
+            "d",
+            "7w",
+            "1.5h",
+            "-5",
+            "7 d",
+            "0",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn unset_fields_are_left_out_of_bodies() {
+        let body = given_fields([
+            ("os", json!(Some("linux"))),
+            ("arch", json!(None::<String>)),
+            ("force", json!(false)),
+        ]);
+        assert_eq!(body, json!({"os": "linux", "force": false}));
+    }
+
+    #[test]
+    fn rollout_commands_take_a_version_and_optional_platform() {
+        let cli = parse(&[
+            "promote", "1.4.0", "--os", "linux", "--arch", "amd64", "--force",
+        ]);
+        let Command::Promote {
+            version,
+            platform,
+            force: true,
+        } = cli.unwrap().command
+        else {
+            panic!("promote parsed wrongly");
+        };
+        assert_eq!(version, "1.4.0");
+        assert_eq!(platform.os.as_deref(), Some("linux"));
+        assert_eq!(platform.arch.as_deref(), Some("amd64"));
+
+        let cli = parse(&["resume", "1.4.0"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Resume { version, platform: Platform { os: None, arch: None } }
+                if version == "1.4.0"
+        ));
+        assert!(matches!(
+            parse(&["rollback", "1.4.0"]).unwrap().command,
+            Command::Rollback { version } if version == "1.4.0"
+        ));
+        assert!(matches!(
+            parse(&["unblock", "1.4.0"]).unwrap().command,
+            Command::Unblock { version } if version == "1.4.0"
+        ));
+        assert!(matches!(
+            parse(&["rollouts", "--json"]).unwrap().command,
+            Command::Rollouts { json: true }
+        ));
+        assert!(parse(&["promote"]).is_err());
+        assert!(parse(&["rollback"]).is_err());
+    }
+
+    #[test]
+    fn audit_takes_paging_and_filter_flags() {
+        let cli = parse(&[
+            "audit", "--limit", "20", "--action", "promote", "--before", "41",
+        ]);
+        assert!(matches!(
+            cli.unwrap().command,
+            Command::Audit { limit: Some(20), action: Some(action), before: Some(41), json: false }
+                if action == "promote"
+        ));
+        assert!(parse(&["audit", "--limit", "many"]).is_err());
+    }
+
+    #[test]
+    fn tokens_list_create_and_revoke() {
+        assert!(matches!(
+            parse(&["tokens", "--json"]).unwrap().command,
+            Command::Tokens {
+                json: true,
+                action: None
+            }
+        ));
+        let cli = parse(&["tokens", "create", "ci", "--role", "operator"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Tokens { action: Some(TokensAction::Create { name, role }), .. }
+                if name == "ci" && role == "operator"
+        ));
+        assert!(parse(&["tokens", "create", "ci"]).is_err());
+        assert!(parse(&["tokens", "create", "ci", "--role", "root"]).is_err());
+        assert!(matches!(
+            parse(&["tokens", "revoke", "k1"]).unwrap().command,
+            Command::Tokens { action: Some(TokensAction::Revoke { id }), .. } if id == "k1"
+        ));
+    }
+
+    #[test]
+    fn enroll_token_parses_its_limits() {
+        let cli = parse(&[
+            "sites",
+            "enroll-token",
+            "s1",
+            "--expires-in",
+            "7d",
+            "--max-uses",
+            "5",
+        ]);
+        assert!(matches!(
+            cli.unwrap().command,
+            Command::Sites {
+                action: Some(SitesAction::EnrollToken {
+                    site_id,
+                    expires_in: Some(604_800),
+                    max_uses: Some(5),
+                }),
+                ..
+            } if site_id == "s1"
+        ));
+        let cli = parse(&["sites", "enroll-token", "s1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Sites {
+                action: Some(SitesAction::EnrollToken {
+                    expires_in: None,
+                    max_uses: None,
+                    ..
+                }),
+                ..
+            }
+        ));
+        assert!(parse(&["sites", "enroll-token", "s1", "--expires-in", "soon"]).is_err());
+    }
+
+    #[test]
+    fn explain_takes_an_agent_id() {
+        assert!(matches!(
+            parse(&["explain", "a1", "--json"]).unwrap().command,
+            Command::Explain { agent_id, json: true } if agent_id == "a1"
+        ));
+        assert!(parse(&["explain"]).is_err());
     }
 
     #[test]

@@ -1,8 +1,26 @@
 //! The server's answers as `drover` reads them, and the tables and lines it prints for
 //! each. Renderers return text ending in a newline and never do I/O, so tests can read it.
+//! Agents, releases and the hierarchy live here; rollouts, the audit log, tokens and
+//! `explain` each have a submodule.
+
+mod audit;
+mod explain;
+mod rollouts;
+mod tokens;
 
 use comfy_table::Table;
 use serde::Deserialize;
+
+pub(crate) use self::audit::{AuditPage, audit_view};
+pub(crate) use self::explain::{Explanation, explanation};
+pub(crate) use self::rollouts::{
+    Promoted, Resumed, RolledBack, Rollout, Unblocked, promoted_line, resumed_line,
+    rolled_back_line, rollouts_view, unblocked_line,
+};
+pub(crate) use self::tokens::{
+    ApiToken, EnrollmentToken, NewApiToken, RevokedToken, enrollment_token_created, token_created,
+    token_revoked, tokens_table,
+};
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Agent {
@@ -123,6 +141,15 @@ fn plural(count: usize, word: &str) -> String {
 
 fn or_dash(value: Option<&str>) -> String {
     value.unwrap_or("-").to_owned()
+}
+
+/// `text` cut to at most `max` characters, the cut marked with `…`.
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let kept: String = text.chars().take(max - 1).collect();
+    format!("{}…", kept.trim_end())
 }
 
 /// Decimal units, as download sizes are usually quoted.
@@ -376,7 +403,7 @@ mod tests {
 
     use super::*;
 
-    fn parse<T: DeserializeOwned>(value: Value) -> T {
+    pub(super) fn parse<T: DeserializeOwned>(value: Value) -> T {
         serde_json::from_value(value).expect("sample answer parses")
     }
 
@@ -559,6 +586,14 @@ mod tests {
         for (bytes, expected) in cases {
             assert_eq!(human_size(bytes), expected, "{bytes} bytes");
         }
+    }
+
+    #[test]
+    fn shorten_cuts_long_text_with_an_ellipsis() {
+        assert_eq!(shorten("pass", 10), "pass");
+        assert_eq!(shorten("0123456789", 10), "0123456789");
+        assert_eq!(shorten("01234 6789ab", 7), "01234…");
+        assert_eq!(shorten("ééééé", 3), "éé…");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub(crate) async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::R
     if existing.has_admin_token
         && let Ok(value) = std::env::var("DROVER_ADMIN_TOKEN")
         && matches!(
-            store.api_token_role(&hash_secret(&value)).await,
+            store.api_token(&hash_secret(&value)).await,
             Err(StoreError::NotFound)
         )
     {

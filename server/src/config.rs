@@ -6,7 +6,12 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "drover-server", version, about = "Drover fleet update server")]
+#[command(
+    name = "drover-server",
+    version,
+    about = "Drover fleet update server",
+    args_override_self = true
+)]
 pub struct Args {
     /// Address to listen on (use port 0 for any free port)
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8080")]
@@ -52,6 +57,26 @@ pub struct Args {
     #[arg(long, env = "DROVER_REQUIRE_SIGNATURES")]
     pub require_signatures: bool,
 
+    /// Beta successes a promote needs (the health gate)
+    #[arg(long, env = "DROVER_GATE_MIN_SUCCESSES", default_value_t = 3)]
+    pub gate_min_successes: u64,
+
+    /// Success rate a promote needs, 0 to 1 (the health gate)
+    #[arg(long, env = "DROVER_GATE_MIN_SUCCESS_RATE", default_value_t = 0.9, value_parser = parse_fraction)]
+    pub gate_min_success_rate: f64,
+
+    /// Failure rate above which a rollout halts, 0 to 1
+    #[arg(long, env = "DROVER_HALT_FAILURE_RATE", default_value_t = 0.2, value_parser = parse_fraction)]
+    pub halt_failure_rate: f64,
+
+    /// Finished attempts before the failure rate can halt a rollout
+    #[arg(long, env = "DROVER_HALT_MIN_ATTEMPTS", default_value_t = 5)]
+    pub halt_min_attempts: u64,
+
+    /// Warn when beta has been ahead of stable for longer than this (e.g. 7d)
+    #[arg(long, env = "DROVER_STALE_STABLE_AFTER", default_value = "7d", value_parser = parse_age)]
+    pub stale_stable_after: Duration,
+
     /// How often the downloads directory is rescanned even without change events
     #[arg(long, env = "DROVER_RESCAN_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub rescan_interval: Duration,
@@ -69,6 +94,24 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} is out of range: use 1s to 24h"));
     }
     Ok(duration)
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| (0.0..=1.0).contains(f))
+        .ok_or_else(|| format!("{text:?} is not a number from 0 to 1"))
+}
+
+/// Like `parse_interval`, without the upper bound: ages run to weeks.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration like 12h or 7d: {e}")),
+    }
 }
 
 #[cfg(test)]

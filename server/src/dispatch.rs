@@ -6,10 +6,10 @@ use std::collections::HashSet;
 
 use protocol::{ServerMessage, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
 
-use crate::AppState;
 use crate::clock::now_ms;
-use crate::engine::{AgentPosition, Decision, Policy, needs_update, resolve_channel};
+use crate::engine::{AgentPosition, Decision, channel_admits, needs_update, resolve_channel};
 use crate::store::{NewTask, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
+use crate::{AppState, rollouts};
 
 /// What a session knows about its agent between database reads.
 #[derive(Debug, Clone)]
@@ -62,17 +62,29 @@ pub(crate) async fn check(
     if let Some(task) = live.active.clone() {
         return advance(state, live, task, trigger).await;
     }
-    let decision = {
-        let index = state.releases.current();
-        let blocked = state.blocked_versions();
-        let policy = Policy {
-            updates_enabled: state.updates_enabled(),
-            blocked_versions: &blocked,
-        };
-        needs_update(&live.position, &index, &policy)
-    };
-    let Decision::Offer(release) = decision else {
-        return Ok(None);
+    let index = state.releases.current();
+    // An agent on a rolled-back version is moved off it, downwards if need be.
+    let (release, kind) = if state.blocked_versions().contains(&live.position.version) {
+        let position = &live.position;
+        let target = state.with_policy(|policy| {
+            index
+                .newest(&position.os, &position.arch, |r| {
+                    channel_admits(position.channel, r.channel) && policy.allows(r)
+                })
+                .cloned()
+        });
+        match target {
+            Some(release) => (release, TaskKind::Rollback),
+            None => {
+                tracing::warn!(agent = %live.id, version = %position.version, "runs a rolled-back version and no other build is offered for it");
+                return Ok(None);
+            }
+        }
+    } else {
+        match state.with_policy(|policy| needs_update(&live.position, &index, policy)) {
+            Decision::Offer(release) => (release, TaskKind::Update),
+            Decision::Hold(_) => return Ok(None),
+        }
     };
     let new = NewTask {
         agent_id: &live.id,
@@ -80,7 +92,7 @@ pub(crate) async fn check(
         to_version: &release.version.to_string(),
         os: &release.os,
         arch: &release.arch,
-        kind: TaskKind::Update,
+        kind,
         status: TaskStatus::Dispatched,
     };
     match state.store.create_task(&new, now_ms()).await {
@@ -232,8 +244,41 @@ async fn finish(
         live.position
             .failed_versions
             .insert(task.to_version.clone());
+        halt_if_failing(state, task).await?;
     }
     live.active = None;
+    Ok(())
+}
+
+/// Stops dispatching a version on a platform once too many of its attempts failed.
+pub(crate) async fn halt_if_failing(state: &AppState, task: &UpdateTask) -> StoreResult<()> {
+    let key = (task.to_version.clone(), task.os.clone(), task.arch.clone());
+    if state.halted().contains(&key) {
+        return Ok(());
+    }
+    let tallies = rollouts::tally(&state.store.task_counts().await?);
+    let Some(reason) = tallies
+        .get(&key)
+        .and_then(|tally| rollouts::should_halt(tally, &state.settings.rollout_policy()))
+    else {
+        return Ok(());
+    };
+    if state
+        .store
+        .halt(&key.0, &key.1, &key.2, &reason, now_ms())
+        .await?
+    {
+        let target = format!("{} {}/{}", key.0, key.1, key.2);
+        state
+            .halted
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key);
+        tracing::warn!(rollout = %target, %reason, "rollout halted");
+        state
+            .audit("drover", "rollout.halt", &target, Some(reason), "halted")
+            .await;
+    }
     Ok(())
 }
 

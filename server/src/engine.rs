@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use semver::Version;
 
 use crate::releases::{Channel, Release, ReleaseIndex};
+use crate::rollouts::RolloutKey;
 use crate::store::AgentRecord;
 
 /// What the decision needs to know about one agent.
@@ -27,6 +28,19 @@ pub(crate) struct AgentPosition {
 pub(crate) struct Policy<'a> {
     pub(crate) updates_enabled: bool,
     pub(crate) blocked_versions: &'a HashSet<String>,
+    /// Rollouts (version, os, arch) stopped by their failure rate.
+    pub(crate) halted: &'a HashSet<RolloutKey>,
+}
+
+impl Policy<'_> {
+    /// Whether a build may be dispatched at all.
+    pub(crate) fn allows(&self, release: &Release) -> bool {
+        let version = release.version.to_string();
+        !self.blocked_versions.contains(&version)
+            && !self
+                .halted
+                .contains(&(version, release.os.clone(), release.arch.clone()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,8 +104,8 @@ pub(crate) fn channel_admits(agent: Channel, build: Channel) -> bool {
     agent == Channel::Beta || build == Channel::Stable
 }
 
-/// The newest non-blocked build of the agent's channel and platform that is strictly newer
-/// than what it runs and has not failed on it.
+/// The newest build of the agent's channel and platform that is neither blocked nor
+/// halted, strictly newer than what it runs, and has not failed on it.
 pub(crate) fn needs_update(
     agent: &AgentPosition,
     index: &ReleaseIndex,
@@ -110,10 +124,7 @@ pub(crate) fn needs_update(
         return Decision::Hold(HoldReason::UnparsableVersion(agent.version.clone()));
     };
     let eligible = |release: &Release| {
-        channel_admits(agent.channel, release.channel)
-            && !policy
-                .blocked_versions
-                .contains(&release.version.to_string())
+        channel_admits(agent.channel, release.channel) && policy.allows(release)
     };
     let Some(newest) = index.newest(&agent.os, &agent.arch, eligible) else {
         return Decision::Hold(HoldReason::NoBuildForPlatform);
@@ -130,6 +141,62 @@ pub(crate) fn needs_update(
         Some(release) => Decision::Offer(release.clone()),
         None => Decision::Hold(HoldReason::FailedBefore(newest.version.to_string())),
     }
+}
+
+/// For every build of the agent's platform, why it is not offered to the agent (`None`
+/// for the one that is, or would be once the agent-level holds are lifted).
+pub(crate) fn why_not(
+    agent: &AgentPosition,
+    index: &ReleaseIndex,
+    policy: &Policy<'_>,
+) -> Vec<(Release, Option<String>)> {
+    let running = Version::parse(&agent.version).ok();
+    let chosen = match needs_update(
+        &AgentPosition {
+            paused: false,
+            auto_update: true,
+            ..agent.clone()
+        },
+        index,
+        &Policy {
+            updates_enabled: true,
+            ..*policy
+        },
+    ) {
+        Decision::Offer(release) => Some(release.version),
+        Decision::Hold(_) => None,
+    };
+    index
+        .releases
+        .iter()
+        .filter(|r| r.os == agent.os && r.arch == agent.arch)
+        .map(|release| {
+            let version = release.version.to_string();
+            let reason = if !channel_admits(agent.channel, release.channel) {
+                Some(format!(
+                    "a {} build; the agent follows {}",
+                    release.channel.as_str(),
+                    agent.channel.as_str()
+                ))
+            } else if policy.blocked_versions.contains(&version) {
+                Some("blocked: rolled back by an operator".to_owned())
+            } else if !policy.allows(release) {
+                Some("halted: too many failures".to_owned())
+            } else if running
+                .as_ref()
+                .is_none_or(|running| release.version <= *running)
+            {
+                Some(format!("not newer than {}", agent.version))
+            } else if agent.failed_versions.contains(&version) {
+                Some("failed on this agent before".to_owned())
+            } else if chosen.as_ref() != Some(&release.version) {
+                Some("a newer build is offered instead".to_owned())
+            } else {
+                None
+            };
+            (release.clone(), reason)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -180,11 +247,14 @@ mod tests {
 
     static NOTHING_BLOCKED: std::sync::LazyLock<HashSet<String>> =
         std::sync::LazyLock::new(HashSet::new);
+    static NOTHING_HALTED: std::sync::LazyLock<HashSet<RolloutKey>> =
+        std::sync::LazyLock::new(HashSet::new);
 
     fn enabled() -> Policy<'static> {
         Policy {
             updates_enabled: true,
             blocked_versions: &NOTHING_BLOCKED,
+            halted: &NOTHING_HALTED,
         }
     }
 
@@ -329,13 +399,64 @@ mod tests {
         ]);
         let blocked = HashSet::from(["1.2.0".to_owned()]);
         let policy = Policy {
-            updates_enabled: true,
             blocked_versions: &blocked,
+            ..enabled()
         };
         let decision = needs_update(&agent("1.0.0", Channel::Stable), &builds, &policy);
         assert_eq!(offered(decision), Some("1.1.0".into()));
         let decision = needs_update(&agent("1.1.0", Channel::Stable), &builds, &policy);
         assert_eq!(decision, Decision::Hold(HoldReason::UpToDate));
+    }
+
+    #[test]
+    fn halted_rollouts_get_no_new_agents() {
+        let builds = index(vec![
+            release("1.1.0", Channel::Stable),
+            release("1.2.0", Channel::Stable),
+        ]);
+        let halted = HashSet::from([("1.2.0".to_owned(), "linux".to_owned(), "amd64".to_owned())]);
+        let policy = Policy {
+            halted: &halted,
+            ..enabled()
+        };
+        let decision = needs_update(&agent("1.0.0", Channel::Stable), &builds, &policy);
+        assert_eq!(offered(decision), Some("1.1.0".into()));
+    }
+
+    #[test]
+    fn every_build_not_offered_says_why() {
+        let builds = index(vec![
+            release("0.9.0", Channel::Stable),
+            release("1.1.0", Channel::Stable),
+            release("1.2.0", Channel::Stable),
+            release("1.3.0", Channel::Stable),
+            release("1.4.0", Channel::Beta),
+            release_for("2.0.0", Channel::Stable, "windows", "amd64"),
+        ]);
+        let mut position = agent("1.0.0", Channel::Stable);
+        position.failed_versions.insert("1.3.0".into());
+        position.paused = true;
+        let blocked = HashSet::from(["1.2.0".to_owned()]);
+        let policy = Policy {
+            blocked_versions: &blocked,
+            ..enabled()
+        };
+        let reasons: Vec<(String, Option<String>)> = why_not(&position, &builds, &policy)
+            .into_iter()
+            .map(|(r, why)| (r.version.to_string(), why))
+            .collect();
+        let expected = [
+            ("1.4.0", Some("a beta build; the agent follows stable")),
+            ("1.3.0", Some("failed on this agent before")),
+            ("1.2.0", Some("blocked: rolled back by an operator")),
+            ("1.1.0", None),
+            ("0.9.0", Some("not newer than 1.0.0")),
+        ];
+        let expected: Vec<(String, Option<String>)> = expected
+            .iter()
+            .map(|(v, why)| (v.to_string(), why.map(String::from)))
+            .collect();
+        assert_eq!(reasons, expected);
     }
 
     #[test]

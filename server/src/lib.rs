@@ -11,7 +11,9 @@ mod dispatch;
 mod downloads;
 mod engine;
 mod heartbeats;
+mod metrics;
 mod releases;
+mod rollouts;
 pub mod session;
 pub mod store;
 
@@ -57,6 +59,15 @@ pub struct Settings {
     pub require_signatures: bool,
     /// Rescan period for filesystems that send no change events.
     pub rescan_every: Duration,
+    /// Beta successes a promote needs.
+    pub gate_min_successes: u64,
+    /// Success rate a promote needs.
+    pub gate_min_success_rate: f64,
+    /// Failure rate above which a rollout halts, after `halt_min_attempts`.
+    pub halt_failure_rate: f64,
+    pub halt_min_attempts: u64,
+    /// Beta ahead of stable for longer than this is a warning.
+    pub stale_stable_after: Duration,
 }
 
 impl Settings {
@@ -72,6 +83,22 @@ impl Settings {
             default_channel: "stable".into(),
             require_signatures: false,
             rescan_every: Duration::from_secs(60),
+            gate_min_successes: 3,
+            gate_min_success_rate: 0.9,
+            halt_failure_rate: 0.2,
+            halt_min_attempts: 5,
+            stale_stable_after: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
+    fn rollout_policy(&self) -> rollouts::RolloutPolicy {
+        rollouts::RolloutPolicy {
+            gate_min_successes: self.gate_min_successes,
+            gate_min_success_rate: self.gate_min_success_rate,
+            halt_failure_rate: self.halt_failure_rate,
+            halt_min_attempts: self.halt_min_attempts,
+            stale_stable_after_ms: i64::try_from(self.stale_stable_after.as_millis())
+                .unwrap_or(i64::MAX),
         }
     }
 }
@@ -89,6 +116,8 @@ pub struct AppState {
     settings: Arc<Settings>,
     updates_enabled: Arc<AtomicBool>,
     blocked_versions: Arc<RwLock<HashSet<String>>>,
+    /// Rollouts stopped by the failure rate; nothing new is dispatched to them.
+    halted: Arc<RwLock<HashSet<rollouts::RolloutKey>>>,
     downloads: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
 }
@@ -102,6 +131,76 @@ impl AppState {
         self.blocked_versions
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn halted(&self) -> std::sync::RwLockReadGuard<'_, HashSet<rollouts::RolloutKey>> {
+        self.halted
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `decide` with the server-wide conditions of dispatch.
+    fn with_policy<R>(&self, decide: impl FnOnce(&engine::Policy<'_>) -> R) -> R {
+        let blocked = self.blocked_versions();
+        let halted = self.halted();
+        decide(&engine::Policy {
+            updates_enabled: self.updates_enabled(),
+            blocked_versions: &blocked,
+            halted: &halted,
+        })
+    }
+
+    /// Re-reads blocks and halts from the database into memory.
+    async fn reload_rollout_state(&self) -> store::StoreResult<()> {
+        let blocked: HashSet<String> = self.store.blocked_versions().await?.into_iter().collect();
+        let halted: HashSet<rollouts::RolloutKey> = self
+            .store
+            .rollout_records()
+            .await?
+            .into_iter()
+            .filter(|r| r.halted_at_ms.is_some())
+            .map(|r| (r.version, r.os, r.arch))
+            .collect();
+        *self
+            .blocked_versions
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = blocked;
+        *self
+            .halted
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = halted;
+        Ok(())
+    }
+
+    /// Writes an audit entry; a failure to write it is logged, never hidden.
+    async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: Option<String>,
+        result: &str,
+    ) {
+        let entry = store::AuditEntry {
+            id: 0,
+            at_ms: clock::now_ms(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            detail,
+            result: result.to_owned(),
+        };
+        tracing::info!(
+            actor,
+            action,
+            target,
+            result,
+            detail = entry.detail.as_deref().unwrap_or(""),
+            "audit"
+        );
+        if let Err(err) = self.store.append_audit(&entry).await {
+            tracing::error!(%err, action, target, "could not write the audit entry");
+        }
     }
 }
 
@@ -136,7 +235,6 @@ pub async fn run(
     )
     .await?;
     let updates_enabled = store.setting(UPDATES_ENABLED).await?.as_deref() != Some("false");
-    let blocked: HashSet<String> = store.blocked_versions().await?.into_iter().collect();
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
     let state = AppState {
@@ -149,9 +247,12 @@ pub async fn run(
         )),
         settings: Arc::new(settings),
         updates_enabled: Arc::new(AtomicBool::new(updates_enabled)),
-        blocked_versions: Arc::new(RwLock::new(blocked)),
+        blocked_versions: Arc::default(),
+        halted: Arc::default(),
         shutdown: shutdown.clone(),
     };
+    state.reload_rollout_state().await?;
+    record_first_seen(&state).await;
     tokio::spawn(nudge_on_new_releases(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     let app = router(state);
@@ -171,7 +272,26 @@ pub async fn run(
 async fn nudge_on_new_releases(state: AppState) {
     let mut changes = state.releases.subscribe();
     while changes.changed().await.is_ok() {
+        record_first_seen(&state).await;
         state.registry.broadcast(|| Outbound::Check);
+    }
+}
+
+/// Notes when each build was first seen: the stale-stable warning counts from it.
+async fn record_first_seen(state: &AppState) {
+    let builds: Vec<rollouts::RolloutKey> = state
+        .releases
+        .current()
+        .releases
+        .iter()
+        .map(|r| (r.version.to_string(), r.os.clone(), r.arch.clone()))
+        .collect();
+    if let Err(err) = state
+        .store
+        .record_first_seen(&builds, clock::now_ms())
+        .await
+    {
+        tracing::warn!(%err, "could not record when builds were first seen");
     }
 }
 
@@ -179,6 +299,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/downloads/{file}", get(downloads::serve))
+        .route("/metrics", get(metrics::render))
         .nest(
             "/api/v1",
             api::router().route("/agent/ws", get(agent_socket)),
@@ -274,6 +395,11 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         default_channel: args.default_channel,
         require_signatures: args.require_signatures,
         rescan_every: args.rescan_interval,
+        gate_min_successes: args.gate_min_successes,
+        gate_min_success_rate: args.gate_min_success_rate,
+        halt_failure_rate: args.halt_failure_rate,
+        halt_min_attempts: args.halt_min_attempts,
+        stale_stable_after: args.stale_stable_after,
         ..Settings::new(public_url.clone(), args.downloads.clone())
     };
     run(store, settings, listener, shutdown).await

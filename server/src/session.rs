@@ -242,6 +242,20 @@ async fn admit(state: &AppState, hello: &Hello) -> Result<(String, Option<String
             {
                 Ok(enrolled) => {
                     tracing::info!(agent = %enrolled.agent_id, rebound = enrolled.rebound, hostname = %hello.hostname, "agent enrolled");
+                    if enrolled.rebound {
+                        state
+                            .audit(
+                                &format!("agent {}", enrolled.agent_id),
+                                "agent.reenroll",
+                                &enrolled.agent_id,
+                                Some(format!(
+                                    "{} enrolled again from the same machine",
+                                    hello.hostname
+                                )),
+                                "re-bound to its existing record",
+                            )
+                            .await;
+                    }
                     Ok((enrolled.agent_id, Some(secret)))
                 }
                 Err(StoreError::NotFound) => Err(Refusal::new(

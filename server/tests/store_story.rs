@@ -1,7 +1,9 @@
 //! The storage story: the whole `Store` trait exercised in the order the product uses it,
 //! against a real SQLite file.
 
-use server::store::{AgentFacts, Bootstrap, HeartbeatRecord, Role, SqliteStore, Store, StoreError};
+use server::store::{
+    AgentFacts, AuditEntry, Bootstrap, HeartbeatRecord, Role, SqliteStore, Store, StoreError,
+};
 
 fn facts(fingerprint: &str, hostname: &str, version: &str) -> AgentFacts {
     AgentFacts {
@@ -33,11 +35,11 @@ async fn story(store: &dyn Store) {
         .unwrap();
     assert_eq!(again, Default::default(), "bootstrap is idempotent");
     assert_eq!(
-        store.api_token_role("admin-hash").await.unwrap(),
+        store.api_token("admin-hash").await.unwrap().role,
         Role::Admin
     );
     assert!(matches!(
-        store.api_token_role("other-admin").await,
+        store.api_token("other-admin").await,
         Err(StoreError::NotFound)
     ));
 
@@ -135,6 +137,136 @@ async fn story(store: &dyn Store) {
         store.agent("missing").await,
         Err(StoreError::NotFound)
     ));
+    story_of_operators(store, &by_id(&one.agent_id).site_id).await;
+}
+
+/// Tokens, enrollment limits, rollout records, blocks and the audit log.
+async fn story_of_operators(store: &dyn Store, site: &str) {
+    // Tokens: minted, listed without secrets, revoked.
+    let viewer = store
+        .create_api_token("ci", Role::Viewer, "viewer-hash")
+        .await
+        .unwrap();
+    assert_eq!(store.api_token("viewer-hash").await.unwrap().name, "ci");
+    store.revoke_api_token(&viewer.id).await.unwrap();
+    assert!(matches!(
+        store.api_token("viewer-hash").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.revoke_api_token(&viewer.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store
+            .list_api_tokens()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|t| t.revoked)
+            .count(),
+        1
+    );
+
+    // Enrollment tokens run out of uses and expire.
+    store
+        .create_enrollment_token(site, "once", None, Some(1))
+        .await
+        .unwrap();
+    store
+        .create_enrollment_token(site, "expired", Some(10), None)
+        .await
+        .unwrap();
+    store
+        .enroll("once", &facts("fp-3", "three", "1.0.0"), "s3", 1_000)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .enroll("once", &facts("fp-4", "four", "1.0.0"), "s4", 1_000)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .enroll("expired", &facts("fp-5", "five", "1.0.0"), "s5", 1_000)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .create_enrollment_token("no-site", "x", None, None)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Rollout records: first sighting kept, halts and resumes, blocks.
+    let key = ("1.2.0".to_owned(), "linux".to_owned(), "amd64".to_owned());
+    store
+        .record_first_seen(std::slice::from_ref(&key), 100)
+        .await
+        .unwrap();
+    store
+        .record_first_seen(std::slice::from_ref(&key), 900)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .halt("1.2.0", "linux", "amd64", "too many failures", 200)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .halt("1.2.0", "linux", "amd64", "again", 300)
+            .await
+            .unwrap()
+    );
+    let records = store.rollout_records().await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].first_seen_ms, records[0].halt_reason.as_deref()),
+        (100, Some("too many failures"))
+    );
+    assert_eq!(
+        store
+            .resume("1.2.0", Some(("linux", "arm64")))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.resume("1.2.0", None).await.unwrap(), 1);
+    store.block_version("1.2.0", "bad", 1).await.unwrap();
+    assert_eq!(store.blocked_versions().await.unwrap(), ["1.2.0"]);
+    assert!(store.unblock_version("1.2.0").await.unwrap());
+    assert!(!store.unblock_version("1.2.0").await.unwrap());
+
+    // The audit log pages newest first and filters by action.
+    for (i, action) in ["a.one", "a.two", "a.one"].iter().enumerate() {
+        store
+            .append_audit(&AuditEntry {
+                id: 0,
+                at_ms: i as i64,
+                actor: "admin".into(),
+                action: (*action).into(),
+                target: format!("t{i}"),
+                detail: None,
+                result: "ok".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let page = store.audit(2, None, None).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        ["t2", "t1"]
+    );
+    let next = store.audit(2, Some(page[1].id), None).await.unwrap();
+    assert_eq!(
+        next.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        ["t0"]
+    );
+    assert_eq!(store.audit(10, None, Some("a.one")).await.unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -147,7 +279,7 @@ async fn sqlite_story() {
 
     // Reopening runs no migration twice and keeps every row.
     let reopened = SqliteStore::open(&path).await.unwrap();
-    assert_eq!(reopened.list_agents().await.unwrap().len(), 2);
+    assert_eq!(reopened.list_agents().await.unwrap().len(), 3);
 }
 
 /// Every migration exists for both backends under the same name.

@@ -491,6 +491,28 @@ impl ProtocolAgent {
         }
     }
 
+    /// Enrolls with `token`; `None` when the server rejects it.
+    pub async fn enroll_with(
+        server: &Server,
+        fingerprint: &str,
+        token: &str,
+    ) -> Option<ProtocolAgent> {
+        let mut socket = raw_connect(server).await;
+        let mut hello = hello(fingerprint);
+        hello.enroll_token = Some(token.into());
+        send(&mut socket, AgentMessage::Hello(hello)).await;
+        match receive(&mut socket).await? {
+            ServerMessage::Welcome(welcome) => Some(ProtocolAgent {
+                socket,
+                id: welcome.agent_id,
+                secret: welcome.secret.expect("enrollment returns a secret"),
+                version: "1.0.0".into(),
+                seq: 0,
+            }),
+            _ => None,
+        }
+    }
+
     /// A new session with the stored credentials, reporting `version`.
     pub async fn reconnect(&mut self, server: &Server, version: &str) {
         let mut socket = raw_connect(server).await;

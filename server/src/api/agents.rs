@@ -10,7 +10,7 @@ use super::{ApiError, Caller};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::dispatch::LiveAgent;
-use crate::engine::{Decision, Policy, channel_admits, needs_update, resolve_channel};
+use crate::engine::{Decision, HoldReason, channel_admits, needs_update, resolve_channel, why_not};
 use crate::session::Outbound;
 use crate::store::{AgentRecord, NewTask, Role, StoreError, TaskKind, TaskStatus, UpdateTask};
 
@@ -154,7 +154,12 @@ async fn set_paused(
         }
         Err(err) => return Err(err.into()),
     }
-    tracing::info!(agent = %id, paused, "agent updates {}", if paused { "paused" } else { "resumed" });
+    let action = if paused {
+        "agent.pause"
+    } else {
+        "agent.resume"
+    };
+    state.audit(&caller.actor, action, &id, None, "done").await;
     state.registry.send(&id, Outbound::Refresh);
     Ok(Json(view(&state, agent_or_404(&state, &id).await?)))
 }
@@ -166,13 +171,35 @@ pub(crate) struct Explanation {
     version: String,
     channel: &'static str,
     channel_source: &'static str,
+    /// Each level of agent → site → client → default and the channel it sets.
+    channel_trace: Vec<TraceStep>,
     /// `offer` when a build is due, `hold` otherwise.
     decision: &'static str,
     offer: Option<String>,
     reason: String,
+    candidates: Vec<Candidate>,
     active_task: Option<TaskView>,
+    /// What happens next, in words.
+    next: String,
 }
 
+#[derive(Debug, Serialize)]
+struct TraceStep {
+    level: &'static str,
+    channel: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Candidate {
+    version: String,
+    channel: &'static str,
+    file: String,
+    offered: bool,
+    reason: Option<String>,
+}
+
+/// Why the agent is or is not being updated: channel resolution, every candidate build
+/// with the reason it is not offered, and what happens next.
 pub(crate) async fn explain(
     caller: Caller,
     State(state): State<AppState>,
@@ -182,16 +209,14 @@ pub(crate) async fn explain(
     let record = agent_or_404(&state, &id).await?;
     let live = LiveAgent::load(&state, &id, &record.version).await?;
     let (channel, channel_source) = resolve_channel(&record);
-    let decision = {
-        let index = state.releases.current();
-        let blocked = state.blocked_versions();
-        let policy = Policy {
-            updates_enabled: state.updates_enabled(),
-            blocked_versions: &blocked,
-        };
-        needs_update(&live.position, &index, &policy)
-    };
-    let (decision, offer, reason) = match (&live.active, decision) {
+    let index = state.releases.current();
+    let (decision, verdicts) = state.with_policy(|policy| {
+        (
+            needs_update(&live.position, &index, policy),
+            why_not(&live.position, &index, policy),
+        )
+    });
+    let (decision, offer, reason, next) = match (&live.active, decision) {
         (Some(task), _) => (
             "hold",
             None,
@@ -201,26 +226,71 @@ pub(crate) async fn explain(
                 task.to_version,
                 task.status.as_str()
             ),
+            "the task finishes, fails or times out before anything else is offered".to_owned(),
         ),
         (None, Decision::Offer(release)) => (
             "offer",
             Some(release.version.to_string()),
+            format!("{} is due", release.version),
             format!(
-                "{} is due and is sent at the next heartbeat",
+                "{} is sent at the agent's next heartbeat or connect",
                 release.version
             ),
         ),
-        (None, Decision::Hold(reason)) => ("hold", None, reason.describe()),
+        (None, Decision::Hold(reason)) => {
+            let next = match reason {
+                HoldReason::UpToDate
+                | HoldReason::NoBuildForPlatform
+                | HoldReason::FailedBefore(_) => {
+                    "a newer build of its channel is offered as soon as it is published or promoted"
+                }
+                _ => {
+                    "nothing until an operator acts (resume, switch updates on, or request an update)"
+                }
+            };
+            ("hold", None, reason.describe(), next.to_owned())
+        }
     };
+    let channel_trace = vec![
+        TraceStep {
+            level: "agent",
+            channel: record.agent_channel.clone(),
+        },
+        TraceStep {
+            level: "site",
+            channel: record.site_channel.clone(),
+        },
+        TraceStep {
+            level: "client",
+            channel: record.client_channel.clone(),
+        },
+        TraceStep {
+            level: "default",
+            channel: Some("stable".into()),
+        },
+    ];
+    let candidates = verdicts
+        .into_iter()
+        .map(|(release, why)| Candidate {
+            offered: offer.as_deref() == Some(release.version.to_string().as_str()),
+            version: release.version.to_string(),
+            channel: release.channel.as_str(),
+            file: release.file,
+            reason: why,
+        })
+        .collect();
     Ok(Json(Explanation {
         agent_id: id,
         version: record.version,
         channel: channel.as_str(),
         channel_source,
+        channel_trace,
         decision,
         offer,
         reason,
+        candidates,
         active_task: live.active.map(TaskView::from),
+        next,
     }))
 }
 
@@ -246,13 +316,8 @@ pub(crate) async fn update_now(
     body: Bytes,
 ) -> Result<(StatusCode, Json<UpdateQueued>), ApiError> {
     caller.require(Role::Operator)?;
-    // The body is optional: no body means "the newest build of the agent's channel".
-    let request: UpdateNow = if body.iter().all(u8::is_ascii_whitespace) {
-        UpdateNow::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?
-    };
+    // No body means "the newest build of the agent's channel".
+    let request: UpdateNow = super::optional_body(&body)?;
     let agent = agent_or_404(&state, &id).await?;
     if !state.updates_enabled() {
         return Err(ApiError::Conflict(
@@ -286,10 +351,11 @@ pub(crate) async fn update_now(
         }
         None => {
             let (channel, _) = resolve_channel(&agent);
-            let blocked = state.blocked_versions();
-            index
-                .newest(&agent.os, &agent.arch, |r| {
-                    channel_admits(channel, r.channel) && !blocked.contains(&r.version.to_string())
+            state
+                .with_policy(|policy| {
+                    index.newest(&agent.os, &agent.arch, |r| {
+                        channel_admits(channel, r.channel) && policy.allows(r)
+                    })
                 })
                 .ok_or_else(|| {
                     ApiError::NotFound(format!(
@@ -344,8 +410,20 @@ pub(crate) async fn update_now(
             now,
         )
         .await?;
-    tracing::info!(agent = %id, task = %task.id, to = %task.to_version, "update requested by an operator");
     let pushed = state.registry.send(&id, Outbound::Refresh);
+    state
+        .audit(
+            &caller.actor,
+            "agent.update",
+            &id,
+            Some(format!("task {} to {}", task.id, task.to_version)),
+            if pushed {
+                "sent"
+            } else {
+                "queued until the agent connects"
+            },
+        )
+        .await;
     Ok((
         StatusCode::ACCEPTED,
         Json(UpdateQueued {

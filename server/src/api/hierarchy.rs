@@ -70,13 +70,22 @@ pub(crate) async fn create_client(
     State(state): State<AppState>,
     Body(body): Body<NewClient>,
 ) -> Result<(StatusCode, Json<Dated<Client>>), ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require(Role::Admin)?;
     let name = check_name(&body.name)?;
     let client = state
         .store
         .create_client(name)
         .await
         .map_err(|e| conflict_or(e, &format!("client {name:?}")))?;
+    state
+        .audit(
+            &caller.actor,
+            "client.create",
+            &client.id,
+            Some(name.to_owned()),
+            "created",
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(dated_client(client))))
 }
 
@@ -101,7 +110,7 @@ pub(crate) async fn create_site(
     State(state): State<AppState>,
     Body(body): Body<NewSite>,
 ) -> Result<(StatusCode, Json<Dated<Site>>), ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require(Role::Admin)?;
     let name = check_name(&body.name)?;
     let site = match state.store.create_site(&body.client_id, name).await {
         Ok(site) => site,
@@ -113,6 +122,15 @@ pub(crate) async fn create_site(
         }
         Err(err) => return Err(conflict_or(err, &format!("site {name:?} in this client"))),
     };
+    state
+        .audit(
+            &caller.actor,
+            "site.create",
+            &site.id,
+            Some(name.to_owned()),
+            "created",
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(dated_site(site))))
 }
 
@@ -194,7 +212,15 @@ async fn set_channel(
     for agent in &affected {
         state.registry.send(agent, Outbound::Refresh);
     }
-    tracing::info!(%what, %id, channel = channel.map_or("(cleared)", Channel::as_str), agents = affected.len(), "channel changed");
+    state
+        .audit(
+            &caller.actor,
+            &format!("{what}.channel"),
+            &id,
+            Some(channel.map_or("cleared".to_owned(), |c| c.as_str().to_owned())),
+            &format!("{} agents affected", affected.len()),
+        )
+        .await;
     Ok(Json(ChannelSet {
         id,
         channel: channel.map(Channel::as_str),

@@ -1,17 +1,19 @@
 //! The REST API under `/api/v1`: bearer-token authentication, JSON bodies, and one
 //! `ApiError` that turns domain errors into status codes.
 
+mod admin;
 mod agents;
 mod hierarchy;
 mod install;
 mod releases;
+mod rollouts;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -46,6 +48,18 @@ pub(crate) fn router() -> Router<AppState> {
             "/updates",
             get(releases::updates_switch).put(releases::set_updates_switch),
         )
+        .route("/tokens", get(admin::list_tokens).post(admin::create_token))
+        .route("/tokens/{id}", delete(admin::revoke_token))
+        .route(
+            "/sites/{id}/enrollment-tokens",
+            post(admin::create_enrollment_token),
+        )
+        .route("/audit", get(admin::audit))
+        .route("/rollouts", get(rollouts::list))
+        .route("/rollouts/{version}/promote", post(rollouts::promote))
+        .route("/rollouts/{version}/rollback", post(rollouts::rollback))
+        .route("/rollouts/{version}/unblock", post(rollouts::unblock))
+        .route("/rollouts/{version}/resume", post(rollouts::resume))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
 }
 
@@ -100,14 +114,16 @@ impl IntoResponse for ApiError {
 }
 
 /// The caller of an operator endpoint, authenticated by `Authorization: Bearer <token>`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Caller {
     role: Role,
+    /// Who acted, as the audit log shows it: the token's name and id.
+    actor: String,
 }
 
 impl Caller {
     /// Refuses callers below `needed`.
-    fn require(self, needed: Role) -> Result<Caller, ApiError> {
+    fn require(&self, needed: Role) -> Result<&Caller, ApiError> {
         if self.role >= needed {
             Ok(self)
         } else {
@@ -140,8 +156,11 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or(ApiError::Unauthorized(
                 "the Authorization header must be Bearer <token>",
             ))?;
-        match state.store.api_token_role(&hash_secret(token)).await {
-            Ok(role) => Ok(Caller { role }),
+        match state.store.api_token(&hash_secret(token)).await {
+            Ok(token) => Ok(Caller {
+                role: token.role,
+                actor: format!("{} ({})", token.name, token.id),
+            }),
             Err(StoreError::NotFound) => Err(ApiError::Unauthorized("unknown or revoked token")),
             Err(err) => Err(err.into()),
         }
@@ -164,4 +183,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
 
 fn bad_body(rejection: JsonRejection) -> ApiError {
     ApiError::BadRequest(rejection.body_text())
+}
+
+/// A JSON body that may be left out; no body means the defaults.
+pub(crate) fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }

@@ -84,6 +84,19 @@ pub(crate) async fn rescan(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Operator)?;
     let index = state.releases.rescan().await;
+    state
+        .audit(
+            &caller.actor,
+            "releases.rescan",
+            "downloads",
+            Some(format!(
+                "{} offered, {} skipped",
+                index.releases.len(),
+                index.skipped.len()
+            )),
+            "done",
+        )
+        .await;
     Ok(Json(listing(&state, &index, true)))
 }
 
@@ -115,7 +128,15 @@ pub(crate) async fn set_updates_switch(
         .set_setting(UPDATES_ENABLED, if body.enabled { "true" } else { "false" })
         .await?;
     state.updates_enabled.store(body.enabled, Ordering::Relaxed);
-    tracing::warn!(enabled = body.enabled, "server-wide updates switched");
+    state
+        .audit(
+            &caller.actor,
+            "updates.switch",
+            "server",
+            None,
+            if body.enabled { "enabled" } else { "disabled" },
+        )
+        .await;
     if body.enabled {
         state.registry.broadcast(|| Outbound::Check);
     }

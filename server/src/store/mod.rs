@@ -290,6 +290,50 @@ pub struct Site {
     pub created_at_ms: i64,
 }
 
+/// What is stored about one version on one platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRecord {
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    pub first_seen_ms: i64,
+    pub promoted_at_ms: Option<i64>,
+    pub halted_at_ms: Option<i64>,
+    pub halt_reason: Option<String>,
+}
+
+/// How many tasks to one version on one platform are in one status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskCount {
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    pub status: TaskStatus,
+    pub tasks: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    #[serde(skip)]
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: Option<String>,
+    pub result: String,
+}
+
+/// An API token as stored (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at_ms: i64,
+    pub revoked: bool,
+}
+
 /// Which level of the hierarchy a channel is set on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelScope {
@@ -307,11 +351,34 @@ pub trait Store: Send + Sync + 'static {
     /// one transaction.
     async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome>;
 
-    async fn api_token_role(&self, token_hash: &str) -> StoreResult<Role>;
+    /// The unrevoked token with this hash; `NotFound` otherwise.
+    async fn api_token(&self, token_hash: &str) -> StoreResult<ApiToken>;
+
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        token_hash: &str,
+    ) -> StoreResult<ApiToken>;
+
+    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>>;
+
+    /// `NotFound` when there is no such unrevoked token.
+    async fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
+
+    /// `NotFound` when the site does not exist.
+    async fn create_enrollment_token(
+        &self,
+        site_id: &str,
+        token_hash: &str,
+        expires_at_ms: Option<i64>,
+        max_uses: Option<i64>,
+    ) -> StoreResult<String>;
 
     /// Enrolls a machine with a site enrollment token: re-binds the machine's record in
-    /// that site if there is one (same id, new secret), otherwise creates one.
-    /// `NotFound` when the token is unknown or revoked.
+    /// that site if there is one (same id, new secret), otherwise creates one, and counts
+    /// a use of the token. `NotFound` when the token is unknown, revoked, expired or used
+    /// up.
     async fn enroll(
         &self,
         enroll_token_hash: &str,
@@ -320,7 +387,8 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Enrolled>;
 
-    /// The site an enrollment token enrolls into; `NotFound` when unknown or revoked.
+    /// The site an enrollment token enrolls into; `NotFound` when unknown, revoked,
+    /// expired or used up.
     async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String>;
 
     /// Checks an agent's credentials and records what its hello said.
@@ -411,6 +479,56 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<UpdateTask>;
+
+    /// Records the first sighting of builds; later sightings change nothing.
+    async fn record_first_seen(
+        &self,
+        builds: &[(String, String, String)],
+        now_ms: i64,
+    ) -> StoreResult<()>;
+
+    async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>>;
+
+    async fn task_counts(&self) -> StoreResult<Vec<TaskCount>>;
+
+    /// Marks every platform's record of `version` promoted.
+    async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()>;
+
+    /// Halts one rollout; false when it was halted already.
+    async fn halt(
+        &self,
+        version: &str,
+        os: &str,
+        arch: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+
+    /// Lifts halts of `version` (on one platform, or all); returns how many.
+    async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64>;
+
+    async fn block_version(&self, version: &str, reason: &str, now_ms: i64) -> StoreResult<()>;
+
+    /// False when the version was not blocked.
+    async fn unblock_version(&self, version: &str) -> StoreResult<bool>;
+
+    /// Cancels unfinished tasks to `version`; returns the agents they belonged to.
+    async fn cancel_tasks_to(
+        &self,
+        version: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+
+    /// Newest first; `before` pages by id; `action` filters exactly.
+    async fn audit(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+        action: Option<&str>,
+    ) -> StoreResult<Vec<AuditEntry>>;
 }
 
 /// Opens the database named by `url` (`sqlite://...`), running migrations, or a SQLite

@@ -120,6 +120,46 @@ fn site_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Site, sqlx::Error> {
     })
 }
 
+/// An enrollment token that is not revoked, expired (binds now) or used up.
+const USABLE_TOKEN: &str = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) \
+     AND (max_uses IS NULL OR uses < max_uses)";
+
+fn token_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiToken, sqlx::Error> {
+    let role: String = row.try_get("role")?;
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: Role::parse(&role)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown role {role:?}").into()))?,
+        created_at_ms: row.try_get("created_at")?,
+        revoked: row.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+    })
+}
+
+fn rollout_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RolloutRecord, sqlx::Error> {
+    Ok(RolloutRecord {
+        version: row.try_get("version")?,
+        os: row.try_get("os")?,
+        arch: row.try_get("arch")?,
+        first_seen_ms: row.try_get("first_seen")?,
+        promoted_at_ms: row.try_get("promoted_at")?,
+        halted_at_ms: row.try_get("halted_at")?,
+        halt_reason: row.try_get("halt_reason")?,
+    })
+}
+
+fn audit_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AuditEntry, sqlx::Error> {
+    Ok(AuditEntry {
+        id: row.try_get("id")?,
+        at_ms: row.try_get("at")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        target: row.try_get("target")?,
+        detail: row.try_get("detail")?,
+        result: row.try_get("result")?,
+    })
+}
+
 fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -224,14 +264,86 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
-    async fn api_token_role(&self, token_hash: &str) -> StoreResult<Role> {
-        let role: String = sqlx::query_scalar(
-            "SELECT role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+    async fn api_token(&self, token_hash: &str) -> StoreResult<ApiToken> {
+        let row = sqlx::query(
+            "SELECT id, name, role, created_at, revoked_at FROM api_tokens \
+             WHERE token_hash = ? AND revoked_at IS NULL",
         )
         .bind(token_hash)
         .fetch_one(&self.pool)
         .await?;
-        Role::parse(&role).ok_or_else(|| StoreError::Other(format!("unknown role {role:?}")))
+        Ok(token_from_row(&row)?)
+    }
+
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        token_hash: &str,
+    ) -> StoreResult<ApiToken> {
+        let row = sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, token_hash, created_at) VALUES (?, ?, ?, ?, ?) \
+             RETURNING id, name, role, created_at, revoked_at",
+        )
+        .bind(new_id())
+        .bind(name)
+        .bind(role.as_str())
+        .bind(token_hash)
+        .bind(crate::clock::now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(token_from_row(&row)?)
+    }
+
+    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>> {
+        let rows = sqlx::query(
+            "SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(token_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
+        let done =
+            sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(crate::clock::now_ms())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        site_id: &str,
+        token_hash: &str,
+        expires_at_ms: Option<i64>,
+        max_uses: Option<i64>,
+    ) -> StoreResult<String> {
+        let mut tx = self.pool.begin().await?;
+        let _: String = sqlx::query_scalar("SELECT id FROM sites WHERE id = ?")
+            .bind(site_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let id = new_id();
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, site_id, token_hash, created_at, expires_at, max_uses) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(site_id)
+        .bind(token_hash)
+        .bind(crate::clock::now_ms())
+        .bind(expires_at_ms)
+        .bind(max_uses)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     async fn enroll(
@@ -242,10 +354,14 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> StoreResult<Enrolled> {
         let mut tx = self.pool.begin().await?;
-        let site_id: String = sqlx::query_scalar(
-            "SELECT site_id FROM enrollment_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-        )
+        // Counting the use in the same statement that checks the limits keeps two
+        // enrollments from both taking the last use.
+        let site_id: String = sqlx::query_scalar(&format!(
+            "UPDATE enrollment_tokens SET uses = uses + 1 WHERE token_hash = ? AND {USABLE_TOKEN} \
+             RETURNING site_id"
+        ))
         .bind(enroll_token_hash)
+        .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
         let candidate = new_id();
@@ -280,10 +396,11 @@ impl Store for SqliteStore {
     }
 
     async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String> {
-        Ok(sqlx::query_scalar(
-            "SELECT site_id FROM enrollment_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-        )
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT site_id FROM enrollment_tokens WHERE token_hash = ? AND {USABLE_TOKEN}"
+        ))
         .bind(enroll_token_hash)
+        .bind(crate::clock::now_ms())
         .fetch_one(&self.pool)
         .await?)
     }
@@ -606,5 +723,187 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(task_from_row(&row)?)
+    }
+
+    async fn record_first_seen(
+        &self,
+        builds: &[(String, String, String)],
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for (version, os, arch) in builds {
+            sqlx::query(
+                "INSERT INTO rollouts (version, os, arch, first_seen) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (version, os, arch) DO NOTHING",
+            )
+            .bind(version)
+            .bind(os)
+            .bind(arch)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>> {
+        let rows = sqlx::query(
+            "SELECT version, os, arch, first_seen, promoted_at, halted_at, halt_reason FROM rollouts",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(rollout_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn task_counts(&self) -> StoreResult<Vec<TaskCount>> {
+        let rows = sqlx::query(
+            "SELECT to_version, os, arch, status, COUNT(*) AS tasks FROM update_tasks \
+             GROUP BY to_version, os, arch, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                Ok(TaskCount {
+                    version: row.try_get("to_version")?,
+                    os: row.try_get("os")?,
+                    arch: row.try_get("arch")?,
+                    status: TaskStatus::parse(&status).ok_or_else(|| {
+                        sqlx::Error::Decode(format!("unknown task status {status:?}").into())
+                    })?,
+                    tasks: row.try_get("tasks")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE rollouts SET promoted_at = ? WHERE version = ?")
+            .bind(now_ms)
+            .bind(version)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn halt(
+        &self,
+        version: &str,
+        os: &str,
+        arch: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO rollouts (version, os, arch, first_seen, halted_at, halt_reason) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (version, os, arch) DO UPDATE SET halted_at = excluded.halted_at, \
+                 halt_reason = excluded.halt_reason WHERE rollouts.halted_at IS NULL",
+        )
+        .bind(version)
+        .bind(os)
+        .bind(arch)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64> {
+        let (os, arch) = platform.unzip();
+        let done = sqlx::query(
+            "UPDATE rollouts SET halted_at = NULL, halt_reason = NULL \
+             WHERE version = ? AND halted_at IS NOT NULL \
+               AND (? IS NULL OR os = ?) AND (? IS NULL OR arch = ?)",
+        )
+        .bind(version)
+        .bind(os)
+        .bind(os)
+        .bind(arch)
+        .bind(arch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn block_version(&self, version: &str, reason: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO version_blocks (version, reason, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(version)
+        .bind(reason)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unblock_version(&self, version: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM version_blocks WHERE version = ?")
+            .bind(version)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn cancel_tasks_to(
+        &self,
+        version: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(&format!(
+            "UPDATE update_tasks SET status = 'cancelled', error = ?, updated_at = ? \
+             WHERE to_version = ? AND status IN {ACTIVE_STATUSES} RETURNING agent_id"
+        ))
+        .bind(reason)
+        .bind(now_ms)
+        .bind(version)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, detail, result) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(entry.at_ms)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.detail)
+        .bind(&entry.result)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+        action: Option<&str>,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, target, detail, result FROM audit_log \
+             WHERE (? IS NULL OR id < ?) AND (? IS NULL OR action = ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(before)
+        .bind(before)
+        .bind(action)
+        .bind(action)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(audit_from_row).collect::<Result<_, _>>()?)
     }
 }

@@ -1,0 +1,599 @@
+//! End-to-end: operator workflows against real servers and agents. Promote behind the
+//! health gate, rollback, auto-halt, the stale-stable warning, identity continuity,
+//! roles and the audit log.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn publish_agent(server: &Server, dir: &Path, version: &str, channel: &str) {
+    let build = dir.join(format!("build-{version}"));
+    stamp_agent(version, &build);
+    publish(
+        &server.downloads(),
+        version,
+        Some(channel),
+        &std::fs::read(&build).unwrap(),
+    );
+}
+
+/// Starts `names` as real agents at 1.0.0, each installed in its own directory.
+fn start_fleet(server: &Server, dir: &Path, names: &[&str]) -> Vec<(Agent, PathBuf)> {
+    names
+        .iter()
+        .map(|name| {
+            let exe = dir.join(format!("{name}-bin/drover-agent"));
+            stamp_agent("1.0.0", &exe);
+            let agent = Agent::start_installed(
+                server,
+                &exe,
+                dir,
+                name,
+                &[
+                    "--enroll-token",
+                    ENROLL_TOKEN,
+                    "--fingerprint",
+                    &format!("fp-{name}"),
+                ],
+            );
+            (agent, exe)
+        })
+        .collect()
+}
+
+async fn versions(api: &Api) -> Vec<(String, String)> {
+    let mut agents: Vec<(String, String)> = api
+        .agents()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|a| a["online"] == true)
+        .map(|a| {
+            (
+                a["hostname"].as_str().unwrap().to_owned(),
+                a["version"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    agents.sort();
+    agents
+}
+
+/// Waits until exactly these agents are online at these versions.
+async fn fleet_at(api: &Api, expected: &[(&str, &str)]) {
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(h, v)| (h.to_string(), v.to_string()))
+        .collect();
+    eventually(&format!("the fleet at {expected:?}"), WAIT, || async {
+        (versions(api).await == expected).then_some(())
+    })
+    .await;
+}
+
+async fn find_rollout(api: &Api, version: &str) -> Option<Value> {
+    let (status, rollouts) = api.get("/api/v1/rollouts").await;
+    assert_eq!(status, 200, "{rollouts}");
+    rollouts
+        .as_array()?
+        .iter()
+        .find(|r| r["version"] == version)
+        .cloned()
+}
+
+async fn rollout(api: &Api, version: &str) -> Value {
+    find_rollout(api, version)
+        .await
+        .unwrap_or_else(|| panic!("no rollout of {version}"))
+}
+
+/// Waits until the scanner offers `version`.
+async fn offered(api: &Api, version: &str) {
+    eventually(
+        &format!("{version} to be offered"),
+        Duration::from_secs(15),
+        || async {
+            let (_, releases) = api.get("/api/v1/releases").await;
+            releases
+                .as_array()?
+                .iter()
+                .any(|r| r["version"] == version)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_full_story_beta_promote_and_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long heartbeat interval: promote and rollback must not wait for heartbeats.
+    let server = Server::start_with_args(
+        dir.path(),
+        &["--heartbeat-interval", "60", "--gate-min-successes", "2"],
+    );
+    let api = server.api();
+    publish_agent(&server, dir.path(), "1.0.0", "stable");
+    let _fleet = start_fleet(&server, dir.path(), &["s1", "s2", "s3", "b1", "b2"]);
+    fleet_at(
+        &api,
+        &[
+            ("b1", "1.0.0"),
+            ("b2", "1.0.0"),
+            ("s1", "1.0.0"),
+            ("s2", "1.0.0"),
+            ("s3", "1.0.0"),
+        ],
+    )
+    .await;
+    let ids: Vec<(String, String)> = api
+        .agents()
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["hostname"].as_str().unwrap().to_owned(),
+                a["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (name, id) in &ids {
+        if name.starts_with('b') {
+            api.put(
+                &format!("/api/v1/agents/{id}/channel"),
+                json!({"channel": "beta"}),
+            )
+            .await;
+        }
+    }
+
+    publish_agent(&server, dir.path(), "1.1.0", "beta");
+    offered(&api, "1.1.0").await;
+    // Refused while the gate has too few successes.
+    let (status, body) = api.post("/api/v1/rollouts/1.1.0/promote", None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("beta successes"),
+        "{body}"
+    );
+
+    fleet_at(
+        &api,
+        &[
+            ("b1", "1.1.0"),
+            ("b2", "1.1.0"),
+            ("s1", "1.0.0"),
+            ("s2", "1.0.0"),
+            ("s3", "1.0.0"),
+        ],
+    )
+    .await;
+    let record = eventually("two beta successes", WAIT, || async {
+        let record = find_rollout(&api, "1.1.0").await?;
+        (record["succeeded"] == 2).then_some(record)
+    })
+    .await;
+    assert_eq!(record["state"], "beta");
+    assert_eq!(record["gate"]["pass"], true, "{record}");
+    assert_eq!(record["running"], 2);
+    assert_eq!(record["success_rate"], 1.0);
+
+    let (status, body) = api.post("/api/v1/rollouts/1.1.0/promote", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["promoted"].as_array().unwrap().len(), 1);
+    fleet_at(
+        &api,
+        &[
+            ("b1", "1.1.0"),
+            ("b2", "1.1.0"),
+            ("s1", "1.1.0"),
+            ("s2", "1.1.0"),
+            ("s3", "1.1.0"),
+        ],
+    )
+    .await;
+    let record = rollout(&api, "1.1.0").await;
+    assert_eq!(record["state"], "stable");
+    assert!(record["promoted_at"].is_string());
+
+    let (status, body) = api.post("/api/v1/rollouts/1.1.0/rollback", None).await;
+    assert_eq!(status, 200, "{body}");
+    fleet_at(
+        &api,
+        &[
+            ("b1", "1.0.0"),
+            ("b2", "1.0.0"),
+            ("s1", "1.0.0"),
+            ("s2", "1.0.0"),
+            ("s3", "1.0.0"),
+        ],
+    )
+    .await;
+    assert_eq!(rollout(&api, "1.1.0").await["state"], "rolled_back");
+    let (_, releases) = api.get("/api/v1/releases").await;
+    let blocked = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["version"] == "1.1.0")
+        .unwrap();
+    assert_eq!(blocked["blocked"], true);
+    let (_, tasks) = api.get(&format!("/api/v1/agents/{}", ids[0].1)).await;
+    assert_eq!(tasks["tasks"][0]["kind"], "rollback", "{tasks}");
+    assert_eq!(tasks["tasks"][0]["status"], "succeeded", "{tasks}");
+
+    // Never offered again while blocked; offered once unblocked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        versions(&api)
+            .await
+            .iter()
+            .filter(|(_, v)| v == "1.1.0")
+            .count(),
+        0
+    );
+    let (status, _) = api.post("/api/v1/rollouts/1.1.0/unblock", None).await;
+    assert_eq!(status, 200);
+    fleet_at(
+        &api,
+        &[
+            ("b1", "1.1.0"),
+            ("b2", "1.1.0"),
+            ("s1", "1.1.0"),
+            ("s2", "1.1.0"),
+            ("s3", "1.1.0"),
+        ],
+    )
+    .await;
+
+    let (_, audit) = api.get("/api/v1/audit?limit=100").await;
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "rollout.promote",
+        "rollout.rollback",
+        "rollout.unblock",
+        "agent.channel",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_reverts_everywhere_halts_its_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let names = ["h1", "h2", "h3", "h4", "h5"];
+    let _fleet = start_fleet(&server, dir.path(), &names);
+    fleet_at(&api, &names.map(|n| (n, "1.0.0"))).await;
+    publish(
+        &server.downloads(),
+        "1.2.0",
+        Some("stable"),
+        b"#!/bin/sh\nexit 7\n",
+    );
+
+    let record = eventually("the rollout to halt", WAIT, || async {
+        let record = find_rollout(&api, "1.2.0").await?;
+        (record["state"] == "halted").then_some(record)
+    })
+    .await;
+    assert_eq!(record["rolled_back"], 5, "{record}");
+    assert!(
+        record["halt_reason"]
+            .as_str()
+            .unwrap()
+            .contains("5 of 5 attempts failed"),
+        "{record}"
+    );
+
+    // No further dispatch: a new agent is not sent the halted build.
+    let _late = start_fleet(&server, dir.path(), &["h6"]);
+    fleet_at(
+        &api,
+        &[
+            ("h1", "1.0.0"),
+            ("h2", "1.0.0"),
+            ("h3", "1.0.0"),
+            ("h4", "1.0.0"),
+            ("h5", "1.0.0"),
+            ("h6", "1.0.0"),
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let record = rollout(&api, "1.2.0").await;
+    assert_eq!(record["dispatched"], 5, "{record} {}", server.log());
+
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("drover_rollout_halted{version=\"1.2.0\",os=\"linux\",arch=\"amd64\"} 1"),
+        "{metrics}"
+    );
+    let (_, audit) = api.get("/api/v1/audit?action=rollout.halt").await;
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 1, "{audit}");
+
+    let (status, body) = api.post("/api/v1/rollouts/1.2.0/resume", None).await;
+    assert_eq!((status, &body["resumed"]), (200, &json!(1)), "{body}");
+    assert_eq!(rollout(&api, "1.2.0").await["state"], "stable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_beta_is_reported_in_the_listing_and_in_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--stale-stable-after", "1s"]);
+    let api = server.api();
+    publish(&server.downloads(), "1.0.0", Some("stable"), b"stable");
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"beta");
+    let record = eventually(
+        "the stale-stable warning",
+        Duration::from_secs(15),
+        || async {
+            let (_, rollouts) = api.get("/api/v1/rollouts").await;
+            let record = rollouts
+                .as_array()?
+                .iter()
+                .find(|r| r["version"] == "1.1.0")?
+                .clone();
+            (record["stale_stable"] == true).then_some(record)
+        },
+    )
+    .await;
+    assert!(record["stable_lag_seconds"].as_i64().unwrap() >= 1);
+    assert_eq!(rollout(&api, "1.0.0").await["stale_stable"], false);
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("drover_stable_lag_seconds{os=\"linux\",arch=\"amd64\",beta=\"1.1.0\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("drover_stable_stale{os=\"linux\",arch=\"amd64\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn re_enrolling_a_machine_keeps_one_record_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut first = Agent::start(&server, dir.path(), "sierra");
+    let listed = all_online(&api, 1).await;
+    first.kill9_all();
+    let _again = Agent::start_with(
+        &server,
+        &dir.path().join("reinstalled"),
+        "sierra",
+        &["--enroll-token", ENROLL_TOKEN, "--fingerprint", "fp-sierra"],
+    );
+    let again = all_online(&api, 1).await;
+    assert_eq!(again[0]["id"], listed[0]["id"]);
+    let (_, audit) = api.get("/api/v1/audit?action=agent.reenroll").await;
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!(entries[0]["target"], listed[0]["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_bound_what_each_token_may_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let admin = server.api();
+    publish(&server.downloads(), "1.0.0", Some("beta"), b"build");
+    offered(&admin, "1.0.0").await;
+    let mint = |role: &'static str| {
+        let admin = &admin;
+        async move {
+            let (status, body) = admin
+                .post("/api/v1/tokens", Some(json!({"name": role, "role": role})))
+                .await;
+            assert_eq!(status, 201, "{body}");
+            body["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let viewer = Api::new(&server.url, &mint("viewer").await);
+    let operator = Api::new(&server.url, &mint("operator").await);
+    let nobody = Api::new(&server.url, "");
+
+    let (status, _) = viewer.get("/api/v1/rollouts").await;
+    assert_eq!(status, 200, "viewers read");
+    let (status, body) = viewer.post("/api/v1/rollouts/1.0.0/promote", None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("operator"));
+    let (status, _) = nobody.post("/api/v1/rollouts/1.0.0/promote", None).await;
+    assert_eq!(status, 401);
+    let (status, _) = operator
+        .post(
+            "/api/v1/tokens",
+            Some(json!({"name": "x", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(status, 403, "operators cannot mint tokens");
+    let (status, _) = operator.get("/api/v1/tokens").await;
+    assert_eq!(status, 403);
+    let (status, body) = operator.post("/api/v1/rollouts/9.9.9/promote", None).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = operator
+        .post(
+            "/api/v1/rollouts/1.0.0/promote",
+            Some(json!({"force": true})),
+        )
+        .await;
+    assert_eq!((status, &body["forced"]), (200, &json!(true)), "{body}");
+
+    // A revoked token stops working at once.
+    let (_, tokens) = admin.get("/api/v1/tokens").await;
+    let viewer_id = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "viewer")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = admin
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/tokens/{viewer_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = viewer.get("/api/v1/rollouts").await;
+    assert_eq!(status, 401);
+
+    // Enrollment tokens with a use limit.
+    let (_, sites) = admin.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap();
+    let (status, body) = operator
+        .post(
+            &format!("/api/v1/sites/{site}/enrollment-tokens"),
+            Some(json!({"max_uses": 1})),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = admin
+        .post(
+            &format!("/api/v1/sites/{site}/enrollment-tokens"),
+            Some(json!({"max_uses": 1, "expires_in_secs": 3600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let once = body["token"].as_str().unwrap().to_owned();
+    let mut first = ProtocolAgent::enroll_with(&server, "fp-once-1", &once)
+        .await
+        .expect("first use");
+    first.heartbeat().await;
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-once-2", &once)
+            .await
+            .is_none(),
+        "used up"
+    );
+
+    let (_, audit) = admin.get("/api/v1/audit").await;
+    let entries = audit["entries"].as_array().unwrap();
+    let forced = entries
+        .iter()
+        .find(|e| e["action"] == "rollout.promote")
+        .unwrap();
+    assert!(
+        forced["result"].as_str().unwrap().contains("forced"),
+        "{forced}"
+    );
+    assert!(
+        forced["actor"].as_str().unwrap().starts_with("operator"),
+        "{forced}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_work_from_the_cli_and_see_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    publish(&server.downloads(), "1.0.0", Some("stable"), b"one");
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"two");
+    offered(&api, "1.1.0").await;
+    offered(&api, "1.0.0").await;
+    let mut agent = ProtocolAgent::enroll(&server, "fp-tango", "1.0.0").await;
+    agent.heartbeat().await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(CLI_BIN)
+            .args(args)
+            .env("DROVER_SERVER", &server.url)
+            .env("DROVER_TOKEN", ADMIN_TOKEN)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+
+    let (ok, text) = cli(&["rollouts"]);
+    assert!(
+        ok && text.contains("1.1.0") && text.contains("beta"),
+        "{text}"
+    );
+    let (ok, text) = cli(&["promote", "1.1.0"]);
+    assert!(
+        !ok && text.contains("409") && text.contains("beta successes"),
+        "{text}"
+    );
+
+    let (ok, text) = cli(&["explain", &agent.id]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("stable") && text.contains("default"),
+        "{text}"
+    );
+    assert!(
+        text.contains("a beta build; the agent follows stable"),
+        "{text}"
+    );
+    let (_, explained) = api
+        .get(&format!("/api/v1/agents/{}/explain", agent.id))
+        .await;
+    assert_eq!(explained["decision"], "hold", "{explained}");
+    assert_eq!(explained["channel_trace"].as_array().unwrap().len(), 4);
+
+    let (ok, text) = cli(&["promote", "1.1.0", "--force"]);
+    assert!(ok && text.contains("forced"), "{text}");
+    let update = agent
+        .next_update(Duration::from_secs(5))
+        .await
+        .expect("promoted builds are pushed at once");
+    assert_eq!(update.version, "1.1.0");
+
+    let (ok, text) = cli(&["rollback", "1.1.0"]);
+    assert!(ok && text.contains("1.1.0"), "{text}");
+    let (_, explained) = api
+        .get(&format!("/api/v1/agents/{}/explain", agent.id))
+        .await;
+    let candidate = explained["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["version"] == "1.1.0")
+        .unwrap()
+        .clone();
+    assert!(
+        candidate["reason"].as_str().unwrap().contains("blocked"),
+        "{explained}"
+    );
+
+    let (ok, text) = cli(&["audit", "--action", "rollout.promote"]);
+    assert!(ok && text.contains("forced"), "{text}");
+    let (ok, text) = cli(&["tokens", "create", "ci", "--role", "viewer"]);
+    assert!(ok && text.contains("shown only once"), "{text}");
+    let token = text.lines().last().unwrap().trim().to_owned();
+    let (status, _) = Api::new(&server.url, &token).get("/api/v1/rollouts").await;
+    assert_eq!(status, 200);
+}

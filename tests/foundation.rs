@@ -437,3 +437,39 @@ async fn generated_tokens_are_private_files_and_survive_restarts() {
     );
     all_online(&Api::new(&server.url, &admin), 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_several_servers_fails_over_to_one_that_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let dead = "http://127.0.0.1:1";
+    let log = std::fs::File::create(dir.path().join("uniform.log")).unwrap();
+    let mut agent = std::process::Command::new(AGENT_BIN)
+        .args([
+            "run",
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-uniform",
+        ])
+        .args(["--hostname", "uniform", "--state-dir"])
+        .arg(dir.path().join("uniform"))
+        .env("DROVER_SERVER", format!("{dead}, {}", server.url))
+        .env("NO_COLOR", "1")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let listed = all_online(&server.api(), 1).await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(listed[0]["hostname"], "uniform");
+    let log = std::fs::read_to_string(dir.path().join("uniform.log")).unwrap();
+    assert!(
+        log.contains("127.0.0.1:1"),
+        "the first server was tried: {log}"
+    );
+    assert!(
+        log.contains(&format!("connected to {}", server.url)),
+        "{log}"
+    );
+}

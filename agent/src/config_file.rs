@@ -1,8 +1,8 @@
 //! The agent's config file (`--config FILE` or `DROVER_AGENT_CONFIG`): `key = value`
 //! lines whose keys are the long flag names of `drover-agent run` (`server`,
 //! `enroll-token`, `state-dir`, `no-auto-update = true`, ...). The file's settings are
-//! turned into flags placed before the command line's own, so a flag given on the
-//! command line wins, then the file, then environment variables.
+//! turned into flags, except those the command line gives itself: a flag on the command
+//! line wins, then the file, then environment variables.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -23,9 +23,19 @@ pub(crate) fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("while reading the config file {}", path.to_string_lossy()))?;
+    let given = &args[command_at + 1..];
     let settings = parse(&text).with_context(|| format!("in {}", path.to_string_lossy()))?;
     let mut expanded: Vec<OsString> = args[..=command_at].to_vec();
-    expanded.extend(settings);
+    for (flag, value) in settings {
+        let on_command_line = given.iter().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        });
+        if !on_command_line {
+            expanded.push(flag.into());
+            expanded.extend(value.map(OsString::from));
+        }
+    }
     expanded.extend(args[command_at + 1..].iter().cloned());
     Ok(expanded)
 }
@@ -43,7 +53,8 @@ fn config_path(args: &[OsString]) -> Option<OsString> {
     std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty() && Path::new(p).exists())
 }
 
-fn parse(text: &str) -> anyhow::Result<Vec<OsString>> {
+/// The file's settings as flags, each with its value (switches have none).
+fn parse(text: &str) -> anyhow::Result<Vec<(String, Option<String>)>> {
     let mut flags = Vec::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -66,7 +77,7 @@ fn parse(text: &str) -> anyhow::Result<Vec<OsString>> {
         }
         if SWITCHES.contains(&key.as_str()) {
             match value {
-                "true" | "yes" | "1" | "on" => flags.push(format!("--{key}").into()),
+                "true" | "yes" | "1" | "on" => flags.push((format!("--{key}"), None)),
                 "false" | "no" | "0" | "off" => {}
                 other => bail!(
                     "line {}: {key} must be true or false, not {other:?}",
@@ -74,8 +85,7 @@ fn parse(text: &str) -> anyhow::Result<Vec<OsString>> {
                 ),
             }
         } else {
-            flags.push(format!("--{key}").into());
-            flags.push(value.into());
+            flags.push((format!("--{key}"), Some(value.to_owned())));
         }
     }
     Ok(flags)
@@ -92,12 +102,12 @@ mod tests {
     }
 
     #[test]
-    fn settings_become_flags_before_the_command_lines_own() {
+    fn settings_become_flags_unless_the_command_line_gives_them() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.conf");
         std::fs::write(
             &file,
-            "# Drover agent\nserver = https://updates.example.com\nstate_dir = \"/var/lib/drover-agent\"\nno-auto-update = true\n\n",
+            "# Drover agent\nserver = https://a.example.com,https://b.example.com\nstate_dir = \"/var/lib/drover-agent\"\nno-auto-update = true\n\n",
         )
         .unwrap();
         let args: Vec<OsString> = [
@@ -107,26 +117,26 @@ mod tests {
             file.to_str().unwrap(),
             "--hostname",
             "h",
+            "--state-dir=/tmp/mine",
         ]
         .iter()
         .map(Into::into)
         .collect();
         let expanded = strings(&expand(args).unwrap());
         assert_eq!(
-            expanded[..7],
+            expanded,
             [
                 "drover-agent",
                 "run",
                 "--server",
-                "https://updates.example.com",
-                "--state-dir",
-                "/var/lib/drover-agent",
-                "--no-auto-update"
+                "https://a.example.com,https://b.example.com",
+                "--no-auto-update",
+                "--config",
+                file.to_str().unwrap(),
+                "--hostname",
+                "h",
+                "--state-dir=/tmp/mine",
             ]
-        );
-        assert_eq!(
-            expanded[7..],
-            ["--config", file.to_str().unwrap(), "--hostname", "h"]
         );
     }
 

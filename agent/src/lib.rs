@@ -28,8 +28,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "drover-agent",
     version = version::current(),
-    about = "Drover fleet update agent",
-    args_override_self = true
+    about = "Drover fleet update agent"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,9 +50,15 @@ struct RunArgs {
     #[arg(long, env = "DROVER_AGENT_CONFIG")]
     config: Option<PathBuf>,
 
-    /// Server URL, e.g. https://updates.example.com
-    #[arg(long, env = "DROVER_SERVER")]
-    server: String,
+    /// Server URL, e.g. https://updates.example.com; repeat it (or separate URLs with
+    /// commas) to fail over between several servers
+    #[arg(
+        long = "server",
+        env = "DROVER_SERVER",
+        value_delimiter = ',',
+        required = true
+    )]
+    servers: Vec<String>,
 
     /// Site enrollment token; needed only until the agent has enrolled
     #[arg(long, env = "DROVER_ENROLL_TOKEN", hide_env_values = true)]
@@ -101,7 +106,8 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub server: String,
+    /// Server URLs, tried in turn.
+    pub servers: Vec<String>,
     pub enroll_token: Option<String>,
     pub state_dir: PathBuf,
     pub fingerprint: String,
@@ -194,7 +200,12 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
         .map(updater::parse_public_key)
         .transpose()?;
     Ok(AgentConfig {
-        server: args.server.clone(),
+        servers: args
+            .servers
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
         enroll_token: args.enroll_token.clone(),
         state_dir: args.state_dir.clone(),
         fingerprint,

@@ -58,6 +58,8 @@ struct Worker {
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
     applying: Option<(String, tokio::task::JoinHandle<()>)>,
+    /// Which of the configured servers the next connection tries.
+    next_server: usize,
 }
 
 /// Connects, and reconnects with backoff, until `shutdown` fires or a new version is
@@ -74,6 +76,9 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
                 config.state_dir.display()
             )
         })?;
+    if config.servers.is_empty() {
+        bail!("no server URL: pass --server (or set DROVER_SERVER)");
+    }
     let identity = identity::load(&config.state_dir)?;
     if identity.is_none() && config.enroll_token.is_none() {
         bail!(
@@ -99,6 +104,7 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         events_tx,
         events,
         applying: None,
+        next_server: 0,
     };
     worker.resume_interrupted_download();
     let mut backoff = Backoff::new(worker.config.reconnect_base, worker.config.reconnect_max);
@@ -142,11 +148,16 @@ impl Worker {
     }
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Ended {
-        let url = socket_url(&self.config.server);
+        let server = self.config.servers[self.next_server % self.config.servers.len()].clone();
+        let url = socket_url(&server);
         let mut socket = tokio::select! {
             connected = connect(&url) => match connected {
                 Ok(socket) => socket,
-                Err(err) => return Ended::BeforeWelcome(format!("{err:#}")),
+                Err(err) => {
+                    // The next attempt goes to the next server, if there are several.
+                    self.next_server += 1;
+                    return Ended::BeforeWelcome(format!("{err:#}"));
+                }
             },
             () = shutdown.cancelled() => return Ended::Shutdown,
         };
@@ -201,7 +212,7 @@ impl Worker {
             tracing::info!(agent = %welcome.agent_id, "enrolled");
             self.identity = Some(enrolled);
         }
-        tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {}", self.config.server);
+        tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {server}");
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
         tokio::select! {
             ended = self.converse(&mut socket, interval) => ended,

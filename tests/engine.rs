@@ -653,18 +653,7 @@ async fn a_task_whose_agent_vanishes_times_out() {
 async fn operators_drive_the_engine_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let cli = |args: &[&str]| {
-        let output = std::process::Command::new(CLI_BIN)
-            .args(args)
-            .env("DROVER_SERVER", &server.url)
-            .env("DROVER_TOKEN", ADMIN_TOKEN)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr);
-        (output.status.success(), text)
-    };
+    let cli = |args: &[&str]| run_cli(&server, args);
     // The build lands through the publish script, as an operator would do it.
     let build = dir.path().join("build");
     std::fs::write(&build, b"agent build").unwrap();

@@ -12,17 +12,6 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn publish_agent(server: &Server, dir: &Path, version: &str, channel: &str) {
-    let build = dir.join(format!("build-{version}"));
-    stamp_agent(version, &build);
-    publish(
-        &server.downloads(),
-        version,
-        Some(channel),
-        &std::fs::read(&build).unwrap(),
-    );
-}
-
 /// Starts `names` as real agents at 1.0.0, each installed in its own directory.
 fn start_fleet(server: &Server, dir: &Path, names: &[&str]) -> Vec<(Agent, PathBuf)> {
     names
@@ -524,18 +513,7 @@ async fn operators_work_from_the_cli_and_see_why() {
     offered(&api, "1.0.0").await;
     let mut agent = ProtocolAgent::enroll(&server, "fp-tango", "1.0.0").await;
     agent.heartbeat().await;
-    let cli = |args: &[&str]| {
-        let output = std::process::Command::new(CLI_BIN)
-            .args(args)
-            .env("DROVER_SERVER", &server.url)
-            .env("DROVER_TOKEN", ADMIN_TOKEN)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr);
-        (output.status.success(), text)
-    };
+    let cli = |args: &[&str]| run_cli(&server, args);
 
     let (ok, text) = cli(&["rollouts"]);
     assert!(

@@ -18,18 +18,6 @@ fn install_agent(dir: &Path) -> PathBuf {
     exe
 }
 
-/// Publishes a build of the agent that reports `version`.
-fn publish_agent(server: &Server, dir: &Path, version: &str, channel: &str) {
-    let build = dir.join(format!("build-{version}"));
-    stamp_agent(version, &build);
-    publish(
-        &server.downloads(),
-        version,
-        Some(channel),
-        &std::fs::read(&build).unwrap(),
-    );
-}
-
 /// Publishes a "build" that is a shell script: a broken release.
 fn publish_script(server: &Server, version: &str, script: &str) {
     publish(

@@ -600,6 +600,32 @@ pub fn stamp_agent(version: &str, out: &Path) {
     assert!(status.success(), "stamp-agent {version} failed");
 }
 
+/// Publishes a copy of the agent binary that reports `version`.
+pub fn publish_agent(server: &Server, dir: &Path, version: &str, channel: &str) {
+    let build = dir.join(format!("build-{version}"));
+    stamp_agent(version, &build);
+    publish(
+        &server.downloads(),
+        version,
+        Some(channel),
+        &std::fs::read(&build).unwrap(),
+    );
+}
+
+/// Runs `drover` against `server` with the admin token; success and all it printed.
+pub fn run_cli(server: &Server, args: &[&str]) -> (bool, String) {
+    let output = Command::new(CLI_BIN)
+        .args(args)
+        .env("DROVER_SERVER", &server.url)
+        .env("DROVER_TOKEN", ADMIN_TOKEN)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
 /// What `exe --version` prints, without the program name.
 pub fn version_of(exe: &Path) -> String {
     let output = Command::new(exe).arg("--version").output().unwrap();

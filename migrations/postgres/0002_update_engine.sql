@@ -17,7 +17,9 @@ CREATE TABLE update_tasks (
     created_at     BIGINT NOT NULL,
     updated_at     BIGINT NOT NULL,
     dispatched_at  BIGINT,
-    progress_at    BIGINT
+    progress_at    BIGINT,
+    -- SQLite's implicit rowid: insertion order, for tasks created in the same millisecond.
+    seq            BIGINT GENERATED ALWAYS AS IDENTITY
 );
 
 CREATE INDEX update_tasks_agent ON update_tasks (agent_id, created_at);

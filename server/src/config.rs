@@ -21,7 +21,8 @@ pub struct Args {
     #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
     pub data_dir: PathBuf,
 
-    /// Database URL (sqlite://PATH); default: drover.db in the data directory
+    /// Database URL: sqlite://PATH or postgres://USER@HOST/DB; default: drover.db in the
+    /// data directory
     #[arg(long, env = "DROVER_DATABASE_URL")]
     pub database: Option<String>,
 

@@ -1,9 +1,18 @@
 //! The storage story: the whole `Store` trait exercised in the order the product uses it,
-//! against a real SQLite file.
+//! against a real SQLite file and, when one can be reached, a fresh PostgreSQL database.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AuditEntry, Bootstrap, HeartbeatRecord, Role, SqliteStore, Store, StoreError,
+    AgentFacts, AuditEntry, Bootstrap, ChannelScope, HeartbeatRecord, NewTask, PostgresStore, Role,
+    SqliteStore, Store, StoreError, TaskKind, TaskStatus, UpdateTask,
 };
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
 
 fn facts(fingerprint: &str, hostname: &str, version: &str) -> AgentFacts {
     AgentFacts {
@@ -137,7 +146,332 @@ async fn story(store: &dyn Store) {
         store.agent("missing").await,
         Err(StoreError::NotFound)
     ));
+    story_of_hierarchy(store, &one.agent_id, &two.agent_id).await;
     story_of_operators(store, &by_id(&one.agent_id).site_id).await;
+    story_of_tasks(store, &one.agent_id, &two.agent_id).await;
+}
+
+/// Clients, sites, channels at every level, pausing and server-wide settings.
+async fn story_of_hierarchy(store: &dyn Store, one: &str, two: &str) {
+    let site = store.agent(one).await.unwrap().site_id;
+    assert_eq!(store.enrollment_site("enroll-hash").await.unwrap(), site);
+    assert!(matches!(
+        store.enrollment_site("nope").await,
+        Err(StoreError::NotFound)
+    ));
+
+    let acme = store.create_client("acme").await.unwrap();
+    store.create_client("Zeta").await.unwrap();
+    assert!(matches!(
+        store.create_client("acme").await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Byte order, whatever the database's locale: upper case first.
+    let clients = store.list_clients().await.unwrap();
+    assert_eq!(
+        clients.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["Zeta", "acme", "default"]
+    );
+    let lab = store.create_site(&acme.id, "lab").await.unwrap();
+    assert_eq!(
+        (lab.client_id.as_str(), lab.channel.as_deref()),
+        (acme.id.as_str(), None)
+    );
+    assert!(matches!(
+        store.create_site(&acme.id, "lab").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.create_site("no-client", "lab").await,
+        Err(StoreError::NotFound)
+    ));
+    let sites = store.list_sites().await.unwrap();
+    assert_eq!(sites.len(), 2);
+    let client = sites
+        .iter()
+        .find(|s| s.id == site)
+        .unwrap()
+        .client_id
+        .clone();
+
+    // Channels at each level come back with the agent, for resolution.
+    store
+        .set_channel(ChannelScope::Client, &client, Some("stable"))
+        .await
+        .unwrap();
+    store
+        .set_channel(ChannelScope::Site, &site, Some("beta"))
+        .await
+        .unwrap();
+    store
+        .set_channel(ChannelScope::Agent, one, Some("canary"))
+        .await
+        .unwrap();
+    let record = store.agent(one).await.unwrap();
+    assert_eq!(
+        (
+            record.agent_channel.as_deref(),
+            record.site_channel.as_deref(),
+            record.client_channel.as_deref()
+        ),
+        (Some("canary"), Some("beta"), Some("stable"))
+    );
+    store
+        .set_channel(ChannelScope::Agent, one, None)
+        .await
+        .unwrap();
+    assert_eq!(store.agent(one).await.unwrap().agent_channel, None);
+    assert!(matches!(
+        store
+            .set_channel(ChannelScope::Site, "missing", Some("beta"))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    let mut under = store
+        .agents_under(ChannelScope::Client, &client)
+        .await
+        .unwrap();
+    under.sort();
+    let mut both = [one.to_owned(), two.to_owned()];
+    both.sort();
+    assert_eq!(under, both);
+    assert!(
+        store
+            .agents_under(ChannelScope::Site, &lab.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.agents_under(ChannelScope::Agent, two).await.unwrap(),
+        [two]
+    );
+
+    // Pausing and server-wide switches.
+    store.set_paused(two, true).await.unwrap();
+    assert!(store.agent(two).await.unwrap().paused);
+    store.set_paused(two, false).await.unwrap();
+    assert!(!store.agent(two).await.unwrap().paused);
+    assert!(matches!(
+        store.set_paused("missing", true).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.setting("updates_enabled").await.unwrap(), None);
+    store.set_setting("updates_enabled", "false").await.unwrap();
+    store.set_setting("updates_enabled", "true").await.unwrap();
+    assert_eq!(
+        store.setting("updates_enabled").await.unwrap().as_deref(),
+        Some("true")
+    );
+}
+
+fn ids(tasks: &[UpdateTask]) -> Vec<&str> {
+    tasks.iter().map(|t| t.id.as_str()).collect()
+}
+
+/// Update tasks from creation to their end, and what rollouts learn from them.
+async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
+    let new = |agent_id, status| NewTask {
+        agent_id,
+        from_version: "1.2.0",
+        to_version: "2.0.0",
+        os: "linux",
+        arch: "amd64",
+        kind: TaskKind::Update,
+        status,
+    };
+
+    // Queued for an agent that is away: nothing sent, so never stale.
+    let queued = store
+        .create_task(&new(one, TaskStatus::Queued), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (queued.status, queued.attempts, queued.dispatched_at_ms),
+        (TaskStatus::Queued, 0, None)
+    );
+    assert!(matches!(
+        store
+            .create_task(&new(one, TaskStatus::Dispatched), 10_000)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.active_task(one).await.unwrap(), Some(queued.clone()));
+    assert_eq!(store.active_task(two).await.unwrap(), None);
+    assert!(store.stale_tasks(i64::MAX).await.unwrap().is_empty());
+
+    // Dispatch and progress move it along; only strictly older activity is stale.
+    let sent = store.record_dispatch(&queued.id, 11_000).await.unwrap();
+    assert_eq!(
+        (sent.status, sent.attempts, sent.dispatched_at_ms),
+        (TaskStatus::Dispatched, 1, Some(11_000))
+    );
+    assert!(store.stale_tasks(11_000).await.unwrap().is_empty());
+    assert_eq!(
+        ids(&store.stale_tasks(11_001).await.unwrap()),
+        [queued.id.as_str()]
+    );
+    let moving = store
+        .record_progress(one, &queued.id, TaskStatus::Downloading, 10, 100, 12_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            moving.status,
+            moving.bytes_done,
+            moving.bytes_total,
+            moving.last_activity_ms()
+        ),
+        (TaskStatus::Downloading, 10, 100, 12_000)
+    );
+    assert!(store.stale_tasks(12_000).await.unwrap().is_empty());
+    assert!(matches!(
+        store
+            .record_progress(two, &queued.id, TaskStatus::Installing, 0, 0, 12_500)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    // A task ends once; a failed version counts against the agent.
+    let failed = store
+        .finish_task(
+            one,
+            &queued.id,
+            TaskStatus::Failed,
+            Some("disk full"),
+            13_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.status, failed.error.as_deref(), failed.updated_at_ms),
+        (TaskStatus::Failed, Some("disk full"), 13_000)
+    );
+    assert!(matches!(
+        store
+            .finish_task(one, &queued.id, TaskStatus::Succeeded, None, 13_500)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.record_dispatch(&queued.id, 13_500).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.failed_versions(one).await.unwrap(), ["2.0.0"]);
+    assert!(store.failed_versions(two).await.unwrap().is_empty());
+
+    // A forced task is sent at once.
+    let forced = store
+        .create_task(
+            &NewTask {
+                kind: TaskKind::Forced,
+                ..new(one, TaskStatus::Dispatched)
+            },
+            14_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (forced.kind, forced.attempts, forced.dispatched_at_ms),
+        (TaskKind::Forced, 1, Some(14_000))
+    );
+    assert_eq!(
+        ids(&store.tasks_for_agent(one, 10).await.unwrap()),
+        [forced.id.as_str(), queued.id.as_str()]
+    );
+    assert_eq!(store.tasks_for_agent(one, 1).await.unwrap().len(), 1);
+
+    // Tasks created in the same millisecond are listed newest first too.
+    let earlier = store
+        .create_task(&new(two, TaskStatus::Dispatched), 15_000)
+        .await
+        .unwrap();
+    store
+        .finish_task(two, &earlier.id, TaskStatus::Succeeded, None, 15_000)
+        .await
+        .unwrap();
+    let later = store
+        .create_task(&new(two, TaskStatus::Dispatched), 15_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&store.tasks_for_agent(two, 10).await.unwrap()),
+        [later.id.as_str(), earlier.id.as_str()]
+    );
+
+    // Cancelling a version ends its unfinished tasks, once.
+    let mut cancelled = store
+        .cancel_tasks_to("2.0.0", "blocked", 16_000)
+        .await
+        .unwrap();
+    cancelled.sort();
+    let mut both = [one.to_owned(), two.to_owned()];
+    both.sort();
+    assert_eq!(cancelled, both);
+    assert!(
+        store
+            .cancel_tasks_to("2.0.0", "blocked", 16_500)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.active_task(one).await.unwrap(), None);
+    let mut counts: Vec<(TaskStatus, i64)> = store
+        .task_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| {
+            assert_eq!(
+                (c.version.as_str(), c.os.as_str(), c.arch.as_str()),
+                ("2.0.0", "linux", "amd64")
+            );
+            (c.status, c.tasks)
+        })
+        .collect();
+    counts.sort_by_key(|(status, _)| status.as_str());
+    assert_eq!(
+        counts,
+        [
+            (TaskStatus::Cancelled, 2),
+            (TaskStatus::Failed, 1),
+            (TaskStatus::Succeeded, 1)
+        ]
+    );
+
+    // Promotion marks every platform of the version.
+    let build =
+        |version: &str, arch: &str| (version.to_owned(), "linux".to_owned(), arch.to_owned());
+    store
+        .record_first_seen(
+            &[
+                build("2.0.0", "amd64"),
+                build("2.0.0", "arm64"),
+                build("2.0.1", "amd64"),
+                build("2.0.0", "amd64"),
+            ],
+            20_000,
+        )
+        .await
+        .unwrap();
+    store.mark_promoted("2.0.0", 21_000).await.unwrap();
+    let mut promoted: Vec<(String, String, Option<i64>)> = store
+        .rollout_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.version.starts_with("2."))
+        .map(|r| (r.version, r.arch, r.promoted_at_ms))
+        .collect();
+    promoted.sort();
+    assert_eq!(
+        promoted,
+        [
+            ("2.0.0".to_owned(), "amd64".to_owned(), Some(21_000)),
+            ("2.0.0".to_owned(), "arm64".to_owned(), Some(21_000)),
+            ("2.0.1".to_owned(), "amd64".to_owned(), None),
+        ]
+    );
 }
 
 /// Tokens, enrollment limits, rollout records, blocks and the audit log.
@@ -280,6 +614,197 @@ async fn sqlite_story() {
     // Reopening runs no migration twice and keeps every row.
     let reopened = SqliteStore::open(&path).await.unwrap();
     assert_eq!(reopened.list_agents().await.unwrap().len(), 3);
+}
+
+/// Where the PostgreSQL tests connect to create their databases.
+const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Runs `test` against a database of its own on the PostgreSQL server named by
+/// `DROVER_TEST_POSTGRES`, and drops that database afterwards, also when `test` panics.
+/// Without a reachable server the test is skipped, except in CI, where it fails.
+async fn with_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = std::env::var("DROVER_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_POSTGRES.into());
+    let options = PgConnectOptions::from_str(&server)
+        .unwrap_or_else(|err| panic!("DROVER_TEST_POSTGRES is not a PostgreSQL URL: {err}"));
+    let shown = format!(
+        "{}@{}:{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port()
+    );
+    let connected =
+        match tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(&server)).await {
+            Ok(Ok(admin)) => Ok(admin),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("no answer within 10 s".to_owned()),
+        };
+    let mut admin = match connected {
+        Ok(admin) => admin,
+        Err(err) if std::env::var("CI").as_deref() == Ok("true") => panic!(
+            "PostgreSQL at {shown} cannot be reached ({err}), and CI=true requires the \
+             PostgreSQL tests: start it (scripts/ci-setup) or point DROVER_TEST_POSTGRES at one"
+        ),
+        Err(err) => {
+            let test = std::thread::current().name().unwrap_or("test").to_owned();
+            eprintln!(
+                "skipping {test}: PostgreSQL at {shown} cannot be reached ({err}); \
+                 start it or set DROVER_TEST_POSTGRES to a server URL to run it"
+            );
+            return;
+        }
+    };
+    let name = format!("drover_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|err| panic!("could not create the database {name} on {shown}: {err}"));
+
+    let outcome = AssertUnwindSafe(test(with_database(&server, &name)))
+        .catch_unwind()
+        .await;
+
+    // FORCE ends connections a panicking test's pools may still hold.
+    if let Err(err) = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+    {
+        eprintln!("could not drop the test database {name}: {err}");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// `server` (a PostgreSQL URL) naming the database `name` instead.
+fn with_database(server: &str, name: &str) -> String {
+    let (scheme, rest) = server.split_once("://").expect("a URL with ://");
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let query = tail.find('?').map_or("", |at| &tail[at..]);
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+#[tokio::test]
+async fn postgres_story() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        story(&store).await;
+        drop(store);
+
+        // Reopening runs no migration twice and keeps every row.
+        let reopened = PostgresStore::open(&url).await.unwrap();
+        assert_eq!(reopened.list_agents().await.unwrap().len(), 3);
+    })
+    .await;
+}
+
+/// Two server nodes on one database: whatever they race for happens once.
+#[tokio::test]
+async fn postgres_two_nodes_never_double_dispatch() {
+    with_postgres(|url| async move {
+        // Both nodes start at once: the migrations run once.
+        let (a, b) = tokio::join!(PostgresStore::open(&url), PostgresStore::open(&url));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let pieces = Bootstrap {
+            admin_token_hash: Some("admin-hash".into()),
+            enroll_token_hash: Some("enroll-hash".into()),
+        };
+        let (first, second) = tokio::join!(a.bootstrap(&pieces), b.bootstrap(&pieces));
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert!(first.created_site ^ second.created_site, "one default site");
+        assert_eq!(a.list_sites().await.unwrap().len(), 1);
+        let agent = a
+            .enroll("enroll-hash", &facts("fp-1", "one", "1.0.0"), "s1", 1_000)
+            .await
+            .unwrap()
+            .agent_id;
+
+        let task = NewTask {
+            agent_id: &agent,
+            from_version: "1.0.0",
+            to_version: "1.1.0",
+            os: "linux",
+            arch: "amd64",
+            kind: TaskKind::Update,
+            status: TaskStatus::Dispatched,
+        };
+        for round in 0..20 {
+            let now = 10_000 + round;
+            let (on_a, on_b) = tokio::join!(a.create_task(&task, now), b.create_task(&task, now));
+            let created = match (on_a, on_b) {
+                (Ok(task), Err(StoreError::Conflict(_)))
+                | (Err(StoreError::Conflict(_)), Ok(task)) => task,
+                other => panic!("round {round}: expected one task and one conflict, got {other:?}"),
+            };
+            let (on_a, on_b) = tokio::join!(
+                a.finish_task(&agent, &created.id, TaskStatus::Succeeded, None, now),
+                b.finish_task(&agent, &created.id, TaskStatus::Failed, Some("late"), now),
+            );
+            match (on_a, on_b) {
+                (Ok(_), Err(StoreError::NotFound)) | (Err(StoreError::NotFound), Ok(_)) => {}
+                other => {
+                    panic!("round {round}: expected one finish and one NotFound, got {other:?}")
+                }
+            }
+        }
+        assert!(a.active_task(&agent).await.unwrap().is_none());
+        let tasks = b.tasks_for_agent(&agent, 100).await.unwrap();
+        assert_eq!(tasks.len(), 20);
+        assert!(tasks.iter().all(|t| !t.status.is_active()));
+        assert!(
+            tasks
+                .windows(2)
+                .all(|w| w[0].created_at_ms > w[1].created_at_ms)
+        );
+
+        // The last use of an enrollment token goes to one machine only.
+        let site = a.list_sites().await.unwrap()[0].id.clone();
+        a.create_enrollment_token(&site, "once", None, Some(1))
+            .await
+            .unwrap();
+        let (two, three) = (
+            facts("fp-2", "two", "1.0.0"),
+            facts("fp-3", "three", "1.0.0"),
+        );
+        let (on_a, on_b) = tokio::join!(
+            a.enroll("once", &two, "s2", 2_000),
+            b.enroll("once", &three, "s3", 2_000),
+        );
+        assert!(
+            matches!(
+                (&on_a, &on_b),
+                (Ok(_), Err(StoreError::NotFound)) | (Err(StoreError::NotFound), Ok(_))
+            ),
+            "expected one enrollment and one NotFound, got {on_a:?} and {on_b:?}"
+        );
+
+        // Overlapping heartbeat batches in opposite orders neither deadlock nor move
+        // last_seen backwards.
+        let other = on_a.or(on_b).unwrap().agent_id;
+        for round in 0..20 {
+            let beat = |id: &str, at_ms: i64| HeartbeatRecord {
+                agent_id: id.to_owned(),
+                version: "1.1.0".into(),
+                at_ms,
+            };
+            let forward = [beat(&agent, 20_000 + round), beat(&other, 20_000 + round)];
+            let backward = [beat(&other, 19_000 + round), beat(&agent, 19_000 + round)];
+            let (on_a, on_b) = tokio::join!(
+                a.record_heartbeats(&forward),
+                b.record_heartbeats(&backward)
+            );
+            on_a.unwrap();
+            on_b.unwrap();
+        }
+        for id in [&agent, &other] {
+            assert_eq!(a.agent(id).await.unwrap().last_seen_ms, 20_019);
+        }
+    })
+    .await;
 }
 
 /// Every migration exists for both backends under the same name.

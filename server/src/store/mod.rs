@@ -1,6 +1,7 @@
 //! The storage boundary: the operations the product needs, one error enum, one module per
 //! backend. Only this module and its children see sqlx types.
 
+mod postgres;
 mod sqlite;
 
 use std::path::Path;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -531,8 +533,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<AuditEntry>>;
 }
 
-/// Opens the database named by `url` (`sqlite://...`), running migrations, or a SQLite
-/// file in `data_dir` when `url` is `None`.
+/// Opens the database named by `url` (`sqlite://...` or `postgres://...`), running
+/// migrations, or a SQLite file in `data_dir` when `url` is `None`. The returned name is
+/// safe to print: it carries no password.
 pub async fn open(url: Option<&str>, data_dir: &Path) -> anyhow::Result<(Arc<dyn Store>, String)> {
     match url {
         None => {
@@ -548,8 +551,12 @@ pub async fn open(url: Option<&str>, data_dir: &Path) -> anyhow::Result<(Arc<dyn
             Ok((Arc::new(store), url.to_owned()))
         }
         Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
-            anyhow::bail!("this build does not support PostgreSQL yet; use a sqlite:// URL")
+            let store = PostgresStore::open(url).await?;
+            Ok((Arc::new(store), postgres::redact_password(url)))
         }
-        Some(url) => anyhow::bail!("unsupported database URL {url:?}: expected sqlite://PATH"),
+        Some(url) => anyhow::bail!(
+            "unsupported database URL {:?}: expected sqlite://PATH or postgres://HOST/DATABASE",
+            postgres::redact_password(url)
+        ),
     }
 }

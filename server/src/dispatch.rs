@@ -118,9 +118,12 @@ async fn advance(
     task: UpdateTask,
     trigger: Trigger,
 ) -> StoreResult<Option<ServerMessage>> {
-    // Success means the new version is running and has heartbeated, nothing less.
-    if trigger == Trigger::Heartbeat && live.position.version == task.to_version {
-        finish(state, live, &task, TaskStatus::Succeeded, None).await?;
+    // Success means the new version is running and has heartbeated, nothing less; until
+    // its first heartbeat there is nothing to send it.
+    if live.position.version == task.to_version {
+        if trigger == Trigger::Heartbeat {
+            finish(state, live, &task, TaskStatus::Succeeded, None).await?;
+        }
         return Ok(None);
     }
     let settings = &state.settings;
@@ -275,6 +278,10 @@ pub(crate) async fn halt_if_failing(state: &AppState, task: &UpdateTask) -> Stor
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key);
         tracing::warn!(rollout = %target, %reason, "rollout halted");
+        // The other nodes stop dispatching it too.
+        state
+            .registry
+            .signal_other_nodes(crate::nodes::Signal::CheckAll);
         state
             .audit("drover", "rollout.halt", &target, Some(reason), "halted")
             .await;
@@ -331,10 +338,16 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
                 continue;
             }
         };
-        for task in stale
-            .into_iter()
-            .filter(|t| !state.registry.is_online(&t.agent_id))
-        {
+        for task in stale {
+            // A connected agent's session, on whichever node, looks after its own task.
+            let connected = state
+                .store
+                .agent(&task.agent_id)
+                .await
+                .is_ok_and(|agent| crate::nodes::is_live(agent.node_last_beat_ms, now_ms()));
+            if connected {
+                continue;
+            }
             let error = format!(
                 "the agent went silent for {}s while the task was {}",
                 patience.as_secs(),

@@ -281,6 +281,8 @@ mod tests {
             agent_channel: agent.map(Into::into),
             site_channel: site.map(Into::into),
             client_channel: client.map(Into::into),
+            node_id: None,
+            node_last_beat_ms: None,
         }
     }
 

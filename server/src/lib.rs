@@ -12,6 +12,7 @@ mod downloads;
 mod engine;
 mod heartbeats;
 mod metrics;
+mod nodes;
 mod releases;
 mod rollouts;
 pub mod session;
@@ -119,6 +120,8 @@ pub struct AppState {
     /// Rollouts stopped by the failure rate; nothing new is dispatched to them.
     halted: Arc<RwLock<HashSet<rollouts::RolloutKey>>>,
     downloads: Arc<tokio::sync::Semaphore>,
+    /// This server process, as the `nodes` table knows it.
+    node_id: Arc<str>,
     shutdown: CancellationToken,
 }
 
@@ -148,6 +151,13 @@ impl AppState {
             blocked_versions: &blocked,
             halted: &halted,
         })
+    }
+
+    /// Re-reads what another node may have changed: the update switch, blocks, halts.
+    async fn reload_shared_state(&self) -> store::StoreResult<()> {
+        let enabled = self.store.setting(UPDATES_ENABLED).await?.as_deref() != Some("false");
+        self.updates_enabled.store(enabled, Ordering::Relaxed);
+        self.reload_rollout_state().await
     }
 
     /// Re-reads blocks and halts from the database into memory.
@@ -234,7 +244,6 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let updates_enabled = store.setting(UPDATES_ENABLED).await?.as_deref() != Some("false");
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
     let state = AppState {
@@ -246,12 +255,14 @@ pub async fn run(
             settings.max_concurrent_downloads,
         )),
         settings: Arc::new(settings),
-        updates_enabled: Arc::new(AtomicBool::new(updates_enabled)),
+        updates_enabled: Arc::new(AtomicBool::new(true)),
+        node_id: uuid::Uuid::new_v4().to_string().into(),
         blocked_versions: Arc::default(),
         halted: Arc::default(),
         shutdown: shutdown.clone(),
     };
-    state.reload_rollout_state().await?;
+    state.reload_shared_state().await?;
+    nodes::start(state.clone()).await?;
     record_first_seen(&state).await;
     tokio::spawn(nudge_on_new_releases(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
@@ -340,6 +351,8 @@ pub fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files and journals.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

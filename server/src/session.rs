@@ -47,6 +47,8 @@ struct SessionHandle {
 pub struct Registry {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_session: AtomicU64,
+    /// Where requests for agents connected to other nodes go (see `nodes`).
+    other_nodes: std::sync::OnceLock<mpsc::UnboundedSender<crate::nodes::Signal>>,
 }
 
 impl Registry {
@@ -81,17 +83,46 @@ impl Registry {
         self.lock().len()
     }
 
-    /// Queues a message for a connected agent; false when it is not connected here or its
-    /// outbox is full.
+    /// Queues a message for a connected agent; false when it is not connected here (a
+    /// `Refresh` then goes to the other nodes, in case it is connected to one of them).
     pub fn send(&self, agent_id: &str, message: Outbound) -> bool {
+        if matches!(message, Outbound::Refresh) && !self.is_online(agent_id) {
+            self.signal_other_nodes(crate::nodes::Signal::Refresh(agent_id.to_owned()));
+        }
+        self.send_here(agent_id, message)
+    }
+
+    /// Queues a message for an agent connected to this node.
+    pub(crate) fn send_here(&self, agent_id: &str, message: Outbound) -> bool {
         let outbox = self.lock().get(agent_id).map(|h| h.outbox.clone());
         outbox.is_some_and(|outbox| outbox.try_send(message).is_ok())
     }
 
-    /// Queues a message for every connected agent.
+    /// Queues a message for every connected agent, on every node (a `Check` elsewhere
+    /// also makes the other nodes re-read what changed).
     pub fn broadcast(&self, message: impl Fn() -> Outbound) {
+        if matches!(message(), Outbound::Check) {
+            self.signal_other_nodes(crate::nodes::Signal::CheckAll);
+        }
+        self.broadcast_here(message);
+    }
+
+    /// Queues a message for every agent connected to this node.
+    pub(crate) fn broadcast_here(&self, message: impl Fn() -> Outbound) {
         for handle in self.lock().values() {
             let _ = handle.outbox.try_send(message());
+        }
+    }
+
+    /// Connects the registry to the other nodes.
+    pub(crate) fn reach_other_nodes(&self, signals: mpsc::UnboundedSender<crate::nodes::Signal>) {
+        let _ = self.other_nodes.set(signals);
+    }
+
+    /// Sends a signal to the other nodes only.
+    pub(crate) fn signal_other_nodes(&self, signal: crate::nodes::Signal) {
+        if let Some(signals) = self.other_nodes.get() {
+            let _ = signals.send(signal);
         }
     }
 
@@ -150,6 +181,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
     };
     let (outbox, mut inbox) = mpsc::channel(OUTBOX_CAPACITY);
     let session = state.registry.register(&agent_id, outbox);
+    crate::nodes::claim(&state, &agent_id).await;
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
     let welcome = ServerMessage::Welcome(Welcome {
         agent_id: agent_id.clone(),
@@ -163,6 +195,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
         Err(_) => Ok(()),
     };
     state.registry.unregister(&agent_id, session);
+    crate::nodes::release(&state, &agent_id).await;
     match ended {
         Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),
         Err(refusal) => {

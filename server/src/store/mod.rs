@@ -98,6 +98,9 @@ pub struct AgentRecord {
     pub agent_channel: Option<String>,
     pub site_channel: Option<String>,
     pub client_channel: Option<String>,
+    /// The node holding the agent's session, and that node's last heartbeat.
+    pub node_id: Option<String>,
+    pub node_last_beat_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,8 +347,36 @@ pub enum ChannelScope {
     Client,
 }
 
+/// Messages from the other server nodes sharing the database.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next message another node published. `None` means the connection was lost
+    /// and re-established: messages published meanwhile are lost, so re-read state.
+    async fn next(&mut self) -> StoreResult<Option<String>>;
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Records that this node is alive.
+    async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()>;
+
+    /// Marks the agent's session as held by this node.
+    async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
+
+    /// Clears the agent's session if this node still holds it.
+    async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
+
+    /// Sends a small message to every other node sharing the database. A backend that
+    /// cannot be shared by several nodes has no one to tell.
+    async fn publish(&self, _message: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// Listens to the other nodes; `None` when the backend serves a single node.
+    async fn subscribe(&self) -> StoreResult<Option<Box<dyn Subscription>>> {
+        Ok(None)
+    }
+
     /// Which bootstrap tokens exist already, so first start generates only the missing ones.
     async fn bootstrap_state(&self) -> StoreResult<BootstrapState>;
 

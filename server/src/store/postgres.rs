@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::*;
@@ -23,6 +23,24 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serializes first starts of several nodes on one empty database, which would otherwise
 /// each create a default client and their own bootstrap tokens.
 const BOOTSTRAP_LOCK: i64 = 0x6472_6f76_6572_0001;
+
+/// The LISTEN/NOTIFY channel server nodes talk on.
+const CHANNEL: &str = "drover_nodes";
+
+struct Listener(PgListener);
+
+#[async_trait]
+impl Subscription for Listener {
+    async fn next(&mut self) -> StoreResult<Option<String>> {
+        // `try_recv` answers `None` once after a lost connection, which it re-establishes
+        // on the next call: the caller re-syncs then.
+        Ok(self
+            .0
+            .try_recv()
+            .await?
+            .map(|notification| notification.payload().to_owned()))
+    }
+}
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -98,8 +116,10 @@ pub(crate) fn redact_password(url: &str) -> String {
 
 const AGENT_COLUMNS: &str = "a.id, a.site_id, a.fingerprint, a.hostname, a.version, a.os, a.arch, \
      a.paused, a.auto_update, a.enrolled_at, a.last_seen, \
-     a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel \
-     FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id";
+     a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel, \
+     a.node_id, n.last_beat AS node_last_beat \
+     FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id \
+     LEFT JOIN nodes n ON n.id = a.node_id";
 
 fn agent_from_row(row: &PgRow) -> Result<AgentRecord, sqlx::Error> {
     Ok(AgentRecord {
@@ -117,6 +137,8 @@ fn agent_from_row(row: &PgRow) -> Result<AgentRecord, sqlx::Error> {
         agent_channel: row.try_get("agent_channel")?,
         site_channel: row.try_get("site_channel")?,
         client_channel: row.try_get("client_channel")?,
+        node_id: row.try_get("node_id")?,
+        node_last_beat_ms: row.try_get("node_last_beat")?,
     })
 }
 
@@ -219,6 +241,53 @@ fn new_id() -> String {
 // whatever the database's locale.
 #[async_trait]
 impl Store for PostgresStore {
+    async fn publish(&self, message: &str) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(message)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> StoreResult<Option<Box<dyn Subscription>>> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Some(Box::new(Listener(listener))))
+    }
+
+    async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO nodes (id, address, started_at, last_beat) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET last_beat = excluded.last_beat",
+        )
+        .bind(node_id)
+        .bind(address)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET node_id = $1 WHERE id = $2")
+            .bind(node_id)
+            .bind(agent_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET node_id = NULL WHERE id = $1 AND node_id = $2")
+            .bind(agent_id)
+            .bind(node_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn bootstrap_state(&self) -> StoreResult<BootstrapState> {
         let admins: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL",

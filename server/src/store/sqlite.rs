@@ -47,8 +47,10 @@ impl SqliteStore {
 
 const AGENT_COLUMNS: &str = "a.id, a.site_id, a.fingerprint, a.hostname, a.version, a.os, a.arch, \
      a.paused, a.auto_update, a.enrolled_at, a.last_seen, \
-     a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel \
-     FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id";
+     a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel, \
+     a.node_id, n.last_beat AS node_last_beat \
+     FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id \
+     LEFT JOIN nodes n ON n.id = a.node_id";
 
 fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, sqlx::Error> {
     Ok(AgentRecord {
@@ -66,6 +68,8 @@ fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, sqlx::Er
         agent_channel: row.try_get("agent_channel")?,
         site_channel: row.try_get("site_channel")?,
         client_channel: row.try_get("client_channel")?,
+        node_id: row.try_get("node_id")?,
+        node_last_beat_ms: row.try_get("node_last_beat")?,
     })
 }
 
@@ -166,6 +170,38 @@ fn new_id() -> String {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO nodes (id, address, started_at, last_beat) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET last_beat = excluded.last_beat",
+        )
+        .bind(node_id)
+        .bind(address)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET node_id = ? WHERE id = ?")
+            .bind(node_id)
+            .bind(agent_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET node_id = NULL WHERE id = ? AND node_id = ?")
+            .bind(agent_id)
+            .bind(node_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn bootstrap_state(&self) -> StoreResult<BootstrapState> {
         let admins: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL",

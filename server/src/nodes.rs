@@ -1,0 +1,193 @@
+//! Several server nodes on one database. Each node heartbeats in the `nodes` table and
+//! marks the sessions it holds, so any node can tell which agents are online (a node
+//! that dies stops heartbeating and its agents read as offline within `NODE_LEASE`).
+//! Actions reach agents wherever they are connected: signals go out through the store
+//! (PostgreSQL LISTEN/NOTIFY; nothing with SQLite's single node), carry only ids, and
+//! the receiving node re-reads state from the database.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::clock::now_ms;
+use crate::session::Outbound;
+use crate::store::StoreResult;
+
+/// How often a node records that it is alive.
+const NODE_BEAT: Duration = Duration::from_secs(5);
+/// A node silent for longer than this is dead, and its agents offline.
+pub(crate) const NODE_LEASE: Duration = Duration::from_secs(15);
+
+/// What one node asks of the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Signal {
+    /// Re-read this agent and decide again (an operator acted on it).
+    Refresh(String),
+    /// Re-read blocks, halts, the update switch and the builds, and check every agent.
+    CheckAll,
+    /// This agent's session is now held by the sending node; close any other.
+    Claimed(String),
+}
+
+impl Signal {
+    fn encode(&self, node: &str) -> String {
+        match self {
+            Signal::Refresh(agent) => format!("{node} refresh {agent}"),
+            Signal::CheckAll => format!("{node} check"),
+            Signal::Claimed(agent) => format!("{node} claimed {agent}"),
+        }
+    }
+
+    /// The sending node and the signal; `None` for a message this version does not know.
+    fn decode(message: &str) -> Option<(&str, Signal)> {
+        let mut parts = message.split(' ');
+        let node = parts.next()?;
+        let signal = match (parts.next()?, parts.next()) {
+            ("refresh", Some(agent)) => Signal::Refresh(agent.to_owned()),
+            ("check", None) => Signal::CheckAll,
+            ("claimed", Some(agent)) => Signal::Claimed(agent.to_owned()),
+            _ => return None,
+        };
+        Some((node, signal))
+    }
+}
+
+/// Whether an agent's node is alive: the agent is online somewhere.
+pub(crate) fn is_live(node_last_beat_ms: Option<i64>, now_ms: i64) -> bool {
+    let lease = i64::try_from(NODE_LEASE.as_millis()).unwrap_or(i64::MAX);
+    node_last_beat_ms.is_some_and(|beat| now_ms - beat <= lease)
+}
+
+pub(crate) async fn claim(state: &AppState, agent_id: &str) {
+    if let Err(err) = state.store.claim_session(agent_id, &state.node_id).await {
+        tracing::warn!(agent = %agent_id, %err, "could not record the session");
+    }
+    state
+        .registry
+        .signal_other_nodes(Signal::Claimed(agent_id.to_owned()));
+}
+
+pub(crate) async fn release(state: &AppState, agent_id: &str) {
+    if let Err(err) = state.store.release_session(agent_id, &state.node_id).await {
+        tracing::warn!(agent = %agent_id, %err, "could not clear the session");
+    }
+}
+
+/// Heartbeats this node, sends its signals, and acts on the other nodes'.
+pub(crate) async fn start(state: AppState) -> StoreResult<()> {
+    state
+        .store
+        .node_beat(&state.node_id, &state.settings.public_url, now_ms())
+        .await?;
+    tokio::spawn(beat(state.clone()));
+    let Some(mut subscription) = state.store.subscribe().await? else {
+        return Ok(());
+    };
+    let (signals, mut outgoing) = mpsc::unbounded_channel::<Signal>();
+    state.registry.reach_other_nodes(signals);
+    let sender = state.clone();
+    tokio::spawn(async move {
+        while let Some(signal) = outgoing.recv().await {
+            if let Err(err) = sender.store.publish(&signal.encode(&sender.node_id)).await {
+                tracing::warn!(%err, ?signal, "could not signal the other nodes");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = subscription.next() => message,
+                () = state.shutdown.cancelled() => return,
+            };
+            match message {
+                Ok(Some(message)) => match Signal::decode(&message) {
+                    Some((node, _)) if node == &*state.node_id => {}
+                    Some((_, signal)) => act(&state, signal).await,
+                    None => {
+                        tracing::debug!(%message, "ignoring a signal this version does not know")
+                    }
+                },
+                // Whatever was said while the connection was down is lost: re-read all.
+                Ok(None) => {
+                    tracing::warn!("reconnected to the other nodes; re-reading state");
+                    act(&state, Signal::CheckAll).await;
+                    state.registry.broadcast_here(|| Outbound::Refresh);
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "lost the other nodes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn act(state: &AppState, signal: Signal) {
+    match signal {
+        Signal::Refresh(agent) => {
+            state.registry.send_here(&agent, Outbound::Refresh);
+        }
+        Signal::Claimed(agent) => {
+            state.registry.send_here(
+                &agent,
+                Outbound::Close(
+                    protocol::RejectCode::Replaced,
+                    "a newer session of this agent connected to another server".into(),
+                ),
+            );
+        }
+        Signal::CheckAll => {
+            if let Err(err) = state.reload_shared_state().await {
+                tracing::warn!(%err, "could not re-read state another node changed");
+            }
+            state.releases.rescan().await;
+            state.registry.broadcast_here(|| Outbound::Check);
+        }
+    }
+}
+
+async fn beat(state: AppState) {
+    let mut ticker = tokio::time::interval(NODE_BEAT);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        if let Err(err) = state
+            .store
+            .node_beat(&state.node_id, &state.settings.public_url, now_ms())
+            .await
+        {
+            tracing::warn!(%err, "could not record this node's heartbeat");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_round_trip_and_unknown_ones_are_ignored() {
+        for signal in [
+            Signal::Refresh("a-1".into()),
+            Signal::CheckAll,
+            Signal::Claimed("a-2".into()),
+        ] {
+            let message = signal.encode("node-1");
+            assert_eq!(Signal::decode(&message), Some(("node-1", signal)));
+        }
+        assert_eq!(Signal::decode("node-1 explode"), None);
+        assert_eq!(Signal::decode("node-1 check extra"), None);
+        assert_eq!(Signal::decode(""), None);
+    }
+
+    #[test]
+    fn a_node_is_live_within_its_lease() {
+        assert!(is_live(Some(1_000), 1_000 + 15_000));
+        assert!(!is_live(Some(1_000), 1_000 + 15_001));
+        assert!(!is_live(None, 0));
+    }
+}

@@ -1,0 +1,263 @@
+//! End-to-end: several server nodes on one PostgreSQL database and one downloads
+//! directory. Actions on one node reach agents connected to another, and a node that
+//! dies hands its agents to the others. Each test gets a database of its own; without
+//! PostgreSQL these tests skip, except under CI, where they must run.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use protocol::ServerMessage;
+use serde_json::json;
+use support::*;
+
+const SOON: Duration = Duration::from_secs(10);
+
+/// A fresh database on the test PostgreSQL server, dropped on drop.
+struct Database {
+    name: String,
+    url: String,
+}
+
+impl Database {
+    fn create(test: &str) -> Option<Database> {
+        let name = format!("drover_e2e_{test}_{}", std::process::id());
+        let psql = |sql: &str| {
+            std::process::Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-qc",
+                    sql,
+                ])
+                .output()
+        };
+        let created = psql(&format!("DROP DATABASE IF EXISTS {name}"))
+            .and_then(|_| psql(&format!("CREATE DATABASE {name}")));
+        match created {
+            Ok(output) if output.status.success() => Some(Database {
+                url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                name,
+            }),
+            other => {
+                let why = match other {
+                    Ok(output) => String::from_utf8_lossy(&output.stderr).into_owned(),
+                    Err(err) => err.to_string(),
+                };
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true requires PostgreSQL on 127.0.0.1:5432 (scripts/ci-setup starts it): {why}"
+                );
+                eprintln!(
+                    "skipping {test}: no PostgreSQL on 127.0.0.1:5432 ({})",
+                    why.trim()
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+/// Two nodes on one database and one downloads directory.
+fn two_nodes(root: &Path, database: &Database) -> (Server, Server) {
+    let a_dir = root.join("node-a");
+    let b_dir = root.join("node-b");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let shared = a_dir.join("downloads");
+    std::fs::create_dir_all(&shared).unwrap();
+    let a = Server::start_with_args(&a_dir, &["--database", &database.url]);
+    let b = Server::start_with_args(
+        &b_dir,
+        &[
+            "--database",
+            &database.url,
+            "--downloads",
+            shared.to_str().unwrap(),
+        ],
+    );
+    (a, b)
+}
+
+async fn offered(api: &Api, version: &str) {
+    eventually(&format!("{version} offered"), SOON, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        releases
+            .as_array()?
+            .iter()
+            .any(|r| r["version"] == version)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn actions_on_one_node_reach_agents_on_the_other() {
+    let Some(database) = Database::create("actions") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut on_a = ProtocolAgent::enroll(&a, "fp-on-a", "1.0.0").await;
+    let mut on_b = ProtocolAgent::enroll(&b, "fp-on-b", "1.0.0").await;
+    on_a.heartbeat().await;
+    on_b.heartbeat().await;
+
+    // Either node lists both agents online, once each.
+    for node in [&a, &b] {
+        let listed = all_online(&node.api(), 2).await;
+        assert_eq!(listed.len(), 2);
+    }
+
+    // Promote on A reaches the stable agent connected to B.
+    publish(&a.downloads(), "1.1.0", Some("beta"), b"build 1.1.0");
+    offered(&a.api(), "1.1.0").await;
+    offered(&b.api(), "1.1.0").await;
+    let (status, body) = a
+        .api()
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(json!({"force": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let update = on_b
+        .next_update(SOON)
+        .await
+        .expect("the agent on B hears of A's promote");
+    assert_eq!(update.version, "1.1.0");
+    let update = on_a
+        .next_update(SOON)
+        .await
+        .expect("and so does the agent on A");
+    assert_eq!(update.version, "1.1.0");
+
+    // An update requested on B for an agent connected to A: pause it first so that only
+    // the request can move it.
+    publish(&a.downloads(), "1.2.0", Some("stable"), b"build 1.2.0");
+    on_a.reconnect(&a, "1.1.0").await;
+    let (status, _) = b
+        .api()
+        .post(&format!("/api/v1/agents/{}/pause", on_a.id), None)
+        .await;
+    assert_eq!(status, 200);
+    offered(&b.api(), "1.2.0").await;
+    while let Some(message) = on_a.next_message(Duration::from_millis(800)).await {
+        assert!(
+            !matches!(message, ServerMessage::Update(ref u) if u.version == "1.2.0"),
+            "paused: {message:?}"
+        );
+    }
+    let (status, body) = b
+        .api()
+        .post(&format!("/api/v1/agents/{}/update", on_a.id), None)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let forced = loop {
+        match on_a
+            .next_message(SOON)
+            .await
+            .expect("the request reaches A's agent")
+        {
+            ServerMessage::Update(update) => break update,
+            _ => continue,
+        }
+    };
+    assert_eq!(forced.version, "1.2.0");
+
+    // A rollback on B reaches an agent on A running the version.
+    on_b.reconnect(&a, "1.1.0").await;
+    let (status, body) = b.api().post("/api/v1/rollouts/1.1.0/rollback", None).await;
+    assert_eq!(status, 200, "{body}");
+    let rollback = loop {
+        match on_b
+            .next_message(SOON)
+            .await
+            .expect("the rollback reaches the agent")
+        {
+            ServerMessage::Update(update) => break update,
+            _ => continue,
+        }
+    };
+    assert!(rollback.rollback, "{rollback:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_of_a_killed_node_come_back_on_another() {
+    let Some(database) = Database::create("failover") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, b) = two_nodes(dir.path(), &database);
+    let servers = format!("{},{}", a.url, b.url);
+    let _agents: Vec<Killed> = ["victor", "whiskey"]
+        .iter()
+        .map(|name| {
+            std::process::Command::new(AGENT_BIN)
+                .args(["run", "--enroll-token", ENROLL_TOKEN, "--hostname", name])
+                .args(["--fingerprint", &format!("fp-{name}"), "--state-dir"])
+                .arg(dir.path().join(name))
+                .env("DROVER_SERVER", &servers)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map(Killed)
+                .unwrap()
+        })
+        .collect();
+    let before = all_online(&b.api(), 2).await;
+
+    a.kill9();
+    // Within the node lease the dead node's agents read as offline or as back on B; in
+    // the end all are online again, with the same ids and no second rows.
+    let after = eventually(
+        "both agents back, on B",
+        Duration::from_secs(60),
+        || async {
+            let agents = b.api().agents().await?;
+            let all_online = agents.len() == 2 && agents.iter().all(|a| a["online"] == true);
+            let log = b.log();
+            let on_b = ["victor", "whiskey"]
+                .iter()
+                .all(|name| log.contains(&format!("hostname={name}")));
+            (all_online && on_b).then_some(agents)
+        },
+    )
+    .await;
+    let ids = |agents: &[serde_json::Value]| {
+        let mut ids: Vec<String> = agents
+            .iter()
+            .map(|a| a["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&after), ids(&before));
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -69,6 +69,17 @@ async fn agents_keep_their_identity_across_server_kills_and_agent_restarts() {
     )
     .await;
     server.restart();
+    eventually(
+        "every agent to reconnect",
+        Duration::from_secs(30),
+        || async {
+            agents
+                .iter()
+                .all(|a| a.log().matches("connected to").count() >= 2)
+                .then_some(())
+        },
+    )
+    .await;
     let listed = all_online(&api, 3).await;
     assert_eq!(ids_by_hostname(&listed), ids);
 

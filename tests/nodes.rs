@@ -127,6 +127,7 @@ async fn actions_on_one_node_reach_agents_on_the_other() {
     }
 
     // Promote on A reaches the stable agent connected to B.
+    publish(&a.downloads(), "1.0.0", Some("stable"), b"build 1.0.0");
     publish(&a.downloads(), "1.1.0", Some("beta"), b"build 1.1.0");
     offered(&a.api(), "1.1.0").await;
     offered(&b.api(), "1.1.0").await;
@@ -151,7 +152,7 @@ async fn actions_on_one_node_reach_agents_on_the_other() {
 
     // An update requested on B for an agent connected to A: pause it first so that only
     // the request can move it.
-    publish(&a.downloads(), "1.2.0", Some("stable"), b"build 1.2.0");
+    publish(&a.downloads(), "1.2.0", Some("beta"), b"build 1.2.0");
     on_a.reconnect(&a, "1.1.0").await;
     let (status, _) = b
         .api()
@@ -167,7 +168,10 @@ async fn actions_on_one_node_reach_agents_on_the_other() {
     }
     let (status, body) = b
         .api()
-        .post(&format!("/api/v1/agents/{}/update", on_a.id), None)
+        .post(
+            &format!("/api/v1/agents/{}/update", on_a.id),
+            Some(json!({"version": "1.2.0"})),
+        )
         .await;
     assert_eq!(status, 202, "{body}");
     let forced = loop {
@@ -197,6 +201,7 @@ async fn actions_on_one_node_reach_agents_on_the_other() {
         }
     };
     assert!(rollback.rollback, "{rollback:?}");
+    assert_eq!(rollback.version, "1.0.0");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -82,7 +82,9 @@ pub(crate) async fn start(state: AppState) -> StoreResult<()> {
         .await?;
     tokio::spawn(beat(state.clone()));
     let Some(mut subscription) = state.store.subscribe().await? else {
-        return Ok(());
+        // The only node: every session recorded before this start died with the last
+        // process, so nobody should read as online until they reconnect.
+        return state.store.forget_sessions().await;
     };
     let (signals, mut outgoing) = mpsc::unbounded_channel::<Signal>();
     state.registry.reach_other_nodes(signals);

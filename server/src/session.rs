@@ -68,11 +68,15 @@ impl Registry {
         session
     }
 
-    fn unregister(&self, agent_id: &str, session: u64) {
+    /// Removes the session unless a newer one of the same agent replaced it; true when
+    /// the agent has no session here any more.
+    fn unregister(&self, agent_id: &str, session: u64) -> bool {
         let mut sessions = self.lock();
         if sessions.get(agent_id).is_some_and(|h| h.session == session) {
             sessions.remove(agent_id);
+            return true;
         }
+        false
     }
 
     pub fn is_online(&self, agent_id: &str) -> bool {
@@ -194,8 +198,9 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
         Ok(()) => serve(&mut socket, &state, &mut live, &mut inbox).await,
         Err(_) => Ok(()),
     };
-    state.registry.unregister(&agent_id, session);
-    crate::nodes::release(&state, &agent_id).await;
+    if state.registry.unregister(&agent_id, session) {
+        crate::nodes::release(&state, &agent_id).await;
+    }
     match ended {
         Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),
         Err(refusal) => {

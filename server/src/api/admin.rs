@@ -2,22 +2,25 @@
 //! (admin), `/api/v1/audit` (viewer).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Body, Caller};
+use super::{ApiError, Body, Caller, ErrorBody, Params, openapi};
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
 use crate::clock::{now_ms, rfc3339};
 use crate::store::{ApiToken, AuditEntry, Role, StoreError};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ApiToken)]
 pub(crate) struct TokenView {
     id: String,
     name: String,
+    #[schema(schema_with = openapi::role)]
     role: Role,
+    /// RFC 3339.
     created_at: String,
     revoked: bool,
 }
@@ -34,6 +37,17 @@ impl From<ApiToken> for TokenView {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    tag = "admin",
+    summary = "Every API token (never the token itself)",
+    responses(
+        (status = 200, description = "Every API token, revoked ones too", body = [TokenView]),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 pub(crate) async fn list_tokens(
     caller: Caller,
     State(state): State<AppState>,
@@ -43,19 +57,42 @@ pub(crate) async fn list_tokens(
     Ok(Json(tokens.into_iter().map(TokenView::from).collect()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewToken {
     name: String,
+    #[schema(schema_with = openapi::role)]
     role: String,
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CreatedToken {
+    id: String,
+    name: String,
+    #[schema(schema_with = openapi::role)]
+    role: Role,
+    /// The bearer token; it is shown in this answer only.
+    token: String,
+}
+
 /// Mints an API token; the token itself is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    tag = "admin",
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "The new token, with its secret", body = CreatedToken),
+        (status = 400, description = "The body is malformed, the name empty or the role unknown", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 pub(crate) async fn create_token(
     caller: Caller,
     State(state): State<AppState>,
     Body(request): Body<NewToken>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     caller.require(Role::Admin)?;
     let role = Role::parse(&request.role).ok_or_else(|| {
         ApiError::BadRequest(format!(
@@ -83,15 +120,40 @@ pub(crate) async fn create_token(
         .await;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": token.id, "name": token.name, "role": token.role, "token": secret })),
+        Json(CreatedToken {
+            id: token.id,
+            name: token.name,
+            role: token.role,
+            token: secret,
+        }),
     ))
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RevokedToken {
+    id: String,
+    /// Always true.
+    revoked: bool,
+}
+
+#[utoipa::path(
+    delete,
+    path = "/tokens/{id}",
+    tag = "admin",
+    summary = "Revoke an API token",
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "The token is revoked", body = RevokedToken),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No unrevoked token has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 pub(crate) async fn revoke_token(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RevokedToken>, ApiError> {
     caller.require(Role::Admin)?;
     match state.store.revoke_api_token(&id).await {
         Ok(()) => {}
@@ -103,23 +165,53 @@ pub(crate) async fn revoke_token(
     state
         .audit(&caller.actor, "token.revoke", &id, None, "revoked")
         .await;
-    Ok(Json(json!({ "id": id, "revoked": true })))
+    Ok(Json(RevokedToken { id, revoked: true }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewEnrollmentToken {
+    /// Positive; the token never expires when left out.
     expires_in_secs: Option<i64>,
+    /// Positive; unlimited when left out.
+    max_uses: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CreatedEnrollmentToken {
+    id: String,
+    site_id: String,
+    /// The enrollment token; it is shown in this answer only.
+    token: String,
+    /// RFC 3339; null when it never expires.
+    expires_at: Option<String>,
     max_uses: Option<i64>,
 }
 
 /// Mints an enrollment token for a site, optionally expiring and limited in uses.
+#[utoipa::path(
+    post,
+    path = "/sites/{id}/enrollment-tokens",
+    tag = "admin",
+    params(("id" = String, Path, description = "The site's id")),
+    request_body(
+        content = Option<NewEnrollmentToken>,
+        description = "Optional; no body or `null` means a token that never expires and has no use limit",
+    ),
+    responses(
+        (status = 201, description = "The new enrollment token, with its secret", body = CreatedEnrollmentToken),
+        (status = 400, description = "The body is malformed or a limit is not positive", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No site has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 pub(crate) async fn create_enrollment_token(
     caller: Caller,
     State(state): State<AppState>,
     Path(site_id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
     caller.require(Role::Admin)?;
     let request: NewEnrollmentToken = super::optional_body(&body)?;
     if request.expires_in_secs.is_some_and(|s| s <= 0) || request.max_uses.is_some_and(|n| n <= 0) {
@@ -158,36 +250,81 @@ pub(crate) async fn create_enrollment_token(
         .await;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "id": id,
-            "site_id": site_id,
-            "token": secret,
-            "expires_at": expires_at.map(rfc3339),
-            "max_uses": request.max_uses,
-        })),
+        Json(CreatedEnrollmentToken {
+            id,
+            site_id,
+            token: secret,
+            expires_at: expires_at.map(rfc3339),
+            max_uses: request.max_uses,
+        }),
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct AuditQuery {
+    /// Entries per page, 1 to 1000; 100 when left out.
     limit: Option<i64>,
+    /// Only entries with a smaller id: the `next_before` of the previous page.
     before: Option<i64>,
+    /// Only entries of this action, such as `rollout.promote`.
     action: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AuditEntry)]
 struct AuditView {
-    #[serde(flatten)]
-    entry: AuditEntry,
+    id: i64,
+    /// Who acted: the token's name and id.
+    actor: String,
+    action: String,
+    target: String,
+    detail: Option<String>,
+    result: String,
+    /// RFC 3339.
     at: String,
 }
 
+impl From<AuditEntry> for AuditView {
+    fn from(entry: AuditEntry) -> AuditView {
+        AuditView {
+            at: rfc3339(entry.at_ms),
+            id: entry.id,
+            actor: entry.actor,
+            action: entry.action,
+            target: entry.target,
+            detail: entry.detail,
+            result: entry.result,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AuditPage {
+    /// Newest first.
+    entries: Vec<AuditView>,
+    /// The `before` of the next page; null on the last page.
+    next_before: Option<i64>,
+}
+
 /// The audit log, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    operation_id = "list_audit",
+    tag = "admin",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "One page of the audit log", body = AuditPage),
+        (status = 400, description = "A query parameter is malformed", body = ErrorBody),
+    ),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn audit(
     caller: Caller,
     State(state): State<AppState>,
-    Query(query): Query<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
+    Params(query): Params<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
     caller.require(Role::Viewer)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let entries = state
@@ -197,14 +334,8 @@ pub(crate) async fn audit(
     let next_before = (entries.len() as i64 == limit)
         .then(|| entries.last().map(|e| e.id))
         .flatten();
-    let entries: Vec<AuditView> = entries
-        .into_iter()
-        .map(|entry| AuditView {
-            at: rfc3339(entry.at_ms),
-            entry,
-        })
-        .collect();
-    Ok(Json(
-        json!({ "entries": entries, "next_before": next_before }),
-    ))
+    Ok(Json(AuditPage {
+        entries: entries.into_iter().map(AuditView::from).collect(),
+        next_before,
+    }))
 }

@@ -5,8 +5,9 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{ApiError, Caller};
+use super::{ApiError, Caller, ErrorBody, openapi};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::dispatch::LiveAgent;
@@ -18,39 +19,57 @@ use crate::store::{AgentRecord, NewTask, Role, StoreError, TaskKind, TaskStatus,
 const TASK_HISTORY: i64 = 50;
 
 /// An agent as the REST API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Agent)]
 pub(crate) struct AgentView {
     id: String,
     hostname: String,
+    /// The version the agent last reported.
     version: String,
     os: String,
     arch: String,
     site_id: String,
+    /// The resolved channel.
+    #[schema(schema_with = openapi::channel)]
     channel: &'static str,
+    /// The level the channel is set at.
+    #[schema(schema_with = openapi::channel_source)]
     channel_source: &'static str,
+    /// Has a live session with a server.
     online: bool,
+    /// RFC 3339.
     last_seen: String,
+    /// RFC 3339.
     enrolled_at: String,
     paused: bool,
+    /// False when the agent runs with auto-update off and declines updates.
     auto_update: bool,
     fingerprint: String,
+    /// Newest first; only in `GET /api/v1/agents/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     tasks: Option<Vec<TaskView>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = UpdateTask)]
 pub(crate) struct TaskView {
     id: String,
     agent_id: String,
     from_version: String,
     to_version: String,
+    #[schema(schema_with = openapi::task_kind)]
     kind: TaskKind,
+    #[schema(schema_with = openapi::task_status)]
     status: TaskStatus,
+    /// Times the update was sent.
     attempts: i64,
     error: Option<String>,
     bytes_done: i64,
     bytes_total: i64,
+    /// RFC 3339.
     created_at: String,
+    /// RFC 3339.
     updated_at: String,
 }
 
@@ -73,10 +92,10 @@ impl From<UpdateTask> for TaskView {
     }
 }
 
-fn view(state: &AppState, agent: AgentRecord) -> AgentView {
+fn view(agent: AgentRecord) -> AgentView {
     let (channel, channel_source) = resolve_channel(&agent);
     AgentView {
-        online: state.registry.is_online(&agent.id),
+        online: crate::nodes::is_live(agent.node_last_beat_ms, crate::clock::now_ms()),
         last_seen: rfc3339(agent.last_seen_ms),
         enrolled_at: rfc3339(agent.enrolled_at_ms),
         channel: channel.as_str(),
@@ -102,15 +121,37 @@ async fn agent_or_404(state: &AppState, id: &str) -> Result<AgentRecord, ApiErro
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/agents",
+    operation_id = "list_agents",
+    tag = "agents",
+    summary = "Every agent",
+    responses((status = 200, description = "Every agent, without tasks", body = [AgentView])),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn list(
     caller: Caller,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<AgentView>>, ApiError> {
     caller.require(Role::Viewer)?;
     let agents = state.store.list_agents().await?;
-    Ok(Json(agents.into_iter().map(|a| view(&state, a)).collect()))
+    Ok(Json(agents.into_iter().map(view).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/agents/{id}",
+    operation_id = "get_agent",
+    tag = "agents",
+    summary = "One agent with its update tasks",
+    params(("id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, description = "The agent, with `tasks` newest first", body = AgentView),
+        (status = 404, description = "No agent has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn one(
     caller: Caller,
     State(state): State<AppState>,
@@ -119,11 +160,25 @@ pub(crate) async fn one(
     caller.require(Role::Viewer)?;
     let agent = agent_or_404(&state, &id).await?;
     let tasks = state.store.tasks_for_agent(&id, TASK_HISTORY).await?;
-    let mut view = view(&state, agent);
+    let mut view = view(agent);
     view.tasks = Some(tasks.into_iter().map(TaskView::from).collect());
     Ok(Json(view))
 }
 
+#[utoipa::path(
+    post,
+    path = "/agents/{id}/pause",
+    operation_id = "pause_agent",
+    tag = "agents",
+    summary = "Pause the agent's automatic updates",
+    params(("id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, description = "The agent, now paused", body = AgentView),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No agent has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn pause(
     caller: Caller,
     state: State<AppState>,
@@ -132,6 +187,20 @@ pub(crate) async fn pause(
     set_paused(caller, state, id, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/agents/{id}/resume",
+    operation_id = "resume_agent",
+    tag = "agents",
+    summary = "Resume the agent's automatic updates",
+    params(("id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, description = "The agent, no longer paused", body = AgentView),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No agent has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn resume(
     caller: Caller,
     state: State<AppState>,
@@ -161,19 +230,22 @@ async fn set_paused(
     };
     state.audit(&caller.actor, action, &id, None, "done").await;
     state.registry.send(&id, Outbound::Refresh);
-    Ok(Json(view(&state, agent_or_404(&state, &id).await?)))
+    Ok(Json(view(agent_or_404(&state, &id).await?)))
 }
 
 /// Why an agent is or is not being updated, without reading logs.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Explanation {
     agent_id: String,
     version: String,
+    #[schema(schema_with = openapi::channel)]
     channel: &'static str,
+    #[schema(schema_with = openapi::channel_source)]
     channel_source: &'static str,
     /// Each level of agent → site → client → default and the channel it sets.
     channel_trace: Vec<TraceStep>,
     /// `offer` when a build is due, `hold` otherwise.
+    #[schema(schema_with = decision)]
     decision: &'static str,
     offer: Option<String>,
     reason: String,
@@ -183,15 +255,22 @@ pub(crate) struct Explanation {
     next: String,
 }
 
-#[derive(Debug, Serialize)]
+fn decision() -> utoipa::openapi::schema::Object {
+    openapi::string_enum(["offer", "hold"])
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 struct TraceStep {
+    #[schema(schema_with = openapi::channel_source)]
     level: &'static str,
+    #[schema(schema_with = openapi::nullable_channel)]
     channel: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct Candidate {
     version: String,
+    #[schema(schema_with = openapi::channel)]
     channel: &'static str,
     file: String,
     offered: bool,
@@ -200,6 +279,18 @@ struct Candidate {
 
 /// Why the agent is or is not being updated: channel resolution, every candidate build
 /// with the reason it is not offered, and what happens next.
+#[utoipa::path(
+    get,
+    path = "/agents/{id}/explain",
+    operation_id = "explain_agent",
+    tag = "agents",
+    params(("id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, description = "The decision and its reasons", body = Explanation),
+        (status = 404, description = "No agent has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn explain(
     caller: Caller,
     State(state): State<AppState>,
@@ -294,13 +385,14 @@ pub(crate) async fn explain(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateNow {
+    /// The build to install; the newest of the agent's channel when left out.
     version: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct UpdateQueued {
     task: TaskView,
     /// True when the agent is connected here and was sent the update at once.
@@ -309,6 +401,25 @@ pub(crate) struct UpdateQueued {
 
 /// Request an update now: a forced task, pushed at once when the agent is connected and
 /// on its next connect otherwise. It overrides a pause and a version's earlier failure.
+#[utoipa::path(
+    post,
+    path = "/agents/{id}/update",
+    operation_id = "update_agent",
+    tag = "agents",
+    params(("id" = String, Path, description = "The agent's id")),
+    request_body(
+        content = Option<UpdateNow>,
+        description = "Optional; no body or `null` means the newest build of the agent's channel",
+    ),
+    responses(
+        (status = 202, description = "A forced task was created (and any unfinished one cancelled)", body = UpdateQueued),
+        (status = 400, description = "The body or the version is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No agent has this id, or no such build is offered for its platform", body = ErrorBody),
+        (status = 409, description = "Updates are off server-wide, the agent declines updates, the build is blocked, or it is not newer than what the agent runs", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn update_now(
     caller: Caller,
     State(state): State<AppState>,

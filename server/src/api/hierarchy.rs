@@ -4,32 +4,60 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{ApiError, Body, Caller};
+use super::{ApiError, Body, Caller, ErrorBody, openapi};
 use crate::AppState;
 use crate::clock::rfc3339;
 use crate::releases::Channel;
 use crate::session::Outbound;
 use crate::store::{ChannelScope, Client, Role, Site, StoreError};
 
-#[derive(Debug, Serialize)]
-pub(crate) struct Dated<T: Serialize> {
-    #[serde(flatten)]
-    item: T,
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Client)]
+pub(crate) struct ClientView {
+    id: String,
+    name: String,
+    /// The channel set for every agent of the client, unless a site or agent sets one.
+    #[schema(schema_with = openapi::nullable_channel)]
+    channel: Option<String>,
+    /// RFC 3339.
     created_at: String,
 }
 
-fn dated_client(client: Client) -> Dated<Client> {
-    Dated {
-        created_at: rfc3339(client.created_at_ms),
-        item: client,
+impl From<Client> for ClientView {
+    fn from(client: Client) -> ClientView {
+        ClientView {
+            created_at: rfc3339(client.created_at_ms),
+            id: client.id,
+            name: client.name,
+            channel: client.channel,
+        }
     }
 }
 
-fn dated_site(site: Site) -> Dated<Site> {
-    Dated {
-        created_at: rfc3339(site.created_at_ms),
-        item: site,
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Site)]
+pub(crate) struct SiteView {
+    id: String,
+    client_id: String,
+    name: String,
+    /// The channel set for every agent of the site, unless the agent sets one.
+    #[schema(schema_with = openapi::nullable_channel)]
+    channel: Option<String>,
+    /// RFC 3339.
+    created_at: String,
+}
+
+impl From<Site> for SiteView {
+    fn from(site: Site) -> SiteView {
+        SiteView {
+            created_at: rfc3339(site.created_at_ms),
+            id: site.id,
+            client_id: site.client_id,
+            name: site.name,
+            channel: site.channel,
+        }
     }
 }
 
@@ -50,26 +78,49 @@ fn check_name(name: &str) -> Result<&str, ApiError> {
     Ok(name)
 }
 
+#[utoipa::path(
+    get,
+    path = "/clients",
+    tag = "hierarchy",
+    summary = "Every client",
+    responses((status = 200, description = "Every client", body = [ClientView])),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn list_clients(
     caller: Caller,
     State(state): State<AppState>,
-) -> Result<Json<Vec<Dated<Client>>>, ApiError> {
+) -> Result<Json<Vec<ClientView>>, ApiError> {
     caller.require(Role::Viewer)?;
     let clients = state.store.list_clients().await?;
-    Ok(Json(clients.into_iter().map(dated_client).collect()))
+    Ok(Json(clients.into_iter().map(ClientView::from).collect()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewClient {
+    /// 1 to 200 characters, unique.
     name: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/clients",
+    tag = "hierarchy",
+    summary = "Create a client",
+    request_body = NewClient,
+    responses(
+        (status = 201, description = "The new client", body = ClientView),
+        (status = 400, description = "The body or the name is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 409, description = "A client of this name exists", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 pub(crate) async fn create_client(
     caller: Caller,
     State(state): State<AppState>,
     Body(body): Body<NewClient>,
-) -> Result<(StatusCode, Json<Dated<Client>>), ApiError> {
+) -> Result<(StatusCode, Json<ClientView>), ApiError> {
     caller.require(Role::Admin)?;
     let name = check_name(&body.name)?;
     let client = state
@@ -86,30 +137,54 @@ pub(crate) async fn create_client(
             "created",
         )
         .await;
-    Ok((StatusCode::CREATED, Json(dated_client(client))))
+    Ok((StatusCode::CREATED, Json(client.into())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/sites",
+    tag = "hierarchy",
+    summary = "Every site",
+    responses((status = 200, description = "Every site", body = [SiteView])),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn list_sites(
     caller: Caller,
     State(state): State<AppState>,
-) -> Result<Json<Vec<Dated<Site>>>, ApiError> {
+) -> Result<Json<Vec<SiteView>>, ApiError> {
     caller.require(Role::Viewer)?;
     let sites = state.store.list_sites().await?;
-    Ok(Json(sites.into_iter().map(dated_site).collect()))
+    Ok(Json(sites.into_iter().map(SiteView::from).collect()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewSite {
     client_id: String,
+    /// 1 to 200 characters, unique within the client.
     name: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/sites",
+    tag = "hierarchy",
+    summary = "Create a site in a client",
+    request_body = NewSite,
+    responses(
+        (status = 201, description = "The new site", body = SiteView),
+        (status = 400, description = "The body or the name is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No client has this id", body = ErrorBody),
+        (status = 409, description = "The client has a site of this name", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 pub(crate) async fn create_site(
     caller: Caller,
     State(state): State<AppState>,
     Body(body): Body<NewSite>,
-) -> Result<(StatusCode, Json<Dated<Site>>), ApiError> {
+) -> Result<(StatusCode, Json<SiteView>), ApiError> {
     caller.require(Role::Admin)?;
     let name = check_name(&body.name)?;
     let site = match state.store.create_site(&body.client_id, name).await {
@@ -131,24 +206,42 @@ pub(crate) async fn create_site(
             "created",
         )
         .await;
-    Ok((StatusCode::CREATED, Json(dated_site(site))))
+    Ok((StatusCode::CREATED, Json(site.into())))
 }
 
 /// `{"channel": "beta"}` sets, `{"channel": null}` clears.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChannelChange {
+    #[schema(schema_with = openapi::nullable_channel)]
     channel: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ChannelSet {
     id: String,
+    #[schema(schema_with = openapi::nullable_channel)]
     channel: Option<&'static str>,
     /// Agents whose resolved channel may have changed.
     agents_affected: usize,
 }
 
+#[utoipa::path(
+    put,
+    path = "/agents/{id}/channel",
+    tag = "hierarchy",
+    summary = "Set or clear the agent's own channel",
+    description = "A channel set on an agent wins over its site's, which wins over its client's; `stable` is the default. Connected agents are checked again at once.",
+    params(("id" = String, Path, description = "The agent's id")),
+    request_body = ChannelChange,
+    responses(
+        (status = 200, description = "The channel now set", body = ChannelSet),
+        (status = 400, description = "The body is malformed or the channel is neither stable nor beta", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No agent has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn set_agent_channel(
     caller: Caller,
     state: State<AppState>,
@@ -158,6 +251,22 @@ pub(crate) async fn set_agent_channel(
     set_channel(caller, state, id, body, ChannelScope::Agent).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/sites/{id}/channel",
+    tag = "hierarchy",
+    summary = "Set or clear the channel of every agent of the site",
+    description = "A channel set on an agent wins over its site's, which wins over its client's; `stable` is the default. Connected agents are checked again at once.",
+    params(("id" = String, Path, description = "The site's id")),
+    request_body = ChannelChange,
+    responses(
+        (status = 200, description = "The channel now set", body = ChannelSet),
+        (status = 400, description = "The body is malformed or the channel is neither stable nor beta", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No site has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn set_site_channel(
     caller: Caller,
     state: State<AppState>,
@@ -167,6 +276,22 @@ pub(crate) async fn set_site_channel(
     set_channel(caller, state, id, body, ChannelScope::Site).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/clients/{id}/channel",
+    tag = "hierarchy",
+    summary = "Set or clear the channel of every agent of the client",
+    description = "A channel set on an agent wins over its site's, which wins over its client's; `stable` is the default. Connected agents are checked again at once.",
+    params(("id" = String, Path, description = "The client's id")),
+    request_body = ChannelChange,
+    responses(
+        (status = 200, description = "The channel now set", body = ChannelSet),
+        (status = 400, description = "The body is malformed or the channel is neither stable nor beta", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No client has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn set_client_channel(
     caller: Caller,
     state: State<AppState>,

@@ -2,37 +2,56 @@
 //! script. Authorized by a site enrollment token, the one secret a new machine has.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::ApiError;
+use super::{ApiError, ErrorBody, Params};
 use crate::AppState;
 use crate::auth::hash_secret;
 use crate::engine::channel_admits;
 use crate::releases::Channel;
 use crate::store::StoreError;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct Platform {
+    /// As agents report it, such as `linux`.
     os: String,
+    /// As agents report it, such as `amd64`.
     arch: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Installable {
     version: String,
     file: String,
+    /// Where to download it: `GET /downloads/{file}` on this server's public URL.
     url: String,
+    /// Lower-case hex.
     sha256: String,
     size: u64,
 }
 
 /// The newest non-blocked stable build for the platform.
+#[utoipa::path(
+    get,
+    path = "/agent/install",
+    tag = "install",
+    params(Platform),
+    responses(
+        (status = 200, description = "The build to install", body = Installable),
+        (status = 400, description = "`os` or `arch` is missing", body = ErrorBody),
+        (status = 401, description = "The enrollment token is missing, unknown or revoked", body = ErrorBody),
+        (status = 404, description = "No stable build is offered for the platform", body = ErrorBody),
+    ),
+    security(("enrollment_token" = [])),
+)]
 pub(crate) async fn newest_for_install(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(platform): Query<Platform>,
+    Params(platform): Params<Platform>,
 ) -> Result<Json<Installable>, ApiError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)

@@ -4,65 +4,117 @@
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Body, Caller};
-use crate::releases::{ReleaseIndex, Skipped};
+use super::{ApiError, Body, Caller, ErrorBody, Params, openapi};
+use crate::releases::ReleaseIndex;
 use crate::session::Outbound;
 use crate::store::Role;
 use crate::{AppState, UPDATES_ENABLED};
 
-#[derive(Debug, Serialize)]
-struct ReleaseView<'a> {
+/// An offered build.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Release)]
+pub(crate) struct ReleaseView {
     version: String,
-    os: &'a str,
-    arch: &'a str,
+    os: String,
+    arch: String,
+    #[schema(schema_with = openapi::channel)]
     channel: &'static str,
-    sha256: &'a str,
+    /// Lower-case hex.
+    sha256: String,
     size: u64,
-    file: &'a str,
+    /// The file name in the downloads directory.
+    file: String,
+    /// Rolled back: offered to nobody until unblocked.
     blocked: bool,
+    /// Has a `.sig` signature.
     signed: bool,
 }
 
-#[derive(Debug, Deserialize)]
+/// A file in the downloads directory that is not offered.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SkippedFile)]
+pub(crate) struct SkippedView {
+    file: String,
+    reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReleasesAndSkipped {
+    releases: Vec<ReleaseView>,
+    skipped: Vec<SkippedView>,
+}
+
+/// The answer of `GET /releases`: a bare array unless skipped files were asked for.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum Listing {
+    Releases(Vec<ReleaseView>),
+    WithSkipped(ReleasesAndSkipped),
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// `skipped` also lists the files that are not offered, and why; the answer is then
+    /// an object.
     include: Option<String>,
 }
 
-fn listing(state: &AppState, index: &ReleaseIndex, with_skipped: bool) -> Value {
+fn releases(state: &AppState, index: &ReleaseIndex) -> Vec<ReleaseView> {
     let blocked = state.blocked_versions();
-    let releases: Vec<ReleaseView<'_>> = index
+    index
         .releases
         .iter()
         .map(|r| ReleaseView {
             version: r.version.to_string(),
-            os: &r.os,
-            arch: &r.arch,
+            os: r.os.clone(),
+            arch: r.arch.clone(),
             channel: r.channel.as_str(),
-            sha256: &r.sha256,
+            sha256: r.sha256.clone(),
             size: r.size,
-            file: &r.file,
+            file: r.file.clone(),
             blocked: blocked.contains(&r.version.to_string()),
             signed: r.signature.is_some(),
         })
-        .collect();
-    if with_skipped {
-        let skipped: &[Skipped] = &index.skipped;
-        json!({ "releases": releases, "skipped": skipped })
-    } else {
-        json!(releases)
+        .collect()
+}
+
+fn with_skipped(state: &AppState, index: &ReleaseIndex) -> ReleasesAndSkipped {
+    ReleasesAndSkipped {
+        releases: releases(state, index),
+        skipped: index
+            .skipped
+            .iter()
+            .map(|s| SkippedView {
+                file: s.file.clone(),
+                reason: s.reason.clone(),
+            })
+            .collect(),
     }
 }
 
 /// The offered builds; with `?include=skipped`, also every skipped file and why.
+#[utoipa::path(
+    get,
+    path = "/releases",
+    operation_id = "list_releases",
+    tag = "releases",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "An array of releases; with `include=skipped` an object with `releases` and `skipped`", body = Listing),
+        (status = 400, description = "`include` is something other than `skipped`", body = ErrorBody),
+    ),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn list(
     caller: Caller,
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+    Params(query): Params<ListQuery>,
+) -> Result<Json<Listing>, ApiError> {
     caller.require(Role::Viewer)?;
     let with_skipped = match query.include.as_deref() {
         None => false,
@@ -74,14 +126,29 @@ pub(crate) async fn list(
         }
     };
     let index = state.releases.current();
-    Ok(Json(listing(&state, &index, with_skipped)))
+    Ok(Json(if with_skipped {
+        Listing::WithSkipped(self::with_skipped(&state, &index))
+    } else {
+        Listing::Releases(releases(&state, &index))
+    }))
 }
 
 /// Rescans the downloads directory now; answers with the new listing and skips.
+#[utoipa::path(
+    post,
+    path = "/releases/rescan",
+    operation_id = "rescan_releases",
+    tag = "releases",
+    responses(
+        (status = 200, description = "The listing after the scan", body = ReleasesAndSkipped),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn rescan(
     caller: Caller,
     State(state): State<AppState>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReleasesAndSkipped>, ApiError> {
     caller.require(Role::Operator)?;
     let index = state.releases.rescan().await;
     state
@@ -97,15 +164,27 @@ pub(crate) async fn rescan(
             "done",
         )
         .await;
-    Ok(Json(listing(&state, &index, true)))
+    // The other nodes rescan too: the directory may be a network share without events.
+    state.registry.broadcast(|| Outbound::Check);
+    Ok(Json(with_skipped(&state, &index)))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdatesSwitch {
+    /// False stops all update dispatch and downloads.
     enabled: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/updates",
+    operation_id = "get_updates_switch",
+    tag = "releases",
+    summary = "Whether updates are on server-wide",
+    responses((status = 200, description = "The server-wide update switch", body = UpdatesSwitch)),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn updates_switch(
     caller: Caller,
     State(state): State<AppState>,
@@ -117,6 +196,18 @@ pub(crate) async fn updates_switch(
 }
 
 /// Switches all update dispatch and downloads off or on, for every agent.
+#[utoipa::path(
+    put,
+    path = "/updates",
+    tag = "releases",
+    request_body = UpdatesSwitch,
+    responses(
+        (status = 200, description = "The switch as now set", body = UpdatesSwitch),
+        (status = 400, description = "The body is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn set_updates_switch(
     caller: Caller,
     State(state): State<AppState>,
@@ -137,8 +228,7 @@ pub(crate) async fn set_updates_switch(
             if body.enabled { "enabled" } else { "disabled" },
         )
         .await;
-    if body.enabled {
-        state.registry.broadcast(|| Outbound::Check);
-    }
+    // Also when switching off: the other nodes re-read the switch on this signal.
+    state.registry.broadcast(|| Outbound::Check);
     Ok(Json(body))
 }

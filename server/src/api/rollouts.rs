@@ -6,9 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
-use super::{ApiError, Caller, optional_body};
+use super::{ApiError, Caller, ErrorBody, openapi, optional_body};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::engine::{channel_admits, resolve_channel};
@@ -17,25 +17,75 @@ use crate::rollouts::{self, GateVerdict, RolloutKey, Tally};
 use crate::session::Outbound;
 use crate::store::Role;
 
-#[derive(Debug, Serialize)]
+/// One version on one platform.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Rollout)]
 pub(crate) struct RolloutView {
     version: String,
     os: String,
     arch: String,
+    #[schema(schema_with = rollout_state)]
     state: &'static str,
+    /// Agents on the platform whose channel sees this build and that run it or older.
     targeted: u64,
-    #[serde(flatten)]
-    tally: Tally,
+    /// Tasks to this version, in any state.
+    dispatched: u64,
+    in_progress: u64,
+    succeeded: u64,
+    failed: u64,
+    rolled_back: u64,
+    timed_out: u64,
+    /// Agents running this version now.
     running: u64,
+    /// Succeeded over finished tasks, 0 to 1; null before any task finished.
     success_rate: Option<f64>,
-    gate: GateVerdict,
+    /// Whether a promote would pass the health gate now.
+    gate: GateView,
+    /// The newest beta has been ahead of stable for longer than the threshold.
     stale_stable: bool,
+    /// How long this beta has been ahead of stable; null unless it is the newest beta.
     stable_lag_seconds: Option<i64>,
     halt_reason: Option<String>,
+    /// RFC 3339.
     first_seen: String,
+    /// RFC 3339.
     promoted_at: Option<String>,
 }
 
+fn rollout_state() -> utoipa::openapi::schema::Object {
+    openapi::string_enum([
+        Channel::Beta.as_str(),
+        Channel::Stable.as_str(),
+        "halted",
+        "rolled_back",
+    ])
+}
+
+/// The health gate's verdict.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GateView {
+    pass: bool,
+    reason: String,
+}
+
+impl From<GateVerdict> for GateView {
+    fn from(verdict: GateVerdict) -> GateView {
+        GateView {
+            pass: verdict.pass,
+            reason: verdict.reason,
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/rollouts",
+    operation_id = "list_rollouts",
+    tag = "rollouts",
+    summary = "The health of every version on every platform",
+    responses((status = 200, description = "Every rollout, newest version first", body = [RolloutView])),
+    security(("bearer" = ["viewer"])),
+)]
 pub(crate) async fn list(
     caller: Caller,
     State(state): State<AppState>,
@@ -107,13 +157,18 @@ async fn rollout_views(state: &AppState) -> Result<Vec<RolloutView>, ApiError> {
             targeted,
             running,
             success_rate: tally.success_rate(),
-            gate: rollouts::gate(&tally, &policy),
+            gate: rollouts::gate(&tally, &policy).into(),
             stale_stable: lag.is_some_and(|lag| lag > policy.stale_stable_after_ms),
             stable_lag_seconds: lag.map(|lag| lag / 1000),
             halt_reason: record.and_then(|r| r.halt_reason.clone()),
             first_seen: rfc3339(record.map_or(now, |r| r.first_seen_ms)),
             promoted_at: record.and_then(|r| r.promoted_at_ms).map(rfc3339),
-            tally,
+            dispatched: tally.dispatched,
+            in_progress: tally.in_progress,
+            succeeded: tally.succeeded,
+            failed: tally.failed,
+            rolled_back: tally.rolled_back,
+            timed_out: tally.timed_out,
             version,
             os,
             arch,
@@ -134,23 +189,53 @@ fn parse_version(text: &str) -> Result<semver::Version, ApiError> {
 }
 
 /// Optional platform scope of an action.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PromoteRequest {
+    /// Only this platform's tasks count for the gate.
     os: Option<String>,
     arch: Option<String>,
+    /// Promote even when the health gate fails.
     #[serde(default)]
     force: bool,
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Promoted {
+    version: String,
+    /// The build files moved from beta to stable.
+    promoted: Vec<String>,
+    gate: GateView,
+    /// Promoted past a failing health gate.
+    forced: bool,
+}
+
 /// Flips every `.channel` sidecar of the version to stable (every platform; `os`/`arch`
 /// scope only the gate), rescans, and nudges every connected agent at once.
+#[utoipa::path(
+    post,
+    path = "/rollouts/{version}/promote",
+    tag = "rollouts",
+    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    request_body(
+        content = Option<PromoteRequest>,
+        description = "Optional; no body or `null` means every platform, behind the health gate",
+    ),
+    responses(
+        (status = 200, description = "The version is stable", body = Promoted),
+        (status = 400, description = "The body or the version is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No build of the version is offered (for the platform)", body = ErrorBody),
+        (status = 409, description = "The health gate fails (the detail says why) and `force` is not set, or the version is rolled back", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn promote(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Promoted>, ApiError> {
     caller.require(Role::Operator)?;
     let request: PromoteRequest = optional_body(&body)?;
     let parsed = parse_version(&version)?;
@@ -225,12 +310,12 @@ pub(crate) async fn promote(
             },
         )
         .await;
-    Ok(Json(json!({
-        "version": version,
-        "promoted": promoted,
-        "gate": verdict,
-        "forced": forced,
-    })))
+    Ok(Json(Promoted {
+        version,
+        promoted,
+        gate: verdict.into(),
+        forced,
+    }))
 }
 
 /// Writes `<file>.channel` by rename, so the scanner never reads half of it.
@@ -242,13 +327,35 @@ fn write_channel(downloads: &std::path::Path, file: &str, channel: Channel) -> a
     Ok(())
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RolledBack {
+    version: String,
+    /// Always true.
+    blocked: bool,
+    /// Agents running the version, each sent the newest other build of its channel.
+    agents_rolled_back: usize,
+}
+
 /// Blocks the version and moves every agent running it to the newest other build of
 /// its channel; agents offline now are moved when they reconnect.
+#[utoipa::path(
+    post,
+    path = "/rollouts/{version}/rollback",
+    tag = "rollouts",
+    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    responses(
+        (status = 200, description = "The version is blocked", body = RolledBack),
+        (status = 400, description = "The version is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No build of the version was ever offered", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn rollback(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RolledBack>, ApiError> {
     caller.require(Role::Operator)?;
     parse_version(&version)?;
     let known = state
@@ -298,16 +405,39 @@ pub(crate) async fn rollback(
             "blocked",
         )
         .await;
-    Ok(Json(
-        json!({ "version": version, "blocked": true, "agents_rolled_back": running }),
-    ))
+    Ok(Json(RolledBack {
+        version,
+        blocked: true,
+        agents_rolled_back: running,
+    }))
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Unblocked {
+    version: String,
+    /// Always false.
+    blocked: bool,
+}
+
+#[utoipa::path(
+    post,
+    path = "/rollouts/{version}/unblock",
+    tag = "rollouts",
+    summary = "Offer a rolled-back version again",
+    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    responses(
+        (status = 200, description = "The version is offered again", body = Unblocked),
+        (status = 400, description = "The version is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "The version is not blocked", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn unblock(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Unblocked>, ApiError> {
     caller.require(Role::Operator)?;
     parse_version(&version)?;
     if !state.store.unblock_version(&version).await? {
@@ -324,22 +454,52 @@ pub(crate) async fn unblock(
             "offered again",
         )
         .await;
-    Ok(Json(json!({ "version": version, "blocked": false })))
+    Ok(Json(Unblocked {
+        version,
+        blocked: false,
+    }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Optional platform scope of a resume; both or neither.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResumeRequest {
     os: Option<String>,
     arch: Option<String>,
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Resumed {
+    version: String,
+    /// Halted rollouts (platforms) resumed.
+    resumed: u64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/rollouts/{version}/resume",
+    operation_id = "resume_rollout",
+    tag = "rollouts",
+    summary = "Resume a rollout halted by its failure rate",
+    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    request_body(
+        content = Option<ResumeRequest>,
+        description = "Optional; no body (or only one of `os` and `arch`) resumes every platform",
+    ),
+    responses(
+        (status = 200, description = "Dispatch of the version goes on", body = Resumed),
+        (status = 400, description = "The body or the version is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No rollout of the version is halted", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
 pub(crate) async fn resume(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Resumed>, ApiError> {
     caller.require(Role::Operator)?;
     let request: ResumeRequest = optional_body(&body)?;
     parse_version(&version)?;
@@ -361,5 +521,5 @@ pub(crate) async fn resume(
             "resumed",
         )
         .await;
-    Ok(Json(json!({ "version": version, "resumed": resumed })))
+    Ok(Json(Resumed { version, resumed }))
 }

@@ -363,6 +363,10 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the agent's session as held by this node.
     async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
 
+    /// Forgets every recorded session: for a backend only one node can use, whose
+    /// sessions all died with the previous process.
+    async fn forget_sessions(&self) -> StoreResult<()>;
+
     /// Clears the agent's session if this node still holds it.
     async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
 

@@ -184,6 +184,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn forget_sessions(&self) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET node_id = NULL WHERE node_id IS NOT NULL")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE agents SET node_id = ? WHERE id = ?")
             .bind(node_id)

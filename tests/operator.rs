@@ -382,9 +382,17 @@ async fn re_enrolling_a_machine_keeps_one_record_and_says_so() {
     );
     let again = all_online(&api, 1).await;
     assert_eq!(again[0]["id"], listed[0]["id"]);
-    let (_, audit) = api.get("/api/v1/audit?action=agent.reenroll").await;
-    let entries = audit["entries"].as_array().unwrap();
-    assert_eq!(entries.len(), 1, "{audit}");
+    let entries = eventually(
+        "the re-enrollment in the audit log",
+        Duration::from_secs(15),
+        || async {
+            let (_, audit) = api.get("/api/v1/audit?action=agent.reenroll").await;
+            let entries = audit["entries"].as_array()?.clone();
+            (!entries.is_empty()).then_some(entries)
+        },
+    )
+    .await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0]["target"], listed[0]["id"]);
 }
 

@@ -98,6 +98,7 @@ pub(crate) async fn check(
     match state.store.create_task(&new, now_ms()).await {
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, "dispatching update");
+            state.events.task(&task.id, &live.id);
             let message = update_message(state, &task);
             live.active = Some(task);
             Ok(message)
@@ -155,6 +156,7 @@ async fn advance(
     match state.store.record_dispatch(&task.id, now).await {
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, attempt = task.attempts, to = %task.to_version, "dispatching update again");
+            state.events.task(&task.id, &live.id);
             let message = update_message(state, &task);
             live.active = Some(task);
             Ok(message)
@@ -194,6 +196,7 @@ pub(crate) async fn progress(
         .await
     {
         Ok(task) => {
+            state.events.task(&task.id, &live.id);
             live.active = Some(task);
             Ok(())
         }
@@ -243,6 +246,7 @@ async fn finish(
         Err(err) => return Err(err),
     }
     tracing::info!(agent = %live.id, task = %task.id, to = %task.to_version, status = status.as_str(), error = error.unwrap_or(""), "update task finished");
+    state.events.task(&task.id, &live.id);
     if status.is_failure() {
         live.position
             .failed_versions
@@ -272,12 +276,14 @@ pub(crate) async fn halt_if_failing(state: &AppState, task: &UpdateTask) -> Stor
         .await?
     {
         let target = format!("{} {}/{}", key.0, key.1, key.2);
+        let version = key.0.clone();
         state
             .halted
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key);
         tracing::warn!(rollout = %target, %reason, "rollout halted");
+        state.events.rollout(Some(&version));
         // The other nodes stop dispatching it too.
         state
             .registry
@@ -365,7 +371,8 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
                 .await
             {
                 Ok(_) => {
-                    tracing::warn!(agent = %task.agent_id, task = %task.id, to = %task.to_version, "{error}; timed out")
+                    tracing::warn!(agent = %task.agent_id, task = %task.id, to = %task.to_version, "{error}; timed out");
+                    state.events.task(&task.id, &task.agent_id);
                 }
                 Err(StoreError::NotFound) => {}
                 Err(err) => tracing::warn!(%err, task = %task.id, "could not time out a task"),

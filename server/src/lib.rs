@@ -7,9 +7,11 @@ mod auth;
 mod bootstrap;
 mod clock;
 pub mod config;
+mod dashboard;
 mod dispatch;
 mod downloads;
 mod engine;
+mod events;
 mod heartbeats;
 mod metrics;
 mod nodes;
@@ -122,6 +124,8 @@ pub struct AppState {
     downloads: Arc<tokio::sync::Semaphore>,
     /// This server process, as the `nodes` table knows it.
     node_id: Arc<str>,
+    /// What changed, for the dashboard's live feed.
+    events: events::Events,
     shutdown: CancellationToken,
 }
 
@@ -157,7 +161,11 @@ impl AppState {
     async fn reload_shared_state(&self) -> store::StoreResult<()> {
         let enabled = self.store.setting(UPDATES_ENABLED).await?.as_deref() != Some("false");
         self.updates_enabled.store(enabled, Ordering::Relaxed);
-        self.reload_rollout_state().await
+        self.reload_rollout_state().await?;
+        // Another node acted (or this one started): which rollout or setting is unknown.
+        self.events.rollout(None);
+        self.events.settings(None);
+        Ok(())
     }
 
     /// Re-reads blocks and halts from the database into memory.
@@ -259,6 +267,7 @@ pub async fn run(
         node_id: uuid::Uuid::new_v4().to_string().into(),
         blocked_versions: Arc::default(),
         halted: Arc::default(),
+        events: events::Events::default(),
         shutdown: shutdown.clone(),
     };
     state.reload_shared_state().await?;
@@ -284,6 +293,7 @@ async fn nudge_on_new_releases(state: AppState) {
     let mut changes = state.releases.subscribe();
     while changes.changed().await.is_ok() {
         record_first_seen(&state).await;
+        state.events.release();
         state.registry.broadcast(|| Outbound::Check);
     }
 }
@@ -311,6 +321,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/downloads/{file}", get(downloads::serve))
         .route("/metrics", get(metrics::render))
+        .merge(dashboard::routes())
         .nest(
             "/api/v1",
             api::router().route("/agent/ws", get(agent_socket)),
@@ -388,6 +399,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         "drover-server {} listening on http://{addr}",
         env!("CARGO_PKG_VERSION")
     );
+    println!("  dashboard:         {public_url}/  (log in with the admin token)");
     println!("  REST API:          {public_url}/api/v1  (Authorization: Bearer <admin token>)");
     println!("  agent endpoint:    {ws_url}/api/v1/agent/ws");
     println!("  database:          {database}");

@@ -130,8 +130,11 @@ async fn act(state: &AppState, signal: Signal) {
     match signal {
         Signal::Refresh(agent) => {
             state.registry.send_here(&agent, Outbound::Refresh);
+            state.events.agent(&agent);
         }
         Signal::Claimed(agent) => {
+            // Dashboards watching this node learn of the agent's new session elsewhere.
+            state.events.agent(&agent);
             state.registry.send_here(
                 &agent,
                 Outbound::Close(

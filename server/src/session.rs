@@ -186,6 +186,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
     let (outbox, mut inbox) = mpsc::channel(OUTBOX_CAPACITY);
     let session = state.registry.register(&agent_id, outbox);
     crate::nodes::claim(&state, &agent_id).await;
+    state.events.agent(&agent_id);
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
     let welcome = ServerMessage::Welcome(Welcome {
         agent_id: agent_id.clone(),
@@ -200,6 +201,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
     };
     if state.registry.unregister(&agent_id, session) {
         crate::nodes::release(&state, &agent_id).await;
+        state.events.agent(&agent_id);
     }
     match ended {
         Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),

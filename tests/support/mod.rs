@@ -447,12 +447,8 @@ pub fn publish(downloads: &Path, version: &str, channel: Option<&str>, contents:
     let file = format!("drover-agent-linux-amd64-{version}");
     std::fs::create_dir_all(downloads).unwrap();
     std::fs::write(downloads.join(&file), contents).unwrap();
-    let digest = hex::encode(sha2::Sha256::digest(contents));
-    std::fs::write(
-        downloads.join(format!("{file}.sha256")),
-        format!("{digest}  {file}\n"),
-    )
-    .unwrap();
+    // The channel before the checksum: a build is offered once its checksum exists, and
+    // must never be seen as stable for a moment on its way to beta.
     if let Some(channel) = channel {
         std::fs::write(
             downloads.join(format!("{file}.channel")),
@@ -460,6 +456,12 @@ pub fn publish(downloads: &Path, version: &str, channel: Option<&str>, contents:
         )
         .unwrap();
     }
+    let digest = hex::encode(sha2::Sha256::digest(contents));
+    std::fs::write(
+        downloads.join(format!("{file}.sha256")),
+        format!("{digest}  {file}\n"),
+    )
+    .unwrap();
     file
 }
 

@@ -5,9 +5,9 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Caller, ErrorBody, openapi};
+use super::{ApiError, Caller, ErrorBody, Params, openapi};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::dispatch::LiveAgent;
@@ -45,6 +45,11 @@ pub(crate) struct AgentView {
     /// False when the agent runs with auto-update off and declines updates.
     auto_update: bool,
     fingerprint: String,
+    /// The target version of the agent's unfinished update task; only in a page of the
+    /// listing (`limit`) and in `GET /api/v1/agents/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pending_update: Option<String>,
     /// Newest first; only in `GET /api/v1/agents/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -109,6 +114,7 @@ fn view(agent: AgentRecord) -> AgentView {
         paused: agent.paused,
         auto_update: agent.auto_update,
         fingerprint: agent.fingerprint,
+        pending_update: None,
         tasks: None,
     }
 }
@@ -121,22 +127,199 @@ async fn agent_or_404(state: &AppState, id: &str) -> Result<AgentRecord, ApiErro
     }
 }
 
+/// Filters and paging of the agent listing; every one is optional.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Part of the hostname or the id, any case.
+    q: Option<String>,
+    /// The site's id.
+    site: Option<String>,
+    /// The resolved channel, `stable` or `beta`.
+    channel: Option<String>,
+    /// The exact version the agent runs.
+    version: Option<String>,
+    /// Only agents running a semver version lower than this one.
+    older_than: Option<String>,
+    os: Option<String>,
+    arch: Option<String>,
+    online: Option<bool>,
+    paused: Option<bool>,
+    /// Page size, 0 to 500. With it the answer is `{"agents", "total"}` instead of an array.
+    limit: Option<usize>,
+    /// Agents to skip, with `limit`.
+    offset: Option<usize>,
+}
+
+/// Largest page of agents.
+const MAX_PAGE: usize = 500;
+
+/// One page of agents.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AgentPage {
+    /// Sorted by hostname, then id; each with `pending_update`.
+    agents: Vec<AgentView>,
+    /// Agents matching the filters, on every page.
+    total: usize,
+}
+
+/// The answer of `GET /agents`: a bare array unless `limit` was given.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum AgentListing {
+    All(Vec<AgentView>),
+    Page(AgentPage),
+}
+
+impl ListQuery {
+    fn admits(&self, agent: &AgentView, older_than: Option<&semver::Version>) -> bool {
+        let q = self.q.as_deref().map(str::to_lowercase);
+        q.is_none_or(|q| agent.hostname.to_lowercase().contains(&q) || agent.id.contains(&q))
+            && self.site.as_deref().is_none_or(|s| s == agent.site_id)
+            && self.channel.as_deref().is_none_or(|c| c == agent.channel)
+            && self.version.as_deref().is_none_or(|v| v == agent.version)
+            && self.os.as_deref().is_none_or(|o| o == agent.os)
+            && self.arch.as_deref().is_none_or(|a| a == agent.arch)
+            && self.online.is_none_or(|o| o == agent.online)
+            && self.paused.is_none_or(|p| p == agent.paused)
+            && older_than.is_none_or(|limit| {
+                semver::Version::parse(&agent.version).is_ok_and(|v| v < *limit)
+            })
+    }
+}
+
+/// Every agent, or with `limit` one page of those matching the filters. The filters are
+/// applied here so that a dashboard over a large fleet fetches only what it shows.
 #[utoipa::path(
     get,
     path = "/agents",
     operation_id = "list_agents",
     tag = "agents",
-    summary = "Every agent",
-    responses((status = 200, description = "Every agent, without tasks", body = [AgentView])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "An array of agents (filtered when asked); with `limit` an object with one page and the total", body = AgentListing),
+        (status = 400, description = "A query parameter is malformed", body = ErrorBody),
+    ),
     security(("bearer" = ["viewer"])),
 )]
 pub(crate) async fn list(
     caller: Caller,
     State(state): State<AppState>,
-) -> Result<Json<Vec<AgentView>>, ApiError> {
+    Params(query): Params<ListQuery>,
+) -> Result<Json<AgentListing>, ApiError> {
     caller.require(Role::Viewer)?;
+    let older_than = query
+        .older_than
+        .as_deref()
+        .map(|text| {
+            semver::Version::parse(text)
+                .map_err(|e| ApiError::BadRequest(format!("older_than={text:?}: {e}")))
+        })
+        .transpose()?;
     let agents = state.store.list_agents().await?;
-    Ok(Json(agents.into_iter().map(view).collect()))
+    let mut views: Vec<AgentView> = agents
+        .into_iter()
+        .map(view)
+        .filter(|agent| query.admits(agent, older_than.as_ref()))
+        .collect();
+    let Some(limit) = query.limit else {
+        return Ok(Json(AgentListing::All(views)));
+    };
+    if limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "limit={limit}: at most {MAX_PAGE}"
+        )));
+    }
+    let total = views.len();
+    views.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+    let mut page: Vec<AgentView> = views
+        .into_iter()
+        .skip(query.offset.unwrap_or(0))
+        .take(limit)
+        .collect();
+    for agent in &mut page {
+        agent.pending_update = state
+            .store
+            .active_task(&agent.id)
+            .await?
+            .map(|task| task.to_version);
+    }
+    Ok(Json(AgentListing::Page(AgentPage {
+        agents: page,
+        total,
+    })))
+}
+
+/// The fleet in numbers: what the dashboard's overview shows, without the whole listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FleetSummary {
+    total: usize,
+    online: usize,
+    offline: usize,
+    paused: usize,
+    /// Agents per platform and version, sorted by platform, then newest version first.
+    versions: Vec<VersionCount>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VersionCount {
+    os: String,
+    arch: String,
+    version: String,
+    agents: usize,
+    online: usize,
+}
+
+#[utoipa::path(
+    get,
+    path = "/fleet",
+    operation_id = "fleet_summary",
+    tag = "agents",
+    summary = "Agent counts: online, offline, paused, and per platform and version",
+    responses((status = 200, description = "The fleet in numbers", body = FleetSummary)),
+    security(("bearer" = ["viewer"])),
+)]
+pub(crate) async fn fleet(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<FleetSummary>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let now = now_ms();
+    let mut counts: std::collections::BTreeMap<(String, String, String), (usize, usize)> =
+        std::collections::BTreeMap::new();
+    let (mut total, mut online, mut paused) = (0, 0, 0);
+    for agent in state.store.list_agents().await? {
+        let live = crate::nodes::is_live(agent.node_last_beat_ms, now);
+        total += 1;
+        online += usize::from(live);
+        paused += usize::from(agent.paused);
+        let count = counts
+            .entry((agent.os, agent.arch, agent.version))
+            .or_default();
+        count.0 += 1;
+        count.1 += usize::from(live);
+    }
+    let mut versions: Vec<VersionCount> = counts
+        .into_iter()
+        .map(|((os, arch, version), (agents, online))| VersionCount {
+            os,
+            arch,
+            version,
+            agents,
+            online,
+        })
+        .collect();
+    let newest_first =
+        |v: &VersionCount| std::cmp::Reverse(semver::Version::parse(&v.version).ok());
+    versions
+        .sort_by(|a, b| (&a.os, &a.arch, newest_first(a)).cmp(&(&b.os, &b.arch, newest_first(b))));
+    Ok(Json(FleetSummary {
+        total,
+        online,
+        offline: total - online,
+        paused,
+        versions,
+    }))
 }
 
 #[utoipa::path(
@@ -161,6 +344,10 @@ pub(crate) async fn one(
     let agent = agent_or_404(&state, &id).await?;
     let tasks = state.store.tasks_for_agent(&id, TASK_HISTORY).await?;
     let mut view = view(agent);
+    view.pending_update = tasks
+        .iter()
+        .find(|t| t.status.is_active())
+        .map(|t| t.to_version.clone());
     view.tasks = Some(tasks.into_iter().map(TaskView::from).collect());
     Ok(Json(view))
 }
@@ -230,6 +417,7 @@ async fn set_paused(
     };
     state.audit(&caller.actor, action, &id, None, "done").await;
     state.registry.send(&id, Outbound::Refresh);
+    state.events.agent(&id);
     Ok(Json(view(agent_or_404(&state, &id).await?)))
 }
 
@@ -522,6 +710,7 @@ pub(crate) async fn update_now(
         )
         .await?;
     let pushed = state.registry.send(&id, Outbound::Refresh);
+    state.events.task(&task.id, &id);
     state
         .audit(
             &caller.actor,

@@ -337,6 +337,13 @@ async fn set_channel(
     for agent in &affected {
         state.registry.send(agent, Outbound::Refresh);
     }
+    // One note for a whole site or client: the page re-reads what it shows.
+    match scope {
+        ChannelScope::Agent => state.events.agent(&id),
+        ChannelScope::Site | ChannelScope::Client => {
+            state.events.settings(Some(&format!("{what}.channel")));
+        }
+    }
     state
         .audit(
             &caller.actor,

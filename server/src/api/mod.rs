@@ -3,8 +3,10 @@
 
 mod admin;
 mod agents;
+mod events;
 mod hierarchy;
 mod install;
+mod login;
 mod openapi;
 mod releases;
 mod rollouts;
@@ -37,6 +39,7 @@ pub(crate) fn router() -> Router<AppState> {
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(agents::list))
+        .routes(routes!(agents::fleet))
         .routes(routes!(agents::one))
         .routes(routes!(agents::pause))
         .routes(routes!(agents::resume))
@@ -63,6 +66,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(rollouts::rollback))
         .routes(routes!(rollouts::unblock))
         .routes(routes!(rollouts::resume))
+        .routes(routes!(login::login, login::current, login::logout))
+        .routes(routes!(events::stream))
         .routes(routes!(openapi::document_json))
 }
 
@@ -124,10 +129,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The caller of an operator endpoint, authenticated by `Authorization: Bearer <token>`.
+/// The caller of an operator endpoint, authenticated by `Authorization: Bearer <token>`
+/// or by the dashboard's session cookie, which holds the same kind of token.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     role: Role,
+    /// The token's name.
+    name: String,
     /// Who acted, as the audit log shows it: the token's name and id.
     actor: String,
 }
@@ -145,36 +153,52 @@ impl Caller {
             )))
         }
     }
+
+    /// The caller a token stands for.
+    async fn of_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
+        match state.store.api_token(&hash_secret(token)).await {
+            Ok(token) => Ok(Caller {
+                role: token.role,
+                actor: format!("{} ({})", token.name, token.id),
+                name: token.name,
+            }),
+            Err(StoreError::NotFound) => Err(ApiError::Unauthorized("unknown or revoked token")),
+            Err(err) => Err(err.into()),
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
-        let header =
-            parts
-                .headers
-                .get(axum::http::header::AUTHORIZATION)
+        if let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+            let token = header
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
                 .ok_or(ApiError::Unauthorized(
-                    "missing Authorization: Bearer <token> header",
+                    "the Authorization header must be Bearer <token>",
                 ))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized(
-                "the Authorization header must be Bearer <token>",
-            ))?;
-        match state.store.api_token(&hash_secret(token)).await {
-            Ok(token) => Ok(Caller {
-                role: token.role,
-                actor: format!("{} ({})", token.name, token.id),
-            }),
-            Err(StoreError::NotFound) => Err(ApiError::Unauthorized("unknown or revoked token")),
-            Err(err) => Err(err.into()),
+            return Caller::of_token(state, token).await;
         }
+        let Some(token) = login::session_token(&parts.headers) else {
+            return Err(ApiError::Unauthorized(
+                "missing Authorization: Bearer <token> header (or dashboard session cookie)",
+            ));
+        };
+        // A browser sends the cookie with any request a foreign page makes it send; such a
+        // page cannot add a custom header without a CORS preflight, which is never granted.
+        if !parts.method.is_safe() && !parts.headers.contains_key(login::CSRF_HEADER) {
+            return Err(ApiError::Forbidden(
+                "a request authenticated by the session cookie that changes something needs \
+                 the X-Drover: 1 header"
+                    .into(),
+            ));
+        }
+        Caller::of_token(state, &token).await
     }
 }
 

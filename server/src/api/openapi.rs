@@ -18,7 +18,8 @@ use crate::store::{Role, TaskKind, TaskStatus};
     info(
         title = "Drover",
         description = "The REST API of a Drover server. Operator calls send \
-            `Authorization: Bearer <token>`; roles are viewer < operator < admin, and each \
+            `Authorization: Bearer <token>` (or the dashboard's session cookie from \
+            `POST /api/v1/session`, with `X-Drover: 1` on every call that changes something); roles are viewer < operator < admin, and each \
             operation's security requirement names the role it needs. Every error is a \
             4xx/5xx status with `{\"error\": \"...\", \"detail\": ...}`. Not described \
             here: `GET /api/v1/agent/ws` (the agent WebSocket, MessagePack frames), \
@@ -32,6 +33,8 @@ use crate::store::{Role, TaskKind, TaskStatus};
         (name = "rollouts", description = "Rollout health, promote, rollback, unblock, resume"),
         (name = "admin", description = "API tokens, enrollment tokens and the audit log"),
         (name = "install", description = "What the install script fetches"),
+        (name = "session", description = "The dashboard's login, kept in an HttpOnly cookie"),
+        (name = "events", description = "Server-sent events for the live dashboard"),
         (name = "meta", description = "This document"),
     )
 )]

@@ -219,6 +219,7 @@ pub(crate) async fn set_updates_switch(
         .set_setting(UPDATES_ENABLED, if body.enabled { "true" } else { "false" })
         .await?;
     state.updates_enabled.store(body.enabled, Ordering::Relaxed);
+    state.events.settings(Some(UPDATES_ENABLED));
     state
         .audit(
             &caller.actor,

@@ -296,6 +296,7 @@ pub(crate) async fn promote(
     state.store.mark_promoted(&version, now_ms()).await?;
     state.releases.rescan().await;
     state.registry.broadcast(|| Outbound::Check);
+    state.events.rollout(Some(&version));
     let forced = request.force && !verdict.pass;
     state
         .audit(
@@ -387,6 +388,7 @@ pub(crate) async fn rollback(
         .await?
     {
         state.registry.send(&agent, Outbound::Refresh);
+        state.events.agent(&agent);
     }
     let running = state
         .store
@@ -396,6 +398,7 @@ pub(crate) async fn rollback(
         .filter(|a| a.version == version)
         .count();
     state.registry.broadcast(|| Outbound::Check);
+    state.events.rollout(Some(&version));
     state
         .audit(
             &caller.actor,
@@ -445,6 +448,7 @@ pub(crate) async fn unblock(
     }
     state.reload_rollout_state().await?;
     state.registry.broadcast(|| Outbound::Check);
+    state.events.rollout(Some(&version));
     state
         .audit(
             &caller.actor,
@@ -512,6 +516,7 @@ pub(crate) async fn resume(
     }
     state.reload_rollout_state().await?;
     state.registry.broadcast(|| Outbound::Check);
+    state.events.rollout(Some(&version));
     state
         .audit(
             &caller.actor,

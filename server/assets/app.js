@@ -1,0 +1,617 @@
+// The Drover dashboard: a single page in plain JavaScript. It reads the REST API with
+// the session cookie, and listens to /api/v1/events to re-fetch only what changed.
+// Text from the server is always inserted as text (never as HTML).
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const PAGE = 50;
+let me = null; // who is logged in: {role, name}
+let current = null; // the view on screen: {refresh(events)}
+
+// ---------------------------------------------------------------- building the DOM
+
+function h(tag, attrs, ...children) {
+  return build(document.createElement(tag), attrs, children);
+}
+
+function svg(tag, attrs, ...children) {
+  return build(document.createElementNS('http://www.w3.org/2000/svg', tag), attrs, children);
+}
+
+function build(el, attrs, children) {
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name.startsWith('on')) el.addEventListener(name.slice(2), value);
+    else el.setAttribute(name, value === true ? '' : value);
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+  return el;
+}
+
+function table(headings, rows, empty) {
+  if (rows.length === 0) return h('p', { class: 'muted' }, empty || 'Nothing here.');
+  return h('table', {},
+    h('thead', {}, h('tr', {}, headings.map((t) => h('th', {}, t)))),
+    h('tbody', {}, rows));
+}
+
+const state = (name) => h('span', { class: `state ${name}` }, name.replace('_', ' '));
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+const platform = (x) => `${x.os}/${x.arch}`;
+const enc = encodeURIComponent;
+const query = (params) => new URLSearchParams(
+  Object.entries(params).filter(([, v]) => v !== '' && v !== null && v !== undefined)).toString();
+
+function ago(rfc3339) {
+  if (!rfc3339) return '';
+  const seconds = Math.max(0, (Date.now() - Date.parse(rfc3339)) / 1000);
+  return `${duration(seconds)} ago`;
+}
+
+function duration(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)}s`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)}m`;
+  if (seconds < 86400) return `${Math.round(seconds / 3600)}h`;
+  return `${Math.round(seconds / 86400)}d`;
+}
+
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1048576) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1048576).toFixed(1)} MiB`;
+}
+
+const percent = (rate) => (rate === null || rate === undefined ? '–' : `${Math.round(rate * 1000) / 10}%`);
+
+// ---------------------------------------------------------------- talking to the server
+
+// Every call carries X-Drover: the server refuses cookie-authenticated changes without
+// it, which is what keeps other sites from acting through the cookie.
+async function api(method, path, body) {
+  const headers = { 'X-Drover': '1' };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const response = await fetch(path, {
+    method, headers, credentials: 'same-origin',
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => null);
+  if (response.status === 401) {
+    showLogin('Your session ended; log in again.');
+    throw new Error('not logged in');
+  }
+  if (!response.ok) throw new Error((data && data.detail) || `${response.status} ${response.statusText}`);
+  return data;
+}
+
+const get = (path) => api('GET', path);
+const canAct = () => me !== null && (me.role === 'operator' || me.role === 'admin');
+
+function toast(message, isError) {
+  const el = $('toast');
+  el.textContent = message;
+  el.className = isError ? 'error' : '';
+  el.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { el.hidden = true; }, isError ? 8000 : 4000);
+}
+
+// Resolves true when the operator confirms. The text says what will happen, with numbers.
+function confirmAction(text, label) {
+  const dialog = $('confirm');
+  $('confirm-text').textContent = text;
+  $('confirm-ok').textContent = label;
+  dialog.showModal();
+  return new Promise((resolve) => {
+    const done = (answer) => () => {
+      $('confirm-ok').onclick = null;
+      $('confirm-cancel').onclick = null;
+      dialog.onclose = null;
+      if (dialog.open) dialog.close();
+      resolve(answer);
+    };
+    $('confirm-ok').onclick = done(true);
+    $('confirm-cancel').onclick = done(false);
+    dialog.onclose = done(false);
+  });
+}
+
+// Runs an action after confirmation, reports it, and shows the view afresh.
+async function act(text, label, run, success) {
+  if (!(await confirmAction(text, label))) return;
+  try {
+    await run();
+    toast(success);
+  } catch (err) {
+    toast(err.message, true);
+  }
+  if (current) current.refresh(null);
+}
+
+const actionButton = (label, onclick) => (canAct() ? h('button', { class: 'action', type: 'button', onclick }, label) : null);
+
+// Handles a view's loader failing: the message goes where the data would have been.
+function guard(target, load) {
+  return () => load().catch((err) => {
+    if (err.message !== 'not logged in') target.replaceChildren(h('p', { class: 'error' }, err.message));
+  });
+}
+
+// ---------------------------------------------------------------- overview
+
+function overview(main) {
+  const banners = h('div', { id: 'banners' });
+  const counts = h('div', { class: 'cards' });
+  const charts = h('div', { class: 'charts' });
+  const active = h('div');
+  main.append(banners, h('h2', {}, 'Agents'), counts, h('h2', {}, 'Versions in the fleet'), charts,
+    h('h2', {}, 'Active rollouts'), active);
+
+  const loadFleet = guard(counts, async () => {
+    const fleet = await get('/api/v1/fleet');
+    counts.replaceChildren(
+      card('online', fleet.online, 'ok'), card('offline', fleet.offline, fleet.offline ? 'warn' : ''),
+      card('total', fleet.total), card('paused', fleet.paused));
+    charts.replaceChildren(...versionCharts(fleet.versions));
+  });
+  const loadRollouts = guard(active, async () => {
+    const rollouts = await get('/api/v1/rollouts');
+    banners.replaceChildren(...rolloutBanners(rollouts));
+    const running = rollouts.filter((r) => r.state === 'beta' || r.state === 'halted' || r.in_progress > 0);
+    active.replaceChildren(table(['Version', 'Platform', 'State', 'Progress', 'Success rate'],
+      running.map((r) => h('tr', {},
+        h('td', {}, r.version), h('td', {}, platform(r)), h('td', {}, state(r.state)),
+        h('td', {}, progress(r)), h('td', {}, percent(r.success_rate)))),
+      'No active rollouts.'));
+  });
+  return {
+    refresh(events) {
+      if (touches(events, 'agent', 'task', 'settings')) loadFleet();
+      if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) loadRollouts();
+    },
+  };
+}
+
+function card(name, value, tone) {
+  return h('div', { class: `card ${tone || ''}`, 'data-count': name },
+    h('span', { class: 'value' }, value), h('span', { class: 'muted' }, name));
+}
+
+// One horizontal bar chart per platform: agents per version.
+function versionCharts(versions) {
+  const platforms = new Map();
+  for (const v of versions) {
+    const key = platform(v);
+    if (!platforms.has(key)) platforms.set(key, []);
+    platforms.get(key).push(v);
+  }
+  if (platforms.size === 0) return [h('p', { class: 'muted' }, 'No agents yet.')];
+  return [...platforms].map(([name, rows]) => {
+    const most = Math.max(...rows.map((r) => r.agents));
+    const height = 24;
+    return h('div', { class: 'chart', 'data-platform': name }, h('h3', {}, name),
+      svg('svg', { viewBox: `0 0 500 ${rows.length * height}`, role: 'img', 'aria-label': `versions on ${name}` },
+        rows.map((r, i) => svg('g', { transform: `translate(0 ${i * height})` },
+          svg('text', { x: 0, y: 16 }, r.version),
+          svg('rect', { x: 110, y: 4, height: 16, width: Math.max(2, (r.agents / most) * 250) }),
+          svg('text', { x: 116 + Math.max(2, (r.agents / most) * 250), y: 16 },
+            `${r.agents} (${r.online} online)`)))));
+  });
+}
+
+function progress(r) {
+  const done = r.targeted ? Math.min(1, r.succeeded / r.targeted) : 0;
+  const bar = h('span');
+  bar.style.width = `${Math.round(done * 100)}%`;
+  return h('div', { title: `${r.succeeded} of ${r.targeted} targeted agents succeeded` },
+    h('div', { class: 'progress' }, bar), h('small', { class: 'muted' }, `${r.succeeded} / ${r.targeted}`));
+}
+
+function rolloutBanners(rollouts) {
+  return [
+    ...rollouts.filter((r) => r.state === 'halted').map((r) => h('div', { class: 'banner danger', 'data-banner': 'halted' },
+      h('span', {}, `Rollout ${r.version} on ${platform(r)} is halted: ${r.halt_reason || 'too many failures'}. `
+        + 'Nothing new is dispatched until an operator resumes it.'),
+      actionButton('Resume', () => resume(r)))),
+    ...rollouts.filter((r) => r.stale_stable).map((r) => h('div', { class: 'banner warn', 'data-banner': 'stale' },
+      `Stable is stale on ${platform(r)}: beta ${r.version} has been ahead of stable for `
+      + `${duration(r.stable_lag_seconds || 0)}. Promote it or roll it back.`)),
+  ];
+}
+
+// ---------------------------------------------------------------- rollouts
+
+function rollouts(main) {
+  const banners = h('div');
+  const body = h('div');
+  main.append(h('h2', {}, 'Rollouts'), banners, body);
+  const load = guard(body, async () => {
+    const all = await get('/api/v1/rollouts');
+    banners.replaceChildren(...rolloutBanners(all));
+    body.replaceChildren(table(
+      ['Version', 'Platform', 'State', 'Funnel', 'Running', 'Success rate', 'Gate', ''],
+      all.map((r) => h('tr', { 'data-rollout': `${r.version} ${platform(r)}` },
+        h('td', {}, r.version), h('td', {}, platform(r)), h('td', {}, state(r.state)),
+        h('td', {}, funnel(r), progress(r)), h('td', {}, r.running), h('td', {}, percent(r.success_rate)),
+        h('td', {}, h('span', { class: r.gate.pass ? 'state succeeded' : 'state failed' }, r.gate.pass ? 'pass' : 'fail'),
+          ' ', h('small', {}, r.gate.reason)),
+        h('td', {}, rolloutActions(r, all)))),
+      'No builds published yet.'));
+  });
+  return { refresh(events) { if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) load(); } };
+}
+
+function funnel(r) {
+  const failures = [[r.failed, 'failed'], [r.rolled_back, 'rolled back'], [r.timed_out, 'timed out']]
+    .filter(([n]) => n > 0).map(([n, what]) => `${n} ${what}`);
+  return h('div', { class: 'funnel', title: 'targeted → dispatched → in progress → succeeded' },
+    `${r.targeted} → ${r.dispatched} → ${r.in_progress} → ${r.succeeded}`,
+    failures.length ? h('span', { class: 'bad' }, ` · ${failures.join(', ')}`) : null);
+}
+
+function rolloutActions(r, all) {
+  return [
+    r.state === 'beta' ? actionButton('Promote', () => promote(r, all)) : null,
+    r.state === 'halted' ? actionButton('Resume', () => resume(r)) : null,
+    r.state === 'rolled_back' ? actionButton('Unblock', () => unblock(r)) : null,
+    r.state !== 'rolled_back' ? actionButton('Roll back', () => rollback(r)) : null,
+  ];
+}
+
+async function agentCount(filters) {
+  return (await get(`/api/v1/agents?${query({ ...filters, limit: 0 })}`)).total;
+}
+
+// A promote flips the version's channel on every platform; the gate is this row's.
+async function promote(r, all) {
+  const platforms = all.filter((x) => x.version === r.version);
+  const counts = await Promise.all(platforms.map((p) => agentCount(
+    { channel: 'stable', os: p.os, arch: p.arch, older_than: r.version, paused: false })));
+  const total = counts.reduce((a, b) => a + b, 0);
+  const detail = platforms.map((p, i) => `${platform(p)}: ${counts[i]}`).join(', ');
+  const force = !r.gate.pass;
+  const text = `Promote ${r.version} to stable: ${plural(total, 'stable agent')} will update (${detail}).`
+    + (force ? ` The health gate fails on ${platform(r)} (${r.gate.reason}); this promotes past it and is audited as forced.`
+      : ` Health gate on ${platform(r)}: ${r.gate.reason}.`);
+  await act(text, force ? 'Promote anyway' : 'Promote',
+    () => api('POST', `/api/v1/rollouts/${enc(r.version)}/promote`, { os: r.os, arch: r.arch, force }),
+    `${r.version} is stable`);
+}
+
+async function rollback(r) {
+  const running = await agentCount({ version: r.version });
+  await act(`Roll back ${r.version}: it is blocked on every platform, and ${plural(running, 'agent')} running it `
+    + 'will be moved to the newest other build of their channel.', 'Roll back',
+  () => api('POST', `/api/v1/rollouts/${enc(r.version)}/rollback`), `${r.version} is rolled back`);
+}
+
+async function unblock(r) {
+  await act(`Unblock ${r.version}: it is offered again; ${plural(r.targeted, 'agent')} on ${platform(r)} `
+    + 'see it on their channel and may update to it.', 'Unblock',
+  () => api('POST', `/api/v1/rollouts/${enc(r.version)}/unblock`), `${r.version} is offered again`);
+}
+
+async function resume(r) {
+  await act(`Resume ${r.version} on ${platform(r)}: dispatch goes on to the ${plural(r.targeted, 'targeted agent')} `
+    + `(so far ${r.succeeded} succeeded, ${r.failed + r.rolled_back + r.timed_out} failed).`, 'Resume',
+  () => api('POST', `/api/v1/rollouts/${enc(r.version)}/resume`, { os: r.os, arch: r.arch }),
+  `${r.version} on ${platform(r)} resumed`);
+}
+
+// ---------------------------------------------------------------- agents
+
+// Kept across visits, so going to an agent and back keeps the search.
+const agentFilters = { q: '', site: '', channel: '', version: '', online: '', paused: '', offset: 0 };
+
+function agents(main) {
+  const sites = new Map();
+  const body = h('div');
+  const pager = h('div', { class: 'pager' });
+  const field = (name, control) => {
+    control.value = agentFilters[name];
+    control.addEventListener(control.tagName === 'SELECT' ? 'change' : 'input', () => {
+      agentFilters[name] = control.value;
+      agentFilters.offset = 0;
+      clearTimeout(field.timer);
+      field.timer = setTimeout(load, 250);
+    });
+    return control;
+  };
+  const choice = (name, options) => field(name, h('select', { 'aria-label': name },
+    options.map(([value, label]) => h('option', { value }, label))));
+  const siteSelect = choice('site', [['', 'any site']]);
+  main.append(h('h2', {}, 'Agents'), h('div', { class: 'filters' },
+    field('q', h('input', { id: 'agent-search', type: 'search', placeholder: 'hostname or id' })),
+    siteSelect,
+    choice('channel', [['', 'any channel'], ['stable', 'stable'], ['beta', 'beta']]),
+    field('version', h('input', { placeholder: 'version', size: 10 })),
+    choice('online', [['', 'online or not'], ['true', 'online'], ['false', 'offline']]),
+    choice('paused', [['', 'paused or not'], ['true', 'paused'], ['false', 'not paused']])),
+  body, pager);
+
+  get('/api/v1/sites').then((list) => {
+    for (const site of list) {
+      sites.set(site.id, site.name);
+      siteSelect.append(h('option', { value: site.id }, site.name));
+    }
+    siteSelect.value = agentFilters.site;
+  }).catch(() => {});
+
+  const load = guard(body, async () => {
+    const page = await get(`/api/v1/agents?${query({ ...agentFilters, limit: PAGE })}`);
+    body.replaceChildren(table(
+      ['', 'Hostname', 'Version', 'Platform', 'Site', 'Channel', 'Last seen'],
+      page.agents.map((a) => h('tr', { 'data-agent': a.id },
+        h('td', {}, h('span', { class: a.online ? 'dot on' : 'dot', title: a.online ? 'online' : 'offline' })),
+        h('td', {}, h('a', { href: `#/agents/${enc(a.id)}` }, a.hostname),
+          a.paused ? h('span', { class: 'marker paused' }, 'paused') : null,
+          a.pending_update ? h('span', { class: 'marker pending' }, `updating to ${a.pending_update}`) : null),
+        h('td', {}, a.version), h('td', {}, platform(a)), h('td', {}, sites.get(a.site_id) || a.site_id),
+        h('td', {}, a.channel, ' ', h('small', { class: 'muted' }, `(${a.channel_source})`)),
+        h('td', {}, ago(a.last_seen)))),
+      'No agent matches.'));
+    const first = page.total === 0 ? 0 : agentFilters.offset + 1;
+    const last = agentFilters.offset + page.agents.length;
+    const move = (by) => () => { agentFilters.offset = Math.max(0, agentFilters.offset + by); load(); };
+    pager.replaceChildren(
+      h('button', { type: 'button', disabled: agentFilters.offset === 0, onclick: move(-PAGE) }, '‹ Previous'),
+      h('span', { id: 'agent-total' }, `${first}–${last} of ${page.total}`),
+      h('button', { type: 'button', disabled: last >= page.total, onclick: move(PAGE) }, 'Next ›'));
+  });
+  return { refresh(events) { if (touches(events, 'agent', 'task', 'rollout', 'settings')) load(); } };
+}
+
+// ---------------------------------------------------------------- one agent
+
+function agentDetail(main, id) {
+  const body = h('div');
+  main.append(h('p', {}, h('a', { href: '#/agents' }, '‹ Agents')), body);
+  const load = guard(body, async () => {
+    const [a, why] = await Promise.all([get(`/api/v1/agents/${enc(id)}`), get(`/api/v1/agents/${enc(id)}/explain`)]);
+    const facts = [
+      ['Id', h('span', { class: 'mono' }, a.id)], ['Hostname', a.hostname], ['Version', a.version],
+      ['Platform', platform(a)], ['Site', h('span', { class: 'mono' }, a.site_id)],
+      ['Channel', `${a.channel} (set at ${a.channel_source} level)`],
+      ['Online', a.online ? 'yes' : 'no'], ['Last seen', `${a.last_seen} (${ago(a.last_seen)})`],
+      ['Enrolled', a.enrolled_at], ['Updates', a.paused ? 'paused' : (a.auto_update ? 'automatic' : 'off on the agent')],
+      ['Pending update', a.pending_update || 'none'], ['Fingerprint', h('span', { class: 'mono' }, a.fingerprint)],
+      ['Decision', `${why.decision}: ${why.reason}`], ['Next', why.next],
+    ];
+    body.replaceChildren(
+      h('h2', {}, a.hostname, a.paused ? h('span', { class: 'marker paused' }, 'paused') : null),
+      h('dl', { class: 'identity' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
+      canAct() ? agentActions(a) : '',
+      h('h2', {}, 'Update tasks'),
+      table(['Created', 'Updated', 'Update', 'Kind', 'Status', 'Attempts', 'Progress', 'Error'],
+        a.tasks.map((t) => h('tr', {},
+          h('td', {}, t.created_at), h('td', {}, ago(t.updated_at)),
+          h('td', {}, `${t.from_version} → ${t.to_version}`), h('td', {}, t.kind), h('td', {}, state(t.status)),
+          h('td', {}, t.attempts), h('td', {}, t.bytes_total ? `${Math.round((100 * t.bytes_done) / t.bytes_total)}%` : ''),
+          h('td', { class: 'error' }, t.error || ''))),
+        'No update tasks yet.'));
+  });
+  return {
+    refresh(events) {
+      const concerns = (e) => (e.kind === 'agent' && e.id === id) || (e.kind === 'task' && e.agent === id)
+        || e.kind === 'release' || e.kind === 'rollout' || e.kind === 'settings';
+      if (events === null || events.some(concerns)) load();
+    },
+  };
+}
+
+function agentActions(a) {
+  const base = `/api/v1/agents/${enc(a.id)}`;
+  const channel = h('select', { 'aria-label': 'channel' },
+    [['', 'inherit from site'], ['stable', 'stable'], ['beta', 'beta']].map(([v, l]) => h('option', { value: v }, l)));
+  channel.value = a.channel_source === 'agent' ? a.channel : '';
+  return h('div', { class: 'actions' },
+    a.paused
+      ? actionButton('Resume updates', () => act(`Resume automatic updates of ${a.hostname}.`, 'Resume',
+        () => api('POST', `${base}/resume`), `${a.hostname} resumed`))
+      : actionButton('Pause updates', () => act(`Pause automatic updates of ${a.hostname}: it stays on ${a.version} until resumed.`,
+        'Pause', () => api('POST', `${base}/pause`), `${a.hostname} paused`)),
+    actionButton('Update now', () => act(`Update ${a.hostname} now from ${a.version} to the newest ${a.channel} build, `
+      + 'even if paused; any unfinished task is cancelled.', 'Update now',
+    () => api('POST', `${base}/update`), `update sent to ${a.hostname}`)),
+    channel,
+    actionButton('Set channel', () => act(channel.value
+      ? `Put ${a.hostname} on the ${channel.value} channel (now ${a.channel}, from its ${a.channel_source}).`
+      : `Clear ${a.hostname}'s own channel: it follows its site (or client) again.`, 'Set channel',
+    () => api('PUT', `${base}/channel`, { channel: channel.value || null }), `channel of ${a.hostname} set`)));
+}
+
+// ---------------------------------------------------------------- releases
+
+function releases(main) {
+  const body = h('div');
+  main.append(body);
+  const load = guard(body, async () => {
+    const listing = await get('/api/v1/releases?include=skipped');
+    body.replaceChildren(
+      h('h2', {}, 'Offered builds'),
+      table(['Version', 'Platform', 'Channel', 'Size', 'Signed', 'SHA-256', 'File'],
+        listing.releases.map((r) => h('tr', {},
+          h('td', {}, r.version, r.blocked ? h('span', { class: 'marker paused' }, 'blocked') : null),
+          h('td', {}, platform(r)), h('td', {}, state(r.channel)), h('td', {}, bytes(r.size)),
+          h('td', {}, r.signed ? 'yes' : 'no'), h('td', { class: 'mono', title: r.sha256 }, r.sha256.slice(0, 12)),
+          h('td', { class: 'mono' }, r.file))),
+        'No build is offered.'),
+      h('h2', {}, 'Skipped files'),
+      table(['File', 'Why it is not offered'],
+        listing.skipped.map((s) => h('tr', {}, h('td', { class: 'mono' }, s.file), h('td', {}, s.reason))),
+        'Every file in the downloads directory is offered.'));
+  });
+  return { refresh(events) { if (touches(events, 'release', 'rollout')) load(); } };
+}
+
+// ---------------------------------------------------------------- audit
+
+const AUDIT_ACTIONS = ['rollout.promote', 'rollout.rollback', 'rollout.unblock', 'rollout.resume', 'rollout.halt',
+  'agent.pause', 'agent.resume', 'agent.update', 'agent.channel', 'agent.reenroll', 'site.channel', 'client.channel',
+  'releases.rescan', 'updates.switch', 'token.create', 'token.revoke', 'enrollment_token.create', 'client.create',
+  'site.create', 'session.login'];
+
+function audit(main) {
+  const filter = h('select', { 'aria-label': 'action' }, h('option', { value: '' }, 'every action'),
+    AUDIT_ACTIONS.map((a) => h('option', { value: a }, a)));
+  const body = h('div');
+  const more = h('div', { class: 'pager' });
+  filter.addEventListener('change', () => load());
+  main.append(h('h2', {}, 'Audit log'), h('div', { class: 'filters' }, filter), body, more);
+  const rows = (entries) => entries.map((e) => h('tr', {},
+    h('td', { title: e.at }, ago(e.at)), h('td', {}, e.actor), h('td', { class: 'mono' }, e.action),
+    h('td', {}, e.target), h('td', {}, e.result), h('td', {}, e.detail || '')));
+  const fetchPage = (before) => get(`/api/v1/audit?${query({ limit: 100, action: filter.value, before })}`);
+  const showMore = (next) => more.replaceChildren(next === null ? '' : h('button', {
+    type: 'button',
+    onclick: async () => {
+      const page = await fetchPage(next);
+      body.querySelector('tbody').append(...rows(page.entries));
+      showMore(page.next_before);
+    },
+  }, 'Older entries'));
+  const load = guard(body, async () => {
+    const page = await fetchPage(null);
+    body.replaceChildren(table(['When', 'Who', 'Action', 'Target', 'Result', 'Detail'], rows(page.entries),
+      'No entries.'));
+    showMore(page.next_before);
+  });
+  return { refresh(events) { if (touches(events, 'rollout', 'settings', 'release')) load(); } };
+}
+
+// ---------------------------------------------------------------- routing
+
+const VIEWS = { overview, rollouts, agents, releases, audit };
+
+function route() {
+  if (me === null) return;
+  const [name, arg] = location.hash.replace(/^#\/?/, '').split('/');
+  const view = arg && name === 'agents' ? agentDetail : VIEWS[name];
+  if (!view) {
+    location.hash = '#/overview';
+    return;
+  }
+  for (const link of document.querySelectorAll('nav a')) {
+    link.classList.toggle('active', link.dataset.view === name);
+  }
+  const main = $('main');
+  main.replaceChildren();
+  current = view(main, arg ? decodeURIComponent(arg) : undefined);
+  current.refresh(null);
+}
+
+// Whether any of the events (null: a full load) is of one of the kinds.
+const touches = (events, ...kinds) => events === null || events.some((e) => kinds.includes(e.kind));
+
+// ---------------------------------------------------------------- live updates
+
+let source = null;
+let queued = [];
+let flush = null;
+
+// Events arriving together are handled together, once, after a short pause: a burst of
+// agents reconnecting costs one re-fetch, not one per agent.
+function onEvent(event) {
+  queued.push(event);
+  if (flush) return;
+  flush = setTimeout(() => {
+    const events = queued;
+    queued = [];
+    flush = null;
+    // A resync means notes were missed: everything on screen is re-read.
+    if (current) current.refresh(events.some((e) => e.kind === 'resync') ? null : events);
+  }, 200);
+}
+
+function listen() {
+  if (source) return;
+  let opened = false;
+  source = new EventSource('/api/v1/events');
+  source.onopen = () => {
+    $('live').classList.add('on');
+    $('live').title = 'Live updates: on';
+    // Whatever happened while disconnected (a server restart) was not heard: load all.
+    if (opened && current) current.refresh(null);
+    opened = true;
+  };
+  source.onmessage = (message) => onEvent(JSON.parse(message.data));
+  source.onerror = () => {
+    $('live').classList.remove('on');
+    $('live').title = 'Live updates: reconnecting';
+    // The browser retries by itself unless the server refused the stream (a 401).
+    if (source.readyState === EventSource.CLOSED) {
+      stopListening();
+      const again = () => checkSession().catch(() => setTimeout(again, 5000));
+      setTimeout(again, 3000);
+    }
+  };
+}
+
+function stopListening() {
+  if (source) source.close();
+  source = null;
+  $('live').classList.remove('on');
+}
+
+// ---------------------------------------------------------------- login
+
+function showLogin(message) {
+  me = null;
+  current = null;
+  stopListening();
+  $('top').hidden = true;
+  $('main').replaceChildren();
+  $('login').hidden = false;
+  $('login-error').textContent = message || '';
+  $('token').focus();
+}
+
+function showApp() {
+  $('login').hidden = true;
+  $('top').hidden = false;
+  $('who').textContent = `${me.name} (${me.role})`;
+  listen();
+  if (!location.hash || location.hash === '#') location.hash = '#/overview';
+  else route();
+}
+
+async function checkSession() {
+  const response = await fetch('/api/v1/session', { credentials: 'same-origin' });
+  if (response.status === 401) return showLogin();
+  if (!response.ok) throw new Error(`${response.status}`);
+  me = await response.json();
+  showApp();
+}
+
+async function login(event) {
+  event.preventDefault();
+  const response = await fetch('/api/v1/session', {
+    method: 'POST', credentials: 'same-origin',
+    headers: { 'Content-Type': 'application/json', 'X-Drover': '1' },
+    body: JSON.stringify({ token: $('token').value }),
+  });
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    $('login-error').textContent = (data && data.detail) || `login failed (${response.status})`;
+    return;
+  }
+  $('token').value = '';
+  me = data;
+  showApp();
+}
+
+async function logout() {
+  await fetch('/api/v1/session', { method: 'DELETE', credentials: 'same-origin', headers: { 'X-Drover': '1' } });
+  showLogin('Logged out.');
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  $('login-form').addEventListener('submit', login);
+  $('logout').addEventListener('click', logout);
+  window.addEventListener('hashchange', route);
+  // Other nodes' changes and ages ("5m ago") have no event; a slow full refresh covers them.
+  setInterval(() => { if (current && !document.hidden) current.refresh(null); }, 30000);
+  checkSession().catch((err) => showLogin(`The server did not answer: ${err.message}`));
+});

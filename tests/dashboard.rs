@@ -1,0 +1,872 @@
+//! End-to-end: the dashboard against the real `drover-server`. The login cookie and its
+//! CSRF guard over plain HTTP, the page and its assets, the event stream, and the page
+//! itself in a headless Chromium driven over WebDriver.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+/// A request to the server carrying the session cookie (or nothing), the way a browser
+/// would send it.
+struct Browserish {
+    base: String,
+    http: reqwest::Client,
+    cookie: Option<String>,
+}
+
+impl Browserish {
+    fn new(server: &Server) -> Browserish {
+        Browserish {
+            base: server.url.clone(),
+            http: reqwest::Client::new(),
+            cookie: None,
+        }
+    }
+
+    /// Logs in with `token`; returns the status, the body and the raw Set-Cookie header.
+    async fn login(&mut self, token: &str) -> (u16, Value, Option<String>) {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/session", self.base))
+            .json(&json!({ "token": token }))
+            .send()
+            .await
+            .unwrap();
+        let set_cookie = response
+            .headers()
+            .get(reqwest::header::SET_COOKIE)
+            .map(|v| v.to_str().unwrap().to_owned());
+        if let Some(set_cookie) = &set_cookie {
+            self.cookie = Some(set_cookie.split(';').next().unwrap().to_owned());
+        }
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(Value::Null),
+            set_cookie,
+        )
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(cookie) = &self.cookie {
+            request = request.header(reqwest::header::COOKIE, cookie);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Agents enrolled through the protocol and kept online by a heartbeat every 300 ms
+/// (the test server expects one a second) until this is dropped.
+struct Online {
+    ids: Vec<String>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Online {
+    /// Enrolls one agent per `(hostname, version)`.
+    async fn enroll(server: &Server, fleet: &[(&str, &str)]) -> Online {
+        let mut agents = Vec::new();
+        for (hostname, version) in fleet {
+            agents.push(ProtocolAgent::enroll(server, hostname, version).await);
+        }
+        let ids = agents.iter().map(|a| a.id.clone()).collect();
+        let keeper = tokio::spawn(async move {
+            loop {
+                for agent in &mut agents {
+                    agent.heartbeat().await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        Online { ids, keeper }
+    }
+}
+
+impl Drop for Online {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+async fn create_token(server: &Server, name: &str, role: &str) -> String {
+    let (status, body) = server
+        .api()
+        .post(
+            "/api/v1/tokens",
+            Some(json!({ "name": name, "role": role })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn login_sets_an_http_only_strict_cookie_and_logout_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut browser = Browserish::new(&server);
+
+    let (status, body, set_cookie) = browser.login("not a token").await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(set_cookie, None);
+    browser.cookie = None;
+
+    let (status, body, set_cookie) = browser.login(ADMIN_TOKEN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "admin");
+    let set_cookie = set_cookie.expect("login sets a cookie");
+    let attributes: Vec<&str> = set_cookie.split(';').map(str::trim).collect();
+    assert!(attributes[0].starts_with("drover_session="), "{set_cookie}");
+    assert!(attributes.contains(&"HttpOnly"), "{set_cookie}");
+    assert!(attributes.contains(&"SameSite=Strict"), "{set_cookie}");
+    assert!(attributes.contains(&"Path=/"), "{set_cookie}");
+    // Served over plain HTTP: a Secure cookie would never come back.
+    assert!(!attributes.contains(&"Secure"), "{set_cookie}");
+    assert!(
+        !set_cookie.contains(ADMIN_TOKEN),
+        "the token is encoded: {set_cookie}"
+    );
+
+    let (status, who) = browser
+        .call(reqwest::Method::GET, "/api/v1/session", &[])
+        .await;
+    assert_eq!(status, 200, "{who}");
+    assert_eq!(who["role"], "admin");
+    let (status, agents) = browser
+        .call(reqwest::Method::GET, "/api/v1/agents", &[])
+        .await;
+    assert_eq!(status, 200, "{agents}");
+
+    let response = reqwest::Client::new()
+        .delete(format!("{}/api/v1/session", server.url))
+        .header(reqwest::header::COOKIE, browser.cookie.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let cleared = response.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cleared.starts_with("drover_session=;"), "{cleared}");
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+}
+
+#[tokio::test]
+async fn behind_a_tls_proxy_the_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/session", server.url))
+        .header("X-Forwarded-Proto", "https")
+        .json(&json!({ "token": ADMIN_TOKEN }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let set_cookie = response.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap();
+    assert!(
+        set_cookie.split(';').any(|a| a.trim() == "Secure"),
+        "{set_cookie}"
+    );
+}
+
+#[tokio::test]
+async fn cookie_requests_that_change_state_need_the_custom_header_and_the_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let operator = create_token(&server, "ops", "operator").await;
+    let viewer = create_token(&server, "watcher", "viewer").await;
+    let rescan = "/api/v1/releases/rescan";
+
+    let mut browser = Browserish::new(&server);
+    browser.login(&operator).await;
+    // What a forged cross-site form post looks like: the cookie, and no custom header.
+    let (status, body) = browser.call(reqwest::Method::POST, rescan, &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("X-Drover"),
+        "{body}"
+    );
+    let (status, body) = browser
+        .call(reqwest::Method::POST, rescan, &[("X-Drover", "1")])
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut browser = Browserish::new(&server);
+    let (status, body, _) = browser.login(&viewer).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({ "role": "viewer", "name": "watcher" }));
+    let (status, body) = browser
+        .call(reqwest::Method::POST, rescan, &[("X-Drover", "1")])
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("operator"),
+        "{body}"
+    );
+    let (status, _) = browser
+        .call(reqwest::Method::GET, "/api/v1/rollouts", &[])
+        .await;
+    assert_eq!(status, 200);
+
+    // A bearer token needs no custom header: scripts are not browsers.
+    let (status, body) = Api::new(&server.url, &operator).post(rescan, None).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = reqwest::Client::new();
+    for (path, kind, marker) in [
+        ("/", "text/html", "/assets/app.js"),
+        ("/assets/app.js", "text/javascript", "EventSource"),
+        ("/assets/app.css", "text/css", "--accent"),
+    ] {
+        let response = http
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let headers = response.headers().clone();
+        assert!(
+            headers["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}: {headers:?}"
+        );
+        let policy = headers["content-security-policy"].to_str().unwrap();
+        assert!(policy.contains("script-src 'self'"), "{policy}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(marker), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn the_agent_listing_filters_and_pages_and_stays_an_array_without_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[("web-1", "1.0.0"), ("web-2", "1.1.0"), ("db-1", "1.0.0")],
+    )
+    .await;
+    let (status, all) = api.get("/api/v1/agents").await;
+    assert_eq!(status, 200);
+    assert_eq!(all.as_array().unwrap().len(), 3);
+
+    let (status, page) = api.get("/api/v1/agents?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 3);
+    assert_eq!(page["agents"].as_array().unwrap().len(), 2);
+    let (_, rest) = api.get("/api/v1/agents?limit=2&offset=2").await;
+    assert_eq!(rest["agents"].as_array().unwrap().len(), 1);
+
+    let (_, older) = api
+        .get("/api/v1/agents?older_than=1.1.0&channel=stable&limit=0")
+        .await;
+    assert_eq!(older, json!({ "agents": [], "total": 2 }));
+    let (_, found) = api.get("/api/v1/agents?q=WEB&limit=10").await;
+    assert_eq!(found["total"], 2, "{found}");
+    let (_, exact) = api.get("/api/v1/agents?version=1.1.0").await;
+    assert_eq!(exact.as_array().unwrap().len(), 1);
+    let (_, online) = api
+        .get("/api/v1/agents?online=true&paused=false&limit=10")
+        .await;
+    assert_eq!(online["total"], 3, "{online}");
+
+    let (status, body) = api.get("/api/v1/agents?limit=100000").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api.get("/api/v1/agents?online=maybe").await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, summary) = api.get("/api/v1/fleet").await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["total"], 3);
+    assert_eq!(summary["online"], 3);
+    assert_eq!(summary["offline"], 0);
+    let versions: Vec<(&str, u64)> = summary["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_str().unwrap(),
+                v["agents"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(versions, [("1.1.0", 1), ("1.0.0", 2)]);
+    drop(fleet);
+}
+
+/// Reads the event stream until a `data:` line satisfies `wanted`, or `within` passes.
+async fn next_event(
+    stream: &mut reqwest::Response,
+    buffer: &mut String,
+    within: Duration,
+    wanted: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        while let Some(end) = buffer.find('\n') {
+            let line: String = buffer.drain(..=end).collect();
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                let event: Value = serde_json::from_str(data.trim()).unwrap();
+                if wanted(&event) {
+                    return Some(event);
+                }
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+            .await
+            .ok()?
+            .unwrap()?;
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn the_event_stream_tells_of_agents_and_actions_by_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut browser = Browserish::new(&server);
+    browser.login(ADMIN_TOKEN).await;
+    let http = reqwest::Client::new();
+
+    let refused = http
+        .get(format!("{}/api/v1/events", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+
+    let mut stream = http
+        .get(format!("{}/api/v1/events", server.url))
+        .header(reqwest::header::COOKIE, browser.cookie.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buffer = String::new();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    buffer.push_str(std::str::from_utf8(&first).unwrap());
+    assert!(buffer.contains("retry:"), "{buffer}");
+
+    let agent = ProtocolAgent::enroll(&server, "fp-live", "1.0.0").await;
+    let event = next_event(&mut stream, &mut buffer, Duration::from_secs(5), |e| {
+        e["kind"] == "agent"
+    })
+    .await
+    .expect("an agent event");
+    assert_eq!(event["id"], agent.id.as_str());
+
+    let (status, _) = server
+        .api()
+        .post(&format!("/api/v1/agents/{}/pause", agent.id), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = server
+        .api()
+        .put("/api/v1/updates", json!({ "enabled": false }))
+        .await;
+    assert_eq!(status, 200);
+    let event = next_event(&mut stream, &mut buffer, Duration::from_secs(5), |e| {
+        e["kind"] == "settings"
+    })
+    .await
+    .expect("a settings event");
+    assert_eq!(
+        event,
+        json!({ "kind": "settings", "id": "updates_enabled" })
+    );
+
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a build");
+    next_event(&mut stream, &mut buffer, Duration::from_secs(10), |e| {
+        e["kind"] == "release"
+    })
+    .await
+    .expect("a release event");
+
+    let api = server.api();
+    let (status, _) = api.put("/api/v1/updates", json!({ "enabled": true })).await;
+    assert_eq!(status, 200);
+    let (status, queued) = api
+        .post(
+            &format!("/api/v1/agents/{}/update", agent.id),
+            Some(json!({ "version": "1.1.0" })),
+        )
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    let event = next_event(&mut stream, &mut buffer, Duration::from_secs(5), |e| {
+        e["kind"] == "task"
+    })
+    .await
+    .expect("a task event");
+    assert_eq!(event["id"], queued["task"]["id"]);
+    assert_eq!(event["agent"], agent.id.as_str());
+
+    let (status, body) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let event = next_event(&mut stream, &mut buffer, Duration::from_secs(5), |e| {
+        e["kind"] == "rollout"
+    })
+    .await
+    .expect("a rollout event");
+    assert_eq!(event["id"], "1.1.0");
+    drop(agent);
+}
+
+// ------------------------------------------------------------------ in a real browser
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// How long the page may take to show what the server knows.
+const PAGE_WAIT: Duration = Duration::from_secs(15);
+
+/// A headless Chromium driven over WebDriver by its own chromedriver.
+struct Browser {
+    client: fantoccini::Client,
+    driver: std::process::Child,
+    base: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver and a browser session; `None` (and a note) when the browser
+    /// is not installed, except in CI, where that is a failure.
+    async fn start(server: &Server) -> Option<Browser> {
+        let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER]
+            .into_iter()
+            .filter(|path| !std::path::Path::new(path).exists())
+            .collect();
+        if !missing.is_empty() {
+            let why = format!(
+                "{} not installed; scripts/ci-setup installs the Debian packages chromium \
+                 and chromium-driver",
+                missing.join(" and ")
+            );
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "the dashboard's browser tests cannot run: {why}"
+            );
+            eprintln!("skipping the browser test: {why}");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = std::process::Command::new(CHROMEDRIVER);
+        command
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // Its own process group, so the browsers it starts end with it.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let driver = command.spawn().expect("chromedriver starts");
+        let profile = tempfile::tempdir().unwrap();
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert("browserName".into(), json!("chrome"));
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            }),
+        );
+        let webdriver = format!("http://127.0.0.1:{port}");
+        let client = eventually("chromedriver to start a session", PAGE_WAIT, || {
+            let capabilities = capabilities.clone();
+            let webdriver = webdriver.clone();
+            async move {
+                let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+                fantoccini::ClientBuilder::new(connector)
+                    .capabilities(capabilities)
+                    .connect(&webdriver)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        Some(Browser {
+            client,
+            driver,
+            base: server.url.clone(),
+            _profile: profile,
+        })
+    }
+
+    async fn open(&self, path: &str) {
+        self.client
+            .goto(&format!("{}{path}", self.base))
+            .await
+            .unwrap();
+    }
+
+    /// Runs `script` in the page and returns its value.
+    async fn run(&self, script: &str, args: Vec<Value>) -> Value {
+        self.client.execute(script, args).await.unwrap()
+    }
+
+    /// The text of the first element matching `css`, or None.
+    async fn text(&self, css: &str) -> Option<String> {
+        let script = "const el = document.querySelector(arguments[0]); \
+                      return el ? el.textContent : null;";
+        self.run(script, vec![json!(css)])
+            .await
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    async fn count(&self, css: &str) -> u64 {
+        self.run(
+            "return document.querySelectorAll(arguments[0]).length;",
+            vec![json!(css)],
+        )
+        .await
+        .as_u64()
+        .unwrap()
+    }
+
+    async fn visible(&self, id: &str) -> bool {
+        self.run(
+            "const el = document.getElementById(arguments[0]); return !!el && !el.hidden;",
+            vec![json!(id)],
+        )
+        .await
+            == json!(true)
+    }
+
+    /// Waits until `css` matches an element whose text satisfies `wanted`; returns it.
+    async fn wait_for_text(&self, css: &str, wanted: impl Fn(&str) -> bool) -> String {
+        eventually(&format!("{css} on the page"), PAGE_WAIT, || async {
+            self.text(css).await.filter(|text| wanted(text))
+        })
+        .await
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Logs in through the login form.
+    async fn log_in(&self, token: &str) {
+        self.open("/").await;
+        eventually("the login form", PAGE_WAIT, || async {
+            self.visible("login").await.then_some(())
+        })
+        .await;
+        self.client
+            .find(fantoccini::Locator::Id("token"))
+            .await
+            .unwrap()
+            .send_keys(token)
+            .await
+            .unwrap();
+        self.click("#login-form button[type=submit]").await;
+        eventually("the dashboard after login", PAGE_WAIT, || async {
+            self.visible("top").await.then_some(())
+        })
+        .await;
+    }
+
+    async fn close(self) {
+        // Ends the browser; dropping then ends chromedriver.
+        let _ = self.client.clone().close().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .status();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_overview_shows_the_fleet_counts_the_api_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let _online = Online::enroll(&server, &[("fp-one", "1.0.0"), ("fp-two", "1.1.0")]).await;
+    drop(ProtocolAgent::enroll(&server, "fp-gone", "1.0.0").await);
+    let api = server.api();
+    let fleet = eventually("one agent offline", PAGE_WAIT, || async {
+        let (_, fleet) = api.get("/api/v1/fleet").await;
+        (fleet["offline"] == 1).then_some(fleet)
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+
+    for name in ["online", "offline", "total"] {
+        let shown = browser
+            .wait_for_text(&format!("[data-count={name}] .value"), |_| true)
+            .await;
+        assert_eq!(shown, fleet[name].to_string(), "{name}");
+    }
+    assert_eq!(fleet["online"], 2);
+    assert_eq!(fleet["total"], 3);
+    // One chart for the one platform, a bar per version.
+    assert_eq!(browser.count("[data-platform='linux/amd64'] rect").await, 2);
+
+    let cookies = browser.client.get_all_cookies().await.unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c.name() == "drover_session")
+        .expect("the session cookie");
+    assert_eq!(session.http_only(), Some(true));
+    assert_eq!(
+        session.same_site().map(|s| s.to_string()),
+        Some("Strict".into())
+    );
+    assert_eq!(
+        browser.run("return document.cookie;", vec![]).await,
+        json!(""),
+        "the page's script cannot read the session cookie"
+    );
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_connecting_agent_appears_on_the_agents_view_without_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let first = Online::enroll(&server, &[("fp-first", "1.0.0")]).await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.open("/#/agents").await;
+    browser
+        .wait_for_text(&format!("tr[data-agent='{}']", first.ids[0]), |_| true)
+        .await;
+    eventually("live updates on", PAGE_WAIT, || async {
+        (browser.count("#live.on").await == 1).then_some(())
+    })
+    .await;
+    // Survives only as long as the page is not reloaded.
+    browser.run("window.stillHere = true;", vec![]).await;
+
+    let started = std::time::Instant::now();
+    let second = Online::enroll(&server, &[("fp-second", "1.0.0")]).await;
+    browser
+        .wait_for_text(&format!("tr[data-agent='{}']", second.ids[0]), |text| {
+            text.contains("fp-second")
+        })
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    browser
+        .wait_for_text("#agent-total", |text| text.ends_with("of 2"))
+        .await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+
+    // After a server restart the page reconnects by itself and stays live.
+    server.restart();
+    let third = Online::enroll(&server, &[("fp-third", "1.0.0")]).await;
+    eventually(
+        "the agent after the restart",
+        Duration::from_secs(20),
+        || async {
+            (browser
+                .count(&format!("tr[data-agent='{}']", third.ids[0]))
+                .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn logging_out_returns_to_the_login_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    browser
+        .wait_for_text("#who", |who| who.contains("admin"))
+        .await;
+    browser.click("#logout").await;
+    eventually("the login page", PAGE_WAIT, || async {
+        (browser.visible("login").await && !browser.visible("top").await).then_some(())
+    })
+    .await;
+    // The cookie is gone too: a reload stays on the login page.
+    browser.open("/#/agents").await;
+    eventually("the login page after a reload", PAGE_WAIT, || async {
+        browser.visible("login").await.then_some(())
+    })
+    .await;
+    assert!(!browser.visible("top").await);
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_action_buttons_and_cannot_act_with_its_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let watched = Online::enroll(&server, &[("fp-watched", "1.0.0")]).await;
+    let agent = &watched.ids[0];
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let viewer = create_token(&server, "watcher", "viewer").await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(&viewer).await;
+    browser.open("/#/rollouts").await;
+    browser
+        .wait_for_text("tr[data-rollout='1.1.0 linux/amd64']", |_| true)
+        .await;
+    assert_eq!(browser.count("button.action").await, 0);
+    browser.open(&format!("/#/agents/{agent}")).await;
+    browser
+        .wait_for_text("dl.identity", |t| t.contains("fp-watched"))
+        .await;
+    assert_eq!(browser.count("button.action").await, 0);
+
+    // The page's own fetch, with the cookie and the custom header: refused for the role.
+    let status = browser
+        .client
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch('/api/v1/releases/rescan', {method: 'POST', headers: {'X-Drover': '1'}}) \
+               .then((r) => done(r.status));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, json!(403));
+    let cookie = browser
+        .client
+        .get_named_cookie("drover_session")
+        .await
+        .unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/agents/{agent}/pause", server.url))
+        .header(
+            reqwest::header::COOKIE,
+            format!("drover_session={}", cookie.value()),
+        )
+        .header("X-Drover", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    // The one already on 1.1.0 is not counted.
+    let fleet = Online::enroll(
+        &server,
+        &[
+            ("fp-a", "1.0.0"),
+            ("fp-b", "1.0.0"),
+            ("fp-c", "1.0.0"),
+            ("fp-ahead", "1.1.0"),
+        ],
+    )
+    .await;
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.open("/#/rollouts").await;
+    let row = "tr[data-rollout='1.1.0 linux/amd64']";
+    browser.wait_for_text(row, |_| true).await;
+    browser.click(&format!("{row} button.action")).await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| !t.is_empty())
+        .await;
+    assert!(text.contains("Promote 1.1.0"), "{text}");
+    assert!(text.contains("3 stable agents will update"), "{text}");
+    // No beta successes yet: the dialog says the gate fails and that this forces it.
+    assert!(text.contains("health gate fails"), "{text}");
+    assert_eq!(
+        browser.text("#confirm-ok").await.as_deref(),
+        Some("Promote anyway")
+    );
+    browser.click("#confirm-ok").await;
+
+    let api = server.api();
+    eventually("1.1.0 promoted", PAGE_WAIT, || async {
+        let (_, rollouts) = api.get("/api/v1/rollouts").await;
+        rollouts
+            .as_array()?
+            .iter()
+            .any(|r| r["version"] == "1.1.0" && r["state"] == "stable")
+            .then_some(())
+    })
+    .await;
+    // The page heard of it and shows the new state without a reload.
+    browser
+        .wait_for_text(&format!("{row} .state"), |state| state == "stable")
+        .await;
+    drop(fleet);
+    browser.close().await;
+}

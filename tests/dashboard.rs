@@ -637,7 +637,7 @@ impl Drop for Browser {
 #[tokio::test]
 async fn the_overview_shows_the_fleet_counts_the_api_gives() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_with_args(dir.path(), &["--snapshot-interval", "1"]);
     let _online = Online::enroll(&server, &[("fp-one", "1.0.0"), ("fp-two", "1.1.0")]).await;
     drop(ProtocolAgent::enroll(&server, "fp-gone", "1.0.0").await);
     let api = server.api();
@@ -661,6 +661,33 @@ async fn the_overview_shows_the_fleet_counts_the_api_gives() {
     assert_eq!(fleet["total"], 3);
     // One chart for the one platform, a bar per version.
     assert_eq!(browser.count("[data-platform='linux/amd64'] rect").await, 2);
+    // Version adoption over time: the server's snapshots, one line per version.
+    let history = eventually("two snapshots", PAGE_WAIT, || async {
+        let (_, history) = api.get("/api/v1/fleet/history").await;
+        let moments: std::collections::BTreeSet<String> = history
+            .as_array()?
+            .iter()
+            .map(|p| p["at"].as_str().unwrap().to_owned())
+            .collect();
+        (moments.len() >= 2).then_some(history)
+    })
+    .await;
+    let versions: std::collections::BTreeSet<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["1.0.0", "1.1.0"].into());
+    browser.open("/").await;
+    eventually("the adoption chart", PAGE_WAIT, || async {
+        (browser
+            .count("[data-adoption='linux/amd64'] polyline")
+            .await
+            == 2)
+            .then_some(())
+    })
+    .await;
 
     let cookies = browser.client.get_all_cookies().await.unwrap();
     let session = cookies

@@ -146,8 +146,9 @@ function overview(main) {
   const counts = h('div', { class: 'cards' });
   const charts = h('div', { class: 'charts' });
   const active = h('div');
+  const adoption = h('div', { class: 'charts', id: 'adoption' });
   main.append(banners, h('h2', {}, 'Agents'), counts, h('h2', {}, 'Versions in the fleet'), charts,
-    h('h2', {}, 'Active rollouts'), active);
+    h('h2', {}, 'Version adoption over time'), adoption, h('h2', {}, 'Active rollouts'), active);
 
   const loadFleet = guard(counts, async () => {
     const fleet = await get('/api/v1/fleet');
@@ -155,6 +156,9 @@ function overview(main) {
       card('online', fleet.online, 'ok'), card('offline', fleet.offline, fleet.offline ? 'warn' : ''),
       card('total', fleet.total), card('paused', fleet.paused));
     charts.replaceChildren(...versionCharts(fleet.versions));
+  });
+  const loadAdoption = guard(adoption, async () => {
+    adoption.replaceChildren(...adoptionCharts(await get('/api/v1/fleet/history?hours=168')));
   });
   const loadRollouts = guard(active, async () => {
     const rollouts = await get('/api/v1/rollouts');
@@ -169,6 +173,8 @@ function overview(main) {
   return {
     refresh(events) {
       if (touches(events, 'agent', 'task', 'settings')) loadFleet();
+      // Snapshots are taken every few minutes; the 30 s refresh is soon enough.
+      if (events === null) loadAdoption();
       if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) loadRollouts();
     },
   };
@@ -198,6 +204,31 @@ function versionCharts(versions) {
           svg('rect', { x: 110, y: 4, height: 16, width: Math.max(2, (r.agents / most) * 250) }),
           svg('text', { x: 116 + Math.max(2, (r.agents / most) * 250), y: 16 },
             `${r.agents} (${r.online} online)`)))));
+  });
+}
+
+// One stacked-area-like line chart per platform: agents per version at each snapshot.
+function adoptionCharts(points) {
+  const platforms = new Map();
+  for (const p of points) {
+    const key = platform(p);
+    if (!platforms.has(key)) platforms.set(key, { times: [], versions: new Map() });
+    const chart = platforms.get(key);
+    if (!chart.times.includes(p.at)) chart.times.push(p.at);
+    if (!chart.versions.has(p.version)) chart.versions.set(p.version, new Map());
+    chart.versions.get(p.version).set(p.at, p.agents);
+  }
+  if (platforms.size === 0) return [h('p', { class: 'muted' }, 'No snapshots yet; they are taken every few minutes.')];
+  const width = 500, height = 120;
+  return [...platforms].map(([name, { times, versions }]) => {
+    const most = Math.max(1, ...points.filter((p) => platform(p) === name).map((p) => p.agents));
+    const x = (i) => (times.length < 2 ? width / 2 : (i / (times.length - 1)) * (width - 100));
+    const y = (n) => height - 10 - (n / most) * (height - 20);
+    const lines = [...versions].map(([version, counts], k) => svg('g', { class: `series s${k % 6}` },
+      svg('polyline', { fill: 'none', points: times.map((t, i) => `${x(i)},${y(counts.get(t) || 0)}`).join(' ') }),
+      svg('text', { x: width - 95, y: 14 + k * 14 }, version)));
+    return h('div', { class: 'chart', 'data-adoption': name }, h('h3', {}, name),
+      svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': `version adoption on ${name}` }, lines));
   });
 }
 

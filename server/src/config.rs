@@ -78,6 +78,10 @@ pub struct Args {
     #[arg(long, env = "DROVER_STALE_STABLE_AFTER", default_value = "7d", value_parser = parse_age)]
     pub stale_stable_after: Duration,
 
+    /// How often agents per version are counted for the adoption chart
+    #[arg(long, env = "DROVER_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = parse_interval)]
+    pub snapshot_interval: Duration,
+
     /// How often the downloads directory is rescanned even without change events
     #[arg(long, env = "DROVER_RESCAN_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub rescan_interval: Duration,

@@ -71,6 +71,8 @@ pub struct Settings {
     pub halt_min_attempts: u64,
     /// Beta ahead of stable for longer than this is a warning.
     pub stale_stable_after: Duration,
+    /// How often agents per version are counted for the adoption history.
+    pub snapshot_every: Duration,
 }
 
 impl Settings {
@@ -91,6 +93,7 @@ impl Settings {
             halt_failure_rate: 0.2,
             halt_min_attempts: 5,
             stale_stable_after: Duration::from_secs(7 * 24 * 3600),
+            snapshot_every: Duration::from_secs(600),
         }
     }
 
@@ -274,6 +277,7 @@ pub async fn run(
     nodes::start(state.clone()).await?;
     record_first_seen(&state).await;
     tokio::spawn(nudge_on_new_releases(state.clone()));
+    tokio::spawn(snapshot_versions(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     let app = router(state);
     axum::serve(
@@ -295,6 +299,26 @@ async fn nudge_on_new_releases(state: AppState) {
         record_first_seen(&state).await;
         state.events.release();
         state.registry.broadcast(|| Outbound::Check);
+    }
+}
+
+/// Counts agents per version now and then, for the dashboard's adoption chart. With
+/// several nodes each counts; the snapshot of one moment is written once.
+async fn snapshot_versions(state: AppState) {
+    let mut ticker = tokio::time::interval(state.settings.snapshot_every);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        // Aligned to the interval, so nodes write the same moments.
+        let every = i64::try_from(state.settings.snapshot_every.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let at = clock::now_ms() / every * every;
+        if let Err(err) = state.store.record_version_snapshot(at).await {
+            tracing::warn!(%err, "could not record the version snapshot");
+        }
     }
 }
 
@@ -425,6 +449,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         halt_failure_rate: args.halt_failure_rate,
         halt_min_attempts: args.halt_min_attempts,
         stale_stable_after: args.stale_stable_after,
+        snapshot_every: args.snapshot_interval,
         ..Settings::new(public_url.clone(), args.downloads.clone())
     };
     run(store, settings, listener, shutdown).await

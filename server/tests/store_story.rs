@@ -476,6 +476,16 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
 
 /// Tokens, enrollment limits, rollout records, blocks and the audit log.
 async fn story_of_operators(store: &dyn Store, site: &str) {
+    // Version snapshots count agents per platform and version, once per moment.
+    store.record_version_snapshot(5_000).await.unwrap();
+    store.record_version_snapshot(5_000).await.unwrap();
+    let history = store.version_history(0).await.unwrap();
+    assert!(!history.is_empty());
+    assert!(history.iter().all(|p| p.at_ms == 5_000 && p.agents >= 1));
+    let counted: i64 = history.iter().map(|p| p.agents).sum();
+    assert_eq!(counted as usize, store.list_agents().await.unwrap().len());
+    assert!(store.version_history(5_001).await.unwrap().is_empty());
+
     // Tokens: minted, listed without secrets, revoked.
     let viewer = store
         .create_api_token("ci", Role::Viewer, "viewer-hash")

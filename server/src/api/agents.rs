@@ -270,6 +270,55 @@ pub(crate) struct VersionCount {
     online: usize,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+pub(crate) struct HistoryQuery {
+    /// How far back, in hours (default 24, at most 2160).
+    hours: Option<u32>,
+}
+
+/// One snapshot: agents per platform and version at one moment.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct HistoryPoint {
+    at: String,
+    os: String,
+    arch: String,
+    version: String,
+    agents: i64,
+}
+
+#[utoipa::path(
+    get,
+    path = "/fleet/history",
+    operation_id = "fleet_history",
+    tag = "agents",
+    summary = "Version adoption over time: periodic counts of agents per platform and version",
+    params(HistoryQuery),
+    responses((status = 200, description = "Snapshots, oldest first", body = [HistoryPoint])),
+    security(("bearer" = ["viewer"])),
+)]
+pub(crate) async fn fleet_history(
+    caller: Caller,
+    State(state): State<AppState>,
+    Params(query): Params<HistoryQuery>,
+) -> Result<Json<Vec<HistoryPoint>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let hours = i64::from(query.hours.unwrap_or(24).min(2160));
+    let since = now_ms() - hours * 3600 * 1000;
+    let points = state.store.version_history(since).await?;
+    Ok(Json(
+        points
+            .into_iter()
+            .map(|p| HistoryPoint {
+                at: rfc3339(p.at_ms),
+                os: p.os,
+                arch: p.arch,
+                version: p.version,
+                agents: p.agents,
+            })
+            .collect(),
+    ))
+}
+
 #[utoipa::path(
     get,
     path = "/fleet",

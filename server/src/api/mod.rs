@@ -40,6 +40,7 @@ fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(agents::list))
         .routes(routes!(agents::fleet))
+        .routes(routes!(agents::fleet_history))
         .routes(routes!(agents::one))
         .routes(routes!(agents::pause))
         .routes(routes!(agents::resume))

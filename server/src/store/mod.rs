@@ -339,6 +339,16 @@ pub struct ApiToken {
     pub revoked: bool,
 }
 
+/// How many agents ran one version on one platform at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionCount {
+    pub at_ms: i64,
+    pub os: String,
+    pub arch: String,
+    pub version: String,
+    pub agents: i64,
+}
+
 /// Which level of the hierarchy a channel is set on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelScope {
@@ -556,6 +566,12 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         now_ms: i64,
     ) -> StoreResult<Vec<String>>;
+
+    /// Counts agents per platform and version now, for the adoption history.
+    async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()>;
+
+    /// Snapshots taken since `since_ms`, oldest first.
+    async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
 

@@ -1042,6 +1042,40 @@ impl Store for PostgresStore {
         .await?)
     }
 
+    async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO version_snapshots (at, os, arch, version, agents) \
+             SELECT $1, os, arch, version, COUNT(*) FROM agents GROUP BY os, arch, version \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>> {
+        let rows = sqlx::query(
+            "SELECT at, os, arch, version, agents FROM version_snapshots WHERE at >= $1 \
+             ORDER BY at, os, arch, version",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row: &PgRow| {
+                Ok(VersionCount {
+                    at_ms: row.try_get("at")?,
+                    os: row.try_get("os")?,
+                    arch: row.try_get("arch")?,
+                    version: row.try_get("version")?,
+                    agents: row.try_get("agents")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO audit_log (at, actor, action, target, detail, result) \

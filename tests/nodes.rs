@@ -266,3 +266,46 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_promotes_from_both_nodes_make_one_task_per_agent() {
+    let Some(database) = Database::create("promotes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let mut agent = ProtocolAgent::enroll(node, &format!("fp-p{i}"), "1.0.0").await;
+        agent.heartbeat().await;
+        agents.push(agent);
+    }
+    publish(&a.downloads(), "1.1.0", Some("beta"), b"build 1.1.0");
+    offered(&a.api(), "1.1.0").await;
+    offered(&b.api(), "1.1.0").await;
+
+    let force = Some(json!({"force": true}));
+    let (api_a, api_b) = (a.api(), b.api());
+    let (on_a, on_b) = tokio::join!(
+        api_a.post("/api/v1/rollouts/1.1.0/promote", force.clone()),
+        api_b.post("/api/v1/rollouts/1.1.0/promote", force.clone()),
+    );
+    assert_eq!((on_a.0, on_b.0), (200, 200), "{on_a:?} {on_b:?}");
+    for agent in &mut agents {
+        let update = agent
+            .next_update(SOON)
+            .await
+            .expect("every agent is sent the build");
+        assert_eq!(update.version, "1.1.0");
+    }
+    // Heartbeats and nudges keep arriving on both nodes; still one task each.
+    for agent in &mut agents {
+        agent.next_message(Duration::from_millis(300)).await;
+    }
+    for agent in &agents {
+        let (_, detail) = a.api().get(&format!("/api/v1/agents/{}", agent.id)).await;
+        let tasks = detail["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 1, "agent {}: {tasks:?}", agent.id);
+    }
+}

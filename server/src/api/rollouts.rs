@@ -321,10 +321,15 @@ pub(crate) async fn promote(
 
 /// Writes `<file>.channel` by rename, so the scanner never reads half of it.
 fn write_channel(downloads: &std::path::Path, file: &str, channel: Channel) -> anyhow::Result<()> {
-    let tmp = downloads.join(format!(".{file}.channel.tmp"));
-    std::fs::write(&tmp, format!("{}\n", channel.as_str()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, downloads.join(format!("{file}.channel")))?;
+    use std::io::Write;
+    // A temporary name of its own (several nodes may promote at once); the leading dot
+    // keeps the scanner from listing it.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file}.channel."))
+        .tempfile_in(downloads)?;
+    writeln!(tmp, "{}", channel.as_str())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(downloads.join(format!("{file}.channel")))?;
     Ok(())
 }
 

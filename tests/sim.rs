@@ -1,0 +1,242 @@
+//! End-to-end: `drover-sim` runs a simulated fleet against the real server, which must
+//! see every simulated agent, and must see each of them take a published update.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const FLEET: usize = 200;
+
+/// The simulator lives in another package, so Cargo does not build it for these tests;
+/// build it here (a no-op when it is fresh) next to the other binaries.
+fn sim_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let agent = Path::new(AGENT_BIN);
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "sim", "--bin", "drover-sim"]);
+        if agent.parent().is_some_and(|dir| dir.ends_with("release")) {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building drover-sim failed");
+        agent.with_file_name("drover-sim")
+    })
+    .clone()
+}
+
+/// A running `drover-sim --json`. Killed when dropped; `stop` ends it politely.
+struct Sim {
+    child: Option<Child>,
+    progress: PathBuf,
+}
+
+impl Sim {
+    fn start(server: &Server, dir: &Path, agents: usize, extra: &[&str]) -> Sim {
+        let progress = dir.join(format!("sim-{}.log", rand_suffix()));
+        let log = std::fs::File::create(&progress).unwrap();
+        let child = Command::new(sim_bin())
+            .args(["--server", &server.url, "--enroll-token", ENROLL_TOKEN])
+            .args(["--agents", &agents.to_string()])
+            .arg("--identities")
+            .arg(dir.join("identities.json"))
+            .args(["--source-ips", "127.0.0.2-127.0.0.5"])
+            .args(["--report-every", "0.2", "--json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("drover-sim starts");
+        Sim {
+            child: Some(child),
+            progress,
+        }
+    }
+
+    /// The newest progress line the simulator wrote.
+    fn last_progress(&self) -> String {
+        std::fs::read_to_string(&self.progress)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .find(|line| line.contains("connected "))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// SIGTERM, then the JSON report the simulator prints on its way out.
+    fn stop(mut self) -> Value {
+        let child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "drover-sim failed: {stdout}\n{}",
+            std::fs::read_to_string(&self.progress).unwrap_or_default()
+        );
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|err| panic!("drover-sim printed no JSON report ({err}): {stdout}"))
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn ids(agents: &[Value]) -> BTreeSet<String> {
+    agents
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_fleet_connects_and_a_rerun_reuses_its_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &[]);
+    let api = server.api();
+
+    let sim = Sim::start(&server, dir.path(), FLEET, &[]);
+    let agents = all_online(&api, FLEET).await;
+    let first = ids(&agents);
+    assert_eq!(first.len(), FLEET, "every simulated agent has its own id");
+    let hostnames: BTreeSet<&str> = agents
+        .iter()
+        .map(|a| a["hostname"].as_str().unwrap())
+        .collect();
+    assert!(hostnames.contains("sim-0") && hostnames.contains(&*format!("sim-{}", FLEET - 1)));
+    let report = sim.stop();
+    assert_eq!(report["connected"], FLEET, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+    assert_eq!(report["enrolled"], FLEET, "report: {report}");
+    assert_eq!(report["connect_ms"]["count"], FLEET, "report: {report}");
+
+    let rerun = Sim::start(&server, dir.path(), FLEET, &[]);
+    let again = all_online(&api, FLEET).await;
+    assert_eq!(
+        ids(&again),
+        first,
+        "a rerun authenticates as the same agents"
+    );
+    let report = rerun.stop();
+    assert_eq!(report["enrolled"], 0, "report: {report}");
+    assert_eq!(report["reused_identities"], FLEET, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+    assert_eq!(api.agents().await.unwrap().len(), FLEET);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_fleet_downloads_verifies_and_reports_a_published_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &[]);
+    let api = server.api();
+    // Under the server's download limit, so no agent waits out a 10 s Retry-After.
+    let sim = Sim::start(&server, dir.path(), FLEET, &["--max-downloads", "32"]);
+    let agents = all_online(&api, FLEET).await;
+
+    let build: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
+    publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+
+    eventually(
+        "every simulated agent to run 1.1.0",
+        Duration::from_secs(60),
+        || async {
+            let agents = api.agents().await?;
+            let updated = agents.iter().filter(|a| a["version"] == "1.1.0").count();
+            (updated == FLEET).then_some(())
+        },
+    )
+    .await;
+    for agent in &agents {
+        let id = agent["id"].as_str().unwrap();
+        eventually(
+            &format!("agent {id}'s task to succeed"),
+            Duration::from_secs(20),
+            || async {
+                let (status, detail) = api.get(&format!("/api/v1/agents/{id}")).await;
+                let task = &detail["tasks"][0];
+                (status == 200 && task["to_version"] == "1.1.0" && task["status"] == "succeeded")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // The simulator counts an update complete when the server acknowledges the new
+    // version's heartbeat, which can trail the server's own bookkeeping by a moment.
+    let done = format!("updates {FLEET}/{FLEET}");
+    eventually(
+        "the simulator to count every update",
+        Duration::from_secs(10),
+        || async { sim.last_progress().contains(&done).then_some(()) },
+    )
+    .await;
+
+    let report = sim.stop();
+    assert_eq!(report["updates_received"], FLEET, "report: {report}");
+    assert_eq!(report["updates_verified"], FLEET, "report: {report}");
+    assert_eq!(report["updates_completed"], FLEET, "report: {report}");
+    assert_eq!(report["updates_failed"], 0, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+    assert_eq!(
+        report["update_notify_ms"]["count"], FLEET,
+        "report: {report}"
+    );
+    assert_eq!(
+        api.agents().await.unwrap().len(),
+        FLEET,
+        "updates add no agents"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_agents_wait_out_a_busy_download_server() {
+    const FEW: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--max-concurrent-downloads", "2"]);
+    let api = server.api();
+    let sim = Sim::start(&server, dir.path(), FEW, &[]);
+    all_online(&api, FEW).await;
+
+    let build = vec![7u8; 4 * 1024 * 1024];
+    publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+    // Everyone asks at once, two are served, the rest are told to come back later.
+    let done = format!("updates {FEW}/{FEW}");
+    eventually(
+        "the simulator to finish every update",
+        Duration::from_secs(120),
+        || async { sim.last_progress().contains(&done).then_some(()) },
+    )
+    .await;
+
+    let report = sim.stop();
+    assert!(
+        report["download_retries"].as_u64().unwrap() > 0,
+        "some downloads were refused with 503: {report}"
+    );
+    assert_eq!(report["updates_completed"], FEW, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+}

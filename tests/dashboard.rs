@@ -897,3 +897,235 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     drop(fleet);
     browser.close().await;
 }
+
+impl Browser {
+    /// Shows `hash` in the page without reloading it (the view changes, the page stays).
+    async fn show(&self, hash: &str) {
+        self.run("location.hash = arguments[0];", vec![json!(hash)])
+            .await;
+    }
+
+    /// The errors the page's script ran into (app.js collects them in `__droverErrors`).
+    async fn errors(&self) -> Value {
+        self.run("return window.__droverErrors;", vec![]).await
+    }
+
+    /// Saves the page as `target/dashboard-screenshots/{name}.png`.
+    async fn screenshot(&self, name: &str) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("dashboard-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = self.client.screenshot().await.unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, &png).unwrap();
+        let saved = std::fs::read(&path).unwrap();
+        assert!(
+            saved.len() > 8 && saved.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{} is not a PNG",
+            path.display()
+        );
+    }
+}
+
+/// Three real agents, one on beta: a beta build reaches the beta agent while the page
+/// watches, and a promote from the page's button takes it to the other two.
+#[tokio::test]
+async fn the_story_in_the_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    // One beta success is enough for the gate here; the default asks for three.
+    let server = Server::start_with_args(dir.path(), &["--gate-min-successes", "1"]);
+    let api = server.api();
+    let names = ["story-a", "story-b", "story-c"];
+    let _fleet: Vec<Agent> = names
+        .iter()
+        .map(|name| {
+            let exe = dir.path().join(format!("{name}-bin/drover-agent"));
+            stamp_agent("1.0.0", &exe);
+            Agent::start_installed(
+                &server,
+                &exe,
+                dir.path(),
+                name,
+                &[
+                    "--enroll-token",
+                    ENROLL_TOKEN,
+                    "--fingerprint",
+                    &format!("fp-{name}"),
+                ],
+            )
+        })
+        .collect();
+    let agents = all_online(&api, 3).await;
+    let id_of = |name: &str| {
+        agents
+            .iter()
+            .find(|a| a["hostname"] == name)
+            .unwrap_or_else(|| panic!("{name} among {agents:?}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let beta = id_of("story-c");
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/agents/{beta}/channel"),
+            json!({ "channel": "beta" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    // Screenshots at a laptop's size rather than the headless default.
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser
+        .wait_for_text("[data-count=online] .value", |v| v == "3")
+        .await;
+    browser.screenshot("overview").await;
+
+    browser.show("#/agents").await;
+    for name in names {
+        browser
+            .wait_for_text(&format!("tr[data-agent='{}']", id_of(name)), |t| {
+                t.contains(name) && t.contains("1.0.0")
+            })
+            .await;
+    }
+    browser.screenshot("agents").await;
+
+    browser.show("#/rollouts").await;
+    eventually("live updates on", PAGE_WAIT, || async {
+        (browser.count("#live.on").await == 1).then_some(())
+    })
+    .await;
+    // Survives only as long as the page is not reloaded.
+    browser.run("window.stillHere = true;", vec![]).await;
+    let row = "tr[data-rollout='1.1.0 linux/amd64']";
+    assert_eq!(browser.count(row).await, 0, "nothing published yet");
+
+    publish_agent(&server, dir.path(), "1.1.0", "beta");
+    // The funnel reads "targeted → dispatched → in progress → succeeded".
+    let succeeded = |funnel: &str| {
+        funnel
+            .split(" → ")
+            .nth(3)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    let first = browser
+        .wait_for_text(&format!("{row} .funnel"), |_| true)
+        .await;
+    assert_eq!(succeeded(&first), Some(0), "{first}");
+    // The beta agent downloads, restarts on probation and proves the build.
+    let funnel = eventually(
+        "the beta agent's success on the page",
+        Duration::from_secs(60),
+        || async {
+            browser
+                .text(&format!("{row} .funnel"))
+                .await
+                .filter(|f| succeeded(f) == Some(1))
+        },
+    )
+    .await;
+    assert!(!funnel.contains("failed"), "{funnel}");
+    browser
+        .wait_for_text(&format!("{row} .state"), |s| s == "beta")
+        .await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+    browser.screenshot("rollouts").await;
+
+    browser.click(&format!("{row} button.action")).await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| !t.is_empty())
+        .await;
+    assert!(text.contains("Promote 1.1.0"), "{text}");
+    assert!(text.contains("2 stable agents will update"), "{text}");
+    assert_eq!(
+        browser.text("#confirm-ok").await.as_deref(),
+        Some("Promote")
+    );
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row} .state"), |s| s == "stable")
+        .await;
+    eventually("every agent on 1.1.0", Duration::from_secs(90), || async {
+        let agents = api.agents().await?;
+        (agents.len() == 3
+            && agents
+                .iter()
+                .all(|a| a["version"] == "1.1.0" && a["online"] == true))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+
+    browser
+        .show(&format!("#/agents/{}", id_of("story-a")))
+        .await;
+    browser
+        .wait_for_text("dl.identity", |t| {
+            t.contains("fp-story-a") && t.contains("1.1.0")
+        })
+        .await;
+    browser.screenshot("agent").await;
+    browser.show("#/releases").await;
+    browser
+        .wait_for_text("#main table", |t| t.contains("1.1.0"))
+        .await;
+    browser.screenshot("releases").await;
+    browser.show("#/audit").await;
+    browser
+        .wait_for_text("#main table", |t| t.contains("rollout.promote"))
+        .await;
+    browser.screenshot("audit").await;
+
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    browser.close().await;
+}
+
+/// Every view, shown in turn in one page, runs without a script error.
+#[tokio::test]
+async fn no_view_raises_a_javascript_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let fleet = Online::enroll(&server, &[("fp-one", "1.0.0"), ("fp-two", "1.0.0")]).await;
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    assert_eq!(browser.errors().await, json!([]), "on the overview");
+    let detail = format!("#/agents/{}", fleet.ids[0]);
+    for (hash, ready) in [
+        ("#/overview", "[data-count=online] .value"),
+        ("#/rollouts", "tr[data-rollout='1.1.0 linux/amd64']"),
+        ("#/agents", "#agent-total"),
+        (detail.as_str(), "dl.identity"),
+        ("#/releases", "#main table"),
+        ("#/audit", "#main table"),
+    ] {
+        browser.show(hash).await;
+        browser.wait_for_text(ready, |_| true).await;
+        // A moment for any late fetch to fail.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(browser.errors().await, json!([]), "on {hash}");
+    }
+    // A test of the test: an uncaught error is seen. (The injected script has no origin
+    // of its own, so the error's message is muted to "Script error.".)
+    browser
+        .run(
+            "setTimeout(() => { throw new Error('thrown'); }, 0);",
+            vec![],
+        )
+        .await;
+    eventually("the error recorded", PAGE_WAIT, || async {
+        (browser.errors().await.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    drop(fleet);
+    browser.close().await;
+}

@@ -3,6 +3,12 @@
 // Text from the server is always inserted as text (never as HTML).
 'use strict';
 
+// Errors the page ran into, for the browser tests to read (WebDriver cannot hook the
+// console before the page loads). Kept first, after the strict-mode directive.
+window.__droverErrors = [];
+window.addEventListener('error', (e) => window.__droverErrors.push(String(e.message)));
+window.addEventListener('unhandledrejection', (e) => window.__droverErrors.push(String(e.reason)));
+
 const $ = (id) => document.getElementById(id);
 const PAGE = 50;
 let me = null; // who is logged in: {role, name}

@@ -125,8 +125,13 @@ pub(crate) fn gate(tally: &Tally, policy: &RolloutPolicy) -> GateVerdict {
     GateVerdict {
         pass: true,
         reason: format!(
-            "{} beta successes, success rate {}",
+            "{} beta {}, success rate {}",
             tally.succeeded,
+            if tally.succeeded == 1 {
+                "success"
+            } else {
+                "successes"
+            },
             percent(rate)
         ),
     }

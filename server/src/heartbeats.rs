@@ -33,16 +33,21 @@ pub(crate) fn start(
     shutdown: CancellationToken,
 ) -> (HeartbeatSink, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let task = tokio::spawn(write_batches(store, rx, flush_every, shutdown));
+    let task = tokio::spawn(fold_batches(store, rx, flush_every, shutdown));
     (HeartbeatSink { tx }, task)
 }
 
-async fn write_batches(
+/// Drains the queue without pause, folding heartbeats per agent, and hands a batch to
+/// the database writer each tick. While a write is still running the batch keeps
+/// folding, so a slow database costs only freshness, never the sessions' time.
+async fn fold_batches(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<HeartbeatRecord>,
     flush_every: Duration,
     shutdown: CancellationToken,
 ) {
+    let (batches, batches_rx) = mpsc::channel::<Vec<HeartbeatRecord>>(1);
+    let writer = tokio::spawn(write_batches(store, batches_rx));
     let mut pending: HashMap<String, HeartbeatRecord> = HashMap::new();
     let mut ticker = tokio::time::interval(flush_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -57,14 +62,32 @@ async fn write_batches(
                     fold(&mut pending, beat);
                 }
             }
-            _ = ticker.tick() => flush(&*store, &mut pending).await,
+            _ = ticker.tick() => {
+                if !pending.is_empty()
+                    && let Ok(slot) = batches.try_reserve()
+                {
+                    slot.send(pending.drain().map(|(_, beat)| beat).collect());
+                }
+            }
             () = shutdown.cancelled() => break,
         }
     }
     while let Ok(beat) = rx.try_recv() {
         fold(&mut pending, beat);
     }
-    flush(&*store, &mut pending).await;
+    if !pending.is_empty() {
+        let _ = batches.send(pending.into_values().collect()).await;
+    }
+    drop(batches);
+    let _ = writer.await;
+}
+
+async fn write_batches(store: Arc<dyn Store>, mut batches: mpsc::Receiver<Vec<HeartbeatRecord>>) {
+    while let Some(batch) = batches.recv().await {
+        if let Err(err) = store.record_heartbeats(&batch).await {
+            tracing::warn!(count = batch.len(), %err, "could not write heartbeats; they will be written on the next beat");
+        }
+    }
 }
 
 /// Keeps only the newest heartbeat of each agent.
@@ -75,16 +98,6 @@ fn fold(pending: &mut HashMap<String, HeartbeatRecord>, beat: HeartbeatRecord) {
         None => {
             pending.insert(beat.agent_id.clone(), beat);
         }
-    }
-}
-
-async fn flush(store: &dyn Store, pending: &mut HashMap<String, HeartbeatRecord>) {
-    if pending.is_empty() {
-        return;
-    }
-    let batch: Vec<HeartbeatRecord> = pending.drain().map(|(_, beat)| beat).collect();
-    if let Err(err) = store.record_heartbeats(&batch).await {
-        tracing::warn!(count = batch.len(), %err, "could not write heartbeats; they will be written on the next beat");
     }
 }
 

@@ -119,22 +119,26 @@ async fn story(store: &dyn Store) {
         ("one-again", "1.1.0", 3_000)
     );
 
-    // Heartbeats in a batch; last_seen never moves backwards.
-    store
-        .record_heartbeats(&[
-            HeartbeatRecord {
-                agent_id: one.agent_id.clone(),
-                version: "1.2.0".into(),
-                at_ms: 5_000,
-            },
-            HeartbeatRecord {
-                agent_id: two.agent_id.clone(),
-                version: "1.0.0".into(),
-                at_ms: 500,
-            },
-        ])
-        .await
-        .unwrap();
+    // Heartbeats in a batch larger than one statement holds, the real agents last;
+    // beats of unknown agents change nothing; last_seen never moves backwards.
+    let mut batch: Vec<HeartbeatRecord> = (0..1_200)
+        .map(|i| HeartbeatRecord {
+            agent_id: format!("gone-{i}"),
+            version: "9.9.9".into(),
+            at_ms: 9_000,
+        })
+        .collect();
+    batch.push(HeartbeatRecord {
+        agent_id: one.agent_id.clone(),
+        version: "1.2.0".into(),
+        at_ms: 5_000,
+    });
+    batch.push(HeartbeatRecord {
+        agent_id: two.agent_id.clone(),
+        version: "1.0.0".into(),
+        at_ms: 500,
+    });
+    store.record_heartbeats(&batch).await.unwrap();
     let agents = store.list_agents().await.unwrap();
     assert_eq!(agents.len(), 2);
     let by_id = |id: &str| agents.iter().find(|a| a.id == id).unwrap().clone();

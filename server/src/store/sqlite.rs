@@ -164,6 +164,9 @@ fn audit_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AuditEntry, sqlx::Err
     })
 }
 
+/// Heartbeats per statement: three parameters each, well under SQLite's limit.
+const HEARTBEAT_CHUNK: usize = 500;
+
 fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -479,16 +482,23 @@ impl Store for SqliteStore {
     }
 
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
+        // One statement per few hundred agents rather than one per agent: a batch of
+        // tens of thousands is a handful of statements.
         let mut tx = self.pool.begin().await?;
-        for beat in batch {
-            sqlx::query(
-                "UPDATE agents SET version = ?, last_seen = MAX(last_seen, ?) WHERE id = ?",
-            )
-            .bind(&beat.version)
-            .bind(beat.at_ms)
-            .bind(&beat.agent_id)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in batch.chunks(HEARTBEAT_CHUNK) {
+            let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+            let statement = format!(
+                "UPDATE agents SET version = v.column2, last_seen = MAX(agents.last_seen, v.column3) \
+                 FROM (VALUES {values}) AS v WHERE agents.id = v.column1"
+            );
+            let mut query = sqlx::query(&statement);
+            for beat in chunk {
+                query = query
+                    .bind(&beat.agent_id)
+                    .bind(&beat.version)
+                    .bind(beat.at_ms);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -1,6 +1,7 @@
 //! Fetching a build into the staging area: resumes with `Range`, waits out 503
 //! `Retry-After` with jitter, never accepts more than the declared size, and checks free
-//! disk space first.
+//! disk space first. A write that fails (the disk filled up after all) removes the
+//! partial file, so nothing is left to fill the disk or to be resumed.
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +23,10 @@ const DISK_MARGIN: u64 = 16 * 1024 * 1024;
 pub(crate) enum FetchError {
     #[error("not enough disk space: {needed} bytes needed, {available} available")]
     DiskFull { needed: u64, available: u64 },
+    #[error("the disk filled up while downloading ({0}); the partial download was removed")]
+    NoSpace(std::io::Error),
+    #[error("could not write the download ({0}); the partial download was removed")]
+    Write(std::io::Error),
     #[error("the server sent more than the declared {0} bytes")]
     TooLarge(u64),
     #[error("the server answered {0}")]
@@ -41,8 +46,11 @@ pub(crate) async fn fetch(
     part: &Path,
     mut progress: impl FnMut(u64),
 ) -> Result<(), FetchError> {
-    if let Some(dir) = part.parent() {
+    let dir = crate::atomic_file::parent(part);
+    if !tokio::fs::try_exists(dir).await? {
         tokio::fs::create_dir_all(dir).await?;
+        // The staging directory's entry, so a resumable part survives a power cut.
+        sync_dir(crate::atomic_file::parent(dir)).await?;
     }
     let held = held_bytes(part).await?;
     check_space(part, size, held)?;
@@ -141,20 +149,57 @@ async fn fetch_once(
             let _ = tokio::fs::remove_file(part).await;
             return Err(Attempt::Fatal(FetchError::TooLarge(size)));
         }
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| Attempt::Fatal(e.into()))?;
+        if let Err(err) = file.write_all(&chunk).await {
+            return Err(Attempt::Fatal(write_failed(file, part, err).await));
+        }
         progress(done);
     }
-    file.sync_all()
+    // A write's error can surface only at the flush; sync_all alone would swallow it.
+    let flushed = match file.flush().await {
+        Ok(()) => file.sync_all().await,
+        Err(err) => Err(err),
+    };
+    if let Err(err) = flushed {
+        return Err(Attempt::Fatal(write_failed(file, part, err).await));
+    }
+    sync_dir(crate::atomic_file::parent(part))
         .await
-        .map_err(|e| Attempt::Fatal(e.into()))?;
+        .map_err(Attempt::Fatal)?;
     if done < size {
         return Err(Attempt::RetryAfter(
             Duration::ZERO,
             format!("connection ended after {done} of {size} bytes"),
         ));
     }
+    Ok(())
+}
+
+/// Gives up on a partial file that could not be written: after a failed write its tail
+/// is unknown, and on a full disk it only keeps the disk full.
+async fn write_failed(file: tokio::fs::File, part: &Path, err: std::io::Error) -> FetchError {
+    drop(file);
+    if let Err(remove) = tokio::fs::remove_file(part).await {
+        tracing::error!(error = %remove, "could not remove {}", part.display());
+    }
+    if is_disk_full(&err) {
+        FetchError::NoSpace(err)
+    } else {
+        FetchError::Write(err)
+    }
+}
+
+fn is_disk_full(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+async fn sync_dir(dir: &Path) -> Result<(), FetchError> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+        .await
+        .map_err(std::io::Error::other)??;
     Ok(())
 }
 
@@ -204,6 +249,52 @@ mod tests {
         for _ in 0..100 {
             let wait = jittered(Duration::from_secs(10));
             assert!(wait >= Duration::from_secs(10) && wait <= Duration::from_secs(15));
+        }
+    }
+
+    /// Serves `size` bytes once, to whatever is asked.
+    async fn serve_once(size: usize) -> String {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/build", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let header =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(header.as_bytes()).await;
+            let _ = stream.write_all(&vec![7u8; size]).await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_disk_that_fills_up_mid_download_fails_and_leaves_no_partial() {
+        // Many chunks (a later write reports the failure) and one small chunk (only the
+        // flush at the end can report it).
+        for size in [4 << 20, 3] {
+            let url = serve_once(size).await;
+            let dir = tempfile::tempdir().unwrap();
+            let part = dir.path().join("staging/task.part");
+            std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+            // Every write to /dev/full fails with ENOSPC, as on a full disk; the
+            // free-space check (of the real staging directory) passes.
+            std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+
+            let client = reqwest::Client::new();
+            let err = fetch(&client, &url, size as u64, &part, |_| {})
+                .await
+                .unwrap_err();
+            assert!(matches!(err, FetchError::NoSpace(_)), "{size}: {err}");
+            assert!(err.to_string().contains("disk filled up"), "{err}");
+            assert!(
+                part.symlink_metadata().is_err(),
+                "the partial download is removed"
+            );
         }
     }
 

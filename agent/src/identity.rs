@@ -36,11 +36,18 @@ pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Identity>> {
     Ok(Some(identity))
 }
 
-/// Stores the identity atomically and privately (0600).
+/// Stores the identity atomically and privately (0600), durably: the state directory's
+/// own entry is synced too, as it may have been created just before enrollment.
 pub(crate) fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     let mut text = serde_json::to_vec_pretty(identity)?;
     text.push(b'\n');
-    crate::atomic_file::write(&path(state_dir), &text)
+    crate::atomic_file::write(&path(state_dir), &text)?;
+    let parent = crate::atomic_file::parent(state_dir);
+    if let Err(err) = crate::atomic_file::sync_dir(parent) {
+        // Unreadable parents exist (a locked-down /var/lib); the file itself is durable.
+        tracing::warn!(error = %format!("{err:#}"), "the state directory's entry may not be durable yet");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
-use crate::atomic_file::sync_dir;
+use crate::atomic_file::{parent, sync_dir};
 
 pub(crate) fn previous_path(exe: &Path) -> PathBuf {
     with_suffix(exe, ".prev")
@@ -45,17 +45,31 @@ pub(crate) fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Places the verified build at `<exe>.next`, executable, durably.
+/// Places the verified build at `<exe>.next`, executable, durably. On failure (a full
+/// disk, say) the half-written copy is removed and the executable is untouched.
 pub(crate) fn stage(exe: &Path, verified: &Path) -> anyhow::Result<()> {
     let next = next_path(exe);
     let incoming = with_suffix(exe, ".next.tmp");
-    std::fs::copy(verified, &incoming)
-        .with_context(|| format!("while copying the new build to {}", incoming.display()))?;
-    std::fs::set_permissions(&incoming, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::File::open(&incoming)?.sync_all()?;
+    let copied = copy_durably(verified, &incoming);
+    if copied.is_err() {
+        if let Err(err) = std::fs::remove_file(&incoming)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(%err, "could not remove {}", incoming.display());
+        }
+        return copied;
+    }
     std::fs::rename(&incoming, &next)
         .with_context(|| format!("while placing {}", next.display()))?;
     sync_dir(parent(exe))
+}
+
+/// Copies `from` to `to` (mode 0755) and fsyncs the copy.
+fn copy_durably(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::copy(from, to)
+        .and_then(|_| std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::File::open(to)?.sync_all())
+        .with_context(|| format!("while copying the new build to {}", to.display()))
 }
 
 /// Makes the proven `<exe>.next` the executable, keeping the current one as
@@ -79,10 +93,6 @@ pub(crate) fn discard(exe: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn parent(path: &Path) -> &Path {
-    path.parent().unwrap_or(Path::new("."))
-}
-
 /// `<exe>.prev` becomes a second name of the current executable, replacing any older one.
 fn keep_previous(exe: &Path) -> anyhow::Result<()> {
     let previous = previous_path(exe);
@@ -90,13 +100,17 @@ fn keep_previous(exe: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&staging);
     if std::fs::hard_link(exe, &staging).is_err() {
         // Filesystems without hard links get a copy.
-        std::fs::copy(exe, &staging)
-            .with_context(|| format!("while keeping a copy of {}", exe.display()))?;
-        std::fs::File::open(&staging)?.sync_all()?;
+        let copied = std::fs::copy(exe, &staging)
+            .and_then(|_| std::fs::File::open(&staging)?.sync_all())
+            .with_context(|| format!("while keeping a copy of {}", exe.display()));
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&staging);
+        }
+        copied?;
     }
     std::fs::rename(&staging, &previous)
         .with_context(|| format!("while keeping {}", previous.display()))?;
-    Ok(())
+    sync_dir(parent(exe))
 }
 
 #[cfg(test)]
@@ -130,6 +144,28 @@ mod tests {
             b"new",
             "promotion is idempotent"
         );
+    }
+
+    #[test]
+    fn a_full_disk_while_staging_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("drover-agent");
+        let verified = dir.path().join("verified");
+        std::fs::write(&exe, b"old").unwrap();
+        std::fs::write(&verified, b"new").unwrap();
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        std::os::unix::fs::symlink("/dev/full", with_suffix(&exe, ".next.tmp")).unwrap();
+
+        let err = format!("{:#}", stage(&exe, &verified).unwrap_err());
+        assert!(err.contains("No space left on device"), "{err}");
+        assert!(err.contains("while copying the new build"), "{err}");
+        assert_eq!(std::fs::read(&exe).unwrap(), b"old");
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["drover-agent", "verified"]);
     }
 
     #[test]

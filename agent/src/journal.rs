@@ -44,6 +44,10 @@ pub(crate) struct Journal {
     pub(crate) step: Step,
     #[serde(default)]
     pub(crate) reason: Option<String>,
+    /// The release counter of a verified signature; recorded as the last installed once
+    /// the build has passed probation.
+    #[serde(default)]
+    pub(crate) counter: Option<u64>,
 }
 
 impl Journal {
@@ -105,12 +109,20 @@ pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Journal>> {
             let aside = path.with_extension("json.corrupt");
             tracing::error!(%err, "the update journal is unreadable; moving it to {}", aside.display());
             std::fs::rename(&path, &aside)?;
+            crate::atomic_file::sync_dir(state_dir)?;
             Ok(None)
         }
     }
 }
 
+/// Writes the journal durably. A step records what already happened in the staging
+/// area (`Verified`: the download was renamed there), so that directory is synced
+/// first: the journal never points at a file a power cut could take back.
 pub(crate) fn save(state_dir: &Path, journal: &Journal) -> anyhow::Result<()> {
+    let staging = staging_dir(state_dir);
+    if staging.is_dir() {
+        crate::atomic_file::sync_dir(&staging)?;
+    }
     let text = serde_json::to_vec_pretty(journal)?;
     crate::atomic_file::write(&path(state_dir), &text)
 }
@@ -145,6 +157,7 @@ pub(crate) fn sample(step: Step) -> Journal {
         rollback: false,
         step,
         reason: None,
+        counter: None,
     }
 }
 

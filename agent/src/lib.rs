@@ -13,7 +13,9 @@ mod install;
 mod journal;
 mod machine;
 mod session;
+mod signing;
 mod supervisor;
+mod tls;
 mod updater;
 pub mod version;
 
@@ -84,9 +86,19 @@ struct RunArgs {
     #[arg(long, env = "DROVER_NO_AUTO_UPDATE")]
     no_auto_update: bool,
 
-    /// Hex ed25519 public key: only builds signed with its private key are installed
+    /// Hex ed25519 release key (`drover keygen`'s .pub): only builds signed with it
+    /// are installed, never an older counter, and older versions only when rollback-signed
     #[arg(long, env = "DROVER_PUBLIC_KEY")]
     public_key: Option<String>,
+
+    /// A second trusted release key, for rotation (needs --public-key)
+    #[arg(long, env = "DROVER_PUBLIC_KEY_2")]
+    public_key_2: Option<String>,
+
+    /// PEM file of the CA to trust for https:// and wss:// servers and downloads,
+    /// instead of the built-in web roots
+    #[arg(long, env = "DROVER_CA_FILE", value_name = "PATH")]
+    ca_file: Option<PathBuf>,
 
     /// How long a new version has to connect and heartbeat before it is reverted
     #[arg(long, env = "DROVER_PROBATION_TIMEOUT", default_value = "120", value_parser = parse_seconds)]
@@ -115,7 +127,10 @@ pub struct AgentConfig {
     pub auto_update: bool,
     /// The executable updates replace.
     pub exe: PathBuf,
-    pub public_key: Option<ed25519_dalek::VerifyingKey>,
+    /// The trusted release keys, when builds must be signed.
+    pub(crate) public_key: Option<signing::ReleaseKeys>,
+    /// The only CA trusted for TLS (`--ca-file`); the built-in web roots when `None`.
+    pub pinned_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// First reconnect delay ceiling; doubles per failed attempt.
     pub reconnect_base: Duration,
     pub reconnect_max: Duration,
@@ -196,11 +211,29 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
         Some(path) => PathBuf::from(path),
         None => std::env::current_exe().context("cannot find this agent's executable")?,
     };
-    let public_key = args
-        .public_key
-        .as_deref()
-        .map(updater::parse_public_key)
-        .transpose()?;
+    let key = |text: &Option<String>, flag: &str| {
+        text.as_deref()
+            .map(signing::parse_public_key)
+            .transpose()
+            .with_context(|| format!("bad {flag}"))
+    };
+    let public_key = match (
+        key(&args.public_key, "--public-key")?,
+        key(&args.public_key_2, "--public-key-2")?,
+    ) {
+        (Some(primary), secondary) => Some(signing::ReleaseKeys { primary, secondary }),
+        (None, Some(_)) => anyhow::bail!("--public-key-2 is a second key: give --public-key too"),
+        (None, None) => None,
+    };
+    let pinned_tls = args.ca_file.as_deref().map(tls::pinned).transpose()?;
+    if pinned_tls.is_some()
+        && let Some(plain) = args
+            .servers
+            .iter()
+            .find(|s| !s.trim().starts_with("https://") && !s.trim().starts_with("wss://"))
+    {
+        tracing::warn!(server = %plain, "--ca-file is set, but this server URL does not use TLS");
+    }
     Ok(AgentConfig {
         servers: args
             .servers
@@ -215,6 +248,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
         auto_update: !args.no_auto_update,
         exe,
         public_key,
+        pinned_tls,
         reconnect_base: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(60),
     })

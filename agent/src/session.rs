@@ -11,11 +11,12 @@ use protocol::{
     AgentMessage, Heartbeat, Hello, MAX_FRAME_BYTES, RejectCode, ServerMessage, Update,
     UpdateOutcome, UpdateResult, Welcome,
 };
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -87,14 +88,17 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         );
     }
     let (events_tx, events) = mpsc::channel(64);
+    let mut http = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(Duration::from_secs(60));
+    if let Some(pinned) = &config.pinned_tls {
+        http = http.use_preconfigured_tls(ClientConfig::clone(pinned));
+    }
     let updater = Arc::new(Updater {
         state_dir: config.state_dir.clone(),
         exe: config.exe.clone(),
         public_key: config.public_key,
-        http: reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(Duration::from_secs(60))
-            .build()?,
+        http: http.build()?,
         running: version::current().to_owned(),
     });
     let mut worker = Worker {
@@ -151,7 +155,7 @@ impl Worker {
         let server = self.config.servers[self.next_server % self.config.servers.len()].clone();
         let url = socket_url(&server);
         let mut socket = tokio::select! {
-            connected = connect(&url) => match connected {
+            connected = connect(&url, self.config.pinned_tls.clone()) => match connected {
                 Ok(socket) => socket,
                 Err(err) => {
                     // The next attempt goes to the next server, if there are several.
@@ -445,7 +449,8 @@ async fn await_welcome(socket: &mut Socket) -> Result<Welcome, Refused> {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<Socket> {
+/// Connects to `url`; over TLS, trusting only `pinned` when given.
+async fn connect(url: &str, pinned: Option<Arc<ClientConfig>>) -> anyhow::Result<Socket> {
     let config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0)
@@ -453,7 +458,12 @@ async fn connect(url: &str) -> anyhow::Result<Socket> {
         .max_frame_size(Some(MAX_FRAME_BYTES * 4));
     let (socket, _) = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+        tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(config),
+            true,
+            pinned.map(Connector::Rustls),
+        ),
     )
     .await
     .with_context(|| format!("timed out connecting to {url}"))?

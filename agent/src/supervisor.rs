@@ -13,8 +13,8 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::install;
 use crate::journal::{self, Journal, Step};
+use crate::{install, signing};
 
 /// Exit status with which a worker asks to be restarted at once (a new version is
 /// installed and waits for its probation).
@@ -53,6 +53,7 @@ impl Supervisor {
                 match self.watch_probation(&mut worker, &shutdown).await {
                     None => return stop(worker).await,
                     Some(Probation::Passed) => {
+                        signing::record_installed(&self.state_dir, journal.counter);
                         install::promote(&self.exe)?;
                         tracing::info!(version = %journal.version, "new version passed probation and is installed");
                     }
@@ -95,7 +96,9 @@ impl Supervisor {
             .spawn()
             .with_context(|| format!("while starting {}", program.display()))?;
         if let Some(pid) = child.id() {
-            let _ = std::fs::write(self.state_dir.join(WORKER_PID_FILE), pid.to_string());
+            // Whole or absent, never a torn number; losing it only costs tooling a lookup.
+            let pid_file = self.state_dir.join(WORKER_PID_FILE);
+            let _ = crate::atomic_file::write(&pid_file, pid.to_string().as_bytes());
         }
         let lifeline = child.stdin.take();
         Ok((child, lifeline))
@@ -172,7 +175,11 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
                     install::discard(exe)?;
                     return Ok(None);
                 }
-                install::stage(exe, &verified)?;
+                if let Err(err) = install::stage(exe, &verified) {
+                    // A full disk, say: the old executable starts; the update failed.
+                    journal.end(state_dir, Step::Failed, &format!("install failed: {err:#}"))?;
+                    return Ok(None);
+                }
             }
             journal.advance(state_dir, Step::Probation)?;
             Ok(Some(journal))
@@ -188,6 +195,7 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
         }
         // Proven, perhaps not yet in place; the worker reports it.
         Step::Committed => {
+            signing::record_installed(state_dir, journal.counter);
             install::promote(exe)?;
             Ok(None)
         }
@@ -365,6 +373,44 @@ mod tests {
                 "{label}"
             );
         }
+    }
+
+    #[test]
+    fn a_committed_signed_update_records_its_release_counter() {
+        let (_dir, state, exe) = killed_at(Step::Committed, Some(NEW), false);
+        let mut journal = journal::load(&state).unwrap().unwrap();
+        journal.counter = Some(12);
+        journal::save(&state, &journal).unwrap();
+        signing::record_counter(&state, 11).unwrap();
+        recover(&state, &exe).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), NEW);
+        assert_eq!(signing::last_counter(&state).unwrap(), Some(12));
+
+        // A build that never passed probation records nothing.
+        let (_dir, state, exe) = killed_at(Step::Reverted, Some(NEW), false);
+        let mut journal = journal::load(&state).unwrap().unwrap();
+        journal.counter = Some(12);
+        journal::save(&state, &journal).unwrap();
+        recover(&state, &exe).unwrap();
+        assert_eq!(signing::last_counter(&state).unwrap(), None);
+    }
+
+    #[test]
+    fn a_full_disk_while_finishing_an_install_starts_the_old_version() {
+        let (_dir, state, exe) = killed_at(Step::Installing, None, true);
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        std::os::unix::fs::symlink(
+            "/dev/full",
+            install::next_path(&exe).with_extension("next.tmp"),
+        )
+        .unwrap();
+        assert!(recover(&state, &exe).unwrap().is_none());
+        assert_eq!(std::fs::read(&exe).unwrap(), OLD);
+        assert!(!install::next_path(&exe).exists());
+        let journal = journal::load(&state).unwrap().unwrap();
+        assert_eq!(journal.step, Step::Failed);
+        let reason = journal.reason.unwrap();
+        assert!(reason.contains("No space left on device"), "{reason}");
     }
 
     #[test]

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ed25519_dalek::{Signature, VerifyingKey};
 use protocol::{Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
 use tokio::sync::mpsc;
 
 use crate::journal::{self, Journal, Step};
-use crate::{download, install};
+use crate::signing::{self, ReleaseKeys};
+use crate::{download, install, machine};
 
 /// Progress goes to the server at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -31,7 +31,8 @@ pub(crate) struct Updater {
     pub(crate) state_dir: PathBuf,
     /// The executable to replace.
     pub(crate) exe: PathBuf,
-    pub(crate) public_key: Option<VerifyingKey>,
+    /// With keys, only builds signed by one of them are installed.
+    pub(crate) public_key: Option<ReleaseKeys>,
     pub(crate) http: reqwest::Client,
     /// The version this process runs.
     pub(crate) running: String,
@@ -50,11 +51,14 @@ impl Updater {
                 update.version, self.running
             ));
         }
-        if self.public_key.is_some() && update.signature.is_none() {
-            return Err(
-                "this agent requires signed builds and the update carries no signature".into(),
-            );
-        }
+        // Refused before a byte is downloaded; the bytes are checked after.
+        let counter = match &self.public_key {
+            Some(keys) => Some(
+                self.check_signature(keys, &update.version, update.signature.as_deref())?
+                    .counter,
+            ),
+            None => None,
+        };
         let journal = Journal {
             task_id: update.task_id.clone(),
             version: update.version.clone(),
@@ -66,6 +70,7 @@ impl Updater {
             rollback: update.rollback,
             step: Step::Downloading,
             reason: None,
+            counter,
         };
         journal::clear_staging(&self.state_dir);
         journal::save(&self.state_dir, &journal)
@@ -137,7 +142,27 @@ impl Updater {
         Ok(())
     }
 
-    /// The digest always; the signature when this agent has a public key.
+    /// The update's signature document against this agent's keys, platform, running
+    /// version and last installed counter.
+    fn check_signature(
+        &self,
+        keys: &ReleaseKeys,
+        version: &str,
+        document: Option<&str>,
+    ) -> Result<protocol::release_signature::SignedRelease, String> {
+        let last_counter = signing::last_counter(&self.state_dir).map_err(|e| format!("{e:#}"))?;
+        let expected = signing::Expected {
+            version,
+            os: machine::os(),
+            arch: machine::arch(),
+            running: &self.running,
+            last_counter,
+        };
+        signing::check(keys, document, &expected)
+    }
+
+    /// The digest always; when this agent has keys, the signature again (a resumed
+    /// download was accepted by an earlier process) and that it covers these bytes.
     async fn verify(&self, journal: &Journal, part: &std::path::Path) -> anyhow::Result<()> {
         let path = part.to_owned();
         let digest = tokio::task::spawn_blocking(move || install::sha256_file(&path)).await??;
@@ -147,20 +172,11 @@ impl Updater {
                 journal.sha256
             );
         }
-        if let Some(key) = self.public_key {
-            let signature = journal
-                .signature
-                .as_deref()
-                .context("the update carries no signature")?;
-            let signature: [u8; 64] = hex::decode(signature.trim())
-                .ok()
-                .and_then(|bytes| bytes.try_into().ok())
-                .context("the update's signature is not 64 hex-encoded bytes")?;
-            let bytes = tokio::fs::read(part).await?;
-            key.verify_strict(&bytes, &Signature::from_bytes(&signature))
-                .map_err(|_| {
-                    anyhow::anyhow!("bad signature: the build was not signed by this agent's key")
-                })?;
+        if let Some(keys) = &self.public_key {
+            self.check_signature(keys, &journal.version, journal.signature.as_deref())
+                .and_then(|release| signing::check_digest(&release, &digest))
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(version = %journal.version, "signature verified");
         }
         Ok(())
     }
@@ -176,11 +192,69 @@ fn progress(events: &mpsc::Sender<Event>, journal: &Journal, stage: UpdateStage,
     }));
 }
 
-/// Parses a hex ed25519 public key.
-pub(crate) fn parse_public_key(text: &str) -> anyhow::Result<VerifyingKey> {
-    let bytes: [u8; 32] = hex::decode(text.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .context("the public key must be 32 hex-encoded bytes")?;
-    VerifyingKey::from_bytes(&bytes).context("not a valid ed25519 public key")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::tests::{DIGEST, key, keys, release, sign_with};
+
+    fn updater(state_dir: &std::path::Path) -> Updater {
+        Updater {
+            state_dir: state_dir.to_owned(),
+            exe: state_dir.join("drover-agent"),
+            public_key: Some(keys()),
+            http: reqwest::Client::new(),
+            running: "1.1.0".into(),
+        }
+    }
+
+    fn update(version: &str, signature: Option<String>) -> Update {
+        Update {
+            task_id: "task-1".into(),
+            version: version.into(),
+            url: "http://127.0.0.1:1/downloads/build".into(),
+            sha256: DIGEST.into(),
+            size: 3,
+            signature,
+            rollback: false,
+            sent_at_ms: 0,
+        }
+    }
+
+    /// A document for this machine's platform.
+    fn signed_here(version: &str, counter: u64) -> String {
+        let mut facts = release(version, counter, false);
+        facts.os = machine::os().into();
+        facts.arch = machine::arch().into();
+        sign_with(&key(1), facts)
+    }
+
+    #[test]
+    fn a_refused_signature_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        signing::record_counter(dir.path(), 5).unwrap();
+        for (signature, reason) in [
+            (None, "unsigned build"),
+            (Some(signed_here("1.2.0", 5)), "not above 5"),
+        ] {
+            let err = updater(dir.path())
+                .accept(&update("1.2.0", signature))
+                .unwrap_err();
+            assert!(err.contains(reason), "{err}");
+            assert_eq!(journal::load(dir.path()).unwrap(), None);
+        }
+        assert_eq!(signing::last_counter(dir.path()).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn an_accepted_signature_journals_its_counter_for_later() {
+        let dir = tempfile::tempdir().unwrap();
+        signing::record_counter(dir.path(), 5).unwrap();
+        let journal = updater(dir.path())
+            .accept(&update("1.2.0", Some(signed_here("1.2.0", 6))))
+            .unwrap();
+        assert_eq!(journal.counter, Some(6));
+        assert_eq!(journal::load(dir.path()).unwrap(), Some(journal));
+        // Only a build that passes probation moves the stored counter.
+        assert_eq!(signing::last_counter(dir.path()).unwrap(), Some(5));
+    }
 }

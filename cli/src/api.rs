@@ -1,6 +1,8 @@
 //! The HTTP side of `drover`: one authenticated request helper that turns the server's
 //! error answers into errors.
 
+use std::path::Path;
+
 use anyhow::{Context, bail};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -12,12 +14,27 @@ pub(crate) struct Api {
 }
 
 impl Api {
-    pub(crate) fn new(server: &str, token: String) -> Api {
-        Api {
+    /// With `ca_file`, only the CA certificates in that PEM file are trusted for TLS.
+    pub(crate) fn new(server: &str, token: String, ca_file: Option<&Path>) -> anyhow::Result<Api> {
+        let mut http = reqwest::blocking::Client::builder();
+        if let Some(ca_file) = ca_file {
+            let pem = std::fs::read(ca_file)
+                .with_context(|| format!("while reading the CA file {}", ca_file.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("the CA file {} is not PEM", ca_file.display()))?;
+            if certs.is_empty() {
+                bail!("the CA file {} holds no PEM certificate", ca_file.display());
+            }
+            http = http.tls_built_in_root_certs(false);
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        Ok(Api {
             base: server.trim_end_matches('/').to_owned(),
             token,
-            http: reqwest::blocking::Client::new(),
-        }
+            http: http.build().context("while setting up the HTTP client")?,
+        })
     }
 
     pub(crate) fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -98,6 +115,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn bad_ca_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        for (file, expected) in [
+            (&missing, "while reading the CA file"),
+            (&empty, "holds no PEM certificate"),
+        ] {
+            let err = Api::new("https://127.0.0.1:1", "t".into(), Some(file))
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(err.contains(expected), "{err}");
+            assert!(err.contains(&file.display().to_string()), "{err}");
+        }
+    }
 
     #[test]
     fn error_message_shows_status_error_and_detail() {

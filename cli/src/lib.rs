@@ -4,6 +4,7 @@
 
 mod api;
 mod render;
+mod signing;
 
 use std::path::Path;
 
@@ -46,6 +47,10 @@ struct Cli {
     /// API token (default: the contents of ./drover-data/admin-token, if present)
     #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+
+    /// PEM file of the CA to trust for an https:// server, instead of the built-in roots
+    #[arg(long, global = true, env = "DROVER_CA_FILE", value_name = "PATH")]
+    ca_file: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -156,6 +161,27 @@ enum Command {
         /// Print the API's JSON instead of text
         #[arg(long)]
         json: bool,
+    },
+    /// Make an offline release signing key: FILE (private, mode 0600) and FILE.pub
+    Keygen {
+        /// Where to write the private key; never overwritten
+        #[arg(long, value_name = "FILE", default_value = "drover-release.key")]
+        out: std::path::PathBuf,
+    },
+    /// Sign a build (named drover-agent-{os}-{arch}-{version}) into FILE.sig
+    Sign {
+        /// The build to sign
+        file: std::path::PathBuf,
+        /// Private key from `drover keygen`
+        #[arg(long, value_name = "KEYFILE")]
+        key: std::path::PathBuf,
+        /// Release counter: larger than every counter signed before, by any key
+        #[arg(long, value_name = "N")]
+        counter: u64,
+        /// Allow agents on a newer version to go back to this build (an operator's
+        /// rollback, signed with a new counter)
+        #[arg(long)]
+        rollback: bool,
     },
 }
 
@@ -315,11 +341,18 @@ fn parse_duration(text: &str) -> Result<u64, String> {
 /// The `drover` binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The offline commands need no server and no token.
+    if let Some(done) = run_offline(&cli.command) {
+        return done;
+    }
     let token = match cli.token {
         Some(token) => token,
         None => default_token()?,
     };
-    run(cli.command, &Api::new(&cli.server, token))
+    run(
+        cli.command,
+        &Api::new(&cli.server, token, cli.ca_file.as_deref())?,
+    )
 }
 
 fn default_token() -> anyhow::Result<String> {
@@ -330,6 +363,41 @@ fn default_token() -> anyhow::Result<String> {
             "no API token: pass --token or set DROVER_TOKEN (the server prints where its admin token is)"
         ),
     }
+}
+
+/// `keygen` and `sign`, which work without a server; `None` for every other command.
+fn run_offline(command: &Command) -> Option<anyhow::Result<()>> {
+    let done = match command {
+        Command::Keygen { out } => signing::keygen(out).map(|key| {
+            println!("private key: {} (keep it offline)", key.private.display());
+            println!("public key:  {}", key.public.display());
+            println!("key id:      {}", key.key_id);
+            println!(
+                "install agents with --public-key {} (or --public-key-2 while rotating)",
+                key.public_hex
+            );
+        }),
+        Command::Sign {
+            file,
+            key,
+            counter,
+            rollback,
+        } => signing::sign(file, key, *counter, *rollback).map(|signed| {
+            let release = &signed.document.release;
+            println!(
+                "signed {} {}/{} counter {}{} with key {}: {}",
+                release.version,
+                release.os,
+                release.arch,
+                release.counter,
+                if release.rollback { " (rollback)" } else { "" },
+                release.key_id,
+                signed.path.display()
+            );
+        }),
+        _ => return None,
+    };
+    Some(done)
 }
 
 fn run(command: Command, api: &Api) -> anyhow::Result<()> {
@@ -489,6 +557,7 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             let answer = api.get(&format!("/api/v1/agents/{agent_id}/explain"))?;
             show(answer, json, |e: Explanation| explanation(&e))
         }
+        Command::Keygen { .. } | Command::Sign { .. } => run_offline(&command).unwrap_or(Ok(())),
     }
 }
 
@@ -764,6 +833,35 @@ mod tests {
             Command::Explain { agent_id, json: true } if agent_id == "a1"
         ));
         assert!(parse(&["explain"]).is_err());
+    }
+
+    #[test]
+    fn sign_needs_a_file_a_key_and_a_counter() {
+        assert!(matches!(
+            parse(&[
+                "sign",
+                "build",
+                "--key",
+                "k",
+                "--counter",
+                "7",
+                "--rollback"
+            ])
+            .unwrap()
+            .command,
+            Command::Sign {
+                counter: 7,
+                rollback: true,
+                ..
+            }
+        ));
+        assert!(parse(&["sign", "build", "--key", "k"]).is_err());
+        assert!(parse(&["sign", "build", "--counter", "7"]).is_err());
+        assert!(parse(&["sign", "build", "--key", "k", "--counter", "-1"]).is_err());
+        assert!(matches!(
+            parse(&["keygen"]).unwrap().command,
+            Command::Keygen { out } if out.as_os_str() == "drover-release.key"
+        ));
     }
 
     #[test]

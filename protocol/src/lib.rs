@@ -6,6 +6,8 @@
 //! added, never renamed or removed, and every added field has a default, so frames from
 //! older and newer peers keep decoding. `v` changes only on an incompatible change.
 
+pub mod release_signature;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -143,7 +145,8 @@ pub struct Update {
     /// Lower-case hex SHA-256 of the build.
     pub sha256: String,
     pub size: u64,
-    /// Hex ed25519 signature over the build, when the server has one.
+    /// The build's release signature document (`<build>.sig`, see `release_signature`),
+    /// passed on unchanged, when the server has one.
     #[serde(default)]
     pub signature: Option<String>,
     /// True when this is an operator's rollback: the agent accepts an older version.

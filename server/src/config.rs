@@ -54,7 +54,7 @@ pub struct Args {
     #[arg(long, env = "DROVER_DEFAULT_CHANNEL", default_value = "stable")]
     pub default_channel: String,
 
-    /// Offer only builds with a .sig signature file
+    /// Offer only builds with a .sig signature document (written by `drover sign`)
     #[arg(long, env = "DROVER_REQUIRE_SIGNATURES")]
     pub require_signatures: bool,
 
@@ -85,6 +85,24 @@ pub struct Args {
     /// How often the downloads directory is rescanned even without change events
     #[arg(long, env = "DROVER_RESCAN_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub rescan_interval: Duration,
+
+    /// PEM certificate chain (server certificate first): serve HTTPS and WSS with it
+    #[arg(
+        long,
+        env = "DROVER_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert
+    #[arg(
+        long,
+        env = "DROVER_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Accepts bare seconds (`30`) or a duration with a unit (`30s`, `5m`, `1h`).
@@ -139,5 +157,25 @@ mod tests {
             let got = parse_interval(input).map(|d| d.as_secs()).map_err(|_| ());
             assert_eq!(got, expected, "{input:?}");
         }
+    }
+
+    #[test]
+    fn tls_takes_both_the_certificate_and_the_key_or_neither() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from([&["drover-server"], args].concat()).map_err(|e| e.to_string())
+        };
+        let both = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert_eq!(both.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(both.tls_key, Some(PathBuf::from("k.pem")));
+        assert!(
+            parse(&["--tls-cert", "c.pem"])
+                .unwrap_err()
+                .contains("--tls-key")
+        );
+        assert!(
+            parse(&["--tls-key", "k.pem"])
+                .unwrap_err()
+                .contains("--tls-cert")
+        );
     }
 }

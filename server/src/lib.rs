@@ -19,6 +19,7 @@ mod releases;
 mod rollouts;
 pub mod session;
 pub mod store;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use anyhow::Context;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -73,6 +75,8 @@ pub struct Settings {
     pub stale_stable_after: Duration,
     /// How often agents per version are counted for the adoption history.
     pub snapshot_every: Duration,
+    /// Serve HTTPS and WSS with this certificate; plain HTTP when `None`.
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Settings {
@@ -94,6 +98,7 @@ impl Settings {
             halt_min_attempts: 5,
             stale_stable_after: Duration::from_secs(7 * 24 * 3600),
             snapshot_every: Duration::from_secs(600),
+            tls: None,
         }
     }
 
@@ -255,6 +260,7 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    let tls = settings.tls.clone();
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
     let state = AppState {
@@ -279,13 +285,21 @@ pub async fn run(
     tokio::spawn(nudge_on_new_releases(state.clone()));
     tokio::spawn(snapshot_versions(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
-    let app = router(state);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        Some(tls) => {
+            // `tap_io` is what gives a custom listener `ConnectInfo<SocketAddr>`.
+            let listener = tls::TlsListener::new(listener, &tls).tap_io(|_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    }
     .context("while serving")?;
     writer.await.context("heartbeat writer failed")?;
     Ok(())
@@ -397,6 +411,12 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
+    // Before anything is created: a bad certificate should leave no trace behind.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "while creating the data directory {}",
@@ -414,13 +434,13 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
     let listener = bind(&args.listen).await?;
     let addr = listener.local_addr()?;
     let public_url = args.public_url.as_deref().map_or_else(
-        || format!("http://{addr}"),
+        || format!("{scheme}://{addr}"),
         |url| url.trim_end_matches('/').to_owned(),
     );
     let ws_url = public_url.replacen("http", "ws", 1);
 
     println!(
-        "drover-server {} listening on http://{addr}",
+        "drover-server {} listening on {scheme}://{addr}",
         env!("CARGO_PKG_VERSION")
     );
     println!("  dashboard:         {public_url}/  (log in with the admin token)");
@@ -450,6 +470,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         halt_min_attempts: args.halt_min_attempts,
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
+        tls,
         ..Settings::new(public_url.clone(), args.downloads.clone())
     };
     run(store, settings, listener, shutdown).await

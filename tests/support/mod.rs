@@ -48,6 +48,8 @@ pub struct Server {
     /// Environment and extra flags given to every start of this server.
     env: Vec<(String, String)>,
     args: Vec<String>,
+    /// The CA that signed a TLS server's certificate; `api()` and `run_cli` trust it.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Server {
@@ -92,6 +94,42 @@ impl Server {
             dir: dir.to_owned(),
             env,
             args,
+            ca_file: None,
+        }
+    }
+
+    /// Starts a server that serves HTTPS and WSS with `cert` and `key` (PEM), whose
+    /// certificate `ca_file` signed; `url` is then `https://127.0.0.1:{port}`.
+    pub fn start_tls(dir: &Path, cert: &Path, key: &Path, ca_file: &Path) -> Server {
+        let mut server = Server::start_with_args(
+            dir,
+            &[
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+        );
+        server.url = format!("https://127.0.0.1:{}", server.port);
+        server.ca_file = Some(ca_file.to_owned());
+        server
+    }
+
+    /// SIGTERM, and the exit status once the server has shut down.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill9();
+                panic!("drover-server did not stop within 30s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -121,7 +159,10 @@ impl Server {
     }
 
     pub fn api(&self) -> Api {
-        Api::new(&self.url, ADMIN_TOKEN)
+        match &self.ca_file {
+            None => Api::new(&self.url, ADMIN_TOKEN),
+            Some(ca_file) => Api::trusting(&self.url, ADMIN_TOKEN, ca_file),
+        }
     }
 
     pub fn log(&self) -> String {
@@ -171,7 +212,11 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]
                 .and_then(|mut f| {
                     std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes())
                 });
-            if let Some(addr) = line.split("listening on http://").nth(1) {
+            if let Some(addr) = line
+                .split("listening on http://")
+                .nth(1)
+                .or_else(|| line.split("listening on https://").nth(1))
+            {
                 port = addr.rsplit(':').next().unwrap().trim().parse().ok();
             }
             // The banner's last line: everything it says has been written.
@@ -316,6 +361,20 @@ impl Api {
             base: base.to_owned(),
             token: token.to_owned(),
             http: reqwest::Client::new(),
+        }
+    }
+
+    /// Like `new`, trusting only the CA in the PEM file `ca_file` for TLS.
+    pub fn trusting(base: &str, token: &str, ca_file: &Path) -> Api {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(ca_file).unwrap()).unwrap();
+        Api {
+            base: base.to_owned(),
+            token: token.to_owned(),
+            http: reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca)
+                .build()
+                .unwrap(),
         }
     }
 
@@ -616,13 +675,16 @@ pub fn publish_agent(server: &Server, dir: &Path, version: &str, channel: &str) 
 
 /// Runs `drover` against `server` with the admin token; success and all it printed.
 pub fn run_cli(server: &Server, args: &[&str]) -> (bool, String) {
-    let output = Command::new(CLI_BIN)
+    let mut command = Command::new(CLI_BIN);
+    command
         .args(args)
         .env("DROVER_SERVER", &server.url)
         .env("DROVER_TOKEN", ADMIN_TOKEN)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
+        .env("RUST_BACKTRACE", "0");
+    if let Some(ca_file) = &server.ca_file {
+        command.env("DROVER_CA_FILE", ca_file);
+    }
+    let output = command.output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     (output.status.success(), text)

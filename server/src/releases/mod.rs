@@ -52,7 +52,8 @@ pub(crate) struct Release {
     pub(crate) size: u64,
     /// File name within the downloads directory.
     pub(crate) file: String,
-    /// Lower-case hex of the 64-byte ed25519 signature from `<file>.sig`.
+    /// The release signature document from `<file>.sig`, rendered canonically
+    /// (`protocol::release_signature`); agents verify it, the server does not.
     pub(crate) signature: Option<String>,
 }
 

@@ -7,6 +7,7 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use protocol::release_signature::ReleaseSignature;
 use sha2::{Digest, Sha256};
 
 use super::{Channel, Release, ReleaseIndex, Skipped};
@@ -253,11 +254,12 @@ impl Scanner {
             .ok_or(BAD_CHECKSUM)?;
 
         let signature = match sidecar(".sig") {
-            Some(sig) => Some(
-                self.read_sidecar(&sig)?
-                    .and_then(|bytes| parse_signature(&bytes))
-                    .ok_or(BAD_SIGNATURE)?,
-            ),
+            Some(sig) => {
+                let bytes = self
+                    .read_sidecar(&sig)?
+                    .ok_or_else(|| format!("{BAD_SIGNATURE}: larger than {SIDECAR_LIMIT} bytes"))?;
+                Some(signature_for(&bytes, &build)?)
+            }
             None if self.options.require_signatures => return Err(UNSIGNED.to_string()),
             None => None,
         };
@@ -409,17 +411,28 @@ fn parse_checksum(bytes: &[u8]) -> Option<String> {
     well_formed.then(|| digest.to_ascii_lowercase())
 }
 
-/// 64 raw bytes, or 128 hex characters around which whitespace is ignored.
-fn parse_signature(bytes: &[u8]) -> Option<String> {
-    let text = bytes.trim_ascii();
-    if text.len() == 128 && text.iter().all(u8::is_ascii_hexdigit) {
-        return Some(String::from_utf8_lossy(text).to_ascii_lowercase());
+/// The build's signature document, rendered canonically. The server holds no key and
+/// judges no signature (agents do); it only refuses a document it cannot read or one
+/// that names another build, which is a misplaced or stale sidecar.
+fn signature_for(bytes: &[u8], build: &BuildName) -> Result<String, String> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| format!("{BAD_SIGNATURE}: not UTF-8 text"))?;
+    let document =
+        ReleaseSignature::parse(text).map_err(|err| format!("{BAD_SIGNATURE}: {err}"))?;
+    let signed = &document.release;
+    let named = (build.version.to_string(), build.os, build.arch);
+    if (
+        signed.version.as_str(),
+        signed.os.as_str(),
+        signed.arch.as_str(),
+    ) != (named.0.as_str(), named.1, named.2)
+    {
+        return Err(format!(
+            "{BAD_SIGNATURE}: it signs {} {}/{}, the file name says {} {}/{}",
+            signed.version, signed.os, signed.arch, named.0, named.1, named.2
+        ));
     }
-    // 64 hex characters are a digest written to the wrong file, not a raw signature.
-    if bytes.len() == 64 && !bytes.iter().all(u8::is_ascii_hexdigit) {
-        return Some(hex::encode(bytes));
-    }
-    None
+    Ok(document.render())
 }
 
 fn skip(file: &str, reason: impl Into<String>) -> Skipped {
@@ -962,21 +975,45 @@ mod tests {
         Case {
             name: "signature files",
             entries: &[
-                Text("drover-agent-linux-amd64-1.0.0", "raw"),
-                Text("drover-agent-linux-amd64-1.0.0.sha256", "{sha:raw}"),
-                Bytes("drover-agent-linux-amd64-1.0.0.sig", &[0xfe; 64]),
-                Text("drover-agent-linux-amd64-1.1.0", "hex"),
-                Text("drover-agent-linux-amd64-1.1.0.sha256", "{sha:hex}"),
-                Text("drover-agent-linux-amd64-1.1.0.sig", "{sig:AB}\n"),
-                Text("drover-agent-linux-amd64-1.2.0", "short"),
-                Text("drover-agent-linux-amd64-1.2.0.sha256", "{sha:short}"),
-                Bytes("drover-agent-linux-amd64-1.2.0.sig", &[0xfe; 63]),
-                Text("drover-agent-linux-amd64-1.3.0", "digest"),
-                Text("drover-agent-linux-amd64-1.3.0.sha256", "{sha:digest}"),
-                Text("drover-agent-linux-amd64-1.3.0.sig", "{sha:digest}"),
-                Text("drover-agent-linux-amd64-1.4.0", "not hex"),
-                Text("drover-agent-linux-amd64-1.4.0.sha256", "{sha:not hex}"),
-                Text("drover-agent-linux-amd64-1.4.0.sig", "{sig:zz}"),
+                Text("drover-agent-linux-amd64-1.0.0", "canonical"),
+                Text("drover-agent-linux-amd64-1.0.0.sha256", "{sha:canonical}"),
+                Text(
+                    "drover-agent-linux-amd64-1.0.0.sig",
+                    "{doc:1.0.0:linux:amd64}",
+                ),
+                Text("drover-agent-linux-amd64-1.1.0", "loose"),
+                Text("drover-agent-linux-amd64-1.1.0.sha256", "{sha:loose}"),
+                Text(
+                    "drover-agent-linux-amd64-1.1.0.sig",
+                    "{DOC:1.1.0:linux:amd64}",
+                ),
+                Text("drover-agent-linux-amd64-1.2.0", "old format"),
+                Text("drover-agent-linux-amd64-1.2.0.sha256", "{sha:old format}"),
+                Text("drover-agent-linux-amd64-1.2.0.sig", "{sig:AB}\n"),
+                Text("drover-agent-linux-amd64-1.3.0", "other version"),
+                Text(
+                    "drover-agent-linux-amd64-1.3.0.sha256",
+                    "{sha:other version}",
+                ),
+                Text(
+                    "drover-agent-linux-amd64-1.3.0.sig",
+                    "{doc:1.2.0:linux:amd64}",
+                ),
+                Text("drover-agent-linux-amd64-1.4.0", "other arch"),
+                Text("drover-agent-linux-amd64-1.4.0.sha256", "{sha:other arch}"),
+                Text(
+                    "drover-agent-linux-amd64-1.4.0.sig",
+                    "{doc:1.4.0:linux:arm64}",
+                ),
+                Text("drover-agent-linux-amd64-1.5.0", "not a document"),
+                Text(
+                    "drover-agent-linux-amd64-1.5.0.sha256",
+                    "{sha:not a document}",
+                ),
+                Text("drover-agent-linux-amd64-1.5.0.sig", "hello"),
+                Text("drover-agent-linux-amd64-1.6.0", "binary"),
+                Text("drover-agent-linux-amd64-1.6.0.sha256", "{sha:binary}"),
+                Bytes("drover-agent-linux-amd64-1.6.0.sig", &[0xfe; 64]),
             ],
             offered: &[
                 signed(
@@ -987,7 +1024,7 @@ mod tests {
                         "1.1.0",
                         STABLE,
                     ),
-                    "{sig:ab}",
+                    "{doc:1.1.0:linux:amd64}",
                 ),
                 signed(
                     offer(
@@ -997,11 +1034,14 @@ mod tests {
                         "1.0.0",
                         STABLE,
                     ),
-                    "{sig:fe}",
+                    "{doc:1.0.0:linux:amd64}",
                 ),
             ],
             skipped: &[
-                ("drover-agent-linux-amd64-1.2.0", "bad signature file"),
+                (
+                    "drover-agent-linux-amd64-1.2.0",
+                    "bad signature file: a bare hex signature in the old format*",
+                ),
                 (
                     "drover-agent-linux-amd64-1.2.0.sha256",
                     "sidecar of a skipped build",
@@ -1010,7 +1050,10 @@ mod tests {
                     "drover-agent-linux-amd64-1.2.0.sig",
                     "sidecar of a skipped build",
                 ),
-                ("drover-agent-linux-amd64-1.3.0", "bad signature file"),
+                (
+                    "drover-agent-linux-amd64-1.3.0",
+                    "bad signature file: it signs 1.2.0 linux/amd64, the file name says 1.3.0 linux/amd64",
+                ),
                 (
                     "drover-agent-linux-amd64-1.3.0.sha256",
                     "sidecar of a skipped build",
@@ -1019,13 +1062,40 @@ mod tests {
                     "drover-agent-linux-amd64-1.3.0.sig",
                     "sidecar of a skipped build",
                 ),
-                ("drover-agent-linux-amd64-1.4.0", "bad signature file"),
+                (
+                    "drover-agent-linux-amd64-1.4.0",
+                    "bad signature file: it signs 1.4.0 linux/arm64, the file name says 1.4.0 linux/amd64",
+                ),
                 (
                     "drover-agent-linux-amd64-1.4.0.sha256",
                     "sidecar of a skipped build",
                 ),
                 (
                     "drover-agent-linux-amd64-1.4.0.sig",
+                    "sidecar of a skipped build",
+                ),
+                (
+                    "drover-agent-linux-amd64-1.5.0",
+                    "bad signature file: not a signature document*",
+                ),
+                (
+                    "drover-agent-linux-amd64-1.5.0.sha256",
+                    "sidecar of a skipped build",
+                ),
+                (
+                    "drover-agent-linux-amd64-1.5.0.sig",
+                    "sidecar of a skipped build",
+                ),
+                (
+                    "drover-agent-linux-amd64-1.6.0",
+                    "bad signature file: not UTF-8 text",
+                ),
+                (
+                    "drover-agent-linux-amd64-1.6.0.sha256",
+                    "sidecar of a skipped build",
+                ),
+                (
+                    "drover-agent-linux-amd64-1.6.0.sig",
                     "sidecar of a skipped build",
                 ),
             ],
@@ -1037,7 +1107,10 @@ mod tests {
             entries: &[
                 Text("drover-agent-linux-amd64-1.0.0", "signed"),
                 Text("drover-agent-linux-amd64-1.0.0.sha256", "{sha:signed}"),
-                Text("drover-agent-linux-amd64-1.0.0.sig", "{sig:01}"),
+                Text(
+                    "drover-agent-linux-amd64-1.0.0.sig",
+                    "{doc:1.0.0:linux:amd64}",
+                ),
                 Text("drover-agent-linux-amd64-1.1.0", "unsigned"),
                 Text("drover-agent-linux-amd64-1.1.0.sha256", "{sha:unsigned}"),
             ],
@@ -1049,7 +1122,7 @@ mod tests {
                     "1.0.0",
                     STABLE,
                 ),
-                "{sig:01}",
+                "{doc:1.0.0:linux:amd64}",
             )],
             skipped: &[
                 (
@@ -1146,8 +1219,32 @@ mod tests {
         hex::encode(Sha256::digest(text))
     }
 
-    /// Replaces `{sha:X}` with the digest of X (`{SHA:X}` upper-case) and `{sig:XX}` with
-    /// XX repeated 64 times.
+    /// A signature document for VERSION:OS:ARCH; `loose` spells it as a person might
+    /// (CRLF, upper-case hex, another field order), which reads the same.
+    fn document(spec: &str, loose: bool) -> String {
+        let mut parts = spec.splitn(3, ':');
+        let (version, os, arch) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        if loose {
+            return format!(
+                "drover-signature 1\r\nsignature: {}\r\nsha256: {}\r\nkey-id: 0123456789ABCDEF\r\nversion: {version}\r\nos: {os}\r\narch: {arch}\r\ncounter: 3\r\nrollback: false\r\n",
+                "CD".repeat(64),
+                "EF".repeat(32)
+            );
+        }
+        format!(
+            "drover-signature 1\nkey-id: 0123456789abcdef\nversion: {version}\nos: {os}\narch: {arch}\ncounter: 3\nrollback: false\nsha256: {}\nsignature: {}\n",
+            "ef".repeat(32),
+            "cd".repeat(64)
+        )
+    }
+
+    /// Replaces `{sha:X}` with the digest of X (`{SHA:X}` upper-case), `{sig:XX}` with
+    /// XX repeated 64 times, and `{doc:V:OS:ARCH}` (`{DOC:...}` loosely spelled) with a
+    /// signature document.
     fn expand(text: &str) -> String {
         let mut out = String::new();
         let mut rest = text;
@@ -1159,6 +1256,8 @@ mod tests {
                 Some(("sha", arg)) => sha(arg),
                 Some(("SHA", arg)) => sha(arg).to_ascii_uppercase(),
                 Some(("sig", arg)) => arg.repeat(64),
+                Some(("doc", arg)) => document(arg, false),
+                Some(("DOC", arg)) => document(arg, true),
                 _ => rest[start..=end].to_string(),
             };
             out.push_str(&rest[..start]);

@@ -383,7 +383,7 @@ async fn agent_socket(
     // Small buffers: a server holds tens of thousands of mostly idle sessions, and the
     // library defaults (128 KiB each way) would cost far more than the session itself.
     upgrade
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(WS_MESSAGE_LIMIT)

@@ -168,48 +168,79 @@ impl From<DecodeError> for Refusal {
     }
 }
 
-pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
-    let hello = match read_hello(&mut socket).await {
-        Ok(Some(hello)) => hello,
-        Ok(None) => return,
-        Err(refusal) => return refuse(socket, &peer, refusal).await,
-    };
-    let (agent_id, secret) = match admit(&state, &hello).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refuse(socket, &peer, refusal).await,
-    };
+/// A session past its handshake: the agent is admitted, registered and welcomed.
+struct Opened {
+    live: LiveAgent,
+    inbox: mpsc::Receiver<Outbound>,
+    session: u64,
+    /// False when the peer was gone before its welcome.
+    welcomed: bool,
+}
 
-    let mut live = match LiveAgent::load(&state, &agent_id, &hello.version).await {
-        Ok(live) => live,
-        Err(err) => return refuse(socket, &peer, internal(err)).await,
+pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
+    // Every idle session keeps this future for its whole life, so what runs once (the
+    // handshake and its store queries) is boxed and freed after it, and so are the
+    // handlers of single messages inside `serve`.
+    let mut opened = match Box::pin(open(&mut socket, &state, &peer)).await {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return,
+        Err(refusal) => return Box::pin(refuse(socket, &peer, refusal)).await,
     };
-    let (outbox, mut inbox) = mpsc::channel(OUTBOX_CAPACITY);
-    let session = state.registry.register(&agent_id, outbox);
-    crate::nodes::claim(&state, &agent_id).await;
-    state.events.agent(&agent_id);
-    tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
-    let welcome = ServerMessage::Welcome(Welcome {
-        agent_id: agent_id.clone(),
-        secret,
-        heartbeat_interval_secs: u32::try_from(state.settings.heartbeat_interval.as_secs())
-            .unwrap_or(u32::MAX),
-        server_version: env!("CARGO_PKG_VERSION").into(),
-    });
-    let ended = match socket.send(Message::Binary(welcome.encode().into())).await {
-        Ok(()) => serve(&mut socket, &state, &mut live, &mut inbox).await,
-        Err(_) => Ok(()),
+    let ended = if opened.welcomed {
+        serve(&mut socket, &state, &mut opened.live, &mut opened.inbox).await
+    } else {
+        Ok(())
     };
-    if state.registry.unregister(&agent_id, session) {
-        crate::nodes::release(&state, &agent_id).await;
+    let agent_id = opened.live.id;
+    if state.registry.unregister(&agent_id, opened.session) {
+        Box::pin(crate::nodes::release(&state, &agent_id)).await;
         state.events.agent(&agent_id);
     }
     match ended {
         Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),
         Err(refusal) => {
             tracing::warn!(agent = %agent_id, code = ?refusal.code, reason = %refusal.message, "closing agent session");
-            refuse(socket, &peer, refusal).await;
+            Box::pin(refuse(socket, &peer, refusal)).await;
         }
     }
+}
+
+/// Reads the hello, admits the agent, registers its session and welcomes it.
+/// `Ok(None)` when the peer left before that.
+async fn open(
+    socket: &mut WebSocket,
+    state: &AppState,
+    peer: &str,
+) -> Result<Option<Opened>, Refusal> {
+    let Some(hello) = read_hello(socket).await? else {
+        return Ok(None);
+    };
+    let (agent_id, secret) = admit(state, &hello).await?;
+    let live = LiveAgent::load(state, &agent_id, &hello.version)
+        .await
+        .map_err(internal)?;
+    let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
+    let session = state.registry.register(&agent_id, outbox);
+    crate::nodes::claim(state, &agent_id).await;
+    state.events.agent(&agent_id);
+    tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
+    let welcome = ServerMessage::Welcome(Welcome {
+        agent_id,
+        secret,
+        heartbeat_interval_secs: u32::try_from(state.settings.heartbeat_interval.as_secs())
+            .unwrap_or(u32::MAX),
+        server_version: env!("CARGO_PKG_VERSION").into(),
+    });
+    let welcomed = socket
+        .send(Message::Binary(welcome.encode().into()))
+        .await
+        .is_ok();
+    Ok(Some(Opened {
+        live,
+        inbox,
+        session,
+        welcomed,
+    }))
 }
 
 /// Waits for the first frame, which must be a hello. `Ok(None)` when the peer left.
@@ -327,7 +358,7 @@ async fn serve(
 ) -> Result<(), Refusal> {
     let silence_limit = state.settings.heartbeat_interval * MISSED_HEARTBEATS;
     // An agent that starts outdated learns it at once, not at its first heartbeat.
-    let mut reply = decide(state, live, Trigger::Connect).await;
+    let mut reply = Box::pin(decide(state, live, Trigger::Connect)).await;
     loop {
         if let Some(message) = reply.take()
             && socket
@@ -351,14 +382,14 @@ async fn serve(
                         return Err(Refusal::new(RejectCode::MalformedFrame, "text frames are not part of the protocol"));
                     }
                     Some(Ok(Message::Binary(bytes))) => {
-                        reply = handle(state, live, AgentMessage::decode(&bytes)?).await;
+                        reply = Box::pin(handle(state, live, AgentMessage::decode(&bytes)?)).await;
                     }
                 }
             }
             outbound = inbox.recv() => match outbound {
                 Some(Outbound::Close(code, message)) => return Err(Refusal::new(code, message)),
-                Some(Outbound::Check) => reply = decide(state, live, Trigger::Nudge).await,
-                Some(Outbound::Refresh) => reply = refresh(state, live).await,
+                Some(Outbound::Check) => reply = Box::pin(decide(state, live, Trigger::Nudge)).await,
+                Some(Outbound::Refresh) => reply = Box::pin(refresh(state, live)).await,
                 None => return Ok(()),
             },
             () = state.shutdown.cancelled() => {

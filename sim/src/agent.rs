@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use protocol::{
@@ -47,6 +47,8 @@ pub(crate) struct Fleet {
     /// overflow the kernel's accept queue and turn into SYN retransmits.
     pub(crate) handshakes: Semaphore,
     pub(crate) downloads: Option<Arc<Semaphore>>,
+    /// Record updates as received and do nothing else (fan-out measurements).
+    pub(crate) hold_updates: bool,
     /// One HTTP client per source address, so downloads are spread like sessions.
     pub(crate) http: Vec<reqwest::Client>,
 }
@@ -392,11 +394,8 @@ impl SimAgent {
         let stats = &self.fleet.stats;
         stats.updates_received.fetch_add(1, Ordering::Relaxed);
         if update.sent_at_ms > 0 {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
             stats.record_update_notify(Duration::from_millis(
-                now_ms.saturating_sub(update.sent_at_ms),
+                crate::stats::unix_ms().saturating_sub(update.sent_at_ms),
             ));
         }
         let repeated = self.finished.contains(&update.task_id)
@@ -408,6 +407,11 @@ impl SimAgent {
                 .as_ref()
                 .is_some_and(|o| o.task_id == update.task_id);
         if repeated {
+            return Ok(());
+        }
+        stats.record_update_received();
+        if self.fleet.hold_updates {
+            self.finished.push(update.task_id);
             return Ok(());
         }
         if !update.rollback && !is_newer(&update.version, &self.version) {

@@ -47,6 +47,10 @@ struct Args {
     /// At most this many downloads at once (default: unlimited)
     #[arg(long)]
     max_downloads: Option<usize>,
+    /// Record pushed updates as received and do nothing else: no download, no
+    /// progress, no result (measures fan-out alone)
+    #[arg(long)]
+    hold_updates: bool,
     /// Each heartbeat interval varies by up to this fraction of itself (0 to 1)
     #[arg(long, default_value_t = 0.1)]
     heartbeat_jitter: f64,
@@ -141,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         downloads: args
             .max_downloads
             .map(|k| Arc::new(Semaphore::new(k.max(1)))),
+        hold_updates: args.hold_updates,
         http,
     });
 

@@ -43,6 +43,11 @@ pub(crate) struct Stats {
     heartbeat_rtt_steady: Mutex<Histogram<u64>>,
     update_notify: Mutex<Histogram<u64>>,
     update_completion: Mutex<Histogram<u64>>,
+    /// Wall-clock milliseconds of each first receipt of a task's update, and of each
+    /// completed update, so a script can measure from an event it timed itself (a
+    /// promote request) to the last agent.
+    update_received_at: Mutex<Vec<u64>>,
+    update_completed_at: Mutex<Vec<u64>>,
 }
 
 impl Stats {
@@ -71,6 +76,8 @@ impl Stats {
             heartbeat_rtt_steady: histogram(),
             update_notify: histogram(),
             update_completion: histogram(),
+            update_received_at: Mutex::new(Vec::new()),
+            update_completed_at: Mutex::new(Vec::new()),
         }
     }
 
@@ -113,6 +120,12 @@ impl Stats {
 
     pub(crate) fn record_update_completion(&self, took: Duration) {
         record(&self.update_completion, took);
+        lock(&self.update_completed_at).push(unix_ms());
+    }
+
+    /// The first receipt of a task's update by its agent.
+    pub(crate) fn record_update_received(&self) {
+        lock(&self.update_received_at).push(unix_ms());
     }
 
     pub(crate) fn report(&self) -> Report {
@@ -149,6 +162,8 @@ impl Stats {
             download_retries: get(&self.download_retries),
             update_notify_ms: Percentiles::of(&self.update_notify),
             update_completion_ms: Percentiles::of(&self.update_completion),
+            update_received_unix_ms: Moments::of(&self.update_received_at),
+            update_completed_unix_ms: Moments::of(&self.update_completed_at),
             errors_total: errors.values().sum(),
             errors,
         }
@@ -180,6 +195,12 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
@@ -202,6 +223,33 @@ impl Percentiles {
             p99: ms(h.value_at_quantile(0.99)),
             max: ms(h.max()),
         }
+    }
+}
+
+/// Wall-clock times (Unix milliseconds) of a set of events: the first, the median, the
+/// 99th percentile and the last. Null when nothing happened.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Moments {
+    pub(crate) count: usize,
+    pub(crate) first: u64,
+    pub(crate) p50: u64,
+    pub(crate) p99: u64,
+    pub(crate) last: u64,
+}
+
+impl Moments {
+    fn of(times: &Mutex<Vec<u64>>) -> Option<Moments> {
+        let mut times = lock(times).clone();
+        times.sort_unstable();
+        let at =
+            |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+        (!times.is_empty()).then(|| Moments {
+            count: times.len(),
+            first: times[0],
+            p50: at(0.5),
+            p99: at(0.99),
+            last: times[times.len() - 1],
+        })
     }
 }
 
@@ -257,6 +305,8 @@ pub(crate) struct Report {
     pub(crate) update_notify_ms: Percentiles,
     /// Receipt of the update to the new version's first acknowledged heartbeat.
     pub(crate) update_completion_ms: Percentiles,
+    pub(crate) update_received_unix_ms: Option<Moments>,
+    pub(crate) update_completed_unix_ms: Option<Moments>,
     pub(crate) errors_total: u64,
     pub(crate) errors: BTreeMap<String, u64>,
 }
@@ -354,6 +404,29 @@ mod tests {
         let _again = (stats.session_open(), stats.session_open());
         assert_eq!(stats.report().all_connected_secs, stamped);
         assert_eq!(stats.report().connected, 2);
+    }
+
+    #[test]
+    fn moments_are_nearest_rank_over_wall_clock_times() {
+        let stats = Stats::new(1, Duration::ZERO);
+        assert!(stats.report().update_received_unix_ms.is_none());
+        for at in (1..=200).rev() {
+            lock(&stats.update_received_at).push(at);
+        }
+        let moments = stats
+            .report()
+            .update_received_unix_ms
+            .expect("200 receipts");
+        assert_eq!(
+            (
+                moments.count,
+                moments.first,
+                moments.p50,
+                moments.p99,
+                moments.last
+            ),
+            (200, 1, 100, 198, 200)
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@ use protocol::{ServerMessage, Update, UpdateOutcome, UpdateProgress, UpdateResul
 
 use crate::clock::now_ms;
 use crate::engine::{AgentPosition, Decision, channel_admits, needs_update, resolve_channel};
-use crate::store::{NewTask, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
+use crate::store::{StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
+use crate::task_writer::TaskRequest;
 use crate::{AppState, rollouts};
 
 /// What a session knows about its agent between database reads.
@@ -86,16 +87,16 @@ pub(crate) async fn check(
             Decision::Hold(_) => return Ok(None),
         }
     };
-    let new = NewTask {
-        agent_id: &live.id,
-        from_version: &live.position.version,
-        to_version: &release.version.to_string(),
-        os: &release.os,
-        arch: &release.arch,
+    let request = TaskRequest {
+        agent_id: live.id.clone(),
+        from_version: live.position.version.clone(),
+        to_version: release.version.to_string(),
+        os: release.os.clone(),
+        arch: release.arch.clone(),
         kind,
         status: TaskStatus::Dispatched,
     };
-    match state.store.create_task(&new, now_ms()).await {
+    match state.tasks.create(request).await {
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, "dispatching update");
             state.events.task(&task.id, &live.id);

@@ -19,6 +19,7 @@ mod releases;
 mod rollouts;
 pub mod session;
 pub mod store;
+mod task_writer;
 pub mod tls;
 
 use std::collections::HashSet;
@@ -123,6 +124,8 @@ pub struct AppState {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     heartbeats: HeartbeatSink,
+    /// New update tasks, written in batches.
+    tasks: task_writer::TaskWriter,
     releases: Releases,
     settings: Arc<Settings>,
     updates_enabled: Arc<AtomicBool>,
@@ -264,6 +267,7 @@ pub async fn run(
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
     let state = AppState {
+        tasks: task_writer::TaskWriter::start(store.clone()),
         store,
         registry: Arc::new(Registry::default()),
         heartbeats,

@@ -476,6 +476,39 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
             ("2.0.1".to_owned(), "amd64".to_owned(), None),
         ]
     );
+
+    // A batch answers for each task in order; a second unfinished task for an agent is
+    // refused, also when the first is earlier in the same batch.
+    let before = (
+        store.active_task(one).await.unwrap(),
+        store.active_task(two).await.unwrap(),
+    );
+    let created = store
+        .create_tasks(
+            &[
+                new(one, TaskStatus::Dispatched),
+                new(two, TaskStatus::Dispatched),
+                new(one, TaskStatus::Dispatched),
+            ],
+            30_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.len(), 3);
+    assert_eq!(created[0].is_some(), before.0.is_none());
+    assert_eq!(created[1].is_some(), before.1.is_none());
+    assert_eq!(created[2], None);
+    for (agent, task, earlier) in [(one, &created[0], &before.0), (two, &created[1], &before.1)] {
+        let active = store.active_task(agent).await.unwrap();
+        assert_eq!(active.as_ref(), task.as_ref().or(earlier.as_ref()));
+        if let Some(task) = task {
+            assert_eq!((task.status, task.attempts), (TaskStatus::Dispatched, 1));
+            store
+                .finish_task(agent, &task.id, TaskStatus::Succeeded, None, 30_000)
+                .await
+                .unwrap();
+        }
+    }
 }
 
 /// Tokens, enrollment limits, rollout records, blocks and the audit log.

@@ -264,6 +264,10 @@ impl UpdateTask {
     }
 }
 
+/// Rows in one multi-row `INSERT` of tasks: 12 parameters each, far below either
+/// database's limit on parameters in a statement.
+const TASKS_PER_STATEMENT: usize = 500;
+
 #[derive(Debug, Clone)]
 pub struct NewTask<'a> {
     pub agent_id: &'a str,
@@ -485,7 +489,26 @@ pub trait Store: Send + Sync + 'static {
     async fn blocked_versions(&self) -> StoreResult<Vec<String>>;
 
     /// Creates a task; `Conflict` when the agent already has an unfinished one.
-    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask>;
+    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask> {
+        self.create_tasks(std::slice::from_ref(task), now_ms)
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| {
+                StoreError::Conflict(format!(
+                    "agent {} already has an unfinished task",
+                    task.agent_id
+                ))
+            })
+    }
+
+    /// Creates tasks in one transaction, answering for each in order: `None` where the
+    /// agent already has an unfinished task (an earlier one in the same batch included).
+    async fn create_tasks(
+        &self,
+        tasks: &[NewTask<'_>],
+        now_ms: i64,
+    ) -> StoreResult<Vec<Option<UpdateTask>>>;
 
     /// The agent's unfinished task, if any.
     async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;

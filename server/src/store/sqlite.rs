@@ -645,28 +645,51 @@ impl Store for SqliteStore {
         )
     }
 
-    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask> {
-        let dispatched = task.status == TaskStatus::Dispatched;
-        let row = sqlx::query(&format!(
-            "INSERT INTO update_tasks (id, agent_id, from_version, to_version, os, arch, kind, \
-                 status, attempts, created_at, updated_at, dispatched_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {TASK_COLUMNS}"
-        ))
-        .bind(new_id())
-        .bind(task.agent_id)
-        .bind(task.from_version)
-        .bind(task.to_version)
-        .bind(task.os)
-        .bind(task.arch)
-        .bind(task.kind.as_str())
-        .bind(task.status.as_str())
-        .bind(i64::from(dispatched))
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(dispatched.then_some(now_ms))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(task_from_row(&row)?)
+    async fn create_tasks(
+        &self,
+        tasks: &[NewTask<'_>],
+        now_ms: i64,
+    ) -> StoreResult<Vec<Option<UpdateTask>>> {
+        // One transaction and one statement per chunk: a promote dispatches to every
+        // connected agent at once, and a statement per task would make the last agent
+        // wait for all the others. The unique index on unfinished tasks turns a second
+        // one for an agent into no row; rows come back in any order, so by id.
+        let ids: Vec<String> = tasks.iter().map(|_| new_id()).collect();
+        let mut created = std::collections::HashMap::with_capacity(tasks.len());
+        let mut tx = self.pool.begin().await?;
+        for chunk in tasks
+            .iter()
+            .zip(&ids)
+            .collect::<Vec<_>>()
+            .chunks(TASKS_PER_STATEMENT)
+        {
+            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO update_tasks (id, agent_id, from_version, to_version, os, arch, \
+                     kind, status, attempts, created_at, updated_at, dispatched_at) ",
+            );
+            insert.push_values(chunk, |mut row, (task, id)| {
+                let dispatched = task.status == TaskStatus::Dispatched;
+                row.push_bind(id.as_str())
+                    .push_bind(task.agent_id)
+                    .push_bind(task.from_version)
+                    .push_bind(task.to_version)
+                    .push_bind(task.os)
+                    .push_bind(task.arch)
+                    .push_bind(task.kind.as_str())
+                    .push_bind(task.status.as_str())
+                    .push_bind(i64::from(dispatched))
+                    .push_bind(now_ms)
+                    .push_bind(now_ms)
+                    .push_bind(dispatched.then_some(now_ms));
+            });
+            insert.push(format!(" ON CONFLICT DO NOTHING RETURNING {TASK_COLUMNS}"));
+            for row in insert.build().fetch_all(&mut *tx).await? {
+                let task = task_from_row(&row)?;
+                created.insert(task.id.clone(), task);
+            }
+        }
+        tx.commit().await?;
+        Ok(ids.iter().map(|id| created.remove(id)).collect())
     }
 
     async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>> {

@@ -4,6 +4,7 @@
 mod agent;
 mod download;
 mod identities;
+mod nats;
 mod net;
 mod stats;
 
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::sync::{Semaphore, watch};
 
 use crate::agent::{Fleet, SimAgent};
@@ -22,7 +23,12 @@ use crate::stats::Stats;
 
 /// Simulate a fleet of Drover agents against a server.
 #[derive(Debug, Parser)]
-#[command(name = "drover-sim", version)]
+#[command(
+    name = "drover-sim",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
     /// Server base URL, e.g. http://127.0.0.1:8080
     #[arg(long, env = "DROVER_SERVER")]
@@ -82,14 +88,37 @@ struct Args {
     json: bool,
 }
 
+// Other things to simulate than a Drover fleet; without one, the flags of `Args` apply.
+// Kept out of `Args` because none of its required flags apply to them. (A plain
+// comment: a doc comment here would replace the program's description in --help.)
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Hold the same number of connections on a NATS server instead, each publishing
+    /// a heartbeat frame at the same rate (to compare the servers' cost)
+    Nats(nats::NatsArgs),
+}
+
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let matches = Mode::augment_subcommands(Args::command()).get_matches();
+    let mode = matches
+        .subcommand_name()
+        .map(|_| Mode::from_arg_matches(&matches).unwrap_or_else(|err| err.exit()));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Mode::Nats(nats)) = mode {
+        nats.validate()?;
+        warn_about_open_files(nats.clients());
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("while starting the async runtime")?
+            .block_on(nats::run(nats));
+    }
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     if !(0.0..=1.0).contains(&args.heartbeat_jitter) {
         bail!("--heartbeat-jitter must be between 0 and 1");
     }

@@ -1,5 +1,5 @@
 //! End-to-end: `drover-sim` runs a simulated fleet against the real server, which must
-//! see every simulated agent, and must see each of them take a published update.
+//! see every simulated agent, and must see each of them take a promoted update.
 
 mod support;
 
@@ -150,7 +150,7 @@ async fn simulated_fleet_connects_and_a_rerun_reuses_its_identities() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn simulated_fleet_downloads_verifies_and_reports_a_published_update() {
+async fn simulated_fleet_takes_a_promoted_build_downloads_verifies_and_reports_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with_args(dir.path(), &[]);
     let api = server.api();
@@ -158,8 +158,32 @@ async fn simulated_fleet_downloads_verifies_and_reports_a_published_update() {
     let sim = Sim::start(&server, dir.path(), FLEET, &["--max-downloads", "32"]);
     let agents = all_online(&api, FLEET).await;
 
+    // A beta build is not for this stable fleet...
     let build: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
-    publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+    publish(&server.downloads(), "1.1.0", Some("beta"), &build);
+    let rollout = || async {
+        let (status, rollouts) = api.get("/api/v1/rollouts").await;
+        assert_eq!(status, 200, "{rollouts}");
+        rollouts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["version"] == "1.1.0")
+            .cloned()
+    };
+    let beta = eventually("1.1.0 to be offered", Duration::from_secs(20), rollout).await;
+    assert_eq!(beta["state"], "beta", "{beta}");
+    assert_eq!(rollout().await.unwrap()["dispatched"], 0);
+
+    // ...until it is promoted (forced: no beta agent has tried it), which reaches all.
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    assert_eq!(promoted["forced"], true, "{promoted}");
 
     eventually(
         "every simulated agent to run 1.1.0",
@@ -195,8 +219,23 @@ async fn simulated_fleet_downloads_verifies_and_reports_a_published_update() {
     )
     .await;
 
+    let done = rollout().await.unwrap();
+    assert_eq!(
+        (&done["state"], &done["succeeded"], &done["failed"]),
+        (&"stable".into(), &FLEET.into(), &0.into()),
+        "{done}"
+    );
+
     let report = sim.stop();
     assert_eq!(report["updates_received"], FLEET, "report: {report}");
+    assert_eq!(
+        report["update_received_unix_ms"]["count"], FLEET,
+        "every agent held the update once: {report}"
+    );
+    assert_eq!(
+        report["update_completed_unix_ms"]["count"], FLEET,
+        "report: {report}"
+    );
     assert_eq!(report["updates_verified"], FLEET, "report: {report}");
     assert_eq!(report["updates_completed"], FLEET, "report: {report}");
     assert_eq!(report["updates_failed"], 0, "report: {report}");

@@ -521,15 +521,17 @@ async fn downloads_serve_ranges_and_refuse_what_is_not_offered() {
         .unwrap();
     assert_eq!(resumed.bytes().await.unwrap().as_ref(), &contents[99000..]);
 
-    for name in [
-        format!("{file}.sha256"),
-        "secret.txt".to_owned(),
-        "..%2Foutside.txt".to_owned(),
-        "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd".to_owned(),
-        "drover-agent-linux-amd64-9.9.9".to_owned(),
+    // Names that are not offered are not found; names that are not a plain file name
+    // at all are malformed.
+    for (name, status) in [
+        (format!("{file}.sha256"), 404),
+        ("secret.txt".to_owned(), 404),
+        ("drover-agent-linux-amd64-9.9.9".to_owned(), 404),
+        ("..%2Foutside.txt".to_owned(), 400),
+        ("%2E%2E%2F%2E%2E%2Fetc%2Fpasswd".to_owned(), 400),
     ] {
         let response = http.get(url(&name)).send().await.unwrap();
-        assert_eq!(response.status(), 404, "{name}");
+        assert_eq!(response.status(), status, "{name}");
     }
     let response = http
         .get(format!("{}/downloads/../data/admin-token", server.url))

@@ -279,3 +279,145 @@ async fn simulated_agents_wait_out_a_busy_download_server() {
     assert_eq!(report["updates_completed"], FEW, "report: {report}");
     assert_eq!(report["errors_total"], 0, "report: {report}");
 }
+
+/// Agents the kill -9 test simulates: "a few thousand", within this machine's limits.
+const STORM: usize = 2000;
+
+/// Whether this process may open enough sockets for `STORM` agents; the server and the
+/// simulator inherit the limit. Says why not, and fails instead under `CI=true`.
+fn open_files_allow(agents: usize) -> bool {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse::<usize>().ok())
+        .unwrap_or(usize::MAX);
+    let needed = agents + 500;
+    if soft >= needed {
+        return true;
+    }
+    let why =
+        format!("the open-files limit is {soft}; this test needs {needed} (ulimit -n {needed})");
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    eprintln!("skipping: {why}");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_killed_mid_rollout_finishes_it_from_its_saved_state() {
+    if !open_files_allow(STORM) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Few downloads at once, so the rollout is still under way when the kill comes.
+    let mut server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--max-concurrent-downloads",
+            "4",
+            "--heartbeat-interval",
+            "5",
+        ],
+    );
+    let api = server.api();
+    let sim = Sim::start(&server, dir.path(), STORM, &["--max-downloads", "4"]);
+    all_online(&api, STORM).await;
+
+    let build: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 253) as u8).collect();
+    publish(&server.downloads(), "1.1.0", Some("beta"), &build);
+    let rollout = || async {
+        let (status, rollouts) = api.get("/api/v1/rollouts").await;
+        (status == 200).then_some(())?;
+        rollouts
+            .as_array()?
+            .iter()
+            .find(|r| r["version"] == "1.1.0")
+            .cloned()
+    };
+    eventually("1.1.0 to be offered", Duration::from_secs(20), rollout).await;
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+
+    // Mid-rollout: some agents done, most not.
+    let before = eventually(
+        "the rollout to be under way",
+        Duration::from_secs(60),
+        || async {
+            let state = rollout().await?;
+            let succeeded = state["succeeded"].as_u64()?;
+            (succeeded >= 20).then_some(state)
+        },
+    )
+    .await;
+    server.kill9();
+    let succeeded_before = before["succeeded"].as_u64().unwrap();
+    assert!(
+        succeeded_before < STORM as u64,
+        "the rollout ended before the kill; slow it down: {before}"
+    );
+    server.restart();
+
+    // The promote, acknowledged before the kill, holds; the agents come back and the
+    // rollout runs to the end, each agent through its one task.
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let done = loop {
+        let state = rollout().await;
+        if let Some(state) = &state
+            && state["succeeded"] == STORM
+        {
+            break state.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every agent's task did not succeed after the restart; last seen {state:?}; sim: {}",
+            sim.last_progress()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(done["state"], "stable", "{done}");
+    assert_eq!(
+        done["dispatched"], STORM,
+        "one task per agent, none twice: {done}"
+    );
+    assert_eq!(
+        (&done["failed"], &done["timed_out"], &done["rolled_back"]),
+        (&0.into(), &0.into(), &0.into()),
+        "{done}"
+    );
+    // Versions reach the agent rows with the next heartbeat batch.
+    eventually(
+        "every agent row to show 1.1.0",
+        Duration::from_secs(30),
+        || async {
+            let agents = api.agents().await?;
+            assert_eq!(agents.len(), STORM, "no agent twice");
+            agents.iter().all(|a| a["version"] == "1.1.0").then_some(())
+        },
+    )
+    .await;
+    let (status, audit) = api.get("/api/v1/audit?limit=500").await;
+    assert_eq!(status, 200, "{audit}");
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "rollout.promote" && e["target"] == "1.1.0"),
+        "the promote's audit entry survived the kill: {audit}"
+    );
+
+    let report = sim.stop();
+    // Every agent that moved to 1.1.0 did so with a build whose size and SHA-256 it
+    // checked; none was sent anything it refused.
+    assert_eq!(report["updates_failed"], 0, "report: {report}");
+    assert!(
+        report["updates_verified"].as_u64().unwrap() >= STORM as u64,
+        "report: {report}"
+    );
+}

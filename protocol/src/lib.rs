@@ -7,6 +7,7 @@
 //! older and newer peers keep decoding. `v` changes only on an incompatible change.
 
 pub mod release_signature;
+mod structure;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The largest frame either side accepts. Real messages are a few hundred bytes.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+pub use structure::MAX_NESTING;
 
 /// Messages an agent sends to the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +281,8 @@ fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
             limit: MAX_FRAME_BYTES,
         });
     }
+    // Bounds what serde may recurse into or allocate, before it sees the frame.
+    structure::check(frame)?;
     // Check the version before the shape, so an incompatible peer hears the right reason.
     let version: VersionOnly =
         rmp_serde::from_slice(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;

@@ -86,6 +86,16 @@ pub struct Args {
     #[arg(long, env = "DROVER_RESCAN_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub rescan_interval: Duration,
 
+    /// Enrollment attempts accepted from one source address: N at once, refilled over
+    /// the period (N/PERIOD, e.g. 6000/1m), or off
+    #[arg(long, env = "DROVER_ENROLL_LIMIT", default_value = "6000/1m", value_parser = crate::limits::Rate::parse)]
+    pub enroll_limit: crate::limits::Rate,
+
+    /// Failed enrollment attempts (bad token) from one source address, after which it is
+    /// refused until the limit refills (N/PERIOD, e.g. 20/1m), or off
+    #[arg(long, env = "DROVER_ENROLL_FAILURE_LIMIT", default_value = "20/1m", value_parser = crate::limits::Rate::parse)]
+    pub enroll_failure_limit: crate::limits::Rate,
+
     /// PEM certificate chain (server certificate first): serve HTTPS and WSS with it
     #[arg(
         long,

@@ -132,16 +132,21 @@ async fn advance(
     let now = now_ms();
     let silent_ms = now - task.last_activity_ms();
     let timeout_ms = i64::try_from(settings.task_timeout.as_millis()).unwrap_or(i64::MAX);
-    let redispatch = match task.status {
-        TaskStatus::Queued => true,
-        // The agent may have lost the message with its previous session.
-        TaskStatus::Dispatched if trigger == Trigger::Connect => true,
-        _ => silent_ms > timeout_ms,
-    };
+    // The agent may have lost the message, or the download it had begun, with its
+    // previous session (a server killed mid-rollout drops them all); an agent still
+    // working on the task ignores the repeated update.
+    let resend_on_connect = trigger == Trigger::Connect
+        && matches!(
+            task.status,
+            TaskStatus::Dispatched | TaskStatus::Downloading
+        );
+    let redispatch =
+        resend_on_connect || task.status == TaskStatus::Queued || silent_ms > timeout_ms;
     if !redispatch {
         return Ok(None);
     }
-    let may_retry = matches!(task.status, TaskStatus::Queued | TaskStatus::Dispatched)
+    let may_retry = (resend_on_connect
+        || matches!(task.status, TaskStatus::Queued | TaskStatus::Dispatched))
         && task.attempts < i64::from(settings.task_max_attempts);
     if !may_retry {
         let error = format!(

@@ -3,6 +3,7 @@
 //! a sidecar, an unlisted file or anything outside the directory.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,16 +19,22 @@ const RETRY_AFTER_SECS: u32 = 10;
 
 pub(crate) async fn serve(
     State(state): State<AppState>,
-    Path(file): Path<String>,
+    file: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    if !is_plain_name(&file) {
+        return Err(ApiError::BadRequest(format!(
+            "{file:?} is not a file name in the downloads directory"
+        )));
+    }
     if state.settings.max_concurrent_downloads == 0 || !state.updates_enabled() {
         return Err(ApiError::Forbidden(
             "downloads are switched off on this server".into(),
         ));
     }
     // The name must be one the scanner offers: that alone rules out `..`, absolute
-    // paths, sidecars and stray files.
+    // paths, sidecars and stray files; the check above only answers such names sooner.
     let Some(release) = state.releases.current().by_file(&file).cloned() else {
         return Err(ApiError::NotFound(format!(
             "no offered build named {file:?}"
@@ -59,4 +66,43 @@ pub(crate) async fn serve(
         chunk
     }));
     Ok(Response::from_parts(parts, body))
+}
+
+/// One ordinary path component: no separators, no `.` or `..`, no NUL or other control
+/// characters, not empty.
+fn is_plain_name(name: &str) -> bool {
+    let mut components = std::path::Path::new(name).components();
+    matches!(
+        (components.next(), components.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    ) && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
+        && name.len() <= 255
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_file_names_pass() {
+        let cases = [
+            ("drover-agent-linux-amd64-1.2.3", true),
+            ("drover-agent-windows-arm64-1.2.3-beta.1.exe", true),
+            ("..", false),
+            (".", false),
+            ("", false),
+            ("../etc/passwd", false),
+            ("/etc/passwd", false),
+            ("a/b", false),
+            ("a\\..\\b", false),
+            ("file\0.sha256", false),
+            ("line\nbreak", false),
+            ("x", true),
+        ];
+        for (name, ok) in cases {
+            assert_eq!(is_plain_name(name), ok, "{name:?}");
+        }
+        assert!(!is_plain_name(&"a".repeat(256)));
+    }
 }

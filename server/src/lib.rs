@@ -13,6 +13,7 @@ mod downloads;
 mod engine;
 mod events;
 mod heartbeats;
+pub mod limits;
 mod metrics;
 mod nodes;
 mod releases;
@@ -78,6 +79,8 @@ pub struct Settings {
     pub snapshot_every: Duration,
     /// Serve HTTPS and WSS with this certificate; plain HTTP when `None`.
     pub tls: Option<tls::TlsConfig>,
+    /// Enrollment attempts accepted per source address (see `limits`).
+    pub enrollment_limits: limits::EnrollmentLimits,
 }
 
 impl Settings {
@@ -100,6 +103,7 @@ impl Settings {
             stale_stable_after: Duration::from_secs(7 * 24 * 3600),
             snapshot_every: Duration::from_secs(600),
             tls: None,
+            enrollment_limits: limits::EnrollmentLimits::default(),
         }
     }
 
@@ -137,6 +141,8 @@ pub struct AppState {
     node_id: Arc<str>,
     /// What changed, for the dashboard's live feed.
     events: events::Events,
+    /// Enrollment attempts per source address.
+    enrollments: Arc<limits::EnrollmentLimiter>,
     shutdown: CancellationToken,
 }
 
@@ -275,6 +281,7 @@ pub async fn run(
         downloads: Arc::new(tokio::sync::Semaphore::new(
             settings.max_concurrent_downloads,
         )),
+        enrollments: Arc::new(limits::EnrollmentLimiter::new(settings.enrollment_limits)),
         settings: Arc::new(settings),
         updates_enabled: Arc::new(AtomicBool::new(true)),
         node_id: uuid::Uuid::new_v4().to_string().into(),
@@ -392,7 +399,7 @@ async fn agent_socket(
         .max_write_buffer_size(256 * 1024)
         .max_message_size(WS_MESSAGE_LIMIT)
         .max_frame_size(WS_MESSAGE_LIMIT)
-        .on_upgrade(move |socket| session::run(socket, state, peer.to_string()))
+        .on_upgrade(move |socket| session::run(socket, state, peer))
 }
 
 /// The `drover-server` binary.
@@ -475,6 +482,10 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
         tls,
+        enrollment_limits: limits::EnrollmentLimits {
+            attempts: args.enroll_limit,
+            failures: args.enroll_failure_limit,
+        },
         ..Settings::new(public_url.clone(), args.downloads.clone())
     };
     run(store, settings, listener, shutdown).await

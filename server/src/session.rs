@@ -3,9 +3,10 @@
 //! of the server can push messages to a connected agent.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use protocol::{
@@ -17,6 +18,7 @@ use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
 use crate::clock::now_ms;
 use crate::dispatch::{self, LiveAgent, Trigger};
+use crate::limits::{Bucket, Rate, TooManyAttempts};
 use crate::store::{AgentFacts, HeartbeatRecord, StoreError};
 
 /// How long a new socket may stay silent before its hello.
@@ -24,6 +26,18 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that sends nothing for this many heartbeat intervals is closed.
 const MISSED_HEARTBEATS: u32 = 3;
 const OUTBOX_CAPACITY: usize = 16;
+/// Frames a peer may send: a burst, then a steady rate. A real agent sends a heartbeat
+/// and a ping per interval (1 s at the shortest) and progress about once a second, well
+/// below it; a peer above it is flooding, and its session is closed.
+const FRAME_RATE: Rate = Rate {
+    burst: 40,
+    per: Duration::from_secs(4),
+};
+/// Longest a frame may wait for a peer that stopped reading before its session is
+/// dropped (shorter with a short heartbeat interval: three intervals).
+const MAX_WRITE_STALL: Duration = Duration::from_secs(30);
+/// How long a reject and its close frame may take to go out.
+const REFUSE_WRITE_LIMIT: Duration = Duration::from_secs(5);
 
 /// What other parts of the server can ask a session to do.
 #[derive(Debug)]
@@ -142,22 +156,37 @@ impl Registry {
 struct Refusal {
     code: RejectCode,
     message: String,
+    close: u16,
 }
 
 impl Refusal {
     fn new(code: RejectCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn close_code(&self) -> u16 {
-        match self.code {
+        let close = match code {
             RejectCode::MalformedFrame => close_code::INVALID,
             RejectCode::FrameTooLarge => close_code::SIZE,
             RejectCode::Replaced | RejectCode::Timeout => close_code::NORMAL,
             _ => close_code::POLICY,
+        };
+        Refusal {
+            code,
+            message: message.into(),
+            close,
+        }
+    }
+
+    /// A peer sending frames faster than `FRAME_RATE`: a protocol violation, closed as
+    /// a policy violation.
+    fn flood() -> Refusal {
+        Refusal {
+            close: close_code::POLICY,
+            ..Refusal::new(
+                RejectCode::MalformedFrame,
+                format!(
+                    "too many frames: at most {} in a burst, then {} per second",
+                    FRAME_RATE.burst,
+                    FRAME_RATE.per_second()
+                ),
+            )
         }
     }
 }
@@ -177,14 +206,14 @@ struct Opened {
     welcomed: bool,
 }
 
-pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
+pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
     // Every idle session keeps this future for its whole life, so what runs once (the
     // handshake and its store queries) is boxed and freed after it, and so are the
     // handlers of single messages inside `serve`.
-    let mut opened = match Box::pin(open(&mut socket, &state, &peer)).await {
+    let mut opened = match Box::pin(open(&mut socket, &state, peer)).await {
         Ok(Some(opened)) => opened,
         Ok(None) => return,
-        Err(refusal) => return Box::pin(refuse(socket, &peer, refusal)).await,
+        Err(refusal) => return Box::pin(refuse(socket, peer, refusal)).await,
     };
     let ended = if opened.welcomed {
         serve(&mut socket, &state, &mut opened.live, &mut opened.inbox).await
@@ -200,7 +229,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
         Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),
         Err(refusal) => {
             tracing::warn!(agent = %agent_id, code = ?refusal.code, reason = %refusal.message, "closing agent session");
-            Box::pin(refuse(socket, &peer, refusal)).await;
+            Box::pin(refuse(socket, peer, refusal)).await;
         }
     }
 }
@@ -210,12 +239,12 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: String) {
 async fn open(
     socket: &mut WebSocket,
     state: &AppState,
-    peer: &str,
+    peer: SocketAddr,
 ) -> Result<Option<Opened>, Refusal> {
     let Some(hello) = read_hello(socket).await? else {
         return Ok(None);
     };
-    let (agent_id, secret) = admit(state, &hello).await?;
+    let (agent_id, secret) = admit(state, &hello, peer.ip()).await?;
     let live = LiveAgent::load(state, &agent_id, &hello.version)
         .await
         .map_err(internal)?;
@@ -231,10 +260,13 @@ async fn open(
             .unwrap_or(u32::MAX),
         server_version: env!("CARGO_PKG_VERSION").into(),
     });
-    let welcomed = socket
-        .send(Message::Binary(welcome.encode().into()))
-        .await
-        .is_ok();
+    let welcomed = send_within(
+        socket,
+        Message::Binary(welcome.encode().into()),
+        HELLO_TIMEOUT,
+    )
+    .await
+    .is_ok();
     Ok(Some(Opened {
         live,
         inbox,
@@ -246,12 +278,16 @@ async fn open(
 /// Waits for the first frame, which must be a hello. `Ok(None)` when the peer left.
 async fn read_hello(socket: &mut WebSocket) -> Result<Option<Hello>, Refusal> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let mut budget = Bucket::full(FRAME_RATE, Instant::now());
     loop {
         let frame = tokio::time::timeout_at(deadline, socket.recv())
             .await
             .map_err(|_| Refusal::new(RejectCode::Timeout, "no hello within 10 seconds"))?;
         match frame {
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Ok(_)) if !budget.take(FRAME_RATE, Instant::now()) => {
+                return Err(Refusal::flood());
+            }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Text(_))) => {
                 return Err(Refusal::new(
@@ -273,7 +309,12 @@ async fn read_hello(socket: &mut WebSocket) -> Result<Option<Hello>, Refusal> {
 }
 
 /// Authenticates or enrolls the agent. Returns its id, and its new secret when enrolled.
-async fn admit(state: &AppState, hello: &Hello) -> Result<(String, Option<String>), Refusal> {
+/// Enrollment attempts count against `source`'s limits (see `limits`).
+async fn admit(
+    state: &AppState,
+    hello: &Hello,
+    source: IpAddr,
+) -> Result<(String, Option<String>), Refusal> {
     let facts = AgentFacts {
         fingerprint: hello.fingerprint.clone(),
         hostname: hello.hostname.clone(),
@@ -299,7 +340,12 @@ async fn admit(state: &AppState, hello: &Hello) -> Result<(String, Option<String
             }
         }
         (_, _, Some(token)) => {
+            // Refused before the database is asked: the agent backs off and retries.
+            state.enrollments.attempt(source, Instant::now()).map_err(
+                |TooManyAttempts(message)| Refusal::new(RejectCode::ServerError, message),
+            )?;
             if hello.fingerprint.trim().is_empty() {
+                state.enrollments.failed(source, Instant::now());
                 return Err(Refusal::new(
                     RejectCode::ExpectedHello,
                     "enrollment needs a machine fingerprint",
@@ -329,10 +375,13 @@ async fn admit(state: &AppState, hello: &Hello) -> Result<(String, Option<String
                     }
                     Ok((enrolled.agent_id, Some(secret)))
                 }
-                Err(StoreError::NotFound) => Err(Refusal::new(
-                    RejectCode::BadEnrollToken,
-                    "unknown or revoked enrollment token",
-                )),
+                Err(StoreError::NotFound) => {
+                    state.enrollments.failed(source, Instant::now());
+                    Err(Refusal::new(
+                        RejectCode::BadEnrollToken,
+                        "unknown or revoked enrollment token",
+                    ))
+                }
                 Err(err) => Err(internal(err)),
             }
         }
@@ -357,16 +406,23 @@ async fn serve(
     inbox: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), Refusal> {
     let silence_limit = state.settings.heartbeat_interval * MISSED_HEARTBEATS;
+    let write_limit = silence_limit.min(MAX_WRITE_STALL);
+    let mut budget = Bucket::full(FRAME_RATE, Instant::now());
     // An agent that starts outdated learns it at once, not at its first heartbeat.
     let mut reply = Box::pin(decide(state, live, Trigger::Connect)).await;
     loop {
-        if let Some(message) = reply.take()
-            && socket
-                .send(Message::Binary(message.encode().into()))
-                .await
-                .is_err()
-        {
-            return Ok(());
+        if let Some(message) = reply.take() {
+            let frame = Message::Binary(message.encode().into());
+            match send_within(socket, frame, write_limit).await {
+                Ok(()) => {}
+                Err(Unsent::Gone) => return Ok(()),
+                Err(Unsent::Stalled) => {
+                    // No reject: it could not be sent either. Dropping the socket frees
+                    // what is queued for the peer.
+                    tracing::warn!(agent = %live.id, "agent stopped reading: a frame waited {}s to be sent; dropping its session", write_limit.as_secs());
+                    return Ok(());
+                }
+            }
         }
         tokio::select! {
             frame = tokio::time::timeout(silence_limit, socket.recv()) => {
@@ -377,6 +433,9 @@ async fn serve(
                 match frame {
                     None | Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Err(err)) => return Err(socket_error(err)),
+                    Some(Ok(_)) if !budget.take(FRAME_RATE, Instant::now()) => {
+                        return Err(Refusal::flood());
+                    }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Text(_))) => {
                         return Err(Refusal::new(RejectCode::MalformedFrame, "text frames are not part of the protocol"));
@@ -393,10 +452,12 @@ async fn serve(
                 None => return Ok(()),
             },
             () = state.shutdown.cancelled() => {
-                let _ = socket.send(Message::Close(Some(CloseFrame {
+                let close = Message::Close(Some(CloseFrame {
                     code: close_code::AWAY,
                     reason: "server shutting down".into(),
-                }))).await;
+                }));
+                // A peer that stopped reading must not hold up the shutdown.
+                let _ = send_within(socket, close, REFUSE_WRITE_LIMIT).await;
                 return Ok(());
             }
         }
@@ -486,24 +547,59 @@ async fn handle(
 }
 
 /// Sends the reject, then a close frame with the same reason, and drops the socket.
-async fn refuse(mut socket: WebSocket, peer: &str, refusal: Refusal) {
+async fn refuse(mut socket: WebSocket, peer: SocketAddr, refusal: Refusal) {
     tracing::info!(%peer, code = ?refusal.code, reason = %refusal.message, "refusing agent session");
     let reject = ServerMessage::Reject(Reject {
         code: refusal.code,
         message: refusal.message.clone(),
     });
-    if socket
-        .send(Message::Binary(reject.encode().into()))
+    let reject = Message::Binary(reject.encode().into());
+    if send_within(&mut socket, reject, REFUSE_WRITE_LIMIT)
         .await
         .is_ok()
     {
-        let _ = socket
-            .send(Message::Close(Some(CloseFrame {
-                code: refusal.close_code(),
-                reason: refusal.message.into(),
-            })))
-            .await;
+        let close = Message::Close(Some(CloseFrame {
+            code: refusal.close,
+            reason: close_reason(refusal.message).into(),
+        }));
+        let _ = send_within(&mut socket, close, REFUSE_WRITE_LIMIT).await;
     }
+}
+
+/// Why a frame was not sent.
+enum Unsent {
+    /// The connection is gone.
+    Gone,
+    /// The peer did not take it in time: it stopped reading.
+    Stalled,
+}
+
+/// Sends one frame, giving up after `limit`: a peer that stops reading must not hold its
+/// session, and what is queued for it, forever.
+async fn send_within(
+    socket: &mut WebSocket,
+    message: Message,
+    limit: Duration,
+) -> Result<(), Unsent> {
+    match tokio::time::timeout(limit, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Unsent::Gone),
+        Err(_) => Err(Unsent::Stalled),
+    }
+}
+
+/// A close frame's reason holds at most 123 bytes; longer messages are cut at a
+/// character boundary.
+fn close_reason(mut message: String) -> String {
+    const MAX: usize = 123;
+    if message.len() > MAX {
+        let cut = (0..=MAX)
+            .rev()
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        message.truncate(cut);
+    }
+    message
 }
 
 fn kind(message: &AgentMessage) -> &'static str {

@@ -12,9 +12,9 @@ mod releases;
 mod rollouts;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request};
 use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Serialize;
@@ -27,10 +27,76 @@ use crate::AppState;
 use crate::auth::hash_secret;
 use crate::store::{Role, StoreError};
 
-/// The API as served: the documented routes and a JSON 404 for everything else.
+/// The largest request body the API reads. Its bodies are small JSON documents.
+const BODY_LIMIT: usize = 256 * 1024;
+
+/// The API as served: the documented routes and a JSON 404 for everything else; every
+/// error, also those axum answers by itself, in the JSON error shape.
 pub(crate) fn router() -> Router<AppState> {
     let (router, _) = routes().split_for_parts();
-    router.fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+    router
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(json_errors))
+}
+
+/// Gives the JSON error shape to error answers that axum makes by itself: a body over
+/// the limit where a handler takes raw bytes, a path parameter that does not decode, a
+/// method a route does not have. Their status and headers (such as `Allow`) stay.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // axum's own error texts are one line.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let detail = if status.is_server_error() {
+        tracing::error!(%status, detail = %text, "internal error answering an API call");
+        None
+    } else if text.is_empty() {
+        Some(status.canonical_reason().unwrap_or("error").to_lowercase())
+    } else {
+        Some(text)
+    };
+    let mut answer = (
+        status,
+        Json(ErrorBody {
+            error: error_word(status),
+            detail,
+        }),
+    )
+        .into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
+}
+
+/// The `error` word of an error answer with this status.
+fn error_word(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not found",
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal error",
+        _ => "bad request",
+    }
 }
 
 /// Every endpoint with its `#[utoipa::path]` description; both the router and the
@@ -76,6 +142,10 @@ fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug)]
 pub(crate) enum ApiError {
     BadRequest(String),
+    /// The body exceeds the API's limit.
+    PayloadTooLarge(String),
+    /// The body is not `application/json`.
+    UnsupportedMediaType(String),
     Unauthorized(&'static str),
     Forbidden(String),
     NotFound(String),
@@ -98,7 +168,8 @@ impl From<StoreError> for ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ErrorBody {
     /// What kind of error: `bad request`, `unauthorized`, `forbidden`, `not found`,
-    /// `conflict`, `unavailable` or `internal error`.
+    /// `method not allowed`, `conflict`, `payload too large`, `unsupported media type`,
+    /// `unavailable` or `internal error`.
     #[schema(example = "not found")]
     error: &'static str,
     /// What went wrong, in words; null for internal errors, whose detail is only logged.
@@ -108,24 +179,23 @@ pub(crate) struct ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, error, detail) = match self {
-            ApiError::Unauthorized(detail) => (
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                Some(detail.into()),
-            ),
-            ApiError::BadRequest(detail) => (StatusCode::BAD_REQUEST, "bad request", Some(detail)),
-            ApiError::Forbidden(detail) => (StatusCode::FORBIDDEN, "forbidden", Some(detail)),
-            ApiError::Unavailable(detail) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(detail))
+        let (status, detail) = match self {
+            ApiError::Unauthorized(detail) => (StatusCode::UNAUTHORIZED, Some(detail.into())),
+            ApiError::BadRequest(detail) => (StatusCode::BAD_REQUEST, Some(detail)),
+            ApiError::PayloadTooLarge(detail) => (StatusCode::PAYLOAD_TOO_LARGE, Some(detail)),
+            ApiError::UnsupportedMediaType(detail) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some(detail))
             }
-            ApiError::NotFound(detail) => (StatusCode::NOT_FOUND, "not found", Some(detail)),
-            ApiError::Conflict(detail) => (StatusCode::CONFLICT, "conflict", Some(detail)),
+            ApiError::Forbidden(detail) => (StatusCode::FORBIDDEN, Some(detail)),
+            ApiError::Unavailable(detail) => (StatusCode::SERVICE_UNAVAILABLE, Some(detail)),
+            ApiError::NotFound(detail) => (StatusCode::NOT_FOUND, Some(detail)),
+            ApiError::Conflict(detail) => (StatusCode::CONFLICT, Some(detail)),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error answering an API call");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error", None)
+                (StatusCode::INTERNAL_SERVER_ERROR, None)
             }
         };
+        let error = error_word(status);
         (status, Json(ErrorBody { error, detail })).into_response()
     }
 }
@@ -235,7 +305,16 @@ impl<T: DeserializeOwned> FromRequestParts<AppState> for Params<T> {
 }
 
 fn bad_body(rejection: JsonRejection) -> ApiError {
-    ApiError::BadRequest(rejection.body_text())
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+            "the body exceeds the limit of {} KiB",
+            BODY_LIMIT / 1024
+        )),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(
+            "the body must be JSON, sent with Content-Type: application/json".into(),
+        ),
+        _ => ApiError::BadRequest(rejection.body_text()),
+    }
 }
 
 /// A JSON body that may be left out; no body, or `null`, means the defaults.

@@ -1,0 +1,773 @@
+//! End-to-end: hostile network input against the real server. Floods, malformed and
+//! oversized frames, enrollment guessing, clients that stop reading, path traversal,
+//! huge headers and bodies, and bad JSON on every documented route each get a clear
+//! refusal, and the agents that behave keep being served.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{AgentMessage, Heartbeat, RejectCode, ServerMessage};
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::MaybeTlsStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket to the server from `source` (any 127.x.y.z address is this machine).
+async fn connect_from(server: &Server, source: Ipv4Addr) -> RawSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+    let stream = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], server.port)))
+        .await
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), MaybeTlsStream::Plain(stream))
+        .await
+        .expect("websocket connects");
+    ws
+}
+
+/// Sends an enrollment hello from `source`; the server's first answer.
+async fn enroll_from(
+    server: &Server,
+    source: Ipv4Addr,
+    token: &str,
+    fingerprint: &str,
+) -> ServerMessage {
+    let mut socket = connect_from(server, source).await;
+    let mut hello = hello(fingerprint);
+    hello.enroll_token = Some(token.into());
+    send(&mut socket, AgentMessage::Hello(hello)).await;
+    receive(&mut socket)
+        .await
+        .expect("the server answers a hello")
+}
+
+/// Sends a ping and waits for its pong: proof that the server is reading this session.
+async fn ping_answered(socket: &mut RawSocket, round: u8) -> bool {
+    let payload = vec![round; 8];
+    if socket
+        .send(Message::Ping(payload.clone().into()))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Pong(got)))) if got.as_ref() == payload.as_slice() => {
+                return true;
+            }
+            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => return false,
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+async fn agent_online(api: &Api, id: &str) -> Option<bool> {
+    let (status, agent) = api.get(&format!("/api/v1/agents/{id}")).await;
+    (status == 200).then(|| agent["online"] == true)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_session_is_closed_while_other_agents_keep_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut steady = ProtocolAgent::enroll(&server, "fp-steady", "1.0.0").await;
+    let flooder = ProtocolAgent::enroll(&server, "fp-flood", "1.0.0").await;
+    let flooder_id = flooder.id.clone();
+
+    // The flooder writes heartbeats as fast as it can and then reads what it got back.
+    let flood = tokio::spawn(async move {
+        let (mut sink, mut stream) = flooder.socket.split();
+        let mut sent = 0u64;
+        for seq in 1..=1_000 {
+            let beat = AgentMessage::Heartbeat(Heartbeat {
+                seq,
+                version: "1.0.0".into(),
+            });
+            if sink
+                .send(Message::Binary(beat.encode().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        let mut reject = None;
+        let mut close = None;
+        while let Ok(Some(Ok(frame))) =
+            tokio::time::timeout(Duration::from_secs(10), stream.next()).await
+        {
+            match frame {
+                Message::Binary(bytes) => {
+                    if let Ok(ServerMessage::Reject(r)) = ServerMessage::decode(&bytes) {
+                        reject = Some(r);
+                    }
+                }
+                Message::Close(frame) => {
+                    close = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        (sent, reject, close)
+    });
+
+    // Meanwhile the steady agent heartbeats and its pings are answered.
+    for round in 0..10 {
+        steady.heartbeat().await;
+        assert!(
+            ping_answered(&mut steady.socket, round).await,
+            "the steady session is served during the flood (round {round})"
+        );
+    }
+    let (sent, reject, close) = flood.await.unwrap();
+    let reject = reject.expect("the flooder gets a reject");
+    assert_eq!(reject.code, RejectCode::MalformedFrame, "{reject:?}");
+    assert!(reject.message.contains("too many frames"), "{reject:?}");
+    // The close frame can be lost: the server drops the socket with the rest of the
+    // flood unread, which resets the connection.
+    if let Some(close) = close {
+        assert_eq!(close, 1008, "closed as a policy violation");
+    }
+    assert!(sent > 40, "the flood got past the burst before the close");
+
+    // Afterwards: the flooder is offline, the steady agent online and still decided on
+    // at every heartbeat (a newly published build reaches it).
+    eventually(
+        "the flooder to go offline",
+        Duration::from_secs(15),
+        || async { (agent_online(&api, &flooder_id).await == Some(false)).then_some(()) },
+    )
+    .await;
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"build 1.1.0");
+    let update = steady
+        .next_update(Duration::from_secs(20))
+        .await
+        .expect("the steady agent is offered the new build");
+    assert_eq!(update.version, "1.1.0");
+    assert_eq!(agent_online(&api, &steady.id).await, Some(true));
+    assert!(server.log().contains("too many frames"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_nested_and_oversized_frames_close_only_their_own_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut steady = ProtocolAgent::enroll(&server, "fp-steady", "1.0.0").await;
+
+    let golden_heartbeat =
+        hex::decode("84a17601a474797065a9686561727462656174a37365712aa776657273696f6ea5312e302e30")
+            .unwrap();
+    let mut nested =
+        b"\x85\xa1v\x01\xa4type\xa9heartbeat\xa3seq\x01\xa7version\xa51.0.0\xa1x".to_vec();
+    nested.extend(std::iter::repeat_n(0x91, 50_000));
+    nested.push(0x01);
+    // What was sent, what it must be refused with, and the close code; the close frame
+    // of the last case may be lost, since the server drops the socket with a megabyte
+    // unread.
+    let cases: Vec<(&str, Vec<u8>, RejectCode, u16)> = vec![
+        (
+            "a truncated heartbeat",
+            golden_heartbeat[..golden_heartbeat.len() - 3].to_vec(),
+            RejectCode::MalformedFrame,
+            1007,
+        ),
+        (
+            "50,000 nested arrays",
+            nested,
+            RejectCode::MalformedFrame,
+            1007,
+        ),
+        (
+            "a string claiming 4 GB",
+            b"\x83\xa1v\x01\xa4type\xa9heartbeat\xa7version\xdb\xff\xff\xff\xffabc".to_vec(),
+            RejectCode::MalformedFrame,
+            1007,
+        ),
+        (
+            "a frame over the protocol's limit",
+            vec![0x90; protocol::MAX_FRAME_BYTES + 1],
+            RejectCode::FrameTooLarge,
+            1009,
+        ),
+        (
+            "a frame over the WebSocket layer's limit of 1 MiB",
+            vec![0x90; 1024 * 1024 + 1],
+            RejectCode::FrameTooLarge,
+            1009,
+        ),
+    ];
+    for (what, frame, code, close) in cases {
+        let mut socket = raw_connect(&server).await;
+        send(
+            &mut socket,
+            AgentMessage::Hello(hello(&format!("fp-{what}"))),
+        )
+        .await;
+        assert!(
+            matches!(receive(&mut socket).await, Some(ServerMessage::Welcome(_))),
+            "{what}: welcomed first"
+        );
+        socket.send(Message::Binary(frame.into())).await.unwrap();
+        let Some(ServerMessage::Reject(reject)) = receive(&mut socket).await else {
+            panic!("{what}: expected a reject");
+        };
+        assert_eq!(reject.code, code, "{what}: {reject:?}");
+        assert!(!reject.message.is_empty(), "{what}");
+        match close_frame(&mut socket).await {
+            Some((got_close, reason)) => {
+                assert_eq!(got_close, close, "{what}: {reason}");
+                assert!(reason.len() <= 123, "{what}: close reason fits the limit");
+            }
+            None => assert_eq!(code, RejectCode::FrameTooLarge, "{what}: no close frame"),
+        }
+        // The steady agent is read and answered after each.
+        steady.heartbeat().await;
+        assert!(ping_answered(&mut steady.socket, 1).await, "after {what}");
+    }
+    assert_eq!(agent_online(&api, &steady.id).await, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_attempts_are_limited_per_source_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &["--enroll-failure-limit", "3/1h", "--enroll-limit", "6/1h"],
+    );
+    let api = server.api();
+    let guesser = Ipv4Addr::new(127, 0, 0, 2);
+    let site = Ipv4Addr::new(127, 0, 0, 3);
+
+    // Three wrong tokens are answered as such; then the address is locked out, even
+    // with the right token, while the database is not even asked.
+    for i in 0..3 {
+        let answer = enroll_from(&server, guesser, "guess", &format!("fp-guess-{i}")).await;
+        let ServerMessage::Reject(reject) = answer else {
+            panic!("a wrong token is refused: {answer:?}");
+        };
+        assert_eq!(reject.code, RejectCode::BadEnrollToken);
+    }
+    for token in ["guess", ENROLL_TOKEN] {
+        let answer = enroll_from(&server, guesser, token, "fp-guess-good").await;
+        let ServerMessage::Reject(reject) = answer else {
+            panic!("a locked-out address is refused: {answer:?}");
+        };
+        assert_eq!(reject.code, RejectCode::ServerError, "{reject:?}");
+        assert!(
+            reject
+                .message
+                .contains("too many failed enrollment attempts from this address"),
+            "{reject:?}"
+        );
+        assert!(reject.message.contains("retry later"), "{reject:?}");
+    }
+
+    // Another address is not affected; it gets six enrollments (re-enrolling one
+    // machine counts too), then it is refused for the generous limit.
+    let mut enrolled = Vec::new();
+    for i in 0..6 {
+        let fingerprint = format!("fp-site-{}", i.min(4));
+        match enroll_from(&server, site, ENROLL_TOKEN, &fingerprint).await {
+            ServerMessage::Welcome(welcome) => enrolled.push(welcome),
+            other => panic!("enrollment {i} is accepted: {other:?}"),
+        }
+    }
+    let answer = enroll_from(&server, site, ENROLL_TOKEN, "fp-site-6").await;
+    let ServerMessage::Reject(reject) = answer else {
+        panic!("the seventh enrollment is refused: {answer:?}");
+    };
+    assert_eq!(reject.code, RejectCode::ServerError);
+    assert!(
+        reject
+            .message
+            .contains("too many enrollment attempts from this address"),
+        "{reject:?}"
+    );
+
+    // Enrolled agents reconnect with their credentials from the limited addresses.
+    let first = &enrolled[0];
+    for source in [site, guesser] {
+        let mut socket = connect_from(&server, source).await;
+        let mut hello = hello("fp-site-0");
+        hello.enroll_token = None;
+        hello.agent_id = Some(first.agent_id.clone());
+        hello.secret = first.secret.clone();
+        send(&mut socket, AgentMessage::Hello(hello)).await;
+        assert!(
+            matches!(receive(&mut socket).await, Some(ServerMessage::Welcome(_))),
+            "credentials are not limited"
+        );
+    }
+
+    // Refused attempts created nothing: five machines, one re-bound.
+    let agents = api.agents().await.unwrap();
+    assert_eq!(agents.len(), 5, "{agents:?}");
+    assert_eq!(enrolled[4].agent_id, enrolled[5].agent_id);
+    assert!(server.log().contains("too many failed enrollment attempts"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_agent_refused_for_too_many_attempts_backs_off_and_enrolls_later() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two failures at once, then one every 8 seconds: the agent starts well within that.
+    let server = Server::start_with_args(dir.path(), &["--enroll-failure-limit", "2/16s"]);
+    let here = Ipv4Addr::LOCALHOST;
+    for i in 0..2 {
+        let answer = enroll_from(&server, here, "guess", &format!("fp-guess-{i}")).await;
+        assert!(matches!(answer, ServerMessage::Reject(_)), "{answer:?}");
+    }
+    let agent = Agent::start(&server, dir.path(), "patient");
+    // Its backoff (full jitter, doubling) brings it back after the refill.
+    let api = server.api();
+    eventually("the agent to enroll", Duration::from_secs(90), || async {
+        let agents = api.agents().await?;
+        (agents.len() == 1 && agents[0]["online"] == true).then_some(())
+    })
+    .await;
+    assert!(
+        agent
+            .log()
+            .contains("too many failed enrollment attempts from this address"),
+        "the agent was refused first and says why:\n{}",
+        agent.log()
+    );
+}
+
+/// A client whose TCP window is tiny and which stops reading after its welcome: the
+/// server's writes to it stall.
+async fn stalled_client(server: &Server) -> (RawSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], server.port)))
+        .await
+        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(server.ws_url(), MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    send(&mut ws, AgentMessage::Hello(hello("fp-stalled"))).await;
+    let Some(ServerMessage::Welcome(welcome)) = receive(&mut ws).await else {
+        panic!("expected a welcome");
+    };
+    (ws, welcome.agent_id)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_dropped_while_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    // The harness's 1 s heartbeat interval makes the write limit 3 s. A long public URL
+    // makes every update about 40 KB, so the kernel's buffers (megabytes on loopback)
+    // fill after a few hundred.
+    let public_url = format!("http://drover.invalid/{}", "p".repeat(40_000));
+    let server = Server::start_with_args(dir.path(), &["--public-url", &public_url]);
+    let api = server.api();
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"build 1.1.0");
+    eventually(
+        "the build to be offered",
+        Duration::from_secs(15),
+        || async {
+            let (_, releases) = api.get("/api/v1/releases").await;
+            (releases.as_array()?.len() == 1).then_some(())
+        },
+    )
+    .await;
+    let (stalled, stalled_id) = stalled_client(&server).await;
+    let mut steady = ProtocolAgent::enroll(&server, "fp-steady", "1.0.0").await;
+
+    // It keeps heartbeating, so silence never ends it; it only stops reading.
+    let (mut sink, _never_read) = stalled.split();
+    let heartbeats = tokio::spawn(async move {
+        for seq in 1.. {
+            let beat = AgentMessage::Heartbeat(Heartbeat {
+                seq,
+                version: "1.0.0".into(),
+            });
+            if sink
+                .send(Message::Binary(beat.encode().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+
+    // Every "update now" sends it a cancel and a new update: 300 of them are far more
+    // than the kernel's buffers hold, so the server's write to it stalls.
+    let mut last_beat = tokio::time::Instant::now();
+    for _ in 0..300 {
+        let (status, body) = api
+            .post(&format!("/api/v1/agents/{stalled_id}/update"), None)
+            .await;
+        assert!(status < 500, "{status} {body}");
+        if last_beat.elapsed() > Duration::from_millis(500) {
+            steady.heartbeat().await;
+            last_beat = tokio::time::Instant::now();
+        }
+    }
+    // It is dropped, while the steady agent stays connected.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while agent_online(&api, &stalled_id).await != Some(false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled session was never dropped"
+        );
+        steady.heartbeat().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        server.log().contains("agent stopped reading"),
+        "dropped for its stalled writes:\n{}",
+        server.log()
+    );
+    heartbeats.abort();
+
+    // The steady agent noticed nothing.
+    steady.heartbeat().await;
+    assert!(ping_answered(&mut steady.socket, 7).await);
+    assert_eq!(agent_online(&api, &steady.id).await, Some(true));
+}
+
+/// One raw HTTP/1.1 request exactly as written (no client normalises the path); the
+/// status and the whole answer, or `None` when the server closed without one.
+async fn raw_http(server: &Server, request: &[u8]) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        // The server may answer and close before reading all of a huge request.
+        let _ = writer.write_all(request).await;
+        let _ = writer.flush().await;
+    };
+    let mut answer = Vec::new();
+    let read = async {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut answer)).await;
+    };
+    tokio::join!(write, read);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text))
+}
+
+async fn raw_get(server: &Server, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: drover\r\nConnection: close\r\n\r\n");
+    raw_http(server, request.as_bytes())
+        .await
+        .unwrap_or_else(|| panic!("GET {path}: no answer"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_never_serve_anything_outside_the_offered_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let secret = "top secret outside the downloads directory";
+    std::fs::write(dir.path().join("secret.txt"), secret).unwrap();
+    let file = publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"the real build",
+    );
+    std::fs::write(server.downloads().join("stray.txt"), secret).unwrap();
+    let url_path = format!("/downloads/{file}");
+    eventually(
+        "the build to be offered",
+        Duration::from_secs(15),
+        || async { (raw_get(&server, &url_path).await.0 == 200).then_some(()) },
+    )
+    .await;
+    let (_, body) = raw_get(&server, &url_path).await;
+    assert!(body.ends_with("the real build"));
+
+    let attempts = [
+        "/downloads/../secret.txt".to_owned(),
+        "/downloads/..%2fsecret.txt".to_owned(),
+        "/downloads/%2e%2e%2fsecret.txt".to_owned(),
+        "/downloads/%2E%2E%2Fsecret.txt".to_owned(),
+        "/downloads/%2e%2e/secret.txt".to_owned(),
+        "/downloads/..%5csecret.txt".to_owned(),
+        "/downloads/%252e%252e%252fsecret.txt".to_owned(),
+        "/downloads/%c0%ae%c0%ae%2fsecret.txt".to_owned(),
+        "/downloads/%2fetc%2fpasswd".to_owned(),
+        "/downloads//etc/passwd".to_owned(),
+        "/downloads/.".to_owned(),
+        "/downloads/..".to_owned(),
+        "/downloads/%2e%2e".to_owned(),
+        "/downloads/stray.txt".to_owned(),
+        format!("/downloads/{file}.sha256"),
+        format!("/downloads/{file}.channel"),
+        format!("/downloads/{file}%00"),
+        format!("/downloads/{file}%00.sha256"),
+        format!("/downloads/{file}/..%2f..%2fsecret.txt"),
+        format!("/downloads/..%2f{file}"),
+        "/downloads/%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd".to_owned(),
+    ];
+    for path in attempts {
+        let (status, body) = raw_get(&server, &path).await;
+        assert!((400..500).contains(&status), "{path}: {status}\n{body}");
+        assert!(!body.contains(secret), "{path} leaked the file");
+        assert!(!body.contains("root:"), "{path} leaked /etc/passwd");
+    }
+    // Malformed names are told so, in the API's error shape.
+    let (status, body) = raw_get(&server, "/downloads/..%2fsecret.txt").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"error\":\"bad request\""), "{body}");
+    assert!(body.contains("not a file name"), "{body}");
+    let (status, _) = raw_get(&server, &url_path).await;
+    assert_eq!(status, 200, "the real build is still served");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_headers_and_bodies_get_4xx_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = reqwest::Client::new();
+    let base = &server.url;
+
+    // A 100 KB header is within what the server reads: answered normally.
+    let filler = "a".repeat(100 * 1024);
+    let response = http
+        .get(format!("{base}/api/v1/agents"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("X-Filler", &filler)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = http
+        .get(format!("{base}/api/v1/agents"))
+        .bearer_auth(&filler)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    // Beyond it: refused with 431 (or the connection is closed), never a crash.
+    let mut huge = b"GET /api/v1/agents HTTP/1.1\r\nHost: drover\r\nX-Filler: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 2 * 1024 * 1024));
+    huge.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    if let Some((status, _)) = raw_http(&server, &huge).await {
+        assert_eq!(status, 431);
+    }
+    let mut many = String::from("GET /healthz HTTP/1.1\r\nHost: drover\r\n");
+    for i in 0..500 {
+        many += &format!("X-Header-{i}: {i}\r\n");
+    }
+    many += "Connection: close\r\n\r\n";
+    let (status, _) = raw_http(&server, many.as_bytes()).await.expect("an answer");
+    assert_eq!(status, 431, "500 headers");
+
+    // Bodies over the API's limit: 413 in the JSON error shape, for JSON and raw bodies.
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(300 * 1024));
+    for path in [
+        "/api/v1/clients",
+        "/api/v1/agents/some-agent/update",
+        "/api/v1/session",
+    ] {
+        let response = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("Content-Type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "payload too large", "{path}: {body}");
+        assert!(body["detail"].is_string(), "{path}: {body}");
+    }
+
+    let (status, health) = Api::new(base, "").get("/healthz").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_errors_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/clients", server.url);
+    let cases: [(&str, Option<&str>, &str, u16, &str); 6] = [
+        (
+            "bad JSON",
+            Some("application/json"),
+            "{\"name\": ",
+            400,
+            "bad request",
+        ),
+        (
+            "missing field",
+            Some("application/json"),
+            "{}",
+            400,
+            "bad request",
+        ),
+        (
+            "wrong type",
+            Some("application/json"),
+            "{\"name\": 5}",
+            400,
+            "bad request",
+        ),
+        (
+            "not an object",
+            Some("application/json"),
+            "[1, 2]",
+            400,
+            "bad request",
+        ),
+        (
+            "text",
+            Some("text/plain"),
+            "{\"name\": \"x\"}",
+            415,
+            "unsupported media type",
+        ),
+        (
+            "no content type",
+            None,
+            "{\"name\": \"x\"}",
+            415,
+            "unsupported media type",
+        ),
+    ];
+    for (what, content_type, body, status, error) in cases {
+        let mut request = http.post(&url).bearer_auth(ADMIN_TOKEN).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("Content-Type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "{what}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"], error, "{what}: {answer}");
+        assert!(
+            answer["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}: {answer}"
+        );
+    }
+    // A method a route does not have, too.
+    let response = http
+        .delete(format!("{}/api/v1/releases", server.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert!(response.headers().contains_key("allow"));
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "method not allowed", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_documented_route_answers_hostile_requests_without_a_server_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (status, document) = api.get("/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    // A fresh connection per request: one the server closed after an oversized body
+    // must not fail the next request.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let oversized = format!("{{\"x\": \"{}\"}}", "x".repeat(300 * 1024));
+    let bodies: [(&str, &str); 8] = [
+        ("application/json", "{"),
+        ("application/json", "{}"),
+        ("application/json", "null"),
+        (
+            "application/json",
+            "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+        ),
+        (
+            "application/json",
+            "{\"name\": 5, \"version\": [], \"role\": {}, \"channel\": 1e999}",
+        ),
+        ("text/plain", "hello"),
+        ("application/x-www-form-urlencoded", "name=x&version=1"),
+        ("application/json", &oversized),
+    ];
+    let mut calls = 0;
+    let routes = document["paths"].as_object().unwrap();
+    let parameters = ["x", "..%2f%00%ff"];
+    for (path, item) in routes
+        .iter()
+        .flat_map(|route| parameters.map(|p| (route, p)))
+        .map(|((path, item), parameter)| {
+            let path = path
+                .split('/')
+                .map(|s| if s.starts_with('{') { parameter } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            (path, item)
+        })
+    {
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            for token in [Some(ADMIN_TOKEN), Some("wrong-token"), None] {
+                for (content_type, body) in bodies {
+                    let mut request = http
+                        .request(
+                            method.to_uppercase().parse().unwrap(),
+                            format!("{}{path}", server.url),
+                        )
+                        .header("Content-Type", content_type)
+                        .body(body.to_owned());
+                    if let Some(token) = token {
+                        request = request.bearer_auth(token);
+                    }
+                    calls += 1;
+                    let response = match request.send().await {
+                        Ok(response) => response,
+                        // A route that reads no body may answer before the client has
+                        // sent it all, and close; the server must still be there.
+                        Err(err) if body.len() > 1024 => {
+                            let (status, _) = Api::new(&server.url, "").get("/healthz").await;
+                            assert_eq!(status, 200, "{method} {path}: {err}");
+                            continue;
+                        }
+                        Err(err) => panic!("{method} {path}: no answer: {err:?}"),
+                    };
+                    let status = response.status().as_u16();
+                    assert!(
+                        status < 500,
+                        "{method} {path} ({content_type}, token {token:?}): {status}"
+                    );
+                    // The event stream answers 200 and never ends; everything else is read.
+                    if status >= 400 {
+                        let answer: Value = response.json().await.unwrap_or_else(|e| {
+                            panic!("{method} {path}: {status} without a JSON body: {e}")
+                        });
+                        assert!(answer["error"].is_string(), "{method} {path}: {answer}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(calls > 200, "the document lists the routes ({calls} calls)");
+    // Still serving, with nothing created or broken by the garbage.
+    let (status, health) = Api::new(&server.url, "").get("/healthz").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    let (status, clients) = api.get("/api/v1/clients").await;
+    assert_eq!(status, 200);
+    assert_eq!(clients.as_array().map(Vec::len), Some(1), "{clients}");
+}

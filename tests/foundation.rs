@@ -106,9 +106,17 @@ async fn agents_keep_their_identity_across_server_kills_and_agent_restarts() {
         "bravo",
         &["--enroll-token", ENROLL_TOKEN, "--fingerprint", "fp-bravo"],
     );
+    // The killed agent's worker may hold its session a moment longer, so wait for the
+    // new installation itself.
+    let stored = eventually(
+        "the reinstalled agent to store its identity",
+        Duration::from_secs(30),
+        || async { rebound.stored_id() },
+    )
+    .await;
+    assert_eq!(Some(&stored), ids.get("bravo"));
     let listed = all_online(&api, 3).await;
     assert_eq!(ids_by_hostname(&listed), ids);
-    assert_eq!(rebound.stored_id().as_ref(), ids.get("bravo"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

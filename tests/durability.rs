@@ -104,23 +104,6 @@ fn names_in(dir: &Path) -> Vec<String> {
     names
 }
 
-async fn agent_view(server: &Server, name: &str) -> Option<Value> {
-    let agents = server.api().agents().await?;
-    agents.into_iter().find(|a| a["hostname"] == name)
-}
-
-async fn enrolled_id(server: &Server, name: &str) -> String {
-    eventually(
-        &format!("{name} online"),
-        Duration::from_secs(30),
-        || async {
-            let agent = agent_view(server, name).await?;
-            (agent["online"] == true).then(|| agent["id"].as_str().unwrap().to_owned())
-        },
-    )
-    .await
-}
-
 /// Waits for the agent's newest task to reach `status`; returns it.
 async fn task_reaches(server: &Server, id: &str, status: &str) -> Value {
     eventually(&format!("the task to be {status}"), UPDATE_WAIT, || async {

@@ -28,11 +28,6 @@ fn publish_script(server: &Server, version: &str, script: &str) {
     );
 }
 
-async fn agent_view(server: &Server, name: &str) -> Option<Value> {
-    let agents = server.api().agents().await?;
-    agents.into_iter().find(|a| a["hostname"] == name)
-}
-
 async fn tasks_of(server: &Server, id: &str) -> Vec<Value> {
     let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
     body["tasks"].as_array().cloned().unwrap_or_default()
@@ -57,18 +52,6 @@ async fn installed(exe: &Path, version: &str) {
         || async { (version_of(exe) == version).then_some(()) },
     )
     .await;
-}
-
-async fn enrolled_id(server: &Server, name: &str) -> String {
-    eventually(
-        &format!("{name} online"),
-        Duration::from_secs(30),
-        || async {
-            let agent = agent_view(server, name).await?;
-            (agent["online"] == true).then(|| agent["id"].as_str().unwrap().to_owned())
-        },
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

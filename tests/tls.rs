@@ -57,23 +57,6 @@ fn start_tls_server(dir: &Path, ca: &TestCa) -> Server {
     Server::start_tls(dir, &ca.server_cert, &ca.server_key, &ca.ca_cert)
 }
 
-async fn agent_view(server: &Server, name: &str) -> Option<Value> {
-    let agents = server.api().agents().await?;
-    agents.into_iter().find(|a| a["hostname"] == name)
-}
-
-async fn enrolled_id(server: &Server, name: &str) -> String {
-    eventually(
-        &format!("{name} online"),
-        Duration::from_secs(30),
-        || async {
-            let agent = agent_view(server, name).await?;
-            (agent["online"] == true).then(|| agent["id"].as_str().unwrap().to_owned())
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_pinning_the_ca_updates_itself_over_tls() {
     let dir = tempfile::tempdir().unwrap();

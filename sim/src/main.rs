@@ -204,17 +204,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     wait_for_end(args.duration).await?;
     // Taken before the agents leave, so it says how many were connected at the end.
     let report = stats.report();
-    let _ = stop.send(true);
-    if let Some(progress) = progress {
-        progress.abort();
-    }
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while agents.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        agents.abort_all();
-    }
+    stop_all(&stop, progress, &mut agents).await;
     fleet.identities.save()?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -222,6 +212,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// Tells every simulated client to stop, ends the progress lines, and gives the clients
+/// 10 s to leave politely before the rest are dropped.
+async fn stop_all(
+    stop: &watch::Sender<bool>,
+    progress: Option<tokio::task::JoinHandle<()>>,
+    clients: &mut tokio::task::JoinSet<()>,
+) {
+    let _ = stop.send(true);
+    if let Some(progress) = progress {
+        progress.abort();
+    }
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while clients.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        clients.abort_all();
+    }
 }
 
 /// Until the duration has passed, or SIGINT or SIGTERM arrives.

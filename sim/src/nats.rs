@@ -151,17 +151,7 @@ pub(crate) async fn run(args: NatsArgs) -> anyhow::Result<()> {
 
     crate::wait_for_end(args.duration).await?;
     let report = swarm.stats.report();
-    let _ = stop.send(true);
-    if let Some(progress) = progress {
-        progress.abort();
-    }
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while clients.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        clients.abort_all();
-    }
+    crate::stop_all(&stop, progress, &mut clients).await;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

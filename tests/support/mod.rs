@@ -422,6 +422,25 @@ impl Api {
     }
 }
 
+/// The listed agent with this hostname, if any.
+pub async fn agent_view(server: &Server, name: &str) -> Option<Value> {
+    let agents = server.api().agents().await?;
+    agents.into_iter().find(|a| a["hostname"] == name)
+}
+
+/// Waits until the agent with this hostname is online; returns its id.
+pub async fn enrolled_id(server: &Server, name: &str) -> String {
+    eventually(
+        &format!("{name} online"),
+        Duration::from_secs(30),
+        || async {
+            let agent = agent_view(server, name).await?;
+            (agent["online"] == true).then(|| agent["id"].as_str().unwrap().to_owned())
+        },
+    )
+    .await
+}
+
 /// Waits until the listing holds exactly `count` agents, all online; returns them.
 pub async fn all_online(api: &Api, count: usize) -> Vec<Value> {
     eventually(

@@ -75,6 +75,17 @@ pub(crate) async fn check(
                 .cloned()
         });
         match target {
+            // A rollback this agent refused (an old signature, say) is tried again when
+            // something changes (a build, an operator's action, a new session), not on
+            // every heartbeat: each attempt would be one more failed task.
+            Some(release)
+                if trigger == Trigger::Heartbeat
+                    && position
+                        .failed_versions
+                        .contains(&release.version.to_string()) =>
+            {
+                return Ok(None);
+            }
             Some(release) => (release, TaskKind::Rollback),
             None => {
                 tracing::warn!(agent = %live.id, version = %position.version, "runs a rolled-back version and no other build is offered for it");

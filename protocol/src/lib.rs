@@ -189,6 +189,9 @@ pub enum RejectCode {
     Timeout,
     /// The server failed (for example its database); retry later with backoff.
     ServerError,
+    /// Too many frames from this session, or too many enrollment attempts from this
+    /// address; retry later with backoff. Older agents read it as `Unknown`.
+    RateLimited,
     #[serde(other)]
     Unknown,
 }

@@ -36,6 +36,7 @@ fn reject_code() -> impl Strategy<Value = RejectCode> {
         Just(RejectCode::Replaced),
         Just(RejectCode::Timeout),
         Just(RejectCode::ServerError),
+        Just(RejectCode::RateLimited),
     ]
 }
 

@@ -174,13 +174,12 @@ impl Refusal {
         }
     }
 
-    /// A peer sending frames faster than `FRAME_RATE`: a protocol violation, closed as
-    /// a policy violation.
+    /// A peer sending frames faster than `FRAME_RATE`, closed as a policy violation.
     fn flood() -> Refusal {
         Refusal {
             close: close_code::POLICY,
             ..Refusal::new(
-                RejectCode::MalformedFrame,
+                RejectCode::RateLimited,
                 format!(
                     "too many frames: at most {} in a burst, then {} per second",
                     FRAME_RATE.burst,
@@ -342,7 +341,7 @@ async fn admit(
         (_, _, Some(token)) => {
             // Refused before the database is asked: the agent backs off and retries.
             state.enrollments.attempt(source, Instant::now()).map_err(
-                |TooManyAttempts(message)| Refusal::new(RejectCode::ServerError, message),
+                |TooManyAttempts(message)| Refusal::new(RejectCode::RateLimited, message),
             )?;
             if hello.fingerprint.trim().is_empty() {
                 state.enrollments.failed(source, Instant::now());

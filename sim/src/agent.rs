@@ -521,6 +521,7 @@ fn reject_name(code: RejectCode) -> &'static str {
         RejectCode::Replaced => "replaced",
         RejectCode::Timeout => "timeout",
         RejectCode::ServerError => "server_error",
+        RejectCode::RateLimited => "rate_limited",
         RejectCode::Unknown => "unknown",
     }
 }

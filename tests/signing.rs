@@ -375,7 +375,10 @@ async fn only_builds_signed_for_this_agent_are_installed_and_never_a_replay() {
         .into_iter()
         .filter(|t| t["to_version"] == "1.1.0" && t["kind"] == "rollback")
         .count();
-    assert_eq!(refused, 1, "one refused rollback task, not one per heartbeat");
+    assert_eq!(
+        refused, 1,
+        "one refused rollback task, not one per heartbeat"
+    );
 
     // The key holder signs the rollback explicitly, with a new counter: installed.
     sign(&server.downloads().join(build_name("1.1.0")), &key, 8, true);

@@ -397,7 +397,9 @@ async fn the_install_script_installs_a_verified_agent_that_runs_from_its_config(
     )
     .await;
     let root = dir.path().join("machine");
-    let install = |token: &str| {
+    // RFC 8032's first test key: any valid ed25519 public key will do here.
+    const RELEASE_KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    let install_with_key = |token: &str, key: &str| {
         std::process::Command::new("scripts/install.sh")
             .args([
                 "--server",
@@ -405,6 +407,8 @@ async fn the_install_script_installs_a_verified_agent_that_runs_from_its_config(
                 "--enroll-token",
                 token,
                 "--no-systemd",
+                "--public-key",
+                key,
             ])
             .arg("--prefix")
             .arg(root.join("usr"))
@@ -415,7 +419,11 @@ async fn the_install_script_installs_a_verified_agent_that_runs_from_its_config(
             .output()
             .unwrap()
     };
+    let install = |token: &str| install_with_key(token, RELEASE_KEY);
 
+    let bad_key = install_with_key(ENROLL_TOKEN, "not-a-key");
+    assert!(!bad_key.status.success());
+    assert!(String::from_utf8_lossy(&bad_key.stderr).contains("64 hex digits"));
     let refused = install("not-a-token");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
@@ -431,6 +439,10 @@ async fn the_install_script_installs_a_verified_agent_that_runs_from_its_config(
     let config = root.join("etc/agent.conf");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains(&format!("server = {}", server.url)), "{text}");
+    assert!(
+        text.contains(&format!("public-key = {RELEASE_KEY}")),
+        "the release key is pinned: {text}"
+    );
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,

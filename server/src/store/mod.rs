@@ -280,6 +280,32 @@ pub struct NewTask<'a> {
     pub status: TaskStatus,
 }
 
+impl NewTask<'_> {
+    /// The row `create_tasks` writes for this task: every column not set here starts at
+    /// its default in the schema (no error, no bytes, no progress).
+    fn made(&self, id: &str, now_ms: i64) -> UpdateTask {
+        let dispatched = self.status == TaskStatus::Dispatched;
+        UpdateTask {
+            id: id.to_owned(),
+            agent_id: self.agent_id.to_owned(),
+            from_version: self.from_version.to_owned(),
+            to_version: self.to_version.to_owned(),
+            os: self.os.to_owned(),
+            arch: self.arch.to_owned(),
+            kind: self.kind,
+            status: self.status,
+            attempts: i64::from(dispatched),
+            error: None,
+            bytes_done: 0,
+            bytes_total: 0,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            dispatched_at_ms: dispatched.then_some(now_ms),
+            progress_at_ms: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Client {
     pub id: String,

@@ -653,9 +653,10 @@ impl Store for SqliteStore {
         // One transaction and one statement per chunk: a promote dispatches to every
         // connected agent at once, and a statement per task would make the last agent
         // wait for all the others. The unique index on unfinished tasks turns a second
-        // one for an agent into no row; rows come back in any order, so by id.
+        // one for an agent into no row. Only the ids of the rows made come back (in any
+        // order); the rest of each row is what was written.
         let ids: Vec<String> = tasks.iter().map(|_| new_id()).collect();
-        let mut created = std::collections::HashMap::with_capacity(tasks.len());
+        let mut made = std::collections::HashSet::with_capacity(tasks.len());
         let mut tx = self.pool.begin().await?;
         for chunk in tasks
             .iter()
@@ -682,14 +683,16 @@ impl Store for SqliteStore {
                     .push_bind(now_ms)
                     .push_bind(dispatched.then_some(now_ms));
             });
-            insert.push(format!(" ON CONFLICT DO NOTHING RETURNING {TASK_COLUMNS}"));
-            for row in insert.build().fetch_all(&mut *tx).await? {
-                let task = task_from_row(&row)?;
-                created.insert(task.id.clone(), task);
-            }
+            insert.push(" ON CONFLICT DO NOTHING RETURNING id");
+            let rows: Vec<String> = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+            made.extend(rows);
         }
         tx.commit().await?;
-        Ok(ids.iter().map(|id| created.remove(id)).collect())
+        Ok(tasks
+            .iter()
+            .zip(&ids)
+            .map(|(task, id)| made.contains(id).then(|| task.made(id, now_ms)))
+            .collect())
     }
 
     async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>> {

@@ -492,3 +492,86 @@ async fn an_agent_with_several_servers_fails_over_to_one_that_answers() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_reads_a_config_file_and_its_command_line_wins() {
+    let releases = |server: &Server| {
+        let api = server.api();
+        async move {
+            let (status, body) = api.get("/api/v1/releases?include=skipped").await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+
+    // From --config: a switch and a value; the file's listen address loses to the
+    // command line's (the harness passes one), or the server would not be reachable.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("drover.conf");
+    std::fs::write(
+        &file,
+        "# drover-server\nlisten = 127.0.0.1:1\nrequire-signatures = true\ndefault_channel = beta\n",
+    )
+    .unwrap();
+    let server = Server::start_with_args(dir.path(), &["--config", file.to_str().unwrap()]);
+    let build = publish(&server.downloads(), "1.1.0", None, b"unsigned");
+    let reason = eventually(
+        "the build to be listed",
+        Duration::from_secs(20),
+        || async {
+            let body = releases(&server).await;
+            let skipped = body["skipped"].as_array()?;
+            let entry = skipped.iter().find(|s| s["file"] == build.as_str())?;
+            entry["reason"].as_str().map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(reason.contains("signatures are required"), "{reason}");
+
+    // From DROVER_CONFIG: without the switch the build is offered, on the file's
+    // default channel.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("drover.conf");
+    std::fs::write(&file, "default-channel = beta\n").unwrap();
+    let server = Server::start_with_env(
+        dir.path(),
+        &[
+            ("DROVER_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("DROVER_CONFIG", file.to_str().unwrap()),
+        ],
+    );
+    publish(&server.downloads(), "1.1.0", None, b"unsigned");
+    let listing = eventually(
+        "the build to be offered",
+        Duration::from_secs(20),
+        || async {
+            let body = releases(&server).await;
+            (body["releases"].as_array()?.len() == 1).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(listing["releases"][0]["channel"], "beta", "{listing}");
+}
+
+#[test]
+fn a_bad_server_config_file_is_an_error_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("drover.conf");
+    std::fs::write(&file, "listen 0.0.0.0:8080\n").unwrap();
+    let output = std::process::Command::new(SERVER_BIN)
+        .args(["--config", file.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("line 1: expected `key = value`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("drover.conf"), "{stderr}");
+    assert!(
+        !dir.path().join("drover-data").exists(),
+        "nothing was created"
+    );
+}

@@ -4,6 +4,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use flagfile::FlagFile;
+
+/// The server's config file (`--config FILE` or `DROVER_CONFIG`): `key = value` lines
+/// named like the flags below (`listen = 0.0.0.0:8080`, `require-signatures = true`).
+pub const CONFIG_FILE: FlagFile = FlagFile {
+    env: "DROVER_CONFIG",
+    switches: &["require-signatures"],
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -13,6 +21,11 @@ use clap::Parser;
     args_override_self = true
 )]
 pub struct Args {
+    /// Config file of `key = value` lines named like these flags; a flag on the command
+    /// line wins over it, and it wins over environment variables
+    #[arg(long, env = "DROVER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on (use port 0 for any free port)
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,

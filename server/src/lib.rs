@@ -404,7 +404,8 @@ async fn agent_socket(
 
 /// The `drover-server` binary.
 pub fn main() -> anyhow::Result<()> {
-    let args = config::Args::parse();
+    let args =
+        config::Args::parse_from(config::CONFIG_FILE.expand(std::env::args_os().collect(), 1)?);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -153,7 +153,7 @@ impl Worker {
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Ended {
         let server = self.config.servers[self.next_server % self.config.servers.len()].clone();
-        let url = socket_url(&server);
+        let url = protocol::agent_socket_url(&server);
         let mut socket = tokio::select! {
             connected = connect(&url, self.config.pinned_tls.clone()) => match connected {
                 Ok(socket) => socket,
@@ -469,54 +469,4 @@ async fn connect(url: &str, pinned: Option<Arc<ClientConfig>>) -> anyhow::Result
     .with_context(|| format!("timed out connecting to {url}"))?
     .with_context(|| format!("could not connect to {url}"))?;
     Ok(socket)
-}
-
-/// The agent endpoint for a server URL: `http://h:p` becomes `ws://h:p/api/v1/agent/ws`;
-/// a `ws://` or `wss://` URL with a path is used as given.
-pub(crate) fn socket_url(server: &str) -> String {
-    let server = server.trim().trim_end_matches('/');
-    let (scheme, rest) = server.split_once("://").unwrap_or(("http", server));
-    let scheme = match scheme {
-        "https" | "wss" => "wss",
-        _ => "ws",
-    };
-    if server.starts_with("ws") && rest.contains('/') {
-        return format!("{scheme}://{rest}");
-    }
-    format!("{scheme}://{rest}/api/v1/agent/ws")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn socket_urls() {
-        let cases = [
-            (
-                "http://127.0.0.1:8080",
-                "ws://127.0.0.1:8080/api/v1/agent/ws",
-            ),
-            (
-                "http://127.0.0.1:8080/",
-                "ws://127.0.0.1:8080/api/v1/agent/ws",
-            ),
-            (
-                "https://updates.example.com",
-                "wss://updates.example.com/api/v1/agent/ws",
-            ),
-            (
-                "updates.example.com:8080",
-                "ws://updates.example.com:8080/api/v1/agent/ws",
-            ),
-            (
-                "wss://lb.example.com/custom/ws",
-                "wss://lb.example.com/custom/ws",
-            ),
-            ("ws://lb.example.com", "ws://lb.example.com/api/v1/agent/ws"),
-        ];
-        for (input, expected) in cases {
-            assert_eq!(socket_url(input), expected, "{input}");
-        }
-    }
 }

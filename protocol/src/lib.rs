@@ -18,6 +18,25 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest frame either side accepts. Real messages are a few hundred bytes.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// Where a server takes agent sessions, below its base URL.
+pub const AGENT_SOCKET_PATH: &str = "/api/v1/agent/ws";
+
+/// The agent endpoint for a server URL: `http://h:p` becomes `ws://h:p/api/v1/agent/ws`
+/// (`https` and `wss` become `wss`); a `ws://` or `wss://` URL with a path is used as
+/// given, for a proxy that maps the endpoint elsewhere.
+pub fn agent_socket_url(server: &str) -> String {
+    let server = server.trim().trim_end_matches('/');
+    let (scheme, rest) = server.split_once("://").unwrap_or(("http", server));
+    let scheme = match scheme {
+        "https" | "wss" => "wss",
+        _ => "ws",
+    };
+    if server.starts_with("ws") && rest.contains('/') {
+        return format!("{scheme}://{rest}");
+    }
+    format!("{scheme}://{rest}{AGENT_SOCKET_PATH}")
+}
+
 pub use structure::MAX_NESTING;
 
 /// Messages an agent sends to the server.
@@ -299,6 +318,37 @@ fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn agent_socket_urls() {
+        let cases = [
+            (
+                "http://127.0.0.1:8080",
+                "ws://127.0.0.1:8080/api/v1/agent/ws",
+            ),
+            (
+                "http://127.0.0.1:8080/",
+                "ws://127.0.0.1:8080/api/v1/agent/ws",
+            ),
+            (
+                "https://updates.example.com",
+                "wss://updates.example.com/api/v1/agent/ws",
+            ),
+            (
+                "updates.example.com:8080",
+                "ws://updates.example.com:8080/api/v1/agent/ws",
+            ),
+            ("http://[::1]:9000", "ws://[::1]:9000/api/v1/agent/ws"),
+            (
+                "wss://lb.example.com/custom/ws",
+                "wss://lb.example.com/custom/ws",
+            ),
+            ("ws://lb.example.com", "ws://lb.example.com/api/v1/agent/ws"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(super::agent_socket_url(input), expected, "{input}");
+        }
+    }
+
     use super::*;
 
     fn heartbeat() -> AgentMessage {

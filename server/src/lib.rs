@@ -457,7 +457,10 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
     );
     println!("  dashboard:         {public_url}/  (log in with the admin token)");
     println!("  REST API:          {public_url}/api/v1  (Authorization: Bearer <admin token>)");
-    println!("  agent endpoint:    {ws_url}/api/v1/agent/ws");
+    println!(
+        "  agent endpoint:    {ws_url}{}",
+        protocol::AGENT_SOCKET_PATH
+    );
     println!("  database:          {database}");
     println!("  downloads:         {}", args.downloads.display());
     println!("  admin token:       {}", tokens.admin);

@@ -400,15 +400,7 @@ fn host_port(url: &str) -> anyhow::Result<String> {
     if host.is_empty() {
         bail!("no host in {url:?}");
     }
-    let has_port = host
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-        && !host.ends_with(']');
-    Ok(if has_port {
-        host.to_owned()
-    } else {
-        format!("{host}:4222")
-    })
+    Ok(crate::net::with_port(host, 4222))
 }
 
 /// Full-jitter exponential backoff, as the simulated agents use.

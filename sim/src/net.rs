@@ -46,33 +46,29 @@ pub(crate) fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
     Ok(ips)
 }
 
-/// The agent endpoint for a server URL: `http://h:p` becomes `ws://h:p/api/v1/agent/ws`.
-pub(crate) fn socket_url(server: &str) -> String {
-    let server = server.trim().trim_end_matches('/');
-    let (scheme, rest) = server.split_once("://").unwrap_or(("http", server));
-    let scheme = match scheme {
-        "https" | "wss" => "wss",
-        _ => "ws",
-    };
-    let host = rest.split('/').next().unwrap_or(rest);
-    format!("{scheme}://{host}/api/v1/agent/ws")
-}
-
 /// `host:port` of a server URL, with the scheme's default port.
 fn host_port(server: &str) -> String {
     let server = server.trim();
     let (scheme, rest) = server.split_once("://").unwrap_or(("http", server));
-    let host = rest.split('/').next().unwrap_or(rest);
+    let default_port = if matches!(scheme, "https" | "wss") {
+        443
+    } else {
+        80
+    };
+    with_port(rest.split('/').next().unwrap_or(rest), default_port)
+}
+
+/// `host` as `host:port`, adding `default_port` when it names none (IPv6 in brackets
+/// included).
+pub(crate) fn with_port(host: &str, default_port: u16) -> String {
     let has_port = host
         .rsplit_once(':')
         .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
         && !host.ends_with(']');
     if has_port {
         host.to_owned()
-    } else if matches!(scheme, "https" | "wss") {
-        format!("{host}:443")
     } else {
-        format!("{host}:80")
+        format!("{host}:{default_port}")
     }
 }
 
@@ -103,7 +99,7 @@ impl Endpoint {
             .max_frame_size(Some(protocol::MAX_FRAME_BYTES * 4));
         Ok(Endpoint {
             addr,
-            ws_url: socket_url(server),
+            ws_url: protocol::agent_socket_url(server),
             sources,
             next_source: AtomicUsize::new(0),
             config,
@@ -241,7 +237,7 @@ mod tests {
             ("http://[::1]", "ws://[::1]/api/v1/agent/ws", "[::1]:80"),
         ];
         for (server, ws, target) in cases {
-            assert_eq!(socket_url(server), ws, "{server}");
+            assert_eq!(protocol::agent_socket_url(server), ws, "{server}");
             assert_eq!(host_port(server), target, "{server}");
         }
     }

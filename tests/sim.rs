@@ -100,6 +100,18 @@ impl Drop for Sim {
     }
 }
 
+/// The rollouts listing's row for `version`; `None` while there is none, or while the
+/// server does not answer (it may be restarting).
+async fn rollout_of(api: &Api, version: &str) -> Option<Value> {
+    let (status, rollouts) = api.get("/api/v1/rollouts").await;
+    (status == 200).then_some(())?;
+    rollouts
+        .as_array()?
+        .iter()
+        .find(|r| r["version"] == version)
+        .cloned()
+}
+
 fn rand_suffix() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -161,16 +173,7 @@ async fn simulated_fleet_takes_a_promoted_build_downloads_verifies_and_reports_i
     // A beta build is not for this stable fleet...
     let build: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
     publish(&server.downloads(), "1.1.0", Some("beta"), &build);
-    let rollout = || async {
-        let (status, rollouts) = api.get("/api/v1/rollouts").await;
-        assert_eq!(status, 200, "{rollouts}");
-        rollouts
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["version"] == "1.1.0")
-            .cloned()
-    };
+    let rollout = || rollout_of(&api, "1.1.0");
     let beta = eventually("1.1.0 to be offered", Duration::from_secs(20), rollout).await;
     assert_eq!(beta["state"], "beta", "{beta}");
     assert_eq!(rollout().await.unwrap()["dispatched"], 0);
@@ -326,15 +329,7 @@ async fn a_server_killed_mid_rollout_finishes_it_from_its_saved_state() {
 
     let build: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 253) as u8).collect();
     publish(&server.downloads(), "1.1.0", Some("beta"), &build);
-    let rollout = || async {
-        let (status, rollouts) = api.get("/api/v1/rollouts").await;
-        (status == 200).then_some(())?;
-        rollouts
-            .as_array()?
-            .iter()
-            .find(|r| r["version"] == "1.1.0")
-            .cloned()
-    };
+    let rollout = || rollout_of(&api, "1.1.0");
     eventually("1.1.0 to be offered", Duration::from_secs(20), rollout).await;
     let (status, promoted) = api
         .post(

@@ -185,21 +185,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         agents.spawn(agent.run(stopped.clone()));
     }
 
-    let progress = (args.report_every > 0.0).then(|| {
+    let progress = {
         let (stats, fleet) = (stats.clone(), fleet.clone());
-        let every = Duration::from_secs_f64(args.report_every);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                eprintln!("{}", stats.report().progress_line());
-                if let Err(err) = fleet.identities.save() {
-                    eprintln!("drover-sim: {err:#}");
-                }
+        report_progress(args.report_every, move || {
+            eprintln!("{}", stats.report().progress_line());
+            if let Err(err) = fleet.identities.save() {
+                eprintln!("drover-sim: {err:#}");
             }
         })
-    });
+    };
 
     wait_for_end(args.duration).await?;
     // Taken before the agents leave, so it says how many were connected at the end.
@@ -212,6 +206,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// Calls `report` every `every_secs` seconds (never when it is 0) until aborted.
+fn report_progress(
+    every_secs: f64,
+    report: impl Fn() + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    (every_secs > 0.0).then(|| {
+        let every = Duration::from_secs_f64(every_secs);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                report();
+            }
+        })
+    })
 }
 
 /// Tells every simulated client to stop, ends the progress lines, and gives the clients

@@ -136,18 +136,12 @@ pub(crate) async fn run(args: NatsArgs) -> anyhow::Result<()> {
     for index in 0..args.clients {
         clients.spawn(client(index, swarm.clone(), stopped.clone()));
     }
-    let progress = (args.report_every > 0.0).then(|| {
+    let progress = {
         let swarm = swarm.clone();
-        let every = Duration::from_secs_f64(args.report_every);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                eprintln!("{}", swarm.stats.report().progress_line());
-            }
+        crate::report_progress(args.report_every, move || {
+            eprintln!("{}", swarm.stats.report().progress_line());
         })
-    });
+    };
 
     crate::wait_for_end(args.duration).await?;
     let report = swarm.stats.report();

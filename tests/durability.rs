@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::*;
 
-const UPDATE_WAIT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1024 * 1024;
 
 /// A tmpfs of a given size, unmounted when dropped.
@@ -102,16 +100,6 @@ fn names_in(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// Waits for the agent's newest task to reach `status`; returns it.
-async fn task_reaches(server: &Server, id: &str, status: &str) -> Value {
-    eventually(&format!("the task to be {status}"), UPDATE_WAIT, || async {
-        let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
-        let newest = body["tasks"].as_array()?.first()?.clone();
-        (newest["status"] == status).then_some(newest)
-    })
-    .await
 }
 
 /// After a failed update: still connected, still reporting the old version.

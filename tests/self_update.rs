@@ -6,10 +6,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::*;
-
-const UPDATE_WAIT: Duration = Duration::from_secs(60);
 
 /// An agent binary at 1.0.0 installed in its own directory, so it can replace itself.
 fn install_agent(dir: &Path) -> PathBuf {
@@ -26,21 +24,6 @@ fn publish_script(server: &Server, version: &str, script: &str) {
         Some("stable"),
         script.as_bytes(),
     );
-}
-
-async fn tasks_of(server: &Server, id: &str) -> Vec<Value> {
-    let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
-    body["tasks"].as_array().cloned().unwrap_or_default()
-}
-
-/// Waits for the agent's newest task to reach `status`; returns it.
-async fn task_reaches(server: &Server, id: &str, status: &str) -> Value {
-    eventually(&format!("the task to be {status}"), UPDATE_WAIT, || async {
-        let tasks = tasks_of(server, id).await;
-        let newest = tasks.first()?.clone();
-        (newest["status"] == status).then_some(newest)
-    })
-    .await
 }
 
 /// Waits until the executable at `exe` reports `version`: the supervisor promotes a new

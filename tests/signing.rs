@@ -14,8 +14,6 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-const UPDATE_WAIT: Duration = Duration::from_secs(60);
-
 /// Runs the real `drover` CLI; panics with its output unless it succeeds.
 fn drover(args: &[&str]) -> String {
     let output = Command::new(CLI_BIN)
@@ -110,11 +108,6 @@ fn withdraw(server: &Server, version: &str) {
     for suffix in ["", ".sha256", ".channel", ".sig"] {
         let _ = std::fs::remove_file(server.downloads().join(format!("{name}{suffix}")));
     }
-}
-
-async fn tasks_of(server: &Server, id: &str) -> Vec<Value> {
-    let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
-    body["tasks"].as_array().cloned().unwrap_or_default()
 }
 
 /// Waits for a finished task to `version` with `status`; returns it.

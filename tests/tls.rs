@@ -15,8 +15,6 @@ use rcgen::{
 use serde_json::Value;
 use support::*;
 
-const UPDATE_WAIT: Duration = Duration::from_secs(60);
-
 /// A CA and a server certificate it signed for 127.0.0.1 and localhost, as PEM files.
 struct TestCa {
     ca_cert: PathBuf,
@@ -99,12 +97,7 @@ async fn an_agent_pinning_the_ca_updates_itself_over_tls() {
     // The download URL the server hands out is https:// on the TLS port, so the build
     // can only arrive over TLS.
     publish_agent(&server, dir.path(), "1.1.0", "stable");
-    let task = eventually("the update to succeed", UPDATE_WAIT, || async {
-        let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
-        let newest = body["tasks"].as_array()?.first()?.clone();
-        (newest["status"] == "succeeded").then_some(newest)
-    })
-    .await;
+    let task = task_reaches(&server, &id, "succeeded").await;
     assert_eq!(
         (task["from_version"].as_str(), task["to_version"].as_str()),
         (Some("1.0.0"), Some("1.1.0"))

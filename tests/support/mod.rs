@@ -422,6 +422,24 @@ impl Api {
     }
 }
 
+/// How long an end-to-end update (download, verify, probation) may take.
+pub const UPDATE_WAIT: Duration = Duration::from_secs(60);
+
+/// The agent's update tasks, newest first.
+pub async fn tasks_of(server: &Server, id: &str) -> Vec<Value> {
+    let (_, body) = server.api().get(&format!("/api/v1/agents/{id}")).await;
+    body["tasks"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits for the agent's newest task to reach `status`; returns it.
+pub async fn task_reaches(server: &Server, id: &str, status: &str) -> Value {
+    eventually(&format!("the task to be {status}"), UPDATE_WAIT, || async {
+        let newest = tasks_of(server, id).await.first()?.clone();
+        (newest["status"] == status).then_some(newest)
+    })
+    .await
+}
+
 /// The listed agent with this hostname, if any.
 pub async fn agent_view(server: &Server, name: &str) -> Option<Value> {
     let agents = server.api().agents().await?;

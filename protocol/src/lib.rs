@@ -255,9 +255,9 @@ struct FrameOut<'a, M> {
     message: &'a M,
 }
 
-/// `v` was checked already; as an unknown key here it is skipped.
 #[derive(Deserialize)]
 struct FrameIn<M> {
+    v: u32,
     #[serde(flatten)]
     message: M,
 }
@@ -305,19 +305,49 @@ fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
     }
     // Bounds what serde may recurse into or allocate, before it sees the frame.
     structure::check(frame)?;
-    // Check the version before the shape, so an incompatible peer hears the right reason.
-    let version: VersionOnly =
-        rmp_serde::from_slice(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if version.v != PROTOCOL_VERSION {
-        return Err(DecodeError::UnsupportedVersion(version.v));
+    // One pass for a good frame. A frame that does not decode may come from a peer of
+    // another version, which should hear that rather than what its shape lacks, so only
+    // then is the version read on its own.
+    match rmp_serde::from_slice::<FrameIn<M>>(frame) {
+        Ok(decoded) if decoded.v == PROTOCOL_VERSION => Ok(decoded.message),
+        Ok(decoded) => Err(DecodeError::UnsupportedVersion(decoded.v)),
+        Err(err) => match rmp_serde::from_slice::<VersionOnly>(frame) {
+            Ok(version) if version.v != PROTOCOL_VERSION => {
+                Err(DecodeError::UnsupportedVersion(version.v))
+            }
+            _ => Err(DecodeError::Malformed(err.to_string())),
+        },
     }
-    let frame: FrameIn<M> =
-        rmp_serde::from_slice(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    Ok(frame.message)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_of_another_version_hears_so_whatever_its_frame_holds() {
+        // {"v": 2, "type": "heartbeat", "seq": 1}: a good shape from version 2.
+        let shaped = b"\x83\xa1v\x02\xa4type\xa9heartbeat\xa3seq\x01";
+        // {"v": 2}: a shape version 1 cannot read (no type).
+        let odd = b"\x81\xa1v\x02";
+        for frame in [&shaped[..], &odd[..]] {
+            assert!(matches!(
+                AgentMessage::decode(frame),
+                Err(DecodeError::UnsupportedVersion(2))
+            ));
+        }
+        // {"v": 1}: this version, a bad shape.
+        assert!(matches!(
+            AgentMessage::decode(b"\x81\xa1v\x01"),
+            Err(DecodeError::Malformed(_))
+        ));
+        // {"type": "heartbeat"}: no version at all.
+        assert!(matches!(
+            AgentMessage::decode(b"\x81\xa4type\xa9heartbeat"),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
     #[test]
     fn agent_socket_urls() {
         let cases = [

@@ -375,11 +375,9 @@ mod tests {
             ("ws://lb.example.com", "ws://lb.example.com/api/v1/agent/ws"),
         ];
         for (input, expected) in cases {
-            assert_eq!(super::agent_socket_url(input), expected, "{input}");
+            assert_eq!(agent_socket_url(input), expected, "{input}");
         }
     }
-
-    use super::*;
 
     fn heartbeat() -> AgentMessage {
         AgentMessage::Heartbeat(Heartbeat {

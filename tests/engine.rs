@@ -110,6 +110,7 @@ async fn task_moves_through_its_states_and_succeeds_only_on_the_new_version() {
             outcome: UpdateOutcome::Succeeded,
             version: "1.1.0".into(),
             error: None,
+            failure_class: None,
         }))
         .await;
     agent.heartbeat().await;
@@ -209,6 +210,7 @@ async fn pause_stops_dispatch_and_a_requested_update_overrides_it() {
             outcome: UpdateOutcome::Failed,
             version: "1.0.0".into(),
             error: Some("checksum mismatch".into()),
+            failure_class: None,
         }))
         .await;
     eventually("the failure", SOON, || async {

@@ -353,6 +353,7 @@ impl Worker {
                 outcome: UpdateOutcome::Failed,
                 version: version::current().to_owned(),
                 error: Some(reason),
+                failure_class: None,
             })
         };
         if !self.config.auto_update {
@@ -407,6 +408,7 @@ fn owed_report(journal: &Journal) -> Option<UpdateResult> {
         outcome,
         version: version::current().to_owned(),
         error: journal.reason.clone(),
+        failure_class: None,
     })
 }
 

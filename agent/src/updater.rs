@@ -104,6 +104,7 @@ impl Updater {
                         outcome: UpdateOutcome::Failed,
                         version: self.running.clone(),
                         error: Some(reason),
+                        failure_class: None,
                     }))
                     .await;
             }

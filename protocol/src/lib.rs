@@ -145,6 +145,49 @@ pub struct UpdateResult {
     pub version: String,
     #[serde(default)]
     pub error: Option<String>,
+    /// Why a task that did not succeed failed; absent from a success and from agents
+    /// older than the field (the server then classes the failure itself). Since version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_class: Option<FailureClass>,
+}
+
+/// Whose fault a failed update was. Only `build` failures say anything about the build:
+/// they count toward a rollout's gates and halts, and stop the version from being offered
+/// to that agent again. The others are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The build itself: it exited or failed probation, crashed, or its bytes failed
+    /// verification (digest, signature, size).
+    Build,
+    /// The machine: disk full, no permission.
+    Environment,
+    /// Nobody's fault, or not yet: server busy, network, updates switched off, the agent
+    /// declines updates, the task was cancelled or superseded.
+    Transient,
+    /// A class this version does not know (sent by a newer peer); treated as transient.
+    #[serde(other)]
+    Unknown,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Build => "build",
+            FailureClass::Environment => "environment",
+            FailureClass::Transient | FailureClass::Unknown => "transient",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<FailureClass> {
+        [
+            FailureClass::Build,
+            FailureClass::Environment,
+            FailureClass::Transient,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == text)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -66,6 +66,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 outcome: UpdateOutcome::Succeeded,
                 version: "1.1.0".into(),
                 error: None,
+                failure_class: None,
             })),
         ),
         (
@@ -75,6 +76,27 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 outcome: UpdateOutcome::RolledBack,
                 version: "1.0.0".into(),
                 error: Some("new version exited with status 3 during probation".into()),
+                failure_class: None,
+            })),
+        ),
+        (
+            "update-result-failed-build",
+            Agent(AgentMessage::UpdateResult(UpdateResult {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                outcome: UpdateOutcome::RolledBack,
+                version: "1.0.0".into(),
+                error: Some("new version exited with status 3 during probation".into()),
+                failure_class: Some(FailureClass::Build),
+            })),
+        ),
+        (
+            "update-result-failed-transient",
+            Agent(AgentMessage::UpdateResult(UpdateResult {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                outcome: UpdateOutcome::Failed,
+                version: "1.0.0".into(),
+                error: Some("download refused: 503 Service Unavailable".into()),
+                failure_class: Some(FailureClass::Transient),
             })),
         ),
         (

@@ -81,16 +81,27 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             })
         },
     );
-    let result = (text(), outcome(), text(), proptest::option::of(text())).prop_map(
-        |(task_id, outcome, version, error)| {
+    let class = prop_oneof![
+        Just(FailureClass::Build),
+        Just(FailureClass::Environment),
+        Just(FailureClass::Transient),
+    ];
+    let result = (
+        text(),
+        outcome(),
+        text(),
+        proptest::option::of(text()),
+        proptest::option::of(class),
+    )
+        .prop_map(|(task_id, outcome, version, error, failure_class)| {
             AgentMessage::UpdateResult(UpdateResult {
                 task_id,
                 outcome,
                 version,
                 error,
+                failure_class,
             })
-        },
-    );
+        });
     prop_oneof![hello, heartbeat, progress, result]
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use protocol::{
-    AgentMessage, Heartbeat, Hello, RejectCode, ServerMessage, Update, UpdateOutcome,
+    AgentMessage, FailureClass, Heartbeat, Hello, RejectCode, ServerMessage, Update, UpdateOutcome,
     UpdateProgress, UpdateResult, UpdateStage,
 };
 use rand::Rng;
@@ -248,6 +248,7 @@ impl SimAgent {
                                     outcome: UpdateOutcome::Succeeded,
                                     version: self.version.clone(),
                                     error: None,
+                                    failure_class: None,
                                 });
                                 if let Err(kind) = send(&mut socket, &result).await {
                                     self.owed = Some(owed);
@@ -308,6 +309,7 @@ impl SimAgent {
                                 outcome: UpdateOutcome::Failed,
                                 version: self.version.clone(),
                                 error: Some(failure.message),
+                                failure_class: None,
                             });
                             self.finished.push(task.task_id);
                             if let Err(kind) = send(&mut socket, &result).await {
@@ -426,6 +428,7 @@ impl SimAgent {
                     "{} is not newer than the running {}",
                     update.version, self.version
                 )),
+                failure_class: Some(FailureClass::Transient),
             });
             return send(socket, &refusal).await;
         }

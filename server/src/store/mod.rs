@@ -2,6 +2,7 @@
 //! backend. Only this module and its children see sqlx types.
 
 mod postgres;
+mod rollouts;
 mod sqlite;
 
 use std::path::Path;
@@ -10,6 +11,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use postgres::PostgresStore;
+pub use rollouts::{
+    ClassRow, NewRollout, Rollout, RolloutEvent, RolloutFilter, RolloutKind, RolloutState,
+    RolloutStore, RolloutTarget, StateChange, TargetGroup, WaveRow,
+};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +238,48 @@ impl TaskStatus {
     }
 }
 
+/// Why an ended task did not succeed; only `Build` says anything about the build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    Build,
+    Environment,
+    Transient,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Build => "build",
+            FailureClass::Environment => "environment",
+            FailureClass::Transient => "transient",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<FailureClass> {
+        [
+            FailureClass::Build,
+            FailureClass::Environment,
+            FailureClass::Transient,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == text)
+    }
+}
+
+impl From<protocol::FailureClass> for FailureClass {
+    /// A class this server does not know is nobody's fault until it knows better.
+    fn from(class: protocol::FailureClass) -> FailureClass {
+        match class {
+            protocol::FailureClass::Build => FailureClass::Build,
+            protocol::FailureClass::Environment => FailureClass::Environment,
+            protocol::FailureClass::Transient | protocol::FailureClass::Unknown => {
+                FailureClass::Transient
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpdateTask {
     pub id: String,
@@ -396,7 +443,7 @@ pub trait Subscription: Send {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: RolloutStore + Send + Sync + 'static {
     /// Records that this node is alive.
     async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()>;
 

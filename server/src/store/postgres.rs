@@ -239,6 +239,8 @@ fn new_id() -> String {
 
 // Text is ordered `COLLATE "C"` (byte order) to list things exactly as SQLite does,
 // whatever the database's locale.
+super::rollouts::impl_rollout_store!(PostgresStore, sqlx::Postgres);
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn publish(&self, message: &str) -> StoreResult<()> {
@@ -933,7 +935,7 @@ impl Store for PostgresStore {
         let mut tx = self.pool.begin().await?;
         for (version, os, arch) in builds {
             sqlx::query(
-                "INSERT INTO rollouts (version, os, arch, first_seen) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO builds (version, os, arch, first_seen) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (version, os, arch) DO NOTHING",
             )
             .bind(version)
@@ -949,7 +951,7 @@ impl Store for PostgresStore {
 
     async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>> {
         let rows = sqlx::query(
-            "SELECT version, os, arch, first_seen, promoted_at, halted_at, halt_reason FROM rollouts",
+            "SELECT version, os, arch, first_seen, promoted_at, halted_at, halt_reason FROM builds",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -984,7 +986,7 @@ impl Store for PostgresStore {
     }
 
     async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE rollouts SET promoted_at = $1 WHERE version = $2")
+        sqlx::query("UPDATE builds SET promoted_at = $1 WHERE version = $2")
             .bind(now_ms)
             .bind(version)
             .execute(&self.pool)
@@ -1001,10 +1003,10 @@ impl Store for PostgresStore {
         now_ms: i64,
     ) -> StoreResult<bool> {
         let done = sqlx::query(
-            "INSERT INTO rollouts (version, os, arch, first_seen, halted_at, halt_reason) \
+            "INSERT INTO builds (version, os, arch, first_seen, halted_at, halt_reason) \
              VALUES ($1, $2, $3, $4, $4, $5) \
              ON CONFLICT (version, os, arch) DO UPDATE SET halted_at = excluded.halted_at, \
-                 halt_reason = excluded.halt_reason WHERE rollouts.halted_at IS NULL",
+                 halt_reason = excluded.halt_reason WHERE builds.halted_at IS NULL",
         )
         .bind(version)
         .bind(os)
@@ -1019,7 +1021,7 @@ impl Store for PostgresStore {
     async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64> {
         let (os, arch) = platform.unzip();
         let done = sqlx::query(
-            "UPDATE rollouts SET halted_at = NULL, halt_reason = NULL \
+            "UPDATE builds SET halted_at = NULL, halt_reason = NULL \
              WHERE version = $1 AND halted_at IS NOT NULL \
                AND ($2::text IS NULL OR os = $2) AND ($3::text IS NULL OR arch = $3)",
         )

@@ -171,6 +171,8 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+super::rollouts::impl_rollout_store!(SqliteStore, sqlx::Sqlite);
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()> {
@@ -812,7 +814,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         for (version, os, arch) in builds {
             sqlx::query(
-                "INSERT INTO rollouts (version, os, arch, first_seen) VALUES (?, ?, ?, ?) \
+                "INSERT INTO builds (version, os, arch, first_seen) VALUES (?, ?, ?, ?) \
                  ON CONFLICT (version, os, arch) DO NOTHING",
             )
             .bind(version)
@@ -828,7 +830,7 @@ impl Store for SqliteStore {
 
     async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>> {
         let rows = sqlx::query(
-            "SELECT version, os, arch, first_seen, promoted_at, halted_at, halt_reason FROM rollouts",
+            "SELECT version, os, arch, first_seen, promoted_at, halted_at, halt_reason FROM builds",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -863,7 +865,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE rollouts SET promoted_at = ? WHERE version = ?")
+        sqlx::query("UPDATE builds SET promoted_at = ? WHERE version = ?")
             .bind(now_ms)
             .bind(version)
             .execute(&self.pool)
@@ -880,10 +882,10 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> StoreResult<bool> {
         let done = sqlx::query(
-            "INSERT INTO rollouts (version, os, arch, first_seen, halted_at, halt_reason) \
+            "INSERT INTO builds (version, os, arch, first_seen, halted_at, halt_reason) \
              VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (version, os, arch) DO UPDATE SET halted_at = excluded.halted_at, \
-                 halt_reason = excluded.halt_reason WHERE rollouts.halted_at IS NULL",
+                 halt_reason = excluded.halt_reason WHERE builds.halted_at IS NULL",
         )
         .bind(version)
         .bind(os)
@@ -899,7 +901,7 @@ impl Store for SqliteStore {
     async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64> {
         let (os, arch) = platform.unzip();
         let done = sqlx::query(
-            "UPDATE rollouts SET halted_at = NULL, halt_reason = NULL \
+            "UPDATE builds SET halted_at = NULL, halt_reason = NULL \
              WHERE version = ? AND halted_at IS NOT NULL \
                AND (? IS NULL OR os = ?) AND (? IS NULL OR arch = ?)",
         )

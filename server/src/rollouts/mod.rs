@@ -2,6 +2,10 @@
 //! promote, the auto-halt rule and the stale-stable warning. Pure: the callers bring the
 //! index, the stored records and the task counts.
 
+pub(crate) mod book;
+pub(crate) mod health;
+pub(crate) mod plan;
+
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;

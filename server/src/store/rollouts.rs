@@ -1,0 +1,838 @@
+//! Rollout records in storage: the rollouts, their targets and waves, the timeline, and
+//! the grouped counts their health is computed from. The SQL is the same on SQLite and
+//! PostgreSQL, so `impl_rollout_store!` writes it once for each backend.
+
+use async_trait::async_trait;
+
+use super::{FailureClass, StoreError, StoreResult, TaskStatus};
+
+/// What a rollout does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutKind {
+    /// A build landed on beta: beta-channel agents.
+    Beta,
+    /// A build became stable: agents of every channel that run something older.
+    Promote,
+    /// A version was rolled back: agents running it go to the newest build left.
+    Rollback,
+    /// An operator chose agents and a version.
+    Targeted,
+}
+
+impl RolloutKind {
+    pub const ALL: [RolloutKind; 4] = [
+        RolloutKind::Beta,
+        RolloutKind::Promote,
+        RolloutKind::Rollback,
+        RolloutKind::Targeted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutKind::Beta => "beta",
+            RolloutKind::Promote => "promote",
+            RolloutKind::Rollback => "rollback",
+            RolloutKind::Targeted => "targeted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RolloutKind> {
+        RolloutKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Its started waves are open to their agents.
+    Running,
+    /// Its current wave passed and bakes before the next starts.
+    Waiting,
+    Paused,
+    /// A wave went over a failure threshold.
+    Halted,
+    Completed,
+    Aborted,
+    /// A newer rollout of the same kind took over its platforms.
+    Superseded,
+}
+
+impl RolloutState {
+    pub const ALL: [RolloutState; 7] = [
+        RolloutState::Running,
+        RolloutState::Waiting,
+        RolloutState::Paused,
+        RolloutState::Halted,
+        RolloutState::Completed,
+        RolloutState::Aborted,
+        RolloutState::Superseded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Waiting => "waiting",
+            RolloutState::Paused => "paused",
+            RolloutState::Halted => "halted",
+            RolloutState::Completed => "completed",
+            RolloutState::Aborted => "aborted",
+            RolloutState::Superseded => "superseded",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RolloutState> {
+        RolloutState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Not finished: it may still start agents, now or after an operator acts.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Running
+                | RolloutState::Waiting
+                | RolloutState::Paused
+                | RolloutState::Halted
+        )
+    }
+}
+
+/// SQL list of the open states.
+pub(super) const OPEN_STATES: &str = "('running', 'waiting', 'paused', 'halted')";
+
+/// A rollout as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    pub id: String,
+    pub version: String,
+    pub kind: RolloutKind,
+    /// (os, arch) pairs, sorted.
+    pub platforms: Vec<(String, String)>,
+    pub state: RolloutState,
+    /// The plan as JSON (the rollouts module owns its shape).
+    pub plan: String,
+    pub current_wave: i64,
+    pub resumed_at_ms: i64,
+    pub reason: Option<String>,
+    pub started_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct RolloutRow {
+    pub(super) id: String,
+    pub(super) version: String,
+    pub(super) kind: String,
+    pub(super) platforms: String,
+    pub(super) state: String,
+    pub(super) plan: String,
+    pub(super) current_wave: i64,
+    pub(super) resumed_at: i64,
+    pub(super) reason: Option<String>,
+    pub(super) started_by: String,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+}
+
+pub(super) const ROLLOUT_COLUMNS: &str = "id, version, kind, platforms, state, plan, current_wave, \
+     resumed_at, reason, started_by, created_at, updated_at";
+
+pub(super) fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Other(format!("unknown {what} {value:?} in the database"))
+}
+
+impl TryFrom<RolloutRow> for Rollout {
+    type Error = StoreError;
+
+    fn try_from(row: RolloutRow) -> StoreResult<Rollout> {
+        Ok(Rollout {
+            kind: RolloutKind::parse(&row.kind)
+                .ok_or_else(|| corrupt("rollout kind", &row.kind))?,
+            state: RolloutState::parse(&row.state)
+                .ok_or_else(|| corrupt("rollout state", &row.state))?,
+            platforms: parse_platforms(&row.platforms),
+            id: row.id,
+            version: row.version,
+            plan: row.plan,
+            current_wave: row.current_wave,
+            resumed_at_ms: row.resumed_at,
+            reason: row.reason,
+            started_by: row.started_by,
+            created_at_ms: row.created_at,
+            updated_at_ms: row.updated_at,
+        })
+    }
+}
+
+pub(super) fn render_platforms(platforms: &[(String, String)]) -> String {
+    let mut list: Vec<String> = platforms.iter().map(|(o, a)| format!("{o}/{a}")).collect();
+    list.sort();
+    list.dedup();
+    list.join(",")
+}
+
+fn parse_platforms(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|p| p.split_once('/'))
+        .map(|(o, a)| (o.to_owned(), a.to_owned()))
+        .collect()
+}
+
+/// A rollout to create, with its targets already placed in waves.
+#[derive(Debug, Clone)]
+pub struct NewRollout<'a> {
+    pub id: &'a str,
+    pub version: &'a str,
+    pub kind: RolloutKind,
+    pub platforms: &'a [(String, String)],
+    pub plan: &'a str,
+    pub started_by: &'a str,
+    /// What the timeline says about the start.
+    pub detail: &'a str,
+    pub targets: &'a [(String, usize)],
+    /// Open rollouts this one takes over from: they become `superseded`.
+    pub supersedes: &'a [String],
+}
+
+/// A state change, applied only if the rollout is in one of `from`.
+#[derive(Debug, Clone)]
+pub struct StateChange<'a> {
+    pub id: &'a str,
+    pub from: &'a [RolloutState],
+    pub to: RolloutState,
+    /// Kept as the rollout's reason (halted, aborted, superseded); `None` clears it.
+    pub reason: Option<&'a str>,
+    pub actor: &'a str,
+    pub detail: Option<&'a str>,
+    /// Build failures before now no longer count toward a halt.
+    pub resume: bool,
+}
+
+/// When a wave started and when it passed its thresholds.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WaveRow {
+    pub wave: i64,
+    pub started_at: i64,
+    pub passed_at: Option<i64>,
+}
+
+/// One entry of a rollout's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RolloutEvent {
+    pub id: i64,
+    pub at: i64,
+    pub state: String,
+    pub actor: String,
+    pub detail: Option<String>,
+}
+
+/// Targets of a rollout grouped by everything their stage and scope depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetGroup {
+    pub wave: usize,
+    pub os: String,
+    pub arch: String,
+    /// The channel the agents resolve to now.
+    pub channel: String,
+    pub paused: bool,
+    pub auto_update: bool,
+    /// Their newest task in this rollout.
+    pub status: Option<TaskStatus>,
+    pub class: Option<FailureClass>,
+    /// Succeeded, and connected on the new version since before the success bake began.
+    pub settled: bool,
+    pub agents: u64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct TargetGroupRow {
+    pub(super) t_wave: i64,
+    pub(super) a_os: String,
+    pub(super) a_arch: String,
+    pub(super) ch: String,
+    pub(super) is_paused: bool,
+    pub(super) auto_upd: bool,
+    pub(super) st: Option<String>,
+    pub(super) cls: Option<String>,
+    pub(super) settled: i64,
+    pub(super) agents: i64,
+}
+
+/// Ended tasks of one wave in one failure class, and how many ended since `since`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassRow {
+    pub wave: usize,
+    pub class: FailureClass,
+    pub tasks: u64,
+    pub recent: u64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ClassRowRaw {
+    pub(super) wave: Option<i64>,
+    pub(super) failure_class: String,
+    pub(super) tasks: i64,
+    pub(super) recent: i64,
+}
+
+/// One target of a rollout with its newest task in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutTarget {
+    pub agent_id: String,
+    pub hostname: String,
+    pub version: String,
+    pub wave: usize,
+    pub paused: bool,
+    pub auto_update: bool,
+    pub task_id: Option<String>,
+    pub status: Option<TaskStatus>,
+    pub class: Option<FailureClass>,
+    pub error: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct RolloutTargetRow {
+    pub(super) agent_id: String,
+    pub(super) hostname: String,
+    pub(super) version: String,
+    pub(super) wave: i64,
+    pub(super) paused: bool,
+    pub(super) auto_update: bool,
+    pub(super) task_id: Option<String>,
+    pub(super) status: Option<String>,
+    pub(super) failure_class: Option<String>,
+    pub(super) error: Option<String>,
+}
+
+pub(super) fn task_status(text: Option<String>) -> StoreResult<Option<TaskStatus>> {
+    text.map(|s| TaskStatus::parse(&s).ok_or_else(|| corrupt("task status", &s)))
+        .transpose()
+}
+
+pub(super) fn failure_class(text: Option<String>) -> StoreResult<Option<FailureClass>> {
+    text.map(|s| FailureClass::parse(&s).ok_or_else(|| corrupt("failure class", &s)))
+        .transpose()
+}
+
+pub(super) fn wave(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// Which rollouts a listing wants.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutFilter<'a> {
+    pub state: Option<RolloutState>,
+    pub version: Option<&'a str>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+#[async_trait]
+pub trait RolloutStore: Send + Sync {
+    /// Creates a rollout with its targets and first wave, and supersedes the rollouts
+    /// it takes over from, in one transaction.
+    async fn create_rollout(&self, rollout: &NewRollout<'_>, now_ms: i64) -> StoreResult<Rollout>;
+
+    async fn rollout(&self, id: &str) -> StoreResult<Rollout>;
+
+    /// Newest first.
+    async fn list_rollouts(&self, filter: &RolloutFilter<'_>) -> StoreResult<Vec<Rollout>>;
+
+    /// Every rollout, and the targets of the open ones (rollout id, agent id, wave).
+    async fn rollout_book(&self) -> StoreResult<(Vec<Rollout>, Vec<(String, String, usize)>)>;
+
+    /// Adds an agent that became a target after the start; nothing if it is one.
+    async fn add_rollout_target(
+        &self,
+        rollout_id: &str,
+        agent_id: &str,
+        wave: usize,
+    ) -> StoreResult<()>;
+
+    /// Applies a state change if the rollout is in one of its `from` states, and writes
+    /// it to the timeline; false when it was not.
+    async fn change_rollout_state(
+        &self,
+        change: &StateChange<'_>,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+
+    /// Starts wave `next` if wave `next - 1` is the current one and the rollout is
+    /// running or waiting; false otherwise (another node was first, or it changed).
+    async fn start_wave(
+        &self,
+        id: &str,
+        next: usize,
+        actor: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+
+    /// Notes when a wave met its thresholds; false when it was noted already.
+    async fn mark_wave_passed(&self, id: &str, wave: usize, now_ms: i64) -> StoreResult<bool>;
+
+    async fn rollout_waves(&self, id: &str) -> StoreResult<Vec<WaveRow>>;
+
+    /// Oldest first.
+    async fn rollout_events(&self, id: &str) -> StoreResult<Vec<RolloutEvent>>;
+
+    /// The targets grouped for counting; a success counts as settled when it finished,
+    /// and the agent connected, no later than `settled_before_ms`.
+    async fn rollout_target_groups(
+        &self,
+        id: &str,
+        settled_before_ms: i64,
+    ) -> StoreResult<Vec<TargetGroup>>;
+
+    /// Ended tasks by wave and failure class; `recent` counts those ended at or after
+    /// `since_ms`.
+    async fn rollout_class_rows(&self, id: &str, since_ms: i64) -> StoreResult<Vec<ClassRow>>;
+
+    /// Every target with its newest task in the rollout, by wave then agent id.
+    async fn rollout_targets(&self, id: &str) -> StoreResult<Vec<RolloutTarget>>;
+}
+
+/// `INSERT` statements of targets hold this many rows each (3 parameters a row).
+pub(super) const TARGETS_PER_STATEMENT: usize = 1_000;
+
+impl TryFrom<TargetGroupRow> for TargetGroup {
+    type Error = StoreError;
+
+    fn try_from(row: TargetGroupRow) -> StoreResult<TargetGroup> {
+        Ok(TargetGroup {
+            wave: wave(row.t_wave),
+            os: row.a_os,
+            arch: row.a_arch,
+            channel: row.ch,
+            paused: row.is_paused,
+            auto_update: row.auto_upd,
+            status: task_status(row.st)?,
+            class: failure_class(row.cls)?,
+            settled: row.settled != 0,
+            agents: u64::try_from(row.agents).unwrap_or(0),
+        })
+    }
+}
+
+impl TryFrom<ClassRowRaw> for ClassRow {
+    type Error = StoreError;
+
+    fn try_from(row: ClassRowRaw) -> StoreResult<ClassRow> {
+        Ok(ClassRow {
+            wave: wave(row.wave.unwrap_or(0)),
+            class: FailureClass::parse(&row.failure_class)
+                .ok_or_else(|| corrupt("failure class", &row.failure_class))?,
+            tasks: u64::try_from(row.tasks).unwrap_or(0),
+            recent: u64::try_from(row.recent).unwrap_or(0),
+        })
+    }
+}
+
+impl TryFrom<RolloutTargetRow> for RolloutTarget {
+    type Error = StoreError;
+
+    fn try_from(row: RolloutTargetRow) -> StoreResult<RolloutTarget> {
+        Ok(RolloutTarget {
+            agent_id: row.agent_id,
+            hostname: row.hostname,
+            version: row.version,
+            wave: wave(row.wave),
+            paused: row.paused,
+            auto_update: row.auto_update,
+            task_id: row.task_id,
+            status: task_status(row.status)?,
+            class: failure_class(row.failure_class)?,
+            error: row.error,
+        })
+    }
+}
+
+/// Converts every row, failing on the first that does not convert.
+pub(super) fn convert<R, T: TryFrom<R, Error = StoreError>>(rows: Vec<R>) -> StoreResult<Vec<T>> {
+    rows.into_iter().map(T::try_from).collect()
+}
+
+/// The newest task of a target in its rollout.
+const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = (SELECT x.id FROM update_tasks x \
+     WHERE x.rollout_id = t.rollout_id AND x.agent_id = t.agent_id \
+     ORDER BY x.created_at DESC, x.id DESC LIMIT 1)";
+
+pub(super) fn target_groups_sql() -> String {
+    format!(
+        "SELECT t.wave AS t_wave, a.os AS a_os, a.arch AS a_arch, \
+             COALESCE(a.channel, s.channel, c.channel, 'stable') AS ch, \
+             a.paused AS is_paused, a.auto_update AS auto_upd, u.status AS st, \
+             u.failure_class AS cls, \
+             CAST(CASE WHEN u.status = 'succeeded' AND u.finished_at <= $2 \
+                 AND a.node_id IS NOT NULL AND a.connected_at <= $2 THEN 1 ELSE 0 END AS BIGINT) \
+                 AS settled, \
+             COUNT(*) AS agents \
+         FROM rollout_targets t \
+         JOIN agents a ON a.id = t.agent_id JOIN sites s ON s.id = a.site_id \
+         JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
+         WHERE t.rollout_id = $1 \
+         GROUP BY t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, settled"
+    )
+}
+
+pub(super) const CLASS_ROWS_SQL: &str = "SELECT wave, failure_class, COUNT(*) AS tasks, \
+         CAST(SUM(CASE WHEN finished_at >= $2 THEN 1 ELSE 0 END) AS BIGINT) AS recent \
+     FROM update_tasks WHERE rollout_id = $1 AND failure_class IS NOT NULL \
+     GROUP BY wave, failure_class";
+
+pub(super) fn targets_sql() -> String {
+    format!(
+        "SELECT t.agent_id, a.hostname, a.version, t.wave, a.paused, a.auto_update, \
+             u.id AS task_id, u.status, u.failure_class, u.error \
+         FROM rollout_targets t JOIN agents a ON a.id = t.agent_id {NEWEST_TASK} \
+         WHERE t.rollout_id = $1 ORDER BY t.wave, t.agent_id"
+    )
+}
+
+/// Implements `RolloutStore` for a backend with a `pool` field; `$db` is its
+/// `sqlx::Database`. The same statements serve both databases.
+macro_rules! impl_rollout_store {
+    ($store:ty, $db:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::rollouts::RolloutStore for $store {
+            async fn create_rollout(
+                &self,
+                new: &$crate::store::rollouts::NewRollout<'_>,
+                now_ms: i64,
+            ) -> $crate::store::StoreResult<$crate::store::rollouts::Rollout> {
+                use $crate::store::rollouts as r;
+                let platforms = r::render_platforms(new.platforms);
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO rollouts (id, version, kind, platforms, state, plan, \
+                         current_wave, resumed_at, started_by, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, 'running', $5, 0, $6, $7, $6, $6)",
+                )
+                .bind(new.id)
+                .bind(new.version)
+                .bind(new.kind.as_str())
+                .bind(&platforms)
+                .bind(new.plan)
+                .bind(now_ms)
+                .bind(new.started_by)
+                .execute(&mut *tx)
+                .await?;
+                for chunk in new.targets.chunks(r::TARGETS_PER_STATEMENT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO rollout_targets (rollout_id, agent_id, wave) ",
+                    );
+                    insert.push_values(chunk, |mut row, (agent, wave)| {
+                        row.push_bind(new.id)
+                            .push_bind(agent.as_str())
+                            .push_bind(i64::try_from(*wave).unwrap_or(i64::MAX));
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                sqlx::query(
+                    "INSERT INTO rollout_waves (rollout_id, wave, started_at) VALUES ($1, 0, $2)",
+                )
+                .bind(new.id)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO rollout_events (rollout_id, at, state, actor, detail) \
+                     VALUES ($1, $2, 'running', $3, $4)",
+                )
+                .bind(new.id)
+                .bind(now_ms)
+                .bind(new.started_by)
+                .bind(new.detail)
+                .execute(&mut *tx)
+                .await?;
+                for old in new.supersedes {
+                    let reason = format!("superseded by rollout {} of {}", new.id, new.version);
+                    let changed = sqlx::query(&format!(
+                        "UPDATE rollouts SET state = 'superseded', reason = $1, updated_at = $2 \
+                         WHERE id = $3 AND state IN {}",
+                        r::OPEN_STATES
+                    ))
+                    .bind(&reason)
+                    .bind(now_ms)
+                    .bind(old.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if changed > 0 {
+                        sqlx::query(
+                            "INSERT INTO rollout_events (rollout_id, at, state, actor, detail) \
+                             VALUES ($1, $2, 'superseded', $3, $4)",
+                        )
+                        .bind(old.as_str())
+                        .bind(now_ms)
+                        .bind(new.started_by)
+                        .bind(&reason)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                let row: r::RolloutRow = sqlx::query_as(&format!(
+                    "SELECT {} FROM rollouts WHERE id = $1",
+                    r::ROLLOUT_COLUMNS
+                ))
+                .bind(new.id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                row.try_into()
+            }
+
+            async fn rollout(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<$crate::store::rollouts::Rollout> {
+                use $crate::store::rollouts as r;
+                let row: r::RolloutRow = sqlx::query_as(&format!(
+                    "SELECT {} FROM rollouts WHERE id = $1",
+                    r::ROLLOUT_COLUMNS
+                ))
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
+                row.try_into()
+            }
+
+            async fn list_rollouts(
+                &self,
+                filter: &$crate::store::rollouts::RolloutFilter<'_>,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::Rollout>> {
+                use $crate::store::rollouts as r;
+                let rows: Vec<r::RolloutRow> = sqlx::query_as(&format!(
+                    "SELECT {} FROM rollouts \
+                     WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR version = $2) \
+                     ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
+                    r::ROLLOUT_COLUMNS
+                ))
+                .bind(filter.state.map(|s| s.as_str()))
+                .bind(filter.version)
+                .bind(filter.limit)
+                .bind(filter.offset)
+                .fetch_all(&self.pool)
+                .await?;
+                r::convert(rows)
+            }
+
+            async fn rollout_book(
+                &self,
+            ) -> $crate::store::StoreResult<(
+                Vec<$crate::store::rollouts::Rollout>,
+                Vec<(String, String, usize)>,
+            )> {
+                use $crate::store::rollouts as r;
+                let rows: Vec<r::RolloutRow> = sqlx::query_as(&format!(
+                    "SELECT {} FROM rollouts",
+                    r::ROLLOUT_COLUMNS
+                ))
+                .fetch_all(&self.pool)
+                .await?;
+                let targets: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+                    "SELECT t.rollout_id, t.agent_id, t.wave FROM rollout_targets t \
+                     JOIN rollouts o ON o.id = t.rollout_id WHERE o.state IN {}",
+                    r::OPEN_STATES
+                ))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok((
+                    r::convert(rows)?,
+                    targets
+                        .into_iter()
+                        .map(|(rollout, agent, wave)| (rollout, agent, r::wave(wave)))
+                        .collect(),
+                ))
+            }
+
+            async fn add_rollout_target(
+                &self,
+                rollout_id: &str,
+                agent_id: &str,
+                wave: usize,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO rollout_targets (rollout_id, agent_id, wave) \
+                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(rollout_id)
+                .bind(agent_id)
+                .bind(i64::try_from(wave).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn change_rollout_state(
+                &self,
+                change: &$crate::store::rollouts::StateChange<'_>,
+                now_ms: i64,
+            ) -> $crate::store::StoreResult<bool> {
+                let from: Vec<String> =
+                    change.from.iter().map(|s| format!("'{}'", s.as_str())).collect();
+                let mut tx = self.pool.begin().await?;
+                let changed = sqlx::query(&format!(
+                    "UPDATE rollouts SET state = $1, reason = $2, updated_at = $3, \
+                         resumed_at = CASE WHEN $4 THEN $3 ELSE resumed_at END \
+                     WHERE id = $5 AND state IN ({})",
+                    from.join(", ")
+                ))
+                .bind(change.to.as_str())
+                .bind(change.reason)
+                .bind(now_ms)
+                .bind(change.resume)
+                .bind(change.id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if changed > 0 {
+                    sqlx::query(
+                        "INSERT INTO rollout_events (rollout_id, at, state, actor, detail) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(change.id)
+                    .bind(now_ms)
+                    .bind(change.to.as_str())
+                    .bind(change.actor)
+                    .bind(change.detail.or(change.reason))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(changed > 0)
+            }
+
+            async fn start_wave(
+                &self,
+                id: &str,
+                next: usize,
+                actor: &str,
+                now_ms: i64,
+            ) -> $crate::store::StoreResult<bool> {
+                let next = i64::try_from(next).unwrap_or(i64::MAX);
+                let mut tx = self.pool.begin().await?;
+                let changed = sqlx::query(
+                    "UPDATE rollouts SET current_wave = $1, state = 'running', updated_at = $2 \
+                     WHERE id = $3 AND current_wave = $4 AND state IN ('running', 'waiting')",
+                )
+                .bind(next)
+                .bind(now_ms)
+                .bind(id)
+                .bind(next - 1)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if changed > 0 {
+                    sqlx::query(
+                        "INSERT INTO rollout_waves (rollout_id, wave, started_at) \
+                         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(next)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO rollout_events (rollout_id, at, state, actor, detail) \
+                         VALUES ($1, $2, 'running', $3, $4)",
+                    )
+                    .bind(id)
+                    .bind(now_ms)
+                    .bind(actor)
+                    .bind(format!("wave {} started", next + 1))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(changed > 0)
+            }
+
+            async fn mark_wave_passed(
+                &self,
+                id: &str,
+                wave: usize,
+                now_ms: i64,
+            ) -> $crate::store::StoreResult<bool> {
+                let changed = sqlx::query(
+                    "UPDATE rollout_waves SET passed_at = $1 \
+                     WHERE rollout_id = $2 AND wave = $3 AND passed_at IS NULL",
+                )
+                .bind(now_ms)
+                .bind(id)
+                .bind(i64::try_from(wave).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(changed > 0)
+            }
+
+            async fn rollout_waves(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::WaveRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT wave, started_at, passed_at FROM rollout_waves \
+                     WHERE rollout_id = $1 ORDER BY wave",
+                )
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn rollout_events(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::RolloutEvent>> {
+                Ok(sqlx::query_as(
+                    "SELECT id, at, state, actor, detail FROM rollout_events \
+                     WHERE rollout_id = $1 ORDER BY id",
+                )
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn rollout_target_groups(
+                &self,
+                id: &str,
+                settled_before_ms: i64,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::TargetGroup>> {
+                use $crate::store::rollouts as r;
+                let rows: Vec<r::TargetGroupRow> = sqlx::query_as(&r::target_groups_sql())
+                    .bind(id)
+                    .bind(settled_before_ms)
+                    .fetch_all(&self.pool)
+                    .await?;
+                r::convert(rows)
+            }
+
+            async fn rollout_class_rows(
+                &self,
+                id: &str,
+                since_ms: i64,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::ClassRow>> {
+                use $crate::store::rollouts as r;
+                let rows: Vec<r::ClassRowRaw> = sqlx::query_as(r::CLASS_ROWS_SQL)
+                    .bind(id)
+                    .bind(since_ms)
+                    .fetch_all(&self.pool)
+                    .await?;
+                r::convert(rows)
+            }
+
+            async fn rollout_targets(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::RolloutTarget>> {
+                use $crate::store::rollouts as r;
+                let rows: Vec<r::RolloutTargetRow> = sqlx::query_as(&r::targets_sql())
+                    .bind(id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                r::convert(rows)
+            }
+        }
+    };
+}
+pub(super) use impl_rollout_store;

@@ -109,6 +109,8 @@ pub(crate) fn redact_password(url: &str) -> String {
 }
 
 impl Dialect for PostgresStore {
+    type Db = sqlx::Postgres;
+
     // Text is ordered by bytes to list things exactly as SQLite does, whatever the
     // database's locale.
     const BYTE_ORDER: &'static str = " COLLATE \"C\"";
@@ -165,19 +167,7 @@ impl Store for PostgresStore {
         if !crate::auth::hashes_equal(&stored, secret_hash) {
             return Err(StoreError::NotFound);
         }
-        sqlx::query(
-            "UPDATE agents SET hostname = $1, version = $2, os = $3, arch = $4, \
-                 auto_update = $5, last_seen = $6 WHERE id = $7",
-        )
-        .bind(&facts.hostname)
-        .bind(&facts.version)
-        .bind(&facts.os)
-        .bind(&facts.arch)
-        .bind(facts.auto_update)
-        .bind(now_ms)
-        .bind(agent_id)
-        .execute(&mut *tx)
-        .await?;
+        Self::record_hello(&mut *tx, agent_id, facts, now_ms).await?;
         tx.commit().await?;
         Ok(())
     }

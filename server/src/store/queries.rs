@@ -8,6 +8,8 @@ use super::*;
 /// The few fragments of SQL in which the backends' dialects differ, spliced into the
 /// shared statements.
 pub(super) trait Dialect {
+    /// The database the backend's pool talks to.
+    type Db: sqlx::Database;
     /// Follows a text sort key so it orders by bytes, exactly as on every other backend.
     const BYTE_ORDER: &'static str;
     /// The scalar function giving the largest of its arguments.
@@ -313,6 +315,35 @@ macro_rules! impl_queries {
         const _: () = {
             use $crate::store::queries::*;
             use $crate::store::*;
+
+            impl $store {
+                /// Writes what an agent's hello said, once `authenticate` has checked its
+                /// secret (each backend guards that check its own way).
+                async fn record_hello<'c, E>(
+                    executor: E,
+                    agent_id: &str,
+                    facts: &AgentFacts,
+                    now_ms: i64,
+                ) -> StoreResult<()>
+                where
+                    E: sqlx::Executor<'c, Database = <$store as Dialect>::Db>,
+                {
+                    sqlx::query(
+                        "UPDATE agents SET hostname = $1, version = $2, os = $3, arch = $4, \
+                             auto_update = $5, last_seen = $6 WHERE id = $7",
+                    )
+                    .bind(&facts.hostname)
+                    .bind(&facts.version)
+                    .bind(&facts.os)
+                    .bind(&facts.arch)
+                    .bind(facts.auto_update)
+                    .bind(now_ms)
+                    .bind(agent_id)
+                    .execute(executor)
+                    .await?;
+                    Ok(())
+                }
+            }
 
             #[async_trait::async_trait]
             impl Queries for $store {

@@ -44,6 +44,8 @@ impl SqliteStore {
 }
 
 impl Dialect for SqliteStore {
+    type Db = sqlx::Sqlite;
+
     // SQLite compares text by its bytes (the BINARY collation) already.
     const BYTE_ORDER: &'static str = "";
     // SQLite's MAX with several arguments is the scalar one.
@@ -81,20 +83,7 @@ impl Store for SqliteStore {
         if !crate::auth::hashes_equal(&stored, secret_hash) {
             return Err(StoreError::NotFound);
         }
-        sqlx::query(
-            "UPDATE agents SET hostname = ?, version = ?, os = ?, arch = ?, auto_update = ?, \
-                 last_seen = ? WHERE id = ?",
-        )
-        .bind(&facts.hostname)
-        .bind(&facts.version)
-        .bind(&facts.os)
-        .bind(&facts.arch)
-        .bind(facts.auto_update)
-        .bind(now_ms)
-        .bind(agent_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::record_hello(&self.pool, agent_id, facts, now_ms).await
     }
 
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {

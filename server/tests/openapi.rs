@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use server::Settings;
-use server::store::{AgentFacts, Bootstrap, SqliteStore, Store};
+use server::store::{AgentFacts, Bootstrap, Queries, SqliteStore};
 
 const ADMIN_TOKEN: &str = "openapi-test-admin";
 const ENROLL_TOKEN: &str = "openapi-test-enroll";

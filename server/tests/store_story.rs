@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AuditEntry, Bootstrap, ChannelScope, HeartbeatRecord, NewTask, PostgresStore, Role,
-    SqliteStore, Store, StoreError, TaskKind, TaskStatus, UpdateTask,
+    AgentFacts, AuditEntry, Bootstrap, ChannelScope, HeartbeatRecord, NewTask, PostgresStore,
+    Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};

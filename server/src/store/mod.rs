@@ -1,7 +1,9 @@
-//! The storage boundary: the operations the product needs, one error enum, one module per
-//! backend. Only this module and its children see sqlx types.
+//! The storage boundary: the operations the product needs, one error enum, the SQL both
+//! backends share (`queries`) and one module per backend for the rest. Only this module and
+//! its children see sqlx types.
 
 mod postgres;
+mod queries;
 mod rollouts;
 mod sqlite;
 
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use postgres::PostgresStore;
+pub use queries::Queries;
 pub use rollouts::{
     ClassRow, NewRollout, Rollout, RolloutEvent, RolloutFilter, RolloutKind, RolloutState,
     RolloutStore, RolloutTarget, StateChange, TargetGroup, WaveRow,
@@ -87,7 +90,7 @@ pub struct Enrolled {
 }
 
 /// One agent as stored, with the channels of its site and client for resolution.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AgentRecord {
     pub id: String,
     pub site_id: String,
@@ -280,7 +283,7 @@ impl From<protocol::FailureClass> for FailureClass {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct UpdateTask {
     pub id: String,
     pub agent_id: String,
@@ -288,7 +291,9 @@ pub struct UpdateTask {
     pub to_version: String,
     pub os: String,
     pub arch: String,
+    #[sqlx(try_from = "String")]
     pub kind: TaskKind,
+    #[sqlx(try_from = "String")]
     pub status: TaskStatus,
     pub attempts: i64,
     pub error: Option<String>,
@@ -353,7 +358,7 @@ impl NewTask<'_> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Client {
     pub id: String,
     pub name: String,
@@ -362,7 +367,7 @@ pub struct Client {
     pub created_at_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Site {
     pub id: String,
     pub client_id: String,
@@ -373,7 +378,7 @@ pub struct Site {
 }
 
 /// What is stored about one version on one platform.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RolloutRecord {
     pub version: String,
     pub os: String,
@@ -385,16 +390,17 @@ pub struct RolloutRecord {
 }
 
 /// How many tasks to one version on one platform are in one status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct TaskCount {
     pub version: String,
     pub os: String,
     pub arch: String,
+    #[sqlx(try_from = "String")]
     pub status: TaskStatus,
     pub tasks: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct AuditEntry {
     pub id: i64,
     #[serde(skip)]
@@ -407,17 +413,18 @@ pub struct AuditEntry {
 }
 
 /// An API token as stored (never the token itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ApiToken {
     pub id: String,
     pub name: String,
+    #[sqlx(try_from = "String")]
     pub role: Role,
     pub created_at_ms: i64,
     pub revoked: bool,
 }
 
 /// How many agents ran one version on one platform at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct VersionCount {
     pub at_ms: i64,
     pub os: String,
@@ -442,20 +449,13 @@ pub trait Subscription: Send {
     async fn next(&mut self) -> StoreResult<Option<String>>;
 }
 
+/// Everything the product stores: the operations both backends share (`Queries`) and
+/// those whose SQL differs between them.
 #[async_trait]
-pub trait Store: RolloutStore + Send + Sync + 'static {
-    /// Records that this node is alive.
-    async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()>;
-
-    /// Marks the agent's session as held by this node.
-    async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
-
+pub trait Store: Queries + RolloutStore + Send + Sync + 'static {
     /// Forgets every recorded session: for a backend only one node can use, whose
     /// sessions all died with the previous process.
     async fn forget_sessions(&self) -> StoreResult<()>;
-
-    /// Clears the agent's session if this node still holds it.
-    async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
 
     /// Sends a small message to every other node sharing the database. A backend that
     /// cannot be shared by several nodes has no one to tell.
@@ -467,53 +467,6 @@ pub trait Store: RolloutStore + Send + Sync + 'static {
     async fn subscribe(&self) -> StoreResult<Option<Box<dyn Subscription>>> {
         Ok(None)
     }
-
-    /// Which bootstrap tokens exist already, so first start generates only the missing ones.
-    async fn bootstrap_state(&self) -> StoreResult<BootstrapState>;
-
-    /// Creates whatever of the default client, site and bootstrap tokens is missing, in
-    /// one transaction.
-    async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome>;
-
-    /// The unrevoked token with this hash; `NotFound` otherwise.
-    async fn api_token(&self, token_hash: &str) -> StoreResult<ApiToken>;
-
-    async fn create_api_token(
-        &self,
-        name: &str,
-        role: Role,
-        token_hash: &str,
-    ) -> StoreResult<ApiToken>;
-
-    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>>;
-
-    /// `NotFound` when there is no such unrevoked token.
-    async fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
-
-    /// `NotFound` when the site does not exist.
-    async fn create_enrollment_token(
-        &self,
-        site_id: &str,
-        token_hash: &str,
-        expires_at_ms: Option<i64>,
-        max_uses: Option<i64>,
-    ) -> StoreResult<String>;
-
-    /// Enrolls a machine with a site enrollment token: re-binds the machine's record in
-    /// that site if there is one (same id, new secret), otherwise creates one, and counts
-    /// a use of the token. `NotFound` when the token is unknown, revoked, expired or used
-    /// up.
-    async fn enroll(
-        &self,
-        enroll_token_hash: &str,
-        facts: &AgentFacts,
-        secret_hash: &str,
-        now_ms: i64,
-    ) -> StoreResult<Enrolled>;
-
-    /// The site an enrollment token enrolls into; `NotFound` when unknown, revoked,
-    /// expired or used up.
-    async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String>;
 
     /// Checks an agent's credentials and records what its hello said.
     /// `NotFound` when the id is unknown or the secret does not match.
@@ -527,157 +480,6 @@ pub trait Store: RolloutStore + Send + Sync + 'static {
 
     /// Writes a batch of heartbeats in one transaction.
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()>;
-
-    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
-
-    async fn agent(&self, id: &str) -> StoreResult<AgentRecord>;
-
-    async fn list_clients(&self) -> StoreResult<Vec<Client>>;
-
-    /// `Conflict` when the name is taken.
-    async fn create_client(&self, name: &str) -> StoreResult<Client>;
-
-    async fn list_sites(&self) -> StoreResult<Vec<Site>>;
-
-    /// `NotFound` when the client does not exist; `Conflict` when the name is taken in it.
-    async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site>;
-
-    /// Sets or clears (`None`) a channel; `NotFound` when the row does not exist.
-    async fn set_channel(
-        &self,
-        scope: ChannelScope,
-        id: &str,
-        channel: Option<&str>,
-    ) -> StoreResult<()>;
-
-    /// Ids of the agents a channel change at `scope`/`id` affects.
-    async fn agents_under(&self, scope: ChannelScope, id: &str) -> StoreResult<Vec<String>>;
-
-    async fn set_paused(&self, agent_id: &str, paused: bool) -> StoreResult<()>;
-
-    async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
-
-    async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()>;
-
-    async fn blocked_versions(&self) -> StoreResult<Vec<String>>;
-
-    /// Creates a task; `Conflict` when the agent already has an unfinished one.
-    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask> {
-        self.create_tasks(std::slice::from_ref(task), now_ms)
-            .await?
-            .pop()
-            .flatten()
-            .ok_or_else(|| {
-                StoreError::Conflict(format!(
-                    "agent {} already has an unfinished task",
-                    task.agent_id
-                ))
-            })
-    }
-
-    /// Creates tasks in one transaction, answering for each in order: `None` where the
-    /// agent already has an unfinished task (an earlier one in the same batch included).
-    async fn create_tasks(
-        &self,
-        tasks: &[NewTask<'_>],
-        now_ms: i64,
-    ) -> StoreResult<Vec<Option<UpdateTask>>>;
-
-    /// The agent's unfinished task, if any.
-    async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;
-
-    /// Versions whose task failed, rolled back or timed out on this agent.
-    async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
-
-    /// Unfinished, dispatched tasks (not `queued`) whose agent has shown no activity on
-    /// them since `cutoff_ms`.
-    async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>>;
-
-    /// Newest first.
-    async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>>;
-
-    /// Marks a (re-)dispatch: status `dispatched`, one more attempt. `NotFound` unless the
-    /// task is unfinished.
-    async fn record_dispatch(&self, task_id: &str, now_ms: i64) -> StoreResult<UpdateTask>;
-
-    /// Moves an unfinished task of this agent to an in-progress status. `NotFound` when the
-    /// task is not this agent's or is finished.
-    async fn record_progress(
-        &self,
-        agent_id: &str,
-        task_id: &str,
-        status: TaskStatus,
-        bytes_done: i64,
-        bytes_total: i64,
-        now_ms: i64,
-    ) -> StoreResult<UpdateTask>;
-
-    /// Ends an unfinished task of this agent with a final status. `NotFound` when the task
-    /// is not this agent's or is finished already (so a repeated result changes nothing).
-    async fn finish_task(
-        &self,
-        agent_id: &str,
-        task_id: &str,
-        status: TaskStatus,
-        error: Option<&str>,
-        now_ms: i64,
-    ) -> StoreResult<UpdateTask>;
-
-    /// Records the first sighting of builds; later sightings change nothing.
-    async fn record_first_seen(
-        &self,
-        builds: &[(String, String, String)],
-        now_ms: i64,
-    ) -> StoreResult<()>;
-
-    async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>>;
-
-    async fn task_counts(&self) -> StoreResult<Vec<TaskCount>>;
-
-    /// Marks every platform's record of `version` promoted.
-    async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()>;
-
-    /// Halts one rollout; false when it was halted already.
-    async fn halt(
-        &self,
-        version: &str,
-        os: &str,
-        arch: &str,
-        reason: &str,
-        now_ms: i64,
-    ) -> StoreResult<bool>;
-
-    /// Lifts halts of `version` (on one platform, or all); returns how many.
-    async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64>;
-
-    async fn block_version(&self, version: &str, reason: &str, now_ms: i64) -> StoreResult<()>;
-
-    /// False when the version was not blocked.
-    async fn unblock_version(&self, version: &str) -> StoreResult<bool>;
-
-    /// Cancels unfinished tasks to `version`; returns the agents they belonged to.
-    async fn cancel_tasks_to(
-        &self,
-        version: &str,
-        reason: &str,
-        now_ms: i64,
-    ) -> StoreResult<Vec<String>>;
-
-    /// Counts agents per platform and version now, for the adoption history.
-    async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()>;
-
-    /// Snapshots taken since `since_ms`, oldest first.
-    async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>>;
-
-    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
-
-    /// Newest first; `before` pages by id; `action` filters exactly.
-    async fn audit(
-        &self,
-        limit: i64,
-        before: Option<i64>,
-        action: Option<&str>,
-    ) -> StoreResult<Vec<AuditEntry>>;
 }
 
 /// Opens the database named by `url` (`sqlite://...` or `postgres://...`), running

@@ -1,0 +1,1152 @@
+//! The SQL both backends share: the `Queries` operations, written once with `$N`
+//! placeholders (which sqlx maps to the N-th argument on SQLite as on PostgreSQL).
+
+use async_trait::async_trait;
+
+use super::*;
+
+/// The few fragments of SQL in which the backends' dialects differ, spliced into the
+/// shared statements.
+pub(super) trait Dialect {
+    /// The database the backend's pool talks to.
+    type Db: sqlx::Database;
+    /// Follows a text sort key so it orders by bytes, exactly as on every other backend.
+    const BYTE_ORDER: &'static str;
+    /// The scalar function giving the largest of its arguments.
+    const GREATEST: &'static str;
+    /// A column ordering the rows of `update_tasks` by insertion.
+    const INSERTION_ORDER: &'static str;
+    /// Run first in bootstrap's transaction where several nodes may start at once.
+    const BOOTSTRAP_LOCK: Option<&'static str>;
+}
+
+/// The operations whose SQL both backends accept.
+#[async_trait]
+pub trait Queries: Send + Sync {
+    /// Records that this node is alive.
+    async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()>;
+
+    /// Marks the agent's session as held by this node.
+    async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
+
+    /// Clears the agent's session if this node still holds it.
+    async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
+
+    /// Which bootstrap tokens exist already, so first start generates only the missing ones.
+    async fn bootstrap_state(&self) -> StoreResult<BootstrapState>;
+
+    /// Creates whatever of the default client, site and bootstrap tokens is missing, in
+    /// one transaction.
+    async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome>;
+
+    /// The unrevoked token with this hash; `NotFound` otherwise.
+    async fn api_token(&self, token_hash: &str) -> StoreResult<ApiToken>;
+
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        token_hash: &str,
+    ) -> StoreResult<ApiToken>;
+
+    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>>;
+
+    /// `NotFound` when there is no such unrevoked token.
+    async fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
+
+    /// `NotFound` when the site does not exist.
+    async fn create_enrollment_token(
+        &self,
+        site_id: &str,
+        token_hash: &str,
+        expires_at_ms: Option<i64>,
+        max_uses: Option<i64>,
+    ) -> StoreResult<String>;
+
+    /// Enrolls a machine with a site enrollment token: re-binds the machine's record in
+    /// that site if there is one (same id, new secret), otherwise creates one, and counts
+    /// a use of the token. `NotFound` when the token is unknown, revoked, expired or used
+    /// up.
+    async fn enroll(
+        &self,
+        enroll_token_hash: &str,
+        facts: &AgentFacts,
+        secret_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Enrolled>;
+
+    /// The site an enrollment token enrolls into; `NotFound` when unknown, revoked,
+    /// expired or used up.
+    async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String>;
+
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+
+    async fn agent(&self, id: &str) -> StoreResult<AgentRecord>;
+
+    async fn list_clients(&self) -> StoreResult<Vec<Client>>;
+
+    /// `Conflict` when the name is taken.
+    async fn create_client(&self, name: &str) -> StoreResult<Client>;
+
+    async fn list_sites(&self) -> StoreResult<Vec<Site>>;
+
+    /// `NotFound` when the client does not exist; `Conflict` when the name is taken in it.
+    async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site>;
+
+    /// Sets or clears (`None`) a channel; `NotFound` when the row does not exist.
+    async fn set_channel(
+        &self,
+        scope: ChannelScope,
+        id: &str,
+        channel: Option<&str>,
+    ) -> StoreResult<()>;
+
+    /// Ids of the agents a channel change at `scope`/`id` affects.
+    async fn agents_under(&self, scope: ChannelScope, id: &str) -> StoreResult<Vec<String>>;
+
+    async fn set_paused(&self, agent_id: &str, paused: bool) -> StoreResult<()>;
+
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
+
+    async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    async fn blocked_versions(&self) -> StoreResult<Vec<String>>;
+
+    /// Creates a task; `Conflict` when the agent already has an unfinished one.
+    async fn create_task(&self, task: &NewTask<'_>, now_ms: i64) -> StoreResult<UpdateTask> {
+        self.create_tasks(std::slice::from_ref(task), now_ms)
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| {
+                StoreError::Conflict(format!(
+                    "agent {} already has an unfinished task",
+                    task.agent_id
+                ))
+            })
+    }
+
+    /// Creates tasks in one transaction, answering for each in order: `None` where the
+    /// agent already has an unfinished task (an earlier one in the same batch included).
+    async fn create_tasks(
+        &self,
+        tasks: &[NewTask<'_>],
+        now_ms: i64,
+    ) -> StoreResult<Vec<Option<UpdateTask>>>;
+
+    /// The agent's unfinished task, if any.
+    async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;
+
+    /// Versions whose task failed, rolled back or timed out on this agent.
+    async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
+
+    /// Unfinished, dispatched tasks (not `queued`) whose agent has shown no activity on
+    /// them since `cutoff_ms`.
+    async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>>;
+
+    /// Newest first.
+    async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>>;
+
+    /// Marks a (re-)dispatch: status `dispatched`, one more attempt. `NotFound` unless the
+    /// task is unfinished.
+    async fn record_dispatch(&self, task_id: &str, now_ms: i64) -> StoreResult<UpdateTask>;
+
+    /// Moves an unfinished task of this agent to an in-progress status. `NotFound` when the
+    /// task is not this agent's or is finished.
+    async fn record_progress(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        status: TaskStatus,
+        bytes_done: i64,
+        bytes_total: i64,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask>;
+
+    /// Ends an unfinished task of this agent with a final status. `NotFound` when the task
+    /// is not this agent's or is finished already (so a repeated result changes nothing).
+    async fn finish_task(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        status: TaskStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask>;
+
+    /// Records the first sighting of builds; later sightings change nothing.
+    async fn record_first_seen(
+        &self,
+        builds: &[(String, String, String)],
+        now_ms: i64,
+    ) -> StoreResult<()>;
+
+    async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>>;
+
+    async fn task_counts(&self) -> StoreResult<Vec<TaskCount>>;
+
+    /// Marks every platform's record of `version` promoted.
+    async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()>;
+
+    /// Halts one rollout; false when it was halted already.
+    async fn halt(
+        &self,
+        version: &str,
+        os: &str,
+        arch: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+
+    /// Lifts halts of `version` (on one platform, or all); returns how many.
+    async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64>;
+
+    async fn block_version(&self, version: &str, reason: &str, now_ms: i64) -> StoreResult<()>;
+
+    /// False when the version was not blocked.
+    async fn unblock_version(&self, version: &str) -> StoreResult<bool>;
+
+    /// Cancels unfinished tasks to `version`; returns the agents they belonged to.
+    async fn cancel_tasks_to(
+        &self,
+        version: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>>;
+
+    /// Counts agents per platform and version now, for the adoption history.
+    async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()>;
+
+    /// Snapshots taken since `since_ms`, oldest first.
+    async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+
+    /// Newest first; `before` pages by id; `action` filters exactly.
+    async fn audit(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+        action: Option<&str>,
+    ) -> StoreResult<Vec<AuditEntry>>;
+}
+
+pub(super) const DEFAULT_CLIENT: &str = "default";
+pub(super) const DEFAULT_SITE: &str = "default";
+
+/// Selects an `AgentRecord`, with the channels of its site and client and its node's
+/// heartbeat; a statement goes on with `WHERE` or `ORDER BY`.
+pub(super) const SELECT_AGENTS: &str = "SELECT a.id, a.site_id, a.fingerprint, a.hostname, \
+     a.version, a.os, a.arch, a.paused, a.auto_update, \
+     a.enrolled_at AS enrolled_at_ms, a.last_seen AS last_seen_ms, \
+     a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel, \
+     a.node_id, n.last_beat AS node_last_beat_ms \
+     FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id \
+     LEFT JOIN nodes n ON n.id = a.node_id";
+
+/// The columns of an `UpdateTask`, for `SELECT` and `RETURNING`.
+pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, os, arch, kind, \
+     status, attempts, error, bytes_done, bytes_total, created_at AS created_at_ms, \
+     updated_at AS updated_at_ms, dispatched_at AS dispatched_at_ms, \
+     progress_at AS progress_at_ms";
+
+pub(super) const ACTIVE_STATUSES: &str =
+    "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
+
+pub(super) const CLIENT_COLUMNS: &str = "id, name, channel, created_at AS created_at_ms";
+
+pub(super) const SITE_COLUMNS: &str = "id, client_id, name, channel, created_at AS created_at_ms";
+
+/// The columns of an `ApiToken`: never the hash.
+pub(super) const TOKEN_COLUMNS: &str =
+    "id, name, role, created_at AS created_at_ms, revoked_at IS NOT NULL AS revoked";
+
+/// An enrollment token that is not revoked, expired (binds now as `$2`) or used up.
+pub(super) const USABLE_TOKEN: &str = "revoked_at IS NULL \
+     AND (expires_at IS NULL OR expires_at > $2) AND (max_uses IS NULL OR uses < max_uses)";
+
+pub(super) const COUNT_ADMIN_TOKENS: &str =
+    "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL";
+
+pub(super) const COUNT_ENROLL_TOKENS: &str =
+    "SELECT COUNT(*) FROM enrollment_tokens WHERE revoked_at IS NULL";
+
+pub(super) fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// `NotFound` when a statement that must change a row changed none.
+pub(super) fn changed_one(rows_affected: u64) -> StoreResult<()> {
+    if rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+// The enums are stored as their text; an unknown one is a corrupt row.
+impl TryFrom<String> for Role {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Role, String> {
+        Role::parse(&text).ok_or_else(|| format!("unknown role {text:?}"))
+    }
+}
+
+impl TryFrom<String> for TaskKind {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<TaskKind, String> {
+        TaskKind::parse(&text).ok_or_else(|| format!("unknown task kind {text:?}"))
+    }
+}
+
+impl TryFrom<String> for TaskStatus {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<TaskStatus, String> {
+        TaskStatus::parse(&text).ok_or_else(|| format!("unknown task status {text:?}"))
+    }
+}
+
+/// Implements `Queries` for a backend whose `pool` field is a sqlx pool and which
+/// implements `Dialect`.
+macro_rules! impl_queries {
+    ($store:ty) => {
+        const _: () = {
+            use $crate::store::queries::*;
+            use $crate::store::*;
+
+            impl $store {
+                /// Writes what an agent's hello said, once `authenticate` has checked its
+                /// secret (each backend guards that check its own way).
+                async fn record_hello<'c, E>(
+                    executor: E,
+                    agent_id: &str,
+                    facts: &AgentFacts,
+                    now_ms: i64,
+                ) -> StoreResult<()>
+                where
+                    E: sqlx::Executor<'c, Database = <$store as Dialect>::Db>,
+                {
+                    sqlx::query(
+                        "UPDATE agents SET hostname = $1, version = $2, os = $3, arch = $4, \
+                             auto_update = $5, last_seen = $6 WHERE id = $7",
+                    )
+                    .bind(&facts.hostname)
+                    .bind(&facts.version)
+                    .bind(&facts.os)
+                    .bind(&facts.arch)
+                    .bind(facts.auto_update)
+                    .bind(now_ms)
+                    .bind(agent_id)
+                    .execute(executor)
+                    .await?;
+                    Ok(())
+                }
+            }
+
+            #[async_trait::async_trait]
+            impl Queries for $store {
+                async fn node_beat(
+                    &self,
+                    node_id: &str,
+                    address: &str,
+                    now_ms: i64,
+                ) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO nodes (id, address, started_at, last_beat) \
+                         VALUES ($1, $2, $3, $3) \
+                         ON CONFLICT (id) DO UPDATE SET last_beat = excluded.last_beat",
+                    )
+                    .bind(node_id)
+                    .bind(address)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
+                    sqlx::query("UPDATE agents SET node_id = $1 WHERE id = $2")
+                        .bind(node_id)
+                        .bind(agent_id)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                }
+
+                async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
+                    sqlx::query("UPDATE agents SET node_id = NULL WHERE id = $1 AND node_id = $2")
+                        .bind(agent_id)
+                        .bind(node_id)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                }
+
+                async fn bootstrap_state(&self) -> StoreResult<BootstrapState> {
+                    let admins: i64 = sqlx::query_scalar(COUNT_ADMIN_TOKENS)
+                        .fetch_one(&self.pool)
+                        .await?;
+                    let enrolls: i64 = sqlx::query_scalar(COUNT_ENROLL_TOKENS)
+                        .fetch_one(&self.pool)
+                        .await?;
+                    Ok(BootstrapState {
+                        has_admin_token: admins > 0,
+                        has_enroll_token: enrolls > 0,
+                    })
+                }
+
+                async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome> {
+                    let now = $crate::clock::now_ms();
+                    let mut outcome = BootstrapOutcome::default();
+                    let mut tx = self.pool.begin().await?;
+                    if let Some(lock) = <$store as Dialect>::BOOTSTRAP_LOCK {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
+                    let client_id: Option<String> =
+                        sqlx::query_scalar("SELECT id FROM clients WHERE name = $1")
+                            .bind(DEFAULT_CLIENT)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    let client_id = match client_id {
+                        Some(id) => id,
+                        None => {
+                            let id = new_id();
+                            sqlx::query(
+                                "INSERT INTO clients (id, name, created_at) VALUES ($1, $2, $3)",
+                            )
+                            .bind(&id)
+                            .bind(DEFAULT_CLIENT)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                            id
+                        }
+                    };
+                    let site_id: Option<String> = sqlx::query_scalar(
+                        "SELECT id FROM sites WHERE client_id = $1 AND name = $2",
+                    )
+                    .bind(&client_id)
+                    .bind(DEFAULT_SITE)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let site_id = match site_id {
+                        Some(id) => id,
+                        None => {
+                            let id = new_id();
+                            sqlx::query(
+                                "INSERT INTO sites (id, client_id, name, created_at) \
+                                 VALUES ($1, $2, $3, $4)",
+                            )
+                            .bind(&id)
+                            .bind(&client_id)
+                            .bind(DEFAULT_SITE)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                            outcome.created_site = true;
+                            id
+                        }
+                    };
+                    let admins: i64 = sqlx::query_scalar(COUNT_ADMIN_TOKENS)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    if let (0, Some(hash)) = (admins, &pieces.admin_token_hash) {
+                        sqlx::query(
+                            "INSERT INTO api_tokens (id, name, role, token_hash, created_at) \
+                             VALUES ($1, 'bootstrap admin', 'admin', $2, $3)",
+                        )
+                        .bind(new_id())
+                        .bind(hash)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                        outcome.created_admin_token = true;
+                    }
+                    let enrolls: i64 = sqlx::query_scalar(COUNT_ENROLL_TOKENS)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    if let (0, Some(hash)) = (enrolls, &pieces.enroll_token_hash) {
+                        sqlx::query(
+                            "INSERT INTO enrollment_tokens (id, site_id, token_hash, created_at) \
+                             VALUES ($1, $2, $3, $4)",
+                        )
+                        .bind(new_id())
+                        .bind(&site_id)
+                        .bind(hash)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                        outcome.created_enroll_token = true;
+                    }
+                    tx.commit().await?;
+                    Ok(outcome)
+                }
+
+                async fn api_token(&self, token_hash: &str) -> StoreResult<ApiToken> {
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {TOKEN_COLUMNS} FROM api_tokens \
+                         WHERE token_hash = $1 AND revoked_at IS NULL"
+                    ))
+                    .bind(token_hash)
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn create_api_token(
+                    &self,
+                    name: &str,
+                    role: Role,
+                    token_hash: &str,
+                ) -> StoreResult<ApiToken> {
+                    Ok(sqlx::query_as(&format!(
+                        "INSERT INTO api_tokens (id, name, role, token_hash, created_at) \
+                         VALUES ($1, $2, $3, $4, $5) RETURNING {TOKEN_COLUMNS}"
+                    ))
+                    .bind(new_id())
+                    .bind(name)
+                    .bind(role.as_str())
+                    .bind(token_hash)
+                    .bind($crate::clock::now_ms())
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id{bytes}"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
+                    let done = sqlx::query(
+                        "UPDATE api_tokens SET revoked_at = $1 \
+                         WHERE id = $2 AND revoked_at IS NULL",
+                    )
+                    .bind($crate::clock::now_ms())
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                    changed_one(done.rows_affected())
+                }
+
+                async fn create_enrollment_token(
+                    &self,
+                    site_id: &str,
+                    token_hash: &str,
+                    expires_at_ms: Option<i64>,
+                    max_uses: Option<i64>,
+                ) -> StoreResult<String> {
+                    let mut tx = self.pool.begin().await?;
+                    let _: String = sqlx::query_scalar("SELECT id FROM sites WHERE id = $1")
+                        .bind(site_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let id = new_id();
+                    sqlx::query(
+                        "INSERT INTO enrollment_tokens \
+                             (id, site_id, token_hash, created_at, expires_at, max_uses) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(&id)
+                    .bind(site_id)
+                    .bind(token_hash)
+                    .bind($crate::clock::now_ms())
+                    .bind(expires_at_ms)
+                    .bind(max_uses)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(id)
+                }
+
+                async fn enroll(
+                    &self,
+                    enroll_token_hash: &str,
+                    facts: &AgentFacts,
+                    secret_hash: &str,
+                    now_ms: i64,
+                ) -> StoreResult<Enrolled> {
+                    let mut tx = self.pool.begin().await?;
+                    // Counting the use in the same statement that checks the limits keeps
+                    // two enrollments from both taking the last use: the second waits for
+                    // the first's lock (SQLite's database lock, PostgreSQL's row lock) and
+                    // then re-checks the limits against the counted use.
+                    let site_id: String = sqlx::query_scalar(&format!(
+                        "UPDATE enrollment_tokens SET uses = uses + 1 \
+                         WHERE token_hash = $1 AND {USABLE_TOKEN} RETURNING site_id"
+                    ))
+                    .bind(enroll_token_hash)
+                    .bind(now_ms)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let candidate = new_id();
+                    let agent_id: String = sqlx::query_scalar(
+                        "INSERT INTO agents (id, site_id, fingerprint, secret_hash, hostname, \
+                                             version, os, arch, auto_update, enrolled_at, \
+                                             last_seen) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+                         ON CONFLICT (site_id, fingerprint) DO UPDATE SET \
+                             secret_hash = excluded.secret_hash, hostname = excluded.hostname, \
+                             version = excluded.version, os = excluded.os, \
+                             arch = excluded.arch, auto_update = excluded.auto_update, \
+                             last_seen = excluded.last_seen \
+                         RETURNING id",
+                    )
+                    .bind(&candidate)
+                    .bind(&site_id)
+                    .bind(&facts.fingerprint)
+                    .bind(secret_hash)
+                    .bind(&facts.hostname)
+                    .bind(&facts.version)
+                    .bind(&facts.os)
+                    .bind(&facts.arch)
+                    .bind(facts.auto_update)
+                    .bind(now_ms)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(Enrolled {
+                        rebound: agent_id != candidate,
+                        agent_id,
+                    })
+                }
+
+                async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String> {
+                    Ok(sqlx::query_scalar(&format!(
+                        "SELECT site_id FROM enrollment_tokens \
+                         WHERE token_hash = $1 AND {USABLE_TOKEN}"
+                    ))
+                    .bind(enroll_token_hash)
+                    .bind($crate::clock::now_ms())
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "{SELECT_AGENTS} ORDER BY a.hostname{bytes}, a.id{bytes}"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn agent(&self, id: &str) -> StoreResult<AgentRecord> {
+                    Ok(sqlx::query_as(&format!("{SELECT_AGENTS} WHERE a.id = $1"))
+                        .bind(id)
+                        .fetch_one(&self.pool)
+                        .await?)
+                }
+
+                async fn list_clients(&self) -> StoreResult<Vec<Client>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {CLIENT_COLUMNS} FROM clients ORDER BY name{bytes}"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn create_client(&self, name: &str) -> StoreResult<Client> {
+                    Ok(sqlx::query_as(&format!(
+                        "INSERT INTO clients (id, name, created_at) VALUES ($1, $2, $3) \
+                         RETURNING {CLIENT_COLUMNS}"
+                    ))
+                    .bind(new_id())
+                    .bind(name)
+                    .bind($crate::clock::now_ms())
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn list_sites(&self) -> StoreResult<Vec<Site>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {SITE_COLUMNS} FROM sites ORDER BY client_id{bytes}, name{bytes}"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site> {
+                    let mut tx = self.pool.begin().await?;
+                    let _: String = sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
+                        .bind(client_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let site = sqlx::query_as(&format!(
+                        "INSERT INTO sites (id, client_id, name, created_at) \
+                         VALUES ($1, $2, $3, $4) RETURNING {SITE_COLUMNS}"
+                    ))
+                    .bind(new_id())
+                    .bind(client_id)
+                    .bind(name)
+                    .bind($crate::clock::now_ms())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(site)
+                }
+
+                async fn set_channel(
+                    &self,
+                    scope: ChannelScope,
+                    id: &str,
+                    channel: Option<&str>,
+                ) -> StoreResult<()> {
+                    let table = match scope {
+                        ChannelScope::Agent => "agents",
+                        ChannelScope::Site => "sites",
+                        ChannelScope::Client => "clients",
+                    };
+                    let done =
+                        sqlx::query(&format!("UPDATE {table} SET channel = $1 WHERE id = $2"))
+                            .bind(channel)
+                            .bind(id)
+                            .execute(&self.pool)
+                            .await?;
+                    changed_one(done.rows_affected())
+                }
+
+                async fn agents_under(
+                    &self,
+                    scope: ChannelScope,
+                    id: &str,
+                ) -> StoreResult<Vec<String>> {
+                    let query = match scope {
+                        ChannelScope::Agent => "SELECT id FROM agents WHERE id = $1",
+                        ChannelScope::Site => "SELECT id FROM agents WHERE site_id = $1",
+                        ChannelScope::Client => {
+                            "SELECT a.id FROM agents a JOIN sites s ON s.id = a.site_id \
+                             WHERE s.client_id = $1"
+                        }
+                    };
+                    Ok(sqlx::query_scalar(query)
+                        .bind(id)
+                        .fetch_all(&self.pool)
+                        .await?)
+                }
+
+                async fn set_paused(&self, agent_id: &str, paused: bool) -> StoreResult<()> {
+                    let done = sqlx::query("UPDATE agents SET paused = $1 WHERE id = $2")
+                        .bind(paused)
+                        .bind(agent_id)
+                        .execute(&self.pool)
+                        .await?;
+                    changed_one(done.rows_affected())
+                }
+
+                async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+                    Ok(
+                        sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                            .bind(key)
+                            .fetch_optional(&self.pool)
+                            .await?,
+                    )
+                }
+
+                async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO settings (key, value) VALUES ($1, $2) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(key)
+                    .bind(value)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn blocked_versions(&self) -> StoreResult<Vec<String>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_scalar(&format!(
+                        "SELECT version FROM version_blocks ORDER BY version{bytes}"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn create_tasks(
+                    &self,
+                    tasks: &[NewTask<'_>],
+                    now_ms: i64,
+                ) -> StoreResult<Vec<Option<UpdateTask>>> {
+                    // One transaction and one statement per chunk: a promote dispatches to
+                    // every connected agent at once, and a statement per task would make
+                    // the last agent wait for all the others. The unique index on
+                    // unfinished tasks turns a second one for an agent into no row. Only
+                    // the ids of the rows made come back (in any order); the rest of each
+                    // row is what was written.
+                    let ids: Vec<String> = tasks.iter().map(|_| new_id()).collect();
+                    let mut made = std::collections::HashSet::with_capacity(tasks.len());
+                    let mut tx = self.pool.begin().await?;
+                    for chunk in tasks
+                        .iter()
+                        .zip(&ids)
+                        .collect::<Vec<_>>()
+                        .chunks(TASKS_PER_STATEMENT)
+                    {
+                        let mut insert = sqlx::QueryBuilder::new(
+                            "INSERT INTO update_tasks (id, agent_id, from_version, to_version, \
+                                 os, arch, kind, status, attempts, created_at, updated_at, \
+                                 dispatched_at) ",
+                        );
+                        insert.push_values(chunk, |mut row, (task, id)| {
+                            let dispatched = task.status == TaskStatus::Dispatched;
+                            row.push_bind(id.as_str())
+                                .push_bind(task.agent_id)
+                                .push_bind(task.from_version)
+                                .push_bind(task.to_version)
+                                .push_bind(task.os)
+                                .push_bind(task.arch)
+                                .push_bind(task.kind.as_str())
+                                .push_bind(task.status.as_str())
+                                .push_bind(i64::from(dispatched))
+                                .push_bind(now_ms)
+                                .push_bind(now_ms)
+                                .push_bind(dispatched.then_some(now_ms));
+                        });
+                        insert.push(" ON CONFLICT DO NOTHING RETURNING id");
+                        let rows: Vec<String> =
+                            insert.build_query_scalar().fetch_all(&mut *tx).await?;
+                        made.extend(rows);
+                    }
+                    tx.commit().await?;
+                    Ok(tasks
+                        .iter()
+                        .zip(&ids)
+                        .map(|(task, id)| made.contains(id).then(|| task.made(id, now_ms)))
+                        .collect())
+                }
+
+                async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>> {
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {TASK_COLUMNS} FROM update_tasks \
+                         WHERE agent_id = $1 AND status IN {ACTIVE_STATUSES}"
+                    ))
+                    .bind(agent_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+                }
+
+                async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>> {
+                    Ok(sqlx::query_scalar(
+                        "SELECT DISTINCT to_version FROM update_tasks \
+                         WHERE agent_id = $1 AND status IN ('failed', 'rolled_back', 'timed_out')",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>> {
+                    let greatest = <$store as Dialect>::GREATEST;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {TASK_COLUMNS} FROM update_tasks \
+                         WHERE status IN {ACTIVE_STATUSES} AND status <> 'queued' \
+                           AND {greatest}(created_at, COALESCE(dispatched_at, 0), \
+                                          COALESCE(progress_at, 0)) < $1"
+                    ))
+                    .bind(cutoff_ms)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn tasks_for_agent(
+                    &self,
+                    agent_id: &str,
+                    limit: i64,
+                ) -> StoreResult<Vec<UpdateTask>> {
+                    let inserted = <$store as Dialect>::INSERTION_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {TASK_COLUMNS} FROM update_tasks WHERE agent_id = $1 \
+                         ORDER BY created_at DESC, {inserted} DESC LIMIT $2"
+                    ))
+                    .bind(agent_id)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn record_dispatch(
+                    &self,
+                    task_id: &str,
+                    now_ms: i64,
+                ) -> StoreResult<UpdateTask> {
+                    Ok(sqlx::query_as(&format!(
+                        "UPDATE update_tasks SET status = 'dispatched', attempts = attempts + 1, \
+                             dispatched_at = $1, updated_at = $1 \
+                         WHERE id = $2 AND status IN {ACTIVE_STATUSES} RETURNING {TASK_COLUMNS}"
+                    ))
+                    .bind(now_ms)
+                    .bind(task_id)
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn record_progress(
+                    &self,
+                    agent_id: &str,
+                    task_id: &str,
+                    status: TaskStatus,
+                    bytes_done: i64,
+                    bytes_total: i64,
+                    now_ms: i64,
+                ) -> StoreResult<UpdateTask> {
+                    Ok(sqlx::query_as(&format!(
+                        "UPDATE update_tasks SET status = $1, bytes_done = $2, bytes_total = $3, \
+                             progress_at = $4, updated_at = $4 \
+                         WHERE id = $5 AND agent_id = $6 AND status IN {ACTIVE_STATUSES} \
+                         RETURNING {TASK_COLUMNS}"
+                    ))
+                    .bind(status.as_str())
+                    .bind(bytes_done)
+                    .bind(bytes_total)
+                    .bind(now_ms)
+                    .bind(task_id)
+                    .bind(agent_id)
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn finish_task(
+                    &self,
+                    agent_id: &str,
+                    task_id: &str,
+                    status: TaskStatus,
+                    error: Option<&str>,
+                    now_ms: i64,
+                ) -> StoreResult<UpdateTask> {
+                    Ok(sqlx::query_as(&format!(
+                        "UPDATE update_tasks SET status = $1, error = $2, updated_at = $3 \
+                         WHERE id = $4 AND agent_id = $5 AND status IN {ACTIVE_STATUSES} \
+                         RETURNING {TASK_COLUMNS}"
+                    ))
+                    .bind(status.as_str())
+                    .bind(error)
+                    .bind(now_ms)
+                    .bind(task_id)
+                    .bind(agent_id)
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn record_first_seen(
+                    &self,
+                    builds: &[(String, String, String)],
+                    now_ms: i64,
+                ) -> StoreResult<()> {
+                    // Inserted in one order on every node, so two PostgreSQL nodes recording
+                    // the same new builds wait for each other instead of deadlocking on the
+                    // primary key.
+                    let mut builds: Vec<&(String, String, String)> = builds.iter().collect();
+                    builds.sort();
+                    builds.dedup();
+                    let mut tx = self.pool.begin().await?;
+                    for (version, os, arch) in builds {
+                        sqlx::query(
+                            "INSERT INTO builds (version, os, arch, first_seen) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (version, os, arch) DO NOTHING",
+                        )
+                        .bind(version)
+                        .bind(os)
+                        .bind(arch)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>> {
+                    Ok(sqlx::query_as(
+                        "SELECT version, os, arch, first_seen AS first_seen_ms, \
+                             promoted_at AS promoted_at_ms, halted_at AS halted_at_ms, \
+                             halt_reason \
+                         FROM builds",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn task_counts(&self) -> StoreResult<Vec<TaskCount>> {
+                    Ok(sqlx::query_as(
+                        "SELECT to_version AS version, os, arch, status, COUNT(*) AS tasks \
+                         FROM update_tasks GROUP BY to_version, os, arch, status",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()> {
+                    sqlx::query("UPDATE builds SET promoted_at = $1 WHERE version = $2")
+                        .bind(now_ms)
+                        .bind(version)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                }
+
+                async fn halt(
+                    &self,
+                    version: &str,
+                    os: &str,
+                    arch: &str,
+                    reason: &str,
+                    now_ms: i64,
+                ) -> StoreResult<bool> {
+                    let done = sqlx::query(
+                        "INSERT INTO builds (version, os, arch, first_seen, halted_at, \
+                                               halt_reason) \
+                         VALUES ($1, $2, $3, $4, $4, $5) \
+                         ON CONFLICT (version, os, arch) DO UPDATE SET \
+                             halted_at = excluded.halted_at, halt_reason = excluded.halt_reason \
+                             WHERE builds.halted_at IS NULL",
+                    )
+                    .bind(version)
+                    .bind(os)
+                    .bind(arch)
+                    .bind(now_ms)
+                    .bind(reason)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn resume(
+                    &self,
+                    version: &str,
+                    platform: Option<(&str, &str)>,
+                ) -> StoreResult<u64> {
+                    // Typed by a cast so PostgreSQL knows what a NULL parameter is.
+                    let (os, arch) = platform.unzip();
+                    let done = sqlx::query(
+                        "UPDATE builds SET halted_at = NULL, halt_reason = NULL \
+                         WHERE version = $1 AND halted_at IS NOT NULL \
+                           AND (CAST($2 AS TEXT) IS NULL OR os = $2) \
+                           AND (CAST($3 AS TEXT) IS NULL OR arch = $3)",
+                    )
+                    .bind(version)
+                    .bind(os)
+                    .bind(arch)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn block_version(
+                    &self,
+                    version: &str,
+                    reason: &str,
+                    now_ms: i64,
+                ) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO version_blocks (version, reason, created_at) \
+                         VALUES ($1, $2, $3) ON CONFLICT (version) DO NOTHING",
+                    )
+                    .bind(version)
+                    .bind(reason)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn unblock_version(&self, version: &str) -> StoreResult<bool> {
+                    let done = sqlx::query("DELETE FROM version_blocks WHERE version = $1")
+                        .bind(version)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn cancel_tasks_to(
+                    &self,
+                    version: &str,
+                    reason: &str,
+                    now_ms: i64,
+                ) -> StoreResult<Vec<String>> {
+                    Ok(sqlx::query_scalar(&format!(
+                        "UPDATE update_tasks SET status = 'cancelled', error = $1, \
+                             updated_at = $2 \
+                         WHERE to_version = $3 AND status IN {ACTIVE_STATUSES} \
+                         RETURNING agent_id"
+                    ))
+                    .bind(reason)
+                    .bind(now_ms)
+                    .bind(version)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO version_snapshots (at, os, arch, version, agents) \
+                         SELECT $1, os, arch, version, COUNT(*) FROM agents \
+                         GROUP BY os, arch, version \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>> {
+                    Ok(sqlx::query_as(
+                        "SELECT at AS at_ms, os, arch, version, agents FROM version_snapshots \
+                         WHERE at >= $1 ORDER BY at, os, arch, version",
+                    )
+                    .bind(since_ms)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO audit_log (at, actor, action, target, detail, result) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(entry.at_ms)
+                    .bind(&entry.actor)
+                    .bind(&entry.action)
+                    .bind(&entry.target)
+                    .bind(&entry.detail)
+                    .bind(&entry.result)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn audit(
+                    &self,
+                    limit: i64,
+                    before: Option<i64>,
+                    action: Option<&str>,
+                ) -> StoreResult<Vec<AuditEntry>> {
+                    // Typed by casts so PostgreSQL knows what a NULL parameter is.
+                    Ok(sqlx::query_as(
+                        "SELECT id, at AS at_ms, actor, action, target, detail, result \
+                         FROM audit_log \
+                         WHERE (CAST($1 AS BIGINT) IS NULL OR id < $1) \
+                           AND (CAST($2 AS TEXT) IS NULL OR action = $2) \
+                         ORDER BY id DESC LIMIT $3",
+                    )
+                    .bind(before)
+                    .bind(action)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+            }
+        };
+    };
+}
+
+pub(super) use impl_queries;

@@ -6,7 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use protocol::{AgentMessage, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
+use protocol::{
+    AgentMessage, FailureClass, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
+};
 use serde_json::json;
 use support::*;
 
@@ -210,7 +212,7 @@ async fn pause_stops_dispatch_and_a_requested_update_overrides_it() {
             outcome: UpdateOutcome::Failed,
             version: "1.0.0".into(),
             error: Some("checksum mismatch".into()),
-            failure_class: None,
+            failure_class: Some(FailureClass::Build),
         }))
         .await;
     eventually("the failure", SOON, || async {

@@ -283,6 +283,104 @@ async fn simulated_agents_wait_out_a_busy_download_server() {
     assert_eq!(report["errors_total"], 0, "report: {report}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_build_failures_reach_the_server_as_rolled_back_tasks() {
+    // Under the server's halt minimum (5 finished attempts a version), so every agent
+    // is offered each build and the counts below are exact.
+    const FEW: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    // Frequent heartbeats, so versions reach the agent rows quickly.
+    let server = Server::start_with_args(dir.path(), &["--heartbeat-interval", "1"]);
+    let api = server.api();
+    // A rate of 0.5 fails sim-1 and sim-3 on every build; everyone fails 1.2.0.
+    let sim = Sim::start(
+        &server,
+        dir.path(),
+        FEW,
+        &["--fail-rate", "0.5", "--fail-versions", "1.2.0"],
+    );
+    let agents = all_online(&api, FEW).await;
+    let id_of = |name: &str| {
+        let agent = agents.iter().find(|a| a["hostname"] == name).unwrap();
+        agent["id"].as_str().unwrap().to_owned()
+    };
+    let newest_task_is = |name: &'static str, version: &'static str, status: &'static str| {
+        let id = id_of(name);
+        let server = &server;
+        async move {
+            eventually(
+                &format!("{name}'s task to {version} to be {status}"),
+                UPDATE_WAIT,
+                || async {
+                    let newest = tasks_of(server, &id).await.first()?.clone();
+                    (newest["to_version"] == version && newest["status"] == status).then_some(())
+                },
+            )
+            .await
+        }
+    };
+
+    publish(&server.downloads(), "1.1.0", Some("stable"), &[1u8; 4096]);
+    for (name, status) in [
+        ("sim-0", "succeeded"),
+        ("sim-1", "rolled_back"),
+        ("sim-2", "succeeded"),
+        ("sim-3", "rolled_back"),
+    ] {
+        newest_task_is(name, "1.1.0", status).await;
+    }
+    // A newer build is offered again to the agents that failed the last one.
+    publish(&server.downloads(), "1.2.0", Some("stable"), &[2u8; 4096]);
+    for name in ["sim-0", "sim-1", "sim-2", "sim-3"] {
+        newest_task_is(name, "1.2.0", "rolled_back").await;
+    }
+    // Rolled back means still on the old version.
+    eventually(
+        "every agent row to show the version it kept",
+        Duration::from_secs(30),
+        || async {
+            let agents = api.agents().await?;
+            agents
+                .iter()
+                .all(|a| {
+                    let kept = match a["hostname"].as_str() {
+                        Some("sim-0" | "sim-2") => "1.1.0",
+                        _ => "1.0.0",
+                    };
+                    a["version"] == kept
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The server's rolled-back tasks, per version, are what the simulator says it sent.
+    let mut recorded = serde_json::Map::new();
+    for agent in &agents {
+        for task in tasks_of(&server, agent["id"].as_str().unwrap()).await {
+            if task["status"] == "rolled_back" {
+                let version = task["to_version"].as_str().unwrap().to_owned();
+                let count = recorded.get(&version).and_then(Value::as_u64).unwrap_or(0);
+                recorded.insert(version, (count + 1).into());
+            }
+        }
+    }
+    let report = sim.stop();
+    assert_eq!(
+        report["failures_reported"],
+        serde_json::json!({"1.1.0": 2, "1.2.0": FEW}),
+        "report: {report}"
+    );
+    assert_eq!(
+        Value::Object(recorded),
+        report["failures_reported"],
+        "report: {report}"
+    );
+    assert_eq!(report["updates_completed"], 2, "report: {report}");
+    assert_eq!(report["updates_failed"], 2 + FEW, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+}
+
 /// Agents the kill -9 test simulates: "a few thousand", within this machine's limits.
 const STORM: usize = 2000;
 

@@ -1,21 +1,27 @@
 //! Fetching a build into the staging area: resumes with `Range`, waits out 503
 //! `Retry-After` with jitter, never accepts more than the declared size, and checks free
 //! disk space first. A write that fails (the disk filled up after all) removes the
-//! partial file, so nothing is left to fill the disk or to be resumed.
+//! partial file, so nothing is left to fill the disk or to be resumed. Every
+//! `FetchError` knows its failure class.
 
 use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use protocol::FailureClass;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
 
-/// Attempts per download before giving up (busy server, dropped connections).
+/// Failed attempts per download before giving up (network errors, dropped connections,
+/// server errors). A busy server's `Retry-After` is not a failure and is not counted.
 const MAX_ATTEMPTS: u32 = 20;
 /// Wait when a busy server gives no `Retry-After`, or a connection drops.
 const DEFAULT_RETRY: Duration = Duration::from_secs(5);
+/// The least a busy server's `Retry-After` makes us wait: those waits are not counted,
+/// so `Retry-After: 0` must not turn into a tight loop.
+const MIN_BUSY_WAIT: Duration = Duration::from_secs(1);
 /// Headroom kept free besides the build's two copies (staged and installed).
 const DISK_MARGIN: u64 = 16 * 1024 * 1024;
 
@@ -37,6 +43,22 @@ pub(crate) enum FetchError {
     Io(#[from] std::io::Error),
 }
 
+impl FetchError {
+    /// Whose fault the failed download was: the machine's (disk, staging area), the
+    /// build's (more bytes than it declared), or nobody's yet (the server refused or
+    /// the network failed).
+    pub(crate) fn class(&self) -> FailureClass {
+        match self {
+            FetchError::DiskFull { .. }
+            | FetchError::NoSpace(_)
+            | FetchError::Write(_)
+            | FetchError::Io(_) => FailureClass::Environment,
+            FetchError::TooLarge(_) => FailureClass::Build,
+            FetchError::Refused(_) | FetchError::GaveUp(_) => FailureClass::Transient,
+        }
+    }
+}
+
 /// Downloads `url` into `part` until it holds `size` bytes, resuming from what `part`
 /// holds already. `progress` is called with the bytes held so far.
 pub(crate) async fn fetch(
@@ -54,25 +76,42 @@ pub(crate) async fn fetch(
     }
     let held = held_bytes(part).await?;
     check_space(part, size, held)?;
-    let mut last_error = String::new();
-    for attempt in 1..=MAX_ATTEMPTS {
-        match fetch_once(http, url, size, part, &mut progress).await {
+    let mut failures = 0;
+    loop {
+        let wait = match fetch_once(http, url, size, part, &mut progress).await {
             Ok(()) => return Ok(()),
             Err(Attempt::Fatal(err)) => return Err(err),
-            Err(Attempt::RetryAfter(wait, why)) => {
-                let wait = jittered(wait);
-                tracing::info!(attempt, wait_ms = wait.as_millis() as u64, %why, "download will be retried");
-                last_error = why;
-                tokio::time::sleep(wait).await;
+            // Download admission, not a failure: the server will serve us in turn. The
+            // wait ends with the task, which the session aborts on a cancel or a newer
+            // update, so it needs no limit of its own.
+            Err(Attempt::Busy(wait)) => {
+                let wait = jittered(wait.max(MIN_BUSY_WAIT));
+                tracing::info!(
+                    wait_ms = wait.as_millis() as u64,
+                    "download server busy; waiting as it asked"
+                );
+                wait
             }
-        }
+            Err(Attempt::Retry(wait, why)) => {
+                failures += 1;
+                if failures >= MAX_ATTEMPTS {
+                    return Err(FetchError::GaveUp(why));
+                }
+                let wait = jittered(wait);
+                tracing::info!(failures, wait_ms = wait.as_millis() as u64, %why, "download will be retried");
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
-    Err(FetchError::GaveUp(last_error))
 }
 
 enum Attempt {
     Fatal(FetchError),
-    RetryAfter(Duration, String),
+    /// The server asked us to come back after this long (`503`/`429` with `Retry-After`).
+    Busy(Duration),
+    /// A failed attempt worth repeating after this long; counts toward `MAX_ATTEMPTS`.
+    Retry(Duration, String),
 }
 
 async fn fetch_once(
@@ -102,31 +141,35 @@ async fn fetch_once(
     let response = request
         .send()
         .await
-        .map_err(|e| Attempt::RetryAfter(DEFAULT_RETRY, e.to_string()))?;
+        .map_err(|e| Attempt::Retry(DEFAULT_RETRY, e.to_string()))?;
     let status = response.status();
     let append = match status {
         StatusCode::PARTIAL_CONTENT if resumes_at(&response, held) => true,
         StatusCode::OK | StatusCode::PARTIAL_CONTENT => false,
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            if response.headers().contains_key(RETRY_AFTER) =>
+        {
+            // Seconds; an HTTP date (which Drover never sends) waits the default.
             let wait = response
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map_or(DEFAULT_RETRY, Duration::from_secs);
-            return Err(Attempt::RetryAfter(wait, format!("server busy ({status})")));
+            return Err(Attempt::Busy(wait));
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
             let _ = tokio::fs::remove_file(part).await;
-            return Err(Attempt::RetryAfter(
+            return Err(Attempt::Retry(
                 Duration::ZERO,
                 "range not satisfiable".into(),
             ));
         }
-        other if other.is_server_error() => {
-            return Err(Attempt::RetryAfter(
+        // A 503 without `Retry-After` is an outage rather than admission: bounded.
+        other if other.is_server_error() || other == StatusCode::TOO_MANY_REQUESTS => {
+            return Err(Attempt::Retry(
                 DEFAULT_RETRY,
-                format!("server error {other}"),
+                format!("the server answered {other}"),
             ));
         }
         other => return Err(Attempt::Fatal(FetchError::Refused(other))),
@@ -142,7 +185,7 @@ async fn fetch_once(
     let mut done = if append { held } else { 0 };
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Attempt::RetryAfter(DEFAULT_RETRY, e.to_string()))?;
+        let chunk = chunk.map_err(|e| Attempt::Retry(DEFAULT_RETRY, e.to_string()))?;
         done += chunk.len() as u64;
         if done > size {
             drop(file);
@@ -166,7 +209,7 @@ async fn fetch_once(
         .await
         .map_err(Attempt::Fatal)?;
     if done < size {
-        return Err(Attempt::RetryAfter(
+        return Err(Attempt::Retry(
             Duration::ZERO,
             format!("connection ended after {done} of {size} bytes"),
         ));
@@ -296,6 +339,114 @@ mod tests {
                 "the partial download is removed"
             );
         }
+    }
+
+    #[test]
+    fn every_fetch_error_has_its_class() {
+        let io = || std::io::Error::other("x");
+        let cases = [
+            (
+                FetchError::DiskFull {
+                    needed: 2,
+                    available: 1,
+                },
+                FailureClass::Environment,
+            ),
+            (FetchError::NoSpace(io()), FailureClass::Environment),
+            (FetchError::Write(io()), FailureClass::Environment),
+            (FetchError::Io(io()), FailureClass::Environment),
+            (FetchError::TooLarge(3), FailureClass::Build),
+            (
+                FetchError::Refused(StatusCode::FORBIDDEN),
+                FailureClass::Transient,
+            ),
+            (
+                FetchError::Refused(StatusCode::NOT_FOUND),
+                FailureClass::Transient,
+            ),
+            (FetchError::GaveUp("reset".into()), FailureClass::Transient),
+        ];
+        for (err, class) in cases {
+            assert_eq!(err.class(), class, "{err}");
+        }
+    }
+
+    /// Answers one request per connection with the next of `responses` (status line
+    /// and headers, then a body of `body` bytes), then stops listening.
+    async fn serve_in_turn(responses: Vec<(&'static str, usize)>) -> String {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/build", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for (head, body) in responses {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n")
+                    && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    request.push(byte[0]);
+                }
+                let header =
+                    format!("{head}\r\nContent-Length: {body}\r\nConnection: close\r\n\r\n");
+                let _ = stream.write_all(header.as_bytes()).await;
+                let _ = stream.write_all(&vec![7u8; body]).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_server_is_waited_out_beyond_the_attempt_limit() {
+        let busy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0";
+        let mut responses = vec![(busy, 0); MAX_ATTEMPTS as usize + 5];
+        responses.push(("HTTP/1.1 200 OK", 3));
+        let url = serve_in_turn(responses).await;
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("staging/task.part");
+        let started = tokio::time::Instant::now();
+        fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+            .await
+            .expect("503 with Retry-After is waited out, however often");
+        assert_eq!(std::fs::read(&part).unwrap(), [7u8; 3]);
+        assert!(
+            started.elapsed() >= MIN_BUSY_WAIT * (MAX_ATTEMPTS + 5),
+            "even Retry-After: 0 waits a moment"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_download_fails_at_once_as_transient() {
+        let url = serve_in_turn(vec![("HTTP/1.1 403 Forbidden", 0)]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("staging/task.part");
+        let err = fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, FetchError::Refused(StatusCode::FORBIDDEN)),
+            "{err}"
+        );
+        assert_eq!(err.class(), FailureClass::Transient);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn network_errors_give_up_after_the_attempt_limit_as_transient() {
+        // A port nobody listens on: every attempt is a refused connection.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/build", listener.local_addr().unwrap());
+        drop(listener);
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("staging/task.part");
+        let started = tokio::time::Instant::now();
+        let err = fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::GaveUp(_)), "{err}");
+        assert_eq!(err.class(), FailureClass::Transient);
+        // One wait of at least DEFAULT_RETRY between each two of the attempts.
+        assert!(started.elapsed() >= DEFAULT_RETRY * (MAX_ATTEMPTS - 1));
+        assert!(started.elapsed() <= DEFAULT_RETRY.mul_f64(1.5) * (MAX_ATTEMPTS - 1));
     }
 
     #[test]

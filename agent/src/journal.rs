@@ -1,10 +1,12 @@
 //! The update journal: `update.json` in the state directory records which step of an
 //! update the agent reached, so that whatever kills it, the next start knows whether to
-//! resume, finish, undo or report. Written atomically at every step.
+//! resume, finish, undo or report. Written atomically at every step. A final step keeps
+//! the failure class, so a result reported after a restart says whose fault it was.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use protocol::FailureClass;
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "update.json";
@@ -44,6 +46,10 @@ pub(crate) struct Journal {
     pub(crate) step: Step,
     #[serde(default)]
     pub(crate) reason: Option<String>,
+    /// The class of a `Failed` or `Reverted` update; absent from journals written
+    /// before classes existed.
+    #[serde(default)]
+    pub(crate) failure_class: Option<FailureClass>,
     /// The release counter of a verified signature; recorded as the last installed once
     /// the build has passed probation.
     #[serde(default)]
@@ -57,9 +63,16 @@ impl Journal {
         save(state_dir, self)
     }
 
-    /// Ends the update with an outcome still to be reported.
-    pub(crate) fn end(&mut self, state_dir: &Path, step: Step, reason: &str) -> anyhow::Result<()> {
+    /// Ends the update with a failure still to be reported.
+    pub(crate) fn end(
+        &mut self,
+        state_dir: &Path,
+        step: Step,
+        reason: &str,
+        class: FailureClass,
+    ) -> anyhow::Result<()> {
         self.reason = Some(reason.to_owned());
+        self.failure_class = Some(class);
         self.advance(state_dir, step)
     }
 }
@@ -157,6 +170,7 @@ pub(crate) fn sample(step: Step) -> Journal {
         rollback: false,
         step,
         reason: None,
+        failure_class: None,
         counter: None,
     }
 }
@@ -171,17 +185,75 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), None);
         let mut journal = sample(Step::Downloading);
         save(dir.path(), &journal).unwrap();
-        journal.end(dir.path(), Step::Failed, "disk full").unwrap();
+        journal
+            .end(
+                dir.path(),
+                Step::Failed,
+                "disk full",
+                FailureClass::Environment,
+            )
+            .unwrap();
         let loaded = load(dir.path()).unwrap().unwrap();
         assert_eq!(
-            (loaded.step, loaded.reason.as_deref()),
-            (Step::Failed, Some("disk full"))
+            (loaded.step, loaded.reason.as_deref(), loaded.failure_class),
+            (
+                Step::Failed,
+                Some("disk full"),
+                Some(FailureClass::Environment)
+            )
         );
         std::fs::create_dir_all(staging_dir(dir.path())).unwrap();
         std::fs::write(partial_path(dir.path(), "task-1"), b"abc").unwrap();
         clear(dir.path()).unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
         assert!(!staging_dir(dir.path()).exists());
+    }
+
+    #[test]
+    fn every_failure_class_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        for (step, class, text) in [
+            (Step::Failed, FailureClass::Build, "\"build\""),
+            (Step::Failed, FailureClass::Environment, "\"environment\""),
+            (Step::Failed, FailureClass::Transient, "\"transient\""),
+            (Step::Reverted, FailureClass::Build, "\"build\""),
+        ] {
+            let mut journal = sample(Step::Downloading);
+            journal.end(dir.path(), step, "why", class).unwrap();
+            let saved = std::fs::read_to_string(path(dir.path())).unwrap();
+            assert!(saved.contains(text), "{saved}");
+            let loaded = load(dir.path()).unwrap().unwrap();
+            assert_eq!((loaded.step, loaded.failure_class), (step, Some(class)));
+        }
+    }
+
+    #[test]
+    fn a_journal_from_before_failure_classes_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        // As an agent without failure classes wrote it.
+        let old = r#"{
+  "task_id": "task-1",
+  "version": "1.1.0",
+  "previous_version": "1.0.0",
+  "url": "http://127.0.0.1:1/downloads/drover-agent-linux-amd64-1.1.0",
+  "sha256": "0000000000000000000000000000000000000000000000000000000000000000",
+  "size": 3,
+  "signature": null,
+  "rollback": false,
+  "step": "failed",
+  "reason": "download failed: the server answered 404 Not Found",
+  "counter": null
+}"#;
+        std::fs::write(path(dir.path()), old).unwrap();
+        let loaded = load(dir.path())
+            .unwrap()
+            .expect("an old journal is not moved aside");
+        assert_eq!(loaded.step, Step::Failed);
+        assert_eq!(loaded.failure_class, None);
+        assert_eq!(
+            loaded.reason.as_deref(),
+            Some("download failed: the server answered 404 Not Found")
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use protocol::{
-    AgentMessage, Heartbeat, Hello, MAX_FRAME_BYTES, RejectCode, ServerMessage, Update,
-    UpdateOutcome, UpdateResult, Welcome,
+    AgentMessage, FailureClass, Heartbeat, Hello, MAX_FRAME_BYTES, RejectCode, ServerMessage,
+    Update, UpdateOutcome, UpdateResult, Welcome,
 };
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
@@ -346,18 +346,22 @@ impl Worker {
 
     /// Starts on an update unless it is refused; a refusal is returned for reporting.
     fn take_update(&mut self, update: Update) -> Option<UpdateResult> {
-        let refuse = |reason: String| {
-            tracing::warn!(task = %update.task_id, version = %update.version, %reason, "update refused");
+        let refuse = |reason: String, class: FailureClass| {
+            tracing::warn!(task = %update.task_id, version = %update.version, %reason, class = class.as_str(), "update refused");
             Some(UpdateResult {
                 task_id: update.task_id.clone(),
                 outcome: UpdateOutcome::Failed,
                 version: version::current().to_owned(),
                 error: Some(reason),
-                failure_class: None,
+                failure_class: Some(class),
             })
         };
         if !self.config.auto_update {
-            return refuse("auto-update is off on this agent (--no-auto-update)".into());
+            // The operator's choice on this machine says nothing about the build.
+            return refuse(
+                "auto-update is off on this agent (--no-auto-update)".into(),
+                FailureClass::Transient,
+            );
         }
         match journal::load(&self.config.state_dir) {
             // Sent twice (a re-dispatch): installed once.
@@ -375,7 +379,7 @@ impl Worker {
                 self.start_applying(journal);
                 None
             }
-            Err(reason) => refuse(reason),
+            Err(err) => refuse(err.to_string(), err.class()),
         }
     }
 
@@ -395,12 +399,22 @@ impl Worker {
     }
 }
 
-/// The final outcome a journal still owes the server, if it is in a final step.
+/// The final outcome a journal still owes the server, if it is in a final step, with
+/// the failure class journaled with it.
 fn owed_report(journal: &Journal) -> Option<UpdateResult> {
-    let outcome = match journal.step {
-        Step::Committed => UpdateOutcome::Succeeded,
-        Step::Failed => UpdateOutcome::Failed,
-        Step::Reverted => UpdateOutcome::RolledBack,
+    let (outcome, failure_class) = match journal.step {
+        Step::Committed => (UpdateOutcome::Succeeded, None),
+        // A journal from before classes: not knowing the cause, hold nothing against
+        // the build.
+        Step::Failed => (
+            UpdateOutcome::Failed,
+            Some(journal.failure_class.unwrap_or(FailureClass::Transient)),
+        ),
+        // Installed and did not prove itself: the build failed its probation.
+        Step::Reverted => (
+            UpdateOutcome::RolledBack,
+            Some(journal.failure_class.unwrap_or(FailureClass::Build)),
+        ),
         _ => return None,
     };
     Some(UpdateResult {
@@ -408,7 +422,7 @@ fn owed_report(journal: &Journal) -> Option<UpdateResult> {
         outcome,
         version: version::current().to_owned(),
         error: journal.reason.clone(),
-        failure_class: None,
+        failure_class,
     })
 }
 
@@ -471,4 +485,58 @@ async fn connect(url: &str, pinned: Option<Arc<ClientConfig>>) -> anyhow::Result
     .with_context(|| format!("timed out connecting to {url}"))?
     .with_context(|| format!("could not connect to {url}"))?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::sample;
+
+    #[test]
+    fn an_owed_result_carries_its_journaled_class() {
+        // (step, journaled class, outcome owed, class reported)
+        let cases = [
+            (Step::Committed, None, Some(UpdateOutcome::Succeeded), None),
+            (
+                Step::Failed,
+                Some(FailureClass::Environment),
+                Some(UpdateOutcome::Failed),
+                Some(FailureClass::Environment),
+            ),
+            (
+                Step::Failed,
+                Some(FailureClass::Build),
+                Some(UpdateOutcome::Failed),
+                Some(FailureClass::Build),
+            ),
+            (
+                Step::Failed,
+                None,
+                Some(UpdateOutcome::Failed),
+                Some(FailureClass::Transient),
+            ),
+            (
+                Step::Reverted,
+                Some(FailureClass::Build),
+                Some(UpdateOutcome::RolledBack),
+                Some(FailureClass::Build),
+            ),
+            (
+                Step::Reverted,
+                None,
+                Some(UpdateOutcome::RolledBack),
+                Some(FailureClass::Build),
+            ),
+            (Step::Downloading, None, None, None),
+            (Step::Probation, None, None, None),
+        ];
+        for (step, journaled, outcome, class) in cases {
+            let mut journal = sample(step);
+            journal.failure_class = journaled;
+            let owed = owed_report(&journal);
+            let label = format!("{step:?} with {journaled:?}");
+            assert_eq!(owed.as_ref().map(|r| r.outcome), outcome, "{label}");
+            assert_eq!(owed.and_then(|r| r.failure_class), class, "{label}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
+use protocol::FailureClass;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -139,7 +140,8 @@ impl Supervisor {
 
     fn revert(&self, mut journal: Journal, reason: &str) -> anyhow::Result<()> {
         tracing::error!(version = %journal.version, %reason, "back to {}", journal.previous_version);
-        journal.end(&self.state_dir, Step::Reverted, reason)?;
+        // Whatever killed the probation, the new build did not prove itself.
+        journal.end(&self.state_dir, Step::Reverted, reason, FailureClass::Build)?;
         install::discard(&self.exe)
     }
 }
@@ -171,13 +173,19 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
                         state_dir,
                         Step::Failed,
                         "install was interrupted and the staged build is gone",
+                        FailureClass::Environment,
                     )?;
                     install::discard(exe)?;
                     return Ok(None);
                 }
                 if let Err(err) = install::stage(exe, &verified) {
                     // A full disk, say: the old executable starts; the update failed.
-                    journal.end(state_dir, Step::Failed, &format!("install failed: {err:#}"))?;
+                    journal.end(
+                        state_dir,
+                        Step::Failed,
+                        &format!("install failed: {err:#}"),
+                        FailureClass::Environment,
+                    )?;
                     return Ok(None);
                 }
             }
@@ -190,6 +198,7 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
                 state_dir,
                 Step::Failed,
                 "the new build vanished during its probation",
+                FailureClass::Environment,
             )?;
             Ok(None)
         }
@@ -409,6 +418,7 @@ mod tests {
         assert!(!install::next_path(&exe).exists());
         let journal = journal::load(&state).unwrap().unwrap();
         assert_eq!(journal.step, Step::Failed);
+        assert_eq!(journal.failure_class, Some(FailureClass::Environment));
         let reason = journal.reason.unwrap();
         assert!(reason.contains("No space left on device"), "{reason}");
     }

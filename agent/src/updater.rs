@@ -1,13 +1,14 @@
 //! Applying one update inside the worker: journal every step, download, verify, install,
 //! then hand over to the supervisor for the restart into the new version. The installed
-//! executable is untouched until the build is verified.
+//! executable is untouched until the build is verified. A refusal or failure is an
+//! `UpdateError`, whose kind decides the failure class reported to the server.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use protocol::{Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
+use protocol::{FailureClass, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
 use tokio::sync::mpsc;
 
 use crate::journal::{self, Journal, Step};
@@ -27,6 +28,48 @@ pub(crate) enum Event {
     Restart,
 }
 
+/// Why an update was refused or did not install. The kind, never the message, says
+/// whose fault it was.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpdateError {
+    /// Refused by rule: not newer and not a rollback, or not a version at all.
+    #[error("{0}")]
+    Declined(String),
+    #[error("download failed: {0}")]
+    Download(#[from] download::FetchError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// The agent's own files: the journal, the release counter, the staged download.
+    #[error("{0:#}")]
+    State(anyhow::Error),
+    /// Placing the verified build at `<exe>.next`.
+    #[error("install failed: {0:#}")]
+    Install(anyhow::Error),
+}
+
+impl UpdateError {
+    pub(crate) fn class(&self) -> FailureClass {
+        match self {
+            UpdateError::Declined(_) => FailureClass::Transient,
+            UpdateError::Download(err) => err.class(),
+            UpdateError::Verify(_) => FailureClass::Build,
+            UpdateError::State(_) | UpdateError::Install(_) => FailureClass::Environment,
+        }
+    }
+}
+
+/// The build is not what the update promised: its bytes or its signature. Always the
+/// build's fault, whether found before the download or after.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum VerifyError {
+    #[error("checksum mismatch: the update says {expected}, the download hashes to {actual}")]
+    Digest { expected: String, actual: String },
+    /// Unsigned while this agent pins keys, unreadable, untrusted, forged, for another
+    /// build, replayed, or not covering these bytes.
+    #[error("{0}")]
+    Signature(String),
+}
+
 pub(crate) struct Updater {
     pub(crate) state_dir: PathBuf,
     /// The executable to replace.
@@ -41,15 +84,16 @@ pub(crate) struct Updater {
 impl Updater {
     /// Decides whether to take on an update and journals it. `Err` carries the reason
     /// to report as a failure.
-    pub(crate) fn accept(&self, update: &Update) -> Result<Journal, String> {
-        let target = semver::Version::parse(&update.version)
-            .map_err(|e| format!("version {:?} is not semver: {e}", update.version))?;
+    pub(crate) fn accept(&self, update: &Update) -> Result<Journal, UpdateError> {
+        let target = semver::Version::parse(&update.version).map_err(|e| {
+            UpdateError::Declined(format!("version {:?} is not semver: {e}", update.version))
+        })?;
         let newer = semver::Version::parse(&self.running).map_or(true, |running| target > running);
         if !newer && !update.rollback {
-            return Err(format!(
+            return Err(UpdateError::Declined(format!(
                 "refusing {} over {}: not newer, and not a rollback",
                 update.version, self.running
-            ));
+            )));
         }
         // Refused before a byte is downloaded; the bytes are checked after.
         let counter = match &self.public_key {
@@ -70,11 +114,12 @@ impl Updater {
             rollback: update.rollback,
             step: Step::Downloading,
             reason: None,
+            failure_class: None,
             counter,
         };
         journal::clear_staging(&self.state_dir);
         journal::save(&self.state_dir, &journal)
-            .map_err(|e| format!("cannot journal the update: {e:#}"))?;
+            .map_err(|e| UpdateError::State(e.context("cannot journal the update")))?;
         Ok(journal)
     }
 
@@ -91,11 +136,11 @@ impl Updater {
                 progress(&events, &journal, UpdateStage::Restarting, journal.size);
                 let _ = events.send(Event::Restart).await;
             }
-            Err(reason) => {
-                let reason = format!("{reason:#}");
-                tracing::error!(task = %journal.task_id, version = %journal.version, %reason, "update failed; the installed agent is unchanged");
+            Err(err) => {
+                let (reason, class) = (err.to_string(), err.class());
+                tracing::error!(task = %journal.task_id, version = %journal.version, %reason, class = class.as_str(), "update failed; the installed agent is unchanged");
                 journal::clear_staging(&self.state_dir);
-                if let Err(err) = journal.end(&self.state_dir, Step::Failed, &reason) {
+                if let Err(err) = journal.end(&self.state_dir, Step::Failed, &reason, class) {
                     tracing::error!(error = %format!("{err:#}"), "could not journal the failure");
                 }
                 let _ = events
@@ -104,7 +149,7 @@ impl Updater {
                         outcome: UpdateOutcome::Failed,
                         version: self.running.clone(),
                         error: Some(reason),
-                        failure_class: None,
+                        failure_class: Some(class),
                     }))
                     .await;
             }
@@ -115,7 +160,9 @@ impl Updater {
         &self,
         journal: &mut Journal,
         events: &mpsc::Sender<Event>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), UpdateError> {
+        let journaled =
+            |e: anyhow::Error| UpdateError::State(e.context("cannot journal the update"));
         let part = journal::partial_path(&self.state_dir, &journal.task_id);
         let verified = journal::verified_path(&self.state_dir, &journal.task_id);
         if journal.step == Step::Downloading {
@@ -126,19 +173,26 @@ impl Updater {
                     progress(events, journal, UpdateStage::Downloading, done);
                 }
             })
-            .await
-            .context("download failed")?;
+            .await?;
             progress(events, journal, UpdateStage::Verifying, journal.size);
             self.verify(journal, &part).await.inspect_err(|_| {
                 let _ = std::fs::remove_file(&part);
             })?;
-            std::fs::rename(&part, &verified)?;
-            journal.advance(&self.state_dir, Step::Verified)?;
+            std::fs::rename(&part, &verified)
+                .context("could not keep the verified download")
+                .map_err(UpdateError::State)?;
+            journal
+                .advance(&self.state_dir, Step::Verified)
+                .map_err(journaled)?;
         }
         progress(events, journal, UpdateStage::Installing, journal.size);
-        journal.advance(&self.state_dir, Step::Installing)?;
-        install::stage(&self.exe, &verified).context("install failed")?;
-        journal.advance(&self.state_dir, Step::Probation)?;
+        journal
+            .advance(&self.state_dir, Step::Installing)
+            .map_err(journaled)?;
+        install::stage(&self.exe, &verified).map_err(UpdateError::Install)?;
+        journal
+            .advance(&self.state_dir, Step::Probation)
+            .map_err(journaled)?;
         tracing::info!(task = %journal.task_id, version = %journal.version, "installed; restarting into the new version for its probation");
         Ok(())
     }
@@ -150,8 +204,8 @@ impl Updater {
         keys: &ReleaseKeys,
         version: &str,
         document: Option<&str>,
-    ) -> Result<protocol::release_signature::SignedRelease, String> {
-        let last_counter = signing::last_counter(&self.state_dir).map_err(|e| format!("{e:#}"))?;
+    ) -> Result<protocol::release_signature::SignedRelease, UpdateError> {
+        let last_counter = signing::last_counter(&self.state_dir).map_err(UpdateError::State)?;
         let expected = signing::Expected {
             version,
             os: machine::os(),
@@ -160,23 +214,30 @@ impl Updater {
             last_counter,
         };
         signing::check(keys, document, &expected)
+            .map_err(|reason| VerifyError::Signature(reason).into())
     }
 
     /// The digest always; when this agent has keys, the signature again (a resumed
     /// download was accepted by an earlier process) and that it covers these bytes.
-    async fn verify(&self, journal: &Journal, part: &std::path::Path) -> anyhow::Result<()> {
+    async fn verify(&self, journal: &Journal, part: &std::path::Path) -> Result<(), UpdateError> {
         let path = part.to_owned();
-        let digest = tokio::task::spawn_blocking(move || install::sha256_file(&path)).await??;
+        let digest = tokio::task::spawn_blocking(move || install::sha256_file(&path))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|hashed| hashed)
+            .context("could not read the download")
+            .map_err(UpdateError::State)?;
         if digest != journal.sha256 {
-            anyhow::bail!(
-                "checksum mismatch: the update says {}, the download hashes to {digest}",
-                journal.sha256
-            );
+            return Err(VerifyError::Digest {
+                expected: journal.sha256.clone(),
+                actual: digest,
+            }
+            .into());
         }
         if let Some(keys) = &self.public_key {
-            self.check_signature(keys, &journal.version, journal.signature.as_deref())
-                .and_then(|release| signing::check_digest(&release, &digest))
-                .map_err(anyhow::Error::msg)?;
+            let release =
+                self.check_signature(keys, &journal.version, journal.signature.as_deref())?;
+            signing::check_digest(&release, &digest).map_err(VerifyError::Signature)?;
             tracing::info!(version = %journal.version, "signature verified");
         }
         Ok(())
@@ -240,7 +301,8 @@ mod tests {
             let err = updater(dir.path())
                 .accept(&update("1.2.0", signature))
                 .unwrap_err();
-            assert!(err.contains(reason), "{err}");
+            assert!(err.to_string().contains(reason), "{err}");
+            assert_eq!(err.class(), FailureClass::Build, "{err}");
             assert_eq!(journal::load(dir.path()).unwrap(), None);
         }
         assert_eq!(signing::last_counter(dir.path()).unwrap(), Some(5));
@@ -257,5 +319,127 @@ mod tests {
         assert_eq!(journal::load(dir.path()).unwrap(), Some(journal));
         // Only a build that passes probation moves the stored counter.
         assert_eq!(signing::last_counter(dir.path()).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn every_update_error_has_its_class() {
+        use download::FetchError;
+        let cases = [
+            (
+                UpdateError::Declined("not newer".into()),
+                FailureClass::Transient,
+            ),
+            (
+                FetchError::Refused(reqwest::StatusCode::NOT_FOUND).into(),
+                FailureClass::Transient,
+            ),
+            (
+                FetchError::GaveUp("connection reset".into()).into(),
+                FailureClass::Transient,
+            ),
+            (FetchError::TooLarge(3).into(), FailureClass::Build),
+            (
+                FetchError::NoSpace(std::io::Error::other("full")).into(),
+                FailureClass::Environment,
+            ),
+            (
+                VerifyError::Digest {
+                    expected: "aa".into(),
+                    actual: "bb".into(),
+                }
+                .into(),
+                FailureClass::Build,
+            ),
+            (
+                VerifyError::Signature("bad signature".into()).into(),
+                FailureClass::Build,
+            ),
+            (
+                UpdateError::State(anyhow::anyhow!("read-only file system")),
+                FailureClass::Environment,
+            ),
+            (
+                UpdateError::Install(anyhow::anyhow!("permission denied")),
+                FailureClass::Environment,
+            ),
+        ];
+        for (err, class) in cases {
+            assert_eq!(err.class(), class, "{err}");
+        }
+    }
+
+    #[test]
+    fn refusals_before_the_download_are_classed_by_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let pinning = |pinned: bool| {
+            let mut updater = updater(dir.path());
+            if !pinned {
+                updater.public_key = None;
+            }
+            updater
+        };
+        // (the agent pins keys, update, class of the refusal)
+        let cases = [
+            (false, update("1.0.0", None), FailureClass::Transient),
+            (false, update("one", None), FailureClass::Transient),
+            (true, update("1.2.0", None), FailureClass::Build),
+            (
+                true,
+                update("1.2.0", Some(signed_here("1.3.0", 1))),
+                FailureClass::Build,
+            ),
+        ];
+        for (pinned, update, class) in cases {
+            let err = pinning(pinned).accept(&update).unwrap_err();
+            assert_eq!(err.class(), class, "{} : {err}", update.version);
+        }
+        // A release counter that cannot be read is this machine's problem.
+        std::fs::write(dir.path().join("release-counter"), "garbage").unwrap();
+        let err = updater(dir.path())
+            .accept(&update("1.2.0", Some(signed_here("1.2.0", 6))))
+            .unwrap_err();
+        assert_eq!(err.class(), FailureClass::Environment, "{err}");
+    }
+
+    #[tokio::test]
+    async fn bytes_that_fail_verification_are_a_build_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("download.part");
+        let mut journal = journal::sample(Step::Downloading);
+        journal.sha256 = DIGEST.into();
+
+        // Not the bytes the update names.
+        std::fs::write(&part, b"tset").unwrap();
+        let err = updater(dir.path())
+            .verify(&journal, &part)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, UpdateError::Verify(VerifyError::Digest { .. })),
+            "{err}"
+        );
+        assert_eq!(err.class(), FailureClass::Build);
+
+        // The named bytes, but signed for others.
+        std::fs::write(&part, b"test").unwrap();
+        let mut facts = release("1.1.0", 1, false);
+        (facts.os, facts.arch) = (machine::os().into(), machine::arch().into());
+        facts.sha256 = "00".repeat(32);
+        journal.signature = Some(sign_with(&key(1), facts));
+        let mut on_old = updater(dir.path());
+        on_old.running = "1.0.0".into();
+        let err = on_old.verify(&journal, &part).await.unwrap_err();
+        assert!(
+            matches!(err, UpdateError::Verify(VerifyError::Signature(_))),
+            "{err}"
+        );
+        assert_eq!(err.class(), FailureClass::Build);
+
+        // A download that cannot be read is not the build's fault.
+        let err = on_old
+            .verify(&journal, &dir.path().join("missing.part"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.class(), FailureClass::Environment, "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! One simulated agent: a single task that connects, enrolls or authenticates,
 //! heartbeats, applies pushed updates by downloading and verifying them, and comes
-//! back on the new version, reconnecting with full-jitter backoff after any loss.
+//! back on the new version, reconnecting with full-jitter backoff after any loss. A
+//! `FailurePlan` makes chosen agents or versions fail their probation on purpose.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -49,8 +50,36 @@ pub(crate) struct Fleet {
     pub(crate) downloads: Option<Arc<Semaphore>>,
     /// Record updates as received and do nothing else (fan-out measurements).
     pub(crate) hold_updates: bool,
+    /// Which verified builds fail their simulated probation.
+    pub(crate) failures: FailurePlan,
     /// One HTTP client per source address, so downloads are spread like sessions.
     pub(crate) http: Vec<reqwest::Client>,
+}
+
+/// Builds that fail on purpose, as a build failing its probation would: the agent
+/// downloads and verifies it, then reports `rolled_back` (class `build`) and keeps its
+/// version. Lets a test or a benchmark set the server's failure counts, gates and halts
+/// against what the simulator knows it did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FailurePlan {
+    /// Every agent fails these versions.
+    pub(crate) versions: Vec<semver::Version>,
+    /// This share of the agents (0 to 1) fails every build.
+    pub(crate) rate: f64,
+}
+
+impl FailurePlan {
+    pub(crate) fn fails(&self, index: usize, version: &str) -> bool {
+        self.always_fails(index)
+            || semver::Version::parse(version).is_ok_and(|v| self.versions.contains(&v))
+    }
+
+    /// The failing share is spread evenly over agent indices (so `sim-{index}`), the
+    /// same agents on every run: of the first n agents, ⌊n · rate⌋ fail.
+    fn always_fails(&self, index: usize) -> bool {
+        let failing_before = |n: usize| (n as f64 * self.rate).floor();
+        failing_before(index + 1) > failing_before(index)
+    }
 }
 
 impl Fleet {
@@ -288,6 +317,12 @@ impl SimAgent {
                 result = async { working.as_mut().expect("guarded by the branch condition").fetch.as_mut().await }, if working.is_some() => {
                     let task = working.take().expect("guarded by the branch condition");
                     match result {
+                        Ok(()) if fleet.failures.fails(self.index, &task.version) => {
+                            stats.updates_verified.fetch_add(1, Ordering::Relaxed);
+                            if let Err(kind) = self.fail_probation(&mut socket, task).await {
+                                return lost(kind, true);
+                            }
+                        }
                         Ok(()) => {
                             stats.updates_verified.fetch_add(1, Ordering::Relaxed);
                             for stage in [UpdateStage::Verifying, UpdateStage::Installing, UpdateStage::Restarting] {
@@ -304,12 +339,15 @@ impl SimAgent {
                         Err(failure) => {
                             stats.updates_failed.fetch_add(1, Ordering::Relaxed);
                             stats.error(failure.kind);
+                            if failure.class == FailureClass::Build {
+                                stats.record_build_failure(&task.version);
+                            }
                             let result = AgentMessage::UpdateResult(UpdateResult {
                                 task_id: task.task_id.clone(),
                                 outcome: UpdateOutcome::Failed,
                                 version: self.version.clone(),
                                 error: Some(failure.message),
-                                failure_class: None,
+                                failure_class: Some(failure.class),
                             });
                             self.finished.push(task.task_id);
                             if let Err(kind) = send(&mut socket, &result).await {
@@ -456,6 +494,34 @@ impl SimAgent {
         Ok(())
     }
 
+    /// A verified build that fails on purpose: installed, then rolled back by its
+    /// probation, so the agent reports `rolled_back` and stays on its version.
+    async fn fail_probation(
+        &mut self,
+        socket: &mut Socket,
+        task: Working,
+    ) -> Result<(), &'static str> {
+        for stage in [UpdateStage::Verifying, UpdateStage::Installing] {
+            send(
+                socket,
+                &progress(&task.task_id, stage, task.size, task.size),
+            )
+            .await?;
+        }
+        let stats = &self.fleet.stats;
+        stats.updates_failed.fetch_add(1, Ordering::Relaxed);
+        stats.record_build_failure(&task.version);
+        self.finished.push(task.task_id.clone());
+        let result = AgentMessage::UpdateResult(UpdateResult {
+            task_id: task.task_id,
+            outcome: UpdateOutcome::RolledBack,
+            version: self.version.clone(),
+            error: Some(format!("simulated probation failure of {}", task.version)),
+            failure_class: Some(FailureClass::Build),
+        });
+        send(socket, &result).await
+    }
+
     /// One heartbeat interval with `± jitter` of itself added.
     fn jittered(&self, interval: Duration) -> Duration {
         let jitter = self.fleet.heartbeat_jitter;
@@ -557,6 +623,46 @@ mod tests {
         );
         assert!(take_ping(&mut pings, 4).is_some());
         assert!(pings.is_empty());
+    }
+
+    #[test]
+    fn the_failing_share_is_spread_evenly_over_the_same_agents() {
+        let plan = |rate| FailurePlan {
+            versions: Vec::new(),
+            rate,
+        };
+        let failing = |rate, n| (0..n).filter(|&i| plan(rate).fails(i, "1.1.0")).collect();
+        let cases: [(f64, usize, Vec<usize>); 5] = [
+            (0.0, 8, vec![]),
+            (0.5, 6, vec![1, 3, 5]),
+            (0.25, 8, vec![3, 7]),
+            (1.0, 4, vec![0, 1, 2, 3]),
+            (0.34, 4, vec![2]),
+        ];
+        for (rate, n, expected) in cases {
+            assert_eq!(failing(rate, n), expected, "rate {rate} over {n}");
+        }
+        let many: Vec<usize> = failing(0.1, 1000);
+        assert_eq!(many.len(), 100);
+    }
+
+    #[test]
+    fn named_versions_fail_on_every_agent_and_only_those() {
+        let plan = FailurePlan {
+            versions: vec![semver::Version::new(1, 1, 0)],
+            rate: 0.0,
+        };
+        let cases = [
+            ("1.1.0", true),
+            ("1.1.0-beta.1", false),
+            ("1.2.0", false),
+            ("garbage", false),
+        ];
+        for index in [0, 7] {
+            for (version, fails) in cases {
+                assert_eq!(plan.fails(index, version), fails, "{version} on {index}");
+            }
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Fetching a pushed build for real: streamed through SHA-256 and discarded, so a
 //! simulated agent costs the server a full download but costs the simulator no disk.
+//! Each `Failure` carries the failure class a real agent would report for it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use protocol::FailureClass;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -21,12 +23,14 @@ const MAX_BUSY_RETRIES: u32 = 200;
 pub(crate) struct Failure {
     /// The error kind in the report.
     pub(crate) kind: &'static str,
+    pub(crate) class: FailureClass,
     pub(crate) message: String,
 }
 
-fn failure(kind: &'static str, message: impl Into<String>) -> Failure {
+fn failure(kind: &'static str, class: FailureClass, message: impl Into<String>) -> Failure {
     Failure {
         kind,
+        class,
         message: message.into(),
     }
 }
@@ -44,13 +48,13 @@ impl Fetch {
     /// Downloads and verifies size and digest; the bytes are not kept.
     pub(crate) async fn run(self) -> Result<(), Failure> {
         let _permit = match &self.limit {
-            Some(limit) => Some(
-                limit
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| failure("download_limit", "download limiter closed"))?,
-            ),
+            Some(limit) => Some(limit.clone().acquire_owned().await.map_err(|_| {
+                failure(
+                    "download_limit",
+                    FailureClass::Transient,
+                    "download limiter closed",
+                )
+            })?),
             None => None,
         };
         let (mut network_failures, mut busy) = (0u32, 0u32);
@@ -60,7 +64,11 @@ impl Fetch {
                 Attempt::Busy(wait) => {
                     busy += 1;
                     if busy > MAX_BUSY_RETRIES {
-                        return Err(failure("download_busy", "server stayed busy (503)"));
+                        return Err(failure(
+                            "download_busy",
+                            FailureClass::Transient,
+                            "server stayed busy (503)",
+                        ));
                     }
                     self.stats.download_retries.fetch_add(1, Ordering::Relaxed);
                     // Spread the retries, or every refused agent returns in the same tick.
@@ -70,7 +78,11 @@ impl Fetch {
                 Attempt::Network(message) => {
                     network_failures += 1;
                     if network_failures > MAX_NETWORK_RETRIES {
-                        return Err(failure("download_network", message));
+                        return Err(failure(
+                            "download_network",
+                            FailureClass::Transient,
+                            message,
+                        ));
                     }
                     self.stats.download_retries.fetch_add(1, Ordering::Relaxed);
                     let ceiling = 250u64 << network_failures;
@@ -100,12 +112,14 @@ impl Fetch {
             403 => {
                 return Attempt::Done(Err(failure(
                     "download_forbidden",
+                    FailureClass::Transient,
                     "downloads are switched off (403)",
                 )));
             }
             status => {
                 return Attempt::Done(Err(failure(
                     "download_status",
+                    FailureClass::Transient,
                     format!("download answered {status}"),
                 )));
             }
@@ -119,6 +133,7 @@ impl Fetch {
                     if received > self.size {
                         return Attempt::Done(Err(failure(
                             "download_too_long",
+                            FailureClass::Build,
                             format!("more than the {} bytes announced", self.size),
                         )));
                     }
@@ -131,6 +146,7 @@ impl Fetch {
         if received != self.size {
             return Attempt::Done(Err(failure(
                 "download_short",
+                FailureClass::Transient,
                 format!("{received} of {} bytes", self.size),
             )));
         }
@@ -138,6 +154,7 @@ impl Fetch {
         if !digest.eq_ignore_ascii_case(self.sha256.trim()) {
             return Attempt::Done(Err(failure(
                 "checksum_mismatch",
+                FailureClass::Build,
                 format!("sha256 {digest}, expected {}", self.sha256),
             )));
         }

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::sync::{Semaphore, watch};
 
-use crate::agent::{Fleet, SimAgent};
+use crate::agent::{FailurePlan, Fleet, SimAgent};
 use crate::identities::Identities;
 use crate::net::Endpoint;
 use crate::stats::Stats;
@@ -57,6 +57,15 @@ struct Args {
     /// progress, no result (measures fan-out alone)
     #[arg(long)]
     hold_updates: bool,
+    /// These versions fail on every agent: downloaded and verified, then reported
+    /// `rolled_back` (a build failure, as a failed probation) while the agent keeps its
+    /// version
+    #[arg(long, value_delimiter = ',', value_name = "V[,V...]")]
+    fail_versions: Vec<String>,
+    /// This share of the agents (0 to 1, spread evenly over them, the same on every run)
+    /// fails every build it gets, as `--fail-versions` fails
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
     /// Each heartbeat interval varies by up to this fraction of itself (0 to 1)
     #[arg(long, default_value_t = 0.1)]
     heartbeat_jitter: f64,
@@ -122,6 +131,16 @@ fn main() -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.heartbeat_jitter) {
         bail!("--heartbeat-jitter must be between 0 and 1");
     }
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        bail!("--fail-rate must be between 0 and 1");
+    }
+    if let Some(bad) = args
+        .fail_versions
+        .iter()
+        .find(|v| semver::Version::parse(v.trim()).is_err())
+    {
+        bail!("--fail-versions takes strict semver versions, e.g. 1.1.0; {bad:?} is not one");
+    }
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
@@ -175,6 +194,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .max_downloads
             .map(|k| Arc::new(Semaphore::new(k.max(1)))),
         hold_updates: args.hold_updates,
+        failures: FailurePlan {
+            versions: args
+                .fail_versions
+                .iter()
+                .filter_map(|v| semver::Version::parse(v.trim()).ok())
+                .collect(),
+            rate: args.fail_rate,
+        },
         http,
     });
 

@@ -38,6 +38,8 @@ pub(crate) struct Stats {
     pub(crate) updates_failed: AtomicU64,
     pub(crate) download_retries: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Build failures reported to the server, per target version.
+    build_failures: Mutex<BTreeMap<String, u64>>,
     connect: Mutex<Histogram<u64>>,
     heartbeat_rtt: Mutex<Histogram<u64>>,
     heartbeat_rtt_steady: Mutex<Histogram<u64>>,
@@ -71,6 +73,7 @@ impl Stats {
             updates_failed: AtomicU64::new(0),
             download_retries: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
+            build_failures: Mutex::new(BTreeMap::new()),
             connect: histogram(),
             heartbeat_rtt: histogram(),
             heartbeat_rtt_steady: histogram(),
@@ -83,6 +86,13 @@ impl Stats {
 
     pub(crate) fn error(&self, kind: &str) {
         *lock(&self.errors).entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// An update result of class `build` sent for `version`.
+    pub(crate) fn record_build_failure(&self, version: &str) {
+        *lock(&self.build_failures)
+            .entry(version.to_owned())
+            .or_default() += 1;
     }
 
     /// Marks an agent as inside a session until the guard is dropped.
@@ -164,6 +174,7 @@ impl Stats {
             update_completion_ms: Percentiles::of(&self.update_completion),
             update_received_unix_ms: Moments::of(&self.update_received_at),
             update_completed_unix_ms: Moments::of(&self.update_completed_at),
+            failures_reported: lock(&self.build_failures).clone(),
             errors_total: errors.values().sum(),
             errors,
         }
@@ -307,6 +318,9 @@ pub(crate) struct Report {
     pub(crate) update_completion_ms: Percentiles,
     pub(crate) update_received_unix_ms: Option<Moments>,
     pub(crate) update_completed_unix_ms: Option<Moments>,
+    /// Results of class `build` sent (rolled back or failed), per target version, to
+    /// compare with the server's failure counts.
+    pub(crate) failures_reported: BTreeMap<String, u64>,
     pub(crate) errors_total: u64,
     pub(crate) errors: BTreeMap<String, u64>,
 }
@@ -374,6 +388,14 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(f, "  update notification:  {}", self.update_notify_ms)?;
         writeln!(f, "  update completion:    {}", self.update_completion_ms)?;
+        if !self.failures_reported.is_empty() {
+            let per_version: Vec<String> = self
+                .failures_reported
+                .iter()
+                .map(|(version, count)| format!("{version}: {count}"))
+                .collect();
+            writeln!(f, "  build failures sent:  {}", per_version.join(", "))?;
+        }
         writeln!(
             f,
             "  reconnects:           {} ({} restarts for updates)",
@@ -427,6 +449,26 @@ mod tests {
             ),
             (200, 1, 100, 198, 200)
         );
+    }
+
+    #[test]
+    fn build_failures_are_reported_per_version() {
+        let stats = Stats::new(3, Duration::ZERO);
+        assert!(stats.report().failures_reported.is_empty());
+        stats.record_build_failure("1.1.0");
+        stats.record_build_failure("1.2.0");
+        stats.record_build_failure("1.1.0");
+        let report = stats.report();
+        assert_eq!(
+            report.failures_reported,
+            BTreeMap::from([("1.1.0".to_owned(), 2), ("1.2.0".to_owned(), 1)])
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json["failures_reported"],
+            serde_json::json!({"1.1.0": 2, "1.2.0": 1})
+        );
+        assert!(report.to_string().contains("1.1.0: 2, 1.2.0: 1"));
     }
 
     #[test]

@@ -55,13 +55,10 @@ pub struct Args {
     #[arg(long, env = "DROVER_MAX_CONCURRENT_DOWNLOADS", default_value_t = 64)]
     pub max_concurrent_downloads: usize,
 
-    /// An update task without progress for this long is sent again, or timed out
+    /// An update task without progress for this long is timed out (a reconnect sends
+    /// it again without counting against it)
     #[arg(long, env = "DROVER_TASK_TIMEOUT", default_value = "10m", value_parser = parse_interval)]
     pub task_timeout: Duration,
-
-    /// How many times one update task is sent before it is timed out
-    #[arg(long, env = "DROVER_TASK_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    pub task_max_attempts: u32,
 
     /// Channel of builds without a .channel sidecar (stable or beta)
     #[arg(long, env = "DROVER_DEFAULT_CHANNEL", default_value = "stable")]
@@ -71,21 +68,57 @@ pub struct Args {
     #[arg(long, env = "DROVER_REQUIRE_SIGNATURES")]
     pub require_signatures: bool,
 
-    /// Beta successes a promote needs (the health gate)
+    /// Beta successes a promote needs (the health gate): beta agents that stayed
+    /// connected on the new version through the success bake
     #[arg(long, env = "DROVER_GATE_MIN_SUCCESSES", default_value_t = 3)]
     pub gate_min_successes: u64,
 
-    /// Success rate a promote needs, 0 to 1 (the health gate)
-    #[arg(long, env = "DROVER_GATE_MIN_SUCCESS_RATE", default_value_t = 0.9, value_parser = parse_fraction)]
-    pub gate_min_success_rate: f64,
+    /// Build failures over finished beta updates must stay under this share, 0 to 1
+    /// (the health gate)
+    #[arg(long, env = "DROVER_GATE_MAX_FAILURE_RATE", default_value_t = 0.1, value_parser = parse_fraction)]
+    pub gate_max_failure_rate: f64,
 
-    /// Failure rate above which a rollout halts, 0 to 1
-    #[arg(long, env = "DROVER_HALT_FAILURE_RATE", default_value_t = 0.2, value_parser = parse_fraction)]
+    /// Unfinished beta updates over beta targets may not exceed this share, 0 to 1 (the
+    /// health gate)
+    #[arg(long, env = "DROVER_GATE_MAX_UNFINISHED", default_value_t = 0.5, value_parser = parse_fraction)]
+    pub gate_max_unfinished: f64,
+
+    /// How long a new version must stay connected before its success counts for the gate
+    #[arg(long, env = "DROVER_SUCCESS_BAKE", default_value = "5m", value_parser = parse_bake)]
+    pub success_bake: Duration,
+
+    /// Waves of a promote that names none: cumulative shares of its targets, percentages
+    /// or agent counts, the last 100% (the first, as a percentage, is a canary of 1 to
+    /// 50 agents)
+    #[arg(long, env = "DROVER_DEFAULT_WAVES", default_value = "1%,10%,50%,100%", value_parser = check_waves)]
+    pub default_waves: String,
+
+    /// How long a wave that passed its thresholds bakes before the next one starts
+    #[arg(long, env = "DROVER_WAVE_BAKE", default_value = "10m", value_parser = parse_bake)]
+    pub wave_bake: Duration,
+
+    /// Build failures over finished updates in a wave above which its rollout halts, 0 to 1
+    #[arg(long, env = "DROVER_HALT_FAILURE_RATE", default_value_t = 0.1, value_parser = parse_fraction)]
     pub halt_failure_rate: f64,
 
-    /// Finished attempts before the failure rate can halt a rollout
+    /// Finished updates in a wave before the failure rate can halt it (fewer in a smaller
+    /// wave: all of its agents)
     #[arg(long, env = "DROVER_HALT_MIN_ATTEMPTS", default_value_t = 5)]
     pub halt_min_attempts: u64,
+
+    /// More build failures than this in one wave halt its rollout whatever the rate
+    #[arg(long, env = "DROVER_HALT_MAX_FAILURES")]
+    pub halt_max_failures: Option<u64>,
+
+    /// The share of a wave's agents (those not skipped) that must succeed before it
+    /// passes, 0 to 1
+    #[arg(long, env = "DROVER_WAVE_MIN_SUCCESS_SHARE", default_value_t = 0.5, value_parser = parse_fraction)]
+    pub wave_min_success_share: f64,
+
+    /// After an update failed for a reason other than the build (busy server, full
+    /// disk), it is offered to that agent again after this long
+    #[arg(long, env = "DROVER_RETRY_DELAY", default_value = "1m", value_parser = parse_bake)]
+    pub retry_delay: Duration,
 
     /// Warn when beta has been ahead of stable for longer than this (e.g. 7d)
     #[arg(long, env = "DROVER_STALE_STABLE_AFTER", default_value = "7d", value_parser = parse_age)]
@@ -148,6 +181,20 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
         .ok()
         .filter(|f| (0.0..=1.0).contains(f))
         .ok_or_else(|| format!("{text:?} is not a number from 0 to 1"))
+}
+
+/// A bake or delay: like `parse_interval`, but 0 is allowed (no bake) and weeks are too.
+fn parse_bake(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "0" | "0s" => Ok(Duration::ZERO),
+        _ => parse_age(text),
+    }
+}
+
+/// `1%,10%,50%,100%`: a plan's waves, checked as a plan would be.
+fn check_waves(text: &str) -> Result<String, String> {
+    crate::rollouts::plan::Plan::from_text(text, 0, Default::default())?;
+    Ok(text.to_owned())
 }
 
 /// Like `parse_interval`, without the upper bound: ages run to weeks.

@@ -1,16 +1,25 @@
 //! Turning decisions into update tasks and `update` messages for one connected agent, and
 //! moving its task along as the agent reports. Each session owns one `LiveAgent`; the
-//! database is touched only when a task is created or changes.
+//! database is touched only when a task is created or changes. `decide` is the one rule
+//! for what an agent is due: dispatch acts on it and explain shows it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use protocol::{ServerMessage, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
+use protocol::{
+    Cancel, ServerMessage, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
+};
 
-use crate::clock::now_ms;
-use crate::engine::{AgentPosition, Decision, channel_admits, needs_update, resolve_channel};
-use crate::store::{StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
+use crate::AppState;
+use crate::clock::{now_ms, rfc3339};
+use crate::conductor;
+use crate::engine::{AgentPosition, Decision, needs_update, resolve_channel};
+use crate::releases::Release;
+use crate::rollouts::book::{Admission, Asking};
+use crate::store::{FailureClass, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
 use crate::task_writer::TaskRequest;
-use crate::{AppState, rollouts};
+
+/// Tasks read when an agent is loaded, for the retry delay and cancel reasons.
+const RECENT_TASKS: i64 = 20;
 
 /// What a session knows about its agent between database reads.
 #[derive(Debug, Clone)]
@@ -18,6 +27,11 @@ pub(crate) struct LiveAgent {
     pub(crate) id: String,
     pub(crate) position: AgentPosition,
     pub(crate) active: Option<UpdateTask>,
+    /// Versions whose last attempt failed for a reason other than the build, and when
+    /// they may be tried again.
+    pub(crate) retry_at: HashMap<String, i64>,
+    /// Why recent tasks ended, by task id (for the `cancel` sent after an operator acted).
+    pub(crate) ended: HashMap<String, String>,
 }
 
 /// What prompted a check.
@@ -30,12 +44,30 @@ pub(crate) enum Trigger {
 }
 
 impl LiveAgent {
-    /// Reads the agent, its unfinished task and its failed versions.
+    /// Reads the agent, its unfinished task, its failed versions and its recent tasks.
     pub(crate) async fn load(state: &AppState, id: &str, running: &str) -> StoreResult<LiveAgent> {
         let record = state.store.agent(id).await?;
         let active = state.store.active_task(id).await?;
         let failed_versions: HashSet<String> =
             state.store.failed_versions(id).await?.into_iter().collect();
+        let recent = state.store.tasks_for_agent(id, RECENT_TASKS).await?;
+        let delay = i64::try_from(state.settings.retry_delay.as_millis()).unwrap_or(i64::MAX);
+        let mut retry_at: HashMap<String, i64> = HashMap::new();
+        let mut ended = HashMap::new();
+        for task in &recent {
+            if let Some(error) = &task.error {
+                ended.insert(task.id.clone(), error.clone());
+            }
+            let retried_later = task.status != TaskStatus::Cancelled
+                && matches!(
+                    task.failure_class,
+                    Some(FailureClass::Environment | FailureClass::Transient)
+                );
+            if retried_later && let Some(finished) = task.finished_at_ms {
+                let at = retry_at.entry(task.to_version.clone()).or_default();
+                *at = (*at).max(finished.saturating_add(delay));
+            }
+        }
         let (channel, _) = resolve_channel(&record);
         Ok(LiveAgent {
             id: record.id,
@@ -49,55 +81,248 @@ impl LiveAgent {
                 failed_versions,
             },
             active,
+            retry_at,
+            ended,
         })
     }
 }
 
+/// What an agent is due now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// Start a task to this build, under this rollout and wave; `join` when the agent is
+    /// new to the rollout and must be recorded as its target first.
+    Start {
+        release: Release,
+        kind: TaskKind,
+        rollout_id: String,
+        wave: usize,
+        join: bool,
+    },
+    /// Nothing now, and why.
+    Hold(String),
+}
+
+/// The rule: what an agent is due now, ignoring any task it has. Dispatch acts on it,
+/// explain shows it, and an unfinished task the rule no longer allows is cancelled.
+pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>) -> Due {
+    let position = live.position;
+    let hold = |reason: String| Due::Hold(reason);
+    // These hold for every kind of rollout, rollbacks and targeted ones included.
+    if !state.updates_enabled() {
+        return hold("updates are disabled server-wide".into());
+    }
+    if position.paused {
+        return hold("updates are paused for this agent".into());
+    }
+    if !position.auto_update {
+        return hold("the agent runs with auto-update off".into());
+    }
+    let index = state.releases.current();
+    let book = state.book();
+    let blocked = state.blocked_versions().clone();
+    let admitted = |release: Release, kind: TaskKind, admission: Admission| match admission {
+        Admission::Go { rollout_id, wave } => Due::Start {
+            release,
+            kind,
+            rollout_id,
+            wave,
+            join: false,
+        },
+        Admission::Join {
+            rollout_id,
+            wave,
+            started: true,
+        } => Due::Start {
+            release,
+            kind,
+            rollout_id,
+            wave,
+            join: true,
+        },
+        Admission::Join {
+            rollout_id, wave, ..
+        } => Due::Hold(crate::rollouts::book::waiting_for_wave(&rollout_id, wave)),
+        Admission::Hold(reason) => Due::Hold(reason),
+    };
+
+    // An operator chose this agent and a version.
+    if let Some(targeted) = book.targeted_for(agent_id)
+        && targeted.record.version != position.version
+    {
+        let version = &targeted.record.version;
+        let release = semver::Version::parse(version)
+            .ok()
+            .and_then(|v| index.find(&v, &position.os, &position.arch).cloned());
+        let Some(release) = release else {
+            return hold(format!(
+                "targeted rollout {} wants {version}, which is not offered for {}/{}",
+                targeted.record.id, position.os, position.arch
+            ));
+        };
+        if blocked.contains(version) {
+            return hold(format!("{version} is rolled back"));
+        }
+        let wave = targeted.wave_of(agent_id).unwrap_or(0);
+        let admission = match targeted.record.state {
+            crate::store::RolloutState::Running | crate::store::RolloutState::Waiting
+                if wave <= usize::try_from(targeted.record.current_wave).unwrap_or(0) =>
+            {
+                Admission::Go {
+                    rollout_id: targeted.record.id.clone(),
+                    wave,
+                }
+            }
+            crate::store::RolloutState::Running | crate::store::RolloutState::Waiting => {
+                Admission::Hold(crate::rollouts::book::waiting_for_wave(
+                    &targeted.record.id,
+                    wave,
+                ))
+            }
+            other => Admission::Hold(format!(
+                "targeted rollout {} is {}",
+                targeted.record.id,
+                other.as_str()
+            )),
+        };
+        return admitted(release, TaskKind::Forced, admission);
+    }
+
+    // An agent on a rolled-back version is moved off it, downwards if need be.
+    if blocked.contains(&position.version) {
+        let Some(release) = conductor::rollback_target(&index, position, &blocked) else {
+            return hold(format!(
+                "runs the rolled-back {} and no other build of its channel is offered",
+                position.version
+            ));
+        };
+        if position
+            .failed_versions
+            .contains(&release.version.to_string())
+        {
+            return hold(format!(
+                "going back to {} failed on this agent before; it is retried when forced",
+                release.version
+            ));
+        }
+        let admission = book.admit(&Asking {
+            agent_id,
+            channel: position.channel,
+            os: &position.os,
+            arch: &position.arch,
+            version: &position.version,
+            rollback: true,
+        });
+        return admitted(release, TaskKind::Rollback, admission);
+    }
+
+    let release = match state.with_policy(|policy| needs_update(position, &index, policy)) {
+        Decision::Offer(release) => release,
+        Decision::Hold(reason) => return hold(reason.describe()),
+    };
+    let version = release.version.to_string();
+    if let Some(&at) = live.retry_at.get(&version)
+        && at > now_ms()
+    {
+        return hold(format!(
+            "the last attempt at {version} failed for a reason other than the build; it is retried after {}",
+            rfc3339(at)
+        ));
+    }
+    let admission = book.admit(&Asking {
+        agent_id,
+        channel: position.channel,
+        os: &position.os,
+        arch: &position.arch,
+        version: &version,
+        rollback: false,
+    });
+    admitted(release, TaskKind::Update, admission)
+}
+
+/// What `decide` reads of an agent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LiveAgentView<'a> {
+    pub(crate) position: &'a AgentPosition,
+    pub(crate) retry_at: &'a HashMap<String, i64>,
+}
+
+impl LiveAgent {
+    pub(crate) fn view(&self) -> LiveAgentView<'_> {
+        LiveAgentView {
+            position: &self.position,
+            retry_at: &self.retry_at,
+        }
+    }
+}
+
+/// Why an unfinished task must stop now that the rules changed, if it must: the agent
+/// was paused, declines updates, updates were switched off, or its channel, a block or
+/// an aborted rollout no longer lets it have that build. A task already installing is
+/// left to finish: the agent cannot take it back.
+fn no_longer_allowed(state: &AppState, live: &LiveAgent, task: &UpdateTask) -> Option<String> {
+    if !matches!(
+        task.status,
+        TaskStatus::Queued
+            | TaskStatus::Dispatched
+            | TaskStatus::Downloading
+            | TaskStatus::Verifying
+    ) {
+        return None;
+    }
+    match decide(state, &live.id, &live.view()) {
+        Due::Start { release, .. } if release.version.to_string() == task.to_version => None,
+        Due::Start { release, .. } => Some(format!(
+            "the agent's rules now offer {} instead of {}",
+            release.version, task.to_version
+        )),
+        // A rollout that waits, pauses or halts starts no one new; what is under way
+        // goes on.
+        Due::Hold(reason)
+            if reason.contains("waiting for wave")
+                || reason.contains("is paused")
+                || reason.contains("is halted") =>
+        {
+            None
+        }
+        Due::Hold(reason) => Some(reason),
+    }
+}
+
 /// Decides whether the agent is due an update, or its task is due a re-dispatch, a
-/// timeout or success; returns the message to send, if any.
+/// cancel, a timeout or success; returns the message to send, if any.
 pub(crate) async fn check(
     state: &AppState,
     live: &mut LiveAgent,
     trigger: Trigger,
 ) -> StoreResult<Option<ServerMessage>> {
     if let Some(task) = live.active.clone() {
+        if live.position.version != task.to_version
+            && let Some(reason) = no_longer_allowed(state, live, &task)
+        {
+            return cancel(state, live, &task, &reason).await;
+        }
         return advance(state, live, task, trigger).await;
     }
-    let index = state.releases.current();
-    // An agent on a rolled-back version is moved off it, downwards if need be.
-    let (release, kind) = if state.blocked_versions().contains(&live.position.version) {
-        let position = &live.position;
-        let target = state.with_policy(|policy| {
-            index
-                .newest(&position.os, &position.arch, |r| {
-                    channel_admits(position.channel, r.channel) && policy.allows(r)
-                })
-                .cloned()
-        });
-        match target {
-            // A rollback this agent refused (an old signature, say) is tried again when
-            // something changes (a build, an operator's action, a new session), not on
-            // every heartbeat: each attempt would be one more failed task.
-            Some(release)
-                if trigger == Trigger::Heartbeat
-                    && position
-                        .failed_versions
-                        .contains(&release.version.to_string()) =>
-            {
-                return Ok(None);
-            }
-            Some(release) => (release, TaskKind::Rollback),
-            None => {
-                tracing::warn!(agent = %live.id, version = %position.version, "runs a rolled-back version and no other build is offered for it");
-                return Ok(None);
-            }
-        }
-    } else {
-        match state.with_policy(|policy| needs_update(&live.position, &index, policy)) {
-            Decision::Offer(release) => (release, TaskKind::Update),
-            Decision::Hold(_) => return Ok(None),
-        }
+    let (release, kind, rollout_id, wave, join) = match decide(state, &live.id, &live.view()) {
+        Due::Start {
+            release,
+            kind,
+            rollout_id,
+            wave,
+            join,
+        } => (release, kind, rollout_id, wave, join),
+        Due::Hold(_) => return Ok(None),
     };
+    if join {
+        state
+            .store
+            .add_rollout_target(&rollout_id, &live.id, wave)
+            .await?;
+        if let Some(rollout) = state.book().get(&rollout_id) {
+            rollout.note_joined(&live.id, wave);
+        }
+    }
     let request = TaskRequest {
         agent_id: live.id.clone(),
         from_version: live.position.version.clone(),
@@ -106,22 +331,52 @@ pub(crate) async fn check(
         arch: release.arch.clone(),
         kind,
         status: TaskStatus::Dispatched,
+        rollout_id: Some(rollout_id),
+        wave: Some(wave),
     };
     match state.tasks.create(request).await {
         Ok(task) => {
-            tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, "dispatching update");
+            tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, rollout = task.rollout_id.as_deref().unwrap_or(""), "dispatching update");
             state.events.task(&task.id, &live.id);
             let message = update_message(state, &task);
             live.active = Some(task);
             Ok(message)
         }
-        // Someone else (an operator, another node) created a task meanwhile: pick it up.
+        // Someone else (an operator, another node) created a task meanwhile, or the
+        // version was blocked since: pick up whatever is there.
         Err(StoreError::Conflict(_)) => {
             live.active = state.store.active_task(&live.id).await?;
             Ok(None)
         }
         Err(err) => Err(err),
     }
+}
+
+/// Cancels an unfinished task on the agent and in the store.
+async fn cancel(
+    state: &AppState,
+    live: &mut LiveAgent,
+    task: &UpdateTask,
+    reason: &str,
+) -> StoreResult<Option<ServerMessage>> {
+    tracing::info!(agent = %live.id, task = %task.id, to = %task.to_version, %reason, "cancelling update");
+    finish(
+        state,
+        live,
+        task,
+        TaskStatus::Cancelled,
+        FailureClass::Transient,
+        Some(reason),
+    )
+    .await?;
+    // Whatever is due instead follows at the next check.
+    let _ = state
+        .registry
+        .send_here(&live.id, crate::session::Outbound::Check);
+    Ok(Some(ServerMessage::Cancel(Cancel {
+        task_id: task.id.clone(),
+        reason: reason.to_owned(),
+    })))
 }
 
 /// Moves an unfinished task along.
@@ -135,42 +390,51 @@ async fn advance(
     // its first heartbeat there is nothing to send it.
     if live.position.version == task.to_version {
         if trigger == Trigger::Heartbeat {
-            finish(state, live, &task, TaskStatus::Succeeded, None).await?;
+            finish(
+                state,
+                live,
+                &task,
+                TaskStatus::Succeeded,
+                FailureClass::Build,
+                None,
+            )
+            .await?;
         }
         return Ok(None);
     }
-    let settings = &state.settings;
     let now = now_ms();
     let silent_ms = now - task.last_activity_ms();
-    let timeout_ms = i64::try_from(settings.task_timeout.as_millis()).unwrap_or(i64::MAX);
+    let timeout_ms = i64::try_from(state.settings.task_timeout.as_millis()).unwrap_or(i64::MAX);
+    if silent_ms > timeout_ms && task.status != TaskStatus::Queued {
+        let (class, error) = timeout_of(&task, silent_ms);
+        finish(
+            state,
+            live,
+            &task,
+            TaskStatus::TimedOut,
+            class,
+            Some(&error),
+        )
+        .await?;
+        return Ok(None);
+    }
     // The agent may have lost the message, or the download it had begun, with its
     // previous session (a server killed mid-rollout drops them all); an agent still
-    // working on the task ignores the repeated update.
+    // working on the task ignores the repeated update. A reconnect is not an attempt.
     let resend_on_connect = trigger == Trigger::Connect
         && matches!(
             task.status,
             TaskStatus::Dispatched | TaskStatus::Downloading
         );
-    let redispatch =
-        resend_on_connect || task.status == TaskStatus::Queued || silent_ms > timeout_ms;
-    if !redispatch {
+    if !(resend_on_connect || task.status == TaskStatus::Queued) {
         return Ok(None);
     }
-    let may_retry = (resend_on_connect
-        || matches!(task.status, TaskStatus::Queued | TaskStatus::Dispatched))
-        && task.attempts < i64::from(settings.task_max_attempts);
-    if !may_retry {
-        let error = format!(
-            "no progress for {}s ({} of {} attempts); last status {}",
-            silent_ms / 1000,
-            task.attempts,
-            settings.task_max_attempts,
-            task.status.as_str()
-        );
-        finish(state, live, &task, TaskStatus::TimedOut, Some(&error)).await?;
-        return Ok(None);
-    }
-    match state.store.record_dispatch(&task.id, now).await {
+    let counts_as_attempt = task.status == TaskStatus::Queued;
+    match state
+        .store
+        .record_dispatch(&task.id, now, counts_as_attempt)
+        .await
+    {
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, attempt = task.attempts, to = %task.to_version, "dispatching update again");
             state.events.task(&task.id, &live.id);
@@ -184,6 +448,24 @@ async fn advance(
         }
         Err(err) => Err(err),
     }
+}
+
+/// A task that saw no progress for too long: whose fault, and what to say. Silence after
+/// the agent began starting the new build means the build did not come up (nor did the
+/// supervisor bring the old one back to say so); silence before it is the network's.
+fn timeout_of(task: &UpdateTask, silent_ms: i64) -> (FailureClass, String) {
+    let class = match task.status {
+        TaskStatus::Installing | TaskStatus::Restarting => FailureClass::Build,
+        _ => FailureClass::Transient,
+    };
+    (
+        class,
+        format!(
+            "no progress for {}s; last status {}",
+            silent_ms / 1000,
+            task.status.as_str()
+        ),
+    )
 }
 
 /// Applies an agent's progress report to its task.
@@ -225,6 +507,16 @@ pub(crate) async fn progress(
     }
 }
 
+/// The class of a failure an agent reported. An agent too old to say is believed to
+/// have failed on the build: a halt an operator lifts costs less than a bad build that
+/// spreads.
+fn reported_class(report: &UpdateResult) -> FailureClass {
+    report
+        .failure_class
+        .map(FailureClass::from)
+        .unwrap_or(FailureClass::Build)
+}
+
 /// Applies an agent's final report to its task.
 pub(crate) async fn result(
     state: &AppState,
@@ -244,77 +536,71 @@ pub(crate) async fn result(
         UpdateOutcome::Failed => TaskStatus::Failed,
         UpdateOutcome::RolledBack => TaskStatus::RolledBack,
     };
-    finish(state, live, &task, status, report.error.as_deref()).await
+    let class = if report.outcome == UpdateOutcome::RolledBack {
+        FailureClass::Build
+    } else {
+        reported_class(&report)
+    };
+    finish(state, live, &task, status, class, report.error.as_deref()).await
 }
 
+/// Ends a task. `class` is ignored for a success.
 async fn finish(
     state: &AppState,
     live: &mut LiveAgent,
     task: &UpdateTask,
     status: TaskStatus,
+    class: FailureClass,
     error: Option<&str>,
 ) -> StoreResult<()> {
+    let class = (status != TaskStatus::Succeeded).then_some(class);
+    let now = now_ms();
     match state
         .store
-        .finish_task(&live.id, &task.id, status, error, now_ms())
+        .finish_task(&live.id, &task.id, status, class, error, now)
         .await
     {
         Ok(_) | Err(StoreError::NotFound) => {}
         Err(err) => return Err(err),
     }
-    tracing::info!(agent = %live.id, task = %task.id, to = %task.to_version, status = status.as_str(), error = error.unwrap_or(""), "update task finished");
+    tracing::info!(agent = %live.id, task = %task.id, to = %task.to_version, status = status.as_str(), class = class.map_or("", FailureClass::as_str), error = error.unwrap_or(""), "update task finished");
     state.events.task(&task.id, &live.id);
-    if status.is_failure() {
-        live.position
-            .failed_versions
-            .insert(task.to_version.clone());
-        halt_if_failing(state, task).await?;
+    if let Some(error) = error {
+        live.ended.insert(task.id.clone(), error.to_owned());
+    }
+    match class {
+        Some(FailureClass::Build) => {
+            live.position
+                .failed_versions
+                .insert(task.to_version.clone());
+        }
+        Some(FailureClass::Environment | FailureClass::Transient)
+            if status != TaskStatus::Cancelled =>
+        {
+            let delay = i64::try_from(state.settings.retry_delay.as_millis()).unwrap_or(i64::MAX);
+            live.retry_at
+                .insert(task.to_version.clone(), now.saturating_add(delay));
+        }
+        _ => {}
     }
     live.active = None;
-    Ok(())
-}
-
-/// Stops dispatching a version on a platform once too many of its attempts failed.
-pub(crate) async fn halt_if_failing(state: &AppState, task: &UpdateTask) -> StoreResult<()> {
-    let key = (task.to_version.clone(), task.os.clone(), task.arch.clone());
-    if state.halted().contains(&key) {
-        return Ok(());
-    }
-    let tallies = rollouts::tally(&state.store.task_counts().await?);
-    let Some(reason) = tallies
-        .get(&key)
-        .and_then(|tally| rollouts::should_halt(tally, &state.settings.rollout_policy()))
-    else {
-        return Ok(());
-    };
-    if state
-        .store
-        .halt(&key.0, &key.1, &key.2, &reason, now_ms())
-        .await?
+    // A build failure may halt the rollout now rather than at the next tick.
+    if class == Some(FailureClass::Build)
+        && let Some(rollout) = &task.rollout_id
+        && let Err(err) = conductor::drive(state, rollout).await
     {
-        let target = format!("{} {}/{}", key.0, key.1, key.2);
-        let version = key.0.clone();
-        state
-            .halted
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key);
-        tracing::warn!(rollout = %target, %reason, "rollout halted");
-        state.events.rollout(Some(&version));
-        // The other nodes stop dispatching it too.
-        state
-            .registry
-            .signal_other_nodes(crate::nodes::Signal::CheckAll);
-        state
-            .audit("drover", "rollout.halt", &target, Some(reason), "halted")
-            .await;
+        tracing::warn!(%err, %rollout, "could not judge the rollout after a failure");
     }
     Ok(())
 }
 
 /// The `update` message for a task, or `None` (and a log line) when its build is no
-/// longer offered; the task then times out like any unanswered one.
+/// longer offered or is blocked; the task then times out like any unanswered one.
 fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> {
+    if state.blocked_versions().contains(&task.to_version) {
+        tracing::warn!(task = %task.id, version = %task.to_version, "the build for this task is rolled back; not sent");
+        return None;
+    }
     let index = state.releases.current();
     let release = semver::Version::parse(&task.to_version)
         .ok()
@@ -337,10 +623,9 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
 
 /// Times out tasks of agents that went silent while not connected here: a connected
 /// agent's session handles its own task, but a bricked or vanished machine never
-/// heartbeats again, and its task must still end. It gets as long as a connected agent
-/// gets for all its attempts.
+/// heartbeats again, and its task must still end.
 pub(crate) async fn time_out_silent_agents(state: AppState) {
-    let patience = state.settings.task_timeout * state.settings.task_max_attempts;
+    let patience = state.settings.task_timeout;
     let mut ticker = tokio::time::interval(
         (state.settings.task_timeout / 2).max(std::time::Duration::from_secs(1)),
     );
@@ -350,9 +635,10 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
             () = state.shutdown.cancelled() => return,
         }
         let patience_ms = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
+        let now = now_ms();
         let stale = match state
             .store
-            .stale_tasks(now_ms().saturating_sub(patience_ms))
+            .stale_tasks(now.saturating_sub(patience_ms))
             .await
         {
             Ok(stale) => stale,
@@ -367,29 +653,33 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
                 .store
                 .agent(&task.agent_id)
                 .await
-                .is_ok_and(|agent| crate::nodes::is_live(agent.node_last_beat_ms, now_ms()));
+                .is_ok_and(|agent| crate::nodes::is_live(agent.node_last_beat_ms, now));
             if connected {
                 continue;
             }
-            let error = format!(
-                "the agent went silent for {}s while the task was {}",
-                patience.as_secs(),
-                task.status.as_str()
-            );
+            let (class, error) = timeout_of(&task, now - task.last_activity_ms());
+            let error = format!("{error} while the agent was offline");
             match state
                 .store
                 .finish_task(
                     &task.agent_id,
                     &task.id,
                     TaskStatus::TimedOut,
+                    Some(class),
                     Some(&error),
-                    now_ms(),
+                    now,
                 )
                 .await
             {
                 Ok(_) => {
                     tracing::warn!(agent = %task.agent_id, task = %task.id, to = %task.to_version, "{error}; timed out");
                     state.events.task(&task.id, &task.agent_id);
+                    if class == FailureClass::Build
+                        && let Some(rollout) = &task.rollout_id
+                        && let Err(err) = conductor::drive(&state, rollout).await
+                    {
+                        tracing::warn!(%err, %rollout, "could not judge the rollout after a timeout");
+                    }
                 }
                 Err(StoreError::NotFound) => {}
                 Err(err) => tracing::warn!(%err, task = %task.id, "could not time out a task"),

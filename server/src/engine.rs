@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use semver::Version;
 
 use crate::releases::{Channel, Release, ReleaseIndex};
-use crate::rollouts::RolloutKey;
 use crate::store::AgentRecord;
 
 /// What the decision needs to know about one agent.
@@ -28,18 +27,13 @@ pub(crate) struct AgentPosition {
 pub(crate) struct Policy<'a> {
     pub(crate) updates_enabled: bool,
     pub(crate) blocked_versions: &'a HashSet<String>,
-    /// Rollouts (version, os, arch) stopped by their failure rate.
-    pub(crate) halted: &'a HashSet<RolloutKey>,
 }
 
 impl Policy<'_> {
-    /// Whether a build may be dispatched at all.
+    /// Whether a build may be dispatched at all. A halted rollout holds its build at
+    /// admission (`rollouts::book`), not here.
     pub(crate) fn allows(&self, release: &Release) -> bool {
-        let version = release.version.to_string();
-        !self.blocked_versions.contains(&version)
-            && !self
-                .halted
-                .contains(&(version, release.os.clone(), release.arch.clone()))
+        !self.blocked_versions.contains(&release.version.to_string())
     }
 }
 
@@ -180,8 +174,6 @@ pub(crate) fn why_not(
                 ))
             } else if policy.blocked_versions.contains(&version) {
                 Some("blocked: rolled back by an operator".to_owned())
-            } else if !policy.allows(release) {
-                Some("halted: too many failures".to_owned())
             } else if running
                 .as_ref()
                 .is_none_or(|running| release.version <= *running)
@@ -247,14 +239,11 @@ mod tests {
 
     static NOTHING_BLOCKED: std::sync::LazyLock<HashSet<String>> =
         std::sync::LazyLock::new(HashSet::new);
-    static NOTHING_HALTED: std::sync::LazyLock<HashSet<RolloutKey>> =
-        std::sync::LazyLock::new(HashSet::new);
 
     fn enabled() -> Policy<'static> {
         Policy {
             updates_enabled: true,
             blocked_versions: &NOTHING_BLOCKED,
-            halted: &NOTHING_HALTED,
         }
     }
 
@@ -408,21 +397,6 @@ mod tests {
         assert_eq!(offered(decision), Some("1.1.0".into()));
         let decision = needs_update(&agent("1.1.0", Channel::Stable), &builds, &policy);
         assert_eq!(decision, Decision::Hold(HoldReason::UpToDate));
-    }
-
-    #[test]
-    fn halted_rollouts_get_no_new_agents() {
-        let builds = index(vec![
-            release("1.1.0", Channel::Stable),
-            release("1.2.0", Channel::Stable),
-        ]);
-        let halted = HashSet::from([("1.2.0".to_owned(), "linux".to_owned(), "amd64".to_owned())]);
-        let policy = Policy {
-            halted: &halted,
-            ..enabled()
-        };
-        let decision = needs_update(&agent("1.0.0", Channel::Stable), &builds, &policy);
-        assert_eq!(offered(decision), Some("1.1.0".into()));
     }
 
     #[test]

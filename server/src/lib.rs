@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod bootstrap;
 mod clock;
+mod conductor;
 pub mod config;
 mod dashboard;
 mod dispatch;
@@ -17,7 +18,7 @@ pub mod limits;
 mod metrics;
 mod nodes;
 mod releases;
-mod rollouts;
+pub mod rollouts;
 pub mod session;
 pub mod store;
 mod task_writer;
@@ -57,22 +58,32 @@ pub struct Settings {
     pub downloads: PathBuf,
     /// Concurrent downloads served; beyond it 503 with `Retry-After`, and 0 serves none.
     pub max_concurrent_downloads: usize,
-    /// A task without progress for this long is re-dispatched, or timed out.
+    /// A task without progress for this long is timed out.
     pub task_timeout: Duration,
-    /// Dispatches of one task before it is `timed_out`.
-    pub task_max_attempts: u32,
     /// Channel of a build without a `.channel` sidecar.
     pub default_channel: String,
     pub require_signatures: bool,
     /// Rescan period for filesystems that send no change events.
     pub rescan_every: Duration,
-    /// Beta successes a promote needs.
+    /// Beta successes (settled through the success bake) a promote needs.
     pub gate_min_successes: u64,
-    /// Success rate a promote needs.
-    pub gate_min_success_rate: f64,
-    /// Failure rate above which a rollout halts, after `halt_min_attempts`.
-    pub halt_failure_rate: f64,
-    pub halt_min_attempts: u64,
+    /// Build failures over finished beta updates must stay under this share.
+    pub gate_max_failure_rate: f64,
+    /// Unfinished beta updates over the beta targets may not exceed this share.
+    pub gate_max_unfinished: f64,
+    /// A success counts for the gate once the new version stayed connected this long.
+    pub success_bake: Duration,
+    /// Waves of a promote that names none (cumulative shares, the last 100%).
+    pub default_waves: Vec<rollouts::plan::Share>,
+    /// How long a wave that passed bakes before the next starts.
+    pub wave_bake: Duration,
+    /// When a wave halts its rollout and when it passes.
+    pub wave_thresholds: rollouts::plan::Thresholds,
+    /// How often running rollouts are judged and moved along.
+    pub rollout_tick: Duration,
+    /// After a failure that was not the build's, the version is offered to that agent
+    /// again only after this long.
+    pub retry_delay: Duration,
     /// Beta ahead of stable for longer than this is a warning.
     pub stale_stable_after: Duration,
     /// How often agents per version are counted for the adoption history.
@@ -92,14 +103,18 @@ impl Settings {
             downloads,
             max_concurrent_downloads: 64,
             task_timeout: Duration::from_secs(600),
-            task_max_attempts: 3,
             default_channel: "stable".into(),
             require_signatures: false,
             rescan_every: Duration::from_secs(60),
             gate_min_successes: 3,
-            gate_min_success_rate: 0.9,
-            halt_failure_rate: 0.2,
-            halt_min_attempts: 5,
+            gate_max_failure_rate: 0.1,
+            gate_max_unfinished: 0.5,
+            success_bake: Duration::from_secs(300),
+            default_waves: rollouts::plan::DEFAULT_WAVES.to_vec(),
+            wave_bake: Duration::from_secs(600),
+            wave_thresholds: rollouts::plan::Thresholds::default(),
+            rollout_tick: Duration::from_secs(1),
+            retry_delay: Duration::from_secs(60),
             stale_stable_after: Duration::from_secs(7 * 24 * 3600),
             snapshot_every: Duration::from_secs(600),
             tls: None,
@@ -107,15 +122,16 @@ impl Settings {
         }
     }
 
-    fn rollout_policy(&self) -> rollouts::RolloutPolicy {
-        rollouts::RolloutPolicy {
-            gate_min_successes: self.gate_min_successes,
-            gate_min_success_rate: self.gate_min_success_rate,
-            halt_failure_rate: self.halt_failure_rate,
-            halt_min_attempts: self.halt_min_attempts,
-            stale_stable_after_ms: i64::try_from(self.stale_stable_after.as_millis())
-                .unwrap_or(i64::MAX),
+    fn gate_policy(&self) -> rollouts::health::GatePolicy {
+        rollouts::health::GatePolicy {
+            min_successes: self.gate_min_successes,
+            max_failure_rate: self.gate_max_failure_rate,
+            max_unfinished: self.gate_max_unfinished,
         }
+    }
+
+    fn stale_stable_after_ms(&self) -> i64 {
+        i64::try_from(self.stale_stable_after.as_millis()).unwrap_or(i64::MAX)
     }
 }
 
@@ -134,8 +150,8 @@ pub struct AppState {
     settings: Arc<Settings>,
     updates_enabled: Arc<AtomicBool>,
     blocked_versions: Arc<RwLock<HashSet<String>>>,
-    /// Rollouts stopped by the failure rate; nothing new is dispatched to them.
-    halted: Arc<RwLock<HashSet<rollouts::RolloutKey>>>,
+    /// The rollouts dispatch consults, re-read whenever one changes on any node.
+    book: Arc<RwLock<Arc<rollouts::book::Book>>>,
     downloads: Arc<tokio::sync::Semaphore>,
     /// This server process, as the `nodes` table knows it.
     node_id: Arc<str>,
@@ -157,20 +173,20 @@ impl AppState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn halted(&self) -> std::sync::RwLockReadGuard<'_, HashSet<rollouts::RolloutKey>> {
-        self.halted
+    /// The rollouts as last read; a cheap clone of a shared snapshot.
+    fn book(&self) -> Arc<rollouts::book::Book> {
+        self.book
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Runs `decide` with the server-wide conditions of dispatch.
     fn with_policy<R>(&self, decide: impl FnOnce(&engine::Policy<'_>) -> R) -> R {
         let blocked = self.blocked_versions();
-        let halted = self.halted();
         decide(&engine::Policy {
             updates_enabled: self.updates_enabled(),
             blocked_versions: &blocked,
-            halted: &halted,
         })
     }
 
@@ -185,25 +201,18 @@ impl AppState {
         Ok(())
     }
 
-    /// Re-reads blocks and halts from the database into memory.
+    /// Re-reads blocks and rollouts from the database into memory.
     async fn reload_rollout_state(&self) -> store::StoreResult<()> {
         let blocked: HashSet<String> = self.store.blocked_versions().await?.into_iter().collect();
-        let halted: HashSet<rollouts::RolloutKey> = self
-            .store
-            .rollout_records()
-            .await?
-            .into_iter()
-            .filter(|r| r.halted_at_ms.is_some())
-            .map(|r| (r.version, r.os, r.arch))
-            .collect();
+        let book = conductor::load_book(self).await?;
         *self
             .blocked_versions
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = blocked;
         *self
-            .halted
+            .book
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = halted;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(book);
         Ok(())
     }
 
@@ -286,14 +295,16 @@ pub async fn run(
         updates_enabled: Arc::new(AtomicBool::new(true)),
         node_id: uuid::Uuid::new_v4().to_string().into(),
         blocked_versions: Arc::default(),
-        halted: Arc::default(),
+        book: Arc::default(),
         events: events::Events::default(),
         shutdown: shutdown.clone(),
     };
     state.reload_shared_state().await?;
     nodes::start(state.clone()).await?;
     record_first_seen(&state).await;
+    conductor::start_rollouts_of_new_builds(&state).await;
     tokio::spawn(nudge_on_new_releases(state.clone()));
+    tokio::spawn(conductor::drive_all(state.clone()));
     tokio::spawn(snapshot_versions(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -322,6 +333,7 @@ async fn nudge_on_new_releases(state: AppState) {
     let mut changes = state.releases.subscribe();
     while changes.changed().await.is_ok() {
         record_first_seen(&state).await;
+        conductor::start_rollouts_of_new_builds(&state).await;
         state.events.release();
         state.registry.broadcast(|| Outbound::Check);
     }
@@ -475,14 +487,25 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         max_concurrent_downloads: args.max_concurrent_downloads,
         task_timeout: args.task_timeout,
-        task_max_attempts: args.task_max_attempts,
         default_channel: args.default_channel,
         require_signatures: args.require_signatures,
         rescan_every: args.rescan_interval,
         gate_min_successes: args.gate_min_successes,
-        gate_min_success_rate: args.gate_min_success_rate,
-        halt_failure_rate: args.halt_failure_rate,
-        halt_min_attempts: args.halt_min_attempts,
+        gate_max_failure_rate: args.gate_max_failure_rate,
+        gate_max_unfinished: args.gate_max_unfinished,
+        success_bake: args.success_bake,
+        default_waves: rollouts::plan::Plan::parse_shares(std::slice::from_ref(
+            &args.default_waves,
+        ))
+        .map_err(anyhow::Error::msg)?,
+        wave_bake: args.wave_bake,
+        wave_thresholds: rollouts::plan::Thresholds {
+            max_failure_rate: args.halt_failure_rate,
+            min_finished: args.halt_min_attempts,
+            max_failures: args.halt_max_failures,
+            min_success_share: args.wave_min_success_share,
+        },
+        retry_delay: args.retry_delay,
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
         tls,

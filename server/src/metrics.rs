@@ -46,29 +46,48 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
 
     metric(
         &mut out,
-        "drover_update_tasks",
+        "drover_rollout_agents",
         "gauge",
-        "Update tasks by target version, platform and status.",
+        "Targets of each open rollout by stage.",
     );
-    for count in state.store.task_counts().await? {
-        let _ = writeln!(
-            out,
-            "drover_update_tasks{{version=\"{}\",os=\"{}\",arch=\"{}\",status=\"{}\"}} {}",
-            count.version,
-            count.os,
-            count.arch,
-            count.status.as_str(),
-            count.tasks
-        );
+    let book = state.book();
+    let open: Vec<_> = book
+        .rollouts()
+        .filter(|r| r.record.state.is_open())
+        .map(|r| r.record.clone())
+        .collect();
+    for rollout in &open {
+        let health = crate::conductor::health(&state, rollout, |_| true).await?;
+        let t = &health.total;
+        for (stage, agents) in [
+            ("waiting", t.waiting),
+            ("queued", t.queued),
+            ("downloading", t.downloading),
+            ("installing", t.installing),
+            ("succeeded", t.succeeded),
+            ("failed", t.failed),
+            ("rolled_back", t.rolled_back),
+            ("cancelled", t.cancelled),
+            ("skipped", t.skipped),
+        ] {
+            let _ = writeln!(
+                out,
+                "drover_rollout_agents{{rollout=\"{}\",version=\"{}\",kind=\"{}\",state=\"{}\",stage=\"{stage}\"}} {agents}",
+                rollout.id,
+                rollout.version,
+                rollout.kind.as_str(),
+                rollout.state.as_str(),
+            );
+        }
     }
 
     metric(
         &mut out,
         "drover_rollout_halted",
         "gauge",
-        "1 for each rollout halted by its failure rate.",
+        "1 for each version and platform whose rollout is halted.",
     );
-    let mut halted: Vec<_> = state.halted().iter().cloned().collect();
+    let mut halted: Vec<_> = book.halted().into_iter().collect();
     halted.sort();
     for (version, os, arch) in halted {
         let _ = writeln!(
@@ -85,7 +104,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
         &rollouts::first_seen(&records),
         now_ms(),
     );
-    let stale_after = state.settings.rollout_policy().stale_stable_after_ms;
+    let stale_after = state.settings.stale_stable_after_ms();
     metric(
         &mut out,
         "drover_stable_lag_seconds",

@@ -60,7 +60,11 @@ pub(crate) fn is_live(node_last_beat_ms: Option<i64>, now_ms: i64) -> bool {
 }
 
 pub(crate) async fn claim(state: &AppState, agent_id: &str) {
-    if let Err(err) = state.store.claim_session(agent_id, &state.node_id).await {
+    if let Err(err) = state
+        .store
+        .claim_session(agent_id, &state.node_id, now_ms())
+        .await
+    {
         tracing::warn!(agent = %agent_id, %err, "could not record the session");
     }
     state

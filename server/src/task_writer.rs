@@ -24,6 +24,8 @@ pub(crate) struct TaskRequest {
     pub(crate) arch: String,
     pub(crate) kind: TaskKind,
     pub(crate) status: TaskStatus,
+    pub(crate) rollout_id: Option<String>,
+    pub(crate) wave: Option<usize>,
 }
 
 impl TaskRequest {
@@ -36,6 +38,8 @@ impl TaskRequest {
             arch: &self.arch,
             kind: self.kind,
             status: self.status,
+            rollout_id: self.rollout_id.as_deref(),
+            wave: self.wave,
         }
     }
 }

@@ -516,8 +516,22 @@ async fn answers_have_the_documented_shapes() {
             .of("/api/v1/rollouts/{version}/rollback"),
         as_admin("POST", "/api/v1/rollouts/1.2.0/unblock", "200")
             .of("/api/v1/rollouts/{version}/unblock"),
-        as_admin("POST", "/api/v1/rollouts/1.2.0/resume", "404")
-            .of("/api/v1/rollouts/{version}/resume"),
+        as_admin("POST", "/api/v1/rollouts/1.2.0/resume", "404").of("/api/v1/rollouts/{id}/resume"),
+        as_admin("GET", "/api/v1/rollouts?state=running", "200"),
+        as_admin("GET", "/api/v1/rollouts?state=sleeping", "400"),
+        as_admin("GET", "/api/v1/rollouts/no-such-rollout", "404").of("/api/v1/rollouts/{id}"),
+        as_admin("GET", "/api/v1/rollouts/no-such-rollout/agents", "404")
+            .of("/api/v1/rollouts/{id}/agents"),
+        as_admin("POST", "/api/v1/rollouts/no-such-rollout/pause", "404")
+            .of("/api/v1/rollouts/{id}/pause"),
+        as_admin("POST", "/api/v1/rollouts/no-such-rollout/advance", "404")
+            .of("/api/v1/rollouts/{id}/advance"),
+        as_admin("POST", "/api/v1/rollouts/no-such-rollout/abort", "404")
+            .of("/api/v1/rollouts/{id}/abort"),
+        as_admin("POST", "/api/v1/rollouts", "400")
+            .body(json!({ "version": "1.2.0", "selector": {} })),
+        as_admin("POST", "/api/v1/rollouts", "201")
+            .body(json!({ "version": "1.2.0", "selector": { "agent_ids": [agent.clone()] } })),
         as_admin("GET", "/api/v1/updates", "200"),
         as_admin("PUT", "/api/v1/updates", "200").body(json!({ "enabled": true })),
         as_admin("GET", "/api/v1/agent/install?os=linux&arch=amd64", "200")

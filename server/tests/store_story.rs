@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AuditEntry, Bootstrap, ChannelScope, HeartbeatRecord, NewTask, PostgresStore,
-    Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus, UpdateTask,
+    AgentFacts, AuditEntry, Bootstrap, CancelScope, ChannelScope, FailureClass, HeartbeatRecord,
+    NewTask, PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus,
+    UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -283,6 +284,8 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         arch: "amd64",
         kind: TaskKind::Update,
         status,
+        rollout_id: None,
+        wave: None,
     };
 
     // Queued for an agent that is away: nothing sent, so never stale.
@@ -305,7 +308,10 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     assert!(store.stale_tasks(i64::MAX).await.unwrap().is_empty());
 
     // Dispatch and progress move it along; only strictly older activity is stale.
-    let sent = store.record_dispatch(&queued.id, 11_000).await.unwrap();
+    let sent = store
+        .record_dispatch(&queued.id, 11_000, true)
+        .await
+        .unwrap();
     assert_eq!(
         (sent.status, sent.attempts, sent.dispatched_at_ms),
         (TaskStatus::Dispatched, 1, Some(11_000))
@@ -336,31 +342,70 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         Err(StoreError::NotFound)
     ));
 
-    // A task ends once; a failed version counts against the agent.
+    // A resend after a reconnect is not an attempt.
+    let resent = store
+        .record_dispatch(&queued.id, 12_100, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        (resent.attempts, resent.dispatched_at_ms),
+        (1, Some(12_100))
+    );
+
+    // A task ends once, with its class; only a build failure counts against the agent.
     let failed = store
         .finish_task(
             one,
             &queued.id,
             TaskStatus::Failed,
+            Some(FailureClass::Environment),
             Some("disk full"),
             13_000,
         )
         .await
         .unwrap();
     assert_eq!(
-        (failed.status, failed.error.as_deref(), failed.updated_at_ms),
-        (TaskStatus::Failed, Some("disk full"), 13_000)
+        (
+            failed.status,
+            failed.error.as_deref(),
+            failed.updated_at_ms,
+            failed.failure_class,
+            failed.finished_at_ms
+        ),
+        (
+            TaskStatus::Failed,
+            Some("disk full"),
+            13_000,
+            Some(FailureClass::Environment),
+            Some(13_000)
+        )
     );
     assert!(matches!(
         store
-            .finish_task(one, &queued.id, TaskStatus::Succeeded, None, 13_500)
+            .finish_task(one, &queued.id, TaskStatus::Succeeded, None, None, 13_500)
             .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.record_dispatch(&queued.id, 13_500).await,
+        store.record_dispatch(&queued.id, 13_500, true).await,
         Err(StoreError::NotFound)
     ));
+    assert!(store.failed_versions(one).await.unwrap().is_empty());
+    let broken = store
+        .create_task(&new(one, TaskStatus::Dispatched), 13_600)
+        .await
+        .unwrap();
+    store
+        .finish_task(
+            one,
+            &broken.id,
+            TaskStatus::RolledBack,
+            Some(FailureClass::Build),
+            Some("exited during probation"),
+            13_700,
+        )
+        .await
+        .unwrap();
     assert_eq!(store.failed_versions(one).await.unwrap(), ["2.0.0"]);
     assert!(store.failed_versions(two).await.unwrap().is_empty());
 
@@ -381,7 +426,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     );
     assert_eq!(
         ids(&store.tasks_for_agent(one, 10).await.unwrap()),
-        [forced.id.as_str(), queued.id.as_str()]
+        [forced.id.as_str(), broken.id.as_str(), queued.id.as_str()]
     );
     assert_eq!(store.tasks_for_agent(one, 1).await.unwrap().len(), 1);
 
@@ -391,7 +436,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         .await
         .unwrap();
     store
-        .finish_task(two, &earlier.id, TaskStatus::Succeeded, None, 15_000)
+        .finish_task(two, &earlier.id, TaskStatus::Succeeded, None, None, 15_000)
         .await
         .unwrap();
     let later = store
@@ -405,7 +450,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
 
     // Cancelling a version ends its unfinished tasks, once.
     let mut cancelled = store
-        .cancel_tasks_to("2.0.0", "blocked", 16_000)
+        .cancel_tasks(CancelScope::ToVersion("2.0.0"), "blocked", 16_000)
         .await
         .unwrap();
     cancelled.sort();
@@ -414,33 +459,24 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     assert_eq!(cancelled, both);
     assert!(
         store
-            .cancel_tasks_to("2.0.0", "blocked", 16_500)
+            .cancel_tasks(CancelScope::ToVersion("2.0.0"), "blocked", 16_500)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(store.active_task(one).await.unwrap(), None);
-    let mut counts: Vec<(TaskStatus, i64)> = store
-        .task_counts()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| {
-            assert_eq!(
-                (c.version.as_str(), c.os.as_str(), c.arch.as_str()),
-                ("2.0.0", "linux", "amd64")
-            );
-            (c.status, c.tasks)
-        })
-        .collect();
-    counts.sort_by_key(|(status, _)| status.as_str());
+    let ended = store.tasks_for_agent(one, 10).await.unwrap();
     assert_eq!(
-        counts,
-        [
-            (TaskStatus::Cancelled, 2),
-            (TaskStatus::Failed, 1),
-            (TaskStatus::Succeeded, 1)
-        ]
+        (
+            ended[0].status,
+            ended[0].failure_class,
+            ended[0].error.as_deref()
+        ),
+        (
+            TaskStatus::Cancelled,
+            Some(FailureClass::Transient),
+            Some("blocked")
+        )
     );
 
     // Promotion marks every platform of the version.
@@ -504,7 +540,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         if let Some(task) = task {
             assert_eq!((task.status, task.attempts), (TaskStatus::Dispatched, 1));
             store
-                .finish_task(agent, &task.id, TaskStatus::Succeeded, None, 30_000)
+                .finish_task(agent, &task.id, TaskStatus::Succeeded, None, None, 30_000)
                 .await
                 .unwrap();
         }
@@ -591,32 +627,9 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         .record_first_seen(std::slice::from_ref(&key), 900)
         .await
         .unwrap();
-    assert!(
-        store
-            .halt("1.2.0", "linux", "amd64", "too many failures", 200)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .halt("1.2.0", "linux", "amd64", "again", 300)
-            .await
-            .unwrap()
-    );
     let records = store.rollout_records().await.unwrap();
     assert_eq!(records.len(), 1);
-    assert_eq!(
-        (records[0].first_seen_ms, records[0].halt_reason.as_deref()),
-        (100, Some("too many failures"))
-    );
-    assert_eq!(
-        store
-            .resume("1.2.0", Some(("linux", "arm64")))
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(store.resume("1.2.0", None).await.unwrap(), 1);
+    assert_eq!(records[0].first_seen_ms, 100);
     store.block_version("1.2.0", "bad", 1).await.unwrap();
     assert_eq!(store.blocked_versions().await.unwrap(), ["1.2.0"]);
     assert!(store.unblock_version("1.2.0").await.unwrap());
@@ -778,6 +791,8 @@ async fn postgres_two_nodes_never_double_dispatch() {
             arch: "amd64",
             kind: TaskKind::Update,
             status: TaskStatus::Dispatched,
+            rollout_id: None,
+            wave: None,
         };
         for round in 0..20 {
             let now = 10_000 + round;
@@ -788,8 +803,15 @@ async fn postgres_two_nodes_never_double_dispatch() {
                 other => panic!("round {round}: expected one task and one conflict, got {other:?}"),
             };
             let (on_a, on_b) = tokio::join!(
-                a.finish_task(&agent, &created.id, TaskStatus::Succeeded, None, now),
-                b.finish_task(&agent, &created.id, TaskStatus::Failed, Some("late"), now),
+                a.finish_task(&agent, &created.id, TaskStatus::Succeeded, None, None, now),
+                b.finish_task(
+                    &agent,
+                    &created.id,
+                    TaskStatus::Failed,
+                    Some(FailureClass::Build),
+                    Some("late"),
+                    now
+                ),
             );
             match (on_a, on_b) {
                 (Ok(_), Err(StoreError::NotFound)) | (Err(StoreError::NotFound), Ok(_)) => {}

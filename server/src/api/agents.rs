@@ -10,10 +10,15 @@ use utoipa::{IntoParams, ToSchema};
 use super::{ApiError, Caller, ErrorBody, Params, openapi};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
-use crate::dispatch::LiveAgent;
-use crate::engine::{Decision, HoldReason, channel_admits, needs_update, resolve_channel, why_not};
+use crate::conductor;
+use crate::dispatch::{self, Due, LiveAgent};
+use crate::engine::{channel_admits, resolve_channel, why_not};
+use crate::rollouts::plan::Plan;
 use crate::session::Outbound;
-use crate::store::{AgentRecord, NewTask, Role, StoreError, TaskKind, TaskStatus, UpdateTask};
+use crate::store::{
+    AgentRecord, FailureClass, NewTask, Role, RolloutKind, StoreError, TaskKind, TaskStatus,
+    UpdateTask,
+};
 
 /// Tasks shown with one agent.
 const TASK_HISTORY: i64 = 50;
@@ -76,6 +81,13 @@ pub(crate) struct TaskView {
     created_at: String,
     /// RFC 3339.
     updated_at: String,
+    /// The rollout it belongs to and its wave (0 is the first); null for tasks made
+    /// before rollouts were records.
+    rollout_id: Option<String>,
+    wave: Option<i64>,
+    /// Why an ended task did not succeed: `build`, `environment` or `transient`.
+    #[schema(schema_with = openapi::failure_class)]
+    failure_class: Option<FailureClass>,
 }
 
 impl From<UpdateTask> for TaskView {
@@ -93,6 +105,9 @@ impl From<UpdateTask> for TaskView {
             error: task.error,
             bytes_done: task.bytes_done,
             bytes_total: task.bytes_total,
+            rollout_id: task.rollout_id,
+            wave: task.wave,
+            failure_class: task.failure_class,
         }
     }
 }
@@ -538,45 +553,64 @@ pub(crate) async fn explain(
     let live = LiveAgent::load(&state, &id, &record.version).await?;
     let (channel, channel_source) = resolve_channel(&record);
     let index = state.releases.current();
-    let (decision, verdicts) = state.with_policy(|policy| {
-        (
-            needs_update(&live.position, &index, policy),
-            why_not(&live.position, &index, policy),
-        )
-    });
-    let (decision, offer, reason, next) = match (&live.active, decision) {
+    let verdicts = state.with_policy(|policy| why_not(&live.position, &index, policy));
+    let (decision, offer, reason, next) = match (
+        &live.active,
+        dispatch::decide(&state, &id, &live.view()),
+    ) {
         (Some(task), _) => (
             "hold",
             None,
             format!(
-                "task {} to {} is {}",
+                "task {} to {} is {}{}",
                 task.id,
                 task.to_version,
-                task.status.as_str()
+                task.status.as_str(),
+                task.rollout_id
+                    .as_deref()
+                    .map(|r| format!(" (rollout {r})"))
+                    .unwrap_or_default()
             ),
-            "the task finishes, fails or times out before anything else is offered".to_owned(),
+            "the task finishes, fails, is cancelled or times out before anything else is offered"
+                .to_owned(),
         ),
-        (None, Decision::Offer(release)) => (
+        (
+            None,
+            Due::Start {
+                release,
+                rollout_id,
+                wave,
+                ..
+            },
+        ) => (
             "offer",
             Some(release.version.to_string()),
-            format!("{} is due", release.version),
+            format!(
+                "{} is due: wave {} of rollout {rollout_id} has started",
+                release.version,
+                wave + 1
+            ),
             format!(
                 "{} is sent at the agent's next heartbeat or connect",
                 release.version
             ),
         ),
-        (None, Decision::Hold(reason)) => {
-            let next = match reason {
-                HoldReason::UpToDate
-                | HoldReason::NoBuildForPlatform
-                | HoldReason::FailedBefore(_) => {
-                    "a newer build of its channel is offered as soon as it is published or promoted"
-                }
-                _ => {
-                    "nothing until an operator acts (resume, switch updates on, or request an update)"
-                }
+        (None, Due::Hold(reason)) => {
+            let next = if reason.contains("waiting for wave") {
+                "the build is sent when its wave starts (the rollout moves on by itself once the earlier wave passed and baked, or when an operator advances it)"
+            } else if reason.contains("rollout") {
+                "nothing until an operator resumes the rollout or starts another"
+            } else if reason.contains("retried after") {
+                "the build is offered again after the retry delay"
+            } else if reason.starts_with("already on")
+                || reason.starts_with("no offered build")
+                || reason.contains("failed on this agent")
+            {
+                "a newer build of its channel is offered as soon as it is published or promoted"
+            } else {
+                "nothing until an operator acts (resume, switch updates on, or request an update)"
             };
-            ("hold", None, reason.describe(), next.to_owned())
+            ("hold", None, reason, next.to_owned())
         }
     };
     let channel_trace = vec![
@@ -677,6 +711,11 @@ pub(crate) async fn update_now(
             "the agent runs with auto-update off and declines updates".into(),
         ));
     }
+    if agent.paused {
+        return Err(ApiError::Conflict(
+            "updates are paused for this agent; resume it first".into(),
+        ));
+    }
     let running = semver::Version::parse(&agent.version).map_err(|_| {
         ApiError::Conflict(format!(
             "the agent's version {:?} is not semver",
@@ -731,6 +770,7 @@ pub(crate) async fn update_now(
         )));
     }
     let now = now_ms();
+    let version = release.version.to_string();
     if let Some(active) = state.store.active_task(&id).await? {
         let _ = state
             .store
@@ -738,22 +778,39 @@ pub(crate) async fn update_now(
                 &id,
                 &active.id,
                 TaskStatus::Cancelled,
-                Some("superseded by a requested update"),
+                Some(FailureClass::Transient),
+                Some(&format!("superseded by a requested update to {version}")),
                 now,
             )
             .await;
     }
+    let rollout = conductor::start(
+        &state,
+        conductor::Start {
+            id: None,
+            version: version.clone(),
+            kind: RolloutKind::Targeted,
+            platforms: vec![(agent.os.clone(), agent.arch.clone())],
+            plan: Plan::all_at_once(state.settings.wave_thresholds),
+            started_by: caller.actor.clone(),
+            detail: format!("update of {} ({}) requested", agent.hostname, agent.id),
+            candidates: vec![conductor::candidate(&agent)],
+        },
+    )
+    .await?;
     let task = state
         .store
         .create_task(
             &NewTask {
                 agent_id: &id,
                 from_version: &agent.version,
-                to_version: &release.version.to_string(),
+                to_version: &version,
                 os: &release.os,
                 arch: &release.arch,
                 kind: TaskKind::Forced,
                 status: TaskStatus::Queued,
+                rollout_id: Some(&rollout.id),
+                wave: Some(0),
             },
             now,
         )

@@ -11,7 +11,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::releases::Channel;
-use crate::store::{Role, TaskKind, TaskStatus};
+use crate::store::{FailureClass, Role, RolloutKind, RolloutState, TaskKind, TaskStatus};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -182,4 +182,27 @@ pub(crate) fn task_kind() -> Object {
 
 pub(crate) fn task_status() -> Object {
     string_enum(TaskStatus::ALL.map(TaskStatus::as_str))
+}
+
+pub(crate) fn nullable_task_status() -> Object {
+    nullable_string_enum(TaskStatus::ALL.map(TaskStatus::as_str))
+}
+
+pub(crate) fn failure_class() -> Object {
+    nullable_string_enum(
+        [
+            FailureClass::Build,
+            FailureClass::Environment,
+            FailureClass::Transient,
+        ]
+        .map(FailureClass::as_str),
+    )
+}
+
+pub(crate) fn rollout_kind() -> Object {
+    string_enum(RolloutKind::ALL.map(RolloutKind::as_str))
+}
+
+pub(crate) fn rollout_state() -> Object {
+    string_enum(RolloutState::ALL.map(RolloutState::as_str))
 }

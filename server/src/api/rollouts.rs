@@ -1,64 +1,43 @@
-//! `/api/v1/rollouts`: the health of every version on every platform, and the operator
-//! actions on them: promote (behind the health gate), rollback, unblock, resume.
+//! `/api/v1/rollouts`: rollout records (listing, one with its timeline, its agents by
+//! stage), the operator actions on them (pause, resume, advance, abort), a targeted
+//! rollout from a selector, and the version-keyed shortcuts (promote behind the health
+//! gate, rollback, unblock, resume). Handlers parse and render; `conductor` decides.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Caller, ErrorBody, openapi, optional_body};
+use super::{ApiError, Caller, ErrorBody, Params, openapi, optional_body};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
-use crate::engine::{channel_admits, resolve_channel};
+use crate::conductor::{self, Action, ConductError, Health};
+use crate::engine::resolve_channel;
 use crate::releases::{Channel, Release};
-use crate::rollouts::{self, GateVerdict, RolloutKey, Tally};
-use crate::session::Outbound;
-use crate::store::Role;
+use crate::rollouts::health::{Counts, GateVerdict, Stage};
+use crate::rollouts::plan::{Plan, Share};
+use crate::rollouts::{self};
+use crate::store::{
+    FailureClass, Role, Rollout, RolloutFilter, RolloutKind, RolloutState, TaskStatus,
+};
 
-/// One version on one platform.
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(as = Rollout)]
-pub(crate) struct RolloutView {
-    version: String,
-    os: String,
-    arch: String,
-    #[schema(schema_with = rollout_state)]
-    state: &'static str,
-    /// Agents on the platform whose channel sees this build and that run it or older.
-    targeted: u64,
-    /// Tasks to this version, in any state.
-    dispatched: u64,
-    in_progress: u64,
-    succeeded: u64,
-    failed: u64,
-    rolled_back: u64,
-    timed_out: u64,
-    /// Agents running this version now.
-    running: u64,
-    /// Succeeded over finished tasks, 0 to 1; null before any task finished.
-    success_rate: Option<f64>,
-    /// Whether a promote would pass the health gate now.
-    gate: GateView,
-    /// The newest beta has been ahead of stable for longer than the threshold.
-    stale_stable: bool,
-    /// How long this beta has been ahead of stable; null unless it is the newest beta.
-    stable_lag_seconds: Option<i64>,
-    halt_reason: Option<String>,
-    /// RFC 3339.
-    first_seen: String,
-    /// RFC 3339.
-    promoted_at: Option<String>,
+impl From<ConductError> for ApiError {
+    fn from(err: ConductError) -> ApiError {
+        match err {
+            ConductError::NotFound(m) => ApiError::NotFound(m),
+            ConductError::Conflict(m) => ApiError::Conflict(m),
+            ConductError::Store(e) => e.into(),
+        }
+    }
 }
 
-fn rollout_state() -> utoipa::openapi::schema::Object {
-    openapi::string_enum([
-        Channel::Beta.as_str(),
-        Channel::Stable.as_str(),
-        "halted",
-        "rolled_back",
-    ])
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Platform {
+    os: String,
+    arch: String,
 }
 
 /// The health gate's verdict.
@@ -77,110 +56,643 @@ impl From<GateVerdict> for GateView {
     }
 }
 
+/// One wave of a rollout.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WaveView {
+    /// 0 is the first wave.
+    index: usize,
+    /// Cumulative share of the targets: `1%`, `10%` or a count such as `50`.
+    share: String,
+    /// Agents in this wave itself.
+    size: u64,
+    /// `pending` (not started), `running`, `baking` (passed; the next wave starts at
+    /// `bake_until`), `passed`, or `halted`.
+    #[schema(schema_with = wave_state)]
+    state: &'static str,
+    /// RFC 3339.
+    started_at: Option<String>,
+    /// RFC 3339: when it met its success threshold.
+    passed_at: Option<String>,
+    /// RFC 3339: when the next wave starts by itself.
+    bake_until: Option<String>,
+    counts: Counts,
+}
+
+fn wave_state() -> utoipa::openapi::schema::Object {
+    openapi::string_enum(["pending", "running", "baking", "passed", "halted"])
+}
+
+/// A rollout: what it moves, where it stands, and its waves. Its stage counts add up to
+/// `targeted`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Rollout)]
+pub(crate) struct RolloutView {
+    id: String,
+    version: String,
+    #[schema(schema_with = openapi::rollout_kind)]
+    kind: RolloutKind,
+    #[schema(schema_with = openapi::rollout_state)]
+    state: RolloutState,
+    /// Why it is halted, aborted or superseded.
+    reason: Option<String>,
+    platforms: Vec<Platform>,
+    #[serde(flatten)]
+    counts: Counts,
+    /// The wave started last (0 is the first).
+    current_wave: usize,
+    waves: Vec<WaveView>,
+    /// The promote gate over this beta rollout; null for other kinds.
+    gate: Option<GateView>,
+    /// This beta build has been ahead of stable for longer than the threshold.
+    stale_stable: bool,
+    /// How long this beta build has been ahead of stable; null unless it is.
+    stable_lag_seconds: Option<i64>,
+    started_by: String,
+    /// RFC 3339.
+    created_at: String,
+    /// RFC 3339.
+    updated_at: String,
+}
+
+/// An entry of a rollout's timeline.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TimelineEntry {
+    /// RFC 3339.
+    at: String,
+    #[schema(schema_with = openapi::rollout_state)]
+    state: String,
+    actor: String,
+    detail: Option<String>,
+}
+
+/// A rollout with its timeline and its plan's thresholds.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RolloutDetail {
+    #[serde(flatten)]
+    rollout: RolloutView,
+    timeline: Vec<TimelineEntry>,
+    plan: PlanView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PlanView {
+    waves: Vec<PlanWave>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PlanWave {
+    share: String,
+    bake_seconds: i64,
+    /// Build failures over finished updates above this share halt the rollout.
+    max_failure_rate: f64,
+    /// The rate applies once this many updates of the wave finished.
+    min_finished: u64,
+    /// More build failures than this halt the rollout; null for no such limit.
+    max_failures: Option<u64>,
+    /// The share of the wave's agents that must succeed before it passes.
+    min_success_share: f64,
+}
+
+impl From<&Plan> for PlanView {
+    fn from(plan: &Plan) -> PlanView {
+        PlanView {
+            waves: plan
+                .waves
+                .iter()
+                .map(|w| PlanWave {
+                    share: w.share.to_string(),
+                    bake_seconds: w.bake_ms / 1000,
+                    max_failure_rate: w.thresholds.max_failure_rate,
+                    min_finished: w.thresholds.min_finished,
+                    max_failures: w.thresholds.max_failures,
+                    min_success_share: w.thresholds.min_success_share,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What the listing computes once for every row.
+struct Context {
+    lags: HashMap<(String, String), (String, i64)>,
+    stale_after_ms: i64,
+}
+
+async fn context(state: &AppState) -> Result<Context, ApiError> {
+    let records = state.store.rollout_records().await?;
+    let index = state.releases.current();
+    let lags = rollouts::stable_lag_ms(
+        &index,
+        &state.blocked_versions(),
+        &rollouts::first_seen(&records),
+        now_ms(),
+    );
+    Ok(Context {
+        lags,
+        stale_after_ms: state.settings.stale_stable_after_ms(),
+    })
+}
+
+async fn render(
+    state: &AppState,
+    rollout: Rollout,
+    context: &Context,
+) -> Result<RolloutView, ApiError> {
+    let health = conductor::health(state, &rollout, |_| true).await?;
+    let gate = if rollout.kind == RolloutKind::Beta {
+        let platforms = rollout.platforms.clone();
+        Some(
+            conductor::gate(state, &rollout.version, |os, arch| {
+                platforms.iter().any(|(o, a)| o == os && a == arch)
+            })
+            .await?
+            .into(),
+        )
+    } else {
+        None
+    };
+    let lag = (rollout.kind == RolloutKind::Beta && rollout.state != RolloutState::Superseded)
+        .then(|| {
+            rollout
+                .platforms
+                .iter()
+                .filter_map(|p| context.lags.get(p))
+                .filter(|(beta, _)| *beta == rollout.version)
+                .map(|(_, lag)| *lag)
+                .max()
+        })
+        .flatten();
+    Ok(view(rollout, health, gate, lag, context.stale_after_ms))
+}
+
+fn view(
+    rollout: Rollout,
+    health: Health,
+    gate: Option<GateView>,
+    lag: Option<i64>,
+    stale_after_ms: i64,
+) -> RolloutView {
+    let current = usize::try_from(rollout.current_wave).unwrap_or(0);
+    let now = now_ms();
+    let waves = health
+        .plan
+        .waves
+        .iter()
+        .zip(&health.waves)
+        .enumerate()
+        .map(|(index, (wave, counts))| {
+            let row = health.wave_rows.iter().find(|w| w.wave == index as i64);
+            let passed_at = row.and_then(|r| r.passed_at);
+            let bake_until = passed_at
+                .filter(|_| index < health.plan.last_wave() && counts.targeted > 0)
+                .map(|at| at.saturating_add(wave.bake_ms));
+            let state = if index > current {
+                "pending"
+            } else if rollout.state == RolloutState::Halted && index == current {
+                "halted"
+            } else if passed_at.is_none() {
+                "running"
+            } else if index == current && bake_until.is_some_and(|until| until > now) {
+                "baking"
+            } else {
+                "passed"
+            };
+            WaveView {
+                index,
+                share: wave.share.to_string(),
+                size: health.plan.wave_size(index),
+                state,
+                started_at: row.map(|r| rfc3339(r.started_at)),
+                passed_at: passed_at.map(rfc3339),
+                bake_until: bake_until.map(rfc3339),
+                counts: *counts,
+            }
+        })
+        .collect();
+    RolloutView {
+        platforms: rollout
+            .platforms
+            .iter()
+            .map(|(os, arch)| Platform {
+                os: os.clone(),
+                arch: arch.clone(),
+            })
+            .collect(),
+        counts: health.total,
+        current_wave: current,
+        waves,
+        gate,
+        stale_stable: lag.is_some_and(|lag| lag > stale_after_ms),
+        stable_lag_seconds: lag.map(|lag| lag / 1000),
+        created_at: rfc3339(rollout.created_at_ms),
+        updated_at: rfc3339(rollout.updated_at_ms),
+        id: rollout.id,
+        version: rollout.version,
+        kind: rollout.kind,
+        state: rollout.state,
+        reason: rollout.reason,
+        started_by: rollout.started_by,
+    }
+}
+
+async fn one_view(state: &AppState, rollout: Rollout) -> Result<RolloutView, ApiError> {
+    render(state, rollout, &context(state).await?).await
+}
+
+/// Filters and paging of the rollout listing.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only rollouts in this state.
+    state: Option<String>,
+    /// Only rollouts of this version.
+    version: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    limit: Option<i64>,
+    /// Rollouts to skip.
+    offset: Option<i64>,
+}
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
 #[utoipa::path(
     get,
     path = "/rollouts",
     operation_id = "list_rollouts",
     tag = "rollouts",
-    summary = "The health of every version on every platform",
-    responses((status = 200, description = "Every rollout, newest version first", body = [RolloutView])),
+    summary = "Rollouts, newest first",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Rollouts, newest first", body = [RolloutView]),
+        (status = 400, description = "A filter is malformed", body = ErrorBody),
+    ),
     security(("bearer" = ["viewer"])),
 )]
 pub(crate) async fn list(
     caller: Caller,
     State(state): State<AppState>,
+    Params(query): Params<ListQuery>,
 ) -> Result<Json<Vec<RolloutView>>, ApiError> {
     caller.require(Role::Viewer)?;
-    Ok(Json(rollout_views(&state).await?))
+    let wanted = match query.state.as_deref() {
+        None => None,
+        Some(text) => Some(RolloutState::parse(text).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "state {text:?} is not one of {}",
+                RolloutState::ALL.map(RolloutState::as_str).join(", ")
+            ))
+        })?),
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit {limit} is out of range: 1 to {MAX_PAGE}"
+        )));
+    }
+    let rollouts = state
+        .store
+        .list_rollouts(&RolloutFilter {
+            state: wanted,
+            version: query.version.as_deref(),
+            limit,
+            offset: query.offset.unwrap_or(0).max(0),
+        })
+        .await?;
+    let context = context(&state).await?;
+    let mut views = Vec::with_capacity(rollouts.len());
+    for rollout in rollouts {
+        views.push(render(&state, rollout, &context).await?);
+    }
+    Ok(Json(views))
 }
 
-async fn rollout_views(state: &AppState) -> Result<Vec<RolloutView>, ApiError> {
-    let records = state.store.rollout_records().await?;
-    let tallies = rollouts::tally(&state.store.task_counts().await?);
-    let agents = state.store.list_agents().await?;
-    let index = state.releases.current();
-    let policy = state.settings.rollout_policy();
-    let now = now_ms();
-    let blocked = state.blocked_versions().clone();
-    let halted = state.halted().clone();
-    let lags = rollouts::stable_lag_ms(&index, &blocked, &rollouts::first_seen(&records), now);
-
-    let mut keys: BTreeSet<RolloutKey> = records
-        .iter()
-        .map(|r| (r.version.clone(), r.os.clone(), r.arch.clone()))
-        .collect();
-    keys.extend(
-        index
-            .releases
-            .iter()
-            .map(|r| (r.version.to_string(), r.os.clone(), r.arch.clone())),
-    );
-    let records: HashMap<RolloutKey, _> = records
-        .into_iter()
-        .map(|r| ((r.version.clone(), r.os.clone(), r.arch.clone()), r))
-        .collect();
-
-    let mut views = Vec::new();
-    for key in keys {
-        let (version, os, arch) = key.clone();
-        let Ok(parsed) = semver::Version::parse(&version) else {
-            continue;
-        };
-        let record = records.get(&key);
-        let channel = index
-            .find(&parsed, &os, &arch)
-            .map(|r| r.channel)
-            .unwrap_or(match record.and_then(|r| r.promoted_at_ms) {
-                Some(_) => Channel::Stable,
-                None => Channel::Beta,
-            });
-        let state_name = if blocked.contains(&version) {
-            "rolled_back"
-        } else if halted.contains(&key) {
-            "halted"
-        } else {
-            channel.as_str()
-        };
-        let on_platform = agents.iter().filter(|a| a.os == os && a.arch == arch);
-        let running = on_platform.clone().filter(|a| a.version == version).count() as u64;
-        let targeted = on_platform
-            .filter(|a| channel_admits(resolve_channel(a).0, channel))
-            .filter(|a| semver::Version::parse(&a.version).is_ok_and(|v| v <= parsed))
-            .count() as u64;
-        let tally = tallies.get(&key).copied().unwrap_or_default();
-        let lag = lags
-            .get(&(os.clone(), arch.clone()))
-            .filter(|(beta, _)| *beta == version)
-            .map(|(_, lag)| *lag);
-        views.push(RolloutView {
-            state: state_name,
-            targeted,
-            running,
-            success_rate: tally.success_rate(),
-            gate: rollouts::gate(&tally, &policy).into(),
-            stale_stable: lag.is_some_and(|lag| lag > policy.stale_stable_after_ms),
-            stable_lag_seconds: lag.map(|lag| lag / 1000),
-            halt_reason: record.and_then(|r| r.halt_reason.clone()),
-            first_seen: rfc3339(record.map_or(now, |r| r.first_seen_ms)),
-            promoted_at: record.and_then(|r| r.promoted_at_ms).map(rfc3339),
-            dispatched: tally.dispatched,
-            in_progress: tally.in_progress,
-            succeeded: tally.succeeded,
-            failed: tally.failed,
-            rolled_back: tally.rolled_back,
-            timed_out: tally.timed_out,
-            version,
-            os,
-            arch,
-        });
+async fn rollout_or_404(state: &AppState, id: &str) -> Result<Rollout, ApiError> {
+    match state.store.rollout(id).await {
+        Ok(rollout) => Ok(rollout),
+        Err(crate::store::StoreError::NotFound) => {
+            Err(ApiError::NotFound(format!("no rollout {id}")))
+        }
+        Err(err) => Err(err.into()),
     }
-    views.sort_by(|a, b| {
-        let version = |v: &RolloutView| semver::Version::parse(&v.version).ok();
-        version(b)
-            .cmp(&version(a))
-            .then_with(|| (&a.os, &a.arch).cmp(&(&b.os, &b.arch)))
-    });
-    Ok(views)
+}
+
+#[utoipa::path(
+    get,
+    path = "/rollouts/{id}",
+    operation_id = "get_rollout",
+    tag = "rollouts",
+    summary = "One rollout, with its plan and timeline",
+    params(("id" = String, Path, description = "The rollout's id")),
+    responses(
+        (status = 200, description = "The rollout", body = RolloutDetail),
+        (status = 404, description = "No rollout has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["viewer"])),
+)]
+pub(crate) async fn one(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutDetail>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let rollout = rollout_or_404(&state, &id).await?;
+    let plan = conductor::parse_plan(&rollout)?;
+    let timeline = state
+        .store
+        .rollout_events(&id)
+        .await?
+        .into_iter()
+        .map(|e| TimelineEntry {
+            at: rfc3339(e.at),
+            state: e.state,
+            actor: e.actor,
+            detail: e.detail,
+        })
+        .collect();
+    Ok(Json(RolloutDetail {
+        rollout: one_view(&state, rollout).await?,
+        timeline,
+        plan: PlanView::from(&plan),
+    }))
+}
+
+/// Which agents of a rollout to list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct AgentsQuery {
+    /// Only agents in this stage: waiting, queued, downloading, installing, succeeded,
+    /// failed, rolled_back, cancelled or skipped.
+    stage: Option<String>,
+    /// Only agents of this wave (0 is the first).
+    wave: Option<usize>,
+    /// Page size, 1 to 500 (default 100).
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RolloutAgent {
+    agent_id: String,
+    hostname: String,
+    /// The version it runs.
+    version: String,
+    wave: usize,
+    #[schema(schema_with = stage)]
+    stage: Stage,
+    /// Its newest task in this rollout.
+    task_id: Option<String>,
+    #[schema(schema_with = openapi::nullable_task_status)]
+    status: Option<TaskStatus>,
+    #[schema(schema_with = openapi::failure_class)]
+    failure_class: Option<FailureClass>,
+    error: Option<String>,
+}
+
+fn stage() -> utoipa::openapi::schema::Object {
+    openapi::string_enum(Stage::ALL.map(Stage::as_str))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RolloutAgents {
+    /// Agents matching the filters, before paging.
+    total: usize,
+    agents: Vec<RolloutAgent>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/rollouts/{id}/agents",
+    operation_id = "rollout_agents",
+    tag = "rollouts",
+    summary = "The agents of a rollout and where each stands",
+    params(("id" = String, Path, description = "The rollout's id"), AgentsQuery),
+    responses(
+        (status = 200, description = "A page of the rollout's agents, by wave", body = RolloutAgents),
+        (status = 400, description = "A filter is malformed", body = ErrorBody),
+        (status = 404, description = "No rollout has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["viewer"])),
+)]
+pub(crate) async fn agents(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Params(query): Params<AgentsQuery>,
+) -> Result<Json<RolloutAgents>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let wanted = match query.stage.as_deref() {
+        None => None,
+        Some(text) => Some(Stage::parse(text).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "stage {text:?} is not one of {}",
+                Stage::ALL.map(Stage::as_str).join(", ")
+            ))
+        })?),
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit {limit} is out of range: 1 to 500"
+        )));
+    }
+    let rollout = rollout_or_404(&state, &id).await?;
+    let matching: Vec<_> = conductor::target_stages(&state, &rollout)
+        .await?
+        .into_iter()
+        .filter(|(t, stage)| {
+            wanted.is_none_or(|w| w == *stage) && query.wave.is_none_or(|w| w == t.wave)
+        })
+        .collect();
+    let total = matching.len();
+    let agents = matching
+        .into_iter()
+        .skip(query.offset.unwrap_or(0))
+        .take(limit)
+        .map(|(t, stage)| RolloutAgent {
+            agent_id: t.agent_id,
+            hostname: t.hostname,
+            version: t.version,
+            wave: t.wave,
+            stage,
+            task_id: t.task_id,
+            status: t.status,
+            failure_class: t.class,
+            error: t.error,
+        })
+        .collect();
+    Ok(Json(RolloutAgents { total, agents }))
+}
+
+async fn act(
+    caller: &Caller,
+    state: &AppState,
+    id: &str,
+    action: Action,
+) -> Result<Json<RolloutView>, ApiError> {
+    caller.require(Role::Operator)?;
+    let rollout = conductor::act(state, id, action, &caller.actor).await?;
+    Ok(Json(one_view(state, rollout).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/rollouts/{id}/pause",
+    operation_id = "pause_rollout",
+    tag = "rollouts",
+    summary = "Start no one new; what is under way goes on",
+    params(("id" = String, Path, description = "The rollout's id")),
+    responses(
+        (status = 200, description = "The rollout is paused", body = RolloutView),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No rollout has this id", body = ErrorBody),
+        (status = 409, description = "The rollout is not running or waiting", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn pause(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    act(&caller, &state, &id, Action::Pause).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/rollouts/{id}/advance",
+    operation_id = "advance_rollout",
+    tag = "rollouts",
+    summary = "Start the next wave now",
+    params(("id" = String, Path, description = "The rollout's id")),
+    responses(
+        (status = 200, description = "The next wave started", body = RolloutView),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No rollout has this id", body = ErrorBody),
+        (status = 409, description = "The rollout is in its last wave, or not running or waiting", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn advance(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    act(&caller, &state, &id, Action::Advance).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/rollouts/{id}/abort",
+    operation_id = "abort_rollout",
+    tag = "rollouts",
+    summary = "End the rollout and cancel what it has under way",
+    params(("id" = String, Path, description = "The rollout's id")),
+    responses(
+        (status = 200, description = "The rollout is aborted", body = RolloutView),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No rollout has this id", body = ErrorBody),
+        (status = 409, description = "The rollout has ended already", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn abort(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    act(&caller, &state, &id, Action::Abort).await
+}
+
+/// Optional platform scope of a version's resume.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResumeRequest {
+    os: Option<String>,
+    arch: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Resumed {
+    version: String,
+    /// Halted or paused rollouts of the version resumed.
+    resumed: u64,
+}
+
+/// A resume answers the rollout (by id) or a count (by version).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum ResumeAnswer {
+    Rollout(Box<RolloutView>),
+    Version(Resumed),
+}
+
+#[utoipa::path(
+    post,
+    path = "/rollouts/{id}/resume",
+    operation_id = "resume_rollout",
+    tag = "rollouts",
+    summary = "Resume a paused or halted rollout (by id), or every one of a version",
+    description = "Build failures before the resume no longer count toward a halt. With a \
+        version instead of an id, every paused or halted rollout of it (on the platform of \
+        the optional body) resumes and the answer counts them.",
+    params(("id" = String, Path, description = "A rollout id, or a version such as `1.4.0`")),
+    request_body(
+        content = Option<ResumeRequest>,
+        description = "Only with a version: the platform to resume",
+    ),
+    responses(
+        (status = 200, description = "Dispatch goes on", body = ResumeAnswer),
+        (status = 400, description = "The body is malformed", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No such rollout, or none of the version is paused or halted", body = ErrorBody),
+        (status = 409, description = "The rollout is not paused or halted", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn resume(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<ResumeAnswer>, ApiError> {
+    caller.require(Role::Operator)?;
+    let request: ResumeRequest = optional_body(&body)?;
+    if semver::Version::parse(&id).is_err() {
+        let rollout = conductor::act(&state, &id, Action::Resume, &caller.actor).await?;
+        return Ok(Json(ResumeAnswer::Rollout(Box::new(
+            one_view(&state, rollout).await?,
+        ))));
+    }
+    let in_scope = |os: &str, arch: &str| {
+        request.os.as_deref().is_none_or(|o| o == os)
+            && request.arch.as_deref().is_none_or(|a| a == arch)
+    };
+    let stopped: Vec<String> = state
+        .book()
+        .rollouts()
+        .filter(|r| r.record.version == id)
+        .filter(|r| matches!(r.record.state, RolloutState::Halted | RolloutState::Paused))
+        .filter(|r| r.record.platforms.iter().any(|(o, a)| in_scope(o, a)))
+        .map(|r| r.record.id.clone())
+        .collect();
+    let mut resumed = 0;
+    for rollout in &stopped {
+        match conductor::act(&state, rollout, Action::Resume, &caller.actor).await {
+            Ok(_) => resumed += 1,
+            Err(ConductError::Conflict(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    if resumed == 0 {
+        return Err(ApiError::NotFound(format!(
+            "no paused or halted rollout of {id}"
+        )));
+    }
+    Ok(Json(ResumeAnswer::Version(Resumed {
+        version: id,
+        resumed,
+    })))
 }
 
 fn parse_version(text: &str) -> Result<semver::Version, ApiError> {
@@ -188,16 +700,61 @@ fn parse_version(text: &str) -> Result<semver::Version, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("{text:?} is not a version: {e}")))
 }
 
-/// Optional platform scope of an action.
+/// A plan from a request's `waves` and `bake`, or the default.
+fn plan_of(
+    state: &AppState,
+    waves: Option<&[String]>,
+    bake: Option<&str>,
+    fallback: Plan,
+) -> Result<Plan, ApiError> {
+    let bake_ms = match bake {
+        None => None,
+        Some(text) => Some(
+            humantime::parse_duration(text.trim())
+                .map_err(|e| {
+                    ApiError::BadRequest(format!("bake {text:?} is not a duration like 10m: {e}"))
+                })?
+                .as_millis(),
+        ),
+    };
+    let bake_ms = bake_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
+    let mut plan = match waves {
+        Some(waves) => {
+            let shares: Vec<Share> = Plan::parse_shares(waves).map_err(ApiError::BadRequest)?;
+            Plan::new(
+                &shares,
+                bake_ms.unwrap_or_else(|| {
+                    i64::try_from(state.settings.wave_bake.as_millis()).unwrap_or(i64::MAX)
+                }),
+                state.settings.wave_thresholds,
+            )
+            .map_err(ApiError::BadRequest)?
+        }
+        None => fallback,
+    };
+    if let Some(bake_ms) = bake_ms {
+        for wave in &mut plan.waves {
+            wave.bake_ms = bake_ms;
+        }
+    }
+    Ok(plan)
+}
+
+/// A promote: its scope, and optionally its plan.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PromoteRequest {
-    /// Only this platform's tasks count for the gate.
+    /// Only this platform's beta rollout counts for the gate.
     os: Option<String>,
     arch: Option<String>,
-    /// Promote even when the health gate fails.
+    /// Promote even when the health gate fails (audited).
     #[serde(default)]
     force: bool,
+    /// Cumulative wave shares, such as `["1%", "10%", "50", "100%"]`; the server's
+    /// default waves otherwise.
+    waves: Option<Vec<String>>,
+    /// Bake time between waves, such as `10m`.
+    bake: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -208,10 +765,12 @@ pub(crate) struct Promoted {
     gate: GateView,
     /// Promoted past a failing health gate.
     forced: bool,
+    /// The promote rollout it started.
+    rollout: RolloutView,
 }
 
-/// Flips every `.channel` sidecar of the version to stable (every platform; `os`/`arch`
-/// scope only the gate), rescans, and nudges every connected agent at once.
+/// Starts a `promote` rollout of the version over every agent of its platforms that runs
+/// something older, then flips every `.channel` sidecar of the version to stable.
 #[utoipa::path(
     post,
     path = "/rollouts/{version}/promote",
@@ -219,11 +778,11 @@ pub(crate) struct Promoted {
     params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
     request_body(
         content = Option<PromoteRequest>,
-        description = "Optional; no body or `null` means every platform, behind the health gate",
+        description = "Optional; no body or `null` means every platform, the default waves, behind the health gate",
     ),
     responses(
-        (status = 200, description = "The version is stable", body = Promoted),
-        (status = 400, description = "The body or the version is malformed", body = ErrorBody),
+        (status = 200, description = "The version is stable and its promote rollout started", body = Promoted),
+        (status = 400, description = "The body, the version or the waves are malformed", body = ErrorBody),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
         (status = 404, description = "No build of the version is offered (for the platform)", body = ErrorBody),
         (status = 409, description = "The health gate fails (the detail says why) and `force` is not set, or the version is rolled back", body = ErrorBody),
@@ -239,6 +798,12 @@ pub(crate) async fn promote(
     caller.require(Role::Operator)?;
     let request: PromoteRequest = optional_body(&body)?;
     let parsed = parse_version(&version)?;
+    let plan = plan_of(
+        &state,
+        request.waves.as_deref(),
+        request.bake.as_deref(),
+        conductor::default_plan(&state),
+    )?;
     let index = state.releases.current();
     let builds: Vec<Release> = index
         .releases
@@ -265,13 +830,7 @@ pub(crate) async fn promote(
             "{version} is rolled back; unblock it before promoting it"
         )));
     }
-    let mut tally = Tally::default();
-    for ((v, os, arch), t) in rollouts::tally(&state.store.task_counts().await?) {
-        if v == version && in_scope(&os, &arch) {
-            tally = tally.plus(&t);
-        }
-    }
-    let verdict = rollouts::gate(&tally, &state.settings.rollout_policy());
+    let verdict = conductor::gate(&state, &version, in_scope).await?;
     if !verdict.pass && !request.force {
         state
             .audit(
@@ -287,6 +846,32 @@ pub(crate) async fn promote(
             verdict.reason
         )));
     }
+    let platforms: Vec<(String, String)> = builds
+        .iter()
+        .map(|b| (b.os.clone(), b.arch.clone()))
+        .collect();
+    let agents = state.store.list_agents().await?;
+    let forced = request.force && !verdict.pass;
+    // The rollout exists before any build reads as stable, so no node mistakes the
+    // promoted build for one that landed on stable by itself.
+    let rollout = conductor::start(
+        &state,
+        conductor::Start {
+            id: None,
+            version: version.clone(),
+            kind: RolloutKind::Promote,
+            candidates: conductor::candidates(&agents, &parsed, &platforms, |_| true),
+            platforms,
+            plan,
+            started_by: caller.actor.clone(),
+            detail: format!(
+                "promoted{}: {}",
+                if forced { " past the health gate" } else { "" },
+                verdict.reason
+            ),
+        },
+    )
+    .await?;
     let mut promoted = Vec::new();
     for build in builds.iter().filter(|b| b.channel != Channel::Stable) {
         write_channel(&state.settings.downloads, &build.file, Channel::Stable)
@@ -295,15 +880,18 @@ pub(crate) async fn promote(
     }
     state.store.mark_promoted(&version, now_ms()).await?;
     state.releases.rescan().await;
-    state.registry.broadcast(|| Outbound::Check);
-    state.events.rollout(Some(&version));
-    let forced = request.force && !verdict.pass;
+    state.registry.broadcast(|| crate::session::Outbound::Check);
     state
         .audit(
             &caller.actor,
             "rollout.promote",
             &version,
-            Some(format!("{} ({} builds)", verdict.reason, promoted.len())),
+            Some(format!(
+                "rollout {}: {} ({} builds)",
+                rollout.id,
+                verdict.reason,
+                promoted.len()
+            )),
             if forced {
                 "promoted (forced past the health gate)"
             } else {
@@ -316,6 +904,7 @@ pub(crate) async fn promote(
         promoted,
         gate: verdict.into(),
         forced,
+        rollout: one_view(&state, rollout).await?,
     }))
 }
 
@@ -333,25 +922,61 @@ fn write_channel(downloads: &std::path::Path, file: &str, channel: Channel) -> a
     Ok(())
 }
 
+/// Optional plan of a rollback.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RollbackRequest {
+    /// Cumulative wave shares; one wave (everyone at once) otherwise.
+    waves: Option<Vec<String>>,
+    bake: Option<String>,
+}
+
+/// Targets not started now, by reason.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RollbackSkipped {
+    paused: u64,
+    declines_updates: u64,
+    /// Every target, while updates are switched off server-wide.
+    updates_off: u64,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct RolledBack {
     version: String,
     /// Always true.
     blocked: bool,
-    /// Agents running the version, each sent the newest other build of its channel.
-    agents_rolled_back: usize,
+    /// The rollback rollout; null when no agent has a build to go back to.
+    rollout: Option<RolloutView>,
+    /// Agents running the version that have a build to go back to.
+    targeted: u64,
+    /// Of those, not started while paused, declining updates, or updates are off.
+    skipped: RollbackSkipped,
+    /// Of those, not connected now: they are moved when they reconnect.
+    offline: u64,
+    /// Agents running the version with no other build of their channel to go back to.
+    no_build: Vec<String>,
+    /// Unfinished tasks to the version that were cancelled.
+    cancelled: u64,
+    /// Targets that can move now (targeted less skipped), as earlier versions answered.
+    agents_rolled_back: u64,
 }
 
-/// Blocks the version and moves every agent running it to the newest other build of
-/// its channel; agents offline now are moved when they reconnect.
+/// Blocks the version on every node, cancels what is under way to it, stops its
+/// rollouts, and starts a `rollback` rollout moving every agent that runs it to the
+/// newest other build of its channel. Pauses, the update switch and agents that decline
+/// updates are obeyed; the answer says whom that skips.
 #[utoipa::path(
     post,
     path = "/rollouts/{version}/rollback",
     tag = "rollouts",
     params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    request_body(
+        content = Option<RollbackRequest>,
+        description = "Optional; one wave, everyone at once, by default",
+    ),
     responses(
         (status = 200, description = "The version is blocked", body = RolledBack),
-        (status = 400, description = "The version is malformed", body = ErrorBody),
+        (status = 400, description = "The version or the body is malformed", body = ErrorBody),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
         (status = 404, description = "No build of the version was ever offered", body = ErrorBody),
     ),
@@ -361,9 +986,20 @@ pub(crate) async fn rollback(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Json<RolledBack>, ApiError> {
     caller.require(Role::Operator)?;
+    let request: RollbackRequest = optional_body(&body)?;
     parse_version(&version)?;
+    let plan = match request.waves.as_deref() {
+        None if request.bake.is_none() => None,
+        waves => Some(plan_of(
+            &state,
+            waves,
+            request.bake.as_deref(),
+            Plan::all_at_once(state.settings.wave_thresholds),
+        )?),
+    };
     let known = state
         .releases
         .current()
@@ -381,42 +1017,55 @@ pub(crate) async fn rollback(
             "no build of {version} was ever offered"
         )));
     }
-    let now = now_ms();
-    state
-        .store
-        .block_version(&version, &format!("rolled back by {}", caller.actor), now)
-        .await?;
-    state.reload_rollout_state().await?;
-    for agent in state
-        .store
-        .cancel_tasks_to(&version, &format!("{version} was rolled back"), now)
-        .await?
-    {
-        state.registry.send(&agent, Outbound::Refresh);
-        state.events.agent(&agent);
-    }
-    let running = state
-        .store
-        .list_agents()
-        .await?
-        .iter()
-        .filter(|a| a.version == version)
-        .count();
-    state.registry.broadcast(|| Outbound::Check);
-    state.events.rollout(Some(&version));
+    let outcome = conductor::rollback(&state, &version, plan, &caller.actor).await?;
+    let skipped = RollbackSkipped {
+        paused: if outcome.updates_off {
+            0
+        } else {
+            outcome.paused
+        },
+        declines_updates: if outcome.updates_off {
+            0
+        } else {
+            outcome.declines_updates
+        },
+        updates_off: if outcome.updates_off {
+            outcome.targeted
+        } else {
+            0
+        },
+    };
+    let not_moving = skipped.paused + skipped.declines_updates + skipped.updates_off;
     state
         .audit(
             &caller.actor,
             "rollout.rollback",
             &version,
-            Some(format!("{running} agents run it")),
+            Some(format!(
+                "{} agents to move ({} skipped, {} offline), {} with no build to go back to, {} tasks cancelled",
+                outcome.targeted,
+                not_moving,
+                outcome.offline,
+                outcome.no_build.len(),
+                outcome.cancelled
+            )),
             "blocked",
         )
         .await;
+    let rollout = match outcome.rollout {
+        Some(rollout) => Some(one_view(&state, rollout).await?),
+        None => None,
+    };
     Ok(Json(RolledBack {
         version,
         blocked: true,
-        agents_rolled_back: running,
+        rollout,
+        targeted: outcome.targeted,
+        agents_rolled_back: outcome.targeted - not_moving,
+        skipped,
+        offline: outcome.offline,
+        no_build: outcome.no_build,
+        cancelled: outcome.cancelled,
     }))
 }
 
@@ -452,7 +1101,7 @@ pub(crate) async fn unblock(
         return Err(ApiError::NotFound(format!("{version} is not blocked")));
     }
     state.reload_rollout_state().await?;
-    state.registry.broadcast(|| Outbound::Check);
+    state.registry.broadcast(|| crate::session::Outbound::Check);
     state.events.rollout(Some(&version));
     state
         .audit(
@@ -469,67 +1118,155 @@ pub(crate) async fn unblock(
     }))
 }
 
-/// Optional platform scope of a resume; both or neither.
+/// Which agents a targeted rollout moves: every filter given must match, and at least
+/// one is needed.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ResumeRequest {
+pub(crate) struct Selector {
+    agent_ids: Option<Vec<String>>,
+    site_id: Option<String>,
+    client_id: Option<String>,
     os: Option<String>,
     arch: Option<String>,
+    /// Only agents running exactly this version.
+    running: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct Resumed {
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TargetedRequest {
+    /// The version to move the selected agents to.
     version: String,
-    /// Halted rollouts (platforms) resumed.
-    resumed: u64,
+    selector: Selector,
+    /// Cumulative wave shares; one wave (everyone at once) otherwise.
+    waves: Option<Vec<String>>,
+    bake: Option<String>,
 }
 
 #[utoipa::path(
     post,
-    path = "/rollouts/{version}/resume",
-    operation_id = "resume_rollout",
+    path = "/rollouts",
+    operation_id = "create_rollout",
     tag = "rollouts",
-    summary = "Resume a rollout halted by its failure rate",
-    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
-    request_body(
-        content = Option<ResumeRequest>,
-        description = "Optional; no body (or only one of `os` and `arch`) resumes every platform",
-    ),
+    summary = "A targeted rollout: move the selected agents to a version",
+    request_body = TargetedRequest,
     responses(
-        (status = 200, description = "Dispatch of the version goes on", body = Resumed),
-        (status = 400, description = "The body or the version is malformed", body = ErrorBody),
+        (status = 201, description = "The rollout started", body = RolloutView),
+        (status = 400, description = "The body, the version or the waves are malformed, or the selector is empty", body = ErrorBody),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
-        (status = 404, description = "No rollout of the version is halted", body = ErrorBody),
+        (status = 404, description = "No agent matches, or the version is offered for none of their platforms", body = ErrorBody),
+        (status = 409, description = "The version is rolled back", body = ErrorBody),
     ),
     security(("bearer" = ["operator"])),
 )]
-pub(crate) async fn resume(
+pub(crate) async fn create(
     caller: Caller,
     State(state): State<AppState>,
-    Path(version): Path<String>,
-    body: axum::body::Bytes,
-) -> Result<Json<Resumed>, ApiError> {
+    super::Body(request): super::Body<TargetedRequest>,
+) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     caller.require(Role::Operator)?;
-    let request: ResumeRequest = optional_body(&body)?;
-    parse_version(&version)?;
-    let platform = request.os.as_deref().zip(request.arch.as_deref());
-    let resumed = state.store.resume(&version, platform).await?;
-    if resumed == 0 {
-        return Err(ApiError::NotFound(format!(
-            "no halted rollout of {version}"
+    let version = parse_version(&request.version)?;
+    let plan = plan_of(
+        &state,
+        request.waves.as_deref(),
+        request.bake.as_deref(),
+        Plan::all_at_once(state.settings.wave_thresholds),
+    )?;
+    let s = &request.selector;
+    if s.agent_ids.is_none()
+        && s.site_id.is_none()
+        && s.client_id.is_none()
+        && s.os.is_none()
+        && s.arch.is_none()
+        && s.running.is_none()
+    {
+        return Err(ApiError::BadRequest(
+            "the selector is empty: name agent_ids, site_id, client_id, os, arch or running".into(),
+        ));
+    }
+    if state.blocked_versions().contains(&request.version) {
+        return Err(ApiError::Conflict(format!(
+            "{} is rolled back; unblock it first",
+            request.version
         )));
     }
-    state.reload_rollout_state().await?;
-    state.registry.broadcast(|| Outbound::Check);
-    state.events.rollout(Some(&version));
+    let index = state.releases.current();
+    let sites = state.store.list_sites().await?;
+    let client_of: HashMap<&str, &str> = sites
+        .iter()
+        .map(|site| (site.id.as_str(), site.client_id.as_str()))
+        .collect();
+    let agents = state.store.list_agents().await?;
+    let selected: Vec<_> = agents
+        .iter()
+        .filter(|a| s.agent_ids.as_ref().is_none_or(|ids| ids.contains(&a.id)))
+        .filter(|a| s.site_id.as_ref().is_none_or(|id| *id == a.site_id))
+        .filter(|a| {
+            s.client_id
+                .as_deref()
+                .is_none_or(|id| client_of.get(a.site_id.as_str()) == Some(&id))
+        })
+        .filter(|a| s.os.as_ref().is_none_or(|os| *os == a.os))
+        .filter(|a| s.arch.as_ref().is_none_or(|arch| *arch == a.arch))
+        .filter(|a| s.running.as_ref().is_none_or(|v| *v == a.version))
+        .filter(|a| a.version != request.version)
+        .collect();
+    if selected.is_empty() {
+        return Err(ApiError::NotFound(
+            "no agent matches the selector (agents already on the version are left out)".into(),
+        ));
+    }
+    let with_build: Vec<_> = selected
+        .into_iter()
+        .filter(|a| index.find(&version, &a.os, &a.arch).is_some())
+        .collect();
+    if with_build.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "{} is offered for none of the selected agents' platforms",
+            request.version
+        )));
+    }
+    let mut platforms: Vec<(String, String)> = Vec::new();
+    for agent in &with_build {
+        let platform = (agent.os.clone(), agent.arch.clone());
+        if !platforms.contains(&platform) {
+            platforms.push(platform);
+        }
+    }
+    let channels: Vec<&str> = with_build
+        .iter()
+        .map(|a| resolve_channel(a).0.as_str())
+        .collect();
+    let rollout = conductor::start(
+        &state,
+        conductor::Start {
+            id: None,
+            version: request.version.clone(),
+            kind: RolloutKind::Targeted,
+            platforms,
+            plan,
+            started_by: caller.actor.clone(),
+            detail: format!(
+                "{} agents selected ({} on beta)",
+                with_build.len(),
+                channels.iter().filter(|c| **c == "beta").count()
+            ),
+            candidates: with_build.iter().map(|a| conductor::candidate(a)).collect(),
+        },
+    )
+    .await?;
     state
         .audit(
             &caller.actor,
-            "rollout.resume",
-            &version,
-            Some(format!("{resumed} rollouts")),
-            "resumed",
+            "rollout.create",
+            &rollout.id,
+            Some(format!(
+                "{} to {} agents",
+                request.version,
+                with_build.len()
+            )),
+            "started",
         )
         .await;
-    Ok(Json(Resumed { version, resumed }))
+    Ok((StatusCode::CREATED, Json(one_view(&state, rollout).await?)))
 }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 /// A wave's reach: a cumulative share of the targets, in hundredths of a percent
 /// (integers, so 1% of 1,000 agents is exactly 10), or a cumulative count of agents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Share {
+pub enum Share {
     BasisPoints(u64),
     Count(u64),
 }
@@ -20,9 +20,9 @@ pub(crate) enum Share {
 const ALL: u64 = 10_000;
 
 impl Share {
-    pub(crate) const EVERYONE: Share = Share::BasisPoints(ALL);
+    pub const EVERYONE: Share = Share::BasisPoints(ALL);
 
-    pub(crate) fn parse(text: &str) -> Result<Share, String> {
+    pub fn parse(text: &str) -> Result<Share, String> {
         let text = text.trim();
         let bad = || {
             format!(
@@ -100,17 +100,17 @@ pub(crate) struct Wave {
 
 /// When a wave halts its rollout, and when it has proved enough to go on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Thresholds {
+pub struct Thresholds {
     /// Build failures over finished updates above this share halt the rollout...
-    pub(crate) max_failure_rate: f64,
+    pub max_failure_rate: f64,
     /// ...once this many updates finished (or every member of a smaller wave).
-    pub(crate) min_finished: u64,
+    pub min_finished: u64,
     /// More build failures than this halt the rollout whatever the rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) max_failures: Option<u64>,
+    pub max_failures: Option<u64>,
     /// The share of the wave's members (those not skipped) that must succeed before it
     /// passes.
-    pub(crate) min_success_share: f64,
+    pub min_success_share: f64,
 }
 
 impl Default for Thresholds {
@@ -137,13 +137,13 @@ pub(crate) struct Plan {
     pub(crate) reach: Vec<u64>,
 }
 
-/// What a plan is made of when a request names only some of it.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct PlanDefaults {
-    pub(crate) shares: Vec<Share>,
-    pub(crate) bake_ms: i64,
-    pub(crate) thresholds: Thresholds,
-}
+/// Promote's default waves: a 1% canary, then 10%, 50% and everyone.
+pub const DEFAULT_WAVES: [Share; 4] = [
+    Share::BasisPoints(100),
+    Share::BasisPoints(1_000),
+    Share::BasisPoints(5_000),
+    Share::EVERYONE,
+];
 
 /// The canary (a first wave given as a percentage) holds at least 1 and at most 50 agents.
 const CANARY_MAX: u64 = 50;
@@ -194,6 +194,19 @@ impl Plan {
             ignore_windows: false,
             reach: Vec::new(),
         })
+    }
+
+    /// A plan from its written form, `1%,10%,50%,100%`.
+    pub(crate) fn from_text(
+        text: &str,
+        bake_ms: i64,
+        thresholds: Thresholds,
+    ) -> Result<Plan, String> {
+        Plan::new(
+            &Plan::parse_shares(&[text.to_owned()])?,
+            bake_ms,
+            thresholds,
+        )
     }
 
     /// One wave, everyone at once: rollbacks and single-agent updates.

@@ -270,6 +270,30 @@ impl FailureClass {
     }
 }
 
+// Stored as its text; an unknown one is a corrupt row.
+impl<DB: sqlx::Database> sqlx::Type<DB> for FailureClass
+where
+    String: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <String as sqlx::Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <String as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for FailureClass
+where
+    String: sqlx::Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<FailureClass, sqlx::error::BoxDynError> {
+        let text = <String as sqlx::Decode<'r, DB>>::decode(value)?;
+        FailureClass::parse(&text).ok_or_else(|| format!("unknown failure class {text:?}").into())
+    }
+}
+
 impl From<protocol::FailureClass> for FailureClass {
     /// A class this server does not know is nobody's fault until it knows better.
     fn from(class: protocol::FailureClass) -> FailureClass {
@@ -303,6 +327,12 @@ pub struct UpdateTask {
     pub updated_at_ms: i64,
     pub dispatched_at_ms: Option<i64>,
     pub progress_at_ms: Option<i64>,
+    /// The rollout and wave it belongs to; none for tasks older than rollout records.
+    pub rollout_id: Option<String>,
+    pub wave: Option<i64>,
+    /// Why it did not succeed, once ended.
+    pub failure_class: Option<FailureClass>,
+    pub finished_at_ms: Option<i64>,
 }
 
 impl UpdateTask {
@@ -330,6 +360,8 @@ pub struct NewTask<'a> {
     pub kind: TaskKind,
     /// `Dispatched` when it is sent at once, `Queued` when the agent is not connected.
     pub status: TaskStatus,
+    pub rollout_id: Option<&'a str>,
+    pub wave: Option<usize>,
 }
 
 impl NewTask<'_> {
@@ -354,8 +386,21 @@ impl NewTask<'_> {
             updated_at_ms: now_ms,
             dispatched_at_ms: dispatched.then_some(now_ms),
             progress_at_ms: None,
+            rollout_id: self.rollout_id.map(str::to_owned),
+            wave: self.wave.and_then(|w| i64::try_from(w).ok()),
+            failure_class: None,
+            finished_at_ms: None,
         }
     }
+}
+
+/// Which unfinished tasks a cancel ends.
+#[derive(Debug, Clone, Copy)]
+pub enum CancelScope<'a> {
+    /// Tasks to a version (it was rolled back).
+    ToVersion(&'a str),
+    /// Tasks of a rollout (it was aborted).
+    Rollout(&'a str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
@@ -387,17 +432,6 @@ pub struct RolloutRecord {
     pub promoted_at_ms: Option<i64>,
     pub halted_at_ms: Option<i64>,
     pub halt_reason: Option<String>,
-}
-
-/// How many tasks to one version on one platform are in one status.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct TaskCount {
-    pub version: String,
-    pub os: String,
-    pub arch: String,
-    #[sqlx(try_from = "String")]
-    pub status: TaskStatus,
-    pub tasks: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]

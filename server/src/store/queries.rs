@@ -26,8 +26,8 @@ pub trait Queries: Send + Sync {
     /// Records that this node is alive.
     async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()>;
 
-    /// Marks the agent's session as held by this node.
-    async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
+    /// Marks the agent's session as held by this node, connected since `now_ms`.
+    async fn claim_session(&self, agent_id: &str, node_id: &str, now_ms: i64) -> StoreResult<()>;
 
     /// Clears the agent's session if this node still holds it.
     async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
@@ -137,7 +137,7 @@ pub trait Queries: Send + Sync {
     /// The agent's unfinished task, if any.
     async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;
 
-    /// Versions whose task failed, rolled back or timed out on this agent.
+    /// Versions that failed on this agent because of the build (class `build`).
     async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
 
     /// Unfinished, dispatched tasks (not `queued`) whose agent has shown no activity on
@@ -147,9 +147,14 @@ pub trait Queries: Send + Sync {
     /// Newest first.
     async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>>;
 
-    /// Marks a (re-)dispatch: status `dispatched`, one more attempt. `NotFound` unless the
-    /// task is unfinished.
-    async fn record_dispatch(&self, task_id: &str, now_ms: i64) -> StoreResult<UpdateTask>;
+    /// Marks a (re-)dispatch: status `dispatched`, one more attempt if `attempt` (a resend
+    /// after a reconnect is not one). `NotFound` unless the task is unfinished.
+    async fn record_dispatch(
+        &self,
+        task_id: &str,
+        now_ms: i64,
+        attempt: bool,
+    ) -> StoreResult<UpdateTask>;
 
     /// Moves an unfinished task of this agent to an in-progress status. `NotFound` when the
     /// task is not this agent's or is finished.
@@ -163,13 +168,15 @@ pub trait Queries: Send + Sync {
         now_ms: i64,
     ) -> StoreResult<UpdateTask>;
 
-    /// Ends an unfinished task of this agent with a final status. `NotFound` when the task
-    /// is not this agent's or is finished already (so a repeated result changes nothing).
+    /// Ends an unfinished task of this agent with a final status and, unless it
+    /// succeeded, a failure class. `NotFound` when the task is not this agent's or is
+    /// finished already (so a repeated result changes nothing).
     async fn finish_task(
         &self,
         agent_id: &str,
         task_id: &str,
         status: TaskStatus,
+        class: Option<FailureClass>,
         error: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<UpdateTask>;
@@ -183,33 +190,18 @@ pub trait Queries: Send + Sync {
 
     async fn rollout_records(&self) -> StoreResult<Vec<RolloutRecord>>;
 
-    async fn task_counts(&self) -> StoreResult<Vec<TaskCount>>;
-
     /// Marks every platform's record of `version` promoted.
     async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()>;
-
-    /// Halts one rollout; false when it was halted already.
-    async fn halt(
-        &self,
-        version: &str,
-        os: &str,
-        arch: &str,
-        reason: &str,
-        now_ms: i64,
-    ) -> StoreResult<bool>;
-
-    /// Lifts halts of `version` (on one platform, or all); returns how many.
-    async fn resume(&self, version: &str, platform: Option<(&str, &str)>) -> StoreResult<u64>;
 
     async fn block_version(&self, version: &str, reason: &str, now_ms: i64) -> StoreResult<()>;
 
     /// False when the version was not blocked.
     async fn unblock_version(&self, version: &str) -> StoreResult<bool>;
 
-    /// Cancels unfinished tasks to `version`; returns the agents they belonged to.
-    async fn cancel_tasks_to(
+    /// Cancels unfinished tasks (class `transient`); returns the agents they belonged to.
+    async fn cancel_tasks(
         &self,
-        version: &str,
+        scope: CancelScope<'_>,
         reason: &str,
         now_ms: i64,
     ) -> StoreResult<Vec<String>>;
@@ -248,7 +240,8 @@ pub(super) const SELECT_AGENTS: &str = "SELECT a.id, a.site_id, a.fingerprint, a
 pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, os, arch, kind, \
      status, attempts, error, bytes_done, bytes_total, created_at AS created_at_ms, \
      updated_at AS updated_at_ms, dispatched_at AS dispatched_at_ms, \
-     progress_at AS progress_at_ms";
+     progress_at AS progress_at_ms, rollout_id, wave, failure_class, \
+     finished_at AS finished_at_ms";
 
 pub(super) const ACTIVE_STATUSES: &str =
     "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
@@ -366,9 +359,15 @@ macro_rules! impl_queries {
                     Ok(())
                 }
 
-                async fn claim_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
-                    sqlx::query("UPDATE agents SET node_id = $1 WHERE id = $2")
+                async fn claim_session(
+                    &self,
+                    agent_id: &str,
+                    node_id: &str,
+                    now_ms: i64,
+                ) -> StoreResult<()> {
+                    sqlx::query("UPDATE agents SET node_id = $1, connected_at = $2 WHERE id = $3")
                         .bind(node_id)
+                        .bind(now_ms)
                         .bind(agent_id)
                         .execute(&self.pool)
                         .await?;
@@ -791,10 +790,14 @@ macro_rules! impl_queries {
                         .collect::<Vec<_>>()
                         .chunks(TASKS_PER_STATEMENT)
                     {
+                        // A blocked version gets no new task, whatever a node's memory of
+                        // the blocks says: a rollback on another node may have just
+                        // committed its block.
                         let mut insert = sqlx::QueryBuilder::new(
                             "INSERT INTO update_tasks (id, agent_id, from_version, to_version, \
                                  os, arch, kind, status, attempts, created_at, updated_at, \
-                                 dispatched_at) ",
+                                 dispatched_at, rollout_id, wave) \
+                             SELECT * FROM (",
                         );
                         insert.push_values(chunk, |mut row, (task, id)| {
                             let dispatched = task.status == TaskStatus::Dispatched;
@@ -809,9 +812,14 @@ macro_rules! impl_queries {
                                 .push_bind(i64::from(dispatched))
                                 .push_bind(now_ms)
                                 .push_bind(now_ms)
-                                .push_bind(dispatched.then_some(now_ms));
+                                .push_bind(dispatched.then_some(now_ms))
+                                .push_bind(task.rollout_id)
+                                .push_bind(task.wave.and_then(|w| i64::try_from(w).ok()));
                         });
-                        insert.push(" ON CONFLICT DO NOTHING RETURNING id");
+                        insert.push(
+                            ") AS v WHERE NOT EXISTS (SELECT 1 FROM version_blocks b \
+                             WHERE b.version = v.column4) ON CONFLICT DO NOTHING RETURNING id",
+                        );
                         let rows: Vec<String> =
                             insert.build_query_scalar().fetch_all(&mut *tx).await?;
                         made.extend(rows);
@@ -837,7 +845,7 @@ macro_rules! impl_queries {
                 async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>> {
                     Ok(sqlx::query_scalar(
                         "SELECT DISTINCT to_version FROM update_tasks \
-                         WHERE agent_id = $1 AND status IN ('failed', 'rolled_back', 'timed_out')",
+                         WHERE agent_id = $1 AND failure_class = 'build'",
                     )
                     .bind(agent_id)
                     .fetch_all(&self.pool)
@@ -877,14 +885,16 @@ macro_rules! impl_queries {
                     &self,
                     task_id: &str,
                     now_ms: i64,
+                    attempt: bool,
                 ) -> StoreResult<UpdateTask> {
                     Ok(sqlx::query_as(&format!(
-                        "UPDATE update_tasks SET status = 'dispatched', attempts = attempts + 1, \
-                             dispatched_at = $1, updated_at = $1 \
+                        "UPDATE update_tasks SET status = 'dispatched', \
+                             attempts = attempts + $3, dispatched_at = $1, updated_at = $1 \
                          WHERE id = $2 AND status IN {ACTIVE_STATUSES} RETURNING {TASK_COLUMNS}"
                     ))
                     .bind(now_ms)
                     .bind(task_id)
+                    .bind(i64::from(attempt))
                     .fetch_one(&self.pool)
                     .await?)
                 }
@@ -919,11 +929,13 @@ macro_rules! impl_queries {
                     agent_id: &str,
                     task_id: &str,
                     status: TaskStatus,
+                    class: Option<FailureClass>,
                     error: Option<&str>,
                     now_ms: i64,
                 ) -> StoreResult<UpdateTask> {
                     Ok(sqlx::query_as(&format!(
-                        "UPDATE update_tasks SET status = $1, error = $2, updated_at = $3 \
+                        "UPDATE update_tasks SET status = $1, error = $2, updated_at = $3, \
+                             finished_at = $3, failure_class = $6 \
                          WHERE id = $4 AND agent_id = $5 AND status IN {ACTIVE_STATUSES} \
                          RETURNING {TASK_COLUMNS}"
                     ))
@@ -932,6 +944,7 @@ macro_rules! impl_queries {
                     .bind(now_ms)
                     .bind(task_id)
                     .bind(agent_id)
+                    .bind(class.map(FailureClass::as_str))
                     .fetch_one(&self.pool)
                     .await?)
                 }
@@ -975,15 +988,6 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
-                async fn task_counts(&self) -> StoreResult<Vec<TaskCount>> {
-                    Ok(sqlx::query_as(
-                        "SELECT to_version AS version, os, arch, status, COUNT(*) AS tasks \
-                         FROM update_tasks GROUP BY to_version, os, arch, status",
-                    )
-                    .fetch_all(&self.pool)
-                    .await?)
-                }
-
                 async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()> {
                     sqlx::query("UPDATE builds SET promoted_at = $1 WHERE version = $2")
                         .bind(now_ms)
@@ -991,53 +995,6 @@ macro_rules! impl_queries {
                         .execute(&self.pool)
                         .await?;
                     Ok(())
-                }
-
-                async fn halt(
-                    &self,
-                    version: &str,
-                    os: &str,
-                    arch: &str,
-                    reason: &str,
-                    now_ms: i64,
-                ) -> StoreResult<bool> {
-                    let done = sqlx::query(
-                        "INSERT INTO builds (version, os, arch, first_seen, halted_at, \
-                                               halt_reason) \
-                         VALUES ($1, $2, $3, $4, $4, $5) \
-                         ON CONFLICT (version, os, arch) DO UPDATE SET \
-                             halted_at = excluded.halted_at, halt_reason = excluded.halt_reason \
-                             WHERE builds.halted_at IS NULL",
-                    )
-                    .bind(version)
-                    .bind(os)
-                    .bind(arch)
-                    .bind(now_ms)
-                    .bind(reason)
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(done.rows_affected() > 0)
-                }
-
-                async fn resume(
-                    &self,
-                    version: &str,
-                    platform: Option<(&str, &str)>,
-                ) -> StoreResult<u64> {
-                    // Typed by a cast so PostgreSQL knows what a NULL parameter is.
-                    let (os, arch) = platform.unzip();
-                    let done = sqlx::query(
-                        "UPDATE builds SET halted_at = NULL, halt_reason = NULL \
-                         WHERE version = $1 AND halted_at IS NOT NULL \
-                           AND (CAST($2 AS TEXT) IS NULL OR os = $2) \
-                           AND (CAST($3 AS TEXT) IS NULL OR arch = $3)",
-                    )
-                    .bind(version)
-                    .bind(os)
-                    .bind(arch)
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(done.rows_affected())
                 }
 
                 async fn block_version(
@@ -1066,21 +1023,25 @@ macro_rules! impl_queries {
                     Ok(done.rows_affected() > 0)
                 }
 
-                async fn cancel_tasks_to(
+                async fn cancel_tasks(
                     &self,
-                    version: &str,
+                    scope: CancelScope<'_>,
                     reason: &str,
                     now_ms: i64,
                 ) -> StoreResult<Vec<String>> {
+                    let (column, value) = match scope {
+                        CancelScope::ToVersion(version) => ("to_version", version),
+                        CancelScope::Rollout(id) => ("rollout_id", id),
+                    };
                     Ok(sqlx::query_scalar(&format!(
                         "UPDATE update_tasks SET status = 'cancelled', error = $1, \
-                             updated_at = $2 \
-                         WHERE to_version = $3 AND status IN {ACTIVE_STATUSES} \
+                             updated_at = $2, finished_at = $2, failure_class = 'transient' \
+                         WHERE {column} = $3 AND status IN {ACTIVE_STATUSES} \
                          RETURNING agent_id"
                     ))
                     .bind(reason)
                     .bind(now_ms)
-                    .bind(version)
+                    .bind(value)
                     .fetch_all(&self.pool)
                     .await?)
                 }

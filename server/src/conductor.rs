@@ -1,0 +1,834 @@
+//! The conductor: the one place that starts rollouts, moves them through their waves,
+//! halts, pauses, resumes, advances, aborts and rolls back. The API, the sessions, the
+//! wave ticker and other nodes' signals all call it; the decisions are the pure
+//! functions of `rollouts`, and every change is written to the store before anyone acts
+//! on it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::AppState;
+use crate::clock::now_ms;
+use crate::engine::{AgentPosition, channel_admits, resolve_channel};
+use crate::releases::{Channel, Release, ReleaseIndex};
+use crate::rollouts::book::{Book, LiveRollout};
+use crate::rollouts::health::{self, Counts, GateVerdict, WaveVerdict};
+use crate::rollouts::plan::{self, Candidate, Plan};
+use crate::session::Outbound;
+use crate::store::{
+    AgentRecord, CancelScope, NewRollout, Rollout, RolloutKind, RolloutState, StateChange,
+    StoreError, StoreResult, WaveRow,
+};
+
+/// What went wrong with an operator's request.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConductError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub(crate) type Conducted<T> = Result<T, ConductError>;
+
+/// A rollout to start.
+#[derive(Debug, Clone)]
+pub(crate) struct Start {
+    /// A fixed id makes the start idempotent across nodes (the store refuses a second).
+    pub(crate) id: Option<String>,
+    pub(crate) version: String,
+    pub(crate) kind: RolloutKind,
+    pub(crate) platforms: Vec<(String, String)>,
+    pub(crate) plan: Plan,
+    pub(crate) started_by: String,
+    pub(crate) detail: String,
+    pub(crate) candidates: Vec<Candidate>,
+}
+
+/// Starts a rollout: places its targets in waves, supersedes the open rollouts of the
+/// same kind on its platforms (of other versions), and tells every node.
+pub(crate) async fn start(state: &AppState, start: Start) -> StoreResult<Rollout> {
+    let id = start
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut plan = start.plan;
+    let targets = plan::assign(&id, &start.candidates, &mut plan);
+    let supersedes: Vec<String> = match start.kind {
+        RolloutKind::Beta | RolloutKind::Promote => state
+            .book()
+            .rollouts()
+            .filter(|r| {
+                r.record.kind == start.kind
+                    && r.record.state.is_open()
+                    && r.record.version != start.version
+                    && r.record
+                        .platforms
+                        .iter()
+                        .any(|p| start.platforms.contains(p))
+            })
+            .map(|r| r.record.id.clone())
+            .collect(),
+        RolloutKind::Rollback | RolloutKind::Targeted => Vec::new(),
+    };
+    let plan_json = serde_json::to_string(&plan)
+        .map_err(|e| StoreError::Other(format!("could not write the plan: {e}")))?;
+    let rollout = state
+        .store
+        .create_rollout(
+            &NewRollout {
+                id: &id,
+                version: &start.version,
+                kind: start.kind,
+                platforms: &start.platforms,
+                plan: &plan_json,
+                started_by: &start.started_by,
+                detail: &start.detail,
+                targets: &targets,
+                supersedes: &supersedes,
+            },
+            now_ms(),
+        )
+        .await?;
+    tracing::info!(rollout = %rollout.id, version = %rollout.version, kind = rollout.kind.as_str(), targets = targets.len(), by = %rollout.started_by, "rollout started");
+    changed(state, &rollout.id).await;
+    Ok(rollout)
+}
+
+/// After a rollout changed: every node re-reads the book and checks its agents.
+async fn changed(state: &AppState, rollout_id: &str) {
+    if let Err(err) = state.reload_rollout_state().await {
+        tracing::warn!(%err, "could not re-read the rollouts");
+    }
+    state.events.rollout(Some(rollout_id));
+    state.registry.broadcast(|| Outbound::Check);
+}
+
+/// The agents a beta or promote rollout of `version` moves on `platforms`: those whose
+/// channel sees a build of `channel` and that run something older.
+pub(crate) fn candidates(
+    agents: &[AgentRecord],
+    version: &semver::Version,
+    platforms: &[(String, String)],
+    audience: impl Fn(Channel) -> bool,
+) -> Vec<Candidate> {
+    agents
+        .iter()
+        .filter(|a| platforms.iter().any(|(o, r)| *o == a.os && *r == a.arch))
+        .filter(|a| audience(resolve_channel(a).0))
+        .filter(|a| semver::Version::parse(&a.version).is_ok_and(|v| v < *version))
+        .map(candidate)
+        .collect()
+}
+
+pub(crate) fn candidate(agent: &AgentRecord) -> Candidate {
+    Candidate {
+        agent_id: agent.id.clone(),
+        group: format!("{}/{}/{}", agent.site_id, agent.os, agent.arch),
+    }
+}
+
+/// The plan a promote gets unless it names one.
+pub(crate) fn default_plan(state: &AppState) -> Plan {
+    let settings = &state.settings;
+    Plan::new(
+        &settings.default_waves,
+        duration_ms(settings.wave_bake),
+        settings.wave_thresholds,
+    )
+    .expect("the default waves were checked at start")
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Every offered build has a rollout: a build that lands on beta starts a `beta`
+/// rollout over beta agents, one that lands on stable a `promote` rollout with the
+/// default plan. Ids are fixed per build, so two nodes seeing it start one.
+pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
+    let index = state.releases.current();
+    let mut agents: Option<Vec<AgentRecord>> = None;
+    for release in &index.releases {
+        let kind = match release.channel {
+            Channel::Beta => RolloutKind::Beta,
+            Channel::Stable => RolloutKind::Promote,
+        };
+        let version = release.version.to_string();
+        let platform = (release.os.clone(), release.arch.clone());
+        if state.blocked_versions().contains(&version) {
+            continue;
+        }
+        let known = state.book().rollouts().any(|r| {
+            r.record.version == version
+                && (r.record.kind == kind || r.record.kind == RolloutKind::Promote)
+                && r.record.platforms.contains(&platform)
+        });
+        if known {
+            continue;
+        }
+        let id = format!(
+            "{}-{}-{}-{}",
+            kind.as_str(),
+            version,
+            release.os,
+            release.arch
+        );
+        // Another node may have started it since this one read the book.
+        match state.store.rollout(&id).await {
+            Ok(_) => continue,
+            Err(StoreError::NotFound) => {}
+            Err(err) => {
+                tracing::warn!(%err, "could not look up the rollout of a new build");
+                continue;
+            }
+        }
+        let agents = match &agents {
+            Some(agents) => agents,
+            None => match state.store.list_agents().await {
+                Ok(list) => agents.insert(list),
+                Err(err) => {
+                    tracing::warn!(%err, "could not read the agents for a new build's rollout");
+                    return;
+                }
+            },
+        };
+        let (plan, audience): (Plan, fn(Channel) -> bool) = match kind {
+            RolloutKind::Beta => (Plan::all_at_once(state.settings.wave_thresholds), |c| {
+                c == Channel::Beta
+            }),
+            _ => (default_plan(state), |_| true),
+        };
+        let start_request = Start {
+            id: Some(id),
+            candidates: candidates(
+                agents,
+                &release.version,
+                std::slice::from_ref(&platform),
+                audience,
+            ),
+            version,
+            kind,
+            platforms: vec![platform],
+            plan,
+            started_by: "drover".into(),
+            detail: format!("{} landed on {}", release.file, release.channel.as_str()),
+        };
+        match start(state, start_request).await {
+            Ok(_) | Err(StoreError::Conflict(_)) => {}
+            Err(err) => {
+                tracing::warn!(%err, file = %release.file, "could not start the rollout of a new build")
+            }
+        }
+    }
+}
+
+/// A rollout's health now: counts per wave (stages add up to the targets), totals, and
+/// when each wave started and passed.
+#[derive(Debug, Clone)]
+pub(crate) struct Health {
+    pub(crate) plan: Plan,
+    pub(crate) waves: Vec<Counts>,
+    pub(crate) total: Counts,
+    pub(crate) wave_rows: Vec<WaveRow>,
+}
+
+pub(crate) fn parse_plan(rollout: &Rollout) -> StoreResult<Plan> {
+    serde_json::from_str(&rollout.plan).map_err(|e| {
+        StoreError::Other(format!(
+            "the plan of rollout {} does not read: {e}",
+            rollout.id
+        ))
+    })
+}
+
+pub(crate) async fn health(
+    state: &AppState,
+    rollout: &Rollout,
+    scope: impl Fn(&crate::store::TargetGroup) -> bool,
+) -> StoreResult<Health> {
+    let plan = parse_plan(rollout)?;
+    let now = now_ms();
+    let settled_before = now - duration_ms(state.settings.success_bake);
+    let groups = state
+        .store
+        .rollout_target_groups(&rollout.id, settled_before)
+        .await?;
+    let classes: Vec<health::ClassGroup> = state
+        .store
+        .rollout_class_rows(&rollout.id, rollout.resumed_at_ms)
+        .await?
+        .into_iter()
+        .map(|row| health::ClassGroup {
+            wave: row.wave,
+            class: row.class,
+            tasks: row.tasks,
+            recent: row.recent,
+        })
+        .collect();
+    let current = usize::try_from(rollout.current_wave).unwrap_or(0);
+    let waves = health::count_waves(
+        plan.waves.len(),
+        current,
+        state.updates_enabled(),
+        &groups,
+        &classes,
+        scope,
+    );
+    let total = health::total(&waves);
+    let wave_rows = state.store.rollout_waves(&rollout.id).await?;
+    Ok(Health {
+        plan,
+        waves,
+        total,
+        wave_rows,
+    })
+}
+
+/// Drives every running rollout once; every node does, and the store's conditional
+/// updates make sure each step happens once.
+pub(crate) async fn drive_all(state: AppState) {
+    let mut ticker = tokio::time::interval(state.settings.rollout_tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        let running: Vec<String> = state
+            .book()
+            .rollouts()
+            .filter(|r| {
+                matches!(
+                    r.record.state,
+                    RolloutState::Running | RolloutState::Waiting
+                )
+            })
+            .map(|r| r.record.id.clone())
+            .collect();
+        for id in running {
+            if let Err(err) = drive(&state, &id).await {
+                tracing::warn!(%err, rollout = %id, "could not move the rollout along");
+            }
+        }
+    }
+}
+
+/// Judges a rollout's started waves and moves it: halt, bake, next wave, completed.
+pub(crate) async fn drive(state: &AppState, id: &str) -> StoreResult<()> {
+    let rollout = state.store.rollout(id).await?;
+    if !matches!(rollout.state, RolloutState::Running | RolloutState::Waiting) {
+        return Ok(());
+    }
+    let health = health(state, &rollout, |_| true).await?;
+    let current = usize::try_from(rollout.current_wave).unwrap_or(0);
+    // Any started wave can still halt the rollout: agents of early waves report late.
+    for (index, counts) in health.waves.iter().enumerate().take(current + 1) {
+        if let WaveVerdict::Halt(reason) = health::judge(index, &health.plan.waves[index], counts) {
+            halt(state, &rollout, &reason).await?;
+            return Ok(());
+        }
+    }
+    let wave = &health.plan.waves[current];
+    let counts = &health.waves[current];
+    if health::judge(current, wave, counts) != WaveVerdict::Passed {
+        return Ok(());
+    }
+    let now = now_ms();
+    let passed_at = match health
+        .wave_rows
+        .iter()
+        .find(|w| w.wave == rollout.current_wave)
+        .and_then(|w| w.passed_at)
+    {
+        Some(at) => at,
+        None => {
+            state.store.mark_wave_passed(id, current, now).await?;
+            now
+        }
+    };
+    if current == health.plan.last_wave() {
+        if health.total.unfinished() == 0 && health.total.waiting == 0 {
+            let detail = format!(
+                "{} of {} targets succeeded",
+                health.total.succeeded, health.total.targeted
+            );
+            transition(
+                state,
+                &rollout,
+                &[RolloutState::Running, RolloutState::Waiting],
+                RolloutState::Completed,
+                None,
+                "drover",
+                Some(&detail),
+            )
+            .await?;
+        }
+        return Ok(());
+    }
+    // An empty wave proves nothing and needs no bake.
+    let bake_until = if counts.targeted == 0 {
+        passed_at
+    } else {
+        passed_at.saturating_add(wave.bake_ms)
+    };
+    if now >= bake_until {
+        if state
+            .store
+            .start_wave(id, current + 1, "drover", now)
+            .await?
+        {
+            tracing::info!(rollout = %id, wave = current + 2, "next wave started");
+            changed(state, id).await;
+        }
+    } else if rollout.state == RolloutState::Running {
+        let detail = format!(
+            "wave {} passed; baking until {}",
+            current + 1,
+            crate::clock::rfc3339(bake_until)
+        );
+        transition(
+            state,
+            &rollout,
+            &[RolloutState::Running],
+            RolloutState::Waiting,
+            None,
+            "drover",
+            Some(&detail),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn halt(state: &AppState, rollout: &Rollout, reason: &str) -> StoreResult<()> {
+    let halted = transition(
+        state,
+        rollout,
+        &[RolloutState::Running, RolloutState::Waiting],
+        RolloutState::Halted,
+        Some(reason),
+        "drover",
+        None,
+    )
+    .await?;
+    if halted {
+        tracing::warn!(rollout = %rollout.id, version = %rollout.version, %reason, "rollout halted");
+        state
+            .audit(
+                "drover",
+                "rollout.halt",
+                &rollout.id,
+                Some(format!("{}: {reason}", rollout.version)),
+                "halted",
+            )
+            .await;
+    }
+    Ok(())
+}
+
+/// Applies a state change and, if it happened, tells every node.
+async fn transition(
+    state: &AppState,
+    rollout: &Rollout,
+    from: &[RolloutState],
+    to: RolloutState,
+    reason: Option<&str>,
+    actor: &str,
+    detail: Option<&str>,
+) -> StoreResult<bool> {
+    let applied = state
+        .store
+        .change_rollout_state(
+            &StateChange {
+                id: &rollout.id,
+                from,
+                to,
+                reason,
+                actor,
+                detail,
+                resume: false,
+            },
+            now_ms(),
+        )
+        .await?;
+    if applied {
+        changed(state, &rollout.id).await;
+    }
+    Ok(applied)
+}
+
+/// What an operator can do to a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    Pause,
+    Resume,
+    Advance,
+    Abort,
+}
+
+impl Action {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Advance => "advance",
+            Action::Abort => "abort",
+        }
+    }
+}
+
+/// Pause, resume, advance or abort a rollout; answers the rollout as it is after.
+pub(crate) async fn act(
+    state: &AppState,
+    id: &str,
+    action: Action,
+    actor: &str,
+) -> Conducted<Rollout> {
+    let rollout = match state.store.rollout(id).await {
+        Ok(rollout) => rollout,
+        Err(StoreError::NotFound) => {
+            return Err(ConductError::NotFound(format!("no rollout {id}")));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let refuse = || {
+        ConductError::Conflict(format!(
+            "rollout {id} is {}; it cannot {}",
+            rollout.state.as_str(),
+            action.as_str()
+        ))
+    };
+    use RolloutState::*;
+    let now = now_ms();
+    let applied = match action {
+        Action::Pause => {
+            transition(
+                state,
+                &rollout,
+                &[Running, Waiting],
+                Paused,
+                None,
+                actor,
+                None,
+            )
+            .await?
+        }
+        Action::Resume => {
+            let applied = state
+                .store
+                .change_rollout_state(
+                    &StateChange {
+                        id,
+                        from: &[Paused, Halted],
+                        to: Running,
+                        reason: None,
+                        actor,
+                        detail: Some(
+                            "resumed; earlier build failures no longer count toward a halt",
+                        ),
+                        resume: true,
+                    },
+                    now,
+                )
+                .await?;
+            if applied {
+                changed(state, id).await;
+            }
+            applied
+        }
+        Action::Advance => {
+            let plan = parse_plan(&rollout)?;
+            let next = usize::try_from(rollout.current_wave).unwrap_or(0) + 1;
+            if next > plan.last_wave() {
+                return Err(ConductError::Conflict(format!(
+                    "rollout {id} is in its last wave; there is no wave to advance to"
+                )));
+            }
+            if !matches!(rollout.state, Running | Waiting) {
+                return Err(refuse());
+            }
+            let started = state.store.start_wave(id, next, actor, now).await?;
+            if started {
+                changed(state, id).await;
+            }
+            started
+        }
+        Action::Abort => {
+            let applied = transition(
+                state,
+                &rollout,
+                &[Running, Waiting, Paused, Halted],
+                Aborted,
+                Some(&format!("aborted by {actor}")),
+                actor,
+                None,
+            )
+            .await?;
+            if applied {
+                cancel_rollout_tasks(state, &rollout, &format!("rollout {id} was aborted")).await?;
+            }
+            applied
+        }
+    };
+    if !applied {
+        return Err(refuse());
+    }
+    state
+        .audit(
+            actor,
+            &format!("rollout.{}", action.as_str()),
+            id,
+            Some(rollout.version.clone()),
+            action.as_str(),
+        )
+        .await;
+    Ok(state.store.rollout(id).await?)
+}
+
+/// Cancels the unfinished tasks of a rollout and tells their agents.
+async fn cancel_rollout_tasks(
+    state: &AppState,
+    rollout: &Rollout,
+    reason: &str,
+) -> StoreResult<()> {
+    for agent in state
+        .store
+        .cancel_tasks(CancelScope::Rollout(&rollout.id), reason, now_ms())
+        .await?
+    {
+        state.registry.send(&agent, Outbound::Refresh);
+        state.events.agent(&agent);
+    }
+    Ok(())
+}
+
+/// The build an agent on a rolled-back version goes back to: the newest offered,
+/// unblocked build of its channel and platform (older or newer).
+pub(crate) fn rollback_target(
+    index: &ReleaseIndex,
+    position: &AgentPosition,
+    blocked: &std::collections::HashSet<String>,
+) -> Option<Release> {
+    index
+        .newest(&position.os, &position.arch, |r| {
+            channel_admits(position.channel, r.channel) && !blocked.contains(&r.version.to_string())
+        })
+        .cloned()
+}
+
+/// What a rollback did, honestly.
+#[derive(Debug, Clone)]
+pub(crate) struct RollbackOutcome {
+    pub(crate) rollout: Option<Rollout>,
+    /// Agents running the version that have a build to go back to.
+    pub(crate) targeted: u64,
+    /// Of those, not started now, and why.
+    pub(crate) paused: u64,
+    pub(crate) declines_updates: u64,
+    pub(crate) updates_off: bool,
+    /// Of those, not connected now: moved when they reconnect.
+    pub(crate) offline: u64,
+    /// Agents running the version with nothing to go back to.
+    pub(crate) no_build: Vec<String>,
+    /// Unfinished tasks to the version that were cancelled.
+    pub(crate) cancelled: u64,
+}
+
+/// Blocks a version everywhere, cancels what is under way to it, stops its rollouts,
+/// and starts a `rollback` rollout moving every agent that runs it back.
+pub(crate) async fn rollback(
+    state: &AppState,
+    version: &str,
+    plan: Option<Plan>,
+    actor: &str,
+) -> Conducted<RollbackOutcome> {
+    let now = now_ms();
+    state
+        .store
+        .block_version(version, &format!("rolled back by {actor}"), now)
+        .await?;
+    // The block is in the store before anyone acts on it; now this node sees it, and the
+    // signals below make the others re-read it before they act.
+    state.reload_rollout_state().await?;
+    let cancelled_for = state
+        .store
+        .cancel_tasks(
+            CancelScope::ToVersion(version),
+            &format!("{version} was rolled back"),
+            now,
+        )
+        .await?;
+    for agent in &cancelled_for {
+        state.registry.send(agent, Outbound::Refresh);
+        state.events.agent(agent);
+    }
+    let stop: Vec<Rollout> = state
+        .book()
+        .rollouts()
+        .filter(|r| r.record.version == version && r.record.state.is_open())
+        .filter(|r| r.record.kind != RolloutKind::Rollback)
+        .map(|r| r.record.clone())
+        .collect();
+    for rollout in &stop {
+        transition(
+            state,
+            rollout,
+            &[
+                RolloutState::Running,
+                RolloutState::Waiting,
+                RolloutState::Paused,
+                RolloutState::Halted,
+            ],
+            RolloutState::Aborted,
+            Some(&format!("{version} was rolled back")),
+            actor,
+            None,
+        )
+        .await?;
+    }
+    let agents = state.store.list_agents().await?;
+    let index = state.releases.current();
+    let blocked = state.blocked_versions().clone();
+    let mut outcome = RollbackOutcome {
+        rollout: None,
+        targeted: 0,
+        paused: 0,
+        declines_updates: 0,
+        updates_off: !state.updates_enabled(),
+        offline: 0,
+        no_build: Vec::new(),
+        cancelled: cancelled_for.len() as u64,
+    };
+    let mut candidates = Vec::new();
+    let mut platforms: Vec<(String, String)> = Vec::new();
+    for agent in agents.iter().filter(|a| a.version == version) {
+        let position = AgentPosition {
+            version: agent.version.clone(),
+            os: agent.os.clone(),
+            arch: agent.arch.clone(),
+            channel: resolve_channel(agent).0,
+            paused: agent.paused,
+            auto_update: agent.auto_update,
+            failed_versions: Default::default(),
+        };
+        if rollback_target(&index, &position, &blocked).is_none() {
+            outcome.no_build.push(agent.id.clone());
+            continue;
+        }
+        outcome.targeted += 1;
+        outcome.paused += u64::from(agent.paused);
+        outcome.declines_updates += u64::from(!agent.paused && !agent.auto_update);
+        if !crate::nodes::is_live(agent.node_last_beat_ms, now) || agent.node_id.is_none() {
+            outcome.offline += 1;
+        }
+        let platform = (agent.os.clone(), agent.arch.clone());
+        if !platforms.contains(&platform) {
+            platforms.push(platform);
+        }
+        candidates.push(candidate(agent));
+    }
+    if !candidates.is_empty() {
+        let detail = format!(
+            "{version} rolled back: {} agents to move, {} with no build to go back to",
+            candidates.len(),
+            outcome.no_build.len()
+        );
+        outcome.rollout = Some(
+            start(
+                state,
+                Start {
+                    id: None,
+                    version: version.to_owned(),
+                    kind: RolloutKind::Rollback,
+                    platforms,
+                    plan: plan.unwrap_or_else(|| Plan::all_at_once(state.settings.wave_thresholds)),
+                    started_by: actor.to_owned(),
+                    detail,
+                    candidates,
+                },
+            )
+            .await?,
+        );
+    } else {
+        changed(state, version).await;
+    }
+    Ok(outcome)
+}
+
+/// The promote gate for `version`: its beta rollouts on the platforms in scope, counted
+/// over targets that follow beta now.
+pub(crate) async fn gate(
+    state: &AppState,
+    version: &str,
+    in_scope: impl Fn(&str, &str) -> bool,
+) -> StoreResult<GateVerdict> {
+    let betas: Vec<Rollout> = state
+        .book()
+        .rollouts()
+        .filter(|r| r.record.kind == RolloutKind::Beta && r.record.version == version)
+        .filter(|r| r.record.platforms.iter().any(|(o, a)| in_scope(o, a)))
+        .map(|r| r.record.clone())
+        .collect();
+    let mut sum: Option<Counts> = None;
+    for rollout in &betas {
+        let h = health(state, rollout, |g| {
+            in_scope(&g.os, &g.arch) && Channel::parse(&g.channel) == Some(Channel::Beta)
+        })
+        .await?;
+        let total = sum.get_or_insert_with(Counts::default);
+        *total = health::total(&[*total, h.total]);
+    }
+    let policy = state.settings.gate_policy();
+    Ok(health::gate(sum.as_ref(), &policy))
+}
+
+/// Where each agent stands in a rollout, for `GET /rollouts/{id}/agents`.
+pub(crate) async fn target_stages(
+    state: &AppState,
+    rollout: &Rollout,
+) -> StoreResult<Vec<(crate::store::RolloutTarget, health::Stage)>> {
+    let current = usize::try_from(rollout.current_wave).unwrap_or(0);
+    let enabled = state.updates_enabled();
+    Ok(state
+        .store
+        .rollout_targets(&rollout.id)
+        .await?
+        .into_iter()
+        .map(|t| {
+            let (stage, _) = health::stage_of(&health::TargetFacts {
+                wave_started: t.wave <= current,
+                paused: t.paused,
+                auto_update: t.auto_update,
+                updates_enabled: enabled,
+                status: t.status,
+                class: t.class,
+            });
+            (t, stage)
+        })
+        .collect())
+}
+
+/// Builds the book dispatch reads from what the store holds.
+pub(crate) async fn load_book(state: &AppState) -> StoreResult<Book> {
+    let (rollouts, targets) = state.store.rollout_book().await?;
+    let mut by_rollout: HashMap<String, HashMap<String, usize>> = HashMap::new();
+    for (rollout, agent, wave) in targets {
+        by_rollout.entry(rollout).or_default().insert(agent, wave);
+    }
+    let mut live = Vec::with_capacity(rollouts.len());
+    for record in rollouts {
+        let plan = match parse_plan(&record) {
+            Ok(plan) => plan,
+            Err(err) => {
+                tracing::error!(%err, "a rollout is left out of dispatch");
+                continue;
+            }
+        };
+        let targets = by_rollout.remove(&record.id).unwrap_or_default();
+        live.push(LiveRollout::new(record, plan, targets));
+    }
+    Ok(Book::new(live))
+}

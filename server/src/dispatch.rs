@@ -406,7 +406,7 @@ async fn advance(
     let silent_ms = now - task.last_activity_ms();
     let timeout_ms = i64::try_from(state.settings.task_timeout.as_millis()).unwrap_or(i64::MAX);
     if silent_ms > timeout_ms && task.status != TaskStatus::Queued {
-        let (class, error) = timeout_of(&task, silent_ms);
+        let (class, error) = timeout_of(&task, silent_ms, true);
         finish(
             state,
             live,
@@ -453,19 +453,25 @@ async fn advance(
 /// A task that saw no progress for too long: whose fault, and what to say. Silence after
 /// the agent began starting the new build means the build did not come up (nor did the
 /// supervisor bring the old one back to say so); silence before it is the network's.
-fn timeout_of(task: &UpdateTask, silent_ms: i64) -> (FailureClass, String) {
+fn timeout_of(task: &UpdateTask, silent_ms: i64, online: bool) -> (FailureClass, String) {
     let class = match task.status {
         TaskStatus::Installing | TaskStatus::Restarting => FailureClass::Build,
         _ => FailureClass::Transient,
     };
-    (
-        class,
+    let error = if online {
         format!(
             "no progress for {}s; last status {}",
             silent_ms / 1000,
             task.status.as_str()
-        ),
-    )
+        )
+    } else {
+        format!(
+            "the agent went silent for {}s while the task was {}",
+            silent_ms / 1000,
+            task.status.as_str()
+        )
+    };
+    (class, error)
 }
 
 /// Applies an agent's progress report to its task.
@@ -657,8 +663,7 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
             if connected {
                 continue;
             }
-            let (class, error) = timeout_of(&task, now - task.last_activity_ms());
-            let error = format!("{error} while the agent was offline");
+            let (class, error) = timeout_of(&task, now - task.last_activity_ms(), false);
             match state
                 .store
                 .finish_task(

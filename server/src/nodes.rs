@@ -5,6 +5,7 @@
 //! (PostgreSQL LISTEN/NOTIFY; nothing with SQLite's single node), carry only ids, and
 //! the receiving node re-reads state from the database.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -59,10 +60,27 @@ pub(crate) fn is_live(node_last_beat_ms: Option<i64>, now_ms: i64) -> bool {
     node_last_beat_ms.is_some_and(|beat| now_ms - beat <= lease)
 }
 
-pub(crate) async fn claim(state: &AppState, agent_id: &str) {
+/// The last claim's moment on this node: every claim gets a later one, so a session's
+/// claim identifies it and an older session's release cannot undo a newer claim.
+static LAST_CLAIM: AtomicI64 = AtomicI64::new(0);
+
+fn claim_moment() -> i64 {
+    let now = now_ms();
+    let previous = LAST_CLAIM
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or(now);
+    now.max(previous + 1)
+}
+
+/// Records that this node holds the agent's session; returns the claim's moment, which
+/// `release` needs.
+pub(crate) async fn claim(state: &AppState, agent_id: &str) -> i64 {
+    let claimed_at = claim_moment();
     if let Err(err) = state
         .store
-        .claim_session(agent_id, &state.node_id, now_ms())
+        .claim_session(agent_id, &state.node_id, claimed_at)
         .await
     {
         tracing::warn!(agent = %agent_id, %err, "could not record the session");
@@ -70,10 +88,15 @@ pub(crate) async fn claim(state: &AppState, agent_id: &str) {
     state
         .registry
         .signal_other_nodes(Signal::Claimed(agent_id.to_owned()));
+    claimed_at
 }
 
-pub(crate) async fn release(state: &AppState, agent_id: &str) {
-    if let Err(err) = state.store.release_session(agent_id, &state.node_id).await {
+pub(crate) async fn release(state: &AppState, agent_id: &str, claimed_at: i64) {
+    if let Err(err) = state
+        .store
+        .release_session(agent_id, &state.node_id, claimed_at)
+        .await
+    {
         tracing::warn!(agent = %agent_id, %err, "could not clear the session");
     }
 }

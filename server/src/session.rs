@@ -201,6 +201,8 @@ struct Opened {
     live: LiveAgent,
     inbox: mpsc::Receiver<Outbound>,
     session: u64,
+    /// When this node claimed the session, to release exactly that claim.
+    claimed_at: i64,
     /// False when the peer was gone before its welcome.
     welcomed: bool,
 }
@@ -221,7 +223,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
     };
     let agent_id = opened.live.id;
     if state.registry.unregister(&agent_id, opened.session) {
-        Box::pin(crate::nodes::release(&state, &agent_id)).await;
+        Box::pin(crate::nodes::release(&state, &agent_id, opened.claimed_at)).await;
         state.events.agent(&agent_id);
     }
     match ended {
@@ -249,7 +251,7 @@ async fn open(
         .map_err(internal)?;
     let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
     let session = state.registry.register(&agent_id, outbox);
-    crate::nodes::claim(state, &agent_id).await;
+    let claimed_at = crate::nodes::claim(state, &agent_id).await;
     state.events.agent(&agent_id);
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
     let welcome = ServerMessage::Welcome(Welcome {
@@ -267,6 +269,7 @@ async fn open(
     .await
     .is_ok();
     Ok(Some(Opened {
+        claimed_at,
         live,
         inbox,
         session,
@@ -501,10 +504,12 @@ async fn refresh(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage
         Some(task_id) if current.as_ref() != Some(&task_id) => {
             // The cancel goes out now; the new task's update follows at the next check.
             let _ = state.registry.send(&live.id, Outbound::Check);
-            Some(ServerMessage::Cancel(Cancel {
-                task_id,
-                reason: "superseded by an operator's action".into(),
-            }))
+            let reason = live
+                .ended
+                .get(&task_id)
+                .cloned()
+                .unwrap_or_else(|| "superseded by an operator's action".into());
+            Some(ServerMessage::Cancel(Cancel { task_id, reason }))
         }
         _ => decide(state, live, Trigger::Nudge).await,
     }

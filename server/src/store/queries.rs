@@ -29,8 +29,14 @@ pub trait Queries: Send + Sync {
     /// Marks the agent's session as held by this node, connected since `now_ms`.
     async fn claim_session(&self, agent_id: &str, node_id: &str, now_ms: i64) -> StoreResult<()>;
 
-    /// Clears the agent's session if this node still holds it.
-    async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()>;
+    /// Clears the agent's session if this node still holds the one it claimed at
+    /// `claimed_at_ms`: a newer session's claim is never undone by an older one ending.
+    async fn release_session(
+        &self,
+        agent_id: &str,
+        node_id: &str,
+        claimed_at_ms: i64,
+    ) -> StoreResult<()>;
 
     /// Which bootstrap tokens exist already, so first start generates only the missing ones.
     async fn bootstrap_state(&self) -> StoreResult<BootstrapState>;
@@ -374,10 +380,19 @@ macro_rules! impl_queries {
                     Ok(())
                 }
 
-                async fn release_session(&self, agent_id: &str, node_id: &str) -> StoreResult<()> {
-                    sqlx::query("UPDATE agents SET node_id = NULL WHERE id = $1 AND node_id = $2")
-                        .bind(agent_id)
-                        .bind(node_id)
+                async fn release_session(
+                    &self,
+                    agent_id: &str,
+                    node_id: &str,
+                    claimed_at_ms: i64,
+                ) -> StoreResult<()> {
+                    sqlx::query(
+                        "UPDATE agents SET node_id = NULL \
+                         WHERE id = $1 AND node_id = $2 AND connected_at = $3",
+                    )
+                    .bind(agent_id)
+                    .bind(node_id)
+                    .bind(claimed_at_ms)
                         .execute(&self.pool)
                         .await?;
                     Ok(())

@@ -66,20 +66,48 @@ async fn fleet_at(api: &Api, expected: &[(&str, &str)]) {
     .await;
 }
 
-async fn find_rollout(api: &Api, version: &str) -> Option<Value> {
-    let (status, rollouts) = api.get("/api/v1/rollouts").await;
+/// The newest rollout of `version` of this kind.
+async fn find_rollout(api: &Api, version: &str, kind: &str) -> Option<Value> {
+    let (status, rollouts) = api
+        .get(&format!("/api/v1/rollouts?version={version}"))
+        .await;
     assert_eq!(status, 200, "{rollouts}");
     rollouts
         .as_array()?
         .iter()
-        .find(|r| r["version"] == version)
+        .find(|r| r["kind"] == kind)
         .cloned()
 }
 
-async fn rollout(api: &Api, version: &str) -> Value {
-    find_rollout(api, version)
+async fn rollout(api: &Api, version: &str, kind: &str) -> Value {
+    find_rollout(api, version, kind)
         .await
-        .unwrap_or_else(|| panic!("no rollout of {version}"))
+        .unwrap_or_else(|| panic!("no {kind} rollout of {version}"))
+}
+
+/// The stages of a rollout add up to its targets, and no more succeeded than targeted.
+fn assert_adds_up(record: &Value) {
+    let n = |k: &str| {
+        record[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {record}"))
+    };
+    let stages = [
+        "waiting",
+        "queued",
+        "in_progress",
+        "succeeded",
+        "failed",
+        "rolled_back",
+        "cancelled",
+        "skipped",
+    ];
+    assert_eq!(
+        stages.iter().map(|k| n(k)).sum::<u64>(),
+        n("targeted"),
+        "{record}"
+    );
+    assert!(n("succeeded") <= n("targeted"), "{record}");
 }
 
 /// Waits until the scanner offers `version`.
@@ -165,18 +193,19 @@ async fn the_full_story_beta_promote_and_rollback() {
     )
     .await;
     let record = eventually("two beta successes", WAIT, || async {
-        let record = find_rollout(&api, "1.1.0").await?;
-        (record["succeeded"] == 2).then_some(record)
+        let record = find_rollout(&api, "1.1.0", "beta").await?;
+        (record["succeeded"] == 2 && record["gate"]["pass"] == true).then_some(record)
     })
     .await;
-    assert_eq!(record["state"], "beta");
-    assert_eq!(record["gate"]["pass"], true, "{record}");
-    assert_eq!(record["running"], 2);
-    assert_eq!(record["success_rate"], 1.0);
+    assert_eq!(record["targeted"], 2, "only the beta agents: {record}");
+    assert_adds_up(&record);
 
     let (status, body) = api.post("/api/v1/rollouts/1.1.0/promote", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["promoted"].as_array().unwrap().len(), 1);
+    // The promote moves the three stable agents; the beta ones run it already.
+    assert_eq!(body["rollout"]["kind"], "promote", "{body}");
+    assert_eq!(body["rollout"]["targeted"], 3, "{body}");
     fleet_at(
         &api,
         &[
@@ -188,12 +217,28 @@ async fn the_full_story_beta_promote_and_rollback() {
         ],
     )
     .await;
-    let record = rollout(&api, "1.1.0").await;
-    assert_eq!(record["state"], "stable");
-    assert!(record["promoted_at"].is_string());
+    let record = eventually("the promote to complete", WAIT, || async {
+        let record = find_rollout(&api, "1.1.0", "promote").await?;
+        (record["state"] == "completed").then_some(record)
+    })
+    .await;
+    assert_eq!(
+        (&record["succeeded"], &record["targeted"]),
+        (&json!(3), &json!(3))
+    );
+    assert_adds_up(&record);
 
     let (status, body) = api.post("/api/v1/rollouts/1.1.0/rollback", None).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            &body["targeted"],
+            &body["agents_rolled_back"],
+            &body["no_build"]
+        ),
+        (&json!(5), &json!(5), &json!([])),
+        "{body}"
+    );
     fleet_at(
         &api,
         &[
@@ -205,7 +250,17 @@ async fn the_full_story_beta_promote_and_rollback() {
         ],
     )
     .await;
-    assert_eq!(rollout(&api, "1.1.0").await["state"], "rolled_back");
+    let back = eventually("the rollback to complete", WAIT, || async {
+        let record = find_rollout(&api, "1.1.0", "rollback").await?;
+        (record["succeeded"] == 5).then_some(record)
+    })
+    .await;
+    assert_adds_up(&back);
+    let promote = rollout(&api, "1.1.0", "promote").await;
+    assert_eq!(
+        promote["state"], "completed",
+        "a completed rollout stays so: {promote}"
+    );
     let (_, releases) = api.get("/api/v1/releases").await;
     let blocked = releases
         .as_array()
@@ -278,18 +333,20 @@ async fn a_build_that_reverts_everywhere_halts_its_rollout() {
     );
 
     let record = eventually("the rollout to halt", WAIT, || async {
-        let record = find_rollout(&api, "1.2.0").await?;
+        let record = find_rollout(&api, "1.2.0", "promote").await?;
         (record["state"] == "halted").then_some(record)
     })
     .await;
     assert_eq!(record["rolled_back"], 5, "{record}");
+    assert_eq!(record["failures"]["build"], 5, "{record}");
     assert!(
-        record["halt_reason"]
+        record["reason"]
             .as_str()
             .unwrap()
-            .contains("5 of 5 attempts failed"),
+            .contains("5 of 5 finished updates failed"),
         "{record}"
     );
+    assert_adds_up(&record);
 
     // No further dispatch: a new agent is not sent the halted build.
     let _late = start_fleet(&server, dir.path(), &["h6"]);
@@ -306,8 +363,17 @@ async fn a_build_that_reverts_everywhere_halts_its_rollout() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let record = rollout(&api, "1.2.0").await;
-    assert_eq!(record["dispatched"], 5, "{record} {}", server.log());
+    let record = rollout(&api, "1.2.0", "promote").await;
+    assert_eq!(
+        (
+            &record["targeted"],
+            &record["in_progress"],
+            &record["queued"]
+        ),
+        (&json!(5), &json!(0), &json!(0)),
+        "{record} {}",
+        server.log()
+    );
 
     let metrics = reqwest::get(format!("{}/metrics", server.url))
         .await
@@ -324,7 +390,7 @@ async fn a_build_that_reverts_everywhere_halts_its_rollout() {
 
     let (status, body) = api.post("/api/v1/rollouts/1.2.0/resume", None).await;
     assert_eq!((status, &body["resumed"]), (200, &json!(1)), "{body}");
-    assert_eq!(rollout(&api, "1.2.0").await["state"], "stable");
+    assert_eq!(rollout(&api, "1.2.0", "promote").await["state"], "running");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -349,7 +415,10 @@ async fn a_stale_beta_is_reported_in_the_listing_and_in_metrics() {
     )
     .await;
     assert!(record["stable_lag_seconds"].as_i64().unwrap() >= 1);
-    assert_eq!(rollout(&api, "1.0.0").await["stale_stable"], false);
+    assert_eq!(
+        rollout(&api, "1.0.0", "promote").await["stale_stable"],
+        false
+    );
     let metrics = reqwest::get(format!("{}/metrics", server.url))
         .await
         .unwrap()

@@ -758,6 +758,56 @@ pub(crate) async fn rollback(
     Ok(outcome)
 }
 
+/// Lifts a block. The version's rollouts were aborted when it was rolled back, so each
+/// of its offered builds starts afresh: a `promote` rollout with the default plan where
+/// the build is stable, a `beta` rollout where it is beta. Answers whether it was blocked.
+pub(crate) async fn unblock(state: &AppState, version: &str, actor: &str) -> StoreResult<bool> {
+    if !state.store.unblock_version(version).await? {
+        return Ok(false);
+    }
+    state.reload_rollout_state().await?;
+    let index = state.releases.current();
+    let agents = state.store.list_agents().await?;
+    for channel in [Channel::Beta, Channel::Stable] {
+        let builds: Vec<&Release> = index
+            .releases
+            .iter()
+            .filter(|r| r.version.to_string() == version && r.channel == channel)
+            .collect();
+        let Some(first) = builds.first() else {
+            continue;
+        };
+        let platforms: Vec<(String, String)> = builds
+            .iter()
+            .map(|r| (r.os.clone(), r.arch.clone()))
+            .collect();
+        let (kind, plan, audience): (RolloutKind, Plan, fn(Channel) -> bool) = match channel {
+            Channel::Beta => (
+                RolloutKind::Beta,
+                Plan::all_at_once(state.settings.wave_thresholds),
+                |c| c == Channel::Beta,
+            ),
+            Channel::Stable => (RolloutKind::Promote, default_plan(state), |_| true),
+        };
+        start(
+            state,
+            Start {
+                id: None,
+                version: version.to_owned(),
+                kind,
+                candidates: candidates(&agents, &first.version, &platforms, audience),
+                platforms,
+                plan,
+                started_by: actor.to_owned(),
+                detail: format!("{version} unblocked"),
+            },
+        )
+        .await?;
+    }
+    changed(state, version).await;
+    Ok(true)
+}
+
 /// The promote gate for `version`: its beta rollouts on the platforms in scope, counted
 /// over targets that follow beta now.
 pub(crate) async fn gate(

@@ -1081,6 +1081,9 @@ pub(crate) struct Unblocked {
     path = "/rollouts/{version}/unblock",
     tag = "rollouts",
     summary = "Offer a rolled-back version again",
+    description = "Its rollouts were aborted by the rollback, so each of its builds starts a \
+        new one: `promote` with the default waves where the build is stable, `beta` where it \
+        is beta.",
     params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
     responses(
         (status = 200, description = "The version is offered again", body = Unblocked),
@@ -1097,12 +1100,9 @@ pub(crate) async fn unblock(
 ) -> Result<Json<Unblocked>, ApiError> {
     caller.require(Role::Operator)?;
     parse_version(&version)?;
-    if !state.store.unblock_version(&version).await? {
+    if !conductor::unblock(&state, &version, &caller.actor).await? {
         return Err(ApiError::NotFound(format!("{version} is not blocked")));
     }
-    state.reload_rollout_state().await?;
-    state.registry.broadcast(|| crate::session::Outbound::Check);
-    state.events.rollout(Some(&version));
     state
         .audit(
             &caller.actor,

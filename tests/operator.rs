@@ -621,14 +621,53 @@ async fn operators_work_from_the_cli_and_see_why() {
 
     let (ok, text) = cli(&["promote", "1.1.0", "--force"]);
     assert!(ok && text.contains("forced"), "{text}");
+    assert!(
+        text.contains("waves 100%, 1 agent in wave 1 of 1 targeted"),
+        "{text}"
+    );
     let update = agent
         .next_update(Duration::from_secs(5))
         .await
         .expect("promoted builds are pushed at once");
     assert_eq!(update.version, "1.1.0");
 
+    // The promote's rollout, by the short id the listing shows.
+    let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+    let id = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "promote")
+        .and_then(|r| r["id"].as_str())
+        .unwrap_or_else(|| panic!("a promote rollout: {listed}"))
+        .to_owned();
+    let short = &id[..8];
+    let (ok, text) = cli(&["rollouts", "--version", "1.1.0"]);
+    assert!(
+        ok && text.contains(short) && text.contains("promote"),
+        "{text}"
+    );
+    let (ok, text) = cli(&["rollout", short]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("rollout:   {id}")) && text.contains("1.1.0 (promote)"),
+        "{text}"
+    );
+    assert!(text.contains("past the health gate"), "{text}");
+    let (ok, text) = cli(&["rollout", "agents", short]);
+    assert!(ok && text.contains(&agent.id), "{text}");
+    let (ok, text) = cli(&["rollout", "pause", short]);
+    assert!(ok && text.contains(": paused,"), "{text}");
+    let (ok, text) = cli(&["rollout", "resume", short]);
+    assert!(ok && !text.contains("paused"), "{text}");
+    let (ok, text) = cli(&["rollout", "pause", "ffffffff"]);
+    assert!(
+        !ok && text.contains("no rollout id starts with ffffffff"),
+        "{text}"
+    );
+
     let (ok, text) = cli(&["rollback", "1.1.0"]);
-    assert!(ok && text.contains("1.1.0"), "{text}");
+    assert!(ok && text.contains("rolled back 1.1.0: blocked"), "{text}");
     let (_, explained) = api
         .get(&format!("/api/v1/agents/{}/explain", agent.id))
         .await;

@@ -1,9 +1,10 @@
 //! `drover`, the operator command line: a thin client of the REST API. This file holds
-//! the command line and what each command asks the server; `api` does the HTTP and
-//! `render` the printing.
+//! the command line and what each command asks the server, except the rollout-record
+//! commands in `rollouts`; `api` does the HTTP and `render` the printing.
 
 mod api;
 mod render;
+mod rollouts;
 mod signing;
 
 use std::path::Path;
@@ -17,13 +18,14 @@ use serde_json::{Value, json};
 use crate::api::Api;
 use crate::render::{
     Agent, AgentDetail, ApiToken, AuditPage, ChannelChanged, Client, EnrollmentToken, Explanation,
-    Listing, NewApiToken, Promoted, Release, Resumed, RevokedToken, RolledBack, Rollout, Site,
+    Listing, NewApiToken, Promoted, Release, ResumeAnswer, RevokedToken, RolledBack, Site,
     Unblocked, UpdateRequested, UpdatesSwitch, agent_details, agents_table, audit_view,
     channel_line, client_created, clients_table, enrollment_token_created, explanation,
-    listing_view, paused_line, promoted_line, releases_view, resumed_line, rolled_back_line,
-    rollouts_view, site_created, sites_table, token_created, token_revoked, tokens_table,
-    unblocked_line, update_line, updates_line,
+    listing_view, paused_line, promoted_view, releases_view, resume_view, rolled_back_view,
+    site_created, sites_table, token_created, token_revoked, tokens_table, unblocked_line,
+    update_line, updates_line,
 };
+use crate::rollouts::{ListArgs, PlanArgs, RolloutArgs};
 
 /// Where `drover-server` writes a generated admin token, relative to where it runs.
 const DEFAULT_TOKEN_FILE: &str = "drover-data/admin-token";
@@ -106,14 +108,14 @@ enum Command {
         #[command(subcommand)]
         action: Option<UpdatesAction>,
     },
-    /// List rollouts: how far each version has gone per platform, and whether it may be
-    /// promoted
-    Rollouts {
-        /// Print the API's JSON instead of a table
-        #[arg(long)]
-        json: bool,
-    },
-    /// Promote a beta version to stable once its gate passes
+    /// List rollouts, newest first: how far each has gone, its failures, and whether a
+    /// beta build may be promoted
+    Rollouts(ListArgs),
+    /// Show one rollout (drover rollout ID), list its agents, pause, resume, advance or
+    /// abort it, or start a targeted one
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Rollout(RolloutArgs),
+    /// Promote a beta version to stable once its gate passes, starting a rollout in waves
     Promote {
         version: String,
         #[command(flatten)]
@@ -121,13 +123,27 @@ enum Command {
         /// Promote even though the gate blocks it
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Print the API's JSON instead of text
+        #[arg(long)]
+        json: bool,
     },
-    /// Block a version and move the agents that run it back to their previous version
-    Rollback { version: String },
+    /// Block a version and start a rollout moving the agents that run it back to the
+    /// newest other build of their channel
+    Rollback {
+        version: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Print the API's JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Offer a blocked version again
     Unblock { version: String },
-    /// Let a halted rollout continue
+    /// Let every paused or halted rollout of a version go on (or one rollout, by id)
     Resume {
+        /// A version, or a rollout's id
         version: String,
         #[command(flatten)]
         platform: Platform,
@@ -483,31 +499,38 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             };
             show(answer, false, |switch: UpdatesSwitch| updates_line(&switch))
         }
-        Command::Rollouts { json } => {
-            show(api.get("/api/v1/rollouts")?, json, |r: Vec<Rollout>| {
-                rollouts_view(&r)
-            })
-        }
+        Command::Rollouts(args) => rollouts::list(args, api),
+        Command::Rollout(args) => rollouts::run(args, api),
         Command::Promote {
             version,
             platform,
             force,
+            plan,
+            json,
         } => {
+            let [waves, bake] = plan.fields();
             let body = given_fields([
                 ("os", json!(platform.os)),
                 ("arch", json!(platform.arch)),
                 ("force", json!(force)),
+                waves,
+                bake,
             ]);
             let path = format!("/api/v1/rollouts/{version}/promote");
-            post(api, &path, Some(body), false, |p: Promoted| {
-                promoted_line(&p)
+            post(api, &path, Some(body), json, |p: Promoted| {
+                promoted_view(&p)
             })
         }
-        Command::Rollback { version } => {
+        Command::Rollback {
+            version,
+            plan,
+            json,
+        } => {
+            let body = given_fields(plan.fields());
+            // No body at all when no plan is given: the server's default, one wave.
+            let body = (body != json!({})).then_some(body);
             let path = format!("/api/v1/rollouts/{version}/rollback");
-            post(api, &path, None, false, |r: RolledBack| {
-                rolled_back_line(&r)
-            })
+            post(api, &path, body, json, |r: RolledBack| rolled_back_view(&r))
         }
         Command::Unblock { version } => {
             let path = format!("/api/v1/rollouts/{version}/unblock");
@@ -515,8 +538,11 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
         }
         Command::Resume { version, platform } => {
             let body = given_fields([("os", json!(platform.os)), ("arch", json!(platform.arch))]);
+            let version = rollouts::resolve_id(api, &version)?;
             let path = format!("/api/v1/rollouts/{version}/resume");
-            post(api, &path, Some(body), false, |r: Resumed| resumed_line(&r))
+            post(api, &path, Some(body), false, |r: ResumeAnswer| {
+                resume_view(&r)
+            })
         }
         Command::Audit {
             limit,
@@ -723,6 +749,11 @@ mod tests {
             version,
             platform,
             force: true,
+            plan: PlanArgs {
+                waves: None,
+                bake: None,
+            },
+            json: false,
         } = cli.unwrap().command
         else {
             panic!("promote parsed wrongly");
@@ -739,15 +770,12 @@ mod tests {
         ));
         assert!(matches!(
             parse(&["rollback", "1.4.0"]).unwrap().command,
-            Command::Rollback { version } if version == "1.4.0"
+            Command::Rollback { version, plan: PlanArgs { waves: None, bake: None }, .. }
+                if version == "1.4.0"
         ));
         assert!(matches!(
             parse(&["unblock", "1.4.0"]).unwrap().command,
             Command::Unblock { version } if version == "1.4.0"
-        ));
-        assert!(matches!(
-            parse(&["rollouts", "--json"]).unwrap().command,
-            Command::Rollouts { json: true }
         ));
         assert!(parse(&["promote"]).is_err());
         assert!(parse(&["rollback"]).is_err());

@@ -1,12 +1,13 @@
 //! The server's answers as `drover` reads them, and the tables and lines it prints for
 //! each. Renderers return text ending in a newline and never do I/O, so tests can read it.
-//! Agents, releases and the hierarchy live here; rollouts, the audit log, tokens and
-//! `explain` each have a submodule.
+//! Agents, releases and the hierarchy live here; rollout records, the version-keyed
+//! rollout actions, the audit log, tokens and `explain` each have a submodule.
 
 mod audit;
 mod explain;
 mod rollouts;
 mod tokens;
+mod versions;
 
 use comfy_table::Table;
 use serde::Deserialize;
@@ -14,12 +15,16 @@ use serde::Deserialize;
 pub(crate) use self::audit::{AuditPage, audit_view};
 pub(crate) use self::explain::{Explanation, explanation};
 pub(crate) use self::rollouts::{
-    Promoted, Resumed, RolledBack, Rollout, Unblocked, promoted_line, resumed_line,
-    rolled_back_line, rollouts_view, unblocked_line,
+    Rollout, RolloutAgents, RolloutDetail, created_view, rollout_agents_view, rollout_state_line,
+    rollout_view, rollouts_view, short_id,
 };
 pub(crate) use self::tokens::{
     ApiToken, EnrollmentToken, NewApiToken, RevokedToken, enrollment_token_created, token_created,
     token_revoked, tokens_table,
+};
+pub(crate) use self::versions::{
+    Promoted, ResumeAnswer, RolledBack, Unblocked, promoted_view, resume_view, rolled_back_view,
+    unblocked_line,
 };
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +64,12 @@ pub(crate) struct Task {
     bytes_done: u64,
     bytes_total: u64,
     created_at: String,
+    #[serde(default)]
+    rollout_id: Option<String>,
+    #[serde(default)]
+    wave: Option<u64>,
+    #[serde(default)]
+    failure_class: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,11 +254,22 @@ pub(crate) fn agent_details(detail: &AgentDetail) -> String {
             "FROM → TO",
             "KIND",
             "STATUS",
+            "ROLLOUT",
             "ATTEMPTS",
             "PROGRESS",
             "ERROR",
         ],
         detail.tasks.iter().map(|task| {
+            let status = match &task.failure_class {
+                Some(class) => format!("{} ({class})", task.status),
+                None => task.status.clone(),
+            };
+            // Tasks made before rollouts were records belong to none.
+            let rollout = match (&task.rollout_id, task.wave) {
+                (Some(id), Some(wave)) => format!("{} wave {}", short_id(id), wave + 1),
+                (Some(id), None) => short_id(id),
+                (None, _) => "-".to_owned(),
+            };
             let progress = if task.bytes_total == 0 {
                 "-".to_owned()
             } else {
@@ -262,7 +284,8 @@ pub(crate) fn agent_details(detail: &AgentDetail) -> String {
                 task.id.clone(),
                 format!("{} → {}", task.from_version, task.to_version),
                 task.kind.clone(),
-                task.status.clone(),
+                status,
+                rollout,
                 task.attempts.to_string(),
                 progress,
                 or_dash(task.error.as_deref()),
@@ -468,6 +491,9 @@ mod tests {
             task_json("t2", "downloading", (1_000_000, 52_400_000), None),
             task_json("t1", "failed", (0, 0), Some("checksum mismatch")),
         ]);
+        answer["tasks"][0]["rollout_id"] = json!("3f2a9c1e-0000-4000-8000-000000000001");
+        answer["tasks"][0]["wave"] = json!(1);
+        answer["tasks"][1]["failure_class"] = json!("build");
         let text = agent_details(&parse(answer));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "id:        a1");
@@ -476,13 +502,23 @@ mod tests {
         assert!(lines.contains(&"channel:   beta (site)"));
         assert!(lines.contains(&"updates:   auto"));
         let header = lines.iter().position(|l| l.contains("CREATED")).unwrap();
-        for column in ["TASK", "FROM → TO", "KIND", "ATTEMPTS", "PROGRESS", "ERROR"] {
+        for column in [
+            "TASK",
+            "FROM → TO",
+            "KIND",
+            "ROLLOUT",
+            "ATTEMPTS",
+            "PROGRESS",
+            "ERROR",
+        ] {
             assert!(lines[header].contains(column), "missing {column}");
         }
         let (newest, oldest) = (lines[header + 1], lines[header + 2]);
         assert!(newest.contains("t2") && newest.contains("1.1.0 → 1.2.0"));
         assert!(newest.contains("downloading") && newest.contains("1.0 MB/52.4 MB"));
-        assert!(oldest.contains("t1") && oldest.contains("failed"));
+        assert!(newest.contains(" 3f2a9c1e wave 2 "), "{newest}");
+        assert!(oldest.contains("t1") && oldest.contains("failed (build)"));
+        assert!(oldest.contains(" - "), "a task of no rollout: {oldest}");
         assert!(oldest.contains("checksum mismatch"));
     }
 

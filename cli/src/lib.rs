@@ -210,7 +210,8 @@ enum AgentAction {
         #[arg(long)]
         json: bool,
     },
-    /// Update the agent now, even if paused (default: the newest build of its channel)
+    /// Update the agent now, through a targeted rollout of one agent (default: the newest
+    /// build of its channel); a paused agent is resumed first
     Update {
         id: String,
         /// A version offered for the agent's platform

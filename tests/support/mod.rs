@@ -192,7 +192,14 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]
         // Stories that are not about waves or bakes see a build go everywhere at once and
         // count a success as soon as it heartbeats; a test's own flags come after these
         // and win.
-        .args(["--default-waves", "100%", "--wave-bake", "0s", "--success-bake", "0s"])
+        .args([
+            "--default-waves",
+            "100%",
+            "--wave-bake",
+            "0s",
+            "--success-bake",
+            "0s",
+        ])
         .args(["--retry-delay", "2s"])
         .args(args)
         .env_remove("DROVER_ADMIN_TOKEN")

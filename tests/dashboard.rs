@@ -586,14 +586,23 @@ impl Browser {
         .await
     }
 
+    /// Clicks the first element matching `css`. Live views redraw their rows when events
+    /// arrive, so an element found may be replaced before the click: then it is found
+    /// again.
     async fn click(&self, css: &str) {
-        self.client
-            .find(fantoccini::Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .click()
-            .await
-            .unwrap();
+        eventually(&format!("a click on {css}"), PAGE_WAIT, || async {
+            let element = self.client.find(fantoccini::Locator::Css(css)).await.ok()?;
+            match element.click().await {
+                Ok(()) => Some(()),
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+                {
+                    None
+                }
+                Err(e) => panic!("{css}: {e}"),
+            }
+        })
+        .await
     }
 
     /// Logs in through the login form.

@@ -820,7 +820,7 @@ async fn a_viewer_sees_no_action_buttons_and_cannot_act_with_its_cookie() {
     browser.log_in(&viewer).await;
     browser.open("/#/rollouts").await;
     browser
-        .wait_for_text("tr[data-rollout='1.1.0 linux/amd64']", |_| true)
+        .wait_for_text("tr[data-version='1.1.0'][data-kind='beta']", |_| true)
         .await;
     assert_eq!(browser.count("button.action").await, 0);
     browser.open(&format!("/#/agents/{agent}")).await;
@@ -881,9 +881,15 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     };
     browser.log_in(ADMIN_TOKEN).await;
     browser.open("/#/rollouts").await;
-    let row = "tr[data-rollout='1.1.0 linux/amd64']";
+    let row = "tr[data-version='1.1.0'][data-kind='beta']";
     browser.wait_for_text(row, |_| true).await;
-    browser.click(&format!("{row} button.action")).await;
+    // A beta rollout shows its gate; it reads "fail" with no beta success yet.
+    browser
+        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("fail"))
+        .await;
+    browser
+        .click(&format!("{row} button[data-action=promote]"))
+        .await;
     let text = browser
         .wait_for_text("#confirm-text", |t| !t.is_empty())
         .await;
@@ -898,19 +904,47 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     browser.click("#confirm-ok").await;
 
     let api = server.api();
-    eventually("1.1.0 promoted", PAGE_WAIT, || async {
+    let promoted = eventually("1.1.0 promoted", PAGE_WAIT, || async {
         let (_, rollouts) = api.get("/api/v1/rollouts").await;
         rollouts
             .as_array()?
             .iter()
-            .any(|r| r["version"] == "1.1.0" && r["state"] == "stable")
+            .find(|r| r["version"] == "1.1.0" && r["kind"] == "promote")
+            .cloned()
+    })
+    .await;
+    // The three older stable agents, not the one already on 1.1.0.
+    assert_eq!(promoted["targeted"], 3, "{promoted}");
+    // The page heard of it and shows the promote rollout without a reload; the beta
+    // rollout offers no second promote.
+    let promote_row = format!("tr[data-rollout='{}']", promoted["id"].as_str().unwrap());
+    let shown = browser
+        .wait_for_text(&promote_row, |t| t.contains("promote"))
+        .await;
+    assert!(shown.contains("1.1.0"), "{shown}");
+    assert_eq!(
+        browser
+            .text(&format!("{promote_row}[data-version='1.1.0'] .kind"))
+            .await
+            .as_deref(),
+        Some("promote")
+    );
+    eventually("no promote button left", PAGE_WAIT, || async {
+        (browser
+            .count(&format!("{row} button[data-action=promote]"))
+            .await
+            == 0)
             .then_some(())
     })
     .await;
-    // The page heard of it and shows the new state without a reload.
-    browser
-        .wait_for_text(&format!("{row} .state"), |state| state == "stable")
-        .await;
+    let (_, audit) = api.get("/api/v1/audit?action=rollout.promote").await;
+    assert!(
+        audit["entries"][0]["result"]
+            .as_str()
+            .unwrap()
+            .contains("forced"),
+        "{audit}"
+    );
     drop(fleet);
     browser.close().await;
 }
@@ -1020,11 +1054,11 @@ async fn the_story_in_the_browser() {
     .await;
     // Survives only as long as the page is not reloaded.
     browser.run("window.stillHere = true;", vec![]).await;
-    let row = "tr[data-rollout='1.1.0 linux/amd64']";
+    let row = "tr[data-version='1.1.0'][data-kind='beta']";
     assert_eq!(browser.count(row).await, 0, "nothing published yet");
 
     publish_agent(&server, dir.path(), "1.1.0", "beta");
-    // The funnel reads "targeted → dispatched → in progress → succeeded".
+    // The funnel reads "0 waiting → 0 queued → 0 in progress → 1 succeeded".
     let succeeded = |funnel: &str| {
         funnel
             .split(" → ")
@@ -1048,14 +1082,20 @@ async fn the_story_in_the_browser() {
         },
     )
     .await;
-    assert!(!funnel.contains("failed"), "{funnel}");
+    assert!(funnel.ends_with("1 succeeded"), "{funnel}");
+    // The beta rollout had one target, and it succeeded.
     browser
-        .wait_for_text(&format!("{row} .state"), |s| s == "beta")
+        .wait_for_text(&format!("{row} .state"), |s| s == "completed")
+        .await;
+    browser
+        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("pass"))
         .await;
     assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
     browser.screenshot("rollouts").await;
 
-    browser.click(&format!("{row} button.action")).await;
+    browser
+        .click(&format!("{row} button[data-action=promote]"))
+        .await;
     let text = browser
         .wait_for_text("#confirm-text", |t| !t.is_empty())
         .await;
@@ -1066,9 +1106,15 @@ async fn the_story_in_the_browser() {
         Some("Promote")
     );
     browser.click("#confirm-ok").await;
+    let promote_row = "tr[data-version='1.1.0'][data-kind='promote']";
+    // Once both stable agents succeeded, the promote rollout is completed.
     browser
-        .wait_for_text(&format!("{row} .state"), |s| s == "stable")
+        .wait_for_text(&format!("{promote_row} .state"), |s| s == "completed")
         .await;
+    let done = browser
+        .wait_for_text(&format!("{promote_row} .funnel"), |_| true)
+        .await;
+    assert_eq!(succeeded(&done), Some(2), "{done}");
     eventually("every agent on 1.1.0", Duration::from_secs(90), || async {
         let agents = api.agents().await?;
         (agents.len() == 3
@@ -1119,7 +1165,7 @@ async fn no_view_raises_a_javascript_error() {
     let detail = format!("#/agents/{}", fleet.ids[0]);
     for (hash, ready) in [
         ("#/overview", "[data-count=online] .value"),
-        ("#/rollouts", "tr[data-rollout='1.1.0 linux/amd64']"),
+        ("#/rollouts", "tr[data-version='1.1.0'][data-kind='beta']"),
         ("#/agents", "#agent-total"),
         (detail.as_str(), "dl.identity"),
         ("#/releases", "#main table"),

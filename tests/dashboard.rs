@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use protocol::{AgentMessage, FailureClass, UpdateOutcome, UpdateResult};
 use serde_json::{Value, json};
 use support::*;
 
@@ -419,6 +420,12 @@ async fn the_event_stream_tells_of_agents_and_actions_by_cookie() {
     let api = server.api();
     let (status, _) = api.put("/api/v1/updates", json!({ "enabled": true })).await;
     assert_eq!(status, 200);
+    // A paused agent is refused an update now (409); resumed, a stable agent is still
+    // not offered the beta build by itself, so the update below is the only task.
+    let (status, _) = api
+        .post(&format!("/api/v1/agents/{}/resume", agent.id), None)
+        .await;
+    assert_eq!(status, 200);
     let (status, queued) = api
         .post(
             &format!("/api/v1/agents/{}/update", agent.id),
@@ -441,12 +448,14 @@ async fn the_event_stream_tells_of_agents_and_actions_by_cookie() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let event = next_event(&mut stream, &mut buffer, Duration::from_secs(5), |e| {
-        e["kind"] == "rollout"
+    // Rollout events name the rollout that changed: here the promote rollout started.
+    let started = body["rollout"]["id"].clone();
+    assert!(started.is_string(), "{body}");
+    next_event(&mut stream, &mut buffer, Duration::from_secs(5), |e| {
+        e["kind"] == "rollout" && e["id"] == started
     })
     .await
-    .expect("a rollout event");
-    assert_eq!(event["id"], "1.1.0");
+    .expect("a rollout event for the promote rollout");
     drop(agent);
 }
 
@@ -586,14 +595,23 @@ impl Browser {
         .await
     }
 
+    /// Clicks the first element matching `css`. Live views redraw their rows when events
+    /// arrive, so an element found may be replaced before the click: then it is found
+    /// again.
     async fn click(&self, css: &str) {
-        self.client
-            .find(fantoccini::Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .click()
-            .await
-            .unwrap();
+        eventually(&format!("a click on {css}"), PAGE_WAIT, || async {
+            let element = self.client.find(fantoccini::Locator::Css(css)).await.ok()?;
+            match element.click().await {
+                Ok(()) => Some(()),
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+                {
+                    None
+                }
+                Err(e) => panic!("{css}: {e}"),
+            }
+        })
+        .await
     }
 
     /// Logs in through the login form.
@@ -803,7 +821,7 @@ async fn a_viewer_sees_no_action_buttons_and_cannot_act_with_its_cookie() {
     browser.log_in(&viewer).await;
     browser.open("/#/rollouts").await;
     browser
-        .wait_for_text("tr[data-rollout='1.1.0 linux/amd64']", |_| true)
+        .wait_for_text("tr[data-version='1.1.0'][data-kind='beta']", |_| true)
         .await;
     assert_eq!(browser.count("button.action").await, 0);
     browser.open(&format!("/#/agents/{agent}")).await;
@@ -864,9 +882,15 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     };
     browser.log_in(ADMIN_TOKEN).await;
     browser.open("/#/rollouts").await;
-    let row = "tr[data-rollout='1.1.0 linux/amd64']";
+    let row = "tr[data-version='1.1.0'][data-kind='beta']";
     browser.wait_for_text(row, |_| true).await;
-    browser.click(&format!("{row} button.action")).await;
+    // A beta rollout shows its gate; it reads "fail" with no beta success yet.
+    browser
+        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("fail"))
+        .await;
+    browser
+        .click(&format!("{row} button[data-action=promote]"))
+        .await;
     let text = browser
         .wait_for_text("#confirm-text", |t| !t.is_empty())
         .await;
@@ -881,19 +905,47 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     browser.click("#confirm-ok").await;
 
     let api = server.api();
-    eventually("1.1.0 promoted", PAGE_WAIT, || async {
+    let promoted = eventually("1.1.0 promoted", PAGE_WAIT, || async {
         let (_, rollouts) = api.get("/api/v1/rollouts").await;
         rollouts
             .as_array()?
             .iter()
-            .any(|r| r["version"] == "1.1.0" && r["state"] == "stable")
+            .find(|r| r["version"] == "1.1.0" && r["kind"] == "promote")
+            .cloned()
+    })
+    .await;
+    // The three older stable agents, not the one already on 1.1.0.
+    assert_eq!(promoted["targeted"], 3, "{promoted}");
+    // The page heard of it and shows the promote rollout without a reload; the beta
+    // rollout offers no second promote.
+    let promote_row = format!("tr[data-rollout='{}']", promoted["id"].as_str().unwrap());
+    let shown = browser
+        .wait_for_text(&promote_row, |t| t.contains("promote"))
+        .await;
+    assert!(shown.contains("1.1.0"), "{shown}");
+    assert_eq!(
+        browser
+            .text(&format!("{promote_row}[data-version='1.1.0'] .kind"))
+            .await
+            .as_deref(),
+        Some("promote")
+    );
+    eventually("no promote button left", PAGE_WAIT, || async {
+        (browser
+            .count(&format!("{row} button[data-action=promote]"))
+            .await
+            == 0)
             .then_some(())
     })
     .await;
-    // The page heard of it and shows the new state without a reload.
-    browser
-        .wait_for_text(&format!("{row} .state"), |state| state == "stable")
-        .await;
+    let (_, audit) = api.get("/api/v1/audit?action=rollout.promote").await;
+    assert!(
+        audit["entries"][0]["result"]
+            .as_str()
+            .unwrap()
+            .contains("forced"),
+        "{audit}"
+    );
     drop(fleet);
     browser.close().await;
 }
@@ -1003,11 +1055,11 @@ async fn the_story_in_the_browser() {
     .await;
     // Survives only as long as the page is not reloaded.
     browser.run("window.stillHere = true;", vec![]).await;
-    let row = "tr[data-rollout='1.1.0 linux/amd64']";
+    let row = "tr[data-version='1.1.0'][data-kind='beta']";
     assert_eq!(browser.count(row).await, 0, "nothing published yet");
 
     publish_agent(&server, dir.path(), "1.1.0", "beta");
-    // The funnel reads "targeted → dispatched → in progress → succeeded".
+    // The funnel reads "0 waiting → 0 queued → 0 in progress → 1 succeeded".
     let succeeded = |funnel: &str| {
         funnel
             .split(" → ")
@@ -1031,14 +1083,20 @@ async fn the_story_in_the_browser() {
         },
     )
     .await;
-    assert!(!funnel.contains("failed"), "{funnel}");
+    assert!(funnel.ends_with("1 succeeded"), "{funnel}");
+    // The beta rollout had one target, and it succeeded.
     browser
-        .wait_for_text(&format!("{row} .state"), |s| s == "beta")
+        .wait_for_text(&format!("{row} .state"), |s| s == "completed")
+        .await;
+    browser
+        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("pass"))
         .await;
     assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
     browser.screenshot("rollouts").await;
 
-    browser.click(&format!("{row} button.action")).await;
+    browser
+        .click(&format!("{row} button[data-action=promote]"))
+        .await;
     let text = browser
         .wait_for_text("#confirm-text", |t| !t.is_empty())
         .await;
@@ -1049,9 +1107,15 @@ async fn the_story_in_the_browser() {
         Some("Promote")
     );
     browser.click("#confirm-ok").await;
+    let promote_row = "tr[data-version='1.1.0'][data-kind='promote']";
+    // Once both stable agents succeeded, the promote rollout is completed.
     browser
-        .wait_for_text(&format!("{row} .state"), |s| s == "stable")
+        .wait_for_text(&format!("{promote_row} .state"), |s| s == "completed")
         .await;
+    let done = browser
+        .wait_for_text(&format!("{promote_row} .funnel"), |_| true)
+        .await;
+    assert_eq!(succeeded(&done), Some(2), "{done}");
     eventually("every agent on 1.1.0", Duration::from_secs(90), || async {
         let agents = api.agents().await?;
         (agents.len() == 3
@@ -1087,6 +1151,414 @@ async fn the_story_in_the_browser() {
     browser.close().await;
 }
 
+/// A build that fails probation on every agent it reaches halts its rollout: the
+/// overview lists the rollout with its build failures in red and shows a banner with
+/// the reason, and the banner's Resume acts on that rollout.
+#[tokio::test]
+async fn a_halted_rollout_is_bannered_and_resumed_from_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut agents = Vec::new();
+    for name in ["fp-h1", "fp-h2"] {
+        agents.push(ProtocolAgent::enroll(&server, name, "1.0.0").await);
+    }
+    let ids: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a broken build",
+    );
+    let mut updates = Vec::new();
+    for agent in &mut agents {
+        let update = agent
+            .next_update(Duration::from_secs(20))
+            .await
+            .expect("an update to 1.1.0");
+        assert_eq!(update.version, "1.1.0");
+        updates.push(update.task_id);
+    }
+    // Each agent installs it and the new version dies on probation: a build failure.
+    for (agent, task_id) in agents.iter_mut().zip(updates) {
+        agent
+            .report(AgentMessage::UpdateResult(UpdateResult {
+                task_id,
+                outcome: UpdateOutcome::RolledBack,
+                version: "1.0.0".into(),
+                error: Some("the new version exited during probation".into()),
+                failure_class: Some(FailureClass::Build),
+            }))
+            .await;
+    }
+    let keeper = tokio::spawn(async move {
+        loop {
+            for agent in &mut agents {
+                agent.heartbeat().await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let halted = eventually("the rollout to halt", PAGE_WAIT, || async {
+        let (_, rollouts) = api.get("/api/v1/rollouts?state=halted").await;
+        rollouts.as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(halted["version"], "1.1.0", "{halted}");
+    assert_eq!(halted["failures"]["build"], 2, "{halted}");
+    let id = halted["id"].as_str().unwrap().to_owned();
+    let reason = halted["reason"].as_str().unwrap().to_owned();
+
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let banner = browser
+        .wait_for_text("[data-banner=halted]", |t| t.contains("halted"))
+        .await;
+    assert!(banner.contains("1.1.0"), "{banner}");
+    assert!(banner.contains(&reason), "{banner} / {reason}");
+    // The overview's active rollouts: the halted one, its wave, no success yet (an empty
+    // bar) and its two build failures in red.
+    let row = format!("tr[data-rollout='{id}']");
+    let active = browser.wait_for_text(&row, |t| t.contains("halted")).await;
+    assert!(active.contains("1 of 1"), "{active}");
+    assert!(active.contains("0 / 2"), "{active}");
+    assert_eq!(
+        browser
+            .text(&format!("{row} td.failures.bad"))
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        browser
+            .run(
+                "return document.querySelector(arguments[0]).style.width;",
+                vec![json!(format!("{row} .progress > span"))],
+            )
+            .await,
+        json!("0%")
+    );
+    browser.screenshot("overview-halted").await;
+
+    browser
+        .click("[data-banner=halted] button[data-action=resume]")
+        .await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| !t.is_empty())
+        .await;
+    assert!(text.contains("Resume the"), "{text}");
+    assert!(text.contains(&id[..8]), "{text}");
+    assert!(text.contains("0 of 2 succeeded, 2 failed"), "{text}");
+    browser.click("#confirm-ok").await;
+    let resumed = eventually("the rollout resumed", PAGE_WAIT, || async {
+        let (_, rollout) = api.get(&format!("/api/v1/rollouts/{id}")).await;
+        (rollout["state"] != "halted").then_some(rollout)
+    })
+    .await;
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    eventually("the banner gone", PAGE_WAIT, || async {
+        (browser.count("[data-banner=halted]").await == 0).then_some(())
+    })
+    .await;
+    let (_, audit) = api.get("/api/v1/audit?action=rollout.resume").await;
+    assert_eq!(audit["entries"][0]["target"], id.as_str(), "{audit}");
+
+    // The agent's task says what kind of failure it was.
+    browser.show(&format!("#/agents/{}", ids[0])).await;
+    let tasks = browser
+        .wait_for_text("#main table", |t| t.contains("1.0.0 → 1.1.0"))
+        .await;
+    assert!(tasks.contains("rolled back"), "{tasks}");
+    assert_eq!(
+        browser.text("#main table .failure-class").await.as_deref(),
+        Some("build")
+    );
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}
+
+/// Roll back from the rollouts view: the version is blocked and a rollback rollout moves
+/// the agents that run it; Unblock offers it again.
+#[tokio::test]
+async fn a_rollback_and_an_unblock_from_the_rollouts_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[("fp-r1", "1.1.0"), ("fp-r2", "1.1.0"), ("fp-r3", "1.0.0")],
+    )
+    .await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/rollouts").await;
+    let beta = "tr[data-version='1.1.0'][data-kind='beta']";
+    browser.wait_for_text(beta, |_| true).await;
+    browser
+        .click(&format!("{beta} button[data-action=roll-back]"))
+        .await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| !t.is_empty())
+        .await;
+    assert!(text.contains("Roll back 1.1.0"), "{text}");
+    assert!(text.contains("2 agents running it"), "{text}");
+    assert_eq!(
+        browser.text("#confirm-ok").await.as_deref(),
+        Some("Roll back")
+    );
+    browser.click("#confirm-ok").await;
+
+    let blocked = |version: &'static str| {
+        let api = &api;
+        async move {
+            let (_, releases) = api.get("/api/v1/releases").await;
+            releases
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["version"] == version)
+                .map(|r| r["blocked"] == true)
+        }
+    };
+    eventually("1.1.0 blocked", PAGE_WAIT, || async {
+        blocked("1.1.0").await.filter(|b| *b)
+    })
+    .await;
+    let rollback = "tr[data-version='1.1.0'][data-kind='rollback']";
+    let shown = browser.wait_for_text(rollback, |_| true).await;
+    assert!(shown.contains("blocked"), "{shown}");
+    let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+    let record = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "rollback")
+        .expect("a rollback rollout")
+        .clone();
+    assert_eq!(record["targeted"], 2, "{record}");
+    // Blocked: no second rollback, no promote; the newest row of 1.1.0 offers Unblock.
+    eventually("the beta row's actions gone", PAGE_WAIT, || async {
+        (browser
+            .count(&format!(
+                "{beta} button[data-action=roll-back], {beta} button[data-action=promote]"
+            ))
+            .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    browser.screenshot("rollouts-rollback").await;
+
+    browser
+        .click(&format!("{rollback} button[data-action=unblock]"))
+        .await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Unblock"))
+        .await;
+    assert!(text.starts_with("Unblock 1.1.0"), "{text}");
+    assert!(text.contains("offered again on beta"), "{text}");
+    browser.click("#confirm-ok").await;
+    eventually("1.1.0 offered again", PAGE_WAIT, || async {
+        blocked("1.1.0").await.filter(|b| !*b)
+    })
+    .await;
+    browser
+        .wait_for_text(&format!("{beta} button[data-action=roll-back]"), |_| true)
+        .await;
+    assert_eq!(browser.count("button[data-action=unblock]").await, 0);
+    let (_, audit) = api.get("/api/v1/audit?action=rollout.unblock").await;
+    assert_eq!(audit["entries"][0]["target"], "1.1.0", "{audit}");
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// A promote in two waves, driven from the rollouts view: pause and resume it, advance
+/// it past its bake, then abort it; each confirmation names the numbers it affects.
+#[tokio::test]
+async fn pause_advance_and_abort_a_rollout_from_the_rollouts_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    // Agents that take an update and never report on it: what they were sent stays
+    // unfinished.
+    let fleet = Online::enroll(
+        &server,
+        &[("fp-w1", "1.0.0"), ("fp-w2", "1.0.0"), ("fp-w3", "1.0.0")],
+    )
+    .await;
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    eventually("the beta rollout", PAGE_WAIT, || async {
+        let (_, rollouts) = api.get("/api/v1/rollouts?version=1.1.0").await;
+        (!rollouts.as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(json!({ "force": true, "waves": ["1", "100%"], "bake": "1h" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    let id = promoted["rollout"]["id"].as_str().unwrap().to_owned();
+    let row = format!("tr[data-rollout='{id}']");
+    let record = || async {
+        let (_, record) = api.get(&format!("/api/v1/rollouts/{id}")).await;
+        record
+    };
+
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/rollouts").await;
+    // The canary wave: one agent started, two waiting.
+    let first = eventually("the canary under way", PAGE_WAIT, || async {
+        let r = record().await;
+        (r["waiting"] == 2 && r["queued"].as_u64()? + r["in_progress"].as_u64()? == 1).then_some(r)
+    })
+    .await;
+    assert_eq!(first["state"], "running", "{first}");
+    browser
+        .wait_for_text(&format!("{row} .funnel"), |f| f.starts_with("2 waiting"))
+        .await;
+    assert_eq!(
+        browser.text(&format!("{row} .wave")).await.as_deref(),
+        Some("1 of 2")
+    );
+
+    browser
+        .click(&format!("{row} button[data-action=pause]"))
+        .await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Pause"))
+        .await;
+    assert!(text.contains(&id[..8]), "{text}");
+    assert!(text.contains("none of its 2 waiting agents"), "{text}");
+    assert!(text.contains("its 1 update under way goes on"), "{text}");
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row} .state"), |s| s == "paused")
+        .await;
+    assert_eq!(record().await["state"], "paused");
+    // Paused: it can be resumed or aborted, not advanced or paused again.
+    for (action, shown) in [("resume", 1), ("abort", 1), ("advance", 0), ("pause", 0)] {
+        assert_eq!(
+            browser
+                .count(&format!("{row} button[data-action={action}]"))
+                .await,
+            shown,
+            "{action}"
+        );
+    }
+    browser
+        .click(&format!("{row} button[data-action=resume]"))
+        .await;
+    browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Resume"))
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row} .state"), |s| s == "running")
+        .await;
+
+    // The canary cannot pass (its agent never reports); advance starts the last wave.
+    browser
+        .click(&format!("{row} button[data-action=advance]"))
+        .await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Advance"))
+        .await;
+    assert!(
+        text.contains("to wave 2 of 2 (100% of its targets)"),
+        "{text}"
+    );
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row} .wave"), |w| w == "2 of 2")
+        .await;
+    let all = eventually("every agent started", PAGE_WAIT, || async {
+        let r = record().await;
+        (r["waiting"] == 0 && r["queued"].as_u64()? + r["in_progress"].as_u64()? == 3).then_some(r)
+    })
+    .await;
+    assert_eq!(all["current_wave"], 1, "{all}");
+    browser
+        .wait_for_text(&format!("{row} .funnel"), |f| f.starts_with("0 waiting"))
+        .await;
+    assert_eq!(
+        browser
+            .count(&format!("{row} button[data-action=advance]"))
+            .await,
+        0,
+        "the last wave"
+    );
+    browser.screenshot("rollouts-waves").await;
+
+    browser
+        .click(&format!("{row} button[data-action=abort]"))
+        .await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Abort"))
+        .await;
+    assert!(
+        text.contains("its 3 unfinished updates are cancelled"),
+        "{text}"
+    );
+    browser.click("#confirm-ok").await;
+    let aborted = browser
+        .wait_for_text(&format!("{row} td:nth-child(4)"), |s| {
+            s.starts_with("aborted")
+        })
+        .await;
+    assert!(aborted.contains("aborted by"), "{aborted}");
+    let r = record().await;
+    assert_eq!(r["state"], "aborted", "{r}");
+    assert_eq!(r["cancelled"], 3, "{r}");
+    assert_eq!(
+        browser.count(&format!("{row} button.action")).await,
+        1,
+        "roll back only"
+    );
+    let (_, audit) = api.get("/api/v1/audit?limit=20").await;
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "rollout.pause",
+        "rollout.resume",
+        "rollout.advance",
+        "rollout.abort",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
+    }
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
 /// Every view, shown in turn in one page, runs without a script error.
 #[tokio::test]
 async fn no_view_raises_a_javascript_error() {
@@ -1102,7 +1574,7 @@ async fn no_view_raises_a_javascript_error() {
     let detail = format!("#/agents/{}", fleet.ids[0]);
     for (hash, ready) in [
         ("#/overview", "[data-count=online] .value"),
-        ("#/rollouts", "tr[data-rollout='1.1.0 linux/amd64']"),
+        ("#/rollouts", "tr[data-version='1.1.0'][data-kind='beta']"),
         ("#/agents", "#agent-total"),
         (detail.as_str(), "dl.identity"),
         ("#/releases", "#main table"),

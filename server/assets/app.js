@@ -46,6 +46,7 @@ function table(headings, rows, empty) {
 
 const state = (name) => h('span', { class: `state ${name}` }, name.replace('_', ' '));
 const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+const are = (n) => (n === 1 ? 'is' : 'are');
 const platform = (x) => `${x.os}/${x.arch}`;
 const enc = encodeURIComponent;
 const query = (params) => new URLSearchParams(
@@ -69,8 +70,6 @@ function bytes(n) {
   if (n < 1048576) return `${(n / 1024).toFixed(1)} KiB`;
   return `${(n / 1048576).toFixed(1)} MiB`;
 }
-
-const percent = (rate) => (rate === null || rate === undefined ? '–' : `${Math.round(rate * 1000) / 10}%`);
 
 // ---------------------------------------------------------------- talking to the server
 
@@ -136,7 +135,10 @@ async function act(text, label, run, success) {
   if (current) current.refresh(null);
 }
 
-const actionButton = (label, onclick) => (canAct() ? h('button', { class: 'action', type: 'button', onclick }, label) : null);
+// `data-action` names the button for tests and styles: "Roll back" is `roll-back`.
+const actionButton = (label, onclick) => (canAct()
+  ? h('button', { class: 'action', type: 'button', 'data-action': label.toLowerCase().replace(/ /g, '-'), onclick }, label)
+  : null);
 
 // Handles a view's loader failing: the message goes where the data would have been.
 function guard(target, load) {
@@ -169,11 +171,11 @@ function overview(main) {
   const loadRollouts = guard(active, async () => {
     const rollouts = await get('/api/v1/rollouts');
     banners.replaceChildren(...rolloutBanners(rollouts));
-    const running = rollouts.filter((r) => r.state === 'beta' || r.state === 'halted' || r.in_progress > 0);
-    active.replaceChildren(table(['Version', 'Platform', 'State', 'Progress', 'Success rate'],
-      running.map((r) => h('tr', {},
-        h('td', {}, r.version), h('td', {}, platform(r)), h('td', {}, state(r.state)),
-        h('td', {}, progress(r)), h('td', {}, percent(r.success_rate)))),
+    active.replaceChildren(table(['Version', 'Kind', 'State', 'Wave', 'Progress', 'Build failures'],
+      rollouts.filter(isOpen).map((r) => h('tr', { 'data-rollout': r.id, 'data-version': r.version, 'data-kind': r.kind },
+        h('td', {}, r.version), h('td', {}, r.kind), h('td', {}, state(r.state)), h('td', { class: 'wave' }, waveText(r)),
+        h('td', {}, progress(r)),
+        h('td', { class: r.failures.build ? 'failures bad' : 'failures' }, r.failures.build))),
       'No active rollouts.'));
   });
   return {
@@ -238,22 +240,37 @@ function adoptionCharts(points) {
   });
 }
 
+// A rollout is open while it can still start agents or be resumed.
+const OPEN = ['running', 'waiting', 'paused', 'halted'];
+const isOpen = (r) => OPEN.includes(r.state);
+const platforms = (r) => (r.platforms.length ? r.platforms.map(platform).join(', ') : '–');
+const waveText = (r) => (r.waves.length ? `${r.current_wave + 1} of ${r.waves.length}` : '–');
+// Random ids are long; their first characters tell rollouts apart on screen. The ids of
+// rollouts started by a build landing name their kind, version and platform already.
+const randomId = (id) => /^[0-9a-f]{8}-[0-9a-f]{4}-/.test(id);
+const shortId = (id) => (randomId(id) ? id.slice(0, 8) : id);
+const named = (r) => (randomId(r.id) ? `${r.kind} rollout ${shortId(r.id)} of ${r.version}` : `rollout ${r.id}`);
+const unfinished = (r) => r.queued + r.in_progress;
+const failedTotal = (r) => r.failed + r.rolled_back;
+
+// Succeeded of targeted. The bar is full only when every target succeeded.
 function progress(r) {
-  const done = r.targeted ? Math.min(1, r.succeeded / r.targeted) : 0;
+  const share = r.targeted ? r.succeeded / r.targeted : 0;
+  const width = r.succeeded < r.targeted ? Math.min(99, Math.floor(share * 100)) : (r.targeted ? 100 : 0);
   const bar = h('span');
-  bar.style.width = `${Math.round(done * 100)}%`;
-  return h('div', { title: `${r.succeeded} of ${r.targeted} targeted agents succeeded` },
+  bar.style.width = `${width}%`;
+  return h('div', { class: 'progress-cell', title: `${r.succeeded} of ${r.targeted} targeted agents succeeded` },
     h('div', { class: 'progress' }, bar), h('small', { class: 'muted' }, `${r.succeeded} / ${r.targeted}`));
 }
 
 function rolloutBanners(rollouts) {
   return [
-    ...rollouts.filter((r) => r.state === 'halted').map((r) => h('div', { class: 'banner danger', 'data-banner': 'halted' },
-      h('span', {}, `Rollout ${r.version} on ${platform(r)} is halted: ${r.halt_reason || 'too many failures'}. `
-        + 'Nothing new is dispatched until an operator resumes it.'),
+    ...rollouts.filter((r) => r.state === 'halted').map((r) => h('div', { class: 'banner danger', 'data-banner': 'halted', 'data-rollout': r.id },
+      h('span', {}, `The ${named(r)} (${platforms(r)}) is halted: ${r.reason || 'too many build failures'}. `
+        + 'No agent is started on it until an operator resumes it.'),
       actionButton('Resume', () => resume(r)))),
-    ...rollouts.filter((r) => r.stale_stable).map((r) => h('div', { class: 'banner warn', 'data-banner': 'stale' },
-      `Stable is stale on ${platform(r)}: beta ${r.version} has been ahead of stable for `
+    ...rollouts.filter((r) => r.kind === 'beta' && r.stale_stable).map((r) => h('div', { class: 'banner warn', 'data-banner': 'stale' },
+      `Stable is stale on ${platforms(r)}: beta ${r.version} has been ahead of stable for `
       + `${duration(r.stable_lag_seconds || 0)}. Promote it or roll it back.`)),
   ];
 }
@@ -265,35 +282,62 @@ function rollouts(main) {
   const body = h('div');
   main.append(h('h2', {}, 'Rollouts'), banners, body);
   const load = guard(body, async () => {
-    const all = await get('/api/v1/rollouts');
+    const [all, builds] = await Promise.all([get('/api/v1/rollouts'), get('/api/v1/releases')]);
+    // A version is blocked as its builds say; one whose builds are gone from the
+    // listing is taken as blocked while a rollback of it is open.
+    const blocked = new Set(builds.filter((b) => b.blocked).map((b) => b.version));
+    for (const r of all) {
+      if (r.kind === 'rollback' && isOpen(r) && !builds.some((b) => b.version === r.version)) blocked.add(r.version);
+    }
+    const facts = { all, builds, blocked, unblockOn: new Set() };
+    // Unblock goes on the newest row of a blocked version (the list is newest first).
+    for (const version of blocked) {
+      const newest = all.find((r) => r.version === version);
+      if (newest) facts.unblockOn.add(newest.id);
+    }
     banners.replaceChildren(...rolloutBanners(all));
     body.replaceChildren(table(
-      ['Version', 'Platform', 'State', 'Funnel', 'Running', 'Success rate', 'Gate', ''],
-      all.map((r) => h('tr', { 'data-rollout': `${r.version} ${platform(r)}` },
-        h('td', {}, r.version), h('td', {}, platform(r)), h('td', {}, state(r.state)),
-        h('td', {}, funnel(r), progress(r)), h('td', {}, r.running), h('td', {}, percent(r.success_rate)),
-        h('td', {}, h('span', { class: r.gate.pass ? 'state succeeded' : 'state failed' }, r.gate.pass ? 'pass' : 'fail'),
-          ' ', h('small', {}, r.gate.reason)),
-        h('td', {}, rolloutActions(r, all)))),
-      'No builds published yet.'));
+      ['Version', 'Kind', 'Platforms', 'State', 'Wave', 'Funnel', 'Gate', ''],
+      all.map((r) => h('tr', { 'data-rollout': r.id, 'data-version': r.version, 'data-kind': r.kind },
+        h('td', { title: `rollout ${r.id}` }, r.version,
+          randomId(r.id) ? [' ', h('small', { class: 'muted mono' }, shortId(r.id))] : null,
+          blocked.has(r.version) ? h('span', { class: 'marker paused' }, 'blocked') : null),
+        h('td', { class: 'kind' }, r.kind), h('td', {}, platforms(r)),
+        h('td', {}, state(r.state),
+          r.reason && ['halted', 'aborted', 'superseded'].includes(r.state) ? h('small', { class: 'reason' }, r.reason) : null),
+        h('td', { class: 'wave' }, waveText(r)),
+        h('td', {}, funnel(r), progress(r)),
+        h('td', { class: 'gate' }, r.gate
+          ? [h('span', { class: r.gate.pass ? 'state succeeded' : 'state failed' }, r.gate.pass ? 'pass' : 'fail'),
+            ' ', h('small', {}, r.gate.reason)]
+          : '—'),
+        h('td', {}, rolloutActions(r, facts)))),
+      'No rollouts yet: a build published on beta, a promote or a rollback starts one.'));
   });
   return { refresh(events) { if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) load(); } };
 }
 
+// Where the targets stand: the road to success, then the ways off it that happened.
 function funnel(r) {
-  const failures = [[r.failed, 'failed'], [r.rolled_back, 'rolled back'], [r.timed_out, 'timed out']]
+  const off = [[r.failed, 'failed'], [r.rolled_back, 'rolled back'], [r.cancelled, 'cancelled'], [r.skipped, 'skipped']]
     .filter(([n]) => n > 0).map(([n, what]) => `${n} ${what}`);
-  return h('div', { class: 'funnel', title: 'targeted → dispatched → in progress → succeeded' },
-    `${r.targeted} → ${r.dispatched} → ${r.in_progress} → ${r.succeeded}`,
-    failures.length ? h('span', { class: 'bad' }, ` · ${failures.join(', ')}`) : null);
+  return h('div', { class: 'funnel', title: `${r.targeted} targeted` },
+    `${r.waiting} waiting → ${r.queued} queued → ${r.in_progress} in progress → ${r.succeeded} succeeded`,
+    off.length ? h('span', { class: r.failed + r.rolled_back > 0 ? 'bad' : 'muted' }, ` · ${off.join(', ')}`) : null);
 }
 
-function rolloutActions(r, all) {
+function rolloutActions(r, facts) {
+  const running = r.state === 'running' || r.state === 'waiting';
+  const promotable = r.kind === 'beta' && !facts.blocked.has(r.version)
+    && facts.builds.some((b) => b.version === r.version && b.channel === 'beta');
   return [
-    r.state === 'beta' ? actionButton('Promote', () => promote(r, all)) : null,
-    r.state === 'halted' ? actionButton('Resume', () => resume(r)) : null,
-    r.state === 'rolled_back' ? actionButton('Unblock', () => unblock(r)) : null,
-    r.state !== 'rolled_back' ? actionButton('Roll back', () => rollback(r)) : null,
+    promotable ? actionButton('Promote', () => promote(r, facts.all)) : null,
+    running ? actionButton('Pause', () => pause(r)) : null,
+    r.state === 'paused' || r.state === 'halted' ? actionButton('Resume', () => resume(r)) : null,
+    running && r.current_wave < r.waves.length - 1 ? actionButton('Advance', () => advance(r)) : null,
+    isOpen(r) ? actionButton('Abort', () => abort(r)) : null,
+    r.kind !== 'rollback' && !facts.blocked.has(r.version) ? actionButton('Roll back', () => rollback(r, facts.all)) : null,
+    facts.unblockOn.has(r.id) ? actionButton('Unblock', () => unblock(r)) : null,
   ];
 }
 
@@ -301,40 +345,73 @@ async function agentCount(filters) {
   return (await get(`/api/v1/agents?${query({ ...filters, limit: 0 })}`)).total;
 }
 
-// A promote flips the version's channel on every platform; the gate is this row's.
+// A promote flips the version's channel on every platform it has a build for; the gate
+// shown is this beta rollout's.
 async function promote(r, all) {
-  const platforms = all.filter((x) => x.version === r.version);
-  const counts = await Promise.all(platforms.map((p) => agentCount(
+  const scope = [];
+  for (const x of all.filter((x) => x.version === r.version && x.kind === 'beta')) {
+    for (const p of x.platforms) if (!scope.some((q) => platform(q) === platform(p))) scope.push(p);
+  }
+  const counts = await Promise.all(scope.map((p) => agentCount(
     { channel: 'stable', os: p.os, arch: p.arch, older_than: r.version, paused: false })));
   const total = counts.reduce((a, b) => a + b, 0);
-  const detail = platforms.map((p, i) => `${platform(p)}: ${counts[i]}`).join(', ');
+  const detail = scope.map((p, i) => `${platform(p)}: ${counts[i]}`).join(', ');
   const force = !r.gate.pass;
-  const text = `Promote ${r.version} to stable: ${plural(total, 'stable agent')} will update (${detail}).`
-    + (force ? ` The health gate fails on ${platform(r)} (${r.gate.reason}); this promotes past it and is audited as forced.`
-      : ` Health gate on ${platform(r)}: ${r.gate.reason}.`);
+  const text = `Promote ${r.version} to stable: ${plural(total, 'stable agent')} will update (${detail}), wave by wave.`
+    + (force ? ` The health gate fails on ${platforms(r)} (${r.gate.reason}); this promotes past it and is audited as forced.`
+      : ` Health gate on ${platforms(r)}: ${r.gate.reason}.`);
+  const only = r.platforms.length === 1 ? r.platforms[0] : {};
   await act(text, force ? 'Promote anyway' : 'Promote',
-    () => api('POST', `/api/v1/rollouts/${enc(r.version)}/promote`, { os: r.os, arch: r.arch, force }),
+    () => api('POST', `/api/v1/rollouts/${enc(r.version)}/promote`, { os: only.os, arch: only.arch, force }),
     `${r.version} is stable`);
 }
 
-async function rollback(r) {
+async function pause(r) {
+  await act(`Pause the ${named(r)}: none of its ${plural(r.waiting, 'waiting agent')} is started until it is resumed; `
+    + `its ${plural(unfinished(r), 'update')} under way ${unfinished(r) === 1 ? 'goes' : 'go'} on `
+    + `(${r.succeeded} of ${r.targeted} succeeded so far).`, 'Pause',
+  () => api('POST', `/api/v1/rollouts/${enc(r.id)}/pause`), `${named(r)} paused`);
+}
+
+async function resume(r) {
+  await act(`Resume the ${named(r)}: dispatch goes on to its ${plural(r.waiting, 'waiting agent')} `
+    + `(so far ${r.succeeded} of ${r.targeted} succeeded, ${failedTotal(r)} failed, ${r.failures.build} build failures); `
+    + 'build failures before now no longer count toward a halt.', 'Resume',
+  () => api('POST', `/api/v1/rollouts/${enc(r.id)}/resume`), `${named(r)} resumed`);
+}
+
+async function advance(r) {
+  const next = r.waves[r.current_wave + 1];
+  await act(`Advance the ${named(r)} to wave ${r.current_wave + 2} of ${r.waves.length} (${next.share} of its targets) now, `
+    + `without waiting for wave ${r.current_wave + 1} to pass and bake: ${plural(next.size, 'more agent')} may start.`, 'Advance',
+  () => api('POST', `/api/v1/rollouts/${enc(r.id)}/advance`), `${named(r)} advanced`);
+}
+
+async function abort(r) {
+  await act(`Abort the ${named(r)}: its ${plural(unfinished(r), 'unfinished update')} ${are(unfinished(r))} cancelled `
+    + `and its ${plural(r.waiting, 'waiting agent')} ${are(r.waiting)} never started; the ${r.succeeded} that succeeded `
+    + `stay on ${r.version}.`, 'Abort',
+  () => api('POST', `/api/v1/rollouts/${enc(r.id)}/abort`), `${named(r)} aborted`);
+}
+
+async function rollback(r, all) {
   const running = await agentCount({ version: r.version });
-  await act(`Roll back ${r.version}: it is blocked on every platform, and ${plural(running, 'agent')} running it `
-    + 'will be moved to the newest other build of their channel.', 'Roll back',
+  const cancelled = all.filter((x) => x.version === r.version && isOpen(x)).reduce((n, x) => n + unfinished(x), 0);
+  await act(`Roll back ${r.version}: it is blocked on every platform, its ${plural(cancelled, 'unfinished update')} `
+    + `${are(cancelled)} cancelled, and ${plural(running, 'agent')} running it will be moved to the newest other build of their `
+    + 'channel (paused agents and those declining updates are skipped).', 'Roll back',
   () => api('POST', `/api/v1/rollouts/${enc(r.version)}/rollback`), `${r.version} is rolled back`);
 }
 
 async function unblock(r) {
-  await act(`Unblock ${r.version}: it is offered again; ${plural(r.targeted, 'agent')} on ${platform(r)} `
-    + 'see it on their channel and may update to it.', 'Unblock',
+  const builds = (await get('/api/v1/releases')).filter((b) => b.version === r.version);
+  const stable = builds.some((b) => b.channel === 'stable');
+  const counts = await Promise.all(builds.map((b) => agentCount(
+    { channel: stable ? '' : 'beta', os: b.os, arch: b.arch, older_than: r.version, paused: false })));
+  const total = counts.reduce((a, b) => a + b, 0);
+  await act(`Unblock ${r.version}: it is offered again on ${stable ? 'stable' : 'beta'}; `
+    + `${plural(total, 'agent')} of its platforms run something older and may update to it.`, 'Unblock',
   () => api('POST', `/api/v1/rollouts/${enc(r.version)}/unblock`), `${r.version} is offered again`);
-}
-
-async function resume(r) {
-  await act(`Resume ${r.version} on ${platform(r)}: dispatch goes on to the ${plural(r.targeted, 'targeted agent')} `
-    + `(so far ${r.succeeded} succeeded, ${r.failed + r.rolled_back + r.timed_out} failed).`, 'Resume',
-  () => api('POST', `/api/v1/rollouts/${enc(r.version)}/resume`, { os: r.os, arch: r.arch }),
-  `${r.version} on ${platform(r)} resumed`);
 }
 
 // ---------------------------------------------------------------- agents
@@ -424,7 +501,9 @@ function agentDetail(main, id) {
       table(['Created', 'Updated', 'Update', 'Kind', 'Status', 'Attempts', 'Progress', 'Error'],
         a.tasks.map((t) => h('tr', {},
           h('td', {}, t.created_at), h('td', {}, ago(t.updated_at)),
-          h('td', {}, `${t.from_version} → ${t.to_version}`), h('td', {}, t.kind), h('td', {}, state(t.status)),
+          h('td', {}, `${t.from_version} → ${t.to_version}`), h('td', {}, t.kind),
+          h('td', {}, state(t.status), t.failure_class
+            ? h('span', { class: `failure-class ${t.failure_class}`, title: 'failure class' }, t.failure_class) : null),
           h('td', {}, t.attempts), h('td', {}, t.bytes_total ? `${Math.round((100 * t.bytes_done) / t.bytes_total)}%` : ''),
           h('td', { class: 'error' }, t.error || ''))),
         'No update tasks yet.'));
@@ -449,8 +528,9 @@ function agentActions(a) {
         () => api('POST', `${base}/resume`), `${a.hostname} resumed`))
       : actionButton('Pause updates', () => act(`Pause automatic updates of ${a.hostname}: it stays on ${a.version} until resumed.`,
         'Pause', () => api('POST', `${base}/pause`), `${a.hostname} paused`)),
-    actionButton('Update now', () => act(`Update ${a.hostname} now from ${a.version} to the newest ${a.channel} build, `
-      + 'even if paused; any unfinished task is cancelled.', 'Update now',
+    // The server refuses an update now to a paused agent: resume it first.
+    a.paused ? null : actionButton('Update now', () => act(`Update ${a.hostname} now from ${a.version} to the newest `
+      + `${a.channel} build (a targeted rollout of this one agent); any unfinished task is cancelled.`, 'Update now',
     () => api('POST', `${base}/update`), `update sent to ${a.hostname}`)),
     channel,
     actionButton('Set channel', () => act(channel.value
@@ -485,7 +565,8 @@ function releases(main) {
 
 // ---------------------------------------------------------------- audit
 
-const AUDIT_ACTIONS = ['rollout.promote', 'rollout.rollback', 'rollout.unblock', 'rollout.resume', 'rollout.halt',
+const AUDIT_ACTIONS = ['rollout.promote', 'rollout.rollback', 'rollout.unblock', 'rollout.create', 'rollout.pause',
+  'rollout.resume', 'rollout.advance', 'rollout.abort', 'rollout.halt',
   'agent.pause', 'agent.resume', 'agent.update', 'agent.channel', 'agent.reenroll', 'site.channel', 'client.channel',
   'releases.rescan', 'updates.switch', 'token.create', 'token.revoke', 'enrollment_token.create', 'client.create',
   'site.create', 'session.login'];

@@ -766,6 +766,34 @@ pub(crate) async fn unblock(state: &AppState, version: &str, actor: &str) -> Sto
         return Ok(false);
     }
     state.reload_rollout_state().await?;
+    // Nobody needs moving off the version any more.
+    let rollbacks: Vec<Rollout> = state
+        .book()
+        .rollouts()
+        .filter(|r| r.record.kind == RolloutKind::Rollback && r.record.version == version)
+        .filter(|r| r.record.state.is_open())
+        .map(|r| r.record.clone())
+        .collect();
+    for rollback in &rollbacks {
+        if transition(
+            state,
+            rollback,
+            &[
+                RolloutState::Running,
+                RolloutState::Waiting,
+                RolloutState::Paused,
+                RolloutState::Halted,
+            ],
+            RolloutState::Aborted,
+            Some(&format!("{version} was unblocked")),
+            actor,
+            None,
+        )
+        .await?
+        {
+            cancel_rollout_tasks(state, rollback, &format!("{version} was unblocked")).await?;
+        }
+    }
     let index = state.releases.current();
     let agents = state.store.list_agents().await?;
     for channel in [Channel::Beta, Channel::Stable] {

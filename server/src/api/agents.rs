@@ -670,8 +670,9 @@ pub(crate) struct UpdateQueued {
     pushed: bool,
 }
 
-/// Request an update now: a forced task, pushed at once when the agent is connected and
-/// on its next connect otherwise. It overrides a pause and a version's earlier failure.
+/// Request an update now: a targeted rollout of this one agent with a forced task, pushed
+/// at once when the agent is connected and on its next connect otherwise. It overrides a
+/// version's earlier failure on the agent, not a pause.
 #[utoipa::path(
     post,
     path = "/agents/{id}/update",
@@ -687,7 +688,7 @@ pub(crate) struct UpdateQueued {
         (status = 400, description = "The body or the version is malformed", body = ErrorBody),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
         (status = 404, description = "No agent has this id, or no such build is offered for its platform", body = ErrorBody),
-        (status = 409, description = "Updates are off server-wide, the agent declines updates, the build is blocked, or it is not newer than what the agent runs", body = ErrorBody),
+        (status = 409, description = "Updates are off server-wide, the agent is paused or declines updates, the build is blocked, or it is not newer than what the agent runs", body = ErrorBody),
     ),
     security(("bearer" = ["operator"])),
 )]

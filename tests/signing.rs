@@ -373,9 +373,35 @@ async fn only_builds_signed_for_this_agent_are_installed_and_never_a_replay() {
         "one refused rollback task, not one per heartbeat"
     );
 
-    // The key holder signs the rollback explicitly, with a new counter: installed.
+    // That build failure halted the rollback rollout. The key holder signs the rollback
+    // explicitly, with a new counter, and the operator resumes it: installed.
+    let (_, rollouts) = server.api().get("/api/v1/rollouts?version=1.7.0").await;
+    let rollback = rollouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "rollback")
+        .unwrap_or_else(|| panic!("no rollback rollout: {rollouts}"));
+    assert_eq!(rollback["state"], "halted", "{rollback}");
     sign(&server.downloads().join(build_name("1.1.0")), &key, 8, true);
-    task_to(&server, &id, "1.1.0", "succeeded").await;
+    let (status, _) = server.api().post("/api/v1/releases/rescan", None).await;
+    assert_eq!(status, 200);
+    let (status, body) = server
+        .api()
+        .post("/api/v1/rollouts/1.7.0/resume", None)
+        .await;
+    assert_eq!(
+        (status, &body["resumed"]),
+        (200, &serde_json::json!(1)),
+        "{body}"
+    );
+    eventually("the signed rollback to succeed", UPDATE_WAIT, || async {
+        tasks_of(&server, &id)
+            .await
+            .into_iter()
+            .find(|t| t["kind"] == "rollback" && t["status"] == "succeeded")
+    })
+    .await;
     installed(&exe, &state, "1.1.0").await;
     assert_eq!(stored_counter(&state).as_deref(), Some("8"));
     assert!(!state.join("staging").exists());

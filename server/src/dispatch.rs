@@ -12,7 +12,7 @@ use protocol::{
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::conductor;
-use crate::engine::{AgentPosition, Decision, needs_update, resolve_channel};
+use crate::engine::{AgentPosition, Decision, HoldReason, needs_update, resolve_channel};
 use crate::releases::Release;
 use crate::rollouts::book::{Admission, Asking};
 use crate::store::{FailureClass, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
@@ -99,15 +99,25 @@ pub(crate) enum Due {
         wave: usize,
         join: bool,
     },
-    /// Nothing now, and why.
-    Hold(String),
+    /// Nothing now, and why. `keeps_task` when the reason only paces the rollout (a wave
+    /// not started, a paused or halted rollout, a retry delay): an update already under
+    /// way goes on. Otherwise the rules no longer allow the build, and one under way is
+    /// cancelled.
+    Hold { reason: String, keeps_task: bool },
 }
 
 /// The rule: what an agent is due now, ignoring any task it has. Dispatch acts on it,
 /// explain shows it, and an unfinished task the rule no longer allows is cancelled.
 pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>) -> Due {
     let position = live.position;
-    let hold = |reason: String| Due::Hold(reason);
+    let hold = |reason: String| Due::Hold {
+        reason,
+        keeps_task: false,
+    };
+    let pace = |reason: String| Due::Hold {
+        reason,
+        keeps_task: true,
+    };
     // These hold for every kind of rollout, rollbacks and targeted ones included.
     if !state.updates_enabled() {
         return hold("updates are disabled server-wide".into());
@@ -142,8 +152,9 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
         },
         Admission::Join {
             rollout_id, wave, ..
-        } => Due::Hold(crate::rollouts::book::waiting_for_wave(&rollout_id, wave)),
-        Admission::Hold(reason) => Due::Hold(reason),
+        } => pace(crate::rollouts::book::waiting_for_wave(&rollout_id, wave)),
+        Admission::Wait(reason) => pace(reason),
+        Admission::Hold(reason) => hold(reason),
     };
 
     // An operator chose this agent and a version.
@@ -174,12 +185,12 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
                 }
             }
             crate::store::RolloutState::Running | crate::store::RolloutState::Waiting => {
-                Admission::Hold(crate::rollouts::book::waiting_for_wave(
+                Admission::Wait(crate::rollouts::book::waiting_for_wave(
                     &targeted.record.id,
                     wave,
                 ))
             }
-            other => Admission::Hold(format!(
+            other => Admission::Wait(format!(
                 "targeted rollout {} is {}",
                 targeted.record.id,
                 other.as_str()
@@ -196,12 +207,16 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
                 position.version
             ));
         };
-        if position
-            .failed_versions
-            .contains(&release.version.to_string())
+        // A rollback this agent refused (an old signature, say) is tried again when
+        // something changes (a build, an operator's action, a new session), not on every
+        // heartbeat: each attempt would be one more failed task.
+        if !live.something_changed
+            && position
+                .failed_versions
+                .contains(&release.version.to_string())
         {
-            return hold(format!(
-                "going back to {} failed on this agent before; it is retried when forced",
+            return pace(format!(
+                "going back to {} failed on this agent before; it is tried again when the builds or the rules change, or when forced",
                 release.version
             ));
         }
@@ -218,13 +233,15 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
 
     let release = match state.with_policy(|policy| needs_update(position, &index, policy)) {
         Decision::Offer(release) => release,
+        // Failed before: the task that failed has ended; nothing under way to keep.
+        Decision::Hold(reason @ HoldReason::FailedBefore(_)) => return pace(reason.describe()),
         Decision::Hold(reason) => return hold(reason.describe()),
     };
     let version = release.version.to_string();
     if let Some(&at) = live.retry_at.get(&version)
         && at > now_ms()
     {
-        return hold(format!(
+        return pace(format!(
             "the last attempt at {version} failed for a reason other than the build; it is retried after {}",
             rfc3339(at)
         ));
@@ -245,13 +262,25 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
 pub(crate) struct LiveAgentView<'a> {
     pub(crate) position: &'a AgentPosition,
     pub(crate) retry_at: &'a HashMap<String, i64>,
+    /// The check follows a change (a connect, new builds, an operator's action) rather
+    /// than a heartbeat.
+    pub(crate) something_changed: bool,
 }
 
 impl LiveAgent {
+    /// What `decide` reads, as at a heartbeat (what explain shows).
     pub(crate) fn view(&self) -> LiveAgentView<'_> {
         LiveAgentView {
             position: &self.position,
             retry_at: &self.retry_at,
+            something_changed: false,
+        }
+    }
+
+    fn view_at(&self, trigger: Trigger) -> LiveAgentView<'_> {
+        LiveAgentView {
+            something_changed: trigger != Trigger::Heartbeat,
+            ..self.view()
         }
     }
 }
@@ -276,16 +305,10 @@ fn no_longer_allowed(state: &AppState, live: &LiveAgent, task: &UpdateTask) -> O
             "the agent's rules now offer {} instead of {}",
             release.version, task.to_version
         )),
-        // A rollout that waits, pauses or halts starts no one new; what is under way
-        // goes on.
-        Due::Hold(reason)
-            if reason.contains("waiting for wave")
-                || reason.contains("is paused")
-                || reason.contains("is halted") =>
-        {
-            None
-        }
-        Due::Hold(reason) => Some(reason),
+        Due::Hold {
+            keeps_task: true, ..
+        } => None,
+        Due::Hold { reason, .. } => Some(reason),
     }
 }
 
@@ -304,16 +327,17 @@ pub(crate) async fn check(
         }
         return advance(state, live, task, trigger).await;
     }
-    let (release, kind, rollout_id, wave, join) = match decide(state, &live.id, &live.view()) {
-        Due::Start {
-            release,
-            kind,
-            rollout_id,
-            wave,
-            join,
-        } => (release, kind, rollout_id, wave, join),
-        Due::Hold(_) => return Ok(None),
-    };
+    let (release, kind, rollout_id, wave, join) =
+        match decide(state, &live.id, &live.view_at(trigger)) {
+            Due::Start {
+                release,
+                kind,
+                rollout_id,
+                wave,
+                join,
+            } => (release, kind, rollout_id, wave, join),
+            Due::Hold { .. } => return Ok(None),
+        };
     if join {
         state
             .store

@@ -595,7 +595,7 @@ pub(crate) async fn explain(
                 release.version
             ),
         ),
-        (None, Due::Hold(reason)) => {
+        (None, Due::Hold { reason, .. }) => {
             let next = if reason.contains("waiting for wave") {
                 "the build is sent when its wave starts (the rollout moves on by itself once the earlier wave passed and baked, or when an operator advances it)"
             } else if reason.contains("rollout") {

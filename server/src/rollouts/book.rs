@@ -75,8 +75,11 @@ pub(crate) enum Admission {
         wave: usize,
         started: bool,
     },
-    /// Not now, and why (for explain and the logs).
+    /// Not under this rollout, and why: an update under way to it is stopped.
     Hold(String),
+    /// Not yet, and why (its wave has not started, or the rollout is paused or halted):
+    /// an update under way goes on.
+    Wait(String),
 }
 
 /// Who asks: an agent, the version it would be moved to, and how.
@@ -144,9 +147,9 @@ impl Book {
         let state = rollout.record.state;
         match state {
             RolloutState::Running | RolloutState::Waiting | RolloutState::Completed => {}
-            RolloutState::Paused => return Admission::Hold(format!("rollout {id} is paused")),
+            RolloutState::Paused => return Admission::Wait(format!("rollout {id} is paused")),
             RolloutState::Halted => {
-                return Admission::Hold(format!(
+                return Admission::Wait(format!(
                     "rollout {id} is halted: {}",
                     rollout.record.reason.as_deref().unwrap_or("by an operator")
                 ));
@@ -184,7 +187,7 @@ impl Book {
                 wave,
             }
         } else {
-            Admission::Hold(waiting_for_wave(id, wave))
+            Admission::Wait(waiting_for_wave(id, wave))
         }
     }
 
@@ -257,6 +260,14 @@ mod tests {
         )
     }
 
+    /// The reason of a `Hold` or `Wait`.
+    fn reason(admission: &Admission) -> Option<&str> {
+        match admission {
+            Admission::Hold(reason) | Admission::Wait(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
     fn asking<'a>(agent: &'a str, channel: Channel, version: &'a str) -> Asking<'a> {
         Asking {
             agent_id: agent,
@@ -283,7 +294,7 @@ mod tests {
         )]);
         let stable = |agent| book.admit(&asking(agent, Channel::Stable, "1.1.0"));
         assert!(matches!(stable("a"), Admission::Go { wave: 0, .. }));
-        assert_eq!(stable("b"), Admission::Hold(waiting_for_wave("p1", 1)));
+        assert_eq!(stable("b"), Admission::Wait(waiting_for_wave("p1", 1)));
         // A newcomer joins a wave of its own.
         assert!(matches!(stable("c"), Admission::Join { .. }));
         // Another platform has no rollout.
@@ -307,10 +318,17 @@ mod tests {
                 rollout("old", "1.1.0", Promote, Completed, 1, 1, &[]),
                 rollout("new", "1.1.0", Promote, state, 1, 2, &[("a", 0)]),
             ]);
-            match book.admit(&asking("a", Channel::Stable, "1.1.0")) {
-                Admission::Hold(r) => assert!(r.contains(reason), "{state:?}: {r}"),
-                other => panic!("{state:?}: {other:?}"),
-            }
+            let admission = book.admit(&asking("a", Channel::Stable, "1.1.0"));
+            let reason_of = admission
+                .reason()
+                .unwrap_or_else(|| panic!("{state:?}: {admission:?}"));
+            assert!(reason_of.contains(reason), "{state:?}: {reason_of}");
+            // A paused or halted rollout lets what is under way go on; an ended one not.
+            assert_eq!(
+                matches!(admission, Admission::Wait(_)),
+                matches!(state, Paused | Halted),
+                "{state:?}"
+            );
         }
         // A completed rollout lets anyone in.
         let book = Book::new(vec![rollout("p", "1.1.0", Promote, Completed, 1, 1, &[])]);
@@ -334,7 +352,7 @@ mod tests {
         ));
         assert!(matches!(
             book.admit(&asking("x", Channel::Stable, "1.1.0")),
-            Admission::Hold(r) if r.contains("rollout p is halted")
+            Admission::Wait(r) if r.contains("rollout p is halted")
         ));
         // A beta build never reaches a stable agent through the beta rollout.
         let beta_only = Book::new(vec![rollout("b", "1.2.0", Beta, Running, 0, 1, &[])]);
@@ -350,7 +368,7 @@ mod tests {
         let mut back = asking("x", Channel::Stable, "1.1.0");
         back.rollback = true;
         assert!(
-            matches!(rollback.admit(&back), Admission::Hold(r) if r.contains("rollout r is paused"))
+            matches!(rollback.admit(&back), Admission::Wait(r) if r.contains("rollout r is paused"))
         );
     }
 

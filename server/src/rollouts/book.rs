@@ -319,9 +319,8 @@ mod tests {
                 rollout("new", "1.1.0", Promote, state, 1, 2, &[("a", 0)]),
             ]);
             let admission = book.admit(&asking("a", Channel::Stable, "1.1.0"));
-            let reason_of = admission
-                .reason()
-                .unwrap_or_else(|| panic!("{state:?}: {admission:?}"));
+            let reason_of =
+                reason(&admission).unwrap_or_else(|| panic!("{state:?}: {admission:?}"));
             assert!(reason_of.contains(reason), "{state:?}: {reason_of}");
             // A paused or halted rollout lets what is under way go on; an ended one not.
             assert_eq!(

@@ -261,7 +261,7 @@ mod tests {
     }
 
     /// The reason of a `Hold` or `Wait`.
-    fn reason(admission: &Admission) -> Option<&str> {
+    fn reason_of(admission: &Admission) -> Option<&str> {
         match admission {
             Admission::Hold(reason) | Admission::Wait(reason) => Some(reason),
             _ => None,
@@ -319,9 +319,8 @@ mod tests {
                 rollout("new", "1.1.0", Promote, state, 1, 2, &[("a", 0)]),
             ]);
             let admission = book.admit(&asking("a", Channel::Stable, "1.1.0"));
-            let reason_of =
-                reason(&admission).unwrap_or_else(|| panic!("{state:?}: {admission:?}"));
-            assert!(reason_of.contains(reason), "{state:?}: {reason_of}");
+            let why = reason_of(&admission).unwrap_or_else(|| panic!("{state:?}: {admission:?}"));
+            assert!(why.contains(reason), "{state:?}: {why}");
             // A paused or halted rollout lets what is under way go on; an ended one not.
             assert_eq!(
                 matches!(admission, Admission::Wait(_)),

@@ -40,13 +40,25 @@ struct Sim {
 
 impl Sim {
     fn start(server: &Server, dir: &Path, agents: usize, extra: &[&str]) -> Sim {
+        Sim::start_in(server, dir, ENROLL_TOKEN, "identities.json", agents, extra)
+    }
+
+    /// A fleet enrolled with `token` (into that token's site), its identities in `file`.
+    fn start_in(
+        server: &Server,
+        dir: &Path,
+        token: &str,
+        file: &str,
+        agents: usize,
+        extra: &[&str],
+    ) -> Sim {
         let progress = dir.join(format!("sim-{}.log", rand_suffix()));
         let log = std::fs::File::create(&progress).unwrap();
         let child = Command::new(sim_bin())
-            .args(["--server", &server.url, "--enroll-token", ENROLL_TOKEN])
+            .args(["--server", &server.url, "--enroll-token", token])
             .args(["--agents", &agents.to_string()])
             .arg("--identities")
-            .arg(dir.join("identities.json"))
+            .arg(dir.join(file))
             .args(["--source-ips", "127.0.0.2-127.0.0.5"])
             .args(["--report-every", "0.2", "--json"])
             .args(extra)
@@ -100,16 +112,14 @@ impl Drop for Sim {
     }
 }
 
-/// The rollouts listing's row for `version`; `None` while there is none, or while the
-/// server does not answer (it may be restarting).
+/// The newest rollout of `version`; `None` while there is none, or while the server does
+/// not answer (it may be restarting).
 async fn rollout_of(api: &Api, version: &str) -> Option<Value> {
-    let (status, rollouts) = api.get("/api/v1/rollouts").await;
+    let (status, rollouts) = api
+        .get(&format!("/api/v1/rollouts?version={version}"))
+        .await;
     (status == 200).then_some(())?;
-    rollouts
-        .as_array()?
-        .iter()
-        .find(|r| r["version"] == version)
-        .cloned()
+    rollouts.as_array()?.first().cloned()
 }
 
 fn rand_suffix() -> u128 {
@@ -175,8 +185,11 @@ async fn simulated_fleet_takes_a_promoted_build_downloads_verifies_and_reports_i
     publish(&server.downloads(), "1.1.0", Some("beta"), &build);
     let rollout = || rollout_of(&api, "1.1.0");
     let beta = eventually("1.1.0 to be offered", Duration::from_secs(20), rollout).await;
-    assert_eq!(beta["state"], "beta", "{beta}");
-    assert_eq!(rollout().await.unwrap()["dispatched"], 0);
+    assert_eq!(
+        (&beta["kind"], &beta["targeted"]),
+        (&"beta".into(), &0.into()),
+        "a beta rollout with no beta agent: {beta}"
+    );
 
     // ...until it is promoted (forced: no beta agent has tried it), which reaches all.
     let (status, promoted) = api
@@ -222,10 +235,23 @@ async fn simulated_fleet_takes_a_promoted_build_downloads_verifies_and_reports_i
     )
     .await;
 
-    let done = rollout().await.unwrap();
+    let done = eventually(
+        "the promote to complete",
+        Duration::from_secs(20),
+        || async {
+            let done = rollout().await?;
+            (done["state"] == "completed").then_some(done)
+        },
+    )
+    .await;
     assert_eq!(
-        (&done["state"], &done["succeeded"], &done["failed"]),
-        (&"stable".into(), &FLEET.into(), &0.into()),
+        (
+            &done["kind"],
+            &done["targeted"],
+            &done["succeeded"],
+            &done["failed"]
+        ),
+        (&"promote".into(), &FLEET.into(), &FLEET.into(), &0.into()),
         "{done}"
     );
 
@@ -473,14 +499,20 @@ async fn a_server_killed_mid_rollout_finishes_it_from_its_saved_state() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert_eq!(done["state"], "stable", "{done}");
     assert_eq!(
-        done["dispatched"], STORM,
-        "one task per agent, none twice: {done}"
+        (&done["kind"], &done["targeted"]),
+        (&"promote".into(), &STORM.into()),
+        "{done}"
+    );
+    // One task per agent: a second would have needed the first to fail or be cancelled.
+    assert_eq!(
+        (&done["failed"], &done["rolled_back"], &done["cancelled"]),
+        (&0.into(), &0.into(), &0.into()),
+        "{done}"
     );
     assert_eq!(
-        (&done["failed"], &done["timed_out"], &done["rolled_back"]),
-        (&0.into(), &0.into(), &0.into()),
+        done["failures"],
+        serde_json::json!({ "build": 0, "environment": 0, "transient": 0 }),
         "{done}"
     );
     // Versions reach the agent rows with the next heartbeat batch.
@@ -513,4 +545,283 @@ async fn a_server_killed_mid_rollout_finishes_it_from_its_saved_state() {
         report["updates_verified"].as_u64().unwrap() >= STORM as u64,
         "report: {report}"
     );
+}
+
+/// Where each agent of a rollout stands: agent id → (wave, stage), from its agents pages.
+async fn targets_of(api: &Api, rollout: &str) -> Vec<(String, u64, String)> {
+    let mut all = Vec::new();
+    loop {
+        let (status, page) = api
+            .get(&format!(
+                "/api/v1/rollouts/{rollout}/agents?limit=500&offset={}",
+                all.len()
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let agents = page["agents"].as_array().unwrap();
+        all.extend(agents.iter().map(|a| {
+            (
+                a["agent_id"].as_str().unwrap().to_owned(),
+                a["wave"].as_u64().unwrap(),
+                a["stage"].as_str().unwrap().to_owned(),
+            )
+        }));
+        if agents.is_empty() || all.len() as u64 >= page["total"].as_u64().unwrap() {
+            return all;
+        }
+    }
+}
+
+/// No agent outside a started wave was ever sent the update: every agent with a task in
+/// the rollout is in a wave that had started. Read the agents first, then the rollout,
+/// so a wave that starts in between cannot make a violation look legal.
+async fn only_started_waves_moved(api: &Api, rollout: &str) -> Value {
+    let targets = targets_of(api, rollout).await;
+    let (_, record) = api.get(&format!("/api/v1/rollouts/{rollout}")).await;
+    let current = record["current_wave"].as_u64().unwrap();
+    for (agent, wave, stage) in &targets {
+        if stage != "waiting" && stage != "skipped" {
+            assert!(
+                *wave <= current,
+                "agent {agent} of wave {} is {stage} while the rollout is in wave {}",
+                wave + 1,
+                current + 1
+            );
+        }
+    }
+    // The stages add up, and no more succeed than are targeted.
+    let n = |k: &str| record[k].as_u64().unwrap();
+    assert_eq!(
+        [
+            "waiting",
+            "queued",
+            "in_progress",
+            "succeeded",
+            "failed",
+            "rolled_back",
+            "cancelled",
+            "skipped"
+        ]
+        .iter()
+        .map(|k| n(k))
+        .sum::<u64>(),
+        n("targeted"),
+        "{record}"
+    );
+    record
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_agents_over_four_sites_take_a_promote_wave_by_wave_and_a_bad_build_stops_in_the_canary()
+ {
+    const PER_SITE: usize = 250;
+    const FLEET: usize = 4 * PER_SITE;
+    if !open_files_allow(FLEET) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The default plan (1% canary, 10%, 50%, everyone) with a short bake.
+    let server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--default-waves",
+            "1%,10%,50%,100%",
+            "--wave-bake",
+            "2s",
+            "--heartbeat-interval",
+            "2",
+        ],
+    );
+    let api = server.api();
+
+    // Four sites of 250 agents each; 1.2.0 fails on every agent that tries it.
+    let (_, client) = api.get("/api/v1/clients").await;
+    let client_id = client[0]["id"].as_str().unwrap().to_owned();
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let mut tokens = vec![(
+        sites[0]["id"].as_str().unwrap().to_owned(),
+        ENROLL_TOKEN.to_owned(),
+    )];
+    for name in ["north", "east", "west"] {
+        let (status, site) = api
+            .post(
+                "/api/v1/sites",
+                Some(serde_json::json!({ "client_id": client_id, "name": name })),
+            )
+            .await;
+        assert_eq!(status, 201, "{site}");
+        let site = site["id"].as_str().unwrap().to_owned();
+        let (status, token) = api
+            .post(&format!("/api/v1/sites/{site}/enrollment-tokens"), None)
+            .await;
+        assert_eq!(status, 201, "{token}");
+        tokens.push((site, token["token"].as_str().unwrap().to_owned()));
+    }
+    let fleets: Vec<Sim> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, (_, token))| {
+            Sim::start_in(
+                &server,
+                dir.path(),
+                token,
+                &format!("identities-{i}.json"),
+                PER_SITE,
+                &["--max-downloads", "64", "--fail-versions", "1.2.0"],
+            )
+        })
+        .collect();
+    let agents = all_online(&api, FLEET).await;
+    let site_of: std::collections::HashMap<String, String> = agents
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_owned(),
+                a["site_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+
+    // Promote 1.1.0 with the default plan.
+    let build: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    publish(&server.downloads(), "1.1.0", Some("beta"), &build);
+    eventually("1.1.0 to be offered", Duration::from_secs(20), || {
+        rollout_of(&api, "1.1.0")
+    })
+    .await;
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    let id = promoted["rollout"]["id"].as_str().unwrap().to_owned();
+    let sizes: Vec<u64> = promoted["rollout"]["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [10, 90, 400, 500], "{promoted}");
+
+    // Each wave holds its share, the canary spans the four sites, and at every look no
+    // agent outside a started wave has been sent the build.
+    let targets = targets_of(&api, &id).await;
+    assert_eq!(targets.len(), FLEET);
+    for (wave, size) in sizes.iter().enumerate() {
+        let members = targets.iter().filter(|(_, w, _)| *w == wave as u64).count() as u64;
+        assert!(
+            members.abs_diff(*size) <= 1,
+            "wave {wave}: {members} of {size}"
+        );
+    }
+    let canary_sites: BTreeSet<&String> = targets
+        .iter()
+        .filter(|(_, w, _)| *w == 0)
+        .map(|(agent, _, _)| &site_of[agent])
+        .collect();
+    assert_eq!(canary_sites.len(), 4, "the canary spans every site");
+    let waves_seen = std::sync::Mutex::new(BTreeSet::new());
+    let done = eventually(
+        "every wave to run and the promote to complete",
+        Duration::from_secs(240),
+        || async {
+            let record = only_started_waves_moved(&api, &id).await;
+            waves_seen
+                .lock()
+                .unwrap()
+                .insert(record["current_wave"].as_u64().unwrap());
+            (record["state"] == "completed").then_some(record)
+        },
+    )
+    .await;
+    assert_eq!(done["succeeded"], FLEET, "{done}");
+    let waves_seen = waves_seen.into_inner().unwrap();
+    assert!(
+        waves_seen.len() > 1,
+        "waves started one after another: {waves_seen:?}"
+    );
+
+    // 1.2.0 fails on every agent: the rollout halts in the canary, and nobody outside
+    // it is sent the build.
+    publish(
+        &server.downloads(),
+        "1.2.0",
+        Some("beta"),
+        &build[..32 * 1024],
+    );
+    eventually("1.2.0 to be offered", Duration::from_secs(20), || {
+        rollout_of(&api, "1.2.0")
+    })
+    .await;
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.2.0/promote",
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    let bad = promoted["rollout"]["id"].as_str().unwrap().to_owned();
+    let halted = eventually("the bad build to halt", Duration::from_secs(60), || async {
+        let record = only_started_waves_moved(&api, &bad).await;
+        (record["state"] == "halted").then_some(record)
+    })
+    .await;
+    assert_eq!(halted["current_wave"], 0, "halted in the canary: {halted}");
+    assert!(
+        halted["reason"].as_str().unwrap().starts_with("wave 1"),
+        "{halted}"
+    );
+    // Whatever of the canary was under way ends; still nobody else moves.
+    let settled = eventually(
+        "the canary's updates to end",
+        Duration::from_secs(60),
+        || async {
+            let record = only_started_waves_moved(&api, &bad).await;
+            (record["in_progress"] == 0 && record["queued"] == 0).then_some(record)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = only_started_waves_moved(&api, &bad).await;
+    assert_eq!(still["waiting"], FLEET - 10, "{still}");
+
+    // A rollback finds nobody on 1.2.0, and every agent runs 1.1.0.
+    let (status, rolled) = api.post("/api/v1/rollouts/1.2.0/rollback", None).await;
+    assert_eq!(status, 200, "{rolled}");
+    assert_eq!(rolled["targeted"], 0, "{rolled}");
+    let versions: BTreeSet<String> = api
+        .agents()
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a["version"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(versions, BTreeSet::from(["1.1.0".to_owned()]));
+
+    // The server's counts are what the simulators did.
+    let reported: u64 = fleets
+        .into_iter()
+        .map(|sim| {
+            sim.stop()["failures_reported"]["1.2.0"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    let (_, after) = api.get(&format!("/api/v1/rollouts/{bad}")).await;
+    assert_eq!(
+        (
+            after["rolled_back"].as_u64(),
+            after["failures"]["build"].as_u64()
+        ),
+        (Some(reported), Some(reported)),
+        "{after}"
+    );
+    assert_eq!(
+        after["waves"][0]["counts"]["rolled_back"].as_u64(),
+        Some(reported),
+        "{after}"
+    );
+    assert_eq!(settled["rolled_back"].as_u64(), Some(reported), "{settled}");
 }

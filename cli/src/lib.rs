@@ -211,7 +211,7 @@ enum AgentAction {
         json: bool,
     },
     /// Update the agent now, through a targeted rollout of one agent (default: the newest
-    /// build of its channel); a paused agent is resumed first
+    /// build of its channel); the server refuses it while the agent is paused
     Update {
         id: String,
         /// A version offered for the agent's platform

@@ -45,6 +45,16 @@ pub(crate) async fn serve(
             "no offered build named {file:?}"
         )));
     };
+    // A rolled-back build is never served, also to an agent that was sent it before.
+    if state
+        .blocked_versions()
+        .contains(&release.version.to_string())
+    {
+        return Err(ApiError::Forbidden(format!(
+            "{} is rolled back and not served",
+            release.version
+        )));
+    }
     let Ok(permit) = state.downloads.clone().try_acquire_owned() else {
         let mut busy = ApiError::Unavailable(format!(
             "all {} download slots are busy; retry later",

@@ -18,7 +18,7 @@ pub(crate) struct AgentPosition {
     pub(crate) paused: bool,
     /// False when the agent itself declines updates (`--no-auto-update`).
     pub(crate) auto_update: bool,
-    /// Versions that failed, rolled back or timed out on this agent.
+    /// Versions that failed on this agent because of the build (class `build`).
     pub(crate) failed_versions: HashSet<String>,
 }
 

@@ -1209,12 +1209,14 @@ pub(crate) async fn create(
         .filter(|a| s.os.as_ref().is_none_or(|os| *os == a.os))
         .filter(|a| s.arch.as_ref().is_none_or(|arch| *arch == a.arch))
         .filter(|a| s.running.as_ref().is_none_or(|v| *v == a.version))
-        .filter(|a| a.version != request.version)
+        // Only forward: going back is a rollback's business.
+        .filter(|a| semver::Version::parse(&a.version).is_ok_and(|v| v < version))
         .collect();
     if selected.is_empty() {
-        return Err(ApiError::NotFound(
-            "no agent matches the selector (agents already on the version are left out)".into(),
-        ));
+        return Err(ApiError::NotFound(format!(
+            "no agent matches the selector and runs something older than {}",
+            request.version
+        )));
     }
     let with_build: Vec<_> = selected
         .into_iter()

@@ -168,9 +168,11 @@ impl Book {
             }
         }
         let current = usize::try_from(rollout.record.current_wave).unwrap_or(0);
+        // A newcomer becomes a target, so the rollout's counts include it; after the
+        // rollout completed, it joins the last wave (everyone).
         let (wave, joining) = match rollout.wave_of(asking.agent_id) {
             Some(wave) => (wave, false),
-            None if state == RolloutState::Completed => (rollout.plan.last_wave(), false),
+            None if state == RolloutState::Completed => (rollout.plan.last_wave(), true),
             None => (rollout.plan.wave_of_latecomer(id, asking.agent_id), true),
         };
         let started = state == RolloutState::Completed || wave <= current;
@@ -328,11 +330,15 @@ mod tests {
                 "{state:?}"
             );
         }
-        // A completed rollout lets anyone in.
+        // A completed rollout lets anyone in, as a target of its last wave.
         let book = Book::new(vec![rollout("p", "1.1.0", Promote, Completed, 1, 1, &[])]);
         assert!(matches!(
             book.admit(&asking("z", Channel::Stable, "1.1.0")),
-            Admission::Go { .. }
+            Admission::Join {
+                wave: 1,
+                started: true,
+                ..
+            }
         ));
     }
 
@@ -346,7 +352,7 @@ mod tests {
         ]);
         assert!(matches!(
             book.admit(&asking("x", Channel::Beta, "1.1.0")),
-            Admission::Go { ref rollout_id, .. } if rollout_id == "b"
+            Admission::Join { ref rollout_id, started: true, .. } if rollout_id == "b"
         ));
         assert!(matches!(
             book.admit(&asking("x", Channel::Stable, "1.1.0")),

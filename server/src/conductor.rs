@@ -16,8 +16,8 @@ use crate::rollouts::health::{self, Counts, GateVerdict, WaveVerdict};
 use crate::rollouts::plan::{self, Candidate, Plan};
 use crate::session::Outbound;
 use crate::store::{
-    AgentRecord, CancelScope, NewRollout, Rollout, RolloutKind, RolloutState, StateChange,
-    StoreError, StoreResult, WaveRow,
+    AgentRecord, NewRollout, Rollout, RolloutKind, RolloutState, StateChange, StoreError,
+    StoreResult, WaveRow,
 };
 
 /// What went wrong with an operator's request.
@@ -596,7 +596,7 @@ async fn cancel_rollout_tasks(
 ) -> StoreResult<()> {
     for agent in state
         .store
-        .cancel_tasks(CancelScope::Rollout(&rollout.id), reason, now_ms())
+        .cancel_rollout_tasks(&rollout.id, reason, now_ms())
         .await?
     {
         state.registry.send(&agent, Outbound::Refresh);
@@ -646,21 +646,22 @@ pub(crate) async fn rollback(
     actor: &str,
 ) -> Conducted<RollbackOutcome> {
     let now = now_ms();
-    state
-        .store
-        .block_version(version, &format!("rolled back by {actor}"), now)
-        .await?;
-    // The block is in the store before anyone acts on it; now this node sees it, and the
-    // signals below make the others re-read it before they act.
-    state.reload_rollout_state().await?;
     let cancelled_for = state
         .store
-        .cancel_tasks(
-            CancelScope::ToVersion(version),
+        .block_version(
+            version,
+            &format!("rolled back by {actor}"),
             &format!("{version} was rolled back"),
             now,
         )
         .await?;
+    // The block is in the store before anyone acts on it. This node sees it now; the
+    // other nodes are told to re-read it before they hear of any single agent (signals
+    // arrive in order), and a task insert on any of them refuses a blocked version.
+    state.reload_rollout_state().await?;
+    state
+        .registry
+        .signal_other_nodes(crate::nodes::Signal::CheckAll);
     for agent in &cancelled_for {
         state.registry.send(agent, Outbound::Refresh);
         state.events.agent(agent);

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AuditEntry, Bootstrap, CancelScope, ChannelScope, FailureClass, HeartbeatRecord,
-    NewTask, PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus,
-    UpdateTask,
+    AgentFacts, AuditEntry, Bootstrap, ChannelScope, FailureClass, HeartbeatRecord, NewTask,
+    PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -449,8 +448,10 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     );
 
     // Cancelling a version ends its unfinished tasks, once.
+    // Blocking a version cancels its unfinished tasks in the same transaction, once, and
+    // no task to it is made while it is blocked.
     let mut cancelled = store
-        .cancel_tasks(CancelScope::ToVersion("2.0.0"), "blocked", 16_000)
+        .block_version("2.0.0", "bad", "blocked", 16_000)
         .await
         .unwrap();
     cancelled.sort();
@@ -459,12 +460,20 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     assert_eq!(cancelled, both);
     assert!(
         store
-            .cancel_tasks(CancelScope::ToVersion("2.0.0"), "blocked", 16_500)
+            .block_version("2.0.0", "bad", "blocked", 16_500)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(store.active_task(one).await.unwrap(), None);
+    assert!(matches!(
+        store
+            .create_task(&new(one, TaskStatus::Dispatched), 16_600)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(store.active_task(one).await.unwrap().is_none());
+    assert!(store.unblock_version("2.0.0").await.unwrap());
     let ended = store.tasks_for_agent(one, 10).await.unwrap();
     assert_eq!(
         (
@@ -630,7 +639,13 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
     let records = store.rollout_records().await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].first_seen_ms, 100);
-    store.block_version("1.2.0", "bad", 1).await.unwrap();
+    assert!(
+        store
+            .block_version("1.2.0", "bad", "rolled back", 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store.blocked_versions().await.unwrap(), ["1.2.0"]);
     assert!(store.unblock_version("1.2.0").await.unwrap());
     assert!(!store.unblock_version("1.2.0").await.unwrap());

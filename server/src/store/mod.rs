@@ -394,15 +394,6 @@ impl NewTask<'_> {
     }
 }
 
-/// Which unfinished tasks a cancel ends.
-#[derive(Debug, Clone, Copy)]
-pub enum CancelScope<'a> {
-    /// Tasks to a version (it was rolled back).
-    ToVersion(&'a str),
-    /// Tasks of a rollout (it was aborted).
-    Rollout(&'a str),
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Client {
     pub id: String,

@@ -121,6 +121,11 @@ impl Dialect for PostgresStore {
     // 0x6472_6f76_6572_0001 ("drover", then 1).
     const BOOTSTRAP_LOCK: Option<&'static str> =
         Some("SELECT pg_advisory_xact_lock(7237970105436602369)");
+    // Conflicts with the ROW EXCLUSIVE lock every INSERT takes, and not with reads. A
+    // statement takes its snapshot after its locks, so an insert that waited here sees
+    // the block and makes no task.
+    const TASK_INSERTS_LOCK: Option<&'static str> =
+        Some("LOCK TABLE update_tasks IN SHARE ROW EXCLUSIVE MODE");
 }
 
 impl_queries!(PostgresStore);

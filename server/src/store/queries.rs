@@ -18,6 +18,9 @@ pub(super) trait Dialect {
     const INSERTION_ORDER: &'static str;
     /// Run first in bootstrap's transaction where several nodes may start at once.
     const BOOTSTRAP_LOCK: Option<&'static str>;
+    /// Taken by a block before it commits: waits for task inserts under way and holds
+    /// new ones until the block is visible to them.
+    const TASK_INSERTS_LOCK: Option<&'static str>;
 }
 
 /// The operations whose SQL both backends accept.
@@ -199,15 +202,26 @@ pub trait Queries: Send + Sync {
     /// Marks every platform's record of `version` promoted.
     async fn mark_promoted(&self, version: &str, now_ms: i64) -> StoreResult<()>;
 
-    async fn block_version(&self, version: &str, reason: &str, now_ms: i64) -> StoreResult<()>;
+    /// Blocks a version and cancels every unfinished task to it (class `transient`, with
+    /// `cancel_reason`) in one transaction, waiting for task inserts under way on any node
+    /// first: a task is either created before and cancelled here, or refused after.
+    /// Returns the agents whose task was cancelled.
+    async fn block_version(
+        &self,
+        version: &str,
+        reason: &str,
+        cancel_reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>>;
 
     /// False when the version was not blocked.
     async fn unblock_version(&self, version: &str) -> StoreResult<bool>;
 
-    /// Cancels unfinished tasks (class `transient`); returns the agents they belonged to.
-    async fn cancel_tasks(
+    /// Cancels the unfinished tasks of a rollout (class `transient`); returns the agents
+    /// they belonged to.
+    async fn cancel_rollout_tasks(
         &self,
-        scope: CancelScope<'_>,
+        rollout_id: &str,
         reason: &str,
         now_ms: i64,
     ) -> StoreResult<Vec<String>>;
@@ -1016,8 +1030,13 @@ macro_rules! impl_queries {
                     &self,
                     version: &str,
                     reason: &str,
+                    cancel_reason: &str,
                     now_ms: i64,
-                ) -> StoreResult<()> {
+                ) -> StoreResult<Vec<String>> {
+                    let mut tx = self.pool.begin().await?;
+                    if let Some(lock) = <$store as Dialect>::TASK_INSERTS_LOCK {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
                     sqlx::query(
                         "INSERT INTO version_blocks (version, reason, created_at) \
                          VALUES ($1, $2, $3) ON CONFLICT (version) DO NOTHING",
@@ -1025,9 +1044,21 @@ macro_rules! impl_queries {
                     .bind(version)
                     .bind(reason)
                     .bind(now_ms)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?;
-                    Ok(())
+                    let cancelled: Vec<String> = sqlx::query_scalar(&format!(
+                        "UPDATE update_tasks SET status = 'cancelled', error = $1, \
+                             updated_at = $2, finished_at = $2, failure_class = 'transient' \
+                         WHERE to_version = $3 AND status IN {ACTIVE_STATUSES} \
+                         RETURNING agent_id"
+                    ))
+                    .bind(cancel_reason)
+                    .bind(now_ms)
+                    .bind(version)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(cancelled)
                 }
 
                 async fn unblock_version(&self, version: &str) -> StoreResult<bool> {
@@ -1038,25 +1069,21 @@ macro_rules! impl_queries {
                     Ok(done.rows_affected() > 0)
                 }
 
-                async fn cancel_tasks(
+                async fn cancel_rollout_tasks(
                     &self,
-                    scope: CancelScope<'_>,
+                    rollout_id: &str,
                     reason: &str,
                     now_ms: i64,
                 ) -> StoreResult<Vec<String>> {
-                    let (column, value) = match scope {
-                        CancelScope::ToVersion(version) => ("to_version", version),
-                        CancelScope::Rollout(id) => ("rollout_id", id),
-                    };
                     Ok(sqlx::query_scalar(&format!(
                         "UPDATE update_tasks SET status = 'cancelled', error = $1, \
                              updated_at = $2, finished_at = $2, failure_class = 'transient' \
-                         WHERE {column} = $3 AND status IN {ACTIVE_STATUSES} \
+                         WHERE rollout_id = $3 AND status IN {ACTIVE_STATUSES} \
                          RETURNING agent_id"
                     ))
                     .bind(reason)
                     .bind(now_ms)
-                    .bind(value)
+                    .bind(rollout_id)
                     .fetch_all(&self.pool)
                     .await?)
                 }

@@ -53,6 +53,8 @@ impl Dialect for SqliteStore {
     const INSERTION_ORDER: &'static str = "rowid";
     // Only one node uses a SQLite file.
     const BOOTSTRAP_LOCK: Option<&'static str> = None;
+    // SQLite runs one write at a time, and each task insert is one statement.
+    const TASK_INSERTS_LOCK: Option<&'static str> = None;
 }
 
 impl_queries!(SqliteStore);

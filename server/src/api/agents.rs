@@ -799,7 +799,7 @@ pub(crate) async fn update_now(
         },
     )
     .await?;
-    let task = state
+    let created = state
         .store
         .create_task(
             &NewTask {
@@ -815,7 +815,18 @@ pub(crate) async fn update_now(
             },
             now,
         )
-        .await?;
+        .await;
+    let task = match created {
+        Ok(task) => task,
+        // The agent's session heard of the new rollout first and made its task.
+        Err(StoreError::Conflict(conflict)) => state
+            .store
+            .active_task(&id)
+            .await?
+            .filter(|task| task.rollout_id.as_deref() == Some(rollout.id.as_str()))
+            .ok_or(ApiError::Conflict(conflict))?,
+        Err(err) => return Err(err.into()),
+    };
     let pushed = state.registry.send(&id, Outbound::Refresh);
     state.events.task(&task.id, &id);
     state

@@ -304,3 +304,113 @@ async fn concurrent_promotes_from_both_nodes_make_one_task_per_agent() {
         assert_eq!(tasks.len(), 1, "agent {}: {tasks:?}", agent.id);
     }
 }
+
+/// Reads what the server sends each agent for `window`, visiting them in turn (each
+/// visit heartbeats, so no session goes silent).
+async fn listen(agents: &mut [ProtocolAgent], window: Duration) -> Vec<(usize, ServerMessage)> {
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < deadline {
+        for (i, agent) in agents.iter_mut().enumerate() {
+            if let Some(message) = agent.next_message(Duration::from_millis(100)).await {
+                heard.push((i, message));
+            }
+        }
+    }
+    heard
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_on_one_node_reaches_downloads_under_way_on_the_other_every_time() {
+    let Some(database) = Database::create("rollback_race") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        agents.push(ProtocolAgent::enroll(node, &format!("fp-race-{i}"), "1.0.0").await);
+    }
+    let shared = a.downloads();
+    for round in 1..=20u32 {
+        let version = format!("1.{round}.0");
+        // The rollback comes from either node in turn.
+        let (acting, other) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        publish(&shared, &version, Some("stable"), version.as_bytes());
+        offered(&acting.api(), &version).await;
+        offered(&other.api(), &version).await;
+
+        // Every agent is sent the build and starts downloading it.
+        let mut tasks: Vec<Option<String>> = vec![None; agents.len()];
+        let deadline = tokio::time::Instant::now() + SOON;
+        while tasks.iter().any(Option::is_none) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: not every agent was sent {version}: {tasks:?}"
+            );
+            for (i, message) in listen(&mut agents, Duration::from_millis(300)).await {
+                if let ServerMessage::Update(update) = message
+                    && update.version == version
+                {
+                    tasks[i] = Some(update.task_id);
+                }
+            }
+        }
+        for (agent, task) in agents.iter_mut().zip(&tasks) {
+            agent
+                .report(protocol::AgentMessage::UpdateProgress(
+                    protocol::UpdateProgress {
+                        task_id: task.clone().unwrap(),
+                        stage: protocol::UpdateStage::Downloading,
+                        bytes_done: 1,
+                        bytes_total: version.len() as u64,
+                    },
+                ))
+                .await;
+        }
+
+        // Rolled back on one node mid-download: every agent, on either node, is told to
+        // stop, and none is sent the build again.
+        let (status, body) = acting
+            .api()
+            .post(&format!("/api/v1/rollouts/{version}/rollback"), None)
+            .await;
+        assert_eq!(status, 200, "round {round}: {body}");
+        let mut cancelled = vec![false; agents.len()];
+        let deadline = tokio::time::Instant::now() + SOON;
+        while cancelled.iter().any(|c| !c) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: not every download of {version} was cancelled: {cancelled:?}"
+            );
+            for (i, message) in listen(&mut agents, Duration::from_millis(300)).await {
+                match message {
+                    ServerMessage::Cancel(cancel) if Some(&cancel.task_id) == tasks[i].as_ref() => {
+                        assert!(cancel.reason.contains(&version), "{cancel:?}");
+                        cancelled[i] = true;
+                    }
+                    ServerMessage::Update(update) => panic!(
+                        "round {round}: agent {i} was sent {} after {version} was rolled back",
+                        update.version
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        for (i, message) in listen(&mut agents, Duration::from_millis(600)).await {
+            assert!(
+                !matches!(message, ServerMessage::Update(_)),
+                "round {round}: agent {i} was sent an update afterwards: {message:?}"
+            );
+        }
+        // The store agrees: every task to the version ended cancelled.
+        for agent in &agents {
+            for task in tasks_of(acting, &agent.id).await {
+                if task["to_version"] == version.as_str() {
+                    assert_eq!(task["status"], "cancelled", "round {round}: {task}");
+                }
+            }
+        }
+    }
+}

@@ -299,6 +299,9 @@ fn no_longer_allowed(state: &AppState, live: &LiveAgent, task: &UpdateTask) -> O
     ) {
         return None;
     }
+    if task.kind != TaskKind::Rollback && state.blocked_versions().contains(&task.to_version) {
+        return Some(format!("{} was rolled back", task.to_version));
+    }
     match decide(state, &live.id, &live.view()) {
         Due::Start { release, .. } if release.version.to_string() == task.to_version => None,
         Due::Start { release, .. } => Some(format!(

@@ -890,6 +890,21 @@ pub(crate) async fn target_stages(
         .collect())
 }
 
+/// How long stable has been behind beta on each platform, now (see
+/// `rollouts::stable_lag_ms`): (os, arch) → (beta version, milliseconds).
+pub(crate) async fn stable_lags(
+    state: &AppState,
+) -> StoreResult<HashMap<(String, String), (String, i64)>> {
+    let records = state.store.rollout_records().await?;
+    let index = state.releases.current();
+    Ok(crate::rollouts::stable_lag_ms(
+        &index,
+        &state.blocked_versions(),
+        &crate::rollouts::first_seen(&records),
+        now_ms(),
+    ))
+}
+
 /// Builds the book dispatch reads from what the store holds.
 pub(crate) async fn load_book(state: &AppState) -> StoreResult<Book> {
     let (rollouts, targets) = state.store.rollout_book().await?;

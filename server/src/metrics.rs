@@ -8,8 +8,6 @@ use axum::response::IntoResponse;
 
 use crate::AppState;
 use crate::api::ApiError;
-use crate::clock::now_ms;
-use crate::rollouts;
 
 pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut out = String::new();
@@ -96,14 +94,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
         );
     }
 
-    let records = state.store.rollout_records().await?;
-    let index = state.releases.current();
-    let lags = rollouts::stable_lag_ms(
-        &index,
-        &state.blocked_versions(),
-        &rollouts::first_seen(&records),
-        now_ms(),
-    );
+    let lags = crate::conductor::stable_lags(&state).await?;
     let stale_after = state.settings.stale_stable_after_ms();
     metric(
         &mut out,

@@ -19,7 +19,6 @@ use crate::engine::resolve_channel;
 use crate::releases::{Channel, Release};
 use crate::rollouts::health::{Counts, GateVerdict, Stage};
 use crate::rollouts::plan::{Plan, Share};
-use crate::rollouts::{self};
 use crate::store::{
     FailureClass, Role, Rollout, RolloutFilter, RolloutKind, RolloutState, TaskStatus,
 };
@@ -179,16 +178,8 @@ struct Context {
 }
 
 async fn context(state: &AppState) -> Result<Context, ApiError> {
-    let records = state.store.rollout_records().await?;
-    let index = state.releases.current();
-    let lags = rollouts::stable_lag_ms(
-        &index,
-        &state.blocked_versions(),
-        &rollouts::first_seen(&records),
-        now_ms(),
-    );
     Ok(Context {
-        lags,
+        lags: conductor::stable_lags(state).await?,
         stale_after_ms: state.settings.stale_stable_after_ms(),
     })
 }

@@ -130,7 +130,8 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
     }
     let index = state.releases.current();
     let book = state.book();
-    let blocked = state.blocked_versions().clone();
+    // Read under the lock, never cloned: this runs at every heartbeat.
+    let blocked = state.blocked_versions();
     let admitted = |release: Release, kind: TaskKind, admission: Admission| match admission {
         Admission::Go { rollout_id, wave } => Due::Start {
             release,
@@ -171,7 +172,7 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
                 targeted.record.id, position.os, position.arch
             ));
         };
-        if blocked.contains(version) {
+        if blocked.contains(version.as_str()) {
             return hold(format!("{version} is rolled back"));
         }
         let wave = targeted.wave_of(agent_id).unwrap_or(0);
@@ -231,7 +232,13 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
         return admitted(release, TaskKind::Rollback, admission);
     }
 
-    let release = match state.with_policy(|policy| needs_update(position, &index, policy)) {
+    // The read guard above is the policy's; taking the lock again here could deadlock
+    // behind a waiting writer.
+    let policy = crate::engine::Policy {
+        updates_enabled: true,
+        blocked_versions: &blocked,
+    };
+    let release = match needs_update(position, &index, &policy) {
         Decision::Offer(release) => release,
         // Failed before: the task that failed has ended; nothing under way to keep.
         Decision::Hold(reason @ HoldReason::FailedBefore(_)) => return pace(reason.describe()),

@@ -57,10 +57,15 @@ impl LiveRollout {
     }
 }
 
-/// Every rollout that can matter to dispatch, newest first.
+/// Every rollout that can matter to dispatch, newest first, indexed so that a heartbeat
+/// looks at the rollouts of one version and the open targeted ones only.
 #[derive(Debug, Default)]
 pub(crate) struct Book {
     rollouts: Vec<LiveRollout>,
+    /// Positions in `rollouts` by version, newest first.
+    by_version: HashMap<String, Vec<usize>>,
+    /// Positions of the open targeted rollouts, newest first.
+    open_targeted: Vec<usize>,
 }
 
 /// What admission says.
@@ -100,7 +105,22 @@ impl Book {
         rollouts.sort_by(|a, b| {
             (b.record.created_at_ms, &b.record.id).cmp(&(a.record.created_at_ms, &a.record.id))
         });
-        Book { rollouts }
+        let mut by_version: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut open_targeted = Vec::new();
+        for (at, rollout) in rollouts.iter().enumerate() {
+            by_version
+                .entry(rollout.record.version.clone())
+                .or_default()
+                .push(at);
+            if rollout.record.kind == RolloutKind::Targeted && rollout.record.state.is_open() {
+                open_targeted.push(at);
+            }
+        }
+        Book {
+            rollouts,
+            by_version,
+            open_targeted,
+        }
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<&LiveRollout> {
@@ -114,11 +134,10 @@ impl Book {
     /// Targeted rollouts that still want to move this agent, newest first: an operator
     /// chose the version, so it is offered even where the channel would not offer it.
     pub(crate) fn targeted_for(&self, agent_id: &str) -> Option<&LiveRollout> {
-        self.rollouts.iter().find(|r| {
-            r.record.kind == RolloutKind::Targeted
-                && r.record.state.is_open()
-                && r.wave_of(agent_id).is_some()
-        })
+        self.open_targeted
+            .iter()
+            .map(|&at| &self.rollouts[at])
+            .find(|r| r.wave_of(agent_id).is_some())
     }
 
     /// Halted versions on each platform, for the listing and metrics.
@@ -197,12 +216,16 @@ impl Book {
     /// version's beta rollout for a beta agent (its promote rollout when there is none),
     /// its promote rollout for a stable one. The newest of the kind decides.
     fn governing(&self, asking: &Asking<'_>) -> Option<&LiveRollout> {
+        let of_version = self
+            .by_version
+            .get(asking.version)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let of_kind = |kind: RolloutKind| {
-            self.rollouts.iter().find(|r| {
-                r.record.kind == kind
-                    && r.record.version == asking.version
-                    && r.covers(asking.os, asking.arch)
-            })
+            of_version
+                .iter()
+                .map(|&at| &self.rollouts[at])
+                .find(|r| r.record.kind == kind && r.covers(asking.os, asking.arch))
         };
         if asking.rollback {
             return of_kind(RolloutKind::Rollback);

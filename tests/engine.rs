@@ -788,3 +788,72 @@ fn stamped_agents_report_the_stamped_version() {
         .unwrap();
     assert!(!refused.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_are_pushed_no_faster_than_download_slots_free() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two download slots: three pushes at once (a tenth more, at least one).
+    let server = Server::start_with_args(dir.path(), &["--max-concurrent-downloads", "2"]);
+    let mut agents = Vec::new();
+    for i in 0..7 {
+        agents.push(ProtocolAgent::enroll(&server, &format!("fp-slot-{i}"), "1.0.0").await);
+    }
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
+
+    // Visits every agent in turn (each visit heartbeats), collecting updates.
+    async fn listen(agents: &mut [ProtocolAgent], sent: &mut [Option<String>], window: Duration) {
+        let deadline = tokio::time::Instant::now() + window;
+        while tokio::time::Instant::now() < deadline {
+            for (i, agent) in agents.iter_mut().enumerate() {
+                if let Some(protocol::ServerMessage::Update(update)) =
+                    agent.next_message(Duration::from_millis(100)).await
+                {
+                    sent[i] = Some(update.task_id);
+                }
+            }
+        }
+    }
+    let mut sent: Vec<Option<String>> = vec![None; agents.len()];
+    listen(&mut agents, &mut sent, Duration::from_secs(3)).await;
+    let pushed = |sent: &[Option<String>]| sent.iter().filter(|s| s.is_some()).count();
+    assert_eq!(pushed(&sent), 3, "three pushed, the rest queued: {sent:?}");
+    let (_, rollouts) = server.api().get("/api/v1/rollouts?version=1.1.0").await;
+    assert_eq!(
+        (&rollouts[0]["queued"], &rollouts[0]["in_progress"]),
+        (&json!(4), &json!(3)),
+        "{rollouts}"
+    );
+
+    // Each agent that has its bytes frees its slot, and the next in line is pushed.
+    let mut reported = std::collections::HashSet::new();
+    for round in 0..4 {
+        let Some(first) = (0..agents.len()).find(|i| sent[*i].is_some() && !reported.contains(i))
+        else {
+            panic!("round {round}: nobody left to report: {sent:?}");
+        };
+        agents[first]
+            .report(AgentMessage::UpdateProgress(UpdateProgress {
+                task_id: sent[first].clone().unwrap(),
+                stage: UpdateStage::Verifying,
+                bytes_done: 7,
+                bytes_total: 7,
+            }))
+            .await;
+        reported.insert(first);
+        let before = pushed(&sent);
+        let deadline = tokio::time::Instant::now() + SOON;
+        while pushed(&sent) == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: nobody was pushed after a slot freed: {sent:?}"
+            );
+            listen(&mut agents, &mut sent, Duration::from_millis(300)).await;
+        }
+        assert_eq!(pushed(&sent), before + 1, "one slot, one push: {sent:?}");
+    }
+    assert_eq!(
+        pushed(&sent),
+        agents.len(),
+        "everyone was pushed in the end"
+    );
+}

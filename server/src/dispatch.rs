@@ -32,6 +32,8 @@ pub(crate) struct LiveAgent {
     pub(crate) retry_at: HashMap<String, i64>,
     /// Why recent tasks ended, by task id (for the `cancel` sent after an operator acted).
     pub(crate) ended: HashMap<String, String>,
+    /// This session holds a download slot for its task (see `admission`).
+    pub(crate) holds_slot: bool,
 }
 
 /// What prompted a check.
@@ -83,6 +85,7 @@ impl LiveAgent {
             active,
             retry_at,
             ended,
+            holds_slot: false,
         })
     }
 }
@@ -357,6 +360,8 @@ pub(crate) async fn check(
             rollout.note_joined(&live.id, wave);
         }
     }
+    // Pushed now if a download slot is free; queued, in line, otherwise.
+    let admitted = state.admission.try_take(&live.id);
     let request = TaskRequest {
         agent_id: live.id.clone(),
         from_version: live.position.version.clone(),
@@ -364,16 +369,35 @@ pub(crate) async fn check(
         os: release.os.clone(),
         arch: release.arch.clone(),
         kind,
-        status: TaskStatus::Dispatched,
+        status: if admitted {
+            TaskStatus::Dispatched
+        } else {
+            TaskStatus::Queued
+        },
         rollout_id: Some(rollout_id),
         wave: Some(wave),
     };
-    match state.tasks.create(request).await {
+    let created = state.tasks.create(request).await;
+    if created.is_err() {
+        if admitted {
+            give_back_slot(state);
+        } else {
+            leave_line(state, &live.id);
+        }
+    }
+    match created {
+        Ok(task) if !admitted => {
+            tracing::debug!(agent = %live.id, task = %task.id, to = %task.to_version, "queued until a download slot frees");
+            state.events.task(&task.id, &live.id);
+            live.active = Some(task);
+            Ok(None)
+        }
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, rollout = task.rollout_id.as_deref().unwrap_or(""), "dispatching update");
             state.events.task(&task.id, &live.id);
             let message = update_message(state, &task);
             live.active = Some(task);
+            live.holds_slot = true;
             Ok(message)
         }
         // Someone else (an operator, another node) created a task meanwhile, or the
@@ -464,6 +488,16 @@ async fn advance(
         return Ok(None);
     }
     let counts_as_attempt = task.status == TaskStatus::Queued;
+    if !live.holds_slot {
+        if counts_as_attempt {
+            if !state.admission.try_take(&live.id) {
+                return Ok(None);
+            }
+        } else {
+            state.admission.take_anyway();
+        }
+        live.holds_slot = true;
+    }
     match state
         .store
         .record_dispatch(&task.id, now, counts_as_attempt)
@@ -478,10 +512,51 @@ async fn advance(
         }
         Err(StoreError::NotFound) => {
             live.active = None;
+            release_slot(state, live);
             Ok(None)
         }
         Err(err) => Err(err),
     }
+}
+
+/// Gives back the session's download slot, if it holds one.
+fn release_slot(state: &AppState, live: &mut LiveAgent) {
+    if std::mem::take(&mut live.holds_slot) {
+        give_back_slot(state);
+    }
+}
+
+/// Gives a download slot back and checks the agent first in line, which takes it.
+fn give_back_slot(state: &AppState) {
+    if let Some(next) = state.admission.give_back() {
+        wake(state, next);
+    }
+}
+
+/// Checks an agent that waited for a slot; if it is gone, the next one.
+fn wake(state: &AppState, mut agent: String) {
+    while !state
+        .registry
+        .send_here(&agent, crate::session::Outbound::Check)
+    {
+        match state.admission.leave(&agent) {
+            Some(next) => agent = next,
+            None => return,
+        }
+    }
+}
+
+/// The agent needs no slot any more (its task ended): it leaves the line.
+fn leave_line(state: &AppState, agent: &str) {
+    if let Some(next) = state.admission.leave(agent) {
+        wake(state, next);
+    }
+}
+
+/// A session ended: its slot and its place in line go to the next agent.
+pub(crate) fn session_ended(state: &AppState, live: &mut LiveAgent) {
+    release_slot(state, live);
+    leave_line(state, &live.id);
 }
 
 /// A task that saw no progress for too long: whose fault, and what to say. Silence after
@@ -537,6 +612,10 @@ pub(crate) async fn progress(
         Ok(task) => {
             state.events.task(&task.id, &live.id);
             live.active = Some(task);
+            // The agent has the bytes: its download slot is free for the next one.
+            if !matches!(status, TaskStatus::Downloading) {
+                release_slot(state, live);
+            }
             Ok(())
         }
         Err(StoreError::NotFound) => {
@@ -624,6 +703,8 @@ async fn finish(
         _ => {}
     }
     live.active = None;
+    release_slot(state, live);
+    leave_line(state, &live.id);
     // A build failure may halt the rollout now rather than at the next tick.
     if class == Some(FailureClass::Build)
         && let Some(rollout) = &task.rollout_id

@@ -2,6 +2,7 @@
 //! `main` parses flags and prepares the data directory; `run` serves on a listener until
 //! the shutdown token fires, which is what tests call too.
 
+mod admission;
 mod api;
 mod auth;
 mod bootstrap;
@@ -153,6 +154,8 @@ pub struct AppState {
     /// The rollouts dispatch consults, re-read whenever one changes on any node.
     book: Arc<RwLock<Arc<rollouts::book::Book>>>,
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Updates pushed by this node's sessions and not yet downloaded, and who waits.
+    admission: Arc<admission::Admission>,
     /// This server process, as the `nodes` table knows it.
     node_id: Arc<str>,
     /// What changed, for the dashboard's live feed.
@@ -290,6 +293,7 @@ pub async fn run(
         downloads: Arc::new(tokio::sync::Semaphore::new(
             settings.max_concurrent_downloads,
         )),
+        admission: Arc::new(admission::Admission::new(settings.max_concurrent_downloads)),
         enrollments: Arc::new(limits::EnrollmentLimiter::new(settings.enrollment_limits)),
         settings: Arc::new(settings),
         updates_enabled: Arc::new(AtomicBool::new(true)),

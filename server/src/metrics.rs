@@ -44,6 +44,14 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
 
     metric(
         &mut out,
+        "drover_download_queue",
+        "gauge",
+        "Agents whose update waits for a download slot on this server.",
+    );
+    let _ = writeln!(out, "drover_download_queue {}", state.admission.waiting());
+
+    metric(
+        &mut out,
         "drover_rollout_agents",
         "gauge",
         "Targets of each open rollout by stage.",

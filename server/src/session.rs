@@ -221,6 +221,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
     } else {
         Ok(())
     };
+    crate::dispatch::session_ended(&state, &mut opened.live);
     let agent_id = opened.live.id;
     if state.registry.unregister(&agent_id, opened.session) {
         Box::pin(crate::nodes::release(&state, &agent_id, opened.claimed_at)).await;

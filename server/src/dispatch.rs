@@ -553,6 +553,17 @@ fn leave_line(state: &AppState, agent: &str) {
     }
 }
 
+/// The session re-read its agent: the download slot goes with the task it was taken
+/// for, and is given back if that task is gone.
+pub(crate) fn reloaded(state: &AppState, before: &mut LiveAgent, fresh: &mut LiveAgent) {
+    let same_task = before.active.as_ref().map(|t| &t.id) == fresh.active.as_ref().map(|t| &t.id);
+    if same_task {
+        fresh.holds_slot = std::mem::take(&mut before.holds_slot);
+    } else {
+        release_slot(state, before);
+    }
+}
+
 /// A session ended: its slot and its place in line go to the next agent.
 pub(crate) fn session_ended(state: &AppState, live: &mut LiveAgent) {
     release_slot(state, live);

@@ -494,7 +494,10 @@ async fn decide(state: &AppState, live: &mut LiveAgent, trigger: Trigger) -> Opt
 async fn refresh(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage> {
     let previous = live.active.as_ref().map(|t| t.id.clone());
     match LiveAgent::load(state, &live.id, &live.position.version).await {
-        Ok(fresh) => *live = fresh,
+        Ok(mut fresh) => {
+            dispatch::reloaded(state, live, &mut fresh);
+            *live = fresh;
+        }
         Err(err) => {
             tracing::warn!(agent = %live.id, %err, "could not re-read agent");
             return None;

@@ -281,7 +281,7 @@ async fn simulated_fleet_takes_a_promoted_build_downloads_verifies_and_reports_i
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn simulated_agents_wait_out_a_busy_download_server() {
+async fn a_busy_download_server_pushes_updates_as_slots_free_instead_of_refusing_them() {
     const FEW: usize = 20;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with_args(dir.path(), &["--max-concurrent-downloads", "2"]);
@@ -291,7 +291,13 @@ async fn simulated_agents_wait_out_a_busy_download_server() {
 
     let build = vec![7u8; 4 * 1024 * 1024];
     publish(&server.downloads(), "1.1.0", Some("stable"), &build);
-    // Everyone asks at once, two are served, the rest are told to come back later.
+    // Two slots: three pushed at once, the rest queued and pushed as slots free.
+    let queued = eventually("the rest to be queued", Duration::from_secs(20), || async {
+        let rollout = rollout_of(&api, "1.1.0").await?;
+        (rollout["queued"].as_u64()? >= 10).then_some(rollout)
+    })
+    .await;
+    assert!(queued["in_progress"].as_u64().unwrap() <= 3, "{queued}");
     let done = format!("updates {FEW}/{FEW}");
     eventually(
         "the simulator to finish every update",
@@ -301,9 +307,11 @@ async fn simulated_agents_wait_out_a_busy_download_server() {
     .await;
 
     let report = sim.stop();
+    // Without admission every agent but two met a 503 first; now at most the margin
+    // does, now and then, and waits it out.
     assert!(
-        report["download_retries"].as_u64().unwrap() > 0,
-        "some downloads were refused with 503: {report}"
+        report["download_retries"].as_u64().unwrap() < (FEW / 2) as u64,
+        "agents were pushed faster than slots freed: {report}"
     );
     assert_eq!(report["updates_completed"], FEW, "report: {report}");
     assert_eq!(report["errors_total"], 0, "report: {report}");

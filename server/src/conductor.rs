@@ -16,8 +16,8 @@ use crate::rollouts::health::{self, Counts, GateVerdict, WaveVerdict};
 use crate::rollouts::plan::{self, Candidate, Plan};
 use crate::session::Outbound;
 use crate::store::{
-    AgentRecord, NewRollout, Rollout, RolloutKind, RolloutState, StateChange, StoreError,
-    StoreResult, WaveRow,
+    AgentRecord, NewRollout, Rollout, RolloutFilter, RolloutKind, RolloutState, StateChange,
+    StoreError, StoreResult, WaveRow,
 };
 
 /// What went wrong with an operator's request.
@@ -176,12 +176,27 @@ pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
             release.os,
             release.arch
         );
-        // Another node may have started it since this one read the book.
-        match state.store.rollout(&id).await {
-            Ok(_) => continue,
-            Err(StoreError::NotFound) => {}
+        // Another node may have started one (a promote, say) since this one read the book.
+        let stored = state
+            .store
+            .list_rollouts(&RolloutFilter {
+                version: Some(&version),
+                limit: i64::MAX,
+                ..RolloutFilter::default()
+            })
+            .await;
+        match stored {
+            Ok(stored)
+                if stored.iter().any(|r| {
+                    (r.kind == kind || r.kind == RolloutKind::Promote)
+                        && r.platforms.contains(&platform)
+                }) =>
+            {
+                continue;
+            }
+            Ok(_) => {}
             Err(err) => {
-                tracing::warn!(%err, "could not look up the rollout of a new build");
+                tracing::warn!(%err, "could not look up the rollouts of a new build");
                 continue;
             }
         }

@@ -800,21 +800,16 @@ async fn updates_are_pushed_no_faster_than_download_slots_free() {
     }
     publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
 
-    // Visits every agent in turn (each visit heartbeats), collecting updates.
-    async fn listen(agents: &mut [ProtocolAgent], sent: &mut [Option<String>], window: Duration) {
-        let deadline = tokio::time::Instant::now() + window;
-        while tokio::time::Instant::now() < deadline {
-            for (i, agent) in agents.iter_mut().enumerate() {
-                if let Some(protocol::ServerMessage::Update(update)) =
-                    agent.next_message(Duration::from_millis(100)).await
-                {
-                    sent[i] = Some(update.task_id);
-                }
+    // Each agent's newest update, heard while visiting every agent in turn.
+    async fn collect(agents: &mut [ProtocolAgent], sent: &mut [Option<String>], window: Duration) {
+        for (i, message) in listen(agents, window).await {
+            if let protocol::ServerMessage::Update(update) = message {
+                sent[i] = Some(update.task_id);
             }
         }
     }
     let mut sent: Vec<Option<String>> = vec![None; agents.len()];
-    listen(&mut agents, &mut sent, Duration::from_secs(3)).await;
+    collect(&mut agents, &mut sent, Duration::from_secs(3)).await;
     let pushed = |sent: &[Option<String>]| sent.iter().filter(|s| s.is_some()).count();
     assert_eq!(pushed(&sent), 3, "three pushed, the rest queued: {sent:?}");
     let (_, rollouts) = server.api().get("/api/v1/rollouts?version=1.1.0").await;
@@ -847,7 +842,7 @@ async fn updates_are_pushed_no_faster_than_download_slots_free() {
                 tokio::time::Instant::now() < deadline,
                 "round {round}: nobody was pushed after a slot freed: {sent:?}"
             );
-            listen(&mut agents, &mut sent, Duration::from_millis(300)).await;
+            collect(&mut agents, &mut sent, Duration::from_millis(300)).await;
         }
         assert_eq!(pushed(&sent), before + 1, "one slot, one push: {sent:?}");
     }

@@ -305,21 +305,6 @@ async fn concurrent_promotes_from_both_nodes_make_one_task_per_agent() {
     }
 }
 
-/// Reads what the server sends each agent for `window`, visiting them in turn (each
-/// visit heartbeats, so no session goes silent).
-async fn listen(agents: &mut [ProtocolAgent], window: Duration) -> Vec<(usize, ServerMessage)> {
-    let mut heard = Vec::new();
-    let deadline = tokio::time::Instant::now() + window;
-    while tokio::time::Instant::now() < deadline {
-        for (i, agent) in agents.iter_mut().enumerate() {
-            if let Some(message) = agent.next_message(Duration::from_millis(100)).await {
-                heard.push((i, message));
-            }
-        }
-    }
-    heard
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_on_one_node_reaches_downloads_under_way_on_the_other_every_time() {
     let Some(database) = Database::create("rollback_race") else {

@@ -555,6 +555,27 @@ async fn a_server_killed_mid_rollout_finishes_it_from_its_saved_state() {
     );
 }
 
+/// Publishes `version` on beta and promotes it with the server's default plan (forced:
+/// no beta agent has tried it); answers the promote.
+async fn publish_and_promote(server: &Server, version: &str, build: &[u8]) -> Value {
+    let api = server.api();
+    publish(&server.downloads(), version, Some("beta"), build);
+    eventually(
+        &format!("{version} to be offered"),
+        Duration::from_secs(20),
+        || rollout_of(&api, version),
+    )
+    .await;
+    let (status, promoted) = api
+        .post(
+            &format!("/api/v1/rollouts/{version}/promote"),
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    promoted
+}
+
 /// Where each agent of a rollout stands: agent id → (wave, stage), from its agents pages.
 async fn targets_of(api: &Api, rollout: &str) -> Vec<(String, u64, String)> {
     let mut all = Vec::new();
@@ -692,18 +713,7 @@ async fn a_thousand_agents_over_four_sites_take_a_promote_wave_by_wave_and_a_bad
 
     // Promote 1.1.0 with the default plan.
     let build: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-    publish(&server.downloads(), "1.1.0", Some("beta"), &build);
-    eventually("1.1.0 to be offered", Duration::from_secs(20), || {
-        rollout_of(&api, "1.1.0")
-    })
-    .await;
-    let (status, promoted) = api
-        .post(
-            "/api/v1/rollouts/1.1.0/promote",
-            Some(serde_json::json!({ "force": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{promoted}");
+    let promoted = publish_and_promote(&server, "1.1.0", &build).await;
     let id = promoted["rollout"]["id"].as_str().unwrap().to_owned();
     let sizes: Vec<u64> = promoted["rollout"]["waves"]
         .as_array()
@@ -753,23 +763,7 @@ async fn a_thousand_agents_over_four_sites_take_a_promote_wave_by_wave_and_a_bad
 
     // 1.2.0 fails on every agent: the rollout halts in the canary, and nobody outside
     // it is sent the build.
-    publish(
-        &server.downloads(),
-        "1.2.0",
-        Some("beta"),
-        &build[..32 * 1024],
-    );
-    eventually("1.2.0 to be offered", Duration::from_secs(20), || {
-        rollout_of(&api, "1.2.0")
-    })
-    .await;
-    let (status, promoted) = api
-        .post(
-            "/api/v1/rollouts/1.2.0/promote",
-            Some(serde_json::json!({ "force": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{promoted}");
+    let promoted = publish_and_promote(&server, "1.2.0", &build[..32 * 1024]).await;
     let bad = promoted["rollout"]["id"].as_str().unwrap().to_owned();
     let halted = eventually("the bad build to halt", Duration::from_secs(60), || async {
         let record = only_started_waves_moved(&api, &bad).await;

@@ -890,3 +890,21 @@ async fn serve_one(
         }
     }
 }
+
+/// Reads what the server sends each agent for `window`, visiting them in turn (each
+/// visit heartbeats, so no session goes silent).
+pub async fn listen(
+    agents: &mut [ProtocolAgent],
+    window: Duration,
+) -> Vec<(usize, protocol::ServerMessage)> {
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < deadline {
+        for (i, agent) in agents.iter_mut().enumerate() {
+            if let Some(message) = agent.next_message(Duration::from_millis(100)).await {
+                heard.push((i, message));
+            }
+        }
+    }
+    heard
+}

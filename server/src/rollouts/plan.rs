@@ -128,9 +128,6 @@ impl Default for Thresholds {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Plan {
     pub(crate) waves: Vec<Wave>,
-    /// Start agents outside their maintenance window too.
-    #[serde(default)]
-    pub(crate) ignore_windows: bool,
     /// Cumulative reach of each wave over the targets the rollout started with; set by
     /// `assign`. Agents that join later fall in a wave by the same proportions.
     #[serde(default)]
@@ -191,7 +188,6 @@ impl Plan {
             .collect();
         Ok(Plan {
             waves,
-            ignore_windows: false,
             reach: Vec::new(),
         })
     }

@@ -66,6 +66,18 @@ impl Drop for Kept {
 impl Kept {
     async fn enroll(server: &Server, name: &str, version: &str) -> Kept {
         let agent = ProtocolAgent::enroll(server, name, version).await;
+        Kept::keep(server, agent, name)
+    }
+
+    /// Enrolls with a site's enrollment token, at 1.0.0.
+    async fn enroll_with(server: &Server, name: &str, token: &str) -> Kept {
+        let agent = ProtocolAgent::enroll_with(server, name, token)
+            .await
+            .expect("the token enrolls");
+        Kept::keep(server, agent, name)
+    }
+
+    fn keep(server: &Server, agent: ProtocolAgent, name: &str) -> Kept {
         let (heard_tx, heard) = mpsc::unbounded_channel();
         let (orders, orders_rx) = mpsc::unbounded_channel();
         let (id, secret) = (agent.id.clone(), agent.secret.clone());
@@ -257,9 +269,10 @@ async fn enroll_fleet(server: &Server, prefix: &str, count: usize, version: &str
 // Reading rollouts
 // ---------------------------------------------------------------------------------------
 
-const STAGES: [&str; 9] = [
+const STAGES: [&str; 10] = [
     "waiting",
     "queued",
+    "outside_window",
     "downloading",
     "installing",
     "succeeded",
@@ -1131,4 +1144,173 @@ async fn a_promote_goes_wave_by_wave_and_obeys_pause_advance_and_abort() {
     for agent in &mut fleet {
         agent.assert_heard_nothing("after the abort");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Maintenance windows
+// ---------------------------------------------------------------------------------------
+
+/// `HH:MM` in UTC, `offset_minutes` from now.
+fn utc_clock(offset_minutes: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let minutes = (now / 60 + offset_minutes).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", minutes / 60, minutes % 60)
+}
+
+/// Sets a site's window every day at `start` (UTC) for `duration`; returns the answer.
+async fn set_site_window(api: &Api, site: &str, start: &str, duration: &str) -> Value {
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/sites/{site}/maintenance-window"),
+            json!({"window": {
+                "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                "start": start, "duration": duration, "time_zone": "UTC"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_maintenance_window_holds_a_sites_agents_until_it_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (_, clients) = api.get("/api/v1/clients").await;
+    let client = clients[0]["id"].as_str().unwrap().to_owned();
+    let (status, site) = api
+        .post(
+            "/api/v1/sites",
+            Some(json!({"client_id": client, "name": "night shift"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{site}");
+    let night_site = site["id"].as_str().unwrap().to_owned();
+    let (status, token) = api
+        .post(
+            &format!("/api/v1/sites/{night_site}/enrollment-tokens"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let token = token["token"].as_str().unwrap().to_owned();
+
+    let mut day = enroll_fleet(&server, "fp-day", 2, "1.0.0").await;
+    let mut night = Vec::new();
+    for n in 0..3 {
+        night.push(Kept::enroll_with(&server, &format!("fp-night-{n}"), &token).await);
+    }
+
+    // Bad schedules are refused with the reason; nothing is stored.
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/sites/{night_site}/maintenance-window"),
+            json!({"window": {"days": ["mon"], "start": "25:00", "duration": "1h",
+                "time_zone": "UTC"}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(detail(&body).contains("HH:MM"), "{body}");
+
+    // The night site's window opens in two hours: closed now.
+    let set = set_site_window(&api, &night_site, &utc_clock(120), "1h").await;
+    assert_eq!(set["agents_affected"], 3, "{set}");
+    assert_eq!(set["maintenance_window"]["open"], false, "{set}");
+    let opens_at = set["maintenance_window"]["until"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let listed = sites
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == night_site.as_str())
+        .unwrap();
+    assert_eq!(
+        listed["maintenance_window"]["until"],
+        opens_at.as_str(),
+        "{listed}"
+    );
+
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("beta"),
+        b"the next build",
+    );
+    offered(&api, &[("1.1.0", "amd64")]).await;
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(json!({"waves": ["100%"], "force": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    let id = promoted["rollout"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(promoted["rollout"]["obeys_windows"], true, "{promoted}");
+
+    // The day site's agents are started; the night site's are not, and say why.
+    for agent in &mut day {
+        assert_eq!(agent.update(SOON).await.version, "1.1.0");
+    }
+    tokio::time::sleep(QUIET).await;
+    for agent in &mut night {
+        agent.assert_heard_nothing("outside its window");
+    }
+    let held = rollout(&api, &id).await;
+    assert_eq!(held["outside_window"], 3, "{held}");
+    let mut outside = rollout_agents(&api, &id, "stage=outside_window").await;
+    outside.sort();
+    let mut night_ids: Vec<String> = night.iter().map(|a| a.id.clone()).collect();
+    night_ids.sort();
+    assert_eq!(outside, night_ids);
+    let (_, explained) = api
+        .get(&format!("/api/v1/agents/{}/explain", night[2].id))
+        .await;
+    assert_eq!(explained["decision"], "hold", "{explained}");
+    let reason = explained["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("outside the maintenance window of its site")
+            && reason.ends_with(&format!("waiting for the window opening at {opens_at}")),
+        "{explained}"
+    );
+
+    // A targeted rollout that overrides windows starts its agent now; one that does not
+    // waits like the promote.
+    let (status, overriding) = api
+        .post(
+            "/api/v1/rollouts",
+            Some(
+                json!({"version": "1.1.0", "selector": {"agent_ids": [night[0].id]},
+                "ignore_windows": true}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{overriding}");
+    assert_eq!(overriding["obeys_windows"], false, "{overriding}");
+    assert_eq!(night[0].update(SOON).await.version, "1.1.0");
+    let (status, obeying) = api
+        .post(
+            "/api/v1/rollouts",
+            Some(json!({"version": "1.1.0", "selector": {"agent_ids": [night[1].id]}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{obeying}");
+    tokio::time::sleep(QUIET).await;
+    night[1].assert_heard_nothing("on a targeted rollout outside its window");
+    night[2].assert_heard_nothing("outside its window");
+    let obeying = rollout(&api, obeying["id"].as_str().unwrap()).await;
+    assert_eq!(obeying["outside_window"], 1, "{obeying}");
+
+    // The window opens (an hour ago, for three hours): both are started at once.
+    let set = set_site_window(&api, &night_site, &utc_clock(-60), "3h").await;
+    assert_eq!(set["maintenance_window"]["open"], true, "{set}");
+    assert_eq!(night[1].update(SOON).await.version, "1.1.0");
+    assert_eq!(night[2].update(SOON).await.version, "1.1.0");
+    let open = rollout(&api, &id).await;
+    assert_eq!(open["outside_window"], 0, "{open}");
 }

@@ -19,11 +19,11 @@ use crate::api::Api;
 use crate::render::{
     Agent, AgentDetail, ApiToken, AuditPage, ChannelChanged, Client, EnrollmentToken, Explanation,
     Listing, NewApiToken, Promoted, Release, ResumeAnswer, RevokedToken, RolledBack, Site,
-    Unblocked, UpdateRequested, UpdatesSwitch, agent_details, agents_table, audit_view,
+    Unblocked, UpdateRequested, UpdatesSwitch, WindowSet, agent_details, agents_table, audit_view,
     channel_line, client_created, clients_table, enrollment_token_created, explanation,
     listing_view, paused_line, promoted_view, releases_view, resume_view, rolled_back_view,
     site_created, sites_table, token_created, token_revoked, tokens_table, unblocked_line,
-    update_line, updates_line,
+    update_line, updates_line, window_line,
 };
 use crate::rollouts::{ListArgs, PlanArgs, RolloutArgs};
 
@@ -103,6 +103,12 @@ enum Command {
         #[command(subcommand)]
         action: Option<SitesAction>,
     },
+    /// Set or clear the maintenance window of a site or a client: outside it, promote
+    /// and targeted rollouts start none of its agents
+    Window {
+        #[command(subcommand)]
+        action: WindowAction,
+    },
     /// Show whether updates are on server-wide, or switch them
     Updates {
         #[command(subcommand)]
@@ -125,6 +131,9 @@ enum Command {
         force: bool,
         #[command(flatten)]
         plan: PlanArgs,
+        /// Start agents outside their sites' maintenance windows too
+        #[arg(long)]
+        ignore_windows: bool,
         /// Print the API's JSON instead of text
         #[arg(long)]
         json: bool,
@@ -271,6 +280,84 @@ impl ChannelOwner {
             (None, None, None) => unreachable!("clap requires one of --agent, --site, --client"),
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum WindowAction {
+    /// Give a site or a client a weekly window, e.g. --days mon-fri --start 02:00
+    /// --duration 3h --time-zone Europe/Berlin
+    Set {
+        #[command(flatten)]
+        owner: WindowOwner,
+        /// The days it opens: mon,tue,... or a range such as mon-fri
+        #[arg(long, value_name = "DAYS", value_delimiter = ',', required = true)]
+        days: Vec<String>,
+        /// When it opens on those days, HH:MM in its time zone
+        #[arg(long, value_name = "HH:MM")]
+        start: String,
+        /// How long it stays open, e.g. 3h or 90m
+        #[arg(long, value_name = "DURATION")]
+        duration: String,
+        /// An IANA time zone, e.g. Europe/Berlin
+        #[arg(long, value_name = "ZONE", default_value = "UTC")]
+        time_zone: String,
+    },
+    /// Remove the window: the agents follow their client's window, or none
+    Clear {
+        #[command(flatten)]
+        owner: WindowOwner,
+    },
+}
+
+/// Where a maintenance window is set: a site or a client.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct WindowOwner {
+    /// Every agent of a site (wins over its client's window)
+    #[arg(long, value_name = "ID")]
+    site: Option<String>,
+    /// Every agent of a client whose site sets no window
+    #[arg(long, value_name = "ID")]
+    client: Option<String>,
+}
+
+impl WindowOwner {
+    fn kind_and_id(&self) -> (&'static str, &str) {
+        match (&self.site, &self.client) {
+            (Some(id), _) => ("site", id),
+            (_, Some(id)) => ("client", id),
+            (None, None) => unreachable!("clap requires --site or --client"),
+        }
+    }
+}
+
+/// `mon-fri` as the days it names; other items as they are.
+fn expand_days(items: &[String]) -> anyhow::Result<Vec<String>> {
+    const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let index = |day: &str| {
+        DAYS.iter()
+            .position(|d| d.eq_ignore_ascii_case(day.trim()))
+            .ok_or_else(|| anyhow::anyhow!("{day:?} is not a day: use mon, tue, ..., sun"))
+    };
+    let mut days = Vec::new();
+    for item in items {
+        match item.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (index(from)?, index(to)?);
+                // A range may wrap over the week's end: fri-mon.
+                let mut day = from;
+                loop {
+                    days.push(DAYS[day].to_owned());
+                    if day == to {
+                        break;
+                    }
+                    day = (day + 1) % 7;
+                }
+            }
+            None => days.push(item.trim().to_owned()),
+        }
+    }
+    Ok(days)
 }
 
 #[derive(Debug, Subcommand)]
@@ -454,6 +541,30 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
                 channel_line(kind, &change)
             })
         }
+        Command::Window { action } => {
+            let (owner, window) = match &action {
+                WindowAction::Set {
+                    owner,
+                    days,
+                    start,
+                    duration,
+                    time_zone,
+                } => (
+                    owner,
+                    json!({
+                        "days": expand_days(days)?,
+                        "start": start,
+                        "duration": duration,
+                        "time_zone": time_zone,
+                    }),
+                ),
+                WindowAction::Clear { owner } => (owner, Value::Null),
+            };
+            let (kind, id) = owner.kind_and_id();
+            let path = format!("/api/v1/{kind}s/{id}/maintenance-window");
+            let answer = api.request(Method::PUT, &path, Some(&json!({ "window": window })))?;
+            show(answer, false, |set: WindowSet| window_line(kind, &set))
+        }
         Command::Clients { json, action } => match action {
             None => show(api.get("/api/v1/clients")?, json, |c: Vec<Client>| {
                 clients_table(&c)
@@ -507,6 +618,7 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             platform,
             force,
             plan,
+            ignore_windows,
             json,
         } => {
             let [waves, bake] = plan.fields();
@@ -516,6 +628,7 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
                 ("force", json!(force)),
                 waves,
                 bake,
+                ("ignore_windows", json!(ignore_windows)),
             ]);
             let path = format!("/api/v1/rollouts/{version}/promote");
             post(api, &path, Some(body), json, |p: Promoted| {
@@ -732,6 +845,60 @@ mod tests {
     }
 
     #[test]
+    fn window_set_expands_day_ranges_and_needs_one_owner() {
+        assert!(
+            parse(&[
+                "window",
+                "set",
+                "--days",
+                "mon",
+                "--start",
+                "02:00",
+                "--duration",
+                "1h"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["window", "clear", "--site", "s1", "--client", "c1"]).is_err());
+        let cli = parse(&[
+            "window",
+            "set",
+            "--site",
+            "s1",
+            "--days",
+            "mon-wed,sat",
+            "--start",
+            "02:00",
+            "--duration",
+            "3h",
+            "--time-zone",
+            "Europe/Berlin",
+        ])
+        .unwrap();
+        let Command::Window {
+            action:
+                WindowAction::Set {
+                    owner,
+                    days,
+                    time_zone,
+                    ..
+                },
+        } = cli.command
+        else {
+            panic!("window set parsed wrongly");
+        };
+        assert_eq!(owner.kind_and_id(), ("site", "s1"));
+        assert_eq!(time_zone, "Europe/Berlin");
+        assert_eq!(expand_days(&days).unwrap(), ["mon", "tue", "wed", "sat"]);
+        // A range wraps over the end of the week.
+        assert_eq!(
+            expand_days(&["fri-mon".to_owned()]).unwrap(),
+            ["fri", "sat", "sun", "mon"]
+        );
+        assert!(expand_days(&["mon-funday".to_owned()]).is_err());
+    }
+
+    #[test]
     fn unset_fields_are_left_out_of_bodies() {
         let body = given_fields([
             ("os", json!(Some("linux"))),
@@ -754,6 +921,7 @@ mod tests {
                 waves: None,
                 bake: None,
             },
+            ignore_windows: false,
             json: false,
         } = cli.unwrap().command
         else {

@@ -115,6 +115,8 @@ pub(crate) struct Client {
     id: String,
     name: String,
     channel: Option<String>,
+    #[serde(default)]
+    maintenance_window: Option<MaintenanceWindow>,
     created_at: String,
 }
 
@@ -124,7 +126,56 @@ pub(crate) struct Site {
     client_id: String,
     name: String,
     channel: Option<String>,
+    #[serde(default)]
+    maintenance_window: Option<MaintenanceWindow>,
     created_at: String,
+}
+
+/// A site's or client's maintenance window and where it stands now.
+#[derive(Debug, Deserialize)]
+pub(crate) struct MaintenanceWindow {
+    days: Vec<String>,
+    start: String,
+    duration: String,
+    time_zone: String,
+    open: bool,
+    until: String,
+}
+
+impl MaintenanceWindow {
+    /// `mon,fri 02:00 for 3h Europe/Berlin (closed until 2026-12-01T01:00:00Z)`.
+    fn describe(&self) -> String {
+        let now = if self.open { "open" } else { "closed" };
+        format!(
+            "{} {} for {} {} ({now} until {})",
+            self.days.join(","),
+            self.start,
+            self.duration,
+            self.time_zone,
+            self.until
+        )
+    }
+}
+
+fn window_or_dash(window: Option<&MaintenanceWindow>) -> String {
+    window.map_or_else(|| "-".to_owned(), MaintenanceWindow::describe)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WindowSet {
+    id: String,
+    maintenance_window: Option<MaintenanceWindow>,
+    agents_affected: usize,
+}
+
+/// `kind` is what the window was set on: `site` or `client`.
+pub(crate) fn window_line(kind: &str, set: &WindowSet) -> String {
+    let what = match &set.maintenance_window {
+        Some(window) => format!("maintenance window {}", window.describe()),
+        None => "maintenance window cleared".to_owned(),
+    };
+    let affected = plural(set.agents_affected, "agent");
+    format!("{kind} {}: {what} ({affected} affected)\n", set.id)
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,10 +423,17 @@ pub(crate) fn channel_line(kind: &str, change: &ChannelChanged) -> String {
 
 pub(crate) fn clients_table(clients: &[Client]) -> String {
     let table = plain_table(
-        ["ID", "NAME", "CHANNEL", "CREATED"],
+        ["ID", "NAME", "CHANNEL", "MAINTENANCE WINDOW", "CREATED"],
         clients.iter().map(|c| {
             let channel = or_dash(c.channel.as_deref());
-            [c.id.clone(), c.name.clone(), channel, c.created_at.clone()]
+            let window = window_or_dash(c.maintenance_window.as_ref());
+            [
+                c.id.clone(),
+                c.name.clone(),
+                channel,
+                window,
+                c.created_at.clone(),
+            ]
         }),
     );
     format!("{table}\n{}\n", plural(clients.len(), "client"))
@@ -383,15 +441,24 @@ pub(crate) fn clients_table(clients: &[Client]) -> String {
 
 pub(crate) fn sites_table(sites: &[Site]) -> String {
     let table = plain_table(
-        ["ID", "CLIENT", "NAME", "CHANNEL", "CREATED"],
+        [
+            "ID",
+            "CLIENT",
+            "NAME",
+            "CHANNEL",
+            "MAINTENANCE WINDOW",
+            "CREATED",
+        ],
         sites.iter().map(|s| {
             let channel = or_dash(s.channel.as_deref());
+            let window = window_or_dash(s.maintenance_window.as_ref());
             let created = s.created_at.clone();
             [
                 s.id.clone(),
                 s.client_id.clone(),
                 s.name.clone(),
                 channel,
+                window,
                 created,
             ]
         }),
@@ -663,14 +730,41 @@ mod tests {
 
         let site = json!({"id": "s1", "client_id": "c1", "name": "Depot", "channel": null,
             "created_at": "2026-11-03"});
-        let text = sites_table(&parse::<Vec<Site>>(json!([site])));
+        let windowed = json!({"id": "s2", "client_id": "c1", "name": "Yard", "channel": null,
+            "maintenance_window": {"days": ["mon", "fri"], "start": "02:00", "duration": "3h",
+                "time_zone": "Europe/Berlin", "open": false, "until": "2026-12-04T01:00:00Z"},
+            "created_at": "2026-11-03"});
+        let text = sites_table(&parse::<Vec<Site>>(json!([site, windowed])));
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].contains("CLIENT"));
+        assert!(lines[0].contains("CLIENT") && lines[0].contains("MAINTENANCE WINDOW"));
         assert!(lines[1].contains("s1") && lines[1].contains("c1") && lines[1].contains("Depot"));
-        assert_eq!(lines.last(), Some(&"1 site"));
+        assert!(
+            lines[2]
+                .contains("mon,fri 02:00 for 3h Europe/Berlin (closed until 2026-12-04T01:00:00Z)")
+        );
+        assert_eq!(lines.last(), Some(&"2 sites"));
+        let text = sites_table(&parse::<Vec<Site>>(json!([site])));
+        assert_eq!(text.lines().last(), Some("1 site"));
         assert_eq!(
             site_created(&parse(site)),
             "site Depot created for client c1: s1\n"
+        );
+    }
+
+    #[test]
+    fn window_lines_say_set_or_cleared() {
+        let set: WindowSet = parse(json!({"id": "c1", "agents_affected": 4,
+            "maintenance_window": {"days": ["sat"], "start": "22:00", "duration": "4h",
+                "time_zone": "UTC", "open": true, "until": "2026-12-06T02:00:00Z"}}));
+        assert_eq!(
+            window_line("client", &set),
+            "client c1: maintenance window sat 22:00 for 4h UTC (open until 2026-12-06T02:00:00Z) (4 agents affected)\n"
+        );
+        let cleared: WindowSet =
+            parse(json!({"id": "s1", "maintenance_window": null, "agents_affected": 1}));
+        assert_eq!(
+            window_line("site", &cleared),
+            "site s1: maintenance window cleared (1 agent affected)\n"
         );
     }
 

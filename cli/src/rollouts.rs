@@ -91,6 +91,9 @@ pub(crate) enum RolloutAction {
         selector: Selector,
         #[command(flatten)]
         plan: PlanArgs,
+        /// Start agents outside their sites' maintenance windows too
+        #[arg(long)]
+        ignore_windows: bool,
         /// Print the API's JSON instead of text
         #[arg(long)]
         json: bool,
@@ -214,6 +217,7 @@ pub(crate) fn run(args: RolloutArgs, api: &Api) -> anyhow::Result<()> {
             version,
             selector,
             plan,
+            ignore_windows,
             json,
         } => {
             let [waves, bake] = plan.fields();
@@ -222,6 +226,7 @@ pub(crate) fn run(args: RolloutArgs, api: &Api) -> anyhow::Result<()> {
                 ("selector", selector.body()),
                 waves,
                 bake,
+                ("ignore_windows", json!(ignore_windows)),
             ]);
             return post(api, "/api/v1/rollouts", Some(body), json, |r: Rollout| {
                 created_view(&r)

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::AppState;
 use crate::clock::now_ms;
 use crate::engine::{AgentPosition, channel_admits, resolve_channel};
+use crate::maintenance::closed_until;
 use crate::releases::{Channel, Release, ReleaseIndex};
 use crate::rollouts::book::{Book, LiveRollout};
 use crate::rollouts::health::{self, Counts, GateVerdict, WaveVerdict};
@@ -284,6 +285,7 @@ pub(crate) async fn health(
         })
         .collect();
     let current = usize::try_from(rollout.current_wave).unwrap_or(0);
+    let obeys_windows = crate::rollouts::obeys_windows(rollout.kind, &plan);
     let waves = health::count_waves(
         plan.waves.len(),
         current,
@@ -291,6 +293,7 @@ pub(crate) async fn health(
         &groups,
         &classes,
         scope,
+        |group| obeys_windows && closed_until(group.window.as_deref(), now).is_some(),
     );
     let total = health::total(&waves);
     let wave_rows = state.store.rollout_waves(&rollout.id).await?;
@@ -886,6 +889,8 @@ pub(crate) async fn target_stages(
 ) -> StoreResult<Vec<(crate::store::RolloutTarget, health::Stage)>> {
     let current = usize::try_from(rollout.current_wave).unwrap_or(0);
     let enabled = state.updates_enabled();
+    let obeys_windows = crate::rollouts::obeys_windows(rollout.kind, &parse_plan(rollout)?);
+    let now = now_ms();
     Ok(state
         .store
         .rollout_targets(&rollout.id)
@@ -897,6 +902,7 @@ pub(crate) async fn target_stages(
                 paused: t.paused,
                 auto_update: t.auto_update,
                 updates_enabled: enabled,
+                outside_window: obeys_windows && closed_until(t.window.as_deref(), now).is_some(),
                 status: t.status,
                 class: t.class,
             });

@@ -13,8 +13,9 @@ use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::conductor;
 use crate::engine::{AgentPosition, Decision, HoldReason, needs_update, resolve_channel};
+use crate::maintenance::AgentWindow;
 use crate::releases::Release;
-use crate::rollouts::book::{Admission, Asking};
+use crate::rollouts::book::{Admission, Asking, Book};
 use crate::store::{FailureClass, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
 use crate::task_writer::TaskRequest;
 
@@ -34,6 +35,8 @@ pub(crate) struct LiveAgent {
     pub(crate) ended: HashMap<String, String>,
     /// This session holds a download slot for its task (see `admission`).
     pub(crate) holds_slot: bool,
+    /// Its site's (or client's) maintenance window.
+    pub(crate) window: Option<AgentWindow>,
 }
 
 /// What prompted a check.
@@ -71,6 +74,10 @@ impl LiveAgent {
             }
         }
         let (channel, _) = resolve_channel(&record);
+        let window = AgentWindow::of(
+            record.site_window.as_deref(),
+            record.client_window.as_deref(),
+        );
         Ok(LiveAgent {
             id: record.id,
             position: AgentPosition {
@@ -86,6 +93,7 @@ impl LiveAgent {
             retry_at,
             ended,
             holds_slot: false,
+            window,
         })
     }
 }
@@ -159,6 +167,17 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
         } => pace(crate::rollouts::book::waiting_for_wave(&rollout_id, wave)),
         Admission::Wait(reason) => pace(reason),
         Admission::Hold(reason) => hold(reason),
+    };
+    // A closed maintenance window paces a start; an update under way goes on.
+    let admitted = |release: Release, kind: TaskKind, admission: Admission| match admitted(
+        release, kind, admission,
+    ) {
+        Due::Start { rollout_id, .. }
+            if let Some(reason) = window_holds(live, &book, &rollout_id) =>
+        {
+            pace(reason)
+        }
+        due => due,
     };
 
     // An operator chose this agent and a version.
@@ -267,6 +286,16 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
     admitted(release, TaskKind::Update, admission)
 }
 
+/// Why the agent's maintenance window holds it back from this rollout now, if it does.
+fn window_holds(live: &LiveAgentView<'_>, book: &Book, rollout_id: &str) -> Option<String> {
+    let window = live.window?;
+    let rollout = book.get(rollout_id)?;
+    if !crate::rollouts::obeys_windows(rollout.record.kind, &rollout.plan) {
+        return None;
+    }
+    window.holds(now_ms())
+}
+
 /// What `decide` reads of an agent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LiveAgentView<'a> {
@@ -275,6 +304,7 @@ pub(crate) struct LiveAgentView<'a> {
     /// The check follows a change (a connect, new builds, an operator's action) rather
     /// than a heartbeat.
     pub(crate) something_changed: bool,
+    pub(crate) window: Option<&'a AgentWindow>,
 }
 
 impl LiveAgent {
@@ -284,6 +314,7 @@ impl LiveAgent {
             position: &self.position,
             retry_at: &self.retry_at,
             something_changed: false,
+            window: self.window.as_ref(),
         }
     }
 

@@ -270,6 +270,8 @@ mod tests {
             agent_channel: agent.map(Into::into),
             site_channel: site.map(Into::into),
             client_channel: client.map(Into::into),
+            site_window: None,
+            client_window: None,
             node_id: None,
             node_last_beat_ms: None,
         }

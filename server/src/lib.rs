@@ -16,6 +16,7 @@ mod engine;
 mod events;
 mod heartbeats;
 pub mod limits;
+mod maintenance;
 mod metrics;
 mod nodes;
 mod releases;

@@ -47,6 +47,9 @@ pub(crate) struct Counts {
     targeted: u64,
     waiting: u64,
     queued: u64,
+    /// In a started wave, waiting for their maintenance window.
+    #[serde(default)]
+    outside_window: u64,
     downloading: u64,
     installing: u64,
     succeeded: u64,
@@ -284,6 +287,7 @@ fn stages(counts: &Counts) -> String {
         (counts.installing, "installing", ""),
         (counts.downloading, "downloading", ""),
         (counts.queued, "queued", ""),
+        (counts.outside_window, "outside their window", ""),
         (counts.waiting, "waiting", ""),
         (counts.cancelled, "cancelled", ""),
         (counts.skipped, "skipped", ""),

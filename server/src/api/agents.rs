@@ -672,7 +672,7 @@ pub(crate) struct UpdateQueued {
 
 /// Request an update now: a targeted rollout of this one agent with a forced task, pushed
 /// at once when the agent is connected and on its next connect otherwise. It overrides a
-/// version's earlier failure on the agent, not a pause.
+/// version's earlier failure on the agent and its site's maintenance window, not a pause.
 #[utoipa::path(
     post,
     path = "/agents/{id}/update",
@@ -792,7 +792,11 @@ pub(crate) async fn update_now(
             version: version.clone(),
             kind: RolloutKind::Targeted,
             platforms: vec![(agent.os.clone(), agent.arch.clone())],
-            plan: Plan::all_at_once(state.settings.wave_thresholds),
+            // "Now" is the operator's word: a maintenance window does not hold it.
+            plan: Plan {
+                ignore_windows: true,
+                ..Plan::all_at_once(state.settings.wave_thresholds)
+            },
             started_by: caller.actor.clone(),
             detail: format!("update of {} ({}) requested", agent.hostname, agent.id),
             candidates: vec![conductor::candidate(&agent)],

@@ -1,4 +1,5 @@
-//! `/api/v1/clients` and `/api/v1/sites`, and channels set on agents, sites and clients.
+//! `/api/v1/clients` and `/api/v1/sites`, channels set on agents, sites and clients, and
+//! the maintenance windows of sites and clients.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -8,7 +9,8 @@ use utoipa::ToSchema;
 
 use super::{ApiError, Body, Caller, ErrorBody, openapi};
 use crate::AppState;
-use crate::clock::rfc3339;
+use crate::clock::{now_ms, rfc3339};
+use crate::maintenance::{Openness, Window, WindowSpec};
 use crate::releases::Channel;
 use crate::session::Outbound;
 use crate::store::{ChannelScope, Client, Role, Site, StoreError};
@@ -21,6 +23,8 @@ pub(crate) struct ClientView {
     /// The channel set for every agent of the client, unless a site or agent sets one.
     #[schema(schema_with = openapi::nullable_channel)]
     channel: Option<String>,
+    /// Its agents' maintenance window, unless their site sets one.
+    maintenance_window: Option<WindowView>,
     /// RFC 3339.
     created_at: String,
 }
@@ -29,9 +33,40 @@ impl From<Client> for ClientView {
     fn from(client: Client) -> ClientView {
         ClientView {
             created_at: rfc3339(client.created_at_ms),
+            maintenance_window: WindowView::of(client.maintenance_window.as_deref()),
             id: client.id,
             name: client.name,
             channel: client.channel,
+        }
+    }
+}
+
+/// A maintenance window and where it stands now.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WindowView {
+    #[serde(flatten)]
+    schedule: WindowSpec,
+    /// Open now.
+    open: bool,
+    /// When it closes (when open) or next opens (when closed), RFC 3339.
+    until: String,
+}
+
+impl WindowView {
+    fn of(stored: Option<&str>) -> Option<WindowView> {
+        let window = Window::from_json(stored?).ok()?;
+        Some(WindowView::from_window(&window))
+    }
+
+    fn from_window(window: &Window) -> WindowView {
+        let (open, until) = match window.at(now_ms()) {
+            Openness::Open { closes_at_ms } => (true, closes_at_ms),
+            Openness::Closed { opens_at_ms } => (false, opens_at_ms),
+        };
+        WindowView {
+            schedule: window.spec().clone(),
+            open,
+            until: rfc3339(until),
         }
     }
 }
@@ -45,6 +80,8 @@ pub(crate) struct SiteView {
     /// The channel set for every agent of the site, unless the agent sets one.
     #[schema(schema_with = openapi::nullable_channel)]
     channel: Option<String>,
+    /// Its agents' maintenance window; its client's applies when unset.
+    maintenance_window: Option<WindowView>,
     /// RFC 3339.
     created_at: String,
 }
@@ -53,6 +90,7 @@ impl From<Site> for SiteView {
     fn from(site: Site) -> SiteView {
         SiteView {
             created_at: rfc3339(site.created_at_ms),
+            maintenance_window: WindowView::of(site.maintenance_window.as_deref()),
             id: site.id,
             client_id: site.client_id,
             name: site.name,
@@ -317,11 +355,7 @@ async fn set_channel(
             ))
         })?),
     };
-    let what = match scope {
-        ChannelScope::Agent => "agent",
-        ChannelScope::Site => "site",
-        ChannelScope::Client => "client",
-    };
+    let what = scope_name(scope);
     match state
         .store
         .set_channel(scope, &id, channel.map(Channel::as_str))
@@ -333,29 +367,170 @@ async fn set_channel(
         }
         Err(err) => return Err(err.into()),
     }
-    let affected = state.store.agents_under(scope, &id).await?;
+    let affected = recheck_agents_under(
+        &state,
+        &caller,
+        scope,
+        &id,
+        "channel",
+        channel.map_or("cleared".to_owned(), |c| c.as_str().to_owned()),
+    )
+    .await?;
+    Ok(Json(ChannelSet {
+        id,
+        channel: channel.map(Channel::as_str),
+        agents_affected: affected,
+    }))
+}
+
+fn scope_name(scope: ChannelScope) -> &'static str {
+    match scope {
+        ChannelScope::Agent => "agent",
+        ChannelScope::Site => "site",
+        ChannelScope::Client => "client",
+    }
+}
+
+/// After a setting of `scope`/`id` changed: every agent under it is checked again (on
+/// whichever node holds it), the pages hear of it, and the change is audited. Returns
+/// how many agents it affects.
+async fn recheck_agents_under(
+    state: &AppState,
+    caller: &Caller,
+    scope: ChannelScope,
+    id: &str,
+    setting: &str,
+    value: String,
+) -> Result<usize, ApiError> {
+    let what = scope_name(scope);
+    let affected = state.store.agents_under(scope, id).await?;
     for agent in &affected {
         state.registry.send(agent, Outbound::Refresh);
     }
+    let action = format!("{what}.{setting}");
     // One note for a whole site or client: the page re-reads what it shows.
     match scope {
-        ChannelScope::Agent => state.events.agent(&id),
-        ChannelScope::Site | ChannelScope::Client => {
-            state.events.settings(Some(&format!("{what}.channel")));
-        }
+        ChannelScope::Agent => state.events.agent(id),
+        ChannelScope::Site | ChannelScope::Client => state.events.settings(Some(&action)),
     }
     state
         .audit(
             &caller.actor,
-            &format!("{what}.channel"),
-            &id,
-            Some(channel.map_or("cleared".to_owned(), |c| c.as_str().to_owned())),
+            &action,
+            id,
+            Some(value),
             &format!("{} agents affected", affected.len()),
         )
         .await;
-    Ok(Json(ChannelSet {
+    Ok(affected.len())
+}
+
+/// `{"window": {"days": ["mon"], "start": "02:00", "duration": "3h", "time_zone":
+/// "Europe/Berlin"}}` sets, `{"window": null}` clears.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WindowChange {
+    window: Option<WindowSpec>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WindowSet {
+    id: String,
+    /// The window now set, normalised, with where it stands now; null when cleared.
+    maintenance_window: Option<WindowView>,
+    /// Agents it governs (a site's window wins over its client's).
+    agents_affected: usize,
+}
+
+#[utoipa::path(
+    put,
+    path = "/sites/{id}/maintenance-window",
+    tag = "hierarchy",
+    summary = "Set or clear the maintenance window of every agent of the site",
+    description = "Outside its window an agent is not started on a `promote` or `targeted` rollout (unless the rollout overrides windows); an update under way goes on. A site's window wins over its client's. Connected agents are checked again at once.",
+    params(("id" = String, Path, description = "The site's id")),
+    request_body = WindowChange,
+    responses(
+        (status = 200, description = "The window now set", body = WindowSet),
+        (status = 400, description = "The body is malformed or the schedule is invalid (the detail says why)", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No site has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn set_site_window(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(body): Body<WindowChange>,
+) -> Result<Json<WindowSet>, ApiError> {
+    set_window(caller, state, id, body, ChannelScope::Site).await
+}
+
+#[utoipa::path(
+    put,
+    path = "/clients/{id}/maintenance-window",
+    tag = "hierarchy",
+    summary = "Set or clear the maintenance window of every agent of the client",
+    description = "Applies to the client's agents whose site sets no window of its own. Outside its window an agent is not started on a `promote` or `targeted` rollout (unless the rollout overrides windows). Connected agents are checked again at once.",
+    params(("id" = String, Path, description = "The client's id")),
+    request_body = WindowChange,
+    responses(
+        (status = 200, description = "The window now set", body = WindowSet),
+        (status = 400, description = "The body is malformed or the schedule is invalid (the detail says why)", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No client has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn set_client_window(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(body): Body<WindowChange>,
+) -> Result<Json<WindowSet>, ApiError> {
+    set_window(caller, state, id, body, ChannelScope::Client).await
+}
+
+async fn set_window(
+    caller: Caller,
+    state: AppState,
+    id: String,
+    body: WindowChange,
+    scope: ChannelScope,
+) -> Result<Json<WindowSet>, ApiError> {
+    caller.require(Role::Operator)?;
+    let window = body
+        .window
+        .map(|spec| spec.check().map_err(ApiError::BadRequest))
+        .transpose()?;
+    let json = window.as_ref().map(Window::to_json);
+    match state
+        .store
+        .set_maintenance_window(scope, &id, json.as_deref())
+        .await
+    {
+        Ok(()) => {}
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::NotFound(format!(
+                "no {} with id {id}",
+                scope_name(scope)
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let affected = recheck_agents_under(
+        &state,
+        &caller,
+        scope,
+        &id,
+        "maintenance_window",
+        json.clone().unwrap_or_else(|| "cleared".to_owned()),
+    )
+    .await?;
+    Ok(Json(WindowSet {
         id,
-        channel: channel.map(Channel::as_str),
-        agents_affected: affected.len(),
+        maintenance_window: window.as_ref().map(WindowView::from_window),
+        agents_affected: affected,
     }))
 }

@@ -102,6 +102,9 @@ pub(crate) struct RolloutView {
     waves: Vec<WaveView>,
     /// The promote gate over this beta rollout; null for other kinds.
     gate: Option<GateView>,
+    /// Maintenance windows hold this rollout's agents: a `promote` or `targeted` rollout
+    /// that does not override them.
+    obeys_windows: bool,
     /// This beta build has been ahead of stable for longer than the threshold.
     stale_stable: bool,
     /// How long this beta build has been ahead of stable; null unless it is.
@@ -273,6 +276,7 @@ fn view(
         current_wave: current,
         waves,
         gate,
+        obeys_windows: crate::rollouts::obeys_windows(rollout.kind, &health.plan),
         stale_stable: lag.is_some_and(|lag| lag > stale_after_ms),
         stable_lag_seconds: lag.map(|lag| lag / 1000),
         created_at: rfc3339(rollout.created_at_ms),
@@ -691,11 +695,12 @@ fn parse_version(text: &str) -> Result<semver::Version, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("{text:?} is not a version: {e}")))
 }
 
-/// A plan from a request's `waves` and `bake`, or the default.
+/// A plan from a request's `waves`, `bake` and `ignore_windows`, or the default.
 fn plan_of(
     state: &AppState,
     waves: Option<&[String]>,
     bake: Option<&str>,
+    ignore_windows: bool,
     fallback: Plan,
 ) -> Result<Plan, ApiError> {
     let bake_ms = match bake {
@@ -728,6 +733,7 @@ fn plan_of(
             wave.bake_ms = bake_ms;
         }
     }
+    plan.ignore_windows = ignore_windows;
     Ok(plan)
 }
 
@@ -746,6 +752,9 @@ pub(crate) struct PromoteRequest {
     waves: Option<Vec<String>>,
     /// Bake time between waves, such as `10m`.
     bake: Option<String>,
+    /// Start agents outside their maintenance windows too.
+    #[serde(default)]
+    ignore_windows: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -793,6 +802,7 @@ pub(crate) async fn promote(
         &state,
         request.waves.as_deref(),
         request.bake.as_deref(),
+        request.ignore_windows,
         conductor::default_plan(&state),
     )?;
     let index = state.releases.current();
@@ -988,6 +998,7 @@ pub(crate) async fn rollback(
             &state,
             waves,
             request.bake.as_deref(),
+            false,
             Plan::all_at_once(state.settings.wave_thresholds),
         )?),
     };
@@ -1132,6 +1143,9 @@ pub(crate) struct TargetedRequest {
     /// Cumulative wave shares; one wave (everyone at once) otherwise.
     waves: Option<Vec<String>>,
     bake: Option<String>,
+    /// Start agents outside their maintenance windows too.
+    #[serde(default)]
+    ignore_windows: bool,
 }
 
 #[utoipa::path(
@@ -1161,6 +1175,7 @@ pub(crate) async fn create(
         &state,
         request.waves.as_deref(),
         request.bake.as_deref(),
+        request.ignore_windows,
         Plan::all_at_once(state.settings.wave_thresholds),
     )?;
     let s = &request.selector;

@@ -16,8 +16,10 @@ pub(crate) enum Stage {
     /// Its wave has not started.
     Waiting,
     /// Its wave started; no update is under way yet (offline, waiting for a download
-    /// slot or a window, or about to retry after a transient failure).
+    /// slot, or about to retry after a transient failure).
     Queued,
+    /// Its wave started, and its site's (or client's) maintenance window is closed.
+    OutsideWindow,
     /// Sent, downloading or verifying.
     Downloading,
     /// Installing or restarting into the new build.
@@ -34,9 +36,10 @@ pub(crate) enum Stage {
 }
 
 impl Stage {
-    pub(crate) const ALL: [Stage; 9] = [
+    pub(crate) const ALL: [Stage; 10] = [
         Stage::Waiting,
         Stage::Queued,
+        Stage::OutsideWindow,
         Stage::Downloading,
         Stage::Installing,
         Stage::Succeeded,
@@ -50,6 +53,7 @@ impl Stage {
         match self {
             Stage::Waiting => "waiting",
             Stage::Queued => "queued",
+            Stage::OutsideWindow => "outside_window",
             Stage::Downloading => "downloading",
             Stage::Installing => "installing",
             Stage::Succeeded => "succeeded",
@@ -80,6 +84,8 @@ pub(crate) struct TargetFacts {
     pub(crate) paused: bool,
     pub(crate) auto_update: bool,
     pub(crate) updates_enabled: bool,
+    /// The rollout obeys maintenance windows and the target's is closed now.
+    pub(crate) outside_window: bool,
     /// Its newest task in this rollout.
     pub(crate) status: Option<TaskStatus>,
     pub(crate) class: Option<FailureClass>,
@@ -114,6 +120,9 @@ pub(crate) fn stage_of(facts: &TargetFacts) -> (Stage, Option<SkipReason>) {
         }
         if !facts.wave_started {
             return (Stage::Waiting, None);
+        }
+        if facts.outside_window {
+            return (Stage::OutsideWindow, None);
         }
         return (Stage::Queued, None);
     }
@@ -156,6 +165,8 @@ pub(crate) struct Counts {
     pub(crate) targeted: u64,
     pub(crate) waiting: u64,
     pub(crate) queued: u64,
+    /// In a started wave, waiting for their maintenance window to open.
+    pub(crate) outside_window: u64,
     pub(crate) downloading: u64,
     pub(crate) installing: u64,
     /// `downloading` and `installing` together.
@@ -181,6 +192,7 @@ impl Counts {
         match stage {
             Stage::Waiting => self.waiting += agents,
             Stage::Queued => self.queued += agents,
+            Stage::OutsideWindow => self.outside_window += agents,
             Stage::Downloading => self.downloading += agents,
             Stage::Installing => self.installing += agents,
             Stage::Succeeded => self.succeeded += agents,
@@ -203,9 +215,10 @@ impl Counts {
         }
     }
 
-    /// Targets whose update has not ended yet (queued or under way).
+    /// Targets whose update has not ended yet (queued, outside their window or under
+    /// way).
     pub(crate) fn unfinished(&self) -> u64 {
-        self.queued + self.in_progress
+        self.queued + self.outside_window + self.in_progress
     }
 }
 
@@ -220,7 +233,7 @@ pub(crate) struct ClassGroup {
 }
 
 /// Counts per wave from the store's grouped rows; waves past `current_wave` have not
-/// started.
+/// started; `outside_window` says whether a group's maintenance window holds it now.
 pub(crate) fn count_waves(
     waves: usize,
     current_wave: usize,
@@ -228,6 +241,7 @@ pub(crate) fn count_waves(
     targets: &[TargetGroup],
     classes: &[ClassGroup],
     in_scope: impl Fn(&TargetGroup) -> bool,
+    outside_window: impl Fn(&TargetGroup) -> bool,
 ) -> Vec<Counts> {
     let mut counts = vec![Counts::default(); waves.max(1)];
     let last = counts.len() - 1;
@@ -238,6 +252,7 @@ pub(crate) fn count_waves(
             paused: group.paused,
             auto_update: group.auto_update,
             updates_enabled,
+            outside_window: outside_window(group),
             status: group.status,
             class: group.class,
         });
@@ -260,6 +275,7 @@ pub(crate) fn total(waves: &[Counts]) -> Counts {
         sum.targeted += w.targeted;
         sum.waiting += w.waiting;
         sum.queued += w.queued;
+        sum.outside_window += w.outside_window;
         sum.downloading += w.downloading;
         sum.installing += w.installing;
         sum.in_progress += w.in_progress;
@@ -420,6 +436,7 @@ mod tests {
             paused: false,
             auto_update: true,
             updates_enabled: true,
+            outside_window: false,
             status,
             class,
         }
@@ -473,6 +490,38 @@ mod tests {
                 },
                 Stage::Skipped,
             ),
+            // A closed window holds an agent whose wave started and that has nothing
+            // under way; a task already under way goes on, and a pause still wins.
+            (
+                TargetFacts {
+                    outside_window: true,
+                    ..facts(Some(Failed), Some(Transient))
+                },
+                Stage::OutsideWindow,
+            ),
+            (
+                TargetFacts {
+                    outside_window: true,
+                    wave_started: false,
+                    ..facts(None, None)
+                },
+                Stage::Waiting,
+            ),
+            (
+                TargetFacts {
+                    outside_window: true,
+                    ..facts(Some(Downloading), None)
+                },
+                Stage::Downloading,
+            ),
+            (
+                TargetFacts {
+                    outside_window: true,
+                    paused: true,
+                    ..facts(None, None)
+                },
+                Stage::Skipped,
+            ),
             // What happened stays: a paused agent that succeeded counts as a success.
             (
                 TargetFacts {
@@ -511,6 +560,7 @@ mod tests {
             status,
             class,
             settled: false,
+            window: None,
             agents,
         }
     }
@@ -522,7 +572,15 @@ mod tests {
             group(0, Some(Succeeded), None, 8),
             group(0, Some(RolledBack), Some(FailureClass::Build), 1),
             group(0, Some(Failed), Some(FailureClass::Transient), 1),
-            group(1, None, None, 90),
+            group(1, None, None, 85),
+            TargetGroup {
+                window: Some("closed".into()),
+                ..group(1, None, None, 5)
+            },
+            TargetGroup {
+                window: Some("closed".into()),
+                ..group(0, None, None, 2)
+            },
         ];
         // Three tasks failed transiently on the way (retries), one was a build failure.
         let classes = [
@@ -539,12 +597,21 @@ mod tests {
                 recent: 0,
             },
         ];
-        let waves = count_waves(2, 0, true, &targets, &classes, |_| true);
+        let waves = count_waves(
+            2,
+            0,
+            true,
+            &targets,
+            &classes,
+            |_| true,
+            |g| g.window.is_some(),
+        );
         let sum = total(&waves);
-        assert_eq!(sum.targeted, 100);
+        assert_eq!(sum.targeted, 102);
         assert_eq!(
             sum.waiting
                 + sum.queued
+                + sum.outside_window
                 + sum.in_progress
                 + sum.succeeded
                 + sum.failed
@@ -557,7 +624,10 @@ mod tests {
             (waves[0].succeeded, waves[0].rolled_back, waves[0].queued),
             (8, 1, 1)
         );
+        // Outside their window only once their wave started.
+        assert_eq!(waves[0].outside_window, 2);
         assert_eq!(waves[1].waiting, 90);
+        assert_eq!(sum.unfinished(), 3);
         assert_eq!(sum.failures.transient, 3);
         // The build failure ended before the last resume: it no longer counts for a halt.
         assert_eq!(sum.recent_build_failures, 0);

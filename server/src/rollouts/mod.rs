@@ -1,6 +1,7 @@
 //! Rollouts as records: their plans and waves (`plan`), their health and the promote
 //! gate (`health`), and the admission rule dispatch consults (`book`); here, the
-//! stale-stable warning. Pure: the callers bring the index and the stored records.
+//! stale-stable warning and which rollouts maintenance windows hold. Pure: the callers
+//! bring the index and the stored records.
 
 pub(crate) mod book;
 pub(crate) mod health;
@@ -9,7 +10,14 @@ pub mod plan;
 use std::collections::{HashMap, HashSet};
 
 use crate::releases::{Channel, ReleaseIndex};
-use crate::store::RolloutRecord;
+use crate::store::{RolloutKind, RolloutRecord};
+
+/// Whether maintenance windows hold a rollout's agents: `promote` and `targeted`
+/// rollouts do, unless the operator overrode them; beta agents chose early builds and a
+/// rollback must not wait.
+pub(crate) fn obeys_windows(kind: RolloutKind, plan: &plan::Plan) -> bool {
+    matches!(kind, RolloutKind::Promote | RolloutKind::Targeted) && !plan.ignore_windows
+}
 
 /// A version on one platform.
 pub(crate) type RolloutKey = (String, String, String);

@@ -132,6 +132,10 @@ pub(crate) struct Plan {
     /// `assign`. Agents that join later fall in a wave by the same proportions.
     #[serde(default)]
     pub(crate) reach: Vec<u64>,
+    /// Start agents outside their sites' maintenance windows (an operator's override;
+    /// windows hold only `promote` and `targeted` rollouts).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) ignore_windows: bool,
 }
 
 /// Promote's default waves: a 1% canary, then 10%, 50% and everyone.
@@ -189,6 +193,7 @@ impl Plan {
         Ok(Plan {
             waves,
             reach: Vec::new(),
+            ignore_windows: false,
         })
     }
 

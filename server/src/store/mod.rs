@@ -106,6 +106,9 @@ pub struct AgentRecord {
     pub agent_channel: Option<String>,
     pub site_channel: Option<String>,
     pub client_channel: Option<String>,
+    /// The maintenance windows (JSON) of its site and client.
+    pub site_window: Option<String>,
+    pub client_window: Option<String>,
     /// The node holding the agent's session, and that node's last heartbeat.
     pub node_id: Option<String>,
     pub node_last_beat_ms: Option<i64>,
@@ -399,6 +402,8 @@ pub struct Client {
     pub id: String,
     pub name: String,
     pub channel: Option<String>,
+    /// Its maintenance window as JSON (see `maintenance`).
+    pub maintenance_window: Option<String>,
     #[serde(skip)]
     pub created_at_ms: i64,
 }
@@ -409,6 +414,8 @@ pub struct Site {
     pub client_id: String,
     pub name: String,
     pub channel: Option<String>,
+    /// Its maintenance window as JSON (see `maintenance`).
+    pub maintenance_window: Option<String>,
     #[serde(skip)]
     pub created_at_ms: i64,
 }

@@ -110,6 +110,15 @@ pub trait Queries: Send + Sync {
         channel: Option<&str>,
     ) -> StoreResult<()>;
 
+    /// Sets or clears (`None`) the maintenance window (its JSON form) of a site or a
+    /// client; `NotFound` when the row does not exist.
+    async fn set_maintenance_window(
+        &self,
+        scope: ChannelScope,
+        id: &str,
+        window: Option<&str>,
+    ) -> StoreResult<()>;
+
     /// Ids of the agents a channel change at `scope`/`id` affects.
     async fn agents_under(&self, scope: ChannelScope, id: &str) -> StoreResult<Vec<String>>;
 
@@ -252,7 +261,7 @@ pub(super) const SELECT_AGENTS: &str = "SELECT a.id, a.site_id, a.fingerprint, a
      a.version, a.os, a.arch, a.paused, a.auto_update, \
      a.enrolled_at AS enrolled_at_ms, a.last_seen AS last_seen_ms, \
      a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel, \
-     a.node_id, n.last_beat AS node_last_beat_ms \
+     s.maintenance_window AS site_window, c.maintenance_window AS client_window, a.node_id, n.last_beat AS node_last_beat_ms \
      FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id \
      LEFT JOIN nodes n ON n.id = a.node_id";
 
@@ -266,9 +275,11 @@ pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, o
 pub(super) const ACTIVE_STATUSES: &str =
     "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
 
-pub(super) const CLIENT_COLUMNS: &str = "id, name, channel, created_at AS created_at_ms";
+pub(super) const CLIENT_COLUMNS: &str =
+    "id, name, channel, maintenance_window, created_at AS created_at_ms";
 
-pub(super) const SITE_COLUMNS: &str = "id, client_id, name, channel, created_at AS created_at_ms";
+pub(super) const SITE_COLUMNS: &str =
+    "id, client_id, name, channel, maintenance_window, created_at AS created_at_ms";
 
 /// The columns of an `ApiToken`: never the hash.
 pub(super) const TOKEN_COLUMNS: &str =
@@ -738,6 +749,31 @@ macro_rules! impl_queries {
                             .bind(id)
                             .execute(&self.pool)
                             .await?;
+                    changed_one(done.rows_affected())
+                }
+
+                async fn set_maintenance_window(
+                    &self,
+                    scope: ChannelScope,
+                    id: &str,
+                    window: Option<&str>,
+                ) -> StoreResult<()> {
+                    let table = match scope {
+                        ChannelScope::Site => "sites",
+                        ChannelScope::Client => "clients",
+                        ChannelScope::Agent => {
+                            return Err(StoreError::Other(
+                                "maintenance windows belong to sites and clients".into(),
+                            ));
+                        }
+                    };
+                    let done = sqlx::query(&format!(
+                        "UPDATE {table} SET maintenance_window = $1 WHERE id = $2"
+                    ))
+                    .bind(window)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
                     changed_one(done.rows_affected())
                 }
 

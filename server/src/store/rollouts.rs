@@ -242,6 +242,8 @@ pub struct TargetGroup {
     pub class: Option<FailureClass>,
     /// Succeeded, and connected on the new version since before the success bake began.
     pub settled: bool,
+    /// The maintenance window (JSON) of their site, or else of their client.
+    pub window: Option<String>,
     pub agents: u64,
 }
 
@@ -256,6 +258,7 @@ pub(super) struct TargetGroupRow {
     pub(super) st: Option<String>,
     pub(super) cls: Option<String>,
     pub(super) settled: i64,
+    pub(super) win: Option<String>,
     pub(super) agents: i64,
 }
 
@@ -289,6 +292,8 @@ pub struct RolloutTarget {
     pub status: Option<TaskStatus>,
     pub class: Option<FailureClass>,
     pub error: Option<String>,
+    /// The maintenance window (JSON) of its site, or else of its client.
+    pub window: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -303,6 +308,7 @@ pub(super) struct RolloutTargetRow {
     pub(super) status: Option<String>,
     pub(super) failure_class: Option<String>,
     pub(super) error: Option<String>,
+    pub(super) win: Option<String>,
 }
 
 pub(super) fn task_status(text: Option<String>) -> StoreResult<Option<TaskStatus>> {
@@ -409,6 +415,7 @@ impl TryFrom<TargetGroupRow> for TargetGroup {
             status: task_status(row.st)?,
             class: failure_class(row.cls)?,
             settled: row.settled != 0,
+            window: row.win,
             agents: u64::try_from(row.agents).unwrap_or(0),
         })
     }
@@ -443,6 +450,7 @@ impl TryFrom<RolloutTargetRow> for RolloutTarget {
             status: task_status(row.status)?,
             class: failure_class(row.failure_class)?,
             error: row.error,
+            window: row.win,
         })
     }
 }
@@ -457,6 +465,9 @@ const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = (SELECT x.id FROM 
      WHERE x.rollout_id = t.rollout_id AND x.agent_id = t.agent_id \
      ORDER BY x.created_at DESC, x.id DESC LIMIT 1)";
 
+/// A target's maintenance window: its site's, or else its client's.
+const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
+
 pub(super) fn target_groups_sql() -> String {
     format!(
         "SELECT t.wave AS t_wave, a.os AS a_os, a.arch AS a_arch, \
@@ -466,12 +477,12 @@ pub(super) fn target_groups_sql() -> String {
              CAST(CASE WHEN u.status = 'succeeded' AND u.finished_at <= $2 \
                  AND a.node_id IS NOT NULL AND a.connected_at <= $2 THEN 1 ELSE 0 END AS BIGINT) \
                  AS settled, \
-             COUNT(*) AS agents \
+             {WINDOW} AS win, COUNT(*) AS agents \
          FROM rollout_targets t \
          JOIN agents a ON a.id = t.agent_id JOIN sites s ON s.id = a.site_id \
          JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
          WHERE t.rollout_id = $1 \
-         GROUP BY t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, settled"
+         GROUP BY t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, settled, win"
     )
 }
 
@@ -483,8 +494,9 @@ pub(super) const CLASS_ROWS_SQL: &str = "SELECT wave, failure_class, COUNT(*) AS
 pub(super) fn targets_sql() -> String {
     format!(
         "SELECT t.agent_id, a.hostname, a.version, t.wave, a.paused, a.auto_update, \
-             u.id AS task_id, u.status, u.failure_class, u.error \
-         FROM rollout_targets t JOIN agents a ON a.id = t.agent_id {NEWEST_TASK} \
+             u.id AS task_id, u.status, u.failure_class, u.error, {WINDOW} AS win \
+         FROM rollout_targets t JOIN agents a ON a.id = t.agent_id \
+         JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
          WHERE t.rollout_id = $1 ORDER BY t.wave, t.agent_id"
     )
 }

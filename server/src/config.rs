@@ -13,6 +13,15 @@ pub const CONFIG_FILE: FlagFile = FlagFile {
     switches: &["require-signatures"],
 };
 
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `2026-11-29T05:00:00Z  INFO dispatching update agent=… task=…`
+    Text,
+    /// `{"timestamp":…,"level":"INFO","message":"dispatching update","agent":"…",…}`
+    Json,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "drover-server",
@@ -46,6 +55,11 @@ pub struct Args {
     /// URL agents use to reach this server (default: derived from --listen)
     #[arg(long, env = "DROVER_PUBLIC_URL")]
     pub public_url: Option<String>,
+
+    /// Log lines as `text` (for people) or `json` (one object a line, for log
+    /// collectors); which lines is set with RUST_LOG (default `info,sqlx=warn`)
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// How often agents heartbeat: seconds, or a duration such as 30s or 5m
     #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_interval)]

@@ -13,6 +13,7 @@ use tower_http::services::ServeFile;
 
 use crate::AppState;
 use crate::api::ApiError;
+use crate::metrics::{COUNTERS, Counters};
 
 /// Bytes read from the file per chunk. Every read is a trip to tokio's blocking pool,
 /// so the default 64 KiB costs a core at loopback speeds; 256 KiB a slot keeps the
@@ -34,6 +35,7 @@ pub(crate) async fn serve(
         )));
     }
     if state.settings.max_concurrent_downloads == 0 || !state.updates_enabled() {
+        Counters::bump(&COUNTERS.downloads_refused_off);
         return Err(ApiError::Forbidden(
             "downloads are switched off on this server".into(),
         ));
@@ -50,12 +52,14 @@ pub(crate) async fn serve(
         .blocked_versions()
         .contains(&release.version.to_string())
     {
+        Counters::bump(&COUNTERS.downloads_refused_off);
         return Err(ApiError::Forbidden(format!(
             "{} is rolled back and not served",
             release.version
         )));
     }
     let Ok(permit) = state.downloads.clone().try_acquire_owned() else {
+        Counters::bump(&COUNTERS.downloads_refused_busy);
         let mut busy = ApiError::Unavailable(format!(
             "all {} download slots are busy; retry later",
             state.settings.max_concurrent_downloads

@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::COUNTERS;
 use crate::store::{HeartbeatRecord, Store};
 
 const QUEUE_CAPACITY: usize = 65_536;
@@ -84,8 +86,17 @@ async fn fold_batches(
 
 async fn write_batches(store: Arc<dyn Store>, mut batches: mpsc::Receiver<Vec<HeartbeatRecord>>) {
     while let Some(batch) = batches.recv().await {
-        if let Err(err) = store.record_heartbeats(&batch).await {
-            tracing::warn!(count = batch.len(), %err, "could not write heartbeats; they will be written on the next beat");
+        match store.record_heartbeats(&batch).await {
+            Ok(()) => {
+                let oldest = batch.iter().map(|b| b.at_ms).min().unwrap_or(i64::MAX);
+                let lag = crate::clock::now_ms().saturating_sub(oldest).max(0);
+                COUNTERS
+                    .heartbeat_write_lag_ms
+                    .store(u64::try_from(lag).unwrap_or(0), Ordering::Relaxed);
+            }
+            Err(err) => {
+                tracing::warn!(count = batch.len(), %err, "could not write heartbeats; they will be written on the next beat");
+            }
         }
     }
 }

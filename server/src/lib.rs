@@ -423,15 +423,20 @@ async fn agent_socket(
 pub fn main() -> anyhow::Result<()> {
     let args =
         config::Args::parse_from(config::CONFIG_FILE.expand(std::env::args_os().collect(), 1)?);
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match args.log_format {
         // Colours only for a person at a terminal, not in log files and journals.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        config::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // The event's fields at the top level beside `timestamp`, `level`, `target`.
+        config::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

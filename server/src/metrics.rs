@@ -1,6 +1,9 @@
-//! `GET /metrics`: Prometheus text for the fleet, rollouts and warnings.
+//! `GET /metrics`: Prometheus text for the fleet, rollouts and warnings, and the few
+//! process-wide counters the rest of the server bumps (`COUNTERS`). METRICS.md documents
+//! every name; deploy/grafana/drover.json is built on them.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
 use axum::http::header;
@@ -8,6 +11,58 @@ use axum::response::IntoResponse;
 
 use crate::AppState;
 use crate::api::ApiError;
+
+/// Counters bumped where things happen; read only here.
+pub(crate) struct Counters {
+    /// Downloads answered 503 because every slot was busy.
+    pub(crate) downloads_refused_busy: AtomicU64,
+    /// Downloads refused because updates or downloads are off, or the build is blocked.
+    pub(crate) downloads_refused_off: AtomicU64,
+    /// Database statements that failed for a reason other than "not found" or a conflict.
+    pub(crate) database_errors: AtomicU64,
+    /// Milliseconds between the oldest heartbeat of the last written batch and the end
+    /// of its write.
+    pub(crate) heartbeat_write_lag_ms: AtomicU64,
+    /// Ended tasks by status and class, in `TASK_ENDINGS` order.
+    task_endings: [AtomicU64; TASK_ENDINGS.len()],
+}
+
+/// The (status, class) pairs a task ends with.
+const TASK_ENDINGS: [(&str, &str); 9] = [
+    ("succeeded", "none"),
+    ("failed", "build"),
+    ("failed", "environment"),
+    ("failed", "transient"),
+    ("rolled_back", "build"),
+    ("timed_out", "build"),
+    ("timed_out", "transient"),
+    ("cancelled", "transient"),
+    ("other", "other"),
+];
+
+pub(crate) static COUNTERS: Counters = Counters {
+    downloads_refused_busy: AtomicU64::new(0),
+    downloads_refused_off: AtomicU64::new(0),
+    database_errors: AtomicU64::new(0),
+    heartbeat_write_lag_ms: AtomicU64::new(0),
+    task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
+};
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `tasks` tasks ended on this server with `status` and `class`.
+    pub(crate) fn tasks_ended(&self, status: &str, class: Option<&str>, tasks: usize) {
+        let class = class.unwrap_or("none");
+        let index = TASK_ENDINGS
+            .iter()
+            .position(|&(s, c)| s == status && c == class)
+            .unwrap_or(TASK_ENDINGS.len() - 1);
+        self.task_endings[index].fetch_add(tasks as u64, Ordering::Relaxed);
+    }
+}
 
 pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut out = String::new();
@@ -23,11 +78,12 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
         &mut out,
         "drover_agents_connected",
         "gauge",
-        "Agents with a live session on this server.",
+        "Agents with a live session on this server node.",
     );
     let _ = writeln!(
         out,
-        "drover_agents_connected {}",
+        "drover_agents_connected{{node=\"{}\"}} {}",
+        state.node_id,
         state.registry.online_count()
     );
     metric(
@@ -49,42 +105,127 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
         "Agents whose update waits for a download slot on this server.",
     );
     let _ = writeln!(out, "drover_download_queue {}", state.admission.waiting());
+    metric(
+        &mut out,
+        "drover_downloads_in_flight",
+        "gauge",
+        "Build downloads being served by this server now.",
+    );
+    let in_flight = state
+        .settings
+        .max_concurrent_downloads
+        .saturating_sub(state.downloads.available_permits());
+    let _ = writeln!(out, "drover_downloads_in_flight {in_flight}");
+    metric(
+        &mut out,
+        "drover_downloads_refused_total",
+        "counter",
+        "Build downloads refused: busy (503, every slot taken) or off (updates off, downloads off, or the build rolled back).",
+    );
+    let c = &COUNTERS;
+    for (reason, counter) in [
+        ("busy", &c.downloads_refused_busy),
+        ("off", &c.downloads_refused_off),
+    ] {
+        let _ = writeln!(
+            out,
+            "drover_downloads_refused_total{{reason=\"{reason}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    metric(
+        &mut out,
+        "drover_task_endings_total",
+        "counter",
+        "Update tasks this server node ended, by status and failure class.",
+    );
+    for ((status, class), counter) in TASK_ENDINGS.iter().zip(&c.task_endings) {
+        let _ = writeln!(
+            out,
+            "drover_task_endings_total{{status=\"{status}\",class=\"{class}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    metric(
+        &mut out,
+        "drover_heartbeat_write_lag_seconds",
+        "gauge",
+        "Age of the oldest heartbeat in the last batch written, when its write ended.",
+    );
+    let _ = writeln!(
+        out,
+        "drover_heartbeat_write_lag_seconds {:.3}",
+        c.heartbeat_write_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    metric(
+        &mut out,
+        "drover_database_errors_total",
+        "counter",
+        "Database statements that failed (not counting rows not found and conflicts).",
+    );
+    let _ = writeln!(
+        out,
+        "drover_database_errors_total {}",
+        c.database_errors.load(Ordering::Relaxed)
+    );
 
+    let book = state.book();
+    let mut open = Vec::new();
+    for live in book.rollouts().filter(|r| r.record.state.is_open()) {
+        let rollout = &live.record;
+        let health = crate::conductor::health(&state, rollout, |_| true).await?;
+        let labels = format!(
+            "rollout=\"{}\",version=\"{}\",kind=\"{}\",state=\"{}\"",
+            rollout.id,
+            rollout.version,
+            rollout.kind.as_str(),
+            rollout.state.as_str()
+        );
+        open.push((labels, health.total, rollout.current_wave));
+    }
     metric(
         &mut out,
         "drover_rollout_agents",
         "gauge",
-        "Targets of each open rollout by stage.",
+        "Targets of each open rollout by stage (the stages add up to its targets).",
     );
-    let book = state.book();
-    let open: Vec<_> = book
-        .rollouts()
-        .filter(|r| r.record.state.is_open())
-        .map(|r| r.record.clone())
-        .collect();
-    for rollout in &open {
-        let health = crate::conductor::health(&state, rollout, |_| true).await?;
-        let t = &health.total;
-        for (stage, agents) in [
-            ("waiting", t.waiting),
-            ("queued", t.queued),
-            ("downloading", t.downloading),
-            ("installing", t.installing),
-            ("succeeded", t.succeeded),
-            ("failed", t.failed),
-            ("rolled_back", t.rolled_back),
-            ("cancelled", t.cancelled),
-            ("skipped", t.skipped),
+    for (labels, total, _) in &open {
+        for stage in crate::rollouts::health::Stage::ALL {
+            let _ = writeln!(
+                out,
+                "drover_rollout_agents{{{labels},stage=\"{}\"}} {}",
+                stage.as_str(),
+                total.of(stage)
+            );
+        }
+    }
+    metric(
+        &mut out,
+        "drover_rollout_failures",
+        "gauge",
+        "Ended tasks of each open rollout that failed, by failure class (only build failures halt).",
+    );
+    for (labels, total, _) in &open {
+        let f = &total.failures;
+        for (class, tasks) in [
+            ("build", f.build),
+            ("environment", f.environment),
+            ("transient", f.transient),
         ] {
             let _ = writeln!(
                 out,
-                "drover_rollout_agents{{rollout=\"{}\",version=\"{}\",kind=\"{}\",state=\"{}\",stage=\"{stage}\"}} {agents}",
-                rollout.id,
-                rollout.version,
-                rollout.kind.as_str(),
-                rollout.state.as_str(),
+                "drover_rollout_failures{{{labels},class=\"{class}\"}} {tasks}"
             );
         }
+    }
+    metric(
+        &mut out,
+        "drover_rollout_current_wave",
+        "gauge",
+        "The wave each open rollout has started last (0 is the first).",
+    );
+    for (labels, _, wave) in &open {
+        let _ = writeln!(out, "drover_rollout_current_wave{{{labels}}} {wave}");
     }
 
     metric(

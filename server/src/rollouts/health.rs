@@ -189,18 +189,7 @@ pub(crate) struct Counts {
 impl Counts {
     fn add_target(&mut self, stage: Stage, skip: Option<SkipReason>, settled: bool, agents: u64) {
         self.targeted += agents;
-        match stage {
-            Stage::Waiting => self.waiting += agents,
-            Stage::Queued => self.queued += agents,
-            Stage::OutsideWindow => self.outside_window += agents,
-            Stage::Downloading => self.downloading += agents,
-            Stage::Installing => self.installing += agents,
-            Stage::Succeeded => self.succeeded += agents,
-            Stage::Failed => self.failed += agents,
-            Stage::RolledBack => self.rolled_back += agents,
-            Stage::Cancelled => self.cancelled += agents,
-            Stage::Skipped => self.skipped += agents,
-        }
+        *self.stage_mut(stage) += agents;
         if matches!(stage, Stage::Downloading | Stage::Installing) {
             self.in_progress += agents;
         }
@@ -212,6 +201,27 @@ impl Counts {
             Some(SkipReason::Declines) => self.skipped_by.declines_updates += agents,
             Some(SkipReason::UpdatesOff) => self.skipped_by.updates_off += agents,
             None => {}
+        }
+    }
+
+    /// The targets in `stage`.
+    pub(crate) fn of(&self, stage: Stage) -> u64 {
+        let mut copy = *self;
+        *copy.stage_mut(stage)
+    }
+
+    fn stage_mut(&mut self, stage: Stage) -> &mut u64 {
+        match stage {
+            Stage::Waiting => &mut self.waiting,
+            Stage::Queued => &mut self.queued,
+            Stage::OutsideWindow => &mut self.outside_window,
+            Stage::Downloading => &mut self.downloading,
+            Stage::Installing => &mut self.installing,
+            Stage::Succeeded => &mut self.succeeded,
+            Stage::Failed => &mut self.failed,
+            Stage::RolledBack => &mut self.rolled_back,
+            Stage::Cancelled => &mut self.cancelled,
+            Stage::Skipped => &mut self.skipped,
         }
     }
 
@@ -608,6 +618,13 @@ mod tests {
         );
         let sum = total(&waves);
         assert_eq!(sum.targeted, 102);
+        assert_eq!(
+            Stage::ALL
+                .into_iter()
+                .map(|stage| sum.of(stage))
+                .sum::<u64>(),
+            sum.targeted
+        );
         assert_eq!(
             sum.waiting
                 + sum.queued

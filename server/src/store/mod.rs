@@ -37,7 +37,10 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_owned())
             }
-            other => StoreError::Other(other.to_string()),
+            other => {
+                crate::metrics::Counters::bump(&crate::metrics::COUNTERS.database_errors);
+                StoreError::Other(other.to_string())
+            }
         }
     }
 }

@@ -1011,7 +1011,14 @@ macro_rules! impl_queries {
                     .bind(agent_id)
                     .bind(class.map(FailureClass::as_str))
                     .fetch_one(&self.pool)
-                    .await?)
+                    .await
+                    .inspect(|_| {
+                        $crate::metrics::COUNTERS.tasks_ended(
+                            status.as_str(),
+                            class.map(FailureClass::as_str),
+                            1,
+                        );
+                    })?)
                 }
 
                 async fn record_first_seen(
@@ -1094,6 +1101,11 @@ macro_rules! impl_queries {
                     .fetch_all(&mut *tx)
                     .await?;
                     tx.commit().await?;
+                    $crate::metrics::COUNTERS.tasks_ended(
+                        "cancelled",
+                        Some("transient"),
+                        cancelled.len(),
+                    );
                     Ok(cancelled)
                 }
 
@@ -1121,7 +1133,14 @@ macro_rules! impl_queries {
                     .bind(now_ms)
                     .bind(rollout_id)
                     .fetch_all(&self.pool)
-                    .await?)
+                    .await
+                    .inspect(|cancelled| {
+                        $crate::metrics::COUNTERS.tasks_ended(
+                            "cancelled",
+                            Some("transient"),
+                            cancelled.len(),
+                        );
+                    })?)
                 }
 
                 async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()> {

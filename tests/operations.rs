@@ -1,0 +1,150 @@
+//! End-to-end: what an operations team relies on, against the real server: JSON logs a
+//! collector can parse line by line (with agent, task and rollout ids as fields and no
+//! secret anywhere), and a `/metrics` that the shipped Grafana dashboard can be built on.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+const SOON: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_parse_line_by_line_with_ids_as_fields_and_no_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--log-format", "json"]);
+    let mut agent = ProtocolAgent::enroll(&server, "fp-logged", "1.0.0").await;
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a build to log",
+    );
+    let update = agent.next_update(SOON).await.expect("an update");
+
+    let lines = eventually("the dispatch to be logged", SOON, || async {
+        let log = server.log();
+        log.contains("dispatching update").then_some(log)
+    })
+    .await;
+    let mut messages = BTreeSet::new();
+    let mut dispatched = None;
+    for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "message", "target"] {
+            assert!(entry[field].is_string(), "{field} missing: {line}");
+        }
+        messages.insert(entry["message"].as_str().unwrap().to_owned());
+        if entry["message"] == "dispatching update" {
+            dispatched = Some(entry);
+        }
+    }
+    let dispatched = dispatched.expect("the dispatch is logged");
+    assert_eq!(dispatched["level"], "INFO", "{dispatched}");
+    assert_eq!(dispatched["agent"], agent.id.as_str(), "{dispatched}");
+    assert_eq!(dispatched["task"], update.task_id.as_str(), "{dispatched}");
+    assert_eq!(dispatched["to"], "1.1.0", "{dispatched}");
+    assert!(
+        dispatched["rollout"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{dispatched}"
+    );
+    assert!(messages.contains("agent enrolled"), "{messages:?}");
+    for secret in [ADMIN_TOKEN, ENROLL_TOKEN, agent.secret.as_str()] {
+        assert!(!lines.contains(secret), "a secret reached the log");
+    }
+}
+
+/// Metric names in a text: every `drover_` word.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    text.match_indices("drover_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect::<String>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_documented_and_the_grafana_dashboard_uses_only_real_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut agent = ProtocolAgent::enroll(&server, "fp-measured", "1.0.0").await;
+    let file = publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a measured build",
+    );
+    agent.next_update(SOON).await.expect("an update");
+    agent.reconnect(&server, "1.1.0").await;
+    agent.heartbeat().await;
+    let (status, body) = api.put("/api/v1/updates", json!({"enabled": false})).await;
+    assert_eq!(status, 200, "{body}");
+    let refused = reqwest::get(format!("{}/downloads/{file}", server.url))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+
+    let metrics = eventually("the success to be counted", SOON, || async {
+        let text = reqwest::get(format!("{}/metrics", server.url))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("drover_task_endings_total{status=\"succeeded\",class=\"none\"} 1")
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        metrics.contains("drover_downloads_refused_total{reason=\"off\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("drover_updates_enabled 0"), "{metrics}");
+    assert!(
+        metrics.contains("drover_agents_connected{node=\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("drover_database_errors_total 0"),
+        "{metrics}"
+    );
+
+    // Every family the server exports is documented, and nothing documented is missing.
+    let exported: BTreeSet<String> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| rest.split(' ').next().unwrap().to_owned())
+        .collect();
+    assert!(exported.len() >= 14, "{exported:?}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let documented = metric_names(&std::fs::read_to_string(root.join("METRICS.md")).unwrap());
+    assert_eq!(documented, exported, "METRICS.md and /metrics disagree");
+
+    // The dashboard is valid JSON whose queries use only exported metrics.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/drover.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut used = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            used.extend(metric_names(target["expr"].as_str().expect("an expr")));
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard uses metrics /metrics lacks: {unknown:?}"
+    );
+}

@@ -1,5 +1,6 @@
 //! End-to-end: `drover-sim` runs a simulated fleet against the real server, which must
-//! see every simulated agent, and must see each of them take a promoted update.
+//! see every simulated agent, and must see each of them take a promoted update; a backup
+//! taken while the fleet heartbeats restores a server every agent returns to.
 
 mod support;
 
@@ -169,6 +170,83 @@ async fn simulated_fleet_connects_and_a_rerun_reuses_its_identities() {
     assert_eq!(report["reused_identities"], FLEET, "report: {report}");
     assert_eq!(report["errors_total"], 0, "report: {report}");
     assert_eq!(api.agents().await.unwrap().len(), FLEET);
+}
+
+/// Runs `drover-server COMMAND FILE` on the server's data directory; its success and
+/// everything it printed.
+fn server_command(server: &Server, command: &str, file: &Path) -> (bool, String) {
+    let output = Command::new(SERVER_BIN)
+        .arg(command)
+        .arg(file)
+        .arg("--data-dir")
+        .arg(server.dir.join("data"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("drover-server runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_taken_while_the_fleet_heartbeats_restores_a_server_every_agent_returns_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_args(dir.path(), &[]);
+    let api = server.api();
+    let sim = Sim::start(&server, dir.path(), FLEET, &[]);
+    let first = ids(&all_online(&api, FLEET).await);
+
+    // Taken while every agent heartbeats into the database.
+    let backup = dir.path().join("drover-backup.db");
+    let (ok, said) = server_command(&server, "backup", &backup);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains(&format!("({FLEET} agents, schema version")),
+        "{said}"
+    );
+    let (ok, said) = server_command(&server, "backup", &backup);
+    assert!(!ok && said.contains("exists already"), "{said}");
+    // Something the backup does not hold, which the restore must undo.
+    let (status, body) = api
+        .post(
+            "/api/v1/clients",
+            Some(serde_json::json!({"name": "after the backup"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // A running server's database is not replaced under it.
+    let (ok, said) = server_command(&server, "restore", &backup);
+    assert!(!ok && said.contains("stop it first"), "{said}");
+    assert_eq!(sim.stop()["errors_total"], 0);
+
+    server.terminate();
+    let (ok, said) = server_command(&server, "restore", &backup);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("the database it replaced is kept as"),
+        "{said}"
+    );
+    server.restart();
+
+    let rerun = Sim::start(&server, dir.path(), FLEET, &[]);
+    let again = all_online(&api, FLEET).await;
+    assert_eq!(ids(&again), first, "every agent returns as itself");
+    let report = rerun.stop();
+    assert_eq!(report["enrolled"], 0, "nothing re-enrolls: {report}");
+    assert_eq!(report["reused_identities"], FLEET, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+    let (_, clients) = api.get("/api/v1/clients").await;
+    assert!(
+        clients
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["name"] != "after the backup"),
+        "{clients}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,6 +13,23 @@ pub const CONFIG_FILE: FlagFile = FlagFile {
     switches: &["require-signatures"],
 };
 
+/// What `drover-server` does instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Copy the SQLite database into FILE while the server runs (a consistent copy;
+    /// the server goes on meanwhile). For PostgreSQL use pg_dump.
+    Backup {
+        /// A new file to write the copy to
+        file: PathBuf,
+    },
+    /// Put the database in FILE in place of the server's (the server must be stopped);
+    /// the database it replaces is kept beside it
+    Restore {
+        /// A backup made by `drover-server backup`
+        file: PathBuf,
+    },
+}
+
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -40,13 +57,22 @@ pub struct Args {
     pub listen: String,
 
     /// Directory for the SQLite database and generated token files
-    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+    #[arg(
+        long,
+        env = "DROVER_DATA_DIR",
+        default_value = "./drover-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
 
     /// Database URL: sqlite://PATH or postgres://USER@HOST/DB; default: drover.db in the
     /// data directory
-    #[arg(long, env = "DROVER_DATABASE_URL")]
+    #[arg(long, env = "DROVER_DATABASE_URL", global = true)]
     pub database: Option<String>,
+
+    /// Without a command, the server runs
+    #[command(subcommand)]
+    pub command: Option<Command>,
 
     /// Directory holding agent builds and their sidecars
     #[arg(long, env = "DROVER_DOWNLOADS", default_value = "./downloads")]

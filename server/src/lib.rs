@@ -5,6 +5,7 @@
 mod admission;
 mod api;
 mod auth;
+mod backup;
 mod bootstrap;
 mod clock;
 mod conductor;
@@ -441,7 +442,16 @@ pub fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("while starting the async runtime")?
-        .block_on(serve_from_args(args))
+        .block_on(run_command(args))
+}
+
+async fn run_command(args: config::Args) -> anyhow::Result<()> {
+    let location = || store::Location::of(args.database.as_deref(), &args.data_dir);
+    match &args.command {
+        None => serve_from_args(args).await,
+        Some(config::Command::Backup { file }) => backup::backup(&location()?, file).await,
+        Some(config::Command::Restore { file }) => backup::restore(&location()?, file).await,
+    }
 }
 
 async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
@@ -463,6 +473,12 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
             args.downloads.display()
         )
     })?;
+    // One server per SQLite database: a second one (or a restore) is refused while this
+    // one runs. Held until the server returns.
+    let _database_lock = backup::lock_database(&store::Location::of(
+        args.database.as_deref(),
+        &args.data_dir,
+    )?)?;
     let (store, database) = store::open(args.database.as_deref(), &args.data_dir).await?;
     let tokens = bootstrap::first_start(&*store, &args.data_dir).await?;
     let listener = bind(&args.listen).await?;

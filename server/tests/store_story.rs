@@ -906,3 +906,149 @@ fn migrations_are_kept_in_step() {
     assert_eq!(names("sqlite"), names("postgres"));
     assert!(!names("sqlite").is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// Upgrades from 0.1.0
+// ---------------------------------------------------------------------------------------
+
+/// The test data of `tests/data/0.1.0/` (see its README): a database made by Drover 0.1.0.
+fn upgrade_data(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/0.1.0")
+        .join(file)
+}
+
+/// What the 0.1.0 data holds must read, and be usable, after the migrations.
+async fn check_upgraded(store: &dyn Store) {
+    let agents = store.list_agents().await.unwrap();
+    assert_eq!(agents.len(), 6);
+    assert_eq!(
+        agents
+            .iter()
+            .filter(|a| a.agent_channel.as_deref() == Some("beta"))
+            .count(),
+        1
+    );
+    assert_eq!(agents.iter().filter(|a| a.paused).count(), 1);
+    assert_eq!(store.list_clients().await.unwrap().len(), 2);
+    assert_eq!(store.list_sites().await.unwrap().len(), 2);
+
+    let mut statuses = std::collections::BTreeMap::new();
+    for agent in &agents {
+        for task in store.tasks_for_agent(&agent.id, 50).await.unwrap() {
+            *statuses
+                .entry((
+                    task.to_version.clone(),
+                    task.status.as_str(),
+                    task.failure_class.map(FailureClass::as_str),
+                ))
+                .or_insert(0) += 1;
+            assert_eq!(task.rollout_id, None, "0.1.0 tasks belong to no rollout");
+        }
+        // A build that failed on an agent before the upgrade is still not offered to it.
+        assert_eq!(store.failed_versions(&agent.id).await.unwrap(), ["1.2.0"]);
+    }
+    assert_eq!(
+        statuses,
+        std::collections::BTreeMap::from([
+            (("1.1.0".to_owned(), "succeeded", None), 6),
+            (("1.2.0".to_owned(), "rolled_back", Some("build")), 6),
+        ])
+    );
+    let audit = store.audit(50, None, None).await.unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "rollout.promote"),
+        "{audit:?}"
+    );
+    assert!(audit.iter().any(|e| e.action == "agent.pause"), "{audit:?}");
+    let builds = store.rollout_records().await.unwrap();
+    assert_eq!(builds.len(), 3);
+    assert!(
+        builds
+            .iter()
+            .any(|b| b.version == "1.2.0" && b.halt_reason.is_some())
+    );
+
+    // Usable: a new task for an old agent, in the new model.
+    let agent = &agents[0];
+    let task = store
+        .create_task(
+            &NewTask {
+                agent_id: &agent.id,
+                from_version: &agent.version,
+                to_version: "1.3.0",
+                os: "linux",
+                arch: "amd64",
+                kind: TaskKind::Update,
+                status: TaskStatus::Dispatched,
+                rollout_id: None,
+                wave: None,
+            },
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.active_task(&agent.id).await.unwrap(), Some(task));
+}
+
+/// `refuse_newer_schema`'s message, from opening a database a newer server migrated.
+fn newer_refusal(err: anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("upgraded by a newer drover-server (schema version 99990101000000"),
+        "{text}"
+    );
+    text
+}
+
+const FUTURE_MIGRATION: &str = "INSERT INTO _sqlx_migrations \
+     (version, description, success, checksum, execution_time) \
+     VALUES (99990101000000, 'from a newer server', TRUE, X'00', 0)";
+
+#[tokio::test]
+async fn a_sqlite_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    std::fs::copy(upgrade_data("drover.db"), &path).unwrap();
+    let store = SqliteStore::open(&path).await.unwrap();
+    check_upgraded(&store).await;
+    drop(store);
+
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query(FUTURE_MIGRATION)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    newer_refusal(SqliteStore::open(&path).await.err().expect("refused"));
+}
+
+#[tokio::test]
+async fn a_postgres_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_one_is_refused() {
+    with_postgres(|url| async move {
+        let loaded = std::process::Command::new("psql")
+            .args([url.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(upgrade_data("postgres.sql"))
+            .output()
+            .expect("psql runs");
+        assert!(
+            loaded.status.success(),
+            "{}",
+            String::from_utf8_lossy(&loaded.stderr)
+        );
+        let store = PostgresStore::open(&url).await.unwrap();
+        check_upgraded(&store).await;
+        drop(store);
+
+        let mut db = PgConnection::connect(&url).await.unwrap();
+        sqlx::query(&FUTURE_MIGRATION.replace("X'00'", "'\\x00'::bytea"))
+            .execute(&mut db)
+            .await
+            .unwrap();
+        db.close().await.unwrap();
+        newer_refusal(PostgresStore::open(&url).await.err().expect("refused"));
+    })
+    .await;
+}

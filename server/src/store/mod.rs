@@ -18,7 +18,7 @@ pub use rollouts::{
     ClassRow, NewRollout, Rollout, RolloutEvent, RolloutFilter, RolloutKind, RolloutState,
     RolloutStore, RolloutTarget, StateChange, TargetGroup, WaveRow,
 };
-pub use sqlite::SqliteStore;
+pub use sqlite::{Snapshot, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -520,27 +520,68 @@ pub trait Store: Queries + RolloutStore + Send + Sync + 'static {
 /// Opens the database named by `url` (`sqlite://...` or `postgres://...`), running
 /// migrations, or a SQLite file in `data_dir` when `url` is `None`. The returned name is
 /// safe to print: it carries no password.
-pub async fn open(url: Option<&str>, data_dir: &Path) -> anyhow::Result<(Arc<dyn Store>, String)> {
-    match url {
-        None => {
-            let path = data_dir.join("drover.db");
-            let store = SqliteStore::open(&path).await?;
-            Ok((Arc::new(store), format!("sqlite://{}", path.display())))
+/// Where the database is: `--database` if given, else `drover.db` in the data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    pub fn of(url: Option<&str>, data_dir: &Path) -> anyhow::Result<Location> {
+        match url {
+            None => Ok(Location::Sqlite(data_dir.join("drover.db"))),
+            Some(url) if url.starts_with("sqlite:") => Ok(Location::Sqlite(
+                url.trim_start_matches("sqlite://")
+                    .trim_start_matches("sqlite:")
+                    .into(),
+            )),
+            Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+                Ok(Location::Postgres(url.to_owned()))
+            }
+            Some(url) => anyhow::bail!(
+                "unsupported database URL {:?}: expected sqlite://PATH or postgres://HOST/DATABASE",
+                postgres::redact_password(url)
+            ),
         }
-        Some(url) if url.starts_with("sqlite:") => {
-            let path = url
-                .trim_start_matches("sqlite://")
-                .trim_start_matches("sqlite:");
-            let store = SqliteStore::open(Path::new(path)).await?;
-            Ok((Arc::new(store), url.to_owned()))
+    }
+
+    /// For printing and logs: a PostgreSQL URL without its password.
+    pub fn shown(&self) -> String {
+        match self {
+            Location::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Location::Postgres(url) => postgres::redact_password(url),
         }
-        Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
-            let store = PostgresStore::open(url).await?;
-            Ok((Arc::new(store), postgres::redact_password(url)))
-        }
-        Some(url) => anyhow::bail!(
-            "unsupported database URL {:?}: expected sqlite://PATH or postgres://HOST/DATABASE",
-            postgres::redact_password(url)
-        ),
     }
 }
+
+pub async fn open(url: Option<&str>, data_dir: &Path) -> anyhow::Result<(Arc<dyn Store>, String)> {
+    let location = Location::of(url, data_dir)?;
+    let store: Arc<dyn Store> = match &location {
+        Location::Sqlite(path) => Arc::new(SqliteStore::open(path).await?),
+        Location::Postgres(url) => Arc::new(PostgresStore::open(url).await?),
+    };
+    Ok((store, location.shown()))
+}
+
+/// Refuses a database a newer server migrated: its newest applied migration is one this
+/// server does not know, and running on it could lose or misread what that server wrote.
+pub(crate) fn refuse_newer_schema(
+    applied: Option<i64>,
+    migrator: &sqlx::migrate::Migrator,
+    shown: &str,
+) -> anyhow::Result<()> {
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    if let Some(applied) = applied.filter(|&applied| applied > known) {
+        anyhow::bail!(
+            "the database {shown} was upgraded by a newer drover-server (schema version {applied}; \
+             this server knows versions up to {known}): run that newer version, or restore a backup \
+             made before the upgrade"
+        );
+    }
+    Ok(())
+}
+
+/// The newest migration applied to a database (`None` for a new one), for
+/// `refuse_newer_schema`.
+pub(crate) const APPLIED_SCHEMA: &str = "SELECT MAX(version) FROM _sqlx_migrations";

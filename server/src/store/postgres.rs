@@ -65,6 +65,12 @@ impl PostgresStore {
                 return Err(err).with_context(|| format!("while opening the database {shown}"));
             }
         };
+        let applied: Option<i64> = sqlx::query_scalar(APPLIED_SCHEMA)
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .flatten();
+        refuse_newer_schema(applied, &MIGRATOR, &shown)?;
         // The migrator holds an advisory lock, so nodes starting together migrate once.
         MIGRATOR
             .run(&pool)

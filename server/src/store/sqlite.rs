@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, SqliteConnection, SqlitePool};
 
 use super::queries::{Dialect, impl_queries};
 use super::*;
@@ -35,6 +35,13 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .with_context(|| format!("while opening the database {}", path.display()))?;
+        let shown = format!("sqlite://{}", path.display());
+        let applied: Option<i64> = sqlx::query_scalar(APPLIED_SCHEMA)
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .flatten();
+        refuse_newer_schema(applied, &MIGRATOR, &shown)?;
         MIGRATOR
             .run(&pool)
             .await
@@ -111,5 +118,83 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// What a database file holds, as a backup or a restore reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The newest migration applied to it.
+    pub schema_version: i64,
+    pub agents: i64,
+    pub bytes: u64,
+}
+
+impl SqliteStore {
+    /// A consistent copy of the database at `source` written to `dest` (which must not
+    /// exist), taken by `VACUUM INTO` inside one read transaction: a server using the
+    /// database goes on writing meanwhile. The copy is checked as `inspect` does.
+    pub async fn backup(source: &Path, dest: &Path) -> anyhow::Result<Snapshot> {
+        anyhow::ensure!(
+            source.is_file(),
+            "there is no database at {}",
+            source.display()
+        );
+        let options = SqliteConnectOptions::new()
+            .filename(source)
+            .busy_timeout(Duration::from_secs(30));
+        let mut connection = SqliteConnection::connect_with(&options)
+            .await
+            .with_context(|| format!("while opening the database {}", source.display()))?;
+        let dest_text = dest
+            .to_str()
+            .with_context(|| format!("{} is not a UTF-8 path", dest.display()))?;
+        sqlx::query("VACUUM INTO $1")
+            .bind(dest_text)
+            .execute(&mut connection)
+            .await
+            .with_context(|| format!("while copying the database into {}", dest.display()))?;
+        connection.close().await?;
+        SqliteStore::inspect(dest).await
+    }
+
+    /// Checks that `file` is a sound Drover database this server can run on: SQLite's
+    /// integrity check passes, it has been migrated, and by no newer server.
+    pub async fn inspect(file: &Path) -> anyhow::Result<Snapshot> {
+        let bytes = std::fs::metadata(file)
+            .with_context(|| format!("while reading {}", file.display()))?
+            .len();
+        let options = SqliteConnectOptions::new().filename(file).read_only(true);
+        let mut connection = SqliteConnection::connect_with(&options)
+            .await
+            .with_context(|| format!("{} is not a SQLite database", file.display()))?;
+        let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&mut connection)
+            .await
+            .with_context(|| format!("{} is not a SQLite database", file.display()))?;
+        anyhow::ensure!(
+            integrity == "ok",
+            "{} is damaged: {integrity}",
+            file.display()
+        );
+        let applied: Option<i64> = sqlx::query_scalar(APPLIED_SCHEMA)
+            .fetch_one(&mut connection)
+            .await
+            .ok()
+            .flatten();
+        let Some(schema_version) = applied else {
+            anyhow::bail!("{} is not a Drover database", file.display());
+        };
+        refuse_newer_schema(Some(schema_version), &MIGRATOR, &file.display().to_string())?;
+        let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents")
+            .fetch_one(&mut connection)
+            .await
+            .with_context(|| format!("{} is not a Drover database", file.display()))?;
+        connection.close().await?;
+        Ok(Snapshot {
+            schema_version,
+            agents,
+            bytes,
+        })
     }
 }

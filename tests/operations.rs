@@ -148,3 +148,58 @@ async fn metrics_are_documented_and_the_grafana_dashboard_uses_only_real_ones() 
         "the dashboard uses metrics /metrics lacks: {unknown:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_rollout_keeps_its_counts_after_its_tasks_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &["--retain-tasks", "2s", "--prune-interval", "1s"],
+    );
+    let api = server.api();
+    let mut agents = Vec::new();
+    for n in 0..2 {
+        agents.push(ProtocolAgent::enroll(&server, &format!("fp-kept-{n}"), "1.0.0").await);
+    }
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a build to prune",
+    );
+    for agent in &mut agents {
+        agent.next_update(SOON).await.expect("an update");
+        agent.reconnect(&server, "1.1.0").await;
+        agent.heartbeat().await;
+    }
+    let completed = eventually("the rollout to complete", SOON, || async {
+        let (_, rollouts) = api.get("/api/v1/rollouts?version=1.1.0").await;
+        let rollout = rollouts.as_array()?.first()?.clone();
+        (rollout["state"] == "completed").then_some(rollout)
+    })
+    .await;
+    assert_eq!(
+        (&completed["targeted"], &completed["succeeded"]),
+        (&json!(2), &json!(2)),
+        "{completed}"
+    );
+    let id = completed["id"].as_str().unwrap();
+
+    // Two seconds after it closed, its tasks and targets are pruned; its counts stay.
+    eventually("the tasks to be pruned", SOON, || async {
+        let (_, detail) = api.get(&format!("/api/v1/agents/{}", agents[0].id)).await;
+        detail["tasks"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    let (_, listed) = api.get(&format!("/api/v1/rollouts/{id}/agents")).await;
+    assert_eq!(listed["agents"], json!([]), "{listed}");
+    let (_, after) = api.get(&format!("/api/v1/rollouts/{id}")).await;
+    for field in ["targeted", "succeeded", "failed", "queued", "waves"] {
+        assert_eq!(after[field], completed[field], "{field}: {after}");
+    }
+    assert_eq!(
+        (&completed["details_pruned"], &after["details_pruned"]),
+        (&json!(false), &json!(true))
+    );
+    assert!(server.log().contains("pruned rows past their retention"));
+}

@@ -266,6 +266,21 @@ pub(crate) async fn health(
     scope: impl Fn(&crate::store::TargetGroup) -> bool,
 ) -> StoreResult<Health> {
     let plan = parse_plan(rollout)?;
+    // Its tasks may be pruned: the counts frozen before that are the record.
+    if let Some(summary) = &rollout.summary {
+        let waves: Vec<Counts> = serde_json::from_str(summary).map_err(|e| {
+            StoreError::Other(format!(
+                "the summary of rollout {} does not read: {e}",
+                rollout.id
+            ))
+        })?;
+        return Ok(Health {
+            total: health::total(&waves),
+            wave_rows: state.store.rollout_waves(&rollout.id).await?,
+            plan,
+            waves,
+        });
+    }
     let now = now_ms();
     let settled_before = now - duration_ms(state.settings.success_bake);
     let groups = state

@@ -168,6 +168,23 @@ pub struct Args {
     #[arg(long, env = "DROVER_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = parse_interval)]
     pub snapshot_interval: Duration,
 
+    /// Finished update tasks older than this are deleted (0 keeps them); a closed
+    /// rollout's counts are kept, and so are build failures
+    #[arg(long, env = "DROVER_RETAIN_TASKS", default_value = "90d", value_parser = parse_age)]
+    pub retain_tasks: Duration,
+
+    /// Audit entries older than this are deleted (0 keeps them)
+    #[arg(long, env = "DROVER_RETAIN_AUDIT", default_value = "365d", value_parser = parse_age)]
+    pub retain_audit: Duration,
+
+    /// Adoption snapshots older than this are deleted (0 keeps them)
+    #[arg(long, env = "DROVER_RETAIN_SNAPSHOTS", default_value = "365d", value_parser = parse_age)]
+    pub retain_snapshots: Duration,
+
+    /// How often old rows are pruned, in small batches
+    #[arg(long, env = "DROVER_PRUNE_INTERVAL", default_value = "1h", value_parser = parse_interval)]
+    pub prune_interval: Duration,
+
     /// How often the downloads directory is rescanned even without change events
     #[arg(long, env = "DROVER_RESCAN_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub rescan_interval: Duration,

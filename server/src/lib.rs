@@ -21,6 +21,7 @@ mod maintenance;
 mod metrics;
 mod nodes;
 mod releases;
+pub mod retention;
 pub mod rollouts;
 pub mod session;
 pub mod store;
@@ -91,6 +92,8 @@ pub struct Settings {
     pub stale_stable_after: Duration,
     /// How often agents per version are counted for the adoption history.
     pub snapshot_every: Duration,
+    /// How long finished tasks, audit entries and snapshots are kept.
+    pub retention: retention::Retention,
     /// Serve HTTPS and WSS with this certificate; plain HTTP when `None`.
     pub tls: Option<tls::TlsConfig>,
     /// Enrollment attempts accepted per source address (see `limits`).
@@ -120,6 +123,7 @@ impl Settings {
             retry_delay: Duration::from_secs(60),
             stale_stable_after: Duration::from_secs(7 * 24 * 3600),
             snapshot_every: Duration::from_secs(600),
+            retention: retention::Retention::default(),
             tls: None,
             enrollment_limits: limits::EnrollmentLimits::default(),
         }
@@ -312,6 +316,7 @@ pub async fn run(
     tokio::spawn(nudge_on_new_releases(state.clone()));
     tokio::spawn(conductor::drive_all(state.clone()));
     tokio::spawn(snapshot_versions(state.clone()));
+    tokio::spawn(retention::run(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     match tls {
@@ -534,6 +539,12 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         retry_delay: args.retry_delay,
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
+        retention: retention::Retention {
+            tasks: keep_for(args.retain_tasks),
+            audit: keep_for(args.retain_audit),
+            snapshots: keep_for(args.retain_snapshots),
+            every: args.prune_interval,
+        },
         tls,
         enrollment_limits: limits::EnrollmentLimits {
             attempts: args.enroll_limit,
@@ -574,4 +585,9 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// A retention age from a flag: 0 keeps the rows forever.
+fn keep_for(age: Duration) -> Option<Duration> {
+    (!age.is_zero()).then_some(age)
 }

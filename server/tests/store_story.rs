@@ -1052,3 +1052,156 @@ async fn a_postgres_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_on
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Retention
+// ---------------------------------------------------------------------------------------
+
+/// Old rows go in batches; build failures, unfinished tasks and recent rows stay.
+async fn retention_story(store: &dyn Store) {
+    store
+        .bootstrap(&Bootstrap {
+            admin_token_hash: Some("admin-hash".into()),
+            enroll_token_hash: Some("enroll-hash".into()),
+        })
+        .await
+        .unwrap();
+    let agent = store
+        .enroll("enroll-hash", &facts("fp-old", "old", "1.0.0"), "s1", 1)
+        .await
+        .unwrap()
+        .agent_id;
+    // Finished long ago: a success, a transient failure, two build failures; then one
+    // finished recently and one still under way.
+    let ended = [
+        (TaskStatus::Succeeded, None, 2_000),
+        (TaskStatus::Failed, Some(FailureClass::Transient), 2_000),
+        (TaskStatus::Succeeded, None, 2_000),
+        (TaskStatus::RolledBack, Some(FailureClass::Build), 2_000),
+        (TaskStatus::Failed, Some(FailureClass::Build), 2_000),
+        (TaskStatus::Succeeded, None, 90_000),
+    ];
+    for (n, (status, class, at)) in ended.into_iter().enumerate() {
+        let to = format!("1.{n}.0");
+        let task = store
+            .create_task(
+                &NewTask {
+                    agent_id: &agent,
+                    from_version: "1.0.0",
+                    to_version: &to,
+                    os: "linux",
+                    arch: "amd64",
+                    kind: TaskKind::Update,
+                    status: TaskStatus::Dispatched,
+                    rollout_id: None,
+                    wave: None,
+                },
+                at - 500,
+            )
+            .await
+            .unwrap();
+        store
+            .finish_task(&agent, &task.id, status, class, None, at)
+            .await
+            .unwrap();
+    }
+    let open = NewTask {
+        agent_id: &agent,
+        from_version: "1.0.0",
+        to_version: "1.9.0",
+        os: "linux",
+        arch: "amd64",
+        kind: TaskKind::Update,
+        status: TaskStatus::Dispatched,
+        rollout_id: None,
+        wave: None,
+    };
+    store.create_task(&open, 1_000).await.unwrap();
+    for (at, action) in [(1_000, "old.one"), (2_000, "old.two"), (90_000, "new.one")] {
+        store
+            .append_audit(&AuditEntry {
+                id: 0,
+                at_ms: at,
+                actor: "tester".into(),
+                action: action.into(),
+                target: "t".into(),
+                detail: None,
+                result: "done".into(),
+            })
+            .await
+            .unwrap();
+    }
+    for at in [1_000, 2_000, 90_000] {
+        store.record_version_snapshot(at).await.unwrap();
+    }
+    store
+        .node_beat("node-gone", "10.0.0.1:1", 1_000)
+        .await
+        .unwrap();
+    store
+        .node_beat("node-here", "10.0.0.2:1", 90_000)
+        .await
+        .unwrap();
+
+    // One row a batch: every call deletes at most one.
+    let mut deleted = Vec::new();
+    loop {
+        let n = store.prune_tasks(50_000, 1).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        deleted.push(n);
+    }
+    assert_eq!(
+        deleted,
+        [1, 1, 1],
+        "the three old non-build endings, one a batch"
+    );
+    let left: Vec<String> = store
+        .tasks_for_agent(&agent, 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.to_version)
+        .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, ["1.3.0", "1.4.0", "1.5.0", "1.9.0"]);
+    let mut failed = store.failed_versions(&agent).await.unwrap();
+    failed.sort();
+    assert_eq!(
+        failed,
+        ["1.3.0", "1.4.0"],
+        "build failures keep their versions off"
+    );
+
+    assert_eq!(store.prune_audit(50_000, 1).await.unwrap(), 1);
+    assert_eq!(store.prune_audit(50_000, 10).await.unwrap(), 1);
+    let audit = store.audit(10, None, None).await.unwrap();
+    assert_eq!(
+        audit.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["new.one"]
+    );
+    assert_eq!(store.prune_snapshots(50_000, 10).await.unwrap(), 2);
+    assert_eq!(store.prune_snapshots(50_000, 10).await.unwrap(), 0);
+    assert_eq!(store.prune_nodes(50_000).await.unwrap(), 1);
+    assert_eq!(store.prune_nodes(50_000).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn sqlite_retention_prunes_old_rows_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("drover.db"))
+        .await
+        .unwrap();
+    retention_story(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_retention_prunes_old_rows_in_batches() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        retention_story(&store).await;
+    })
+    .await;
+}

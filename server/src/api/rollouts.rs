@@ -105,6 +105,9 @@ pub(crate) struct RolloutView {
     /// Maintenance windows hold this rollout's agents: a `promote` or `targeted` rollout
     /// that does not override them.
     obeys_windows: bool,
+    /// Closed long enough ago that its tasks and targets were pruned (`--retain-tasks`):
+    /// the counts are the ones frozen then, and its agents are no longer listed.
+    details_pruned: bool,
     /// This beta build has been ahead of stable for longer than the threshold.
     stale_stable: bool,
     /// How long this beta build has been ahead of stable; null unless it is.
@@ -277,6 +280,7 @@ fn view(
         waves,
         gate,
         obeys_windows: crate::rollouts::obeys_windows(rollout.kind, &health.plan),
+        details_pruned: rollout.summary.is_some(),
         stale_stable: lag.is_some_and(|lag| lag > stale_after_ms),
         stable_lag_seconds: lag.map(|lag| lag / 1000),
         created_at: rfc3339(rollout.created_at_ms),

@@ -279,6 +279,7 @@ mod tests {
                 started_by: "op".into(),
                 created_at_ms: created,
                 updated_at_ms: created,
+                summary: None,
             },
             plan,
             targets.iter().map(|(a, w)| ((*a).to_owned(), *w)).collect(),

@@ -3,7 +3,7 @@
 //! verdict against its thresholds, and the promote gate over a beta rollout. Pure: the
 //! store brings the grouped rows.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::plan::{Thresholds, Wave};
@@ -134,7 +134,7 @@ pub(crate) fn stage_of(facts: &TargetFacts) -> (Stage, Option<SkipReason>) {
 }
 
 /// Task outcomes by failure class.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub(crate) struct ClassCounts {
     pub(crate) build: u64,
     pub(crate) environment: u64,
@@ -152,7 +152,7 @@ impl ClassCounts {
 }
 
 /// Skipped targets by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub(crate) struct SkipCounts {
     pub(crate) paused: u64,
     pub(crate) declines_updates: u64,
@@ -160,7 +160,9 @@ pub(crate) struct SkipCounts {
 }
 
 /// The targets of a rollout (or one wave) by stage. The stages add up to `targeted`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+/// Also the form a closed rollout's frozen summary is stored in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
 pub(crate) struct Counts {
     pub(crate) targeted: u64,
     pub(crate) waiting: u64,

@@ -235,6 +235,20 @@ pub trait Queries: Send + Sync {
         now_ms: i64,
     ) -> StoreResult<Vec<String>>;
 
+    /// Deletes at most `batch` tasks that finished before `before_ms`, keeping build
+    /// failures (they keep a version off an agent) and tasks of rollouts whose counts
+    /// are not frozen yet; how many it deleted.
+    async fn prune_tasks(&self, before_ms: i64, batch: i64) -> StoreResult<u64>;
+
+    /// Deletes at most `batch` audit entries older than `before_ms`.
+    async fn prune_audit(&self, before_ms: i64, batch: i64) -> StoreResult<u64>;
+
+    /// Deletes the adoption snapshots of at most `batch` moments before `before_ms`.
+    async fn prune_snapshots(&self, before_ms: i64, batch: i64) -> StoreResult<u64>;
+
+    /// Deletes the rows of nodes not heard from since `before_ms`.
+    async fn prune_nodes(&self, before_ms: i64) -> StoreResult<u64>;
+
     /// Counts agents per platform and version now, for the adoption history.
     async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()>;
 
@@ -1141,6 +1155,54 @@ macro_rules! impl_queries {
                             cancelled.len(),
                         );
                     })?)
+                }
+
+                async fn prune_tasks(&self, before_ms: i64, batch: i64) -> StoreResult<u64> {
+                    let done = sqlx::query(&format!(
+                        "DELETE FROM update_tasks WHERE id IN (SELECT u.id FROM update_tasks u \
+                             LEFT JOIN rollouts r ON r.id = u.rollout_id \
+                             WHERE u.finished_at < $1 AND u.status NOT IN {ACTIVE_STATUSES} \
+                             AND NOT (u.failure_class = 'build' AND u.status <> 'succeeded') \
+                             AND (u.rollout_id IS NULL OR r.summary IS NOT NULL) LIMIT $2)"
+                    ))
+                    .bind(before_ms)
+                    .bind(batch)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn prune_audit(&self, before_ms: i64, batch: i64) -> StoreResult<u64> {
+                    let done = sqlx::query(
+                        "DELETE FROM audit_log WHERE id IN \
+                         (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT $2)",
+                    )
+                    .bind(before_ms)
+                    .bind(batch)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn prune_snapshots(&self, before_ms: i64, batch: i64) -> StoreResult<u64> {
+                    let done = sqlx::query(
+                        "DELETE FROM version_snapshots WHERE at IN \
+                         (SELECT DISTINCT at FROM version_snapshots WHERE at < $1 \
+                          ORDER BY at LIMIT $2)",
+                    )
+                    .bind(before_ms)
+                    .bind(batch)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn prune_nodes(&self, before_ms: i64) -> StoreResult<u64> {
+                    let done = sqlx::query("DELETE FROM nodes WHERE last_beat < $1")
+                        .bind(before_ms)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(done.rows_affected())
                 }
 
                 async fn record_version_snapshot(&self, now_ms: i64) -> StoreResult<()> {

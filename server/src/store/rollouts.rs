@@ -117,6 +117,9 @@ pub struct Rollout {
     pub started_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Its counts, frozen (JSON) once it closed long enough ago for its tasks to be
+    /// pruned; its counts are read from here from then on.
+    pub summary: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -133,10 +136,11 @@ pub(super) struct RolloutRow {
     pub(super) started_by: String,
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
+    pub(super) summary: Option<String>,
 }
 
 pub(super) const ROLLOUT_COLUMNS: &str = "id, version, kind, platforms, state, plan, current_wave, \
-     resumed_at, reason, started_by, created_at, updated_at";
+     resumed_at, reason, started_by, created_at, updated_at, summary";
 
 pub(super) fn corrupt(what: &str, value: &str) -> StoreError {
     StoreError::Other(format!("unknown {what} {value:?} in the database"))
@@ -161,6 +165,7 @@ impl TryFrom<RolloutRow> for Rollout {
             started_by: row.started_by,
             created_at_ms: row.created_at,
             updated_at_ms: row.updated_at,
+            summary: row.summary,
         })
     }
 }
@@ -396,6 +401,16 @@ pub trait RolloutStore: Send + Sync {
 
     /// Every target with its newest task in the rollout, by wave then agent id.
     async fn rollout_targets(&self, id: &str) -> StoreResult<Vec<RolloutTarget>>;
+
+    /// Closed rollouts (completed, aborted, superseded) without a summary that closed
+    /// before `before_ms`: their counts must be frozen before their tasks are pruned.
+    async fn rollouts_to_summarize(&self, before_ms: i64) -> StoreResult<Vec<Rollout>>;
+
+    async fn set_rollout_summary(&self, id: &str, summary: &str) -> StoreResult<()>;
+
+    /// Deletes at most `batch` targets of rollouts that have a summary; how many it
+    /// deleted.
+    async fn prune_rollout_targets(&self, batch: i64) -> StoreResult<u64>;
 }
 
 /// `INSERT` statements of targets hold this many rows each (3 parameters a row).
@@ -843,6 +858,49 @@ macro_rules! impl_rollout_store {
                     .fetch_all(&self.pool)
                     .await?;
                 r::convert(rows)
+            }
+
+            async fn rollouts_to_summarize(
+                &self,
+                before_ms: i64,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::Rollout>> {
+                use $crate::store::rollouts as r;
+                let rows: Vec<r::RolloutRow> = sqlx::query_as(&format!(
+                    "SELECT {} FROM rollouts WHERE summary IS NULL \
+                     AND state IN ('completed', 'aborted', 'superseded') AND updated_at < $1 \
+                     ORDER BY updated_at",
+                    r::ROLLOUT_COLUMNS
+                ))
+                .bind(before_ms)
+                .fetch_all(&self.pool)
+                .await?;
+                r::convert(rows)
+            }
+
+            async fn set_rollout_summary(
+                &self,
+                id: &str,
+                summary: &str,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query("UPDATE rollouts SET summary = $1 WHERE id = $2")
+                    .bind(summary)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn prune_rollout_targets(&self, batch: i64) -> $crate::store::StoreResult<u64> {
+                let done = sqlx::query(
+                    "DELETE FROM rollout_targets WHERE (rollout_id, agent_id) IN \
+                     (SELECT t.rollout_id, t.agent_id FROM rollout_targets t \
+                      JOIN rollouts r ON r.id = t.rollout_id \
+                      WHERE r.summary IS NOT NULL LIMIT $1)",
+                )
+                .bind(batch)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
             }
         }
     };

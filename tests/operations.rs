@@ -203,3 +203,190 @@ async fn a_closed_rollout_keeps_its_counts_after_its_tasks_are_pruned() {
     );
     assert!(server.log().contains("pruned rows past their retention"));
 }
+
+/// Runs a command; its stdout, or a panic with everything it said.
+fn run(command: &mut std::process::Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("{command:?} runs: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Whether a packaging tool is here; under CI it must be (scripts/ci-setup installs it).
+fn have(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true requires {tool} (scripts/ci-setup installs it)"
+    );
+    if !found {
+        eprintln!("{tool} is not installed: its part of the package test is skipped");
+    }
+    found
+}
+
+#[test]
+fn packages_hold_the_binaries_hardened_units_configs_and_maintainer_scripts() {
+    let root_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().unwrap();
+    let made = run(std::process::Command::new(root_dir.join("scripts/package"))
+        .args(["--profile", "dev", "--out"])
+        .arg(out.path()));
+    let version = env!("CARGO_PKG_VERSION");
+    let made: Vec<&str> = made.lines().collect();
+    let deb = |name: &str| out.path().join(format!("{name}_{version}_amd64.deb"));
+    assert!(
+        made.contains(&deb("drover-server").to_str().unwrap()),
+        "{made:?}"
+    );
+    assert!(
+        made.contains(&deb("drover-agent").to_str().unwrap()),
+        "{made:?}"
+    );
+
+    // Unpacked as dpkg would install them.
+    let root = tempfile::tempdir().unwrap();
+    let control = tempfile::tempdir().unwrap();
+    for name in ["drover-server", "drover-agent"] {
+        run(std::process::Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb(name))
+            .arg(root.path()));
+        run(std::process::Command::new("dpkg-deb")
+            .arg("-e")
+            .arg(deb(name))
+            .arg(control.path().join(name)));
+    }
+    let at = |path: &str| root.path().join(path.trim_start_matches('/'));
+    for binary in [
+        "/usr/bin/drover-server",
+        "/usr/bin/drover",
+        "/usr/bin/drover-agent",
+    ] {
+        assert_eq!(mode_of(&at(binary)), 0o755, "{binary}");
+        let said = run(std::process::Command::new(at(binary)).arg("--version"));
+        assert!(said.contains(version), "{binary}: {said}");
+    }
+    assert_eq!(mode_of(&at("/etc/drover/server.conf")), 0o640);
+    assert_eq!(mode_of(&at("/etc/drover-agent/agent.conf")), 0o600);
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap();
+    assert_eq!(
+        read(&control.path().join("drover-server/conffiles")).trim(),
+        "/etc/drover/server.conf"
+    );
+    assert_eq!(
+        read(&control.path().join("drover-agent/conffiles")).trim(),
+        "/etc/drover-agent/agent.conf"
+    );
+    let server_conf = read(&at("/etc/drover/server.conf"));
+    assert!(
+        server_conf.contains("data-dir = /var/lib/drover"),
+        "{server_conf}"
+    );
+
+    let server_unit = read(&at("/lib/systemd/system/drover-server.service"));
+    for line in [
+        "ExecStart=/usr/bin/drover-server --config /etc/drover/server.conf",
+        "User=drover",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ReadWritePaths=/var/lib/drover",
+        "StateDirectoryMode=0700",
+        "LimitNOFILE=262144",
+    ] {
+        assert!(
+            server_unit.lines().any(|l| l == line),
+            "{line} missing:\n{server_unit}"
+        );
+    }
+    let agent_unit = read(&at("/lib/systemd/system/drover-agent.service"));
+    assert!(
+        agent_unit
+            .lines()
+            .any(|l| l
+                == "ExecStart=/usr/bin/drover-agent run --config /etc/drover-agent/agent.conf"),
+        "{agent_unit}"
+    );
+
+    // Maintainer scripts: a user and a private state directory on install; removal stops
+    // the service and keeps the data, only a purge deletes it.
+    let script = |name: &str, which: &str| {
+        let path = control.path().join(name).join(which);
+        assert_eq!(mode_of(&path), 0o755, "{name} {which}");
+        read(&path)
+    };
+    let postinst = script("drover-server", "postinst");
+    assert!(postinst.contains("adduser --system") && postinst.contains("useradd --system"));
+    assert!(
+        postinst.contains("chmod 0700 /var/lib/drover"),
+        "{postinst}"
+    );
+    assert!(script("drover-server", "prerm").contains("systemctl stop drover-server.service"));
+    let postrm = script("drover-server", "postrm");
+    let purge = postrm.find("\"$1\" = purge").expect("a purge branch");
+    let delete = postrm
+        .find("rm -rf /var/lib/drover")
+        .expect("purge deletes the data");
+    assert!(
+        delete > purge,
+        "the data is deleted only on purge:\n{postrm}"
+    );
+    for name in ["drover-server", "drover-agent"] {
+        for which in ["postinst", "prerm", "postrm"] {
+            run(std::process::Command::new("sh")
+                .arg("-n")
+                .arg(control.path().join(name).join(which)));
+        }
+    }
+
+    // systemd reads the units (with ExecStart pointing at the unpacked binaries, as the
+    // host has none installed).
+    if have("systemd-analyze") {
+        for (unit, binary) in [
+            ("drover-server.service", "/usr/bin/drover-server"),
+            ("drover-agent.service", "/usr/bin/drover-agent"),
+        ] {
+            let text = read(&at(&format!("/lib/systemd/system/{unit}")))
+                .replace(binary, at(binary).to_str().unwrap());
+            let copy = control.path().join(unit);
+            std::fs::write(&copy, text).unwrap();
+            run(std::process::Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(&copy));
+        }
+    }
+    if have("rpm") {
+        for name in ["drover-server", "drover-agent"] {
+            let rpm = out.path().join(format!("{name}-{version}-1.x86_64.rpm"));
+            let files = run(std::process::Command::new("rpm").arg("-qlp").arg(&rpm));
+            assert!(
+                files.lines().any(|f| f == format!("/usr/bin/{name}")),
+                "{files}"
+            );
+            let scripts = run(std::process::Command::new("rpm")
+                .args(["-qp", "--scripts"])
+                .arg(&rpm));
+            assert!(scripts.contains("systemctl"), "{scripts}");
+        }
+    }
+}

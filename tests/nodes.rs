@@ -469,3 +469,76 @@ async fn a_pg_dump_restored_into_a_fresh_database_serves_every_agent_as_itself()
         "every agent is known by its own id; none re-enrolled"
     );
 }
+
+/// A counter's value in a node's `/metrics`: the sample named exactly `sample`.
+async fn counter(server: &Server, sample: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{sample} missing from /metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
+    let Some(database) = Database::create("checks") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut agents = Vec::new();
+    for (n, node) in [&a, &b].into_iter().enumerate() {
+        agents.push(ProtocolAgent::enroll(node, &format!("fp-checked-{n}"), "1.0.0").await);
+    }
+    const CHECK_ALL: &str = "drover_node_signals_received_total{signal=\"check_all\"}";
+    let before = [counter(&a, CHECK_ALL).await, counter(&b, CHECK_ALL).await];
+    let checks_before = [
+        counter(&a, "drover_fleet_checks_total").await,
+        counter(&b, "drover_fleet_checks_total").await,
+    ];
+
+    publish(
+        &a.downloads(),
+        "1.1.0",
+        Some("beta"),
+        b"a build both nodes see",
+    );
+    offered(&a.api(), "1.1.0").await;
+    offered(&b.api(), "1.1.0").await;
+    eventually("the build's rollout", SOON, || async {
+        let (_, rollouts) = a.api().get("/api/v1/rollouts?version=1.1.0").await;
+        (!rollouts.as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // No signal for the build itself (each node watches the downloads); one for each
+    // change of its rollout, sent by the node that made it. The old way, every node
+    // told every other of the build as well.
+    let (_, rollouts) = a.api().get("/api/v1/rollouts?version=1.1.0").await;
+    let mut changes = 0;
+    for rollout in rollouts.as_array().unwrap() {
+        let (_, detail) = a
+            .api()
+            .get(&format!(
+                "/api/v1/rollouts/{}",
+                rollout["id"].as_str().unwrap()
+            ))
+            .await;
+        changes += detail["timeline"].as_array().unwrap().len() as u64;
+    }
+    let signals =
+        counter(&a, CHECK_ALL).await - before[0] + counter(&b, CHECK_ALL).await - before[1];
+    assert_eq!(signals, changes, "check_all signals between the two nodes");
+    for (node, before) in [(&a, checks_before[0]), (&b, checks_before[1])] {
+        let checks = counter(node, "drover_fleet_checks_total").await - before;
+        assert!(
+            (1..=1 + changes).contains(&checks),
+            "{checks} checks of one node's agents for 1 build and {changes} rollout changes"
+        );
+    }
+}

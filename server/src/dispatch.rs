@@ -784,14 +784,16 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
     }))
 }
 
-/// Times out tasks of agents that went silent while not connected here: a connected
+/// The lease of the silent-task sweep (`Queries::take_lease`).
+const SWEEP_LEASE: &str = "silent-task-sweep";
+
+/// Times out tasks of agents that went silent while not connected anywhere: a connected
 /// agent's session handles its own task, but a bricked or vanished machine never
-/// heartbeats again, and its task must still end.
+/// heartbeats again, and its task must still end. One node at a time sweeps.
 pub(crate) async fn time_out_silent_agents(state: AppState) {
     let patience = state.settings.task_timeout;
-    let mut ticker = tokio::time::interval(
-        (state.settings.task_timeout / 2).max(std::time::Duration::from_secs(1)),
-    );
+    let sweep_every = (state.settings.task_timeout / 2).max(std::time::Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(sweep_every);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -799,9 +801,30 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
         }
         let patience_ms = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
         let now = now_ms();
+        // One node sweeps at a time: the lease outlives a sweep interval or two, so a
+        // node that dies hands the sweep on soon after.
+        let lease_ms = i64::try_from(sweep_every.as_millis()).unwrap_or(i64::MAX) * 3;
+        match state
+            .store
+            .take_lease(
+                SWEEP_LEASE,
+                &state.node_id,
+                now,
+                now.saturating_add(lease_ms),
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(err) => {
+                tracing::warn!(%err, "could not take the sweep's lease");
+                continue;
+            }
+        }
+        let live_since = now - i64::try_from(crate::nodes::NODE_LEASE.as_millis()).unwrap_or(0);
         let stale = match state
             .store
-            .stale_tasks(now.saturating_sub(patience_ms))
+            .stale_tasks(now.saturating_sub(patience_ms), live_since)
             .await
         {
             Ok(stale) => stale,
@@ -811,15 +834,6 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
             }
         };
         for task in stale {
-            // A connected agent's session, on whichever node, looks after its own task.
-            let connected = state
-                .store
-                .agent(&task.agent_id)
-                .await
-                .is_ok_and(|agent| crate::nodes::is_live(agent.node_last_beat_ms, now));
-            if connected {
-                continue;
-            }
             let (class, error) = timeout_of(&task, now - task.last_activity_ms(), false);
             match state
                 .store

@@ -338,15 +338,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Every change to the offered builds is checked against every connected agent at once,
-/// rather than at each one's next heartbeat.
+/// Every change to the offered builds is checked against every agent connected here at
+/// once, rather than at each one's next heartbeat. Every node watches the downloads
+/// directory itself, so this tells no other node: one build change is one check per node,
+/// not one per pair of nodes (a rollout it starts tells the others, once).
 async fn nudge_on_new_releases(state: AppState) {
     let mut changes = state.releases.subscribe();
     while changes.changed().await.is_ok() {
         record_first_seen(&state).await;
         conductor::start_rollouts_of_new_builds(&state).await;
         state.events.release();
-        state.registry.broadcast(|| Outbound::Check);
+        state.registry.broadcast_here(|| Outbound::Check);
     }
 }
 

@@ -25,7 +25,14 @@ pub(crate) struct Counters {
     pub(crate) heartbeat_write_lag_ms: AtomicU64,
     /// Ended tasks by status and class, in `TASK_ENDINGS` order.
     task_endings: [AtomicU64; TASK_ENDINGS.len()],
+    /// Times this node checked every agent connected to it.
+    pub(crate) fleet_checks: AtomicU64,
+    /// Signals this node received from the others, by kind (`SIGNALS` order).
+    signals_received: [AtomicU64; SIGNALS.len()],
 }
+
+/// The kinds of signal between nodes.
+pub(crate) const SIGNALS: [&str; 3] = ["refresh", "check_all", "claimed"];
 
 /// The (status, class) pairs a task ends with.
 const TASK_ENDINGS: [(&str, &str); 9] = [
@@ -46,11 +53,21 @@ pub(crate) static COUNTERS: Counters = Counters {
     database_errors: AtomicU64::new(0),
     heartbeat_write_lag_ms: AtomicU64::new(0),
     task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
+    fleet_checks: AtomicU64::new(0),
+    signals_received: [const { AtomicU64::new(0) }; SIGNALS.len()],
 };
 
 impl Counters {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A signal of `kind` (one of `SIGNALS`) arrived from another node, naming `items`
+    /// agents (1 for a `check_all`).
+    pub(crate) fn signal_received(&self, kind: &str, items: usize) {
+        if let Some(index) = SIGNALS.iter().position(|k| *k == kind) {
+            self.signals_received[index].fetch_add(items as u64, Ordering::Relaxed);
+        }
     }
 
     /// `tasks` tasks ended on this server with `status` and `class`.
@@ -143,6 +160,30 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoRes
         let _ = writeln!(
             out,
             "drover_task_endings_total{{status=\"{status}\",class=\"{class}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    metric(
+        &mut out,
+        "drover_fleet_checks_total",
+        "counter",
+        "Times this node checked every agent connected to it (a build or rollout changed).",
+    );
+    let _ = writeln!(
+        out,
+        "drover_fleet_checks_total {}",
+        c.fleet_checks.load(Ordering::Relaxed)
+    );
+    metric(
+        &mut out,
+        "drover_node_signals_received_total",
+        "counter",
+        "What other nodes asked of this one: refresh (an agent), check_all, claimed (an agent's session moved).",
+    );
+    for (kind, counter) in SIGNALS.iter().zip(&c.signals_received) {
+        let _ = writeln!(
+            out,
+            "drover_node_signals_received_total{{signal=\"{kind}\"}} {}",
             counter.load(Ordering::Relaxed)
         );
     }

@@ -20,23 +20,27 @@ const NODE_BEAT: Duration = Duration::from_secs(5);
 /// A node silent for longer than this is dead, and its agents offline.
 pub(crate) const NODE_LEASE: Duration = Duration::from_secs(15);
 
+/// Agents named in one message: ids are 36 characters, and a PostgreSQL notification
+/// holds under 8,000 bytes.
+const AGENTS_PER_MESSAGE: usize = 150;
+
 /// What one node asks of the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Signal {
-    /// Re-read this agent and decide again (an operator acted on it).
-    Refresh(String),
+    /// Re-read these agents and decide again (an operator acted on them).
+    Refresh(Vec<String>),
     /// Re-read blocks, halts, the update switch and the builds, and check every agent.
     CheckAll,
-    /// This agent's session is now held by the sending node; close any other.
-    Claimed(String),
+    /// These agents' sessions are now held by the sending node; close any other.
+    Claimed(Vec<String>),
 }
 
 impl Signal {
     fn encode(&self, node: &str) -> String {
         match self {
-            Signal::Refresh(agent) => format!("{node} refresh {agent}"),
+            Signal::Refresh(agents) => format!("{node} refresh {}", agents.join(",")),
             Signal::CheckAll => format!("{node} check"),
-            Signal::Claimed(agent) => format!("{node} claimed {agent}"),
+            Signal::Claimed(agents) => format!("{node} claimed {}", agents.join(",")),
         }
     }
 
@@ -44,14 +48,49 @@ impl Signal {
     fn decode(message: &str) -> Option<(&str, Signal)> {
         let mut parts = message.split(' ');
         let node = parts.next()?;
-        let signal = match (parts.next()?, parts.next()) {
-            ("refresh", Some(agent)) => Signal::Refresh(agent.to_owned()),
-            ("check", None) => Signal::CheckAll,
-            ("claimed", Some(agent)) => Signal::Claimed(agent.to_owned()),
+        let list = |agents: &str| agents.split(',').map(str::to_owned).collect();
+        let signal = match (parts.next()?, parts.next(), parts.next()) {
+            ("refresh", Some(agents), None) => Signal::Refresh(list(agents)),
+            ("check", None, None) => Signal::CheckAll,
+            ("claimed", Some(agents), None) => Signal::Claimed(list(agents)),
             _ => return None,
         };
         Some((node, signal))
     }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Signal::Refresh(_) => "refresh",
+            Signal::CheckAll => "check_all",
+            Signal::Claimed(_) => "claimed",
+        }
+    }
+}
+
+/// The signals queued while the last one was sent, as few messages as say the same:
+/// one `CheckAll`, and the agents of every `Refresh` and every `Claimed` together (a
+/// connect storm claims thousands of sessions at once), in batches that fit a message.
+fn coalesce(queued: Vec<Signal>) -> Vec<Signal> {
+    let (mut refresh, mut claimed, mut check_all) = (Vec::new(), Vec::new(), false);
+    for signal in queued {
+        match signal {
+            Signal::Refresh(agents) => refresh.extend(agents),
+            Signal::Claimed(agents) => claimed.extend(agents),
+            Signal::CheckAll => check_all = true,
+        }
+    }
+    let mut out: Vec<Signal> = check_all.then_some(Signal::CheckAll).into_iter().collect();
+    out.extend(
+        refresh
+            .chunks(AGENTS_PER_MESSAGE)
+            .map(|c| Signal::Refresh(c.to_vec())),
+    );
+    out.extend(
+        claimed
+            .chunks(AGENTS_PER_MESSAGE)
+            .map(|c| Signal::Claimed(c.to_vec())),
+    );
+    out
 }
 
 /// Whether an agent's node is alive: the agent is online somewhere.
@@ -87,7 +126,7 @@ pub(crate) async fn claim(state: &AppState, agent_id: &str) -> i64 {
     }
     state
         .registry
-        .signal_other_nodes(Signal::Claimed(agent_id.to_owned()));
+        .signal_other_nodes(Signal::Claimed(vec![agent_id.to_owned()]));
     claimed_at
 }
 
@@ -117,9 +156,15 @@ pub(crate) async fn start(state: AppState) -> StoreResult<()> {
     state.registry.reach_other_nodes(signals);
     let sender = state.clone();
     tokio::spawn(async move {
-        while let Some(signal) = outgoing.recv().await {
-            if let Err(err) = sender.store.publish(&signal.encode(&sender.node_id)).await {
-                tracing::warn!(%err, ?signal, "could not signal the other nodes");
+        while let Some(first) = outgoing.recv().await {
+            let mut queued = vec![first];
+            while let Ok(more) = outgoing.try_recv() {
+                queued.push(more);
+            }
+            for signal in coalesce(queued) {
+                if let Err(err) = sender.store.publish(&signal.encode(&sender.node_id)).await {
+                    tracing::warn!(%err, kind = signal.kind(), "could not signal the other nodes");
+                }
             }
         }
     });
@@ -154,21 +199,31 @@ pub(crate) async fn start(state: AppState) -> StoreResult<()> {
 }
 
 async fn act(state: &AppState, signal: Signal) {
+    let items = match &signal {
+        Signal::Refresh(agents) | Signal::Claimed(agents) => agents.len(),
+        Signal::CheckAll => 1,
+    };
+    crate::metrics::COUNTERS.signal_received(signal.kind(), items);
     match signal {
-        Signal::Refresh(agent) => {
-            state.registry.send_here(&agent, Outbound::Refresh);
-            state.events.agent(&agent);
+        Signal::Refresh(agents) => {
+            for agent in &agents {
+                state.registry.send_here(agent, Outbound::Refresh);
+                state.events.agent(agent);
+            }
         }
-        Signal::Claimed(agent) => {
-            // Dashboards watching this node learn of the agent's new session elsewhere.
-            state.events.agent(&agent);
-            state.registry.send_here(
-                &agent,
-                Outbound::Close(
-                    protocol::RejectCode::Replaced,
-                    "a newer session of this agent connected to another server".into(),
-                ),
-            );
+        Signal::Claimed(agents) => {
+            for agent in &agents {
+                // Dashboards watching this node learn of the agent's new session
+                // elsewhere.
+                state.events.agent(agent);
+                state.registry.send_here(
+                    agent,
+                    Outbound::Close(
+                        protocol::RejectCode::Replaced,
+                        "a newer session of this agent connected to another server".into(),
+                    ),
+                );
+            }
         }
         Signal::CheckAll => {
             if let Err(err) = state.reload_shared_state().await {
@@ -204,16 +259,44 @@ mod tests {
     #[test]
     fn signals_round_trip_and_unknown_ones_are_ignored() {
         for signal in [
-            Signal::Refresh("a-1".into()),
+            Signal::Refresh(vec!["a-1".into()]),
             Signal::CheckAll,
-            Signal::Claimed("a-2".into()),
+            Signal::Claimed(vec!["a-2".into(), "a-3".into()]),
         ] {
             let message = signal.encode("node-1");
             assert_eq!(Signal::decode(&message), Some(("node-1", signal)));
         }
         assert_eq!(Signal::decode("node-1 explode"), None);
         assert_eq!(Signal::decode("node-1 check extra"), None);
+        assert_eq!(Signal::decode("node-1 claimed a b"), None);
         assert_eq!(Signal::decode(""), None);
+    }
+
+    #[test]
+    fn queued_signals_go_out_as_few_messages_that_fit() {
+        let ids: Vec<String> = (0..400).map(|n| format!("{n:036}")).collect();
+        let mut queued: Vec<Signal> = ids
+            .iter()
+            .map(|id| Signal::Claimed(vec![id.clone()]))
+            .collect();
+        queued.insert(10, Signal::CheckAll);
+        queued.insert(20, Signal::Refresh(vec!["r-1".into()]));
+        queued.push(Signal::CheckAll);
+        let out = coalesce(queued);
+        assert_eq!(out.len(), 1 + 1 + 3, "{out:?}");
+        assert_eq!(out[0], Signal::CheckAll);
+        assert_eq!(out[1], Signal::Refresh(vec!["r-1".into()]));
+        let claimed: Vec<String> = out[2..]
+            .iter()
+            .flat_map(|s| match s {
+                Signal::Claimed(agents) => agents.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(claimed, ids, "every agent once, in order");
+        for signal in &out {
+            assert!(signal.encode(&"n".repeat(36)).len() < 8_000);
+        }
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl Registry {
     /// `Refresh` then goes to the other nodes, in case it is connected to one of them).
     pub fn send(&self, agent_id: &str, message: Outbound) -> bool {
         if matches!(message, Outbound::Refresh) && !self.is_online(agent_id) {
-            self.signal_other_nodes(crate::nodes::Signal::Refresh(agent_id.to_owned()));
+            self.signal_other_nodes(crate::nodes::Signal::Refresh(vec![agent_id.to_owned()]));
         }
         self.send_here(agent_id, message)
     }
@@ -127,6 +127,9 @@ impl Registry {
 
     /// Queues a message for every agent connected to this node.
     pub(crate) fn broadcast_here(&self, message: impl Fn() -> Outbound) {
+        if matches!(message(), Outbound::Check) {
+            crate::metrics::Counters::bump(&crate::metrics::COUNTERS.fleet_checks);
+        }
         for handle in self.lock().values() {
             let _ = handle.outbox.try_send(message());
         }

@@ -304,7 +304,13 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     ));
     assert_eq!(store.active_task(one).await.unwrap(), Some(queued.clone()));
     assert_eq!(store.active_task(two).await.unwrap(), None);
-    assert!(store.stale_tasks(i64::MAX).await.unwrap().is_empty());
+    assert!(
+        store
+            .stale_tasks(i64::MAX, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Dispatch and progress move it along; only strictly older activity is stale.
     let sent = store
@@ -315,11 +321,30 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         (sent.status, sent.attempts, sent.dispatched_at_ms),
         (TaskStatus::Dispatched, 1, Some(11_000))
     );
-    assert!(store.stale_tasks(11_000).await.unwrap().is_empty());
+    assert!(
+        store
+            .stale_tasks(11_000, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        ids(&store.stale_tasks(11_001).await.unwrap()),
+        ids(&store.stale_tasks(11_001, i64::MAX).await.unwrap()),
         [queued.id.as_str()]
     );
+    // Not while its agent is connected to a live node: its session looks after it.
+    store
+        .node_beat("n-live", "10.0.0.9:1", 11_000)
+        .await
+        .unwrap();
+    store.claim_session(one, "n-live", 11_000).await.unwrap();
+    assert!(store.stale_tasks(11_001, 10_000).await.unwrap().is_empty());
+    assert_eq!(
+        ids(&store.stale_tasks(11_001, 11_001).await.unwrap()),
+        [queued.id.as_str()],
+        "the node is no longer live"
+    );
+    store.release_session(one, "n-live", 11_000).await.unwrap();
     let moving = store
         .record_progress(one, &queued.id, TaskStatus::Downloading, 10, 100, 12_000)
         .await
@@ -333,7 +358,13 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         ),
         (TaskStatus::Downloading, 10, 100, 12_000)
     );
-    assert!(store.stale_tasks(12_000).await.unwrap().is_empty());
+    assert!(
+        store
+            .stale_tasks(12_000, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(matches!(
         store
             .record_progress(two, &queued.id, TaskStatus::Installing, 0, 0, 12_500)
@@ -1202,6 +1233,41 @@ async fn postgres_retention_prunes_old_rows_in_batches() {
     with_postgres(|url| async move {
         let store = PostgresStore::open(&url).await.unwrap();
         retention_story(&store).await;
+    })
+    .await;
+}
+
+/// One holder at a time; the holder renews; an expired lease goes to whoever asks.
+async fn lease_story(store: &dyn Store) {
+    assert!(store.take_lease("sweep", "a", 1_000, 4_000).await.unwrap());
+    assert!(!store.take_lease("sweep", "b", 2_000, 5_000).await.unwrap());
+    assert!(
+        store.take_lease("sweep", "a", 3_000, 6_000).await.unwrap(),
+        "renewed"
+    );
+    assert!(!store.take_lease("sweep", "b", 5_999, 8_000).await.unwrap());
+    assert!(store.take_lease("other", "b", 5_999, 8_000).await.unwrap());
+    assert!(
+        store.take_lease("sweep", "b", 6_001, 9_000).await.unwrap(),
+        "expired"
+    );
+    assert!(!store.take_lease("sweep", "a", 7_000, 10_000).await.unwrap());
+}
+
+#[tokio::test]
+async fn sqlite_leases_have_one_holder_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("drover.db"))
+        .await
+        .unwrap();
+    lease_story(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_leases_have_one_holder_at_a_time() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        lease_story(&store).await;
     })
     .await;
 }

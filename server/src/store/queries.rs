@@ -159,8 +159,20 @@ pub trait Queries: Send + Sync {
     async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
 
     /// Unfinished, dispatched tasks (not `queued`) whose agent has shown no activity on
-    /// them since `cutoff_ms`.
-    async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>>;
+    /// them since `cutoff_ms` and is not connected to a node heard from since
+    /// `live_since_ms` (a connected agent's session looks after its own task).
+    async fn stale_tasks(&self, cutoff_ms: i64, live_since_ms: i64)
+    -> StoreResult<Vec<UpdateTask>>;
+
+    /// Takes or renews the lease `name` for `holder` until `until_ms`; false while
+    /// another holder's lease runs (past `now_ms`).
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<bool>;
 
     /// Newest first.
     async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>>;
@@ -931,17 +943,46 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
-                async fn stale_tasks(&self, cutoff_ms: i64) -> StoreResult<Vec<UpdateTask>> {
+                async fn stale_tasks(
+                    &self,
+                    cutoff_ms: i64,
+                    live_since_ms: i64,
+                ) -> StoreResult<Vec<UpdateTask>> {
                     let greatest = <$store as Dialect>::GREATEST;
                     Ok(sqlx::query_as(&format!(
                         "SELECT {TASK_COLUMNS} FROM update_tasks \
                          WHERE status IN {ACTIVE_STATUSES} AND status <> 'queued' \
                            AND {greatest}(created_at, COALESCE(dispatched_at, 0), \
-                                          COALESCE(progress_at, 0)) < $1"
+                                          COALESCE(progress_at, 0)) < $1 \
+                           AND agent_id NOT IN (SELECT a.id FROM agents a \
+                               JOIN nodes n ON n.id = a.node_id WHERE n.last_beat >= $2)"
                     ))
                     .bind(cutoff_ms)
+                    .bind(live_since_ms)
                     .fetch_all(&self.pool)
                     .await?)
+                }
+
+                async fn take_lease(
+                    &self,
+                    name: &str,
+                    holder: &str,
+                    now_ms: i64,
+                    until_ms: i64,
+                ) -> StoreResult<bool> {
+                    let done = sqlx::query(
+                        "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (name) DO UPDATE \
+                         SET holder = excluded.holder, expires_at = excluded.expires_at \
+                         WHERE leases.holder = excluded.holder OR leases.expires_at < $4",
+                    )
+                    .bind(name)
+                    .bind(holder)
+                    .bind(until_ms)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(done.rows_affected() == 1)
                 }
 
                 async fn tasks_for_agent(

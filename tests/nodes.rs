@@ -542,3 +542,54 @@ async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
         );
     }
 }
+
+/// Keeps `agent` heartbeating for `period`, then reads it on `api`.
+async fn after_heartbeats(
+    agent: &mut ProtocolAgent,
+    api: &Api,
+    period: Duration,
+) -> serde_json::Value {
+    let until = tokio::time::Instant::now() + period;
+    while tokio::time::Instant::now() < until {
+        agent.heartbeat().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, view) = api.get(&format!("/api/v1/agents/{}", agent.id)).await;
+    assert_eq!(status, 200, "{view}");
+    view
+}
+
+/// The new session is welcomed before the old one ends (the old socket closes only
+/// afterwards): the old session's cleanup must not undo the new session's claim.
+async fn new_session_outlives_the_old(old_node: &Server, new_node: &Server) {
+    let mut agent = ProtocolAgent::enroll(old_node, "fp-moving", "1.0.0").await;
+    agent.heartbeat().await;
+    agent.reconnect(new_node, "1.1.0").await;
+    for api in [old_node.api(), new_node.api()] {
+        let view = after_heartbeats(&mut agent, &api, Duration::from_secs(4)).await;
+        let view = if view["agent"].is_object() {
+            &view["agent"]
+        } else {
+            &view
+        };
+        assert_eq!(view["online"], true, "{view}");
+        assert_eq!(view["version"], "1.1.0", "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_cleanup_of_an_old_session_leaves_the_new_one_online_on_one_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    new_session_outlives_the_old(&server, &server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_cleanup_of_an_old_session_leaves_the_new_one_online_across_two_nodes() {
+    let Some(database) = Database::create("handover") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    new_session_outlives_the_old(&a, &b).await;
+}

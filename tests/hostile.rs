@@ -771,3 +771,61 @@ async fn every_documented_route_answers_hostile_requests_without_a_server_error(
     assert_eq!(status, 200);
     assert_eq!(clients.as_array().map(Vec::len), Some(1), "{clients}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_text_that_is_too_long_or_holds_control_characters_is_refused_and_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    type Change = Box<dyn Fn(&mut protocol::Hello)>;
+    let cases: [(&str, Change, &str); 4] = [
+        (
+            "fp-long",
+            Box::new(|h| h.hostname = "h".repeat(60_000)),
+            "hostname is 60000 bytes long",
+        ),
+        (
+            "fp-newline",
+            Box::new(|h| h.hostname = "web-1\n2026-11-29T00:00:00Z  INFO forged".into()),
+            "hostname holds control characters",
+        ),
+        (
+            "fp-ansi",
+            Box::new(|h| h.version = "1.0.0\u{1b}[31m".into()),
+            "version holds control characters",
+        ),
+        (
+            "fp-fat",
+            Box::new(|h| h.fingerprint = "f".repeat(129)),
+            "fingerprint is 129 bytes long",
+        ),
+    ];
+    for (fingerprint, change, why) in cases {
+        let mut socket = raw_connect(&server).await;
+        let mut hello = hello(fingerprint);
+        change(&mut hello);
+        send(&mut socket, AgentMessage::Hello(hello)).await;
+        match receive(&mut socket).await {
+            Some(ServerMessage::Reject(reject)) => {
+                assert_eq!(reject.code, RejectCode::MalformedFrame, "{fingerprint}");
+                assert!(
+                    reject.message.contains(why),
+                    "{fingerprint}: {}",
+                    reject.message
+                );
+            }
+            other => panic!("{fingerprint}: expected a reject, got {other:?}"),
+        }
+    }
+    assert_eq!(api.agents().await.unwrap().len(), 0, "nothing was stored");
+    assert!(!server.log().contains("forged"), "the text reached the log");
+
+    // A heartbeat whose version the hello would refuse is ignored: the version stays.
+    let mut agent = ProtocolAgent::enroll(&server, "fp-fine", "1.0.0").await;
+    agent.version = "2.0.0\u{7}".into();
+    agent.heartbeat().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listed = api.agents().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["version"], "1.0.0", "{listed:?}");
+}

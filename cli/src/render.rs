@@ -191,9 +191,23 @@ fn plain_table<const N: usize>(
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header(header);
     for row in rows {
-        table.add_row(row);
+        table.add_row(row.map(|cell| printable(&cell)));
     }
     table
+}
+
+/// Text from agents (hostnames, versions) with control characters shown as escapes, so
+/// a hostile one cannot move the cursor, recolour or retitle an operator's terminal.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `1 build`, `3 builds`.
@@ -292,7 +306,7 @@ pub(crate) fn agent_details(detail: &AgentDetail) -> String {
     ];
     let mut text: String = fields
         .iter()
-        .map(|(key, value)| format!("{:<11}{value}\n", format!("{key}:")))
+        .map(|(key, value)| format!("{:<11}{}\n", format!("{key}:"), printable(value)))
         .collect();
     if detail.tasks.is_empty() {
         text.push_str("\nno update tasks\n");
@@ -689,6 +703,24 @@ mod tests {
         for (bytes, expected) in cases {
             assert_eq!(human_size(bytes), expected, "{bytes} bytes");
         }
+    }
+
+    #[test]
+    fn control_characters_from_agents_are_shown_escaped() {
+        assert_eq!(printable("web-1"), "web-1");
+        assert_eq!(printable("a\nb\u{1b}[31m"), "a\\u{a}b\\u{1b}[31m");
+        let agents: Vec<Agent> = parse(json!([{
+            "id": "a1", "site_id": "s1", "hostname": "evil\u{1b}]0;owned\u{7}", "version": "1.0.0",
+            "os": "linux", "arch": "amd64", "channel": "stable", "channel_source": "default",
+            "online": true, "paused": false, "auto_update": true, "last_seen": "x",
+            "fingerprint": "f", "enrolled_at": "x"
+        }]));
+        let text = agents_table(&agents);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert!(text.contains("evil\\u{1b}]0;owned\\u{7}"), "{text}");
     }
 
     #[test]

@@ -93,6 +93,64 @@ pub struct Hello {
     pub auto_update: bool,
 }
 
+/// The longest each text field of a `hello` (and a heartbeat's `version`) may be, in
+/// bytes: (field, limit). Every one must also be free of control characters.
+pub const HELLO_FIELD_LIMITS: [(&str, usize); 8] = [
+    ("agent_id", 64),
+    ("secret", 128),
+    ("enroll_token", 128),
+    ("fingerprint", 128),
+    ("hostname", 253),
+    ("version", 64),
+    ("os", 16),
+    ("arch", 16),
+];
+
+/// Checks one text field against `HELLO_FIELD_LIMITS`; the error names the field and
+/// says what is wrong, without echoing the text.
+pub fn check_field(field: &str, value: &str) -> Result<(), String> {
+    let limit = HELLO_FIELD_LIMITS
+        .iter()
+        .find(|(name, _)| *name == field)
+        .map_or(64, |(_, limit)| *limit);
+    if value.len() > limit {
+        return Err(format!(
+            "{field} is {} bytes long; at most {limit} are allowed",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} holds control characters"));
+    }
+    Ok(())
+}
+
+impl Hello {
+    /// Checks every text field (see `HELLO_FIELD_LIMITS`).
+    pub fn check(&self) -> Result<(), String> {
+        let optional = [
+            ("agent_id", &self.agent_id),
+            ("secret", &self.secret),
+            ("enroll_token", &self.enroll_token),
+        ];
+        for (field, value) in optional {
+            if let Some(value) = value {
+                check_field(field, value)?;
+            }
+        }
+        for (field, value) in [
+            ("fingerprint", &self.fingerprint),
+            ("hostname", &self.hostname),
+            ("version", &self.version),
+            ("os", &self.os),
+            ("arch", &self.arch),
+        ] {
+            check_field(field, value)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Counts up from 1 within a session.

@@ -249,6 +249,11 @@ async fn open(
     let Some(hello) = read_hello(socket).await? else {
         return Ok(None);
     };
+    // Agent text reaches logs, terminals and pages: bounded and without control
+    // characters, or refused before anything is stored.
+    hello
+        .check()
+        .map_err(|why| Refusal::new(RejectCode::MalformedFrame, format!("hello: {why}")))?;
     let (agent_id, secret) = admit(state, &hello, peer.ip()).await?;
     let live = LiveAgent::load(state, &agent_id, &hello.version)
         .await
@@ -528,6 +533,13 @@ async fn handle(
     message: AgentMessage,
 ) -> Option<ServerMessage> {
     let outcome = match message {
+        // A version the hello would refuse is not recorded: the heartbeat is ignored.
+        AgentMessage::Heartbeat(beat)
+            if protocol::check_field("version", &beat.version).is_err() =>
+        {
+            tracing::debug!(agent = %live.id, "ignoring a heartbeat with an unusable version");
+            return None;
+        }
         AgentMessage::Heartbeat(beat) => {
             state
                 .heartbeats

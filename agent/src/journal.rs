@@ -121,7 +121,7 @@ pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Journal>> {
         Err(err) => {
             let aside = path.with_extension("json.corrupt");
             tracing::error!(%err, "the update journal is unreadable; moving it to {}", aside.display());
-            std::fs::rename(&path, &aside)?;
+            crate::platform::durable::rename(&path, &aside)?;
             crate::atomic_file::sync_dir(state_dir)?;
             Ok(None)
         }

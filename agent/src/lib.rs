@@ -12,6 +12,7 @@ mod identity;
 mod install;
 mod journal;
 mod machine;
+mod platform;
 mod session;
 mod signing;
 mod supervisor;
@@ -24,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,15 +66,14 @@ struct RunArgs {
     #[arg(long, env = "DROVER_ENROLL_TOKEN", hide_env_values = true)]
     enroll_token: Option<String>,
 
-    /// Directory for the agent's identity and update state
-    #[arg(
-        long,
-        env = "DROVER_STATE_DIR",
-        default_value = "/var/lib/drover-agent"
-    )]
+    /// Directory for the agent's identity and update state [default:
+    /// /var/lib/drover-agent on Linux, %ProgramData%\Drover\Agent on Windows,
+    /// /Library/Application Support/Drover/Agent on macOS]
+    #[arg(long, env = "DROVER_STATE_DIR", default_value_os_t = platform::paths::state_dir(), hide_default_value = true)]
     state_dir: PathBuf,
 
-    /// Machine fingerprint (default: derived from /etc/machine-id)
+    /// Machine fingerprint (default: derived from the machine id: /etc/machine-id,
+    /// the registry's MachineGuid, or macOS's IOPlatformUUID)
     #[arg(long, env = "DROVER_FINGERPRINT")]
     fingerprint: Option<String>,
 
@@ -177,13 +176,13 @@ async fn supervise(args: RunArgs) -> anyhow::Result<()> {
         worker_args,
         probation: args.probation_timeout,
     }
-    .run(stop_signal())
+    .run(platform::process::stop_signal())
     .await
 }
 
 async fn work(args: RunArgs) -> anyhow::Result<session::Exit> {
     let config = config_from(&args)?;
-    let shutdown = stop_signal();
+    let shutdown = platform::process::stop_signal();
     // The supervisor holds our stdin open; when it goes away, so do we.
     let orphaned = shutdown.clone();
     tokio::spawn(async move {
@@ -252,20 +251,4 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
         reconnect_base: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(60),
     })
-}
-
-/// Cancelled on SIGINT or SIGTERM.
-fn stop_signal() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        }
-        stop.cancel();
-    });
-    shutdown
 }

@@ -1,7 +1,6 @@
 //! One session with the server and the reconnect loop around it. Only this module speaks
 //! the wire protocol.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,16 +66,12 @@ struct Worker {
 /// installed.
 pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     // The state directory holds the agent's secret: readable by its owner only.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.state_dir)
-        .with_context(|| {
-            format!(
-                "while creating the state directory {}",
-                config.state_dir.display()
-            )
-        })?;
+    crate::platform::permissions::create_private_dir(&config.state_dir).with_context(|| {
+        format!(
+            "while creating the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
     if config.servers.is_empty() {
         bail!("no server URL: pass --server (or set DROVER_SERVER)");
     }

@@ -404,6 +404,7 @@ mod tests {
         assert_eq!(signing::last_counter(&state).unwrap(), None);
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_full_disk_while_finishing_an_install_starts_the_old_version() {
         let (_dir, state, exe) = killed_at(Step::Installing, None, true);

@@ -68,7 +68,7 @@ pub(crate) fn stage(exe: &Path, verified: &Path) -> anyhow::Result<()> {
 fn copy_durably(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::copy(from, to)
         .and_then(|_| permissions::make_executable(to))
-        .and_then(|()| std::fs::File::open(to)?.sync_all())
+        .and_then(|()| durable::sync_file(to))
         .with_context(|| format!("while copying the new build to {}", to.display()))
 }
 
@@ -79,7 +79,6 @@ pub(crate) fn promote(exe: &Path) -> anyhow::Result<()> {
     if !next.exists() {
         return Ok(());
     }
-    keep_previous(exe)?;
     durable::replace_running_executable(&next, exe, &previous_path(exe))
         .with_context(|| format!("while installing {}", exe.display()))?;
     sync_dir(parent(exe))
@@ -92,26 +91,6 @@ pub(crate) fn discard(exe: &Path) -> anyhow::Result<()> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err.into()),
     }
-}
-
-/// `<exe>.prev` becomes a second name of the current executable, replacing any older one.
-fn keep_previous(exe: &Path) -> anyhow::Result<()> {
-    let previous = previous_path(exe);
-    let staging = with_suffix(exe, ".prev.tmp");
-    let _ = std::fs::remove_file(&staging);
-    if std::fs::hard_link(exe, &staging).is_err() {
-        // Filesystems without hard links get a copy.
-        let copied = std::fs::copy(exe, &staging)
-            .and_then(|_| std::fs::File::open(&staging)?.sync_all())
-            .with_context(|| format!("while keeping a copy of {}", exe.display()));
-        if copied.is_err() {
-            let _ = std::fs::remove_file(&staging);
-        }
-        copied?;
-    }
-    durable::rename(&staging, &previous)
-        .with_context(|| format!("while keeping {}", previous.display()))?;
-    sync_dir(parent(exe))
 }
 
 #[cfg(test)]

@@ -9,6 +9,15 @@ use std::path::Path;
 
 pub(crate) use imp::{rename, replace_running_executable, sync_dir};
 
+/// Flushes a file's contents to disk. Opened for writing: `FlushFileBuffers` refuses a
+/// read-only handle.
+pub(crate) fn sync_file(path: &Path) -> io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .sync_all()
+}
+
 #[cfg(unix)]
 mod imp {
     use super::*;
@@ -24,14 +33,28 @@ mod imp {
         std::fs::File::open(dir).and_then(|d| d.sync_all())
     }
 
-    /// Puts `new` in the place of the executable `exe` (which may be running), `previous`
-    /// having been made a second name of the current one. One atomic rename: a kill
-    /// leaves the old executable or the new one.
+    /// Puts `new` in the place of the executable `exe` (which may be running), keeping
+    /// the current one as `previous`. `previous` first becomes a second name of the
+    /// current executable (a hard link, or a copy), then one atomic rename puts `new` in
+    /// place: a kill leaves the old executable or the new one.
     pub(crate) fn replace_running_executable(
         new: &Path,
         exe: &Path,
-        _previous: &Path,
+        previous: &Path,
     ) -> io::Result<()> {
+        let mut staging = previous.as_os_str().to_owned();
+        staging.push(".tmp");
+        let staging = std::path::PathBuf::from(staging);
+        let _ = std::fs::remove_file(&staging);
+        if std::fs::hard_link(exe, &staging).is_err() {
+            // Filesystems without hard links get a copy.
+            let copied = std::fs::copy(exe, &staging).and_then(|_| super::sync_file(&staging));
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&staging);
+            }
+            copied?;
+        }
+        std::fs::rename(&staging, previous)?;
         std::fs::rename(new, exe)
     }
 }

@@ -13,6 +13,7 @@ mod install;
 mod journal;
 mod machine;
 mod platform;
+mod service;
 mod session;
 mod signing;
 mod supervisor;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +46,12 @@ enum Command {
     /// The session process the supervisor starts (not for direct use)
     #[command(hide = true)]
     Worker(RunArgs),
+    /// Install, remove, start, stop or query the agent's system service
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
+    /// What the Windows service control manager starts (not for direct use)
+    #[command(hide = true)]
+    ServiceMain(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,7 +159,21 @@ pub fn main() -> anyhow::Result<()> {
         .build()
         .context("while starting the async runtime")?;
     match cli.command {
-        Command::Run(args) => runtime.block_on(supervise(args)),
+        Command::Run(args) => runtime.block_on(async {
+            let shutdown = platform::process::stop_signal();
+            supervise(args, shutdown).await
+        }),
+        Command::Service(command) => service::run(command),
+        Command::ServiceMain(args) => {
+            drop(runtime);
+            service::serve(move |shutdown| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("while starting the async runtime")?
+                    .block_on(supervise(args, shutdown))
+            })
+        }
         Command::Worker(args) => {
             let exit = runtime.block_on(work(args))?;
             if matches!(exit, session::Exit::Restart) {
@@ -162,12 +184,12 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn supervise(args: RunArgs) -> anyhow::Result<()> {
+async fn supervise(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Checked here so that a bad flag fails at once rather than in every worker start.
     let config = config_from(&args)?;
     let exe = std::env::current_exe().context("cannot find this agent's executable")?;
     let worker_args: Vec<String> = std::env::args()
-        .skip_while(|arg| arg != "run")
+        .skip_while(|arg| arg != "run" && arg != "service-main")
         .skip(1)
         .collect();
     supervisor::Supervisor {
@@ -176,7 +198,7 @@ async fn supervise(args: RunArgs) -> anyhow::Result<()> {
         worker_args,
         probation: args.probation_timeout,
     }
-    .run(platform::process::stop_signal())
+    .run(shutdown)
     .await
 }
 

@@ -14,12 +14,21 @@ pub(crate) fn state_dir() -> PathBuf {
     imp::state_dir()
 }
 
+/// Where `service install` writes the agent's config file by default.
+pub(crate) fn config_file() -> PathBuf {
+    imp::config_file()
+}
+
 #[cfg(all(unix, not(target_os = "macos")))]
 mod imp {
     use super::*;
 
     pub(super) fn state_dir() -> PathBuf {
         PathBuf::from("/var/lib/drover-agent")
+    }
+
+    pub(super) fn config_file() -> PathBuf {
+        PathBuf::from("/etc/drover-agent/agent.conf")
     }
 }
 
@@ -31,6 +40,10 @@ mod imp {
 
     pub(super) fn state_dir() -> PathBuf {
         PathBuf::from(SUPPORT).join("Agent")
+    }
+
+    pub(super) fn config_file() -> PathBuf {
+        PathBuf::from(SUPPORT).join("agent.conf")
     }
 }
 
@@ -47,5 +60,9 @@ mod imp {
 
     pub(super) fn state_dir() -> PathBuf {
         program_data().join(r"Drover\Agent")
+    }
+
+    pub(super) fn config_file() -> PathBuf {
+        program_data().join(r"Drover\agent.conf")
     }
 }

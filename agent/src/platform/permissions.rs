@@ -6,7 +6,7 @@
 use std::io;
 use std::path::Path;
 
-pub(crate) use imp::{create_private_dir, make_executable};
+pub(crate) use imp::{create_private_dir, make_executable, make_readable};
 
 #[cfg(unix)]
 mod imp {
@@ -24,6 +24,11 @@ mod imp {
 
     pub(crate) fn make_executable(path: &Path) -> io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+    }
+
+    /// Readable by everyone, writable by the owner (0644): service definitions.
+    pub(crate) fn make_readable(path: &Path) -> io::Result<()> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
     }
 }
 
@@ -90,6 +95,11 @@ mod imp {
 
     /// Windows runs any image it is asked to; there is no mode to set.
     pub(crate) fn make_executable(_path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Files inherit their directory's ACL; there is no mode to set.
+    pub(crate) fn make_readable(_path: &Path) -> io::Result<()> {
         Ok(())
     }
 }

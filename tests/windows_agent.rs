@@ -206,24 +206,26 @@ impl Drop for WindowsAgent {
     }
 }
 
-/// Publishes `contents` as the Windows build `version` on stable, sidecars after.
-fn publish_windows(server: &Server, version: &str, contents: &[u8]) {
-    use sha2::Digest;
-    let downloads = server.downloads();
-    let file = format!("drover-agent-windows-amd64-{version}.exe");
-    std::fs::create_dir_all(&downloads).unwrap();
-    std::fs::write(downloads.join(&file), contents).unwrap();
-    std::fs::write(downloads.join(format!("{file}.channel")), "stable\n").unwrap();
-    let digest = hex::encode(sha2::Sha256::digest(contents));
-    std::fs::write(
-        downloads.join(format!("{file}.sha256")),
-        format!("{digest}  {file}\n"),
-    )
-    .unwrap();
+/// Publishes the Windows build at `file` as `version` on stable with scripts/publish.
+fn publish_windows(server: &Server, version: &str, file: &Path) {
+    let status = Command::new("scripts/publish")
+        .arg(file)
+        .args([version, "stable", "--os", "windows", "--arch", "amd64"])
+        .env("DROVER_DOWNLOADS", server.downloads())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "publish {version} failed");
+    assert!(
+        server
+            .downloads()
+            .join(format!("drover-agent-windows-amd64-{version}.exe.sha256"))
+            .exists()
+    );
 }
 
 /// A Windows program that exits with status 3 at once: a broken build.
-fn broken_build(dir: &Path) -> Vec<u8> {
+fn broken_build(dir: &Path) -> PathBuf {
     let source = dir.join("broken.c");
     let exe = dir.join("broken.exe");
     std::fs::write(&source, "int main(void) { return 3; }\n").unwrap();
@@ -234,7 +236,7 @@ fn broken_build(dir: &Path) -> Vec<u8> {
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::read(exe).unwrap()
+    exe
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -267,7 +269,7 @@ async fn a_windows_agent_enrolls_updates_through_probation_and_reverts_a_build_t
     // 1.1.0 goes through probation and replaces the running executable.
     let build = dir.path().join("build-1.1.0.exe");
     wine.stamp("1.1.0", &build);
-    publish_windows(&server, "1.1.0", &std::fs::read(&build).unwrap());
+    publish_windows(&server, "1.1.0", &build);
     let task = agent
         .until("the update to 1.1.0 to succeed", || async {
             let tasks = tasks_of(&server, &id).await;

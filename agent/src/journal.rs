@@ -23,8 +23,16 @@ pub(crate) enum Step {
     Installing,
     /// The new build is at `<exe>.next` and runs from there on probation.
     Probation,
-    /// The new version connected and heartbeated: the update is done.
+    /// The new version's worker connected and heartbeated; its supervisor has yet to
+    /// take over. Nothing is reported yet.
     Committed,
+    /// The old supervisor has handed over to the new build's supervisor (exec, Unix),
+    /// which takes over by promoting itself; if it stops first, the old one, started
+    /// again, reverts.
+    HandOver,
+    /// The new executable is in place and its supervisor runs: the update is done, to be
+    /// reported, then cleared.
+    Promoted,
     /// Not installed; `reason` says why. Reported, then cleared.
     Failed,
     /// Installed, did not prove itself, and the previous executable is back.

@@ -187,7 +187,8 @@ pub fn main() -> anyhow::Result<()> {
 async fn supervise(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Checked here so that a bad flag fails at once rather than in every worker start.
     let config = config_from(&args)?;
-    let exe = std::env::current_exe().context("cannot find this agent's executable")?;
+    // `config.exe`: handed over to, this process runs from `<exe>.next` (see supervisor).
+    let exe = config.exe.clone();
     let worker_args: Vec<String> = std::env::args()
         .skip_while(|arg| arg != "run" && arg != "service-main")
         .skip(1)

@@ -15,9 +15,38 @@ pub(crate) fn stop_signal() -> CancellationToken {
     shutdown
 }
 
+/// Whether the supervisor can hand over to a new executable in its own process (exec,
+/// keeping the PID the service manager watches). Windows cannot; there the supervisor
+/// promotes the new executable and the new supervisor takes over at the next service
+/// start.
+pub(crate) const CAN_REPLACE_ITSELF: bool = cfg!(unix);
+
+/// Replaces this process with `program args`, `env` added, keeping its PID. Returns only
+/// on failure.
+pub(crate) fn replace_self(
+    program: &std::path::Path,
+    args: &[String],
+    env: (&str, &std::path::Path),
+) -> std::io::Error {
+    imp::replace_self(program, args, env)
+}
+
 #[cfg(unix)]
 mod imp {
+    use std::os::unix::process::CommandExt;
+
     use tokio::signal::unix::{SignalKind, signal};
+
+    pub(super) fn replace_self(
+        program: &std::path::Path,
+        args: &[String],
+        (key, value): (&str, &std::path::Path),
+    ) -> std::io::Error {
+        std::process::Command::new(program)
+            .args(args)
+            .env(key, value)
+            .exec()
+    }
 
     pub(super) async fn stop_requested() {
         let mut terminate = signal(SignalKind::terminate()).ok();
@@ -36,6 +65,17 @@ mod imp {
 #[cfg(windows)]
 mod imp {
     use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_shutdown};
+
+    pub(super) fn replace_self(
+        _program: &std::path::Path,
+        _args: &[String],
+        _env: (&str, &std::path::Path),
+    ) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "a Windows process cannot replace itself",
+        )
+    }
 
     pub(super) async fn stop_requested() {
         async fn wait(signal: std::io::Result<impl Recv>) {

@@ -89,10 +89,10 @@ async fn a_build_whose_supervisor_cannot_start_is_reverted_and_the_old_one_keeps
     let server = Server::start(dir.path());
     let exe = install_agent(dir.path());
     let mut agent = start(&server, &exe, dir.path(), "papa");
-    enrolled_id(&server, "papa").await;
+    let id = enrolled_id(&server, "papa").await;
     // The server counts the update a success once 1.1.0's worker has heartbeated, and
-    // does not yet take back a success for a later revert; this test is about the
-    // agent's side.
+    // does not take back a success for a later revert: the agent remembers the build
+    // and refuses it if offered again.
 
     // 1.1.0's worker is a real agent that would pass probation; its `run` exits at once.
     let worker = dir.path().join("worker-1.1.0");
@@ -129,13 +129,31 @@ async fn a_build_whose_supervisor_cannot_start_is_reverted_and_the_old_one_keeps
             .then_some(())
     })
     .await;
-    // Not whether <exe>.next is gone, nor the agent's listing: with the task counted a
-    // success, the server offers 1.1.0 again at once.
     assert_eq!(version_of(&exe), "1.0.0");
     assert_eq!(supervisor(&agent.state_dir).unwrap().1, "1.0.0");
+
+    // Offered again, the build is refused as a build failure.
+    let refused = eventually("the build to be refused", UPDATE_WAIT, || async {
+        tasks_of(&server, &id)
+            .await
+            .into_iter()
+            .find(|task| task["status"] == "failed")
+    })
+    .await;
+    assert_eq!(refused["failure_class"], "build", "{refused}");
     assert!(
-        agent.log().contains("supervisor started version=\"1.0.0\""),
-        "{}",
-        agent.log()
+        refused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("supervisor did not take over"),
+        "{refused}"
     );
+    let listed = eventually("1.0.0 back online", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "papa").await?;
+        (agent["online"] == true && agent["version"] == "1.0.0").then_some(agent)
+    })
+    .await;
+    assert_eq!(listed["id"], id.as_str());
+    assert_eq!(version_of(&exe), "1.0.0");
+    assert!(!exe.with_file_name("drover-agent.next").exists());
 }

@@ -160,6 +160,29 @@ pub(crate) fn clear(state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds (by SHA-256) whose supervisor did not take over on this machine: they are
+/// refused if offered again, one per line of `rejected-builds`.
+const REJECTED: &str = "rejected-builds";
+
+/// Remembers a build whose supervisor did not take over.
+pub(crate) fn reject_build(state_dir: &Path, sha256: &str) -> anyhow::Result<()> {
+    let path = state_dir.join(REJECTED);
+    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+    if !text.lines().any(|line| line == sha256) {
+        text.push_str(sha256);
+        text.push('\n');
+        crate::atomic_file::write(&path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Whether this build's supervisor did not take over here before.
+pub(crate) fn is_rejected(state_dir: &Path, sha256: &str) -> bool {
+    std::fs::read_to_string(state_dir.join(REJECTED))
+        .map(|text| text.lines().any(|line| line.eq_ignore_ascii_case(sha256)))
+        .unwrap_or(false)
+}
+
 /// Removes staged downloads; best effort, as leftovers only cost disk space.
 pub(crate) fn clear_staging(state_dir: &Path) {
     let _ = std::fs::remove_dir_all(staging_dir(state_dir));
@@ -186,6 +209,19 @@ pub(crate) fn sample(step: Step) -> Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejected_build_is_remembered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_rejected(dir.path(), "ab12"));
+        reject_build(dir.path(), "ab12").unwrap();
+        reject_build(dir.path(), "ab12").unwrap();
+        reject_build(dir.path(), "cd34").unwrap();
+        assert!(is_rejected(dir.path(), "AB12"));
+        assert!(!is_rejected(dir.path(), "ef56"));
+        let text = std::fs::read_to_string(dir.path().join(REJECTED)).unwrap();
+        assert_eq!(text, "ab12\ncd34\n");
+    }
 
     #[test]
     fn round_trips_and_clears() {

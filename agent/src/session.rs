@@ -356,6 +356,15 @@ impl Worker {
                 FailureClass::Transient,
             );
         }
+        if journal::is_rejected(&self.config.state_dir, &update.sha256) {
+            return refuse(
+                format!(
+                    "build {} of {} was reverted here: its supervisor did not take over",
+                    update.sha256, update.version
+                ),
+                FailureClass::Build,
+            );
+        }
         match journal::load(&self.config.state_dir) {
             // Sent twice (a re-dispatch): installed once.
             Ok(Some(journal)) if journal.task_id == update.task_id => return None,

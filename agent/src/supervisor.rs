@@ -303,6 +303,9 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path, running: &str) -> anyhow::Re
         // The old supervisor, started again: the new one did not take over.
         Step::HandOver => {
             tracing::error!(version = %journal.version, "the new version's supervisor did not take over; back to {}", journal.previous_version);
+            // Refused if offered again: the server may have counted its worker's
+            // heartbeat as a success already.
+            journal::reject_build(state_dir, &journal.sha256)?;
             journal.end(
                 state_dir,
                 Step::Reverted,
@@ -471,6 +474,19 @@ mod tests {
         assert_eq!(journal.failure_class, Some(FailureClass::Environment));
         let reason = journal.reason.unwrap();
         assert!(reason.contains("No space left on device"), "{reason}");
+    }
+
+    #[test]
+    fn a_build_whose_supervisor_did_not_take_over_is_remembered() {
+        let (_dir, state, exe) = killed_at(Step::HandOver, Some(NEW), false);
+        let sha256 = journal::load(&state).unwrap().unwrap().sha256;
+        recover(&state, &exe, OLD_VERSION).unwrap();
+        assert!(journal::is_rejected(&state, &sha256));
+
+        // Its own supervisor taking over rejects nothing.
+        let (_dir, state, exe) = killed_at(Step::HandOver, Some(NEW), false);
+        recover(&state, &exe, NEW_VERSION).unwrap();
+        assert!(!journal::is_rejected(&state, &sha256));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! End-to-end under Wine: the Windows build of the agent (`x86_64-pc-windows-gnu`,
-//! cross-compiled here) against the real Linux `drover-server` on loopback. The agent
-//! runs as a console process (`drover-agent.exe run`), as the service control manager
-//! would start it; Wine does not run the service layer, which has unit tests instead.
+//! cross-compiled here) against the real Linux `drover-server` on loopback. The update
+//! story runs the agent as a console process (`drover-agent.exe run`); the service
+//! story installs it with `service install` into Wine's service control manager, which
+//! starts it as a service (`service-main`).
 //!
 //! Needs Wine and mingw-w64 (scripts/ci-setup installs them). With CI=true these tests
 //! always run; elsewhere they are skipped, saying why, when Wine is missing.
@@ -132,6 +133,26 @@ impl Wine {
             .next()
             .unwrap_or_default()
             .to_owned()
+    }
+
+    /// Runs `exe args` to completion; success and all it printed. Output goes through a
+    /// file: a service started by the command inherits its handles, and a pipe would
+    /// stay open as long as the service runs.
+    fn run(&self, exe: &Path, args: &[&str]) -> (bool, String) {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let status = self
+            .command(exe)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(out.reopen().unwrap())
+            .stderr(out.reopen().unwrap())
+            .status()
+            .unwrap();
+        (
+            status.success(),
+            std::fs::read_to_string(out.path()).unwrap_or_default(),
+        )
     }
 
     /// A copy of the Windows agent that reports `version` (scripts/stamp-agent).
@@ -336,4 +357,79 @@ async fn a_windows_agent_enrolls_updates_through_probation_and_reverts_a_build_t
     assert!(!exe.with_file_name("drover-agent.exe.next").exists());
     assert_eq!(server.api().agents().await.unwrap().len(), 1);
     drop(agent);
+}
+
+/// Removes the test's service from the Wine prefix, however the test ends.
+struct InstalledService<'a> {
+    wine: &'a Wine,
+    exe: PathBuf,
+}
+
+impl Drop for InstalledService<'_> {
+    fn drop(&mut self) {
+        let _ = self.wine.run(&self.exe, &["service", "uninstall"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_install_runs_the_windows_agent_under_the_service_control_manager() {
+    let Some(wine) = wine() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = dir.path().join("Drover/drover-agent.exe");
+    wine.stamp("1.0.0", &exe);
+    // Left over from an interrupted run, perhaps.
+    let _ = wine.run(&exe, &["service", "uninstall"]);
+
+    let config = windows_path(&dir.path().join("Drover/agent.conf"));
+    let state = windows_path(&dir.path().join("state"));
+    let (ok, out) = wine.run(
+        &exe,
+        &[
+            "service",
+            "install",
+            "--config",
+            &config,
+            "--",
+            "--server",
+            &server.url,
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--state-dir",
+            &state,
+            "--hostname",
+            "win-svc",
+        ],
+    );
+    let service = InstalledService {
+        wine,
+        exe: exe.clone(),
+    };
+    assert!(ok, "{out}");
+    assert!(out.contains("installed the drover-agent service"), "{out}");
+
+    let listed = eventually("the service's agent online", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "win-svc").await?;
+        (agent["online"] == true).then_some(agent)
+    })
+    .await;
+    assert_eq!(listed["os"], "windows");
+    assert_eq!(listed["version"], "1.0.0");
+    let (ok, out) = wine.run(&exe, &["service", "status"]);
+    assert!(ok && out.contains("Running"), "{out}");
+    assert!(
+        dir.path().join("state/identity.json").exists(),
+        "the service keeps its identity in the configured state directory"
+    );
+
+    let (ok, out) = wine.run(&exe, &["service", "uninstall"]);
+    assert!(ok, "{out}");
+    eventually("the service's agent offline", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "win-svc").await?;
+        (agent["online"] == false).then_some(())
+    })
+    .await;
+    let (ok, out) = wine.run(&exe, &["service", "status"]);
+    assert!(!ok, "the service is gone: {out}");
+    drop(service);
 }

@@ -63,7 +63,10 @@ pub(crate) fn install(service: &Service, start: bool) -> anyhow::Result<()> {
             3
         ]),
     })?;
-    installed.set_failure_actions_on_non_crash_failures(true)?;
+    if let Err(err) = installed.set_failure_actions_on_non_crash_failures(true) {
+        // Crashes are still restarted; Wine, for one, does not know this setting.
+        tracing::warn!(%err, "the service is restarted after crashes only, not after error exits");
+    }
     println!("installed the {NAME} service");
     if start {
         installed.start::<&str>(&[])?;

@@ -296,6 +296,7 @@ mod tests {
     }
 
     /// Serves `size` bytes once, to whatever is asked.
+    #[cfg(unix)]
     async fn serve_once(size: usize) -> String {
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,9 +1,10 @@
 //! Installing a new build without ever leaving a broken executable where the service
-//! manager looks for one. The executable (`<exe>`, what the service manager starts, which runs the
-//! supervisor) is not touched while a new build is on probation: the new build waits as
-//! `<exe>.next` and runs from there. Only once it has proved itself is it promoted by an
-//! atomic rename over `<exe>`, the previous one kept as `<exe>.prev`. A power cut at any
-//! moment therefore boots the old, proven supervisor, which resumes the probation.
+//! manager looks for one. The executable (`<exe>`, what the service manager starts,
+//! which runs the supervisor) is not touched while a new build is on probation: the new
+//! build waits as `<exe>.next` and runs from there. Only once it has proved itself is it
+//! promoted over `<exe>` (`platform::durable::replace_running_executable`), the previous
+//! one kept as `<exe>.prev`. A power cut at any moment therefore boots the old, proven
+//! supervisor, which resumes the probation.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

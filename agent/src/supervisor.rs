@@ -98,14 +98,23 @@ impl Supervisor {
                 tracing::info!(version = %journal.version, "new version on probation for {}s", self.probation.as_secs());
                 match self.watch_probation(&mut worker, &shutdown).await {
                     None => return stop(worker).await,
-                    Some(Probation::Passed) => {
-                        tracing::info!(version = %journal.version, "new version passed probation; handing over to its supervisor");
-                        // The new supervisor starts its own worker.
-                        let _ = worker.kill().await;
-                        let journal = journal::load(&self.state_dir)?.unwrap_or(journal);
-                        self.hand_over(journal)?;
-                        continue;
-                    }
+                    Some(Probation::Passed) => match journal::load(&self.state_dir)? {
+                        Some(committed) => {
+                            tracing::info!(version = %journal.version, "new version passed probation; handing over to its supervisor");
+                            // The new supervisor starts its own worker.
+                            let _ = worker.kill().await;
+                            self.hand_over(committed)?;
+                            continue;
+                        }
+                        None => {
+                            // A build from before the hand-over reported and cleared its
+                            // journal itself: it is promoted in place, as then, and its
+                            // supervisor runs from the next start.
+                            signing::record_installed(&self.state_dir, journal.counter);
+                            install::promote(&self.exe)?;
+                            tracing::info!(version = %journal.version, "new version passed probation and is installed");
+                        }
+                    },
                     Some(Probation::Failed(reason)) => {
                         let _ = worker.kill().await;
                         self.revert(journal, &reason)?;
@@ -283,6 +292,13 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path, running: &str) -> anyhow::Re
         }
         // The worker passed; its supervisor has yet to take over.
         Step::Committed if next_is_target() => Recovered::HandOver(journal),
+        // Promoted by a supervisor from before the hand-over, which does not clear the
+        // journal: this is the new build, in place.
+        Step::Committed if journal.version == running => {
+            signing::record_installed(state_dir, journal.counter);
+            journal.advance(state_dir, Step::Promoted)?;
+            Recovered::Start
+        }
         Step::Committed => {
             journal.end(
                 state_dir,
@@ -389,7 +405,7 @@ mod tests {
         const OLD_V: &str = OLD_VERSION;
         const NEW_V: &str = NEW_VERSION;
         #[rustfmt::skip]
-        let cases: [Case; 16] = [
+        let cases: [Case; 17] = [
             (Step::Downloading, None, false, OLD_V, "start", OLD, false, Step::Downloading),
             (Step::Verified, None, true, OLD_V, "start", OLD, false, Step::Verified),
             (Step::Installing, None, true, OLD_V, "probation", OLD, true, Step::Probation),
@@ -401,6 +417,7 @@ mod tests {
             // Passed; killed before the hand-over: hand over now.
             (Step::Committed, Some(NEW), false, OLD_V, "hand over", OLD, true, Step::Committed),
             (Step::Committed, None, false, OLD_V, "start", OLD, false, Step::Failed),
+            (Step::Committed, None, false, NEW_V, "start", OLD, false, Step::Promoted),
             // The new supervisor, handed over to, takes over.
             (Step::HandOver, Some(NEW), false, NEW_V, "start", NEW, false, Step::Promoted),
             // The old supervisor, started again after the new one stopped, reverts.

@@ -422,6 +422,8 @@ async fn service_install_runs_the_windows_agent_under_the_service_control_manage
         "the service keeps its identity in the configured state directory"
     );
 
+    // Not `service stop` on its own: Wine 8.0's service manager starts the service
+    // again a second after it reports itself stopped. Uninstall stops it for good.
     let (ok, out) = wine.run(&exe, &["service", "uninstall"]);
     assert!(ok, "{out}");
     eventually("the service's agent offline", UPDATE_WAIT, || async {

@@ -157,3 +157,41 @@ async fn a_build_whose_supervisor_cannot_start_is_reverted_and_the_old_one_keeps
     assert_eq!(version_of(&exe), "1.0.0");
     assert!(!exe.with_file_name("drover-agent.next").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_is_not_a_program_fails_its_probation_and_the_supervisor_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let exe = install_agent(dir.path());
+    let agent = start(&server, &exe, dir.path(), "quebec");
+    let id = enrolled_id(&server, "quebec").await;
+    let (pid, _) = supervisor(&agent.state_dir).unwrap();
+
+    // Not an executable format: the system refuses to start it at all.
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"\x00\x01 not a program\n",
+    );
+    let task = task_reaches(&server, &id, "rolled_back").await;
+    assert!(
+        task["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("while starting"),
+        "{task}"
+    );
+    let listed = eventually("1.0.0 back online", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "quebec").await?;
+        (agent["online"] == true && agent["version"] == "1.0.0").then_some(agent)
+    })
+    .await;
+    assert_eq!(listed["id"], id.as_str());
+    assert_eq!(
+        supervisor(&agent.state_dir).unwrap(),
+        (pid, "1.0.0".to_owned()),
+        "the same supervisor carried on"
+    );
+    assert!(!exe.with_file_name("drover-agent.next").exists());
+}

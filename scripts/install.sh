@@ -2,7 +2,8 @@
 # install.sh --server URL --enroll-token TOKEN [options]
 # Installs the Drover agent on this machine: fetches the newest stable build for its
 # os/arch from the server, verifies its SHA-256, installs it, writes the agent's config
-# file and (unless --no-systemd) the systemd unit, and starts the service.
+# file and (unless --no-systemd) the systemd unit (`drover-agent service install`), and
+# starts the service.
 #
 # Options:
 #   --prefix DIR       install the binary in DIR/bin (default /usr/local)
@@ -110,13 +111,13 @@ echo "installed $bin_dir/drover-agent ($version) and $config"
 
 if [ "$systemd" = yes ]; then
     command -v systemctl >/dev/null || die "systemctl not found; rerun with --no-systemd"
-    unit=/etc/systemd/system/drover-agent.service
-    sed -e "s#/usr/local/bin/drover-agent#$bin_dir/drover-agent#" \
-        -e "s#/etc/drover-agent/agent.conf#$config#" \
-        "$(dirname "$0")/drover-agent.service" > "$unit" 2>/dev/null \
-        || die "cannot write $unit (the unit file ships beside this script)"
-    systemctl daemon-reload
-    systemctl enable --now drover-agent
+    # The agent writes its own unit and the same config file from the same settings.
+    flags=(--server "$server" --enroll-token "$token" --state-dir "$state_dir")
+    [ -z "$public_key" ] || flags+=(--public-key "$public_key")
+    [ -z "$public_key_2" ] || flags+=(--public-key-2 "$public_key_2")
+    [ -z "$ca_file" ] || flags+=(--ca-file "$config_dir/ca.pem")
+    "$bin_dir/drover-agent" service install --config "$config" -- "${flags[@]}" \
+        || die "drover-agent service install failed"
     echo "drover-agent is running: systemctl status drover-agent"
 else
     echo "start it with: $bin_dir/drover-agent run --config $config"

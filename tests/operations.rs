@@ -327,6 +327,29 @@ fn packages_hold_the_binaries_hardened_units_configs_and_maintainer_scripts() {
                 == "ExecStart=/usr/bin/drover-agent run --config /etc/drover-agent/agent.conf"),
         "{agent_unit}"
     );
+    // The package's agent unit is the one `drover-agent service install` writes, but for
+    // its paths and its first comment lines.
+    let written = tempfile::tempdir().unwrap();
+    let config = written.path().join("agent.conf");
+    run(std::process::Command::new(at("/usr/bin/drover-agent"))
+        .args(["service", "install", "--no-start", "--unit-dir"])
+        .arg(written.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["--", "--server", "https://drover.example.com"]));
+    let installed = read(&written.path().join("drover-agent.service"))
+        .replace(at("/usr/bin/drover-agent").to_str().unwrap(), "/usr/bin/drover-agent")
+        .replace(config.to_str().unwrap(), "/etc/drover-agent/agent.conf");
+    let body = |unit: &str| -> Vec<String> {
+        unit.lines()
+            .filter(|l| {
+                !l.starts_with("# systemd unit for the Drover agent")
+                    && !l.starts_with("# `drover-agent service install` writes")
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(body(&agent_unit), body(&installed));
 
     // Maintainer scripts: a user and a private state directory on install; removal stops
     // the service and keeps the data, only a purge deletes it.

@@ -1,5 +1,5 @@
 //! Crash-safe file replacement: temporary file in the same directory, fsync, rename,
-//! fsync of the directory. A kill at any moment leaves the old content or the new, and
+//! fsync of the directory (a write-through move on Windows). A kill at any moment leaves the old content or the new, and
 //! a failed write (a full disk, say) leaves the old content and no temporary file.
 
 use std::io::Write;
@@ -18,16 +18,17 @@ pub(crate) fn write(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     file.write_all(contents)
         .and_then(|()| file.as_file().sync_all())
         .with_context(|| format!("while writing {}", file.path().display()))?;
-    file.persist(path)
-        .map_err(|err| err.error)
+    // Dropping the temporary path on an error removes the file.
+    let temporary = file.into_temp_path();
+    crate::platform::durable::rename(&temporary, path)
         .with_context(|| format!("while writing {}", path.display()))?;
+    let _ = temporary.keep();
     sync_dir(dir)
 }
 
 /// Makes renames, creations and removals in `dir` durable.
 pub(crate) fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
+    crate::platform::durable::sync_dir(dir)
         .with_context(|| format!("while syncing {}", dir.display()))
 }
 

@@ -8,14 +8,20 @@ use std::ffi::OsString;
 
 use flagfile::FlagFile;
 
+/// The flags of `run` that take no value.
+pub(crate) const SWITCHES: &[&str] = &["no-auto-update"];
+
 const CONFIG: FlagFile = FlagFile {
     env: "DROVER_AGENT_CONFIG",
-    switches: &["no-auto-update"],
+    switches: SWITCHES,
 };
 
 /// The command line with the config file's settings spliced in after the subcommand.
 pub(crate) fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
-    match args.iter().position(|a| a == "run" || a == "worker") {
+    match args
+        .iter()
+        .position(|a| a == "run" || a == "worker" || a == "service-main")
+    {
         Some(command_at) => CONFIG.expand(args, command_at + 1),
         None => Ok(args),
     }

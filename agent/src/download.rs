@@ -240,7 +240,7 @@ fn is_disk_full(err: &std::io::Error) -> bool {
 
 async fn sync_dir(dir: &Path) -> Result<(), FetchError> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+    tokio::task::spawn_blocking(move || crate::platform::durable::sync_dir(&dir))
         .await
         .map_err(std::io::Error::other)??;
     Ok(())
@@ -296,6 +296,7 @@ mod tests {
     }
 
     /// Serves `size` bytes once, to whatever is asked.
+    #[cfg(unix)]
     async fn serve_once(size: usize) -> String {
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -315,6 +316,7 @@ mod tests {
         url
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn a_disk_that_fills_up_mid_download_fails_and_leaves_no_partial() {
         // Many chunks (a later write reports the failure) and one small chunk (only the

@@ -52,8 +52,6 @@ pub(crate) fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     #[test]
@@ -66,11 +64,15 @@ mod tests {
         };
         save(dir.path(), &identity).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(identity));
-        let mode = std::fs::metadata(path(dir.path()))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path(dir.path()))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 
     #[test]

@@ -1,18 +1,19 @@
 //! Installing a new build without ever leaving a broken executable where the service
-//! manager looks for one. The executable (`<exe>`, what systemd starts, which runs the
-//! supervisor) is not touched while a new build is on probation: the new build waits as
-//! `<exe>.next` and runs from there. Only once it has proved itself is it promoted by an
-//! atomic rename over `<exe>`, the previous one kept as `<exe>.prev`. A power cut at any
-//! moment therefore boots the old, proven supervisor, which resumes the probation.
+//! manager looks for one. The executable (`<exe>`, what the service manager starts,
+//! which runs the supervisor) is not touched while a new build is on probation: the new
+//! build waits as `<exe>.next` and runs from there. Only once it has proved itself is it
+//! promoted over `<exe>` (`platform::durable::replace_running_executable`), the previous
+//! one kept as `<exe>.prev`. A power cut at any moment therefore boots the old, proven
+//! supervisor, which resumes the probation.
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
 use crate::atomic_file::{parent, sync_dir};
+use crate::platform::{durable, permissions};
 
 pub(crate) fn previous_path(exe: &Path) -> PathBuf {
     with_suffix(exe, ".prev")
@@ -59,16 +60,16 @@ pub(crate) fn stage(exe: &Path, verified: &Path) -> anyhow::Result<()> {
         }
         return copied;
     }
-    std::fs::rename(&incoming, &next)
+    durable::rename(&incoming, &next)
         .with_context(|| format!("while placing {}", next.display()))?;
     sync_dir(parent(exe))
 }
 
-/// Copies `from` to `to` (mode 0755) and fsyncs the copy.
+/// Copies `from` to `to`, executable, and flushes the copy to disk.
 fn copy_durably(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::copy(from, to)
-        .and_then(|_| std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)))
-        .and_then(|()| std::fs::File::open(to)?.sync_all())
+        .and_then(|_| permissions::make_executable(to))
+        .and_then(|()| durable::sync_file(to))
         .with_context(|| format!("while copying the new build to {}", to.display()))
 }
 
@@ -79,8 +80,8 @@ pub(crate) fn promote(exe: &Path) -> anyhow::Result<()> {
     if !next.exists() {
         return Ok(());
     }
-    keep_previous(exe)?;
-    std::fs::rename(&next, exe).with_context(|| format!("while installing {}", exe.display()))?;
+    durable::replace_running_executable(&next, exe, &previous_path(exe))
+        .with_context(|| format!("while installing {}", exe.display()))?;
     sync_dir(parent(exe))
 }
 
@@ -91,26 +92,6 @@ pub(crate) fn discard(exe: &Path) -> anyhow::Result<()> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err.into()),
     }
-}
-
-/// `<exe>.prev` becomes a second name of the current executable, replacing any older one.
-fn keep_previous(exe: &Path) -> anyhow::Result<()> {
-    let previous = previous_path(exe);
-    let staging = with_suffix(exe, ".prev.tmp");
-    let _ = std::fs::remove_file(&staging);
-    if std::fs::hard_link(exe, &staging).is_err() {
-        // Filesystems without hard links get a copy.
-        let copied = std::fs::copy(exe, &staging)
-            .and_then(|_| std::fs::File::open(&staging)?.sync_all())
-            .with_context(|| format!("while keeping a copy of {}", exe.display()));
-        if copied.is_err() {
-            let _ = std::fs::remove_file(&staging);
-        }
-        copied?;
-    }
-    std::fs::rename(&staging, &previous)
-        .with_context(|| format!("while keeping {}", previous.display()))?;
-    sync_dir(parent(exe))
 }
 
 #[cfg(test)]
@@ -128,11 +109,15 @@ mod tests {
         stage(&exe, &verified).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"old");
         assert_eq!(std::fs::read(next_path(&exe)).unwrap(), b"new");
-        let mode = std::fs::metadata(next_path(&exe))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o755);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(next_path(&exe))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755);
+        }
 
         promote(&exe).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"new");
@@ -146,6 +131,7 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_full_disk_while_staging_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();

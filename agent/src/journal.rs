@@ -23,8 +23,16 @@ pub(crate) enum Step {
     Installing,
     /// The new build is at `<exe>.next` and runs from there on probation.
     Probation,
-    /// The new version connected and heartbeated: the update is done.
+    /// The new version's worker connected and heartbeated; its supervisor has yet to
+    /// take over. Nothing is reported yet.
     Committed,
+    /// The old supervisor has handed over to the new build's supervisor (exec, Unix),
+    /// which takes over by promoting itself; if it stops first, the old one, started
+    /// again, reverts.
+    HandOver,
+    /// The new executable is in place and its supervisor runs: the update is done, to be
+    /// reported, then cleared.
+    Promoted,
     /// Not installed; `reason` says why. Reported, then cleared.
     Failed,
     /// Installed, did not prove itself, and the previous executable is back.
@@ -121,7 +129,7 @@ pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Option<Journal>> {
         Err(err) => {
             let aside = path.with_extension("json.corrupt");
             tracing::error!(%err, "the update journal is unreadable; moving it to {}", aside.display());
-            std::fs::rename(&path, &aside)?;
+            crate::platform::durable::rename(&path, &aside)?;
             crate::atomic_file::sync_dir(state_dir)?;
             Ok(None)
         }
@@ -152,6 +160,29 @@ pub(crate) fn clear(state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds (by SHA-256) whose supervisor did not take over on this machine: they are
+/// refused if offered again, one per line of `rejected-builds`.
+const REJECTED: &str = "rejected-builds";
+
+/// Remembers a build whose supervisor did not take over.
+pub(crate) fn reject_build(state_dir: &Path, sha256: &str) -> anyhow::Result<()> {
+    let path = state_dir.join(REJECTED);
+    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+    if !text.lines().any(|line| line == sha256) {
+        text.push_str(sha256);
+        text.push('\n');
+        crate::atomic_file::write(&path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Whether this build's supervisor did not take over here before.
+pub(crate) fn is_rejected(state_dir: &Path, sha256: &str) -> bool {
+    std::fs::read_to_string(state_dir.join(REJECTED))
+        .map(|text| text.lines().any(|line| line.eq_ignore_ascii_case(sha256)))
+        .unwrap_or(false)
+}
+
 /// Removes staged downloads; best effort, as leftovers only cost disk space.
 pub(crate) fn clear_staging(state_dir: &Path) {
     let _ = std::fs::remove_dir_all(staging_dir(state_dir));
@@ -178,6 +209,19 @@ pub(crate) fn sample(step: Step) -> Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejected_build_is_remembered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_rejected(dir.path(), "ab12"));
+        reject_build(dir.path(), "ab12").unwrap();
+        reject_build(dir.path(), "ab12").unwrap();
+        reject_build(dir.path(), "cd34").unwrap();
+        assert!(is_rejected(dir.path(), "AB12"));
+        assert!(!is_rejected(dir.path(), "ef56"));
+        let text = std::fs::read_to_string(dir.path().join(REJECTED)).unwrap();
+        assert_eq!(text, "ab12\ncd34\n");
+    }
 
     #[test]
     fn round_trips_and_clears() {

@@ -12,6 +12,8 @@ mod identity;
 mod install;
 mod journal;
 mod machine;
+mod platform;
+mod service;
 mod session;
 mod signing;
 mod supervisor;
@@ -44,6 +46,12 @@ enum Command {
     /// The session process the supervisor starts (not for direct use)
     #[command(hide = true)]
     Worker(RunArgs),
+    /// Install, remove, start, stop or query the agent's system service
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
+    /// What the Windows service control manager starts (not for direct use)
+    #[command(hide = true)]
+    ServiceMain(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,15 +74,14 @@ struct RunArgs {
     #[arg(long, env = "DROVER_ENROLL_TOKEN", hide_env_values = true)]
     enroll_token: Option<String>,
 
-    /// Directory for the agent's identity and update state
-    #[arg(
-        long,
-        env = "DROVER_STATE_DIR",
-        default_value = "/var/lib/drover-agent"
-    )]
+    /// Directory for the agent's identity and update state [default:
+    /// /var/lib/drover-agent on Linux, %ProgramData%\Drover\Agent on Windows,
+    /// /Library/Application Support/Drover/Agent on macOS]
+    #[arg(long, env = "DROVER_STATE_DIR", default_value_os_t = platform::paths::state_dir(), hide_default_value = true)]
     state_dir: PathBuf,
 
-    /// Machine fingerprint (default: derived from /etc/machine-id)
+    /// Machine fingerprint (default: derived from the machine id: /etc/machine-id,
+    /// the registry's MachineGuid, or macOS's IOPlatformUUID)
     #[arg(long, env = "DROVER_FINGERPRINT")]
     fingerprint: Option<String>,
 
@@ -152,7 +159,21 @@ pub fn main() -> anyhow::Result<()> {
         .build()
         .context("while starting the async runtime")?;
     match cli.command {
-        Command::Run(args) => runtime.block_on(supervise(args)),
+        Command::Run(args) => runtime.block_on(async {
+            let shutdown = platform::process::stop_signal();
+            supervise(args, shutdown).await
+        }),
+        Command::Service(command) => service::run(command),
+        Command::ServiceMain(args) => {
+            drop(runtime);
+            service::serve(move |shutdown| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("while starting the async runtime")?
+                    .block_on(supervise(args, shutdown))
+            })
+        }
         Command::Worker(args) => {
             let exit = runtime.block_on(work(args))?;
             if matches!(exit, session::Exit::Restart) {
@@ -163,12 +184,13 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn supervise(args: RunArgs) -> anyhow::Result<()> {
+async fn supervise(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Checked here so that a bad flag fails at once rather than in every worker start.
     let config = config_from(&args)?;
-    let exe = std::env::current_exe().context("cannot find this agent's executable")?;
+    // `config.exe`: handed over to, this process runs from `<exe>.next` (see supervisor).
+    let exe = config.exe.clone();
     let worker_args: Vec<String> = std::env::args()
-        .skip_while(|arg| arg != "run")
+        .skip_while(|arg| arg != "run" && arg != "service-main")
         .skip(1)
         .collect();
     supervisor::Supervisor {
@@ -177,13 +199,13 @@ async fn supervise(args: RunArgs) -> anyhow::Result<()> {
         worker_args,
         probation: args.probation_timeout,
     }
-    .run(stop_signal())
+    .run(shutdown)
     .await
 }
 
 async fn work(args: RunArgs) -> anyhow::Result<session::Exit> {
     let config = config_from(&args)?;
-    let shutdown = stop_signal();
+    let shutdown = platform::process::stop_signal();
     // The supervisor holds our stdin open; when it goes away, so do we.
     let orphaned = shutdown.clone();
     tokio::spawn(async move {
@@ -252,20 +274,4 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
         reconnect_base: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(60),
     })
-}
-
-/// Cancelled on SIGINT or SIGTERM.
-fn stop_signal() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        }
-        stop.cancel();
-    });
-    shutdown
 }

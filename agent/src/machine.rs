@@ -1,21 +1,12 @@
 //! Facts about the machine the agent runs on: fingerprint, hostname, os and arch as the
 //! server names them.
 
-use anyhow::Context;
 use sha2::{Digest, Sha256};
-
-const MACHINE_ID_FILES: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
 
 /// A stable fingerprint derived from the machine id. The id itself is hashed, since
 /// machine ids are meant to stay private to the machine.
 pub(crate) fn fingerprint() -> anyhow::Result<String> {
-    let id = MACHINE_ID_FILES
-        .iter()
-        .find_map(|path| std::fs::read_to_string(path).ok())
-        .map(|text| text.trim().to_owned())
-        .filter(|id| !id.is_empty())
-        .context("cannot derive a machine fingerprint: no /etc/machine-id; pass --fingerprint")?;
-    Ok(fingerprint_of(&id))
+    Ok(fingerprint_of(&crate::platform::machine_id::read()?))
 }
 
 fn fingerprint_of(machine_id: &str) -> String {

@@ -1,7 +1,6 @@
 //! One session with the server and the reconnect loop around it. Only this module speaks
 //! the wire protocol.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,16 +66,12 @@ struct Worker {
 /// installed.
 pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     // The state directory holds the agent's secret: readable by its owner only.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.state_dir)
-        .with_context(|| {
-            format!(
-                "while creating the state directory {}",
-                config.state_dir.display()
-            )
-        })?;
+    crate::platform::permissions::create_private_dir(&config.state_dir).with_context(|| {
+        format!(
+            "while creating the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
     if config.servers.is_empty() {
         bail!("no server URL: pass --server (or set DROVER_SERVER)");
     }
@@ -279,7 +274,7 @@ impl Worker {
                     match frame {
                         Some(Ok(Message::Pong(_))) => {
                             if let Some(mut journal) = on_probation.take()
-                                && let Err(err) = self.commit(socket, &mut journal).await
+                                && let Err(err) = self.commit(&mut journal).await
                             {
                                 return Ended::AfterWelcome(err);
                             }
@@ -331,16 +326,14 @@ impl Worker {
     }
 
     /// Probation passed: the new version connected and the server read its heartbeat.
-    async fn commit(&mut self, socket: &mut Socket, journal: &mut Journal) -> Result<(), String> {
-        let state_dir = &self.config.state_dir;
+    /// The supervisor sees the step and hands over to the new executable's supervisor;
+    /// the success is reported, and the journal cleared, once that one has taken over
+    /// and promoted itself (`Step::Promoted`).
+    async fn commit(&mut self, journal: &mut Journal) -> Result<(), String> {
         journal
-            .advance(state_dir, Step::Committed)
+            .advance(&self.config.state_dir, Step::Committed)
             .map_err(|e| format!("could not journal the commit: {e:#}"))?;
-        tracing::info!(version = %journal.version, "update committed");
-        if let Some(result) = owed_report(journal) {
-            send(socket, AgentMessage::UpdateResult(result)).await?;
-        }
-        let _ = journal::clear(state_dir);
+        tracing::info!(version = %journal.version, "update committed; the supervisor takes over");
         Ok(())
     }
 
@@ -361,6 +354,15 @@ impl Worker {
             return refuse(
                 "auto-update is off on this agent (--no-auto-update)".into(),
                 FailureClass::Transient,
+            );
+        }
+        if journal::is_rejected(&self.config.state_dir, &update.sha256) {
+            return refuse(
+                format!(
+                    "build {} of {} was reverted here: its supervisor did not take over",
+                    update.sha256, update.version
+                ),
+                FailureClass::Build,
             );
         }
         match journal::load(&self.config.state_dir) {
@@ -403,7 +405,7 @@ impl Worker {
 /// the failure class journaled with it.
 fn owed_report(journal: &Journal) -> Option<UpdateResult> {
     let (outcome, failure_class) = match journal.step {
-        Step::Committed => (UpdateOutcome::Succeeded, None),
+        Step::Promoted => (UpdateOutcome::Succeeded, None),
         // A journal from before classes: not knowing the cause, hold nothing against
         // the build.
         Step::Failed => (
@@ -496,7 +498,10 @@ mod tests {
     fn an_owed_result_carries_its_journaled_class() {
         // (step, journaled class, outcome owed, class reported)
         let cases = [
-            (Step::Committed, None, Some(UpdateOutcome::Succeeded), None),
+            (Step::Promoted, None, Some(UpdateOutcome::Succeeded), None),
+            // Passed, but the new supervisor has not taken over yet.
+            (Step::Committed, None, None, None),
+            (Step::HandOver, None, None, None),
             (
                 Step::Failed,
                 Some(FailureClass::Environment),

@@ -1,8 +1,11 @@
 //! The supervisor: `drover-agent run` is a small long-lived process that starts the
 //! worker (`drover-agent worker`, which holds the session), restarts it when it exits,
-//! and watches a new build through its probation. It is never the new code: the new
-//! build runs from `<exe>.next` and replaces the executable only once it has connected
-//! and heartbeated; one that crashes or cannot reach the server is discarded.
+//! and watches a new build through its probation. The new build runs from `<exe>.next`;
+//! one whose worker crashes or cannot reach the server is discarded. Once its worker has
+//! connected and heartbeated, the supervisor hands over to the new build's supervisor
+//! (exec in place on Unix, keeping the PID): that one must take over (read the journal,
+//! promote itself to `<exe>`, start its worker), or the old supervisor, started again
+//! from the untouched `<exe>` by the service manager, reverts the build.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -24,6 +27,8 @@ pub(crate) const RESTART_STATUS: i32 = 75;
 /// replaced).
 pub(crate) const EXE_ENV: &str = "DROVER_AGENT_EXE";
 const WORKER_PID_FILE: &str = "worker.pid";
+/// `{"pid": ..., "version": ...}` of the running supervisor, for tooling and tests.
+const SUPERVISOR_FILE: &str = "supervisor.json";
 const PROBATION_POLL: Duration = Duration::from_millis(100);
 
 pub(crate) struct Supervisor {
@@ -39,25 +44,77 @@ enum Probation {
     Failed(String),
 }
 
+/// What the supervisor does after bringing the journal to a consistent point.
+#[derive(Debug)]
+pub(crate) enum Recovered {
+    /// Start the worker from the executable.
+    Start,
+    /// A new build is (again) on probation: start its worker from `<exe>.next`.
+    Probation(Journal),
+    /// The new build's worker passed its probation: hand over to its supervisor.
+    HandOver(Journal),
+}
+
 impl Supervisor {
     pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let version = crate::version::current();
+        tracing::info!(version, "supervisor started");
+        crate::platform::permissions::create_private_dir(&self.state_dir).with_context(|| {
+            format!(
+                "while creating the state directory {}",
+                self.state_dir.display()
+            )
+        })?;
+        let about = serde_json::json!({"pid": std::process::id(), "version": version});
+        let _ = crate::atomic_file::write(
+            &self.state_dir.join(SUPERVISOR_FILE),
+            about.to_string().as_bytes(),
+        );
         let mut crashes = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
-            let on_probation = recover(&self.state_dir, &self.exe)?;
+            let on_probation = match recover(&self.state_dir, &self.exe, version)? {
+                Recovered::Start => None,
+                Recovered::Probation(journal) => Some(journal),
+                Recovered::HandOver(journal) => {
+                    self.hand_over(journal)?;
+                    continue;
+                }
+            };
             let program = match on_probation {
                 Some(_) => install::next_path(&self.exe),
                 None => self.exe.clone(),
             };
-            let (mut worker, _lifeline) = self.spawn(&program)?;
+            let (mut worker, _lifeline) = match self.spawn(&program) {
+                Ok(started) => started,
+                Err(err) if let Some(journal) = on_probation => {
+                    // A build that cannot even start (not a program for this system,
+                    // say) fails its probation; it must not stop the supervisor.
+                    self.revert(journal, &format!("{err:#}"))?;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             if let Some(journal) = on_probation {
                 tracing::info!(version = %journal.version, "new version on probation for {}s", self.probation.as_secs());
                 match self.watch_probation(&mut worker, &shutdown).await {
                     None => return stop(worker).await,
-                    Some(Probation::Passed) => {
-                        signing::record_installed(&self.state_dir, journal.counter);
-                        install::promote(&self.exe)?;
-                        tracing::info!(version = %journal.version, "new version passed probation and is installed");
-                    }
+                    Some(Probation::Passed) => match journal::load(&self.state_dir)? {
+                        Some(committed) => {
+                            tracing::info!(version = %journal.version, "new version passed probation; handing over to its supervisor");
+                            // The new supervisor starts its own worker.
+                            let _ = worker.kill().await;
+                            self.hand_over(committed)?;
+                            continue;
+                        }
+                        None => {
+                            // A build from before the hand-over reported and cleared its
+                            // journal itself: it is promoted in place, as then, and its
+                            // supervisor runs from the next start.
+                            signing::record_installed(&self.state_dir, journal.counter);
+                            install::promote(&self.exe)?;
+                            tracing::info!(version = %journal.version, "new version passed probation and is installed");
+                        }
+                    },
                     Some(Probation::Failed(reason)) => {
                         let _ = worker.kill().await;
                         self.revert(journal, &reason)?;
@@ -105,6 +162,38 @@ impl Supervisor {
         Ok((child, lifeline))
     }
 
+    /// Hands over to the new build's supervisor. On Unix it execs `<exe>.next run ...` in
+    /// this process, keeping the PID the service manager watches; that supervisor takes
+    /// over in `recover` (promotes itself, starts its worker), and if it stops first, this
+    /// old one, started again from the untouched `<exe>`, reverts the build. Returns only
+    /// if the exec fails, after reverting. On Windows the new executable is promoted in
+    /// place, and its supervisor runs from the next service start.
+    fn hand_over(&self, mut journal: Journal) -> anyhow::Result<()> {
+        if !crate::platform::process::CAN_REPLACE_ITSELF {
+            signing::record_installed(&self.state_dir, journal.counter);
+            install::promote(&self.exe)?;
+            journal.advance(&self.state_dir, Step::Promoted)?;
+            tracing::info!(version = %journal.version, "new version installed");
+            return Ok(());
+        }
+        journal.advance(&self.state_dir, Step::HandOver)?;
+        let mut args = vec!["run".to_owned()];
+        args.extend(self.worker_args.iter().cloned());
+        let next = install::next_path(&self.exe);
+        let err = crate::platform::process::replace_self(&next, &args, (EXE_ENV, &self.exe));
+        self.revert(
+            journal,
+            &format!("the new version's supervisor could not start: {err}"),
+        )
+    }
+
+    fn revert(&self, mut journal: Journal, reason: &str) -> anyhow::Result<()> {
+        tracing::error!(version = %journal.version, %reason, "back to {}", journal.previous_version);
+        // Whatever killed the probation, the new build did not prove itself.
+        journal.end(&self.state_dir, Step::Reverted, reason, FailureClass::Build)?;
+        install::discard(&self.exe)
+    }
+
     /// Waits until the new version commits (it connected and heartbeated), exits, or
     /// runs out of time. `None` on shutdown.
     async fn watch_probation(
@@ -123,6 +212,12 @@ impl Supervisor {
             }
             tokio::select! {
                 status = worker.wait() => {
+                    // A worker that exits as it commits has still passed.
+                    if let Ok(Some(journal)) = journal::load(&self.state_dir)
+                        && journal.step == Step::Committed
+                    {
+                        return Some(Probation::Passed);
+                    }
                     let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                     return Some(Probation::Failed(format!("the new version exited ({status}) during probation")));
                 }
@@ -137,13 +232,6 @@ impl Supervisor {
             }
         }
     }
-
-    fn revert(&self, mut journal: Journal, reason: &str) -> anyhow::Result<()> {
-        tracing::error!(version = %journal.version, %reason, "back to {}", journal.previous_version);
-        // Whatever killed the probation, the new build did not prove itself.
-        journal.end(&self.state_dir, Step::Reverted, reason, FailureClass::Build)?;
-        install::discard(&self.exe)
-    }
 }
 
 async fn stop(mut worker: Child) -> anyhow::Result<()> {
@@ -152,18 +240,18 @@ async fn stop(mut worker: Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Brings an interrupted update to a consistent point before any worker starts. Returns
-/// the journal when a new build is (again) on probation.
-pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Journal>> {
+/// Brings an interrupted update to a consistent point before any worker starts, as the
+/// supervisor of version `running` sees it.
+pub(crate) fn recover(state_dir: &Path, exe: &Path, running: &str) -> anyhow::Result<Recovered> {
     let Some(mut journal) = journal::load(state_dir)? else {
-        return Ok(None);
+        return Ok(Recovered::Start);
     };
     let next = install::next_path(exe);
     let next_is_target =
         || install::sha256_file(&next).ok().as_deref() == Some(journal.sha256.as_str());
-    match journal.step {
+    Ok(match journal.step {
         // The worker resumes these.
-        Step::Downloading | Step::Verified => Ok(None),
+        Step::Downloading | Step::Verified => Recovered::Start,
         Step::Installing => {
             if !next_is_target() {
                 let verified = journal::verified_path(state_dir, &journal.task_id);
@@ -176,7 +264,7 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
                         FailureClass::Environment,
                     )?;
                     install::discard(exe)?;
-                    return Ok(None);
+                    return Ok(Recovered::Start);
                 }
                 if let Err(err) = install::stage(exe, &verified) {
                     // A full disk, say: the old executable starts; the update failed.
@@ -186,13 +274,13 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
                         &format!("install failed: {err:#}"),
                         FailureClass::Environment,
                     )?;
-                    return Ok(None);
+                    return Ok(Recovered::Start);
                 }
             }
             journal.advance(state_dir, Step::Probation)?;
-            Ok(Some(journal))
+            Recovered::Probation(journal)
         }
-        Step::Probation if next_is_target() => Ok(Some(journal)),
+        Step::Probation if next_is_target() => Recovered::Probation(journal),
         Step::Probation => {
             journal.end(
                 state_dir,
@@ -200,20 +288,60 @@ pub(crate) fn recover(state_dir: &Path, exe: &Path) -> anyhow::Result<Option<Jou
                 "the new build vanished during its probation",
                 FailureClass::Environment,
             )?;
-            Ok(None)
+            Recovered::Start
         }
-        // Proven, perhaps not yet in place; the worker reports it.
+        // The worker passed; its supervisor has yet to take over.
+        Step::Committed if next_is_target() => Recovered::HandOver(journal),
+        // Promoted by a supervisor from before the hand-over, which does not clear the
+        // journal: this is the new build, in place.
+        Step::Committed if journal.version == running => {
+            signing::record_installed(state_dir, journal.counter);
+            journal.advance(state_dir, Step::Promoted)?;
+            Recovered::Start
+        }
         Step::Committed => {
+            journal.end(
+                state_dir,
+                Step::Failed,
+                "the new build vanished before its supervisor took over",
+                FailureClass::Environment,
+            )?;
+            Recovered::Start
+        }
+        // This is the new build's supervisor, handed over to: it takes over.
+        Step::HandOver if journal.version == running => {
             signing::record_installed(state_dir, journal.counter);
             install::promote(exe)?;
-            Ok(None)
+            journal.advance(state_dir, Step::Promoted)?;
+            tracing::info!(version = %journal.version, "the new supervisor took over");
+            Recovered::Start
+        }
+        // The old supervisor, started again: the new one did not take over.
+        Step::HandOver => {
+            tracing::error!(version = %journal.version, "the new version's supervisor did not take over; back to {}", journal.previous_version);
+            // Refused if offered again: the server may have counted its worker's
+            // heartbeat as a success already.
+            journal::reject_build(state_dir, &journal.sha256)?;
+            journal.end(
+                state_dir,
+                Step::Reverted,
+                "the new version's supervisor did not take over",
+                FailureClass::Build,
+            )?;
+            install::discard(exe)?;
+            Recovered::Start
+        }
+        // In place, perhaps not yet promoted on disk; the worker reports it.
+        Step::Promoted => {
+            install::promote(exe)?;
+            Recovered::Start
         }
         // Reported by the worker; the executable was never touched.
         Step::Failed | Step::Reverted => {
             install::discard(exe)?;
-            Ok(None)
+            Recovered::Start
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -223,6 +351,9 @@ mod tests {
 
     const NEW: &[u8] = b"new";
     const OLD: &[u8] = b"old";
+    /// The versions of `journal::sample`.
+    const NEW_VERSION: &str = "1.1.0";
+    const OLD_VERSION: &str = "1.0.0";
 
     /// A state directory and executable as a kill at `step` leaves them: the executable
     /// always holds the old build; `<exe>.next` holds `next`, if anything.
@@ -248,125 +379,60 @@ mod tests {
         (dir, state, exe)
     }
 
+    /// What `recover` decided, as a word.
+    fn kind(recovered: &Recovered) -> &'static str {
+        match recovered {
+            Recovered::Start => "start",
+            Recovered::Probation(_) => "probation",
+            Recovered::HandOver(_) => "hand over",
+        }
+    }
+
     #[test]
     fn every_step_recovers_to_the_old_or_the_new_version() {
-        // (step at the kill, <exe>.next, staged build present) →
-        // (on probation, executable after, <exe>.next after, journal step after)
+        // (step at the kill, <exe>.next, staged build present, version running) →
+        // (what next, executable after, <exe>.next after, journal step after)
         type Case = (
             Step,
             Option<&'static [u8]>,
             bool,
-            bool,
+            &'static str,
+            &'static str,
             &'static [u8],
             bool,
             Step,
         );
-        let cases: [Case; 11] = [
-            (
-                Step::Downloading,
-                None,
-                false,
-                false,
-                OLD,
-                false,
-                Step::Downloading,
-            ),
-            (
-                Step::Verified,
-                None,
-                true,
-                false,
-                OLD,
-                false,
-                Step::Verified,
-            ),
-            (
-                Step::Installing,
-                None,
-                true,
-                true,
-                OLD,
-                true,
-                Step::Probation,
-            ),
-            (
-                Step::Installing,
-                Some(b"ne"),
-                true,
-                true,
-                OLD,
-                true,
-                Step::Probation,
-            ),
-            (
-                Step::Installing,
-                Some(NEW),
-                true,
-                true,
-                OLD,
-                true,
-                Step::Probation,
-            ),
-            (
-                Step::Installing,
-                None,
-                false,
-                false,
-                OLD,
-                false,
-                Step::Failed,
-            ),
-            (
-                Step::Probation,
-                Some(NEW),
-                false,
-                true,
-                OLD,
-                true,
-                Step::Probation,
-            ),
-            (
-                Step::Probation,
-                None,
-                false,
-                false,
-                OLD,
-                false,
-                Step::Failed,
-            ),
-            (
-                Step::Committed,
-                Some(NEW),
-                false,
-                false,
-                NEW,
-                false,
-                Step::Committed,
-            ),
-            (
-                Step::Committed,
-                None,
-                false,
-                false,
-                OLD,
-                false,
-                Step::Committed,
-            ),
-            (
-                Step::Reverted,
-                Some(NEW),
-                false,
-                false,
-                OLD,
-                false,
-                Step::Reverted,
-            ),
+        const OLD_V: &str = OLD_VERSION;
+        const NEW_V: &str = NEW_VERSION;
+        #[rustfmt::skip]
+        let cases: [Case; 17] = [
+            (Step::Downloading, None, false, OLD_V, "start", OLD, false, Step::Downloading),
+            (Step::Verified, None, true, OLD_V, "start", OLD, false, Step::Verified),
+            (Step::Installing, None, true, OLD_V, "probation", OLD, true, Step::Probation),
+            (Step::Installing, Some(b"ne"), true, OLD_V, "probation", OLD, true, Step::Probation),
+            (Step::Installing, Some(NEW), true, OLD_V, "probation", OLD, true, Step::Probation),
+            (Step::Installing, None, false, OLD_V, "start", OLD, false, Step::Failed),
+            (Step::Probation, Some(NEW), false, OLD_V, "probation", OLD, true, Step::Probation),
+            (Step::Probation, None, false, OLD_V, "start", OLD, false, Step::Failed),
+            // Passed; killed before the hand-over: hand over now.
+            (Step::Committed, Some(NEW), false, OLD_V, "hand over", OLD, true, Step::Committed),
+            (Step::Committed, None, false, OLD_V, "start", OLD, false, Step::Failed),
+            (Step::Committed, None, false, NEW_V, "start", OLD, false, Step::Promoted),
+            // The new supervisor, handed over to, takes over.
+            (Step::HandOver, Some(NEW), false, NEW_V, "start", NEW, false, Step::Promoted),
+            // The old supervisor, started again after the new one stopped, reverts.
+            (Step::HandOver, Some(NEW), false, OLD_V, "start", OLD, false, Step::Reverted),
+            // The new supervisor was killed after promoting, or in the middle of it.
+            (Step::HandOver, None, false, NEW_V, "start", OLD, false, Step::Promoted),
+            (Step::Promoted, Some(NEW), false, NEW_V, "start", NEW, false, Step::Promoted),
+            (Step::Promoted, None, false, NEW_V, "start", OLD, false, Step::Promoted),
+            (Step::Reverted, Some(NEW), false, OLD_V, "start", OLD, false, Step::Reverted),
         ];
-        for (step, next, staged, probation, exe_after, next_after, step_after) in cases {
+        for (step, next, staged, running, what, exe_after, next_after, step_after) in cases {
             let (_dir, state, exe) = killed_at(step, next, staged);
-            let result = recover(&state, &exe).unwrap();
-            let label = format!("{step:?} with next {next:?}, staged {staged}");
-            assert_eq!(result.is_some(), probation, "{label}");
+            let result = recover(&state, &exe, running).unwrap();
+            let label = format!("{step:?} with next {next:?}, staged {staged}, running {running}");
+            assert_eq!(kind(&result), what, "{label}");
             assert_eq!(std::fs::read(&exe).unwrap(), exe_after, "{label}");
             assert_eq!(install::next_path(&exe).exists(), next_after, "{label}");
             if next_after {
@@ -385,13 +451,13 @@ mod tests {
     }
 
     #[test]
-    fn a_committed_signed_update_records_its_release_counter() {
-        let (_dir, state, exe) = killed_at(Step::Committed, Some(NEW), false);
+    fn a_signed_update_records_its_release_counter_when_its_supervisor_takes_over() {
+        let (_dir, state, exe) = killed_at(Step::HandOver, Some(NEW), false);
         let mut journal = journal::load(&state).unwrap().unwrap();
         journal.counter = Some(12);
         journal::save(&state, &journal).unwrap();
         signing::record_counter(&state, 11).unwrap();
-        recover(&state, &exe).unwrap();
+        recover(&state, &exe, NEW_VERSION).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), NEW);
         assert_eq!(signing::last_counter(&state).unwrap(), Some(12));
 
@@ -400,10 +466,11 @@ mod tests {
         let mut journal = journal::load(&state).unwrap().unwrap();
         journal.counter = Some(12);
         journal::save(&state, &journal).unwrap();
-        recover(&state, &exe).unwrap();
+        recover(&state, &exe, OLD_VERSION).unwrap();
         assert_eq!(signing::last_counter(&state).unwrap(), None);
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_full_disk_while_finishing_an_install_starts_the_old_version() {
         let (_dir, state, exe) = killed_at(Step::Installing, None, true);
@@ -413,7 +480,10 @@ mod tests {
             install::next_path(&exe).with_extension("next.tmp"),
         )
         .unwrap();
-        assert!(recover(&state, &exe).unwrap().is_none());
+        assert!(matches!(
+            recover(&state, &exe, OLD_VERSION).unwrap(),
+            Recovered::Start
+        ));
         assert_eq!(std::fs::read(&exe).unwrap(), OLD);
         assert!(!install::next_path(&exe).exists());
         let journal = journal::load(&state).unwrap().unwrap();
@@ -424,11 +494,27 @@ mod tests {
     }
 
     #[test]
+    fn a_build_whose_supervisor_did_not_take_over_is_remembered() {
+        let (_dir, state, exe) = killed_at(Step::HandOver, Some(NEW), false);
+        let sha256 = journal::load(&state).unwrap().unwrap().sha256;
+        recover(&state, &exe, OLD_VERSION).unwrap();
+        assert!(journal::is_rejected(&state, &sha256));
+
+        // Its own supervisor taking over rejects nothing.
+        let (_dir, state, exe) = killed_at(Step::HandOver, Some(NEW), false);
+        recover(&state, &exe, NEW_VERSION).unwrap();
+        assert!(!journal::is_rejected(&state, &sha256));
+    }
+
+    #[test]
     fn no_journal_means_nothing_to_recover() {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("drover-agent");
         std::fs::write(&exe, OLD).unwrap();
-        assert!(recover(dir.path(), &exe).unwrap().is_none());
+        assert!(matches!(
+            recover(dir.path(), &exe, OLD_VERSION).unwrap(),
+            Recovered::Start
+        ));
         assert_eq!(std::fs::read(&exe).unwrap(), OLD);
     }
 }

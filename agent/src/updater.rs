@@ -178,7 +178,7 @@ impl Updater {
             self.verify(journal, &part).await.inspect_err(|_| {
                 let _ = std::fs::remove_file(&part);
             })?;
-            std::fs::rename(&part, &verified)
+            crate::platform::durable::rename(&part, &verified)
                 .context("could not keep the verified download")
                 .map_err(UpdateError::State)?;
             journal

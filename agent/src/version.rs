@@ -4,6 +4,9 @@
 
 const MARKER: &[u8] = b"@@DROVER-AGENT-VERSION@@";
 const SLOT_LEN: usize = 64;
+/// Read at run time instead of `MARKER.len()`, which an unoptimised build can compile
+/// into a second copy of the marker (Windows builds did), and stamping needs exactly one.
+const MARKER_LEN: usize = MARKER.len();
 
 const fn slot() -> [u8; SLOT_LEN] {
     let version = env!("CARGO_PKG_VERSION").as_bytes();
@@ -29,7 +32,7 @@ pub fn current() -> &'static str {
     // Read through an opaque reference so the compiler cannot fold the build-time value
     // in: the stamped bytes must be what is read.
     let slot: &'static [u8; SLOT_LEN] = std::hint::black_box(&VERSION_SLOT);
-    let value = &slot[MARKER.len()..];
+    let value = &slot[MARKER_LEN..];
     let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
     std::str::from_utf8(&value[..end]).unwrap_or("0.0.0-invalid")
 }

@@ -338,7 +338,10 @@ fn packages_hold_the_binaries_hardened_units_configs_and_maintainer_scripts() {
         .arg(&config)
         .args(["--", "--server", "https://drover.example.com"]));
     let installed = read(&written.path().join("drover-agent.service"))
-        .replace(at("/usr/bin/drover-agent").to_str().unwrap(), "/usr/bin/drover-agent")
+        .replace(
+            at("/usr/bin/drover-agent").to_str().unwrap(),
+            "/usr/bin/drover-agent",
+        )
         .replace(config.to_str().unwrap(), "/etc/drover-agent/agent.conf");
     let body = |unit: &str| -> Vec<String> {
         unit.lines()

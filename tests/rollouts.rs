@@ -1314,3 +1314,70 @@ async fn a_closed_maintenance_window_holds_a_sites_agents_until_it_opens() {
     let open = rollout(&api, &id).await;
     assert_eq!(open["outside_window"], 0, "{open}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. A success the agent takes back
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_success_whose_supervisor_did_not_take_over_becomes_a_build_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut agent = Kept::enroll(&server, "fp-handover", "1.0.0").await;
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a build that will not stay",
+    );
+    let update = agent.update(SOON).await;
+    agent.reconnect("1.1.0").await;
+    task_status(&server, &agent.id, &update.task_id, "succeeded").await;
+    let rollout_id = rollout_of(&api, "1.1.0", "promote").await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Still on the new version: a "rolled back" cannot be true, and changes nothing.
+    agent.rolled_back(&update.task_id);
+    tokio::time::sleep(QUIET).await;
+    task_status(&server, &agent.id, &update.task_id, "succeeded").await;
+
+    // Back on the old version, the agent says the new one did not take over.
+    agent.reconnect("1.0.0").await;
+    agent.rolled_back(&update.task_id);
+    let task = task_status(&server, &agent.id, &update.task_id, "rolled_back").await;
+    assert_eq!(task["failure_class"], "build", "{task}");
+    let after = rollout(&api, &rollout_id).await;
+    assert_eq!(
+        (
+            &after["succeeded"],
+            &after["rolled_back"],
+            &after["failures"]["build"]
+        ),
+        (&json!(0), &json!(1), &json!(1)),
+        "{after}"
+    );
+    // Coming back, it was sent the build again before it said why; that update is
+    // cancelled, and the version is not offered to it again.
+    let again = agent.update(SOON).await;
+    assert_eq!(again.version, "1.1.0");
+    let cancel = agent.cancel(SOON).await;
+    assert_eq!(cancel.task_id, again.task_id);
+    assert!(
+        cancel.reason.contains("1.1.0 failed on this agent"),
+        "{cancel:?}"
+    );
+    tokio::time::sleep(QUIET).await;
+    agent.assert_heard_nothing("after its build was taken back");
+    let still = rollout(&api, &rollout_id).await;
+    assert_eq!(
+        still["rolled_back"], 1,
+        "the build failure is where it stands: {still}"
+    );
+    let (_, explained) = api
+        .get(&format!("/api/v1/agents/{}/explain", agent.id))
+        .await;
+    assert_eq!(explained["decision"], "hold", "{explained}");
+}

@@ -12,7 +12,7 @@ use protocol::{
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::conductor;
-use crate::engine::{AgentPosition, Decision, HoldReason, needs_update, resolve_channel};
+use crate::engine::{AgentPosition, Decision, needs_update, resolve_channel};
 use crate::maintenance::AgentWindow;
 use crate::releases::Release;
 use crate::rollouts::book::{Admission, Asking, Book};
@@ -262,8 +262,8 @@ pub(crate) fn decide(state: &AppState, agent_id: &str, live: &LiveAgentView<'_>)
     };
     let release = match needs_update(position, &index, &policy) {
         Decision::Offer(release) => release,
-        // Failed before: the task that failed has ended; nothing under way to keep.
-        Decision::Hold(reason @ HoldReason::FailedBefore(_)) => return pace(reason.describe()),
+        // Failed before: a task to it still under way (started before the failure was
+        // known) is cancelled like any the rules no longer allow.
         Decision::Hold(reason) => return hold(reason.describe()),
     };
     let version = release.version.to_string();
@@ -685,6 +685,9 @@ pub(crate) async fn result(
     report: UpdateResult,
 ) -> StoreResult<()> {
     let Some(task) = live.active.clone().filter(|t| t.id == report.task_id) else {
+        if report.outcome == UpdateOutcome::RolledBack {
+            return revert_success(state, live, &report).await;
+        }
         tracing::debug!(agent = %live.id, task = %report.task_id, "result for a task that is not active; ignored");
         return Ok(());
     };
@@ -703,6 +706,57 @@ pub(crate) async fn result(
         reported_class(&report)
     };
     finish(state, live, &task, status, class, report.error.as_deref()).await
+}
+
+/// A build that succeeded (its worker heartbeated) but whose supervisor then failed to
+/// take over: the agent went back and says so. The success becomes a build failure, so
+/// the version is not offered to the agent again and its rollout counts it (and may
+/// halt). Anything else (an unknown task, one that did not succeed, an agent still on
+/// the new version) changes nothing.
+async fn revert_success(
+    state: &AppState,
+    live: &mut LiveAgent,
+    report: &UpdateResult,
+) -> StoreResult<()> {
+    let error = report
+        .error
+        .as_deref()
+        .unwrap_or("the new build did not take over; the previous one runs again");
+    let task = match state
+        .store
+        .revert_success(
+            &live.id,
+            &report.task_id,
+            &live.position.version,
+            Some(error),
+            now_ms(),
+        )
+        .await
+    {
+        Ok(task) => task,
+        Err(StoreError::NotFound) => {
+            tracing::debug!(agent = %live.id, task = %report.task_id, "rolled_back for a task that did not succeed here; ignored");
+            return Ok(());
+        }
+        Err(err) => return Err(err),
+    };
+    tracing::warn!(agent = %live.id, task = %task.id, to = %task.to_version, %error, "a succeeded update was rolled back");
+    state.events.task(&task.id, &live.id);
+    live.ended.insert(task.id.clone(), error.to_owned());
+    live.position
+        .failed_versions
+        .insert(task.to_version.clone());
+    if let Some(rollout) = &task.rollout_id
+        && let Err(err) = conductor::drive(state, rollout).await
+    {
+        tracing::warn!(%err, %rollout, "could not judge the rollout after a rolled-back success");
+    }
+    // A task to the same build started when the agent came back (before it said why) is
+    // cancelled at the check this asks for.
+    let _ = state
+        .registry
+        .send_here(&live.id, crate::session::Outbound::Check);
+    Ok(())
 }
 
 /// Ends a task. `class` is ignored for a success.

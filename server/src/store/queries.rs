@@ -211,6 +211,19 @@ pub trait Queries: Send + Sync {
         now_ms: i64,
     ) -> StoreResult<UpdateTask>;
 
+    /// Turns a succeeded task of this agent into `rolled_back` (class `build`): the new
+    /// build passed its probation but its supervisor did not take over, and the agent,
+    /// which no longer runs `to_version` (it runs `running`), went back. `NotFound`
+    /// unless the task succeeded, is this agent's, and its version is not `running`.
+    async fn revert_success(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        running: &str,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<UpdateTask>;
+
     /// Records the first sighting of builds; later sightings change nothing.
     async fn record_first_seen(
         &self,
@@ -1073,6 +1086,33 @@ macro_rules! impl_queries {
                             class.map(FailureClass::as_str),
                             1,
                         );
+                    })?)
+                }
+
+                async fn revert_success(
+                    &self,
+                    agent_id: &str,
+                    task_id: &str,
+                    running: &str,
+                    error: Option<&str>,
+                    now_ms: i64,
+                ) -> StoreResult<UpdateTask> {
+                    Ok(sqlx::query_as(&format!(
+                        "UPDATE update_tasks SET status = 'rolled_back', failure_class = 'build', \
+                             error = $1, updated_at = $2, finished_at = $2 \
+                         WHERE id = $3 AND agent_id = $4 AND status = 'succeeded' \
+                           AND to_version <> $5 \
+                         RETURNING {TASK_COLUMNS}"
+                    ))
+                    .bind(error)
+                    .bind(now_ms)
+                    .bind(task_id)
+                    .bind(agent_id)
+                    .bind(running)
+                    .fetch_one(&self.pool)
+                    .await
+                    .inspect(|_| {
+                        $crate::metrics::COUNTERS.tasks_ended("rolled_back", Some("build"), 1);
                     })?)
                 }
 

@@ -475,10 +475,13 @@ pub(super) fn convert<R, T: TryFrom<R, Error = StoreError>>(rows: Vec<R>) -> Sto
     rows.into_iter().map(T::try_from).collect()
 }
 
-/// The newest task of a target in its rollout.
+/// The task that says where a target of a rollout stands: its build failure in the
+/// rollout if it has one (final: the version is never offered to it again, and a task
+/// started before the failure was known is cancelled), else its newest task.
 const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = (SELECT x.id FROM update_tasks x \
      WHERE x.rollout_id = t.rollout_id AND x.agent_id = t.agent_id \
-     ORDER BY x.created_at DESC, x.id DESC LIMIT 1)";
+     ORDER BY CASE WHEN x.failure_class = 'build' AND x.status <> 'succeeded' THEN 0 ELSE 1 END, \
+         x.created_at DESC, x.id DESC LIMIT 1)";
 
 /// A target's maintenance window: its site's, or else its client's.
 const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";

@@ -416,3 +416,36 @@ fn packages_hold_the_binaries_hardened_units_configs_and_maintainer_scripts() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_can_require_a_token_and_count_agents_without_reading_them() {
+    const TOKEN: &str = "metrics-0123456789abcdef0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--metrics-token", TOKEN]);
+    let _agent = ProtocolAgent::enroll(&server, "fp-counted", "1.0.0").await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/metrics", server.url);
+    for bearer in [None, Some("wrong"), Some(&TOKEN[..TOKEN.len() - 1])] {
+        let mut request = client.get(&url);
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status(), 401, "{bearer:?}");
+    }
+    let answer = client.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.text().await.unwrap().contains("\ndrover_agents 1\n"));
+
+    // A guessable token is refused before the server starts.
+    let output = std::process::Command::new(SERVER_BIN)
+        .args(["--metrics-token", "hunter2", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("use at least 32"), "{said}");
+}

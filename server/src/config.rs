@@ -168,6 +168,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = parse_interval)]
     pub snapshot_interval: Duration,
 
+    /// Serve /metrics only to requests with `Authorization: Bearer TOKEN` (at least 32
+    /// characters); without it /metrics is open to whoever reaches the server
+    #[arg(long, env = "DROVER_METRICS_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    pub metrics_token: Option<String>,
+
     /// Finished update tasks older than this are deleted (0 keeps them); a closed
     /// rollout's counts are kept, and so are build failures
     #[arg(long, env = "DROVER_RETAIN_TASKS", default_value = "90d", value_parser = parse_age)]
@@ -255,6 +260,18 @@ fn check_waves(text: &str) -> Result<String, String> {
 }
 
 /// Like `parse_interval`, without the upper bound: ages run to weeks.
+/// A token an operator chose: long enough not to be guessed.
+fn parse_secret(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.chars().count() < 32 {
+        return Err(format!(
+            "is {} characters long; use at least 32 (for example `openssl rand -hex 32`)",
+            text.chars().count()
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 fn parse_age(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     match text.parse::<u64>() {

@@ -94,6 +94,8 @@ pub struct Settings {
     pub snapshot_every: Duration,
     /// How long finished tasks, audit entries and snapshots are kept.
     pub retention: retention::Retention,
+    /// When set, `/metrics` answers only requests bearing this token.
+    pub metrics_token: Option<String>,
     /// Serve HTTPS and WSS with this certificate; plain HTTP when `None`.
     pub tls: Option<tls::TlsConfig>,
     /// Enrollment attempts accepted per source address (see `limits`).
@@ -124,6 +126,7 @@ impl Settings {
             stale_stable_after: Duration::from_secs(7 * 24 * 3600),
             snapshot_every: Duration::from_secs(600),
             retention: retention::Retention::default(),
+            metrics_token: None,
             tls: None,
             enrollment_limits: limits::EnrollmentLimits::default(),
         }
@@ -541,6 +544,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         retry_delay: args.retry_delay,
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
+        metrics_token: args.metrics_token.clone(),
         retention: retention::Retention {
             tasks: keep_for(args.retain_tasks),
             audit: keep_for(args.retain_audit),

@@ -6,8 +6,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
+use sha2::{Digest, Sha256};
 
 use crate::AppState;
 use crate::api::ApiError;
@@ -81,16 +82,40 @@ impl Counters {
     }
 }
 
-pub(crate) async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+/// Whether a request may read `/metrics`: anyone, unless `--metrics-token` is set; then
+/// only with `Authorization: Bearer <that token>`.
+fn allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(expected) = &state.settings.metrics_token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compared as digests: equal-length values, so the time taken says nothing.
+    Sha256::digest(given.as_bytes()) == Sha256::digest(expected.as_bytes())
+}
+
+pub(crate) async fn render(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    if !allowed(&state, &headers) {
+        return Err(ApiError::Unauthorized(
+            "this server's /metrics needs its --metrics-token as a bearer token",
+        ));
+    }
     let mut out = String::new();
-    let agents = state.store.list_agents().await?;
+    // Counted in the database: a scrape reads no agent rows.
+    let agents = state.store.count_agents().await?;
     metric(
         &mut out,
         "drover_agents",
         "gauge",
         "Agents known to the server.",
     );
-    let _ = writeln!(out, "drover_agents {}", agents.len());
+    let _ = writeln!(out, "drover_agents {agents}");
     metric(
         &mut out,
         "drover_agents_connected",

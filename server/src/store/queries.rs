@@ -90,6 +90,9 @@ pub trait Queries: Send + Sync {
 
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
 
+    /// How many agents there are, counted in the database.
+    async fn count_agents(&self) -> StoreResult<i64>;
+
     async fn agent(&self, id: &str) -> StoreResult<AgentRecord>;
 
     async fn list_clients(&self) -> StoreResult<Vec<Client>>;
@@ -703,6 +706,12 @@ macro_rules! impl_queries {
                     .bind($crate::clock::now_ms())
                     .fetch_one(&self.pool)
                     .await?)
+                }
+
+                async fn count_agents(&self) -> StoreResult<i64> {
+                    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM agents")
+                        .fetch_one(&self.pool)
+                        .await?)
                 }
 
                 async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {

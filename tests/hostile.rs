@@ -829,3 +829,83 @@ async fn hello_text_that_is_too_long_or_holds_control_characters_is_refused_and_
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["version"], "1.0.0", "{listed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn links_in_the_downloads_directory_publish_nothing_and_reveal_no_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let downloads = server.downloads();
+    // Any file the server can read, such as a token in its data directory.
+    let secret = dir.path().join("data").join("a-secret");
+    std::fs::write(&secret, "secret-0123456789abcdef").unwrap();
+
+    // A build that is a link to the admin token, with a .sha256 claiming some digest: it
+    // is skipped as a link, and no skip reason holds a digest of the file.
+    let linked = "drover-agent-linux-amd64-9.9.9";
+    std::os::unix::fs::symlink(&secret, downloads.join(linked)).unwrap();
+    std::fs::write(
+        downloads.join(format!("{linked}.sha256")),
+        format!("{}  {linked}\n", "0".repeat(64)),
+    )
+    .unwrap();
+    // And one whose bytes do not match its digest: the reason names only the expected one.
+    publish(&downloads, "1.0.0", Some("stable"), b"a real build");
+    std::fs::write(
+        downloads.join("drover-agent-linux-amd64-1.0.0"),
+        b"other bytes",
+    )
+    .unwrap();
+    let (status, listing) = api.post("/api/v1/releases/rescan", None).await;
+    assert_eq!(status, 200, "{listing}");
+    let skipped = listing["skipped"].as_array().unwrap();
+    let reason = |file: &str| {
+        skipped
+            .iter()
+            .find(|s| s["file"] == file)
+            .map(|s| s["reason"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("{file} not skipped: {listing}"))
+    };
+    assert!(reason(linked).starts_with("a symbolic link"), "{listing}");
+    use sha2::Digest;
+    let revealing = [
+        hex::encode(sha2::Sha256::digest(std::fs::read(&secret).unwrap())),
+        hex::encode(sha2::Sha256::digest(b"other bytes")),
+    ];
+    let text = listing.to_string();
+    for digest in &revealing {
+        assert!(
+            !text.contains(digest.as_str()),
+            "a file's digest is shown: {text}"
+        );
+    }
+    assert!(reason("drover-agent-linux-amd64-1.0.0").starts_with("checksum mismatch"));
+
+    // A build offered, then swapped for a link after the scan: never served.
+    publish(
+        &downloads,
+        "1.1.0",
+        Some("stable"),
+        b"the build that was hashed",
+    );
+    let (_, listing) = api.post("/api/v1/releases/rescan", None).await;
+    assert!(
+        listing["releases"].to_string().contains("1.1.0"),
+        "{listing}"
+    );
+    let file = downloads.join("drover-agent-linux-amd64-1.1.0");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(&secret, &file).unwrap();
+    let answer = reqwest::get(format!(
+        "{}/downloads/drover-agent-linux-amd64-1.1.0",
+        server.url
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 404);
+    let body = answer.text().await.unwrap();
+    assert!(
+        !body.contains(&std::fs::read_to_string(&secret).unwrap()),
+        "{body}"
+    );
+}

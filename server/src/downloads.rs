@@ -70,6 +70,19 @@ pub(crate) async fn serve(
         return Ok(busy);
     };
     let path = state.settings.downloads.join(&release.file);
+    // Served only while it is still what the scanner hashed: a regular file (a link
+    // swapped in since is never followed) of the scanned size. Anything else is left
+    // to the next scan to judge.
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_file() && meta.len() == release.size => {}
+        _ => {
+            state.releases.rescan().await;
+            return Err(ApiError::NotFound(format!(
+                "{} changed since it was scanned; it is offered again once verified",
+                release.file
+            )));
+        }
+    }
     let response = ServeFile::new(path)
         .with_buf_chunk_size(READ_CHUNK_BYTES)
         .oneshot(request)

@@ -30,6 +30,9 @@ const SETTLE: Duration = Duration::from_secs(5);
 const NO_MATCH: &str = "name does not match drover-agent-{os}-{arch}-{version}";
 const EXE_NOT_WINDOWS: &str = ".exe suffix is only for windows builds";
 const NOT_REGULAR: &str = "not a regular file";
+/// Links are never followed: one could publish any file the server can read.
+const SYMLINK: &str =
+    "a symbolic link: builds and sidecars must be regular files in the downloads directory";
 const NO_CHECKSUM: &str = "no .sha256 checksum file";
 const BAD_CHECKSUM: &str = "checksum file is not a sha256 digest";
 const BAD_SIGNATURE: &str = "bad signature file";
@@ -220,7 +223,10 @@ impl Scanner {
                 continue;
             }
             let regular = match entry.file_type() {
-                Ok(kind) if kind.is_symlink() => fs::metadata(entry.path()).map(|m| m.is_file()),
+                Ok(kind) if kind.is_symlink() => {
+                    skipped.push(skip(&name, SYMLINK));
+                    continue;
+                }
                 Ok(kind) => Ok(kind.is_file()),
                 Err(err) => Err(err),
             };
@@ -274,8 +280,10 @@ impl Scanner {
 
         let (size, digest) = self.digest(name).map_err(unreadable)?;
         if digest != expected {
+            // The file's own digest is not shown: it would tell anyone reading the skip
+            // reasons the hash of whatever the file holds.
             return Err(format!(
-                "checksum mismatch: file hashes to {digest}, .sha256 says {expected}"
+                "checksum mismatch: the file does not hash to the .sha256 digest {expected}"
             ));
         }
         Ok(Release {
@@ -930,7 +938,7 @@ mod tests {
             skipped: &[
                 (
                     "drover-agent-linux-amd64-1.0.0",
-                    "checksum mismatch: file hashes to {sha:half}, .sha256 says {sha:full}",
+                    "checksum mismatch: the file does not hash to the .sha256 digest {sha:full}",
                 ),
                 (
                     "drover-agent-linux-amd64-1.0.0.sha256",
@@ -1193,23 +1201,21 @@ mod tests {
                 Text("drover-agent-macos-amd64-1.0.0", "x"),
                 Dir("drover-agent-macos-amd64-1.0.0.sha256"),
             ],
-            offered: &[offer(
-                "drover-agent-linux-arm64-1.0.0",
-                "linux",
-                "arm64",
-                "1.0.0",
-                STABLE,
-            )],
             skipped: &[
-                ("dangling", "unreadable: *"),
+                ("dangling", SYMLINK),
                 ("drover-agent-linux-amd64-3.0.0", "not a regular file"),
+                ("drover-agent-linux-arm64-1.0.0", SYMLINK),
+                (
+                    "drover-agent-linux-arm64-1.0.0.sha256",
+                    "sidecar without a build",
+                ),
                 ("drover-agent-macos-amd64-1.0.0", "no .sha256 checksum file"),
                 (
                     "drover-agent-macos-amd64-1.0.0.sha256",
                     "not a regular file",
                 ),
                 ("old", "not a regular file"),
-                ("previous", "not a regular file"),
+                ("previous", SYMLINK),
             ],
             ..CASE
         },
@@ -1392,8 +1398,7 @@ mod tests {
         assert_eq!(
             index.skipped[0].reason,
             format!(
-                "checksum mismatch: file hashes to {}, .sha256 says {}",
-                sha("complete"),
+                "checksum mismatch: the file does not hash to the .sha256 digest {}",
                 sha("complete build")
             )
         );

@@ -909,3 +909,43 @@ async fn links_in_the_downloads_directory_publish_nothing_and_reveal_no_digest()
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_are_json_objects_never_arrays_of_positional_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    for (path, body) in [
+        (
+            "/api/v1/tokens".to_owned(),
+            serde_json::json!(["x", "viewer"]),
+        ),
+        (
+            format!("/api/v1/sites/{site}/enrollment-tokens"),
+            serde_json::json!([null, null]),
+        ),
+        ("/api/v1/clients".to_owned(), serde_json::json!(["acme"])),
+        (
+            "/api/v1/rollouts/1.0.0/promote".to_owned(),
+            serde_json::json!([null, null, true]),
+        ),
+        ("/api/v1/clients".to_owned(), serde_json::json!("acme")),
+    ] {
+        let (status, answer) = api.post(&path, Some(body.clone())).await;
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert_eq!(
+            answer["detail"], "the body must be a JSON object",
+            "{path}: {answer}"
+        );
+    }
+    let (_, tokens) = api.get("/api/v1/tokens").await;
+    assert_eq!(
+        tokens.as_array().unwrap().len(),
+        1,
+        "only the admin token: {tokens}"
+    );
+    let (_, clients) = api.get("/api/v1/clients").await;
+    assert_eq!(clients.as_array().unwrap().len(), 1, "{clients}");
+}

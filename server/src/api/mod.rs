@@ -287,11 +287,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Body<T>, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(Body(value)),
+        match Json::<serde_json::Value>::from_request(request, state).await {
+            Ok(Json(value)) => object_body(value).map(Body),
             Err(rejection) => Err(bad_body(rejection)),
         }
     }
+}
+
+/// A body's fields come from a JSON object only: serde would also take an array as the
+/// fields in order (`["x", "viewer"]`), which no client means.
+fn object_body<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }
 
 /// Query parameters whose rejections are `ApiError`s with the JSON error shape.
@@ -329,7 +340,10 @@ pub(crate) fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Resul
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice::<Option<T>>(body)
-        .map(Option::unwrap_or_default)
-        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
+    match serde_json::from_slice::<serde_json::Value>(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?
+    {
+        serde_json::Value::Null => Ok(T::default()),
+        value => object_body(value),
+    }
 }

@@ -449,3 +449,34 @@ async fn metrics_can_require_a_token_and_count_agents_without_reading_them() {
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(said.contains("use at least 32"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_server_keeps_its_data_private_and_refuses_guessable_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let _agent = ProtocolAgent::enroll(&server, "fp-private", "1.0.0").await;
+    let data = dir.path().join("data");
+    assert_eq!(mode_of(&data), 0o700);
+    for file in ["drover.db", "drover.db-wal", "drover.db-shm"] {
+        let path = data.join(file);
+        if path.exists() {
+            assert_eq!(mode_of(&path), 0o600, "{file}");
+        }
+    }
+    assert!(data.join("drover.db").exists());
+
+    let output = std::process::Command::new(SERVER_BIN)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("weak"))
+        .env("DROVER_ADMIN_TOKEN", "hunter2")
+        .env_remove("DROVER_ENROLL_TOKEN")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("DROVER_ADMIN_TOKEN is 7 characters long; a token must have at least 32"),
+        "{said}"
+    );
+}

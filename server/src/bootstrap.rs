@@ -13,6 +13,8 @@ use crate::auth::{generate_secret, hash_secret};
 use crate::store::{Bootstrap, Store, StoreError};
 
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Tokens an operator chooses must be at least this long: short ones can be guessed.
+const MIN_TOKEN_CHARS: usize = 32;
 pub(crate) const ENROLL_TOKEN_FILE: &str = "enroll-token";
 
 /// Where an operator finds a bootstrap token; printed at startup.
@@ -95,10 +97,19 @@ fn token(
         return Ok((source, None));
     }
     match std::env::var(var) {
-        Ok(value) if !value.trim().is_empty() => Ok((
-            TokenSource::Environment(var),
-            Some(hash_secret(value.trim())),
-        )),
+        Ok(value) if !value.trim().is_empty() => {
+            let length = value.trim().chars().count();
+            anyhow::ensure!(
+                length >= MIN_TOKEN_CHARS,
+                "{var} is {length} characters long; a token must have at least \
+                 {MIN_TOKEN_CHARS} (for example `openssl rand -hex 32`), or leave {var} unset \
+                 to have one generated"
+            );
+            Ok((
+                TokenSource::Environment(var),
+                Some(hash_secret(value.trim())),
+            ))
+        }
         _ => {
             let value = generate_secret(prefix);
             write_private(file, &value)?;

@@ -30,6 +30,7 @@ pub mod tls;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -471,12 +472,26 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    std::fs::create_dir_all(&args.data_dir).with_context(|| {
-        format!(
-            "while creating the data directory {}",
-            args.data_dir.display()
-        )
-    })?;
+    // Tokens and (with SQLite) the database live here: the server's user only.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.data_dir)
+        .with_context(|| {
+            format!(
+                "while creating the data directory {}",
+                args.data_dir.display()
+            )
+        })?;
+    if let Ok(meta) = std::fs::metadata(&args.data_dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            dir = %args.data_dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the data directory is readable by other users; chmod 700 it"
+        );
+    }
     std::fs::create_dir_all(&args.downloads).with_context(|| {
         format!(
             "while creating the downloads directory {}",

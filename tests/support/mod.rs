@@ -15,8 +15,8 @@ use protocol::{AgentMessage, Hello, ServerMessage};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-pub const ADMIN_TOKEN: &str = "test-admin-token";
-pub const ENROLL_TOKEN: &str = "test-enroll-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef01";
+pub const ENROLL_TOKEN: &str = "test-enroll-token-0123456789abcdef0";
 pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_drover-server");
 pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_drover-agent");
 pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_drover");

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
 use anyhow::Context;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -21,8 +23,21 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
                 .with_context(|| format!("while creating {}", parent.display()))?;
+        }
+        // Created readable by the server's user only; SQLite gives its -wal and -shm
+        // files the same mode.
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("while creating the database {}", path.display()))?;
         }
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)

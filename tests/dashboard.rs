@@ -884,12 +884,19 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     browser.open("/#/rollouts").await;
     let row = "tr[data-version='1.1.0'][data-kind='beta']";
     browser.wait_for_text(row, |_| true).await;
-    // A beta rollout shows its gate; it reads "fail" with no beta success yet.
+    // A beta rollout shows its gate; with no beta success yet it is "not ready" (the
+    // usual state before a promote, not an error), and the promote is a forced one.
     browser
-        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("fail"))
+        .wait_for_text(&format!("{row} td.gate"), |gate| {
+            gate.starts_with("not ready")
+        })
         .await;
+    assert_eq!(
+        browser.count(&format!("{row} td.gate .state.failed")).await,
+        0
+    );
     browser
-        .click(&format!("{row} button[data-action=promote]"))
+        .click(&format!("{row} button.danger[data-action=promote-anyway]"))
         .await;
     let text = browser
         .wait_for_text("#confirm-text", |t| !t.is_empty())
@@ -902,7 +909,7 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
         browser.text("#confirm-ok").await.as_deref(),
         Some("Promote anyway")
     );
-    browser.click("#confirm-ok").await;
+    browser.confirm_typing("1.1.0").await;
 
     let api = server.api();
     let promoted = eventually("1.1.0 promoted", PAGE_WAIT, || async {
@@ -932,7 +939,7 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     );
     eventually("no promote button left", PAGE_WAIT, || async {
         (browser
-            .count(&format!("{row} button[data-action=promote]"))
+            .count(&format!("{row} button[data-action^=promote]"))
             .await
             == 0)
             .then_some(())
@@ -955,6 +962,34 @@ impl Browser {
     async fn show(&self, hash: &str) {
         self.run("location.hash = arguments[0];", vec![json!(hash)])
             .await;
+    }
+
+    /// Confirms a dangerous action: the OK button stays disabled until `typed` (the
+    /// version) is typed, a wrong text leaves it disabled, then it is clicked.
+    async fn confirm_typing(&self, typed: &str) {
+        let ok_enabled = || async {
+            self.run(
+                "return !document.getElementById('confirm-ok').disabled;",
+                vec![],
+            )
+            .await
+                == json!(true)
+        };
+        assert!(!ok_enabled().await, "enabled before typing");
+        let input = self
+            .client
+            .find(fantoccini::Locator::Id("confirm-typed"))
+            .await
+            .unwrap();
+        input.send_keys("0.0.0").await.unwrap();
+        assert!(!ok_enabled().await, "enabled with the wrong version");
+        input.clear().await.unwrap();
+        input.send_keys(typed).await.unwrap();
+        eventually("the confirm button enabled", PAGE_WAIT, || async {
+            ok_enabled().await.then_some(())
+        })
+        .await;
+        self.click("#confirm-ok").await;
     }
 
     /// The errors the page's script ran into (app.js collects them in `__droverErrors`).
@@ -1059,11 +1094,11 @@ async fn the_story_in_the_browser() {
     assert_eq!(browser.count(row).await, 0, "nothing published yet");
 
     publish_agent(&server, dir.path(), "1.1.0", "beta");
-    // The funnel reads "0 waiting → 0 queued → 0 in progress → 1 succeeded".
+    // The funnel reads "0 waiting → 0 queued → 0 downloading → 0 installing → 1 succeeded".
     let succeeded = |funnel: &str| {
         funnel
             .split(" → ")
-            .nth(3)
+            .nth(4)
             .and_then(|s| s.split(' ').next())
             .and_then(|n| n.parse::<u64>().ok())
     };
@@ -1089,7 +1124,7 @@ async fn the_story_in_the_browser() {
         .wait_for_text(&format!("{row} .state"), |s| s == "completed")
         .await;
     browser
-        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("pass"))
+        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("ready"))
         .await;
     assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
     browser.screenshot("rollouts").await;
@@ -1270,11 +1305,11 @@ async fn a_halted_rollout_is_bannered_and_resumed_from_the_page() {
     // The agent's task says what kind of failure it was.
     browser.show(&format!("#/agents/{}", ids[0])).await;
     let tasks = browser
-        .wait_for_text("#main table", |t| t.contains("1.0.0 → 1.1.0"))
+        .wait_for_text("#tasks table", |t| t.contains("1.0.0 → 1.1.0"))
         .await;
     assert!(tasks.contains("rolled back"), "{tasks}");
     assert_eq!(
-        browser.text("#main table .failure-class").await.as_deref(),
+        browser.text("#tasks table .failure-class").await.as_deref(),
         Some("build")
     );
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
@@ -1321,7 +1356,9 @@ async fn a_rollback_and_an_unblock_from_the_rollouts_view() {
         browser.text("#confirm-ok").await.as_deref(),
         Some("Roll back")
     );
-    browser.click("#confirm-ok").await;
+    // The agents have 1.0.0 to go back to, and the dialog says so.
+    assert!(text.contains("go back to 1.0.0"), "{text}");
+    browser.confirm_typing("1.1.0").await;
 
     let blocked = |version: &'static str| {
         let api = &api;
@@ -1355,7 +1392,7 @@ async fn a_rollback_and_an_unblock_from_the_rollouts_view() {
     eventually("the beta row's actions gone", PAGE_WAIT, || async {
         (browser
             .count(&format!(
-                "{beta} button[data-action=roll-back], {beta} button[data-action=promote]"
+                "{beta} button[data-action=roll-back], {beta} button[data-action^=promote]"
             ))
             .await
             == 0)

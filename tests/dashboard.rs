@@ -241,6 +241,7 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
         ("/", "text/html", "/assets/app.js"),
         ("/assets/app.js", "text/javascript", "EventSource"),
         ("/assets/app.css", "text/css", "--accent"),
+        ("/favicon.ico", "image/svg+xml", "<svg"),
     ] {
         let response = http
             .get(format!("{}{path}", server.url))
@@ -792,11 +793,23 @@ async fn logging_out_returns_to_the_login_page() {
     browser
         .wait_for_text("#who", |who| who.contains("admin"))
         .await;
+    let live_title = || async {
+        browser
+            .run("return document.getElementById('live').title;", vec![])
+            .await
+    };
+    eventually("live updates on", PAGE_WAIT, || async {
+        (live_title().await == json!("Live updates: on")).then_some(())
+    })
+    .await;
     browser.click("#logout").await;
     eventually("the login page", PAGE_WAIT, || async {
         (browser.visible("login").await && !browser.visible("top").await).then_some(())
     })
     .await;
+    // Logged out, the page says it hears nothing.
+    assert_eq!(live_title().await, json!("Live updates: off"));
+    assert_eq!(browser.count("#live.on").await, 0);
     // The cookie is gone too: a reload stays on the login page.
     browser.open("/#/agents").await;
     eventually("the login page after a reload", PAGE_WAIT, || async {
@@ -1635,6 +1648,734 @@ async fn no_view_raises_a_javascript_error() {
         (browser.errors().await.as_array()?.len() == 1).then_some(())
     })
     .await;
+    drop(fleet);
+    browser.close().await;
+}
+
+// ------------------------------------------------ what the page once showed wrongly
+
+/// Agents that heartbeat every 300 ms until dropped, for tests that drive each agent
+/// through its updates first.
+fn keep_online(mut agents: Vec<ProtocolAgent>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            for agent in &mut agents {
+                agent.heartbeat().await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Takes the next update and comes back on its version: a success.
+async fn succeed(server: &Server, agent: &mut ProtocolAgent) -> String {
+    let update = agent
+        .next_update(Duration::from_secs(20))
+        .await
+        .expect("an update");
+    agent.reconnect(server, &update.version).await;
+    agent.heartbeat().await;
+    update.version
+}
+
+async fn put_on_beta(api: &Api, agent: &str) {
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/agents/{agent}/channel"),
+            json!({ "channel": "beta" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The computed background colour of the first element matching `css`.
+async fn background(browser: &Browser, css: &str) -> String {
+    browser
+        .run(
+            "return getComputedStyle(document.querySelector(arguments[0])).backgroundColor;",
+            vec![json!(css)],
+        )
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The colour of `--ok` in app.css.
+const GREEN: &str = "rgb(18, 128, 92)";
+
+/// A beta version that succeeded and was then rolled back: its bar is not a full green
+/// one and its gate does not say "pass" or "ready"; it says blocked.
+#[tokio::test]
+async fn a_rolled_back_version_shows_no_green_bar_and_a_blocked_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &["--gate-min-successes", "1", "--success-bake", "1s"],
+    );
+    let api = server.api();
+    let mut agent = ProtocolAgent::enroll(&server, "fp-rb", "1.0.0").await;
+    put_on_beta(&api, &agent.id).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    assert_eq!(succeed(&server, &mut agent).await, "1.1.0");
+    let keeper = keep_online(vec![agent]);
+    let beta = eventually(
+        "the beta rollout completed and ready",
+        PAGE_WAIT,
+        || async {
+            let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+            listed
+                .as_array()?
+                .iter()
+                .find(|r| {
+                    r["kind"] == "beta" && r["state"] == "completed" && r["gate"]["pass"] == true
+                })
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(beta["succeeded"], 1, "{beta}");
+    let (status, body) = api.post("/api/v1/rollouts/1.1.0/rollback", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/rollouts").await;
+    let row = format!("tr[data-rollout='{}']", beta["id"].as_str().unwrap());
+    let gate = browser
+        .wait_for_text(&format!("{row} td.gate"), |g| !g.is_empty())
+        .await;
+    assert!(gate.starts_with("blocked"), "{gate}");
+    assert_eq!(
+        browser
+            .count(&format!("{row} [data-gate=ready], {row} .state.succeeded"))
+            .await,
+        0
+    );
+    let shown = browser
+        .text(&format!("{row} .progress-cell"))
+        .await
+        .unwrap();
+    assert!(shown.contains("1 / 1 succeeded"), "{shown}");
+    assert!(shown.contains("1.1.0 rolled back"), "{shown}");
+    assert_ne!(
+        background(&browser, &format!("{row} .progress > span")).await,
+        GREEN,
+        "a rolled-back version's bar is not green"
+    );
+    // The same on its own page.
+    browser
+        .show(&format!("#/rollouts/{}", beta["id"].as_str().unwrap()))
+        .await;
+    browser
+        .wait_for_text("#rollout-title", |t| t.contains("blocked"))
+        .await;
+    assert_ne!(background(&browser, ".progress > span").await, GREEN);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}
+
+/// The installed stable version, before any promote: no red gate, no "0 / 2"; every
+/// stage on screen is the API's number, and none exceeds the targets.
+#[tokio::test]
+async fn progress_and_funnel_numbers_are_the_apis_and_an_installed_version_is_not_red() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[("fp-s1", "1.0.0"), ("fp-s2", "1.0.0"), ("fp-s3", "1.0.0")],
+    )
+    .await;
+    put_on_beta(&api, &fleet.ids[2]).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let rollouts = eventually("the beta rollout under way", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts").await;
+        let listed = listed.as_array()?.clone();
+        listed
+            .iter()
+            .any(|r| {
+                r["version"] == "1.1.0"
+                    && r["in_progress"].as_u64().unwrap_or(0) + r["queued"].as_u64().unwrap_or(0)
+                        == 1
+            })
+            .then_some(listed)
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/rollouts").await;
+    for r in &rollouts {
+        let row = format!("tr[data-rollout='{}']", r["id"].as_str().unwrap());
+        browser.wait_for_text(&row, |_| true).await;
+        let targeted = r["targeted"].as_u64().unwrap();
+        let mut sum = 0;
+        for stage in [
+            "waiting",
+            "queued",
+            "downloading",
+            "installing",
+            "succeeded",
+        ] {
+            let shown = browser
+                .run(
+                    "return document.querySelector(arguments[0]).dataset.count;",
+                    vec![json!(format!("{row} .funnel [data-stage={stage}]"))],
+                )
+                .await;
+            assert_eq!(
+                shown.as_str().unwrap(),
+                r[stage].to_string(),
+                "{stage}: {r}"
+            );
+            sum += r[stage].as_u64().unwrap();
+        }
+        assert!(sum <= targeted, "{r}");
+        let label = browser
+            .text(&format!("{row} .progress-cell small"))
+            .await
+            .unwrap();
+        if targeted == 0 {
+            assert_eq!(label, "no agent to update");
+        } else {
+            assert_eq!(label, format!("{} / {targeted} succeeded", r["succeeded"]));
+        }
+        // Nothing failed: nothing is red.
+        assert_eq!(
+            browser
+                .count(&format!(
+                    "{row} .state.failed, {row} .stage.bad, {row} .marker.failing"
+                ))
+                .await,
+            0,
+            "{r}"
+        );
+    }
+    // The installed stable version moves nobody: a rollout of it, if any, says so.
+    for installed in rollouts.iter().filter(|r| r["version"] == "1.0.0") {
+        assert_eq!(installed["targeted"], 0, "{installed}");
+    }
+    // The beta rollout's gate before any promote is "not ready", not a red "fail".
+    let beta = "tr[data-version='1.1.0'][data-kind='beta'] td.gate";
+    let gate = browser.wait_for_text(beta, |_| true).await;
+    assert!(gate.starts_with("not ready"), "{gate}");
+    assert_ne!(
+        background(&browser, &format!("{beta} .state")).await,
+        "rgb(254, 228, 226)"
+    );
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// One build failure in a wave too small to halt yet: the overview shows the rollout
+/// red (a marker, a red share of the bar) while it is still running.
+#[tokio::test]
+async fn a_failing_build_is_red_on_the_overview_before_it_halts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut agents = Vec::new();
+    for n in 0..6 {
+        agents.push(ProtocolAgent::enroll(&server, &format!("fp-f{n}"), "1.0.0").await);
+    }
+    for agent in &agents {
+        put_on_beta(&api, &agent.id).await;
+    }
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("beta"),
+        b"a broken build",
+    );
+    let mut tasks = Vec::new();
+    for agent in &mut agents {
+        tasks.push(
+            agent
+                .next_update(Duration::from_secs(20))
+                .await
+                .expect("an update")
+                .task_id,
+        );
+    }
+    agents[0]
+        .report(AgentMessage::UpdateResult(UpdateResult {
+            task_id: tasks[0].clone(),
+            outcome: UpdateOutcome::RolledBack,
+            version: "1.0.0".into(),
+            error: Some("the new version exited during probation".into()),
+            failure_class: Some(FailureClass::Build),
+        }))
+        .await;
+    let keeper = keep_online(agents);
+    let failing = eventually("one build failure", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+        listed
+            .as_array()?
+            .first()
+            .filter(|r| r["failures"]["build"] == 1)
+            .cloned()
+    })
+    .await;
+    assert_eq!(failing["state"], "running", "not halted yet: {failing}");
+    assert_eq!(failing["targeted"], 6, "{failing}");
+
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let row = format!("tr[data-rollout='{}']", failing["id"].as_str().unwrap());
+    let marker = browser
+        .wait_for_text(&format!("{row} .marker.failing"), |_| true)
+        .await;
+    assert_eq!(marker, "failing: 1 build failure");
+    assert_eq!(
+        background(&browser, &format!("{row} .marker.failing")).await,
+        "rgb(180, 35, 24)"
+    );
+    let red = browser
+        .run(
+            "return document.querySelector(arguments[0]).style.width;",
+            vec![json!(format!("{row} .progress > span.bad"))],
+        )
+        .await;
+    // One of six, rounded down.
+    assert_eq!(red, json!("16%"));
+    assert_eq!(browser.count("[data-banner=halted]").await, 0);
+    browser.screenshot("overview-failing").await;
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}
+
+/// A new fleet has a point on the adoption chart at once, with axes; a snapshot carries
+/// the time it was taken (not the start of its interval); a new version shows without
+/// a reload; the range control asks for that range.
+#[tokio::test]
+async fn the_adoption_chart_shows_a_new_fleet_at_once_with_axes_and_true_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--snapshot-interval", "5"]);
+    let api = server.api();
+    let first = Online::enroll(&server, &[("fp-a1", "1.0.0"), ("fp-a2", "1.0.0")]).await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let chart = "[data-adoption='linux/amd64']";
+    eventually("a point for now", PAGE_WAIT, || async {
+        (browser.count(&format!("{chart} circle")).await >= 1).then_some(())
+    })
+    .await;
+    // The y axis runs to the most agents on one version: 2.
+    let ticks = browser
+        .run(
+            "return [...document.querySelectorAll(arguments[0])].map((t) => t.textContent);",
+            vec![json!(format!("{chart} .axes text.tick[data-tick]"))],
+        )
+        .await;
+    assert_eq!(ticks, json!(["0", "1", "2"]));
+    assert!(
+        browser
+            .text(&format!("{chart} .axes"))
+            .await
+            .unwrap()
+            .ends_with("now")
+    );
+
+    // An agent on a new version joins: its line appears without a reload.
+    let joined_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let second = Online::enroll(&server, &[("fp-a3", "1.2.0")]).await;
+    eventually("the new version on the chart", PAGE_WAIT, || async {
+        (browser
+            .count(&format!("{chart} .series[data-version='1.2.0'] circle"))
+            .await
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    // The first snapshot that counts it was taken after it joined.
+    let at = eventually("a snapshot with 1.2.0", Duration::from_secs(20), || async {
+        let (_, history) = api.get("/api/v1/fleet/history?hours=1").await;
+        history
+            .as_array()?
+            .iter()
+            .find(|p| p["version"] == "1.2.0")
+            .map(|p| p["at"].as_str().unwrap().to_owned())
+    })
+    .await;
+    let at_ms = chrono_ms(&at);
+    assert!(
+        at_ms >= joined_ms - 5,
+        "the snapshot is labelled {at}, before the agent joined ({joined_ms})"
+    );
+
+    browser.click("button[data-range='6']").await;
+    eventually("6 h chosen", PAGE_WAIT, || async {
+        (browser
+            .count("button[data-range='6'][aria-pressed=true]")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(browser.count("button[aria-pressed=true]").await, 1);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop((first, second));
+    browser.close().await;
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time in UTC, as the server writes them.
+fn chrono_ms(rfc3339: &str) -> i64 {
+    let output = std::process::Command::new("date")
+        .args(["-u", "-d", rfc3339, "+%s%3N"])
+        .output()
+        .unwrap_or_else(|e| panic!("date -d {rfc3339}: {e}"));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The audit log shows new entries without a reload, names agents by hostname with a
+/// link, counts "1 agent", and its relative times tick.
+#[tokio::test]
+async fn the_audit_log_is_live_names_its_targets_and_its_times_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(&server, &[("audited-host", "1.0.0")]).await;
+    let agent = fleet.ids[0].clone();
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/audit").await;
+    browser
+        .wait_for_text("#main table", |t| t.contains("session.login"))
+        .await;
+    assert_eq!(
+        browser.run("return document.title;", vec![]).await,
+        json!("Audit · Drover")
+    );
+
+    let (status, body) = api
+        .post(&format!("/api/v1/agents/{agent}/pause"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let link = "tr[data-action='agent.pause'] a[data-target=agent]";
+    let name = browser.wait_for_text(link, |_| true).await;
+    assert_eq!(name, "audited-host");
+    let href = browser
+        .run(
+            "return document.querySelector(arguments[0]).getAttribute('href');",
+            vec![json!(link)],
+        )
+        .await;
+    assert_eq!(href, json!(format!("#/agents/{agent}")));
+    let (status, body) = api
+        .post(&format!("/api/v1/agents/{agent}/resume"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = api
+        .post(
+            "/api/v1/rollouts",
+            Some(json!({ "version": "1.1.0", "selector": { "agent_ids": [agent] } })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let created = browser
+        .wait_for_text("tr[data-action='rollout.create']", |_| true)
+        .await;
+    assert!(created.contains("1.1.0 to 1 agent"), "{created}");
+    assert!(!created.contains("1 agents"), "{created}");
+    assert_eq!(
+        browser
+            .count("tr[data-action='rollout.create'] a[data-target=rollout]")
+            .await,
+        1
+    );
+
+    // The times tick without any event.
+    let when = "tr[data-action='rollout.create'] time";
+    let before = browser.text(when).await.unwrap();
+    let later = eventually("the time to tick", Duration::from_secs(10), || async {
+        browser.text(when).await.filter(|t| *t != before)
+    })
+    .await;
+    assert!(later.ends_with("s ago"), "{before} then {later}");
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// Sites and clients show by name, never as an id, however the requests race.
+#[tokio::test]
+async fn sites_and_clients_show_by_name_on_the_agents_list_and_the_agent_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(&server, &[("fp-n1", "1.0.0"), ("fp-n2", "1.0.0")]).await;
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0].clone();
+    let (_, clients) = api.get("/api/v1/clients").await;
+    let client = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == site["client_id"])
+        .unwrap()
+        .clone();
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    for _ in 0..6 {
+        browser.open("/#/agents").await;
+        let cell = browser
+            .wait_for_text(
+                &format!("tr[data-agent='{}'] td.site", fleet.ids[0]),
+                |_| true,
+            )
+            .await;
+        assert_eq!(cell, site["name"].as_str().unwrap());
+    }
+    browser.show(&format!("#/agents/{}", fleet.ids[1])).await;
+    let facts = browser
+        .wait_for_text("dl.identity", |t| t.contains("fp-n2"))
+        .await;
+    assert!(!facts.contains(site["id"].as_str().unwrap()), "{facts}");
+    assert_eq!(
+        browser.text("[data-site]").await.as_deref(),
+        site["name"].as_str()
+    );
+    assert!(
+        facts.contains(&format!("Client{}", client["name"].as_str().unwrap())),
+        "{facts}"
+    );
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// "Update now" offers only versions newer than the agent's, and is disabled with the
+/// reason when there is none.
+#[tokio::test]
+async fn update_now_lists_only_versions_that_would_be_an_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(&server, &[("fp-u1", "1.1.0"), ("fp-u2", "1.2.0")]).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"an older build",
+    );
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.2.0", Some("beta"), b"a beta build");
+    eventually("three builds", PAGE_WAIT, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        (releases.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+
+    // On the newest build: nothing to update to, and the page says why.
+    browser.show(&format!("#/agents/{}", fleet.ids[1])).await;
+    let why = browser
+        .wait_for_text("[data-why=update-now]", |_| true)
+        .await;
+    assert_eq!(why, "Nothing newer than 1.2.0 is offered for linux/amd64.");
+    assert_eq!(
+        browser
+            .run(
+                "return document.querySelector('button[data-action=update-now]').disabled;",
+                vec![],
+            )
+            .await,
+        json!(true)
+    );
+
+    // On 1.1.0: only 1.2.0 is listed, and the confirmation names it.
+    browser.show(&format!("#/agents/{}", fleet.ids[0])).await;
+    browser
+        .wait_for_text("dl.identity", |t| t.contains("fp-u1"))
+        .await;
+    let options = browser
+        .run(
+            "return [...document.querySelectorAll('#update-version option')].map((o) => o.value);",
+            vec![],
+        )
+        .await;
+    assert_eq!(options, json!(["1.2.0"]));
+    browser.click("button[data-action=update-now]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Update"))
+        .await;
+    assert!(text.contains("from 1.1.0 to 1.2.0"), "{text}");
+    browser.click("#confirm-ok").await;
+    let task = eventually("the task to 1.2.0", PAGE_WAIT, || async {
+        tasks_of(&server, &fleet.ids[0]).await.first().cloned()
+    })
+    .await;
+    assert_eq!(task["to_version"], "1.2.0", "{task}");
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// Every page at a laptop's width and at a phone's (390 × 844): nothing overflows
+/// sideways at either, every button is on screen, each is saved as a screenshot in
+/// `target/dashboard-screenshots/`, and no page raises a script error.
+#[tokio::test]
+async fn every_page_fits_a_phone_and_is_screenshot_at_both_widths() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[
+            (
+                "a-rather-long-hostname-for-a-phone-screen.example.internal",
+                "1.0.0",
+            ),
+            ("fp-p2", "1.0.0"),
+            ("fp-p3", "1.0.0"),
+        ],
+    )
+    .await;
+    put_on_beta(&api, &fleet.ids[2]).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let beta = eventually("the beta rollout", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+        listed.as_array()?.first().cloned()
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let rollout = format!("#/rollouts/{}", beta["id"].as_str().unwrap());
+    let agent = format!("#/agents/{}", fleet.ids[0]);
+    let pages = [
+        (
+            "overview",
+            "#/overview",
+            "[data-count=online] .value",
+            "Overview · Drover",
+        ),
+        (
+            "rollouts",
+            "#/rollouts",
+            "tr[data-kind='beta'] td.gate",
+            "Rollouts · Drover",
+        ),
+        (
+            "rollout",
+            rollout.as_str(),
+            "#timeline table",
+            "beta rollout of 1.1.0 · Drover",
+        ),
+        ("agents", "#/agents", "#agent-total", "Agents · Drover"),
+        (
+            "agent",
+            agent.as_str(),
+            "#explain",
+            "a-rather-long-hostname-for-a-phone-screen.example.internal · Drover",
+        ),
+        ("releases", "#/releases", "#main table", "Releases · Drover"),
+        ("audit", "#/audit", "#main table", "Audit · Drover"),
+    ];
+    for (width, height, suffix) in [(1280, 900, "desktop"), (390, 844, "phone")] {
+        browser.client.set_window_size(width, height).await.unwrap();
+        for (name, hash, ready, title) in pages {
+            browser.show(hash).await;
+            browser.wait_for_text(ready, |_| true).await;
+            eventually(&format!("the title of {name}"), PAGE_WAIT, || async {
+                (browser.run("return document.title;", vec![]).await == json!(title)).then_some(())
+            })
+            .await;
+            // A moment for late fetches to land and redraw.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let fit = browser
+                .run(
+                    "const w = document.documentElement.clientWidth; \
+                     const off = [...document.querySelectorAll('button, a, input, select')] \
+                       .filter((el) => el.offsetParent !== null) \
+                       .map((el) => [el.textContent || el.getAttribute('aria-label') || el.tagName, el.getBoundingClientRect()]) \
+                       .filter(([, r]) => r.right > w + 1 || r.left < -1) \
+                       .map(([t]) => t); \
+                     return { w, scroll: document.documentElement.scrollWidth, off };",
+                    vec![],
+                )
+                .await;
+            let w = fit["w"].as_u64().unwrap();
+            if suffix == "phone" {
+                assert!(w <= 400, "{name}: a phone's viewport, not {w}");
+            }
+            assert!(
+                fit["scroll"].as_u64().unwrap() <= w,
+                "{name} at {suffix} width overflows: {fit}"
+            );
+            assert_eq!(
+                fit["off"],
+                json!([]),
+                "{name} at {suffix} width: controls off-screen"
+            );
+            browser.screenshot(&format!("{name}-{suffix}")).await;
+            assert_eq!(
+                browser.errors().await,
+                json!([]),
+                "{name} at {suffix} width"
+            );
+        }
+    }
     drop(fleet);
     browser.close().await;
 }

@@ -462,7 +462,7 @@ function rollouts(main, _arg, params) {
   const body = h('div');
   const version = params.get('version') || '';
   main.append(h('h2', {}, version ? `Rollouts of ${version}` : 'Rollouts'),
-    version ? h('p', {}, h('a', { href: '#/rollouts' }, 'Every rollout')) : null, banners, body);
+    h('p', { hidden: !version }, h('a', { href: '#/rollouts' }, 'Every rollout')), banners, body);
   const load = guard(body, async () => {
     const [all, builds] = await Promise.all([get(`/api/v1/rollouts?${query({ version })}`), get('/api/v1/releases')]);
     const facts = rolloutFacts(all, builds);

@@ -2379,3 +2379,316 @@ async fn every_page_fits_a_phone_and_is_screenshot_at_both_widths() {
     drop(fleet);
     browser.close().await;
 }
+
+/// The stage counts a rollout page shows (`scope` holds one funnel), by stage.
+async fn funnel_on_page(browser: &Browser, scope: &str) -> Value {
+    browser
+        .run(
+            "const out = {}; \
+             for (const el of document.querySelectorAll(arguments[0] + ' [data-stage]')) \
+               out[el.dataset.stage] = Number(el.dataset.count); \
+             return out;",
+            vec![json!(scope)],
+        )
+        .await
+}
+
+/// Every stage the page shows equals the API's count.
+fn same_stages(shown: &Value, counts: &Value) -> bool {
+    let shown = shown.as_object().unwrap();
+    !shown.is_empty() && shown.iter().all(|(stage, n)| counts[stage] == *n)
+}
+
+/// Five real agents (three on stable, two on beta). A beta build progresses live on its
+/// rollout page; it is promoted from that page with a three-wave plan, whose waves the
+/// page shows starting, baking and passing, with a timeline equal to the API's. A
+/// broken build then halts on its canary, shown with the reason on the overview and its
+/// page, and is rolled back through the type-the-version dialog, which names the
+/// version agents go back to.
+#[tokio::test]
+async fn the_rollout_page_story() {
+    let dir = tempfile::tempdir().unwrap();
+    // A build dropped on stable starts with a canary of two agents.
+    let server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--gate-min-successes",
+            "2",
+            "--success-bake",
+            "1s",
+            "--default-waves",
+            "2,100%",
+        ],
+    );
+    let api = server.api();
+    publish_agent(&server, dir.path(), "1.0.0", "stable");
+    let names = ["st-1", "st-2", "st-3", "be-1", "be-2"];
+    let _fleet: Vec<Agent> = names
+        .iter()
+        .map(|name| {
+            let exe = dir.path().join(format!("{name}-bin/drover-agent"));
+            stamp_agent("1.0.0", &exe);
+            Agent::start_installed(
+                &server,
+                &exe,
+                dir.path(),
+                name,
+                &[
+                    "--enroll-token",
+                    ENROLL_TOKEN,
+                    "--fingerprint",
+                    &format!("fp-{name}"),
+                    // A broken build is given up on soon.
+                    "--probation-timeout",
+                    "5",
+                ],
+            )
+        })
+        .collect();
+    let agents = all_online(&api, 5).await;
+    for agent in agents
+        .iter()
+        .filter(|a| a["hostname"].as_str().is_some_and(|h| h.starts_with("be-")))
+    {
+        put_on_beta(&api, agent["id"].as_str().unwrap()).await;
+    }
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    eventually("live updates on", PAGE_WAIT, || async {
+        (browser.count("#live.on").await == 1).then_some(())
+    })
+    .await;
+    let rollout_of = |version: &'static str, kind: &'static str| {
+        let api = &api;
+        async move {
+            let (_, listed) = api
+                .get(&format!("/api/v1/rollouts?version={version}"))
+                .await;
+            listed
+                .as_array()?
+                .iter()
+                .find(|r| r["kind"] == kind)
+                .cloned()
+        }
+    };
+    let record = |id: String| {
+        let api = &api;
+        async move { api.get(&format!("/api/v1/rollouts/{id}")).await.1 }
+    };
+
+    // The beta build, watched on its own page.
+    publish_agent(&server, dir.path(), "1.1.0", "beta");
+    let beta = eventually("the beta rollout", PAGE_WAIT, || {
+        rollout_of("1.1.0", "beta")
+    })
+    .await;
+    let beta_id = beta["id"].as_str().unwrap().to_owned();
+    assert_eq!(beta["targeted"], 2, "{beta}");
+    browser.show(&format!("#/rollouts/{beta_id}")).await;
+    browser
+        .wait_for_text("#rollout-title", |t| t.contains("beta rollout"))
+        .await;
+    browser.run("window.stillHere = true;", vec![]).await;
+    eventually(
+        "both beta agents succeeded on the page",
+        Duration::from_secs(90),
+        || async {
+            let shown = funnel_on_page(&browser, "#rollout-funnel").await;
+            (shown["succeeded"] == 2).then_some(())
+        },
+    )
+    .await;
+    browser
+        .wait_for_text("#rollout-title .state", |s| s == "completed")
+        .await;
+    let done = record(beta_id.clone()).await;
+    assert!(
+        same_stages(&funnel_on_page(&browser, "#rollout-funnel").await, &done),
+        "{done}"
+    );
+    // The agents section lists both, by stage.
+    browser
+        .wait_for_text("#rollout-agents-total", |t| t == "1–2 of 2")
+        .await;
+    assert_eq!(
+        browser
+            .count("#rollout-agents tr[data-stage=succeeded]")
+            .await,
+        2
+    );
+    browser.wait_for_text("[data-gate=ready]", |_| true).await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+    browser.screenshot("story-rollout-beta").await;
+
+    // Promote from the page, in three waves with a short bake.
+    browser.click("button[data-action=promote]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Promote"))
+        .await;
+    assert!(text.contains("3 stable agents will update"), "{text}");
+    for (field, value) in [("waves", "1,2,100%"), ("bake", "4s")] {
+        browser
+            .client
+            .find(fantoccini::Locator::Id(&format!("confirm-field-{field}")))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    browser.click("#confirm-ok").await;
+    let promote = eventually("the promote rollout", PAGE_WAIT, || {
+        rollout_of("1.1.0", "promote")
+    })
+    .await;
+    let promote_id = promote["id"].as_str().unwrap().to_owned();
+    let shares: Vec<&str> = promote["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["share"].as_str().unwrap())
+        .collect();
+    assert_eq!(shares, ["1", "2", "100%"], "{promote}");
+    browser.show(&format!("#/rollouts/{promote_id}")).await;
+    // Watch each wave's state on the page until the rollout completes.
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    eventually(
+        "the promote completed on the page",
+        Duration::from_secs(120),
+        || async {
+            let states = browser
+                .run(
+                    "return [...document.querySelectorAll('.wave-card')] \
+                       .map((c) => c.dataset.wave + ':' + c.querySelector('[data-wave-state]').dataset.waveState);",
+                    vec![],
+                )
+                .await;
+            for s in states.as_array()? {
+                seen.borrow_mut().insert(s.as_str()?.to_owned());
+            }
+            let title = browser.text("#rollout-title .state").await?;
+            (title == "completed").then_some(())
+        },
+    )
+    .await;
+    let seen = seen.into_inner();
+    for wave in 0..2 {
+        assert!(seen.contains(&format!("{wave}:running")), "{seen:?}");
+        assert!(seen.contains(&format!("{wave}:baking")), "{seen:?}");
+    }
+    assert!(seen.contains("1:pending"), "{seen:?}");
+    let done = record(promote_id.clone()).await;
+    assert_eq!(done["succeeded"], 3, "{done}");
+    // The page redraws after the last event; then it shows the API's numbers.
+    eventually(
+        "the page's funnel equal to the API's",
+        PAGE_WAIT,
+        || async {
+            same_stages(&funnel_on_page(&browser, "#rollout-funnel").await, &done).then_some(())
+        },
+    )
+    .await;
+    for (i, wave) in done["waves"].as_array().unwrap().iter().enumerate() {
+        let shown = funnel_on_page(&browser, &format!(".wave-card[data-wave='{i}']")).await;
+        assert!(
+            same_stages(&shown, &wave["counts"]),
+            "wave {i}: {shown} / {wave}"
+        );
+    }
+    let timeline = done["timeline"].as_array().unwrap();
+    assert_eq!(
+        browser.count("#timeline tbody tr").await,
+        timeline.len() as u64,
+        "{timeline:?}"
+    );
+    let shown = browser.text("#timeline tbody").await.unwrap();
+    for entry in timeline {
+        if let Some(detail) = entry["detail"].as_str() {
+            assert!(shown.contains(detail), "{detail} not in {shown}");
+        }
+    }
+    browser.screenshot("story-rollout-promote").await;
+
+    // A broken build, straight onto stable: it starts and exits at once, so its canary
+    // fails probation and halts it.
+    publish(
+        &server.downloads(),
+        "1.2.0",
+        Some("stable"),
+        b"#!/bin/sh\nexit 3\n",
+    );
+    let halted = eventually(
+        "the 1.2.0 rollout halted",
+        Duration::from_secs(90),
+        || async {
+            let (_, listed) = api.get("/api/v1/rollouts?version=1.2.0&state=halted").await;
+            listed.as_array()?.first().cloned()
+        },
+    )
+    .await;
+    let halted_id = halted["id"].as_str().unwrap().to_owned();
+    let reason = halted["reason"].as_str().unwrap().to_owned();
+    browser.show("#/overview").await;
+    let banner = browser
+        .wait_for_text("[data-banner=halted]", |t| t.contains("1.2.0"))
+        .await;
+    assert!(banner.contains(&reason), "{banner} / {reason}");
+    let row = format!("tr[data-rollout='{halted_id}']");
+    let shown = browser.wait_for_text(&row, |t| t.contains("halted")).await;
+    assert!(shown.contains(&reason), "{shown}");
+    assert_eq!(
+        browser.text(&format!("{row} td.failures.bad")).await,
+        Some(halted["failures"]["build"].to_string())
+    );
+    browser.screenshot("story-overview-halted").await;
+    browser.show(&format!("#/rollouts/{halted_id}")).await;
+    browser
+        .wait_for_text("#rollout-title", |t| {
+            t.contains("halted") && t.contains(&reason)
+        })
+        .await;
+    assert_eq!(
+        browser
+            .text(".wave-card[data-wave='0'] [data-wave-state]")
+            .await
+            .as_deref(),
+        Some("halted")
+    );
+    browser.screenshot("story-rollout-halted").await;
+
+    // Roll it back from its page: the dialog names where agents go, and wants the version.
+    browser.click("button[data-action=roll-back]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Roll back"))
+        .await;
+    assert!(text.contains("Roll back 1.2.0"), "{text}");
+    assert!(text.contains("go back to 1.1.0"), "{text}");
+    browser.confirm_typing("1.2.0").await;
+    eventually("1.2.0 blocked", PAGE_WAIT, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        releases
+            .as_array()?
+            .iter()
+            .any(|r| r["version"] == "1.2.0" && r["blocked"] == true)
+            .then_some(())
+    })
+    .await;
+    browser
+        .wait_for_text("#rollout-title", |t| t.contains("blocked"))
+        .await;
+    eventually("every agent on 1.1.0", Duration::from_secs(60), || async {
+        let agents = api.agents().await?;
+        (agents.len() == 5
+            && agents
+                .iter()
+                .all(|a| a["version"] == "1.1.0" && a["online"] == true))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    browser.close().await;
+}

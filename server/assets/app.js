@@ -162,11 +162,12 @@ function toast(message, isError) {
   toast.timer = setTimeout(() => { el.hidden = true; }, isError ? 8000 : 4000);
 }
 
-// Resolves true when the operator confirms. The text says what will happen, with numbers.
-// A dangerous action has a red button; with `typed`, the operator types that text (the
-// version) before the button works.
+// Resolves with the values of the dialog's fields (an object, so truthy) when the
+// operator confirms, false otherwise. The text says what will happen, with numbers. A
+// dangerous action has a red button; with `typed`, the operator types that text (the
+// version) before the button works; `fields` are extra inputs ({name, label, hint}).
 function confirmAction(text, label, options) {
-  const { danger, typed } = options || {};
+  const { danger, typed, fields } = options || {};
   const dialog = $('confirm');
   const ok = $('confirm-ok');
   const input = $('confirm-typed');
@@ -178,6 +179,10 @@ function confirmAction(text, label, options) {
   input.value = '';
   ok.disabled = Boolean(typed);
   input.oninput = () => { ok.disabled = input.value.trim() !== typed; };
+  const inputs = (fields || []).map((f) => h('input', {
+    type: 'text', name: f.name, id: `confirm-field-${f.name}`, placeholder: f.hint, autocomplete: 'off',
+  }));
+  $('confirm-fields').replaceChildren(...(fields || []).map((f, i) => h('label', { class: 'field' }, f.label, inputs[i])));
   dialog.showModal();
   (typed ? input : $('confirm-cancel')).focus();
   return new Promise((resolve) => {
@@ -187,7 +192,7 @@ function confirmAction(text, label, options) {
       dialog.onclose = null;
       input.oninput = null;
       if (dialog.open) dialog.close();
-      resolve(answer);
+      resolve(answer && Object.fromEntries(inputs.map((el) => [el.name, el.value.trim()])));
     };
     ok.onclick = done(true);
     $('confirm-cancel').onclick = done(false);
@@ -197,9 +202,10 @@ function confirmAction(text, label, options) {
 
 // Runs an action after confirmation, reports it, and shows the view afresh.
 async function act(text, label, run, success, options) {
-  if (!(await confirmAction(text, label, options))) return;
+  const values = await confirmAction(text, label, options);
+  if (!values) return;
   try {
-    await run();
+    await run(values);
     toast(success);
   } catch (err) {
     toast(err.message, true);
@@ -482,11 +488,13 @@ function rollouts(main, _arg, params) {
       h('td', { class: 'gate' }, gateCell(r, facts)),
       h('td', { class: 'actions-cell' }, rolloutActions(r, facts)))),
       'No rollouts yet: a build published on beta, a promote or a rollback starts one.'));
+    if (all.some(timeBound)) again(view, load);
   });
-  return {
+  const view = {
     title: 'Rollouts',
     refresh(events) { if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) load(); },
   };
+  return view;
 }
 
 // A beta rollout's gate, as it bears on a promote: ready, not yet (the usual state
@@ -568,9 +576,18 @@ async function promote(r, all) {
     + (force ? ` The health gate fails on ${platforms(r)} (${r.gate.reason}); this promotes past it and is audited as forced.`
       : ` Health gate on ${platforms(r)}: ${r.gate.reason}.`);
   const only = r.platforms.length === 1 ? r.platforms[0] : {};
+  // Empty fields leave the server's default plan.
+  const fields = [
+    { name: 'waves', label: 'Waves (cumulative, e.g. 1%,10%,50%,100%)', hint: "the server's default" },
+    { name: 'bake', label: 'Bake between waves (e.g. 10m)', hint: "the server's default" },
+  ];
   await act(text, force ? 'Promote anyway' : 'Promote',
-    () => api('POST', `/api/v1/rollouts/${enc(r.version)}/promote`, { os: only.os, arch: only.arch, force }),
-    `${r.version} is stable`, force ? { danger: true, typed: r.version } : undefined);
+    ({ waves, bake }) => api('POST', `/api/v1/rollouts/${enc(r.version)}/promote`, {
+      os: only.os, arch: only.arch, force,
+      waves: waves ? waves.split(',').map((w) => w.trim()).filter(Boolean) : undefined,
+      bake: bake || undefined,
+    }),
+    `${r.version} is stable`, { fields, ...(force ? { danger: true, typed: r.version } : {}) });
 }
 
 async function pause(r) {
@@ -717,7 +734,7 @@ function rolloutPage(main, id) {
         ].filter(Boolean).map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
       h('div', { class: 'actions' }, rolloutActions(r, facts)));
     waves.replaceChildren(...r.waves.map((w) => h('section', { class: `wave-card ${w.state}`, 'data-wave': w.index },
-      h('h3', {}, `Wave ${w.index + 1} of ${r.waves.length} · ${w.share} · ${plural(w.size, 'agent')} `,
+      h('h3', {}, `Wave ${w.index + 1} of ${r.waves.length} · up to ${w.share.endsWith('%') ? `${w.share} of the targets` : plural(Number(w.share), 'agent')} · ${plural(w.size, 'agent')} in it `,
         h('span', { class: `state ${w.state}`, 'data-wave-state': w.state }, w.state)),
       h('p', { class: 'wave-line' }, waveLine(r, w)),
       funnel(w.counts, (s) => show(s, w.index)))));
@@ -726,6 +743,7 @@ function rolloutPage(main, id) {
         h('td', {}, when(e.at)), h('td', {}, state(e.state)), h('td', {}, e.actor), h('td', {}, e.detail || ''))),
       'Nothing yet.'));
     drawStages();
+    if (timeBound(r)) again(view, load);
   });
 
   const loadAgents = guard(list, async () => {
@@ -747,7 +765,7 @@ function rolloutPage(main, id) {
       h('button', { type: 'button', disabled: last >= page.total, onclick: move(PAGE) }, 'Next ›'));
   });
 
-  return {
+  const view = {
     title: 'Rollout',
     refresh(events) {
       if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) {
@@ -756,6 +774,7 @@ function rolloutPage(main, id) {
       }
     },
   };
+  return view;
 }
 
 // ---------------------------------------------------------------- agents
@@ -1043,6 +1062,15 @@ function route() {
   current = view(main, arg ? decodeURIComponent(arg) : undefined, params);
   document.title = `${current.title} · Drover`;
   current.refresh(null);
+}
+
+// Some of what a rollout shows changes with time alone, with no event to tell of it: a
+// success settling through the success bake (and so the gate), a bake ending. While
+// any is on screen, the view is read again every few seconds.
+const timeBound = (r) => (r.gate && !r.gate.pass && r.succeeded > 0) || r.waves.some((w) => w.state === 'baking');
+function again(view, load) {
+  clearTimeout(again.timer);
+  again.timer = setTimeout(() => { if (current === view) load(); }, 3000);
 }
 
 // Whether any of the events (null: a full load) is of one of the kinds.

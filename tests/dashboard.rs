@@ -2240,6 +2240,27 @@ async fn update_now_lists_only_versions_that_would_be_an_update() {
     browser
         .wait_for_text("dl.identity", |t| t.contains("fp-u1"))
         .await;
+    // The explain answer, as the API gives it: every candidate with its reason.
+    let (_, why) = api
+        .get(&format!("/api/v1/agents/{}/explain", fleet.ids[0]))
+        .await;
+    let candidates = why["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 3, "{why}");
+    for c in candidates {
+        let row = browser
+            .text(&format!(
+                "#explain tr[data-candidate='{}']",
+                c["version"].as_str().unwrap()
+            ))
+            .await
+            .unwrap_or_else(|| panic!("no row for {c}"));
+        assert!(
+            row.contains(c["reason"].as_str().unwrap_or("")),
+            "{row} / {c}"
+        );
+    }
+    let next = browser.text("#explain .next").await.unwrap();
+    assert_eq!(next, format!("Next: {}", why["next"].as_str().unwrap()));
     let options = browser
         .run(
             "return [...document.querySelectorAll('#update-version option')].map((o) => o.value);",
@@ -2690,5 +2711,65 @@ async fn the_rollout_page_story() {
     .await;
     assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    browser.close().await;
+}
+
+/// The agents list keeps its filters in the address: a filtered view can be linked to,
+/// and survives a reload.
+#[tokio::test]
+async fn the_agents_filters_live_in_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[("web-1", "1.0.0"), ("web-2", "1.0.0"), ("db-1", "1.0.0")],
+    )
+    .await;
+    put_on_beta(&api, &fleet.ids[1]).await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    // A link to a filtered view.
+    browser.open("/#/agents?channel=beta").await;
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 1"))
+        .await;
+    assert_eq!(
+        browser
+            .count(&format!("tr[data-agent='{}']", fleet.ids[1]))
+            .await,
+        1
+    );
+    assert_eq!(
+        browser
+            .run(
+                "return document.querySelector('[data-filter=channel]').value;",
+                vec![]
+            )
+            .await,
+        json!("beta")
+    );
+    // Changing a filter changes the address; a reload keeps it.
+    browser
+        .run(
+            "const s = document.querySelector('[data-filter=channel]'); s.value = 'stable'; \
+             s.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 2"))
+        .await;
+    let hash = browser.run("return location.hash;", vec![]).await;
+    assert_eq!(hash, json!("#/agents?channel=stable"));
+    browser.client.refresh().await.unwrap();
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 2"))
+        .await;
+    assert_eq!(browser.count("tr[data-agent]").await, 2);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
     browser.close().await;
 }

@@ -466,11 +466,19 @@ function rolloutBanners(rollouts) {
 function rollouts(main, _arg, params) {
   const banners = h('div');
   const body = h('div');
+  const pager = h('div', { class: 'pager' });
   const version = params.get('version') || '';
+  let offset = 0;
   main.append(h('h2', {}, version ? `Rollouts of ${version}` : 'Rollouts'),
-    h('p', { hidden: !version }, h('a', { href: '#/rollouts' }, 'Every rollout')), banners, body);
+    h('p', { hidden: !version }, h('a', { href: '#/rollouts' }, 'Every rollout')), banners, body, pager);
   const load = guard(body, async () => {
-    const [all, builds] = await Promise.all([get(`/api/v1/rollouts?${query({ version })}`), get('/api/v1/releases')]);
+    const [all, builds] = await Promise.all([get(`/api/v1/rollouts?${query({ version, limit: PAGE, offset })}`),
+      get('/api/v1/releases')]);
+    const move = (by) => () => { offset = Math.max(0, offset + by); load(); };
+    pager.replaceChildren(
+      h('button', { type: 'button', disabled: offset === 0, onclick: move(-PAGE) }, '‹ Newer'),
+      h('span', { id: 'rollouts-shown' }, all.length ? `${offset + 1}–${offset + all.length}` : ''),
+      h('button', { type: 'button', disabled: all.length < PAGE, onclick: move(PAGE) }, 'Older ›'));
     const facts = rolloutFacts(all, builds);
     banners.replaceChildren(...rolloutBanners(all));
     body.replaceChildren(table(
@@ -1088,19 +1096,24 @@ function liveIndicator(on, title) {
   $('live').textContent = on ? 'live' : 'not live';
 }
 
+let flushed = 0;
+
 // Events arriving together are handled together, once, after a short pause: a burst of
-// agents reconnecting costs one re-fetch, not one per agent.
+// agents reconnecting costs one re-fetch, not one per agent. While events stream in
+// (a large rollout), the view is re-read at most once a second.
 function onEvent(event) {
   if (event.kind === 'settings') directory = null;
   queued.push(event);
   if (flush) return;
+  const wait = Math.max(200, 1000 - (Date.now() - flushed));
   flush = setTimeout(() => {
     const events = queued;
     queued = [];
     flush = null;
+    flushed = Date.now();
     // A resync means notes were missed: everything on screen is re-read.
     if (current) current.refresh(events.some((e) => e.kind === 'resync') ? null : events);
-  }, 200);
+  }, wait);
 }
 
 function listen() {

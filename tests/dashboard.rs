@@ -299,6 +299,16 @@ async fn the_agent_listing_filters_and_pages_and_stays_an_array_without_limit() 
     assert_eq!(status, 400, "{body}");
     let (status, body) = api.get("/api/v1/agents?online=maybe").await;
     assert_eq!(status, 400, "{body}");
+    let (status, body) = api.get("/api/v1/agents?limit=10&sort=shoe_size").await;
+    assert_eq!(status, 400, "{body}");
+    let (_, sorted) = api.get("/api/v1/agents?limit=10&sort=-version").await;
+    let hostnames: Vec<&str> = sorted["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["hostname"].as_str().unwrap())
+        .collect();
+    assert_eq!(hostnames, ["web-2", "db-1", "web-1"]);
 
     let (status, summary) = api.get("/api/v1/fleet").await;
     assert_eq!(status, 200, "{summary}");
@@ -2769,6 +2779,118 @@ async fn the_agents_filters_live_in_the_address() {
         .wait_for_text("#agent-total", |t| t.ends_with("of 2"))
         .await;
     assert_eq!(browser.count("tr[data-agent]").await, 2);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// The agents list sorts by a column (the order in the address too) and acts on the
+/// agents selected: pause, and a targeted rollout of a version.
+#[tokio::test]
+async fn the_agents_list_sorts_and_acts_on_a_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[
+            ("b-host", "1.10.0"),
+            ("a-host", "1.2.0"),
+            ("c-host", "1.9.0"),
+        ],
+    )
+    .await;
+    publish(&server.downloads(), "1.11.0", Some("beta"), b"a beta build");
+    eventually("the build offered", PAGE_WAIT, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        (!releases.as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/agents").await;
+    let order = || async {
+        browser
+            .run(
+                "return [...document.querySelectorAll('tr[data-agent] td:nth-child(3) a')].map((a) => a.textContent);",
+                vec![],
+            )
+            .await
+    };
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 3"))
+        .await;
+    assert_eq!(order().await, json!(["a-host", "b-host", "c-host"]));
+    // By version, semver order (1.2.0 < 1.9.0 < 1.10.0), then reversed.
+    browser.click("button[data-sort=version]").await;
+    eventually("sorted by version", PAGE_WAIT, || async {
+        (order().await == json!(["a-host", "c-host", "b-host"])).then_some(())
+    })
+    .await;
+    browser.click("button[data-sort=version]").await;
+    eventually("sorted by version, newest first", PAGE_WAIT, || async {
+        (order().await == json!(["b-host", "c-host", "a-host"])).then_some(())
+    })
+    .await;
+    assert_eq!(
+        browser.run("return location.hash;", vec![]).await,
+        json!("#/agents?sort=-version")
+    );
+
+    // Select two and move them to 1.11.0 in a targeted rollout.
+    for id in [&fleet.ids[1], &fleet.ids[2]] {
+        browser.click(&format!("input[data-select='{id}']")).await;
+    }
+    browser
+        .wait_for_text("#bulk-count", |t| t == "2 agents selected")
+        .await;
+    browser.click("button[data-action=update-selected]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Update"))
+        .await;
+    assert!(
+        text.contains("Update 2 selected agents to 1.11.0"),
+        "{text}"
+    );
+    browser.click("#confirm-ok").await;
+    let targeted = eventually("the targeted rollout", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts?version=1.11.0").await;
+        listed
+            .as_array()?
+            .iter()
+            .find(|r| r["kind"] == "targeted")
+            .cloned()
+    })
+    .await;
+    assert_eq!(targeted["targeted"], 2, "{targeted}");
+
+    // The selection is cleared after an action. Select one and pause it.
+    browser
+        .wait_for_text("#bulk-count", |t| t == "0 agents selected")
+        .await;
+    browser
+        .click(&format!("input[data-select='{}']", fleet.ids[0]))
+        .await;
+    browser
+        .wait_for_text("#bulk-count", |t| t == "1 agent selected")
+        .await;
+    browser.click("button[data-action=pause-selected]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Pause"))
+        .await;
+    assert!(
+        text.contains("Pause automatic updates of 1 selected agent."),
+        "{text}"
+    );
+    browser.click("#confirm-ok").await;
+    eventually("b-host paused", PAGE_WAIT, || async {
+        let (_, agent) = api.get(&format!("/api/v1/agents/{}", fleet.ids[0])).await;
+        (agent["paused"] == true).then_some(())
+    })
+    .await;
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
     drop(fleet);
     browser.close().await;

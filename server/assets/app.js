@@ -41,9 +41,10 @@ function build(el, attrs, children) {
 // table is laid out as cards.
 function table(headings, rows, empty) {
   if (rows.length === 0) return h('p', { class: 'muted' }, empty || 'Nothing here.');
+  const labels = headings.map((t) => (t instanceof Node ? t.textContent : t));
   for (const row of rows) {
     [...row.children].forEach((cell, i) => {
-      if (!cell.hasAttribute('data-label')) cell.setAttribute('data-label', headings[i] || '');
+      if (!cell.hasAttribute('data-label')) cell.setAttribute('data-label', labels[i] || '');
     });
   }
   return h('table', {},
@@ -787,7 +788,7 @@ function rolloutPage(main, id) {
 
 // ---------------------------------------------------------------- agents
 
-const AGENT_FILTERS = ['q', 'site', 'channel', 'version', 'online', 'paused'];
+const AGENT_FILTERS = ['q', 'site', 'channel', 'version', 'online', 'paused', 'sort'];
 
 // The filters live in the address (#/agents?channel=beta&offset=50), so a filtered view
 // can be linked to and survives a reload.
@@ -823,15 +824,83 @@ function agents(main, _arg, params) {
     choice('paused', [['', 'paused or not'], ['true', 'paused'], ['false', 'not paused']])),
   body, pager);
 
+  // Sorting by a column: a second click reverses it.
+  const sortable = (key, label) => {
+    const now = filters.sort || 'hostname';
+    const mark = now === key ? ' ▲' : (now === `-${key}` ? ' ▼' : '');
+    return h('button', {
+      type: 'button', class: 'sort', 'data-sort': key,
+      onclick: () => {
+        filters.sort = now === key ? `-${key}` : (key === 'hostname' ? '' : key);
+        filters.offset = 0;
+        remember();
+        load();
+      },
+    }, label + mark);
+  };
+  const selected = new Set();
+  const bulk = h('div', { class: 'actions', id: 'bulk' });
+  if (canAct()) main.insertBefore(bulk, body);
+  const drawBulk = (builds) => {
+    if (!canAct()) return;
+    const versions = [...new Set(builds.filter((b) => !b.blocked).map((b) => b.version))].sort(semverCompare).reverse();
+    const picker = h('select', { 'aria-label': 'version for the selected agents', id: 'bulk-version' },
+      versions.map((v) => h('option', { value: v }, v)));
+    const ids = [...selected];
+    const none = ids.length === 0;
+    const each = (verb, path) => act(`${verb} automatic updates of ${plural(ids.length, 'selected agent')}.`, verb,
+      async () => {
+        for (const id of ids) await api('POST', `/api/v1/agents/${enc(id)}/${path}`);
+        selected.clear();
+      }, `${plural(ids.length, 'agent')}: ${verb.toLowerCase()}d`);
+    bulk.replaceChildren(h('span', { id: 'bulk-count' }, `${plural(ids.length, 'agent')} selected`),
+      h('button', { type: 'button', class: 'action', 'data-action': 'pause-selected', disabled: none, onclick: () => each('Pause', 'pause') }, 'Pause'),
+      h('button', { type: 'button', class: 'action', 'data-action': 'resume-selected', disabled: none, onclick: () => each('Resume', 'resume') }, 'Resume'),
+      picker,
+      h('button', {
+        type: 'button', class: 'action', 'data-action': 'update-selected', disabled: none || versions.length === 0,
+        onclick: () => act(`Update ${plural(ids.length, 'selected agent')} to ${picker.value} in a targeted rollout, `
+          + 'offered to them whatever their channel. Those already on it or newer, or with no build for their '
+          + 'platform, are left out.', 'Update',
+        async () => {
+          await api('POST', '/api/v1/rollouts', { version: picker.value, selector: { agent_ids: ids } });
+          selected.clear();
+        },
+        `targeted rollout of ${picker.value} started`),
+      }, 'Update selected'));
+  };
   const load = guard(body, async () => {
-    const [dir, page] = await Promise.all([names(), get(`/api/v1/agents?${query({ ...filters, limit: PAGE })}`)]);
+    const [dir, page, builds] = await Promise.all([names(), get(`/api/v1/agents?${query({ ...filters, limit: PAGE })}`),
+      get('/api/v1/releases')]);
     if (siteSelect.options.length === 1) {
       for (const site of dir.sites.values()) siteSelect.append(h('option', { value: site.id }, site.name));
       siteSelect.value = filters.site;
     }
+    for (const id of [...selected]) if (!page.agents.some((a) => a.id === id)) selected.delete(id);
+    const tick = (a) => {
+      const box = h('input', { type: 'checkbox', 'aria-label': `select ${a.hostname}`, 'data-select': a.id, checked: selected.has(a.id) });
+      box.addEventListener('change', () => {
+        if (box.checked) selected.add(a.id);
+        else selected.delete(a.id);
+        drawBulk(builds);
+      });
+      return box;
+    };
+    const all = h('input', { type: 'checkbox', 'aria-label': 'select every agent on this page', 'data-select': 'page' });
+    all.addEventListener('change', () => {
+      for (const a of page.agents) {
+        if (all.checked) selected.add(a.id);
+        else selected.delete(a.id);
+      }
+      for (const box of body.querySelectorAll('input[data-select]:not([data-select=page])')) box.checked = all.checked;
+      drawBulk(builds);
+    });
+    drawBulk(builds);
     body.replaceChildren(table(
-      ['', 'Hostname', 'Version', 'Update', 'Platform', 'Site', 'Channel', 'Last seen'],
+      [canAct() ? all : '', '', sortable('hostname', 'Hostname'), sortable('version', 'Version'), 'Update',
+        sortable('platform', 'Platform'), sortable('site', 'Site'), 'Channel', sortable('last_seen', 'Last seen')],
       page.agents.map((a) => h('tr', { 'data-agent': a.id },
+        h('td', { 'data-label': '' }, canAct() ? tick(a) : null),
         h('td', {}, h('span', { class: a.online ? 'dot on' : 'dot', role: 'img', 'aria-label': a.online ? 'online' : 'offline', title: a.online ? 'online' : 'offline' })),
         h('td', {}, h('a', { href: `#/agents/${enc(a.id)}` }, a.hostname),
           a.paused ? h('span', { class: 'marker paused' }, 'paused') : null),

@@ -160,6 +160,9 @@ pub(crate) struct ListQuery {
     arch: Option<String>,
     online: Option<bool>,
     paused: Option<bool>,
+    /// With `limit`, the page's order: `hostname` (the default), `version` (semver),
+    /// `last_seen`, `platform` or `site`; `-` before it reverses it (`-last_seen`).
+    sort: Option<String>,
     /// Page size, 0 to 500. With it the answer is `{"agents", "total"}` instead of an array.
     limit: Option<usize>,
     /// Agents to skip, with `limit`.
@@ -172,7 +175,7 @@ const MAX_PAGE: usize = 500;
 /// One page of agents.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct AgentPage {
-    /// Sorted by hostname, then id; each with `pending_update`.
+    /// Sorted as `sort` asks (by hostname, then id, by default); each with `pending_update`.
     agents: Vec<AgentView>,
     /// Agents matching the filters, on every page.
     total: usize,
@@ -246,7 +249,18 @@ pub(crate) async fn list(
         )));
     }
     let total = views.len();
-    views.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+    let sort = query.sort.as_deref().unwrap_or("hostname");
+    let (key, reverse) = match sort.strip_prefix('-') {
+        Some(key) => (key, true),
+        None => (sort, false),
+    };
+    if !SORT_KEYS.contains(&key) {
+        return Err(ApiError::BadRequest(format!(
+            "sort={key:?}: one of {} (with - before it to reverse)",
+            SORT_KEYS.join(", ")
+        )));
+    }
+    views.sort_by(|a, b| compare(key, reverse, a, b));
     let mut page: Vec<AgentView> = views
         .into_iter()
         .skip(query.offset.unwrap_or(0))
@@ -263,6 +277,25 @@ pub(crate) async fn list(
         agents: page,
         total,
     })))
+}
+
+const SORT_KEYS: [&str; 5] = ["hostname", "version", "last_seen", "platform", "site"];
+
+/// The listing's order by `key` (one of `SORT_KEYS`, reversed or not), then by hostname
+/// and id.
+fn compare(key: &str, reverse: bool, a: &AgentView, b: &AgentView) -> std::cmp::Ordering {
+    let semver = |v: &AgentView| semver::Version::parse(&v.version).ok();
+    let first = match key {
+        "version" => semver(a).cmp(&semver(b)),
+        // RFC 3339 in UTC with a fixed width sorts as the time does.
+        "last_seen" => a.last_seen.cmp(&b.last_seen),
+        "platform" => (&a.os, &a.arch).cmp(&(&b.os, &b.arch)),
+        "site" => a.site_id.cmp(&b.site_id),
+        "hostname" => (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)),
+        _ => std::cmp::Ordering::Equal,
+    };
+    let first = if reverse { first.reverse() } else { first };
+    first.then_with(|| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)))
 }
 
 /// The fleet in numbers: what the dashboard's overview shows, without the whole listing.

@@ -774,10 +774,14 @@ function rolloutPage(main, id) {
       h('button', { type: 'button', disabled: last >= page.total, onclick: move(PAGE) }, 'Next ›'));
   });
 
+  // A rollout note names a version (or none, when any may have changed): notes of other
+  // versions are not this page's business.
+  const concerns = (e) => e.kind === 'task' || e.kind === 'agent' || e.kind === 'release' || e.kind === 'settings'
+    || (e.kind === 'rollout' && (!e.id || !record || e.id === record.version || e.id === id));
   const view = {
     title: 'Rollout',
     refresh(events) {
-      if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) {
+      if (events === null || events.some(concerns)) {
         load();
         loadAgents();
       }

@@ -567,6 +567,30 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
     let counted: i64 = history.iter().map(|p| p.agents).sum();
     assert_eq!(counted as usize, store.list_agents().await.unwrap().len());
     assert!(store.version_history(5_001).await.unwrap().is_empty());
+    // The fleet counted in the database agrees with the listing, row by row.
+    let agents = store.list_agents().await.unwrap();
+    let counts = store.fleet_counts(0).await.unwrap();
+    assert_eq!(
+        counts.iter().map(|c| c.agents).sum::<i64>() as usize,
+        agents.len()
+    );
+    for c in &counts {
+        let same: Vec<_> = agents
+            .iter()
+            .filter(|a| (&a.os, &a.arch, &a.version) == (&c.os, &c.arch, &c.version))
+            .collect();
+        assert_eq!(c.agents as usize, same.len(), "{c:?}");
+        assert_eq!(
+            c.paused as usize,
+            same.iter().filter(|a| a.paused).count(),
+            "{c:?}"
+        );
+        let live = same
+            .iter()
+            .filter(|a| a.node_last_beat_ms.is_some_and(|beat| beat >= 0))
+            .count();
+        assert_eq!(c.online as usize, live, "{c:?}");
+    }
 
     // Tokens: minted, listed without secrets, revoked.
     let viewer = store

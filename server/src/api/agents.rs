@@ -381,29 +381,25 @@ pub(crate) async fn fleet(
     State(state): State<AppState>,
 ) -> Result<Json<FleetSummary>, ApiError> {
     caller.require(Role::Viewer)?;
-    let now = now_ms();
-    let mut counts: std::collections::BTreeMap<(String, String, String), (usize, usize)> =
-        std::collections::BTreeMap::new();
+    let rows = state
+        .store
+        .fleet_counts(crate::nodes::live_since(now_ms()))
+        .await?;
+    let count = |n: i64| usize::try_from(n).unwrap_or(0);
     let (mut total, mut online, mut paused) = (0, 0, 0);
-    for agent in state.store.list_agents().await? {
-        let live = crate::nodes::is_live(agent.node_last_beat_ms, now);
-        total += 1;
-        online += usize::from(live);
-        paused += usize::from(agent.paused);
-        let count = counts
-            .entry((agent.os, agent.arch, agent.version))
-            .or_default();
-        count.0 += 1;
-        count.1 += usize::from(live);
-    }
-    let mut versions: Vec<VersionCount> = counts
+    let mut versions: Vec<VersionCount> = rows
         .into_iter()
-        .map(|((os, arch, version), (agents, online))| VersionCount {
-            os,
-            arch,
-            version,
-            agents,
-            online,
+        .map(|row| {
+            total += count(row.agents);
+            online += count(row.online);
+            paused += count(row.paused);
+            VersionCount {
+                os: row.os,
+                arch: row.arch,
+                version: row.version,
+                agents: count(row.agents),
+                online: count(row.online),
+            }
         })
         .collect();
     let newest_first =

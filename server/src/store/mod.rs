@@ -458,6 +458,17 @@ pub struct VersionCount {
     pub agents: i64,
 }
 
+/// Agents on one platform and version now: how many, how many online, how many paused.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FleetCount {
+    pub os: String,
+    pub arch: String,
+    pub version: String,
+    pub agents: i64,
+    pub online: i64,
+    pub paused: i64,
+}
+
 /// Which level of the hierarchy a channel is set on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelScope {

@@ -232,6 +232,10 @@ pub trait Queries: Send + Sync {
     /// Snapshots taken since `since_ms`, oldest first.
     async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>>;
 
+    /// Agents per platform and version, counted in the database; online means held by a
+    /// node that beat at or after `live_since_ms`.
+    async fn fleet_counts(&self, live_since_ms: i64) -> StoreResult<Vec<FleetCount>>;
+
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
 
     /// Newest first; `before` pages by id; `action` filters exactly.
@@ -1099,6 +1103,19 @@ macro_rules! impl_queries {
                     .execute(&self.pool)
                     .await?;
                     Ok(())
+                }
+
+                async fn fleet_counts(&self, live_since_ms: i64) -> StoreResult<Vec<FleetCount>> {
+                    Ok(sqlx::query_as(
+                        "SELECT a.os, a.arch, a.version, COUNT(*) AS agents, \
+                           SUM(CASE WHEN n.last_beat >= $1 THEN 1 ELSE 0 END) AS online, \
+                           SUM(CASE WHEN a.paused THEN 1 ELSE 0 END) AS paused \
+                         FROM agents a LEFT JOIN nodes n ON n.id = a.node_id \
+                         GROUP BY a.os, a.arch, a.version",
+                    )
+                    .bind(live_since_ms)
+                    .fetch_all(&self.pool)
+                    .await?)
                 }
 
                 async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>> {

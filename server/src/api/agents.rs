@@ -16,8 +16,8 @@ use crate::engine::{channel_admits, resolve_channel, why_not};
 use crate::rollouts::plan::Plan;
 use crate::session::Outbound;
 use crate::store::{
-    AgentRecord, FailureClass, NewTask, Role, RolloutKind, StoreError, TaskKind, TaskStatus,
-    UpdateTask,
+    AgentFilter, AgentRecord, FailureClass, NewTask, Role, RolloutKind, StoreError, TaskKind,
+    TaskStatus, UpdateTask,
 };
 
 /// Tasks shown with one agent.
@@ -234,21 +234,6 @@ pub(crate) async fn list(
                 .map_err(|e| ApiError::BadRequest(format!("older_than={text:?}: {e}")))
         })
         .transpose()?;
-    let agents = state.store.list_agents().await?;
-    let mut views: Vec<AgentView> = agents
-        .into_iter()
-        .map(view)
-        .filter(|agent| query.admits(agent, older_than.as_ref()))
-        .collect();
-    let Some(limit) = query.limit else {
-        return Ok(Json(AgentListing::All(views)));
-    };
-    if limit > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "limit={limit}: at most {MAX_PAGE}"
-        )));
-    }
-    let total = views.len();
     let sort = query.sort.as_deref().unwrap_or("hostname");
     let (key, reverse) = match sort.strip_prefix('-') {
         Some(key) => (key, true),
@@ -260,12 +245,64 @@ pub(crate) async fn list(
             SORT_KEYS.join(", ")
         )));
     }
+    if let Some(limit) = query.limit {
+        if limit > MAX_PAGE {
+            return Err(ApiError::BadRequest(format!(
+                "limit={limit}: at most {MAX_PAGE}"
+            )));
+        }
+        // A page the database can filter, sort and count by itself: semver is the one
+        // order SQL does not know.
+        if older_than.is_none() && key != "version" {
+            let filter = AgentFilter {
+                q: query.q.as_deref(),
+                site: query.site.as_deref(),
+                channel: query.channel.as_deref(),
+                version: query.version.as_deref(),
+                os: query.os.as_deref(),
+                arch: query.arch.as_deref(),
+                online: query.online,
+                live_since_ms: crate::nodes::live_since(now_ms()),
+                paused: query.paused,
+                sort: key,
+                descending: reverse,
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                offset: i64::try_from(query.offset.unwrap_or(0)).unwrap_or(i64::MAX),
+            };
+            let (agents, total) = state.store.agents_page(&filter).await?;
+            let page = agents.into_iter().map(view).collect();
+            return Ok(Json(AgentListing::Page(AgentPage {
+                agents: with_pending_updates(&state, page).await?,
+                total: usize::try_from(total).unwrap_or(0),
+            })));
+        }
+    }
+    let agents = state.store.list_agents().await?;
+    let mut views: Vec<AgentView> = agents
+        .into_iter()
+        .map(view)
+        .filter(|agent| query.admits(agent, older_than.as_ref()))
+        .collect();
+    let Some(limit) = query.limit else {
+        return Ok(Json(AgentListing::All(views)));
+    };
+    let total = views.len();
     views.sort_by(|a, b| compare(key, reverse, a, b));
-    let mut page: Vec<AgentView> = views
+    let page: Vec<AgentView> = views
         .into_iter()
         .skip(query.offset.unwrap_or(0))
         .take(limit)
         .collect();
+    Ok(Json(AgentListing::Page(AgentPage {
+        agents: with_pending_updates(&state, page).await?,
+        total,
+    })))
+}
+
+async fn with_pending_updates(
+    state: &AppState,
+    mut page: Vec<AgentView>,
+) -> Result<Vec<AgentView>, ApiError> {
     for agent in &mut page {
         agent.pending_update = state
             .store
@@ -273,10 +310,7 @@ pub(crate) async fn list(
             .await?
             .map(|task| task.to_version);
     }
-    Ok(Json(AgentListing::Page(AgentPage {
-        agents: page,
-        total,
-    })))
+    Ok(page)
 }
 
 const SORT_KEYS: [&str; 5] = ["hostname", "version", "last_seen", "platform", "site"];

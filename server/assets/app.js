@@ -41,7 +41,7 @@ function build(el, attrs, children) {
 // table is laid out as cards.
 function table(headings, rows, empty) {
   if (rows.length === 0) return h('p', { class: 'muted' }, empty || 'Nothing here.');
-  const labels = headings.map((t) => (t instanceof Node ? t.textContent : t));
+  const labels = headings.map((t) => (t instanceof Node ? t.getAttribute('data-label') || t.textContent : t));
   for (const row of rows) {
     [...row.children].forEach((cell, i) => {
       if (!cell.hasAttribute('data-label')) cell.setAttribute('data-label', labels[i] || '');
@@ -833,7 +833,7 @@ function agents(main, _arg, params) {
     const now = filters.sort || 'hostname';
     const mark = now === key ? ' ▲' : (now === `-${key}` ? ' ▼' : '');
     return h('button', {
-      type: 'button', class: 'sort', 'data-sort': key,
+      type: 'button', class: 'sort', 'data-sort': key, 'data-label': label,
       onclick: () => {
         filters.sort = now === key ? `-${key}` : (key === 'hostname' ? '' : key);
         filters.offset = 0;

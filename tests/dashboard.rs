@@ -1975,6 +1975,27 @@ async fn a_failing_build_is_red_on_the_overview_before_it_halts() {
     assert_eq!(red, json!("16%"));
     assert_eq!(browser.count("[data-banner=halted]").await, 0);
     browser.screenshot("overview-failing").await;
+    // Its page marks the wave red too, and lists the failed agent under its stage.
+    browser
+        .show(&format!("#/rollouts/{}", failing["id"].as_str().unwrap()))
+        .await;
+    let wave = browser
+        .wait_for_text(".wave-card[data-wave='0'] .marker.failing", |_| true)
+        .await;
+    assert_eq!(wave, "failing: 1 build failure");
+    browser
+        .click("#rollout-funnel button[data-stage=rolled_back]")
+        .await;
+    browser
+        .wait_for_text("#rollout-agents-total", |t| t == "1–1 of 1")
+        .await;
+    assert_eq!(
+        browser
+            .count("#rollout-agents tr[data-stage=rolled_back] .failure-class.build")
+            .await,
+        1
+    );
+    browser.screenshot("rollout-failing").await;
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
     keeper.abort();
     browser.close().await;

@@ -744,7 +744,9 @@ function rolloutPage(main, id) {
       h('div', { class: 'actions' }, rolloutActions(r, facts)));
     waves.replaceChildren(...r.waves.map((w) => h('section', { class: `wave-card ${w.state}`, 'data-wave': w.index },
       h('h3', {}, `Wave ${w.index + 1} of ${r.waves.length} · up to ${w.share.endsWith('%') ? `${w.share} of the targets` : plural(Number(w.share), 'agent')} · ${plural(w.size, 'agent')} in it `,
-        h('span', { class: `state ${w.state}`, 'data-wave-state': w.state }, w.state)),
+        h('span', { class: `state ${w.state}`, 'data-wave-state': w.state }, w.state),
+        w.counts.failures.build > 0 && w.state !== 'halted' && isOpen(r)
+          ? h('span', { class: 'marker failing' }, `failing: ${plural(w.counts.failures.build, 'build failure')}`) : null),
       h('p', { class: 'wave-line' }, waveLine(r, w)),
       funnel(w.counts, (s) => show(s, w.index)))));
     timeline.replaceChildren(table(['When', 'What', 'Who', 'Detail'],

@@ -1885,6 +1885,18 @@ async fn progress_and_funnel_numbers_are_the_apis_and_an_installed_version_is_no
     for installed in rollouts.iter().filter(|r| r["version"] == "1.0.0") {
         assert_eq!(installed["targeted"], 0, "{installed}");
     }
+    // The overview counts the beta agent still on 1.0.0 as behind its channel's build.
+    browser.show("#/overview").await;
+    let lag = browser
+        .wait_for_text("[data-platform='linux/amd64'] [data-lagging]", |_| true)
+        .await;
+    assert_eq!(
+        lag,
+        "1 agent behind its channel's build (0 on stable, which is due 1.0.0; 1 on beta, which is due 1.1.0)"
+    );
+    let (_, fleet_now) = api.get("/api/v1/fleet").await;
+    assert_eq!(fleet_now["versions"][0]["beta"], 1, "{fleet_now}");
+    browser.show("#/rollouts").await;
     // The beta rollout's gate before any promote is "not ready", not a red "fail".
     let beta = "tr[data-version='1.1.0'][data-kind='beta'] td.gate";
     let gate = browser.wait_for_text(beta, |_| true).await;

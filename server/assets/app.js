@@ -325,7 +325,13 @@ function versionCharts(versions, builds) {
     const t = due.get(name) || {};
     const height = 24;
     const tags = (v) => [v === t.stable ? 'stable' : null, v === t.beta && t.beta !== t.stable ? 'beta' : null].filter(Boolean);
-    const lagging = t.stable ? rows.filter((r) => semverCompare(r.version, t.stable) < 0).reduce((n, r) => n + r.agents, 0) : 0;
+    // Agents behind the build their own channel is due: stable agents below the stable
+    // target, beta agents below the beta one.
+    const behind = (target, n) => rows.filter((r) => target && semverCompare(r.version, target) < 0)
+      .reduce((sum, r) => sum + n(r), 0);
+    const lagStable = behind(t.stable, (r) => r.agents - r.beta);
+    const lagBeta = behind(t.beta, (r) => r.beta);
+    const lagging = lagStable + lagBeta;
     return h('div', { class: 'chart', 'data-platform': name }, h('h3', {}, name),
       svg('svg', { viewBox: `0 0 500 ${rows.length * height}`, role: 'img', 'aria-label': `versions on ${name}` },
         rows.map((r, i) => svg('g', { transform: `translate(0 ${i * height})`, class: tags(r.version).map((x) => `target-${x}`).join(' ') },
@@ -334,8 +340,11 @@ function versionCharts(versions, builds) {
           svg('rect', { x: 110, y: 4, height: 16, width: Math.max(2, (r.agents / most) * 250) }),
           svg('text', { x: 116 + Math.max(2, (r.agents / most) * 250), y: 16 },
             `${r.agents} (${r.online} online)`)))),
-      t.stable ? h('p', { class: lagging ? 'lag' : 'muted', 'data-lagging': lagging },
-        lagging ? `${plural(lagging, 'agent')} behind stable ${t.stable}` : `every agent is on stable ${t.stable} or newer`) : null);
+      t.beta ? h('p', { class: lagging ? 'lag' : 'muted', 'data-lagging': lagging },
+        lagging ? `${plural(lagging, 'agent')} behind ${lagging === 1 ? 'its' : 'their'} channel's build `
+          + `(${[t.stable ? `${lagStable} on stable, which is due ${t.stable}` : null,
+            `${lagBeta} on beta, which is due ${t.beta}`].filter(Boolean).join('; ')})`
+          : 'every agent runs its channel\'s build or newer') : null);
   });
 }
 

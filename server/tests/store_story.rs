@@ -639,6 +639,17 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
             .filter(|a| a.node_last_beat_ms.is_some_and(|beat| beat >= 0))
             .count();
         assert_eq!(c.online as usize, live, "{c:?}");
+        let beta = same
+            .iter()
+            .filter(|a| {
+                a.agent_channel
+                    .as_ref()
+                    .or(a.site_channel.as_ref())
+                    .or(a.client_channel.as_ref())
+                    .is_some_and(|c| c == "beta")
+            })
+            .count();
+        assert_eq!(c.beta as usize, beta, "{c:?}");
     }
 
     // Tokens: minted, listed without secrets, revoked.

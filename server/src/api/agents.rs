@@ -350,6 +350,8 @@ pub(crate) struct VersionCount {
     version: String,
     agents: usize,
     online: usize,
+    /// Of `agents`, those whose channel resolves to beta.
+    beta: usize,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -433,6 +435,7 @@ pub(crate) async fn fleet(
                 version: row.version,
                 agents: count(row.agents),
                 online: count(row.online),
+                beta: count(row.beta),
             }
         })
         .collect();

@@ -480,7 +480,8 @@ pub struct AgentFilter<'a> {
     pub offset: i64,
 }
 
-/// Agents on one platform and version now: how many, how many online, how many paused.
+/// Agents on one platform and version now: how many, how many online, how many paused,
+/// how many on the beta channel.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct FleetCount {
     pub os: String,
@@ -489,6 +490,7 @@ pub struct FleetCount {
     pub agents: i64,
     pub online: i64,
     pub paused: i64,
+    pub beta: i64,
 }
 
 /// Which level of the hierarchy a channel is set on.

@@ -1227,8 +1227,12 @@ macro_rules! impl_queries {
                     Ok(sqlx::query_as(
                         "SELECT a.os, a.arch, a.version, COUNT(*) AS agents, \
                            SUM(CASE WHEN n.last_beat >= $1 THEN 1 ELSE 0 END) AS online, \
-                           SUM(CASE WHEN a.paused THEN 1 ELSE 0 END) AS paused \
-                         FROM agents a LEFT JOIN nodes n ON n.id = a.node_id \
+                           SUM(CASE WHEN a.paused THEN 1 ELSE 0 END) AS paused, \
+                           SUM(CASE WHEN COALESCE(a.channel, s.channel, c.channel) = 'beta' \
+                               THEN 1 ELSE 0 END) AS beta \
+                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                           JOIN clients c ON c.id = s.client_id \
+                           LEFT JOIN nodes n ON n.id = a.node_id \
                          GROUP BY a.os, a.arch, a.version",
                     )
                     .bind(live_since_ms)

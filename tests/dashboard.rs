@@ -241,6 +241,7 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
         ("/", "text/html", "/assets/app.js"),
         ("/assets/app.js", "text/javascript", "EventSource"),
         ("/assets/app.css", "text/css", "--accent"),
+        ("/favicon.ico", "image/svg+xml", "<svg"),
     ] {
         let response = http
             .get(format!("{}{path}", server.url))
@@ -298,6 +299,16 @@ async fn the_agent_listing_filters_and_pages_and_stays_an_array_without_limit() 
     assert_eq!(status, 400, "{body}");
     let (status, body) = api.get("/api/v1/agents?online=maybe").await;
     assert_eq!(status, 400, "{body}");
+    let (status, body) = api.get("/api/v1/agents?limit=10&sort=shoe_size").await;
+    assert_eq!(status, 400, "{body}");
+    let (_, sorted) = api.get("/api/v1/agents?limit=10&sort=-version").await;
+    let hostnames: Vec<&str> = sorted["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["hostname"].as_str().unwrap())
+        .collect();
+    assert_eq!(hostnames, ["web-2", "db-1", "web-1"]);
 
     let (status, summary) = api.get("/api/v1/fleet").await;
     assert_eq!(status, 200, "{summary}");
@@ -792,11 +803,23 @@ async fn logging_out_returns_to_the_login_page() {
     browser
         .wait_for_text("#who", |who| who.contains("admin"))
         .await;
+    let live_title = || async {
+        browser
+            .run("return document.getElementById('live').title;", vec![])
+            .await
+    };
+    eventually("live updates on", PAGE_WAIT, || async {
+        (live_title().await == json!("Live updates: on")).then_some(())
+    })
+    .await;
     browser.click("#logout").await;
     eventually("the login page", PAGE_WAIT, || async {
         (browser.visible("login").await && !browser.visible("top").await).then_some(())
     })
     .await;
+    // Logged out, the page says it hears nothing.
+    assert_eq!(live_title().await, json!("Live updates: off"));
+    assert_eq!(browser.count("#live.on").await, 0);
     // The cookie is gone too: a reload stays on the login page.
     browser.open("/#/agents").await;
     eventually("the login page after a reload", PAGE_WAIT, || async {
@@ -884,12 +907,19 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     browser.open("/#/rollouts").await;
     let row = "tr[data-version='1.1.0'][data-kind='beta']";
     browser.wait_for_text(row, |_| true).await;
-    // A beta rollout shows its gate; it reads "fail" with no beta success yet.
+    // A beta rollout shows its gate; with no beta success yet it is "not ready" (the
+    // usual state before a promote, not an error), and the promote is a forced one.
     browser
-        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("fail"))
+        .wait_for_text(&format!("{row} td.gate"), |gate| {
+            gate.starts_with("not ready")
+        })
         .await;
+    assert_eq!(
+        browser.count(&format!("{row} td.gate .state.failed")).await,
+        0
+    );
     browser
-        .click(&format!("{row} button[data-action=promote]"))
+        .click(&format!("{row} button.danger[data-action=promote-anyway]"))
         .await;
     let text = browser
         .wait_for_text("#confirm-text", |t| !t.is_empty())
@@ -902,7 +932,7 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
         browser.text("#confirm-ok").await.as_deref(),
         Some("Promote anyway")
     );
-    browser.click("#confirm-ok").await;
+    browser.confirm_typing("1.1.0").await;
 
     let api = server.api();
     let promoted = eventually("1.1.0 promoted", PAGE_WAIT, || async {
@@ -932,7 +962,7 @@ async fn the_promote_confirmation_names_the_version_and_the_agents_that_will_upd
     );
     eventually("no promote button left", PAGE_WAIT, || async {
         (browser
-            .count(&format!("{row} button[data-action=promote]"))
+            .count(&format!("{row} button[data-action^=promote]"))
             .await
             == 0)
             .then_some(())
@@ -955,6 +985,34 @@ impl Browser {
     async fn show(&self, hash: &str) {
         self.run("location.hash = arguments[0];", vec![json!(hash)])
             .await;
+    }
+
+    /// Confirms a dangerous action: the OK button stays disabled until `typed` (the
+    /// version) is typed, a wrong text leaves it disabled, then it is clicked.
+    async fn confirm_typing(&self, typed: &str) {
+        let ok_enabled = || async {
+            self.run(
+                "return !document.getElementById('confirm-ok').disabled;",
+                vec![],
+            )
+            .await
+                == json!(true)
+        };
+        assert!(!ok_enabled().await, "enabled before typing");
+        let input = self
+            .client
+            .find(fantoccini::Locator::Id("confirm-typed"))
+            .await
+            .unwrap();
+        input.send_keys("0.0.0").await.unwrap();
+        assert!(!ok_enabled().await, "enabled with the wrong version");
+        input.clear().await.unwrap();
+        input.send_keys(typed).await.unwrap();
+        eventually("the confirm button enabled", PAGE_WAIT, || async {
+            ok_enabled().await.then_some(())
+        })
+        .await;
+        self.click("#confirm-ok").await;
     }
 
     /// The errors the page's script ran into (app.js collects them in `__droverErrors`).
@@ -1059,11 +1117,11 @@ async fn the_story_in_the_browser() {
     assert_eq!(browser.count(row).await, 0, "nothing published yet");
 
     publish_agent(&server, dir.path(), "1.1.0", "beta");
-    // The funnel reads "0 waiting → 0 queued → 0 in progress → 1 succeeded".
+    // The funnel reads "0 waiting → 0 queued → 0 downloading → 0 installing → 1 succeeded".
     let succeeded = |funnel: &str| {
         funnel
             .split(" → ")
-            .nth(3)
+            .nth(4)
             .and_then(|s| s.split(' ').next())
             .and_then(|n| n.parse::<u64>().ok())
     };
@@ -1089,7 +1147,7 @@ async fn the_story_in_the_browser() {
         .wait_for_text(&format!("{row} .state"), |s| s == "completed")
         .await;
     browser
-        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("pass"))
+        .wait_for_text(&format!("{row} td.gate"), |gate| gate.starts_with("ready"))
         .await;
     assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
     browser.screenshot("rollouts").await;
@@ -1270,11 +1328,11 @@ async fn a_halted_rollout_is_bannered_and_resumed_from_the_page() {
     // The agent's task says what kind of failure it was.
     browser.show(&format!("#/agents/{}", ids[0])).await;
     let tasks = browser
-        .wait_for_text("#main table", |t| t.contains("1.0.0 → 1.1.0"))
+        .wait_for_text("#tasks table", |t| t.contains("1.0.0 → 1.1.0"))
         .await;
     assert!(tasks.contains("rolled back"), "{tasks}");
     assert_eq!(
-        browser.text("#main table .failure-class").await.as_deref(),
+        browser.text("#tasks table .failure-class").await.as_deref(),
         Some("build")
     );
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
@@ -1321,7 +1379,9 @@ async fn a_rollback_and_an_unblock_from_the_rollouts_view() {
         browser.text("#confirm-ok").await.as_deref(),
         Some("Roll back")
     );
-    browser.click("#confirm-ok").await;
+    // The agents have 1.0.0 to go back to, and the dialog says so.
+    assert!(text.contains("go back to 1.0.0"), "{text}");
+    browser.confirm_typing("1.1.0").await;
 
     let blocked = |version: &'static str| {
         let api = &api;
@@ -1355,7 +1415,7 @@ async fn a_rollback_and_an_unblock_from_the_rollouts_view() {
     eventually("the beta row's actions gone", PAGE_WAIT, || async {
         (browser
             .count(&format!(
-                "{beta} button[data-action=roll-back], {beta} button[data-action=promote]"
+                "{beta} button[data-action=roll-back], {beta} button[data-action^=promote]"
             ))
             .await
             == 0)
@@ -1598,6 +1658,1273 @@ async fn no_view_raises_a_javascript_error() {
         (browser.errors().await.as_array()?.len() == 1).then_some(())
     })
     .await;
+    drop(fleet);
+    browser.close().await;
+}
+
+// ------------------------------------------------ what the page once showed wrongly
+
+/// Agents that heartbeat every 300 ms until dropped, for tests that drive each agent
+/// through its updates first.
+fn keep_online(mut agents: Vec<ProtocolAgent>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            for agent in &mut agents {
+                agent.heartbeat().await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Takes the next update and comes back on its version: a success.
+async fn succeed(server: &Server, agent: &mut ProtocolAgent) -> String {
+    let update = agent
+        .next_update(Duration::from_secs(20))
+        .await
+        .expect("an update");
+    agent.reconnect(server, &update.version).await;
+    agent.heartbeat().await;
+    update.version
+}
+
+async fn put_on_beta(api: &Api, agent: &str) {
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/agents/{agent}/channel"),
+            json!({ "channel": "beta" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The computed background colour of the first element matching `css`.
+async fn background(browser: &Browser, css: &str) -> String {
+    browser
+        .run(
+            "return getComputedStyle(document.querySelector(arguments[0])).backgroundColor;",
+            vec![json!(css)],
+        )
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The colour of `--ok` in app.css.
+const GREEN: &str = "rgb(18, 128, 92)";
+
+/// A beta version that succeeded and was then rolled back: its bar is not a full green
+/// one and its gate does not say "pass" or "ready"; it says blocked.
+#[tokio::test]
+async fn a_rolled_back_version_shows_no_green_bar_and_a_blocked_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &["--gate-min-successes", "1", "--success-bake", "1s"],
+    );
+    let api = server.api();
+    let mut agent = ProtocolAgent::enroll(&server, "fp-rb", "1.0.0").await;
+    put_on_beta(&api, &agent.id).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    assert_eq!(succeed(&server, &mut agent).await, "1.1.0");
+    let keeper = keep_online(vec![agent]);
+    let beta = eventually(
+        "the beta rollout completed and ready",
+        PAGE_WAIT,
+        || async {
+            let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+            listed
+                .as_array()?
+                .iter()
+                .find(|r| {
+                    r["kind"] == "beta" && r["state"] == "completed" && r["gate"]["pass"] == true
+                })
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(beta["succeeded"], 1, "{beta}");
+    let (status, body) = api.post("/api/v1/rollouts/1.1.0/rollback", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/rollouts").await;
+    let row = format!("tr[data-rollout='{}']", beta["id"].as_str().unwrap());
+    let gate = browser
+        .wait_for_text(&format!("{row} td.gate"), |g| !g.is_empty())
+        .await;
+    assert!(gate.starts_with("blocked"), "{gate}");
+    assert_eq!(
+        browser
+            .count(&format!("{row} [data-gate=ready], {row} .state.succeeded"))
+            .await,
+        0
+    );
+    let shown = browser
+        .text(&format!("{row} .progress-cell"))
+        .await
+        .unwrap();
+    assert!(shown.contains("1 / 1 succeeded"), "{shown}");
+    assert!(shown.contains("1.1.0 rolled back"), "{shown}");
+    assert_ne!(
+        background(&browser, &format!("{row} .progress > span")).await,
+        GREEN,
+        "a rolled-back version's bar is not green"
+    );
+    // The same on its own page.
+    browser
+        .show(&format!("#/rollouts/{}", beta["id"].as_str().unwrap()))
+        .await;
+    browser
+        .wait_for_text("#rollout-title", |t| t.contains("blocked"))
+        .await;
+    assert_ne!(background(&browser, ".progress > span").await, GREEN);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}
+
+/// The installed stable version, before any promote: no red gate, no "0 / 2"; every
+/// stage on screen is the API's number, and none exceeds the targets.
+#[tokio::test]
+async fn progress_and_funnel_numbers_are_the_apis_and_an_installed_version_is_not_red() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[("fp-s1", "1.0.0"), ("fp-s2", "1.0.0"), ("fp-s3", "1.0.0")],
+    )
+    .await;
+    put_on_beta(&api, &fleet.ids[2]).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let rollouts = eventually("the beta rollout under way", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts").await;
+        let listed = listed.as_array()?.clone();
+        listed
+            .iter()
+            .any(|r| {
+                r["version"] == "1.1.0"
+                    && r["in_progress"].as_u64().unwrap_or(0) + r["queued"].as_u64().unwrap_or(0)
+                        == 1
+            })
+            .then_some(listed)
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/rollouts").await;
+    for r in &rollouts {
+        let row = format!("tr[data-rollout='{}']", r["id"].as_str().unwrap());
+        browser.wait_for_text(&row, |_| true).await;
+        let targeted = r["targeted"].as_u64().unwrap();
+        let mut sum = 0;
+        for stage in [
+            "waiting",
+            "queued",
+            "downloading",
+            "installing",
+            "succeeded",
+        ] {
+            let shown = browser
+                .run(
+                    "return document.querySelector(arguments[0]).dataset.count;",
+                    vec![json!(format!("{row} .funnel [data-stage={stage}]"))],
+                )
+                .await;
+            assert_eq!(
+                shown.as_str().unwrap(),
+                r[stage].to_string(),
+                "{stage}: {r}"
+            );
+            sum += r[stage].as_u64().unwrap();
+        }
+        assert!(sum <= targeted, "{r}");
+        let label = browser
+            .text(&format!("{row} .progress-cell small"))
+            .await
+            .unwrap();
+        if targeted == 0 {
+            assert_eq!(label, "no agent to update");
+        } else {
+            assert_eq!(label, format!("{} / {targeted} succeeded", r["succeeded"]));
+        }
+        // Nothing failed: nothing is red.
+        assert_eq!(
+            browser
+                .count(&format!(
+                    "{row} .state.failed, {row} .stage.bad, {row} .marker.failing"
+                ))
+                .await,
+            0,
+            "{r}"
+        );
+    }
+    // The installed stable version moves nobody: a rollout of it, if any, says so.
+    for installed in rollouts.iter().filter(|r| r["version"] == "1.0.0") {
+        assert_eq!(installed["targeted"], 0, "{installed}");
+    }
+    // The overview counts the beta agent still on 1.0.0 as behind its channel's build.
+    browser.show("#/overview").await;
+    let lag = browser
+        .wait_for_text("[data-platform='linux/amd64'] [data-lagging]", |_| true)
+        .await;
+    assert_eq!(
+        lag,
+        "1 agent behind its channel's build (0 on stable, which is due 1.0.0; 1 on beta, which is due 1.1.0)"
+    );
+    let (_, fleet_now) = api.get("/api/v1/fleet").await;
+    assert_eq!(fleet_now["versions"][0]["beta"], 1, "{fleet_now}");
+    browser.show("#/rollouts").await;
+    // The beta rollout's gate before any promote is "not ready", not a red "fail".
+    let beta = "tr[data-version='1.1.0'][data-kind='beta'] td.gate";
+    let gate = browser.wait_for_text(beta, |_| true).await;
+    assert!(gate.starts_with("not ready"), "{gate}");
+    assert_ne!(
+        background(&browser, &format!("{beta} .state")).await,
+        "rgb(254, 228, 226)"
+    );
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// One build failure in a wave too small to halt yet: the overview shows the rollout
+/// red (a marker, a red share of the bar) while it is still running.
+#[tokio::test]
+async fn a_failing_build_is_red_on_the_overview_before_it_halts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut agents = Vec::new();
+    for n in 0..6 {
+        agents.push(ProtocolAgent::enroll(&server, &format!("fp-f{n}"), "1.0.0").await);
+    }
+    for agent in &agents {
+        put_on_beta(&api, &agent.id).await;
+    }
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("beta"),
+        b"a broken build",
+    );
+    let mut tasks = Vec::new();
+    for agent in &mut agents {
+        tasks.push(
+            agent
+                .next_update(Duration::from_secs(20))
+                .await
+                .expect("an update")
+                .task_id,
+        );
+    }
+    agents[0]
+        .report(AgentMessage::UpdateResult(UpdateResult {
+            task_id: tasks[0].clone(),
+            outcome: UpdateOutcome::RolledBack,
+            version: "1.0.0".into(),
+            error: Some("the new version exited during probation".into()),
+            failure_class: Some(FailureClass::Build),
+        }))
+        .await;
+    let keeper = keep_online(agents);
+    let failing = eventually("one build failure", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+        listed
+            .as_array()?
+            .first()
+            .filter(|r| r["failures"]["build"] == 1)
+            .cloned()
+    })
+    .await;
+    assert_eq!(failing["state"], "running", "not halted yet: {failing}");
+    assert_eq!(failing["targeted"], 6, "{failing}");
+
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let row = format!("tr[data-rollout='{}']", failing["id"].as_str().unwrap());
+    let marker = browser
+        .wait_for_text(&format!("{row} .marker.failing"), |_| true)
+        .await;
+    assert_eq!(marker, "failing: 1 build failure");
+    assert_eq!(
+        background(&browser, &format!("{row} .marker.failing")).await,
+        "rgb(180, 35, 24)"
+    );
+    let red = browser
+        .run(
+            "return document.querySelector(arguments[0]).style.width;",
+            vec![json!(format!("{row} .progress > span.bad"))],
+        )
+        .await;
+    // One of six, rounded down.
+    assert_eq!(red, json!("16%"));
+    assert_eq!(browser.count("[data-banner=halted]").await, 0);
+    browser.screenshot("overview-failing").await;
+    // Its page marks the wave red too, and lists the failed agent under its stage.
+    browser
+        .show(&format!("#/rollouts/{}", failing["id"].as_str().unwrap()))
+        .await;
+    let wave = browser
+        .wait_for_text(".wave-card[data-wave='0'] .marker.failing", |_| true)
+        .await;
+    assert_eq!(wave, "failing: 1 build failure");
+    browser
+        .click("#rollout-funnel button[data-stage=rolled_back]")
+        .await;
+    browser
+        .wait_for_text("#rollout-agents-total", |t| t == "1–1 of 1")
+        .await;
+    assert_eq!(
+        browser
+            .count("#rollout-agents tr[data-stage=rolled_back] .failure-class.build")
+            .await,
+        1
+    );
+    browser.screenshot("rollout-failing").await;
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}
+
+/// A new fleet has a point on the adoption chart at once, with axes; a snapshot carries
+/// the time it was taken (not the start of its interval); a new version shows without
+/// a reload; the range control asks for that range.
+#[tokio::test]
+async fn the_adoption_chart_shows_a_new_fleet_at_once_with_axes_and_true_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--snapshot-interval", "5"]);
+    let api = server.api();
+    let first = Online::enroll(&server, &[("fp-a1", "1.0.0"), ("fp-a2", "1.0.0")]).await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let chart = "[data-adoption='linux/amd64']";
+    eventually("a point for now", PAGE_WAIT, || async {
+        (browser.count(&format!("{chart} circle")).await >= 1).then_some(())
+    })
+    .await;
+    // The y axis runs to the most agents on one version: 2.
+    let ticks = browser
+        .run(
+            "return [...document.querySelectorAll(arguments[0])].map((t) => t.textContent);",
+            vec![json!(format!("{chart} .axes text.tick[data-tick]"))],
+        )
+        .await;
+    assert_eq!(ticks, json!(["0", "1", "2"]));
+    assert!(
+        browser
+            .text(&format!("{chart} .axes"))
+            .await
+            .unwrap()
+            .ends_with("now")
+    );
+
+    // An agent on a new version joins: its line appears without a reload.
+    let joined_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let second = Online::enroll(&server, &[("fp-a3", "1.2.0")]).await;
+    eventually("the new version on the chart", PAGE_WAIT, || async {
+        (browser
+            .count(&format!("{chart} .series[data-version='1.2.0'] circle"))
+            .await
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    // The first snapshot that counts it was taken after it joined.
+    let at = eventually("a snapshot with 1.2.0", Duration::from_secs(20), || async {
+        let (_, history) = api.get("/api/v1/fleet/history?hours=1").await;
+        history
+            .as_array()?
+            .iter()
+            .find(|p| p["version"] == "1.2.0")
+            .map(|p| p["at"].as_str().unwrap().to_owned())
+    })
+    .await;
+    let at_ms = chrono_ms(&at);
+    assert!(
+        at_ms >= joined_ms - 5,
+        "the snapshot is labelled {at}, before the agent joined ({joined_ms})"
+    );
+
+    browser.click("button[data-range='6']").await;
+    eventually("6 h chosen", PAGE_WAIT, || async {
+        (browser
+            .count("button[data-range='6'][aria-pressed=true]")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(browser.count("button[aria-pressed=true]").await, 1);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop((first, second));
+    browser.close().await;
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time in UTC, as the server writes them.
+fn chrono_ms(rfc3339: &str) -> i64 {
+    let output = std::process::Command::new("date")
+        .args(["-u", "-d", rfc3339, "+%s%3N"])
+        .output()
+        .unwrap_or_else(|e| panic!("date -d {rfc3339}: {e}"));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The audit log shows new entries without a reload, names agents by hostname with a
+/// link, counts "1 agent", and its relative times tick.
+#[tokio::test]
+async fn the_audit_log_is_live_names_its_targets_and_its_times_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(&server, &[("audited-host", "1.0.0")]).await;
+    let agent = fleet.ids[0].clone();
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/audit").await;
+    browser
+        .wait_for_text("#main table", |t| t.contains("session.login"))
+        .await;
+    assert_eq!(
+        browser.run("return document.title;", vec![]).await,
+        json!("Audit · Drover")
+    );
+
+    let (status, body) = api
+        .post(&format!("/api/v1/agents/{agent}/pause"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let link = "tr[data-action='agent.pause'] a[data-target=agent]";
+    let name = browser.wait_for_text(link, |_| true).await;
+    assert_eq!(name, "audited-host");
+    let href = browser
+        .run(
+            "return document.querySelector(arguments[0]).getAttribute('href');",
+            vec![json!(link)],
+        )
+        .await;
+    assert_eq!(href, json!(format!("#/agents/{agent}")));
+    let (status, body) = api
+        .post(&format!("/api/v1/agents/{agent}/resume"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = api
+        .post(
+            "/api/v1/rollouts",
+            Some(json!({ "version": "1.1.0", "selector": { "agent_ids": [agent] } })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let created = browser
+        .wait_for_text("tr[data-action='rollout.create']", |_| true)
+        .await;
+    assert!(created.contains("1.1.0 to 1 agent"), "{created}");
+    assert!(!created.contains("1 agents"), "{created}");
+    assert_eq!(
+        browser
+            .count("tr[data-action='rollout.create'] a[data-target=rollout]")
+            .await,
+        1
+    );
+
+    // The times tick without any event.
+    let when = "tr[data-action='rollout.create'] time";
+    let before = browser.text(when).await.unwrap();
+    let later = eventually("the time to tick", Duration::from_secs(10), || async {
+        browser.text(when).await.filter(|t| *t != before)
+    })
+    .await;
+    assert!(later.ends_with("s ago"), "{before} then {later}");
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// Sites and clients show by name, never as an id, however the requests race.
+#[tokio::test]
+async fn sites_and_clients_show_by_name_on_the_agents_list_and_the_agent_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(&server, &[("fp-n1", "1.0.0"), ("fp-n2", "1.0.0")]).await;
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0].clone();
+    let (_, clients) = api.get("/api/v1/clients").await;
+    let client = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == site["client_id"])
+        .unwrap()
+        .clone();
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    for _ in 0..6 {
+        browser.open("/#/agents").await;
+        let cell = browser
+            .wait_for_text(
+                &format!("tr[data-agent='{}'] td.site", fleet.ids[0]),
+                |_| true,
+            )
+            .await;
+        assert_eq!(cell, site["name"].as_str().unwrap());
+    }
+    browser.show(&format!("#/agents/{}", fleet.ids[1])).await;
+    let facts = browser
+        .wait_for_text("dl.identity", |t| t.contains("fp-n2"))
+        .await;
+    assert!(!facts.contains(site["id"].as_str().unwrap()), "{facts}");
+    assert_eq!(
+        browser.text("[data-site]").await.as_deref(),
+        site["name"].as_str()
+    );
+    assert!(
+        facts.contains(&format!("Client{}", client["name"].as_str().unwrap())),
+        "{facts}"
+    );
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// "Update now" offers only versions newer than the agent's, and is disabled with the
+/// reason when there is none.
+#[tokio::test]
+async fn update_now_lists_only_versions_that_would_be_an_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(&server, &[("fp-u1", "1.1.0"), ("fp-u2", "1.2.0")]).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"an older build",
+    );
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.2.0", Some("beta"), b"a beta build");
+    eventually("three builds", PAGE_WAIT, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        (releases.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+
+    // On the newest build: nothing to update to, and the page says why.
+    browser.show(&format!("#/agents/{}", fleet.ids[1])).await;
+    let why = browser
+        .wait_for_text("[data-why=update-now]", |_| true)
+        .await;
+    assert_eq!(why, "Nothing newer than 1.2.0 is offered for linux/amd64.");
+    assert_eq!(
+        browser
+            .run(
+                "return document.querySelector('button[data-action=update-now]').disabled;",
+                vec![],
+            )
+            .await,
+        json!(true)
+    );
+
+    // On 1.1.0: only 1.2.0 is listed, and the confirmation names it.
+    browser.show(&format!("#/agents/{}", fleet.ids[0])).await;
+    browser
+        .wait_for_text("dl.identity", |t| t.contains("fp-u1"))
+        .await;
+    // The explain answer, as the API gives it: every candidate with its reason.
+    let (_, why) = api
+        .get(&format!("/api/v1/agents/{}/explain", fleet.ids[0]))
+        .await;
+    let candidates = why["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 3, "{why}");
+    for c in candidates {
+        let row = browser
+            .text(&format!(
+                "#explain tr[data-candidate='{}']",
+                c["version"].as_str().unwrap()
+            ))
+            .await
+            .unwrap_or_else(|| panic!("no row for {c}"));
+        assert!(
+            row.contains(c["reason"].as_str().unwrap_or("")),
+            "{row} / {c}"
+        );
+    }
+    let next = browser.text("#explain .next").await.unwrap();
+    assert_eq!(next, format!("Next: {}", why["next"].as_str().unwrap()));
+    let options = browser
+        .run(
+            "return [...document.querySelectorAll('#update-version option')].map((o) => o.value);",
+            vec![],
+        )
+        .await;
+    assert_eq!(options, json!(["1.2.0"]));
+    browser.click("button[data-action=update-now]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Update"))
+        .await;
+    assert!(text.contains("from 1.1.0 to 1.2.0"), "{text}");
+    browser.click("#confirm-ok").await;
+    let task = eventually("the task to 1.2.0", PAGE_WAIT, || async {
+        tasks_of(&server, &fleet.ids[0]).await.first().cloned()
+    })
+    .await;
+    assert_eq!(task["to_version"], "1.2.0", "{task}");
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// Every page at a laptop's width and at a phone's (390 × 844): nothing overflows
+/// sideways at either, every button is on screen, each is saved as a screenshot in
+/// `target/dashboard-screenshots/`, and no page raises a script error.
+#[tokio::test]
+async fn every_page_fits_a_phone_and_is_screenshot_at_both_widths() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[
+            (
+                "a-rather-long-hostname-for-a-phone-screen.example.internal",
+                "1.0.0",
+            ),
+            ("fp-p2", "1.0.0"),
+            ("fp-p3", "1.0.0"),
+        ],
+    )
+    .await;
+    put_on_beta(&api, &fleet.ids[2]).await;
+    publish(
+        &server.downloads(),
+        "1.0.0",
+        Some("stable"),
+        b"the stable build",
+    );
+    publish(&server.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    let beta = eventually("the beta rollout", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+        listed.as_array()?.first().cloned()
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let rollout = format!("#/rollouts/{}", beta["id"].as_str().unwrap());
+    let agent = format!("#/agents/{}", fleet.ids[0]);
+    let pages = [
+        (
+            "overview",
+            "#/overview",
+            "[data-count=online] .value",
+            "Overview · Drover",
+        ),
+        (
+            "rollouts",
+            "#/rollouts",
+            "tr[data-kind='beta'] td.gate",
+            "Rollouts · Drover",
+        ),
+        (
+            "rollout",
+            rollout.as_str(),
+            "#timeline table",
+            "beta rollout of 1.1.0 · Drover",
+        ),
+        ("agents", "#/agents", "#agent-total", "Agents · Drover"),
+        (
+            "agent",
+            agent.as_str(),
+            "#explain",
+            "a-rather-long-hostname-for-a-phone-screen.example.internal · Drover",
+        ),
+        ("releases", "#/releases", "#main table", "Releases · Drover"),
+        ("audit", "#/audit", "#main table", "Audit · Drover"),
+    ];
+    for (width, height, suffix) in [(1280, 900, "desktop"), (390, 844, "phone")] {
+        browser.client.set_window_size(width, height).await.unwrap();
+        for (name, hash, ready, title) in pages {
+            browser.show(hash).await;
+            browser.wait_for_text(ready, |_| true).await;
+            eventually(&format!("the title of {name}"), PAGE_WAIT, || async {
+                (browser.run("return document.title;", vec![]).await == json!(title)).then_some(())
+            })
+            .await;
+            // A moment for late fetches to land and redraw.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let fit = browser
+                .run(
+                    "const w = document.documentElement.clientWidth; \
+                     const off = [...document.querySelectorAll('button, a, input, select')] \
+                       .filter((el) => el.offsetParent !== null) \
+                       .map((el) => [el.textContent || el.getAttribute('aria-label') || el.tagName, el.getBoundingClientRect()]) \
+                       .filter(([, r]) => r.right > w + 1 || r.left < -1) \
+                       .map(([t]) => t); \
+                     return { w, scroll: document.documentElement.scrollWidth, off };",
+                    vec![],
+                )
+                .await;
+            let w = fit["w"].as_u64().unwrap();
+            if suffix == "phone" {
+                assert!(w <= 400, "{name}: a phone's viewport, not {w}");
+            }
+            assert!(
+                fit["scroll"].as_u64().unwrap() <= w,
+                "{name} at {suffix} width overflows: {fit}"
+            );
+            assert_eq!(
+                fit["off"],
+                json!([]),
+                "{name} at {suffix} width: controls off-screen"
+            );
+            browser.screenshot(&format!("{name}-{suffix}")).await;
+            assert_eq!(
+                browser.errors().await,
+                json!([]),
+                "{name} at {suffix} width"
+            );
+        }
+    }
+    drop(fleet);
+    browser.close().await;
+}
+
+/// The stage counts a rollout page shows (`scope` holds one funnel), by stage.
+async fn funnel_on_page(browser: &Browser, scope: &str) -> Value {
+    browser
+        .run(
+            "const out = {}; \
+             for (const el of document.querySelectorAll(arguments[0] + ' [data-stage]')) \
+               out[el.dataset.stage] = Number(el.dataset.count); \
+             return out;",
+            vec![json!(scope)],
+        )
+        .await
+}
+
+/// Every stage the page shows equals the API's count.
+fn same_stages(shown: &Value, counts: &Value) -> bool {
+    let shown = shown.as_object().unwrap();
+    !shown.is_empty() && shown.iter().all(|(stage, n)| counts[stage] == *n)
+}
+
+/// Five real agents (three on stable, two on beta). A beta build progresses live on its
+/// rollout page; it is promoted from that page with a three-wave plan, whose waves the
+/// page shows starting, baking and passing, with a timeline equal to the API's. A
+/// broken build then halts on its canary, shown with the reason on the overview and its
+/// page, and is rolled back through the type-the-version dialog, which names the
+/// version agents go back to.
+#[tokio::test]
+async fn the_rollout_page_story() {
+    let dir = tempfile::tempdir().unwrap();
+    // A build dropped on stable starts with a canary of two agents.
+    let server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--gate-min-successes",
+            "2",
+            "--success-bake",
+            "1s",
+            "--default-waves",
+            "2,100%",
+        ],
+    );
+    let api = server.api();
+    publish_agent(&server, dir.path(), "1.0.0", "stable");
+    let names = ["st-1", "st-2", "st-3", "be-1", "be-2"];
+    let _fleet: Vec<Agent> = names
+        .iter()
+        .map(|name| {
+            let exe = dir.path().join(format!("{name}-bin/drover-agent"));
+            stamp_agent("1.0.0", &exe);
+            Agent::start_installed(
+                &server,
+                &exe,
+                dir.path(),
+                name,
+                &[
+                    "--enroll-token",
+                    ENROLL_TOKEN,
+                    "--fingerprint",
+                    &format!("fp-{name}"),
+                    // A broken build is given up on soon.
+                    "--probation-timeout",
+                    "5",
+                ],
+            )
+        })
+        .collect();
+    let agents = all_online(&api, 5).await;
+    for agent in agents
+        .iter()
+        .filter(|a| a["hostname"].as_str().is_some_and(|h| h.starts_with("be-")))
+    {
+        put_on_beta(&api, agent["id"].as_str().unwrap()).await;
+    }
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    eventually("live updates on", PAGE_WAIT, || async {
+        (browser.count("#live.on").await == 1).then_some(())
+    })
+    .await;
+    let rollout_of = |version: &'static str, kind: &'static str| {
+        let api = &api;
+        async move {
+            let (_, listed) = api
+                .get(&format!("/api/v1/rollouts?version={version}"))
+                .await;
+            listed
+                .as_array()?
+                .iter()
+                .find(|r| r["kind"] == kind)
+                .cloned()
+        }
+    };
+    let record = |id: String| {
+        let api = &api;
+        async move { api.get(&format!("/api/v1/rollouts/{id}")).await.1 }
+    };
+
+    // The beta build, watched on its own page.
+    publish_agent(&server, dir.path(), "1.1.0", "beta");
+    let beta = eventually("the beta rollout", PAGE_WAIT, || {
+        rollout_of("1.1.0", "beta")
+    })
+    .await;
+    let beta_id = beta["id"].as_str().unwrap().to_owned();
+    assert_eq!(beta["targeted"], 2, "{beta}");
+    browser.show(&format!("#/rollouts/{beta_id}")).await;
+    browser
+        .wait_for_text("#rollout-title", |t| t.contains("beta rollout"))
+        .await;
+    browser.run("window.stillHere = true;", vec![]).await;
+    eventually(
+        "both beta agents succeeded on the page",
+        Duration::from_secs(90),
+        || async {
+            let shown = funnel_on_page(&browser, "#rollout-funnel").await;
+            (shown["succeeded"] == 2).then_some(())
+        },
+    )
+    .await;
+    browser
+        .wait_for_text("#rollout-title .state", |s| s == "completed")
+        .await;
+    let done = record(beta_id.clone()).await;
+    assert!(
+        same_stages(&funnel_on_page(&browser, "#rollout-funnel").await, &done),
+        "{done}"
+    );
+    // The agents section lists both, by stage.
+    browser
+        .wait_for_text("#rollout-agents-total", |t| t == "1–2 of 2")
+        .await;
+    assert_eq!(
+        browser
+            .count("#rollout-agents tr[data-stage=succeeded]")
+            .await,
+        2
+    );
+    browser.wait_for_text("[data-gate=ready]", |_| true).await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+    browser.screenshot("story-rollout-beta").await;
+
+    // Promote from the page, in three waves with a short bake.
+    browser.click("button[data-action=promote]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Promote"))
+        .await;
+    assert!(text.contains("3 stable agents will update"), "{text}");
+    for (field, value) in [("waves", "1,2,100%"), ("bake", "4s")] {
+        browser
+            .client
+            .find(fantoccini::Locator::Id(&format!("confirm-field-{field}")))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    browser.click("#confirm-ok").await;
+    let promote = eventually("the promote rollout", PAGE_WAIT, || {
+        rollout_of("1.1.0", "promote")
+    })
+    .await;
+    let promote_id = promote["id"].as_str().unwrap().to_owned();
+    let shares: Vec<&str> = promote["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["share"].as_str().unwrap())
+        .collect();
+    assert_eq!(shares, ["1", "2", "100%"], "{promote}");
+    browser.show(&format!("#/rollouts/{promote_id}")).await;
+    // Watch each wave's state on the page until the rollout completes.
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    eventually(
+        "the promote completed on the page",
+        Duration::from_secs(120),
+        || async {
+            let states = browser
+                .run(
+                    "return [...document.querySelectorAll('.wave-card')] \
+                       .map((c) => c.dataset.wave + ':' + c.querySelector('[data-wave-state]').dataset.waveState);",
+                    vec![],
+                )
+                .await;
+            for s in states.as_array()? {
+                seen.borrow_mut().insert(s.as_str()?.to_owned());
+            }
+            let title = browser.text("#rollout-title .state").await?;
+            (title == "completed").then_some(())
+        },
+    )
+    .await;
+    let seen = seen.into_inner();
+    for wave in 0..2 {
+        assert!(seen.contains(&format!("{wave}:running")), "{seen:?}");
+        assert!(seen.contains(&format!("{wave}:baking")), "{seen:?}");
+    }
+    assert!(seen.contains("1:pending"), "{seen:?}");
+    let done = record(promote_id.clone()).await;
+    assert_eq!(done["succeeded"], 3, "{done}");
+    // The page redraws after the last event; then it shows the API's numbers.
+    eventually(
+        "the page's funnel equal to the API's",
+        PAGE_WAIT,
+        || async {
+            same_stages(&funnel_on_page(&browser, "#rollout-funnel").await, &done).then_some(())
+        },
+    )
+    .await;
+    for (i, wave) in done["waves"].as_array().unwrap().iter().enumerate() {
+        let shown = funnel_on_page(&browser, &format!(".wave-card[data-wave='{i}']")).await;
+        assert!(
+            same_stages(&shown, &wave["counts"]),
+            "wave {i}: {shown} / {wave}"
+        );
+    }
+    let timeline = done["timeline"].as_array().unwrap();
+    assert_eq!(
+        browser.count("#timeline tbody tr").await,
+        timeline.len() as u64,
+        "{timeline:?}"
+    );
+    let shown = browser.text("#timeline tbody").await.unwrap();
+    for entry in timeline {
+        if let Some(detail) = entry["detail"].as_str() {
+            assert!(shown.contains(detail), "{detail} not in {shown}");
+        }
+    }
+    browser.screenshot("story-rollout-promote").await;
+
+    // A broken build, straight onto stable: it starts and exits at once, so its canary
+    // fails probation and halts it.
+    publish(
+        &server.downloads(),
+        "1.2.0",
+        Some("stable"),
+        b"#!/bin/sh\nexit 3\n",
+    );
+    let halted = eventually(
+        "the 1.2.0 rollout halted",
+        Duration::from_secs(90),
+        || async {
+            let (_, listed) = api.get("/api/v1/rollouts?version=1.2.0&state=halted").await;
+            listed.as_array()?.first().cloned()
+        },
+    )
+    .await;
+    let halted_id = halted["id"].as_str().unwrap().to_owned();
+    let reason = halted["reason"].as_str().unwrap().to_owned();
+    browser.show("#/overview").await;
+    let banner = browser
+        .wait_for_text("[data-banner=halted]", |t| t.contains("1.2.0"))
+        .await;
+    assert!(banner.contains(&reason), "{banner} / {reason}");
+    let row = format!("tr[data-rollout='{halted_id}']");
+    let shown = browser.wait_for_text(&row, |t| t.contains("halted")).await;
+    assert!(shown.contains(&reason), "{shown}");
+    assert_eq!(
+        browser.text(&format!("{row} td.failures.bad")).await,
+        Some(halted["failures"]["build"].to_string())
+    );
+    browser.screenshot("story-overview-halted").await;
+    browser.show(&format!("#/rollouts/{halted_id}")).await;
+    browser
+        .wait_for_text("#rollout-title", |t| {
+            t.contains("halted") && t.contains(&reason)
+        })
+        .await;
+    assert_eq!(
+        browser
+            .text(".wave-card[data-wave='0'] [data-wave-state]")
+            .await
+            .as_deref(),
+        Some("halted")
+    );
+    browser.screenshot("story-rollout-halted").await;
+
+    // Roll it back from its page: the dialog names where agents go, and wants the version.
+    browser.click("button[data-action=roll-back]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Roll back"))
+        .await;
+    assert!(text.contains("Roll back 1.2.0"), "{text}");
+    assert!(text.contains("go back to 1.1.0"), "{text}");
+    browser.confirm_typing("1.2.0").await;
+    eventually("1.2.0 blocked", PAGE_WAIT, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        releases
+            .as_array()?
+            .iter()
+            .any(|r| r["version"] == "1.2.0" && r["blocked"] == true)
+            .then_some(())
+    })
+    .await;
+    browser
+        .wait_for_text("#rollout-title", |t| t.contains("blocked"))
+        .await;
+    eventually("every agent on 1.1.0", Duration::from_secs(60), || async {
+        let agents = api.agents().await?;
+        (agents.len() == 5
+            && agents
+                .iter()
+                .all(|a| a["version"] == "1.1.0" && a["online"] == true))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(browser.run("return window.stillHere;", vec![]).await, true);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    browser.close().await;
+}
+
+/// The agents list keeps its filters in the address: a filtered view can be linked to,
+/// and survives a reload.
+#[tokio::test]
+async fn the_agents_filters_live_in_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[("web-1", "1.0.0"), ("web-2", "1.0.0"), ("db-1", "1.0.0")],
+    )
+    .await;
+    put_on_beta(&api, &fleet.ids[1]).await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    // A link to a filtered view.
+    browser.open("/#/agents?channel=beta").await;
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 1"))
+        .await;
+    assert_eq!(
+        browser
+            .count(&format!("tr[data-agent='{}']", fleet.ids[1]))
+            .await,
+        1
+    );
+    assert_eq!(
+        browser
+            .run(
+                "return document.querySelector('[data-filter=channel]').value;",
+                vec![]
+            )
+            .await,
+        json!("beta")
+    );
+    // Changing a filter changes the address; a reload keeps it.
+    browser
+        .run(
+            "const s = document.querySelector('[data-filter=channel]'); s.value = 'stable'; \
+             s.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 2"))
+        .await;
+    let hash = browser.run("return location.hash;", vec![]).await;
+    assert_eq!(hash, json!("#/agents?channel=stable"));
+    browser.client.refresh().await.unwrap();
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 2"))
+        .await;
+    assert_eq!(browser.count("tr[data-agent]").await, 2);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// The agents list sorts by a column (the order in the address too) and acts on the
+/// agents selected: pause, and a targeted rollout of a version.
+#[tokio::test]
+async fn the_agents_list_sorts_and_acts_on_a_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let fleet = Online::enroll(
+        &server,
+        &[
+            ("b-host", "1.10.0"),
+            ("a-host", "1.2.0"),
+            ("c-host", "1.9.0"),
+        ],
+    )
+    .await;
+    publish(&server.downloads(), "1.11.0", Some("beta"), b"a beta build");
+    eventually("the build offered", PAGE_WAIT, || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        (!releases.as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/agents").await;
+    let order = || async {
+        browser
+            .run(
+                "return [...document.querySelectorAll('tr[data-agent] td:nth-child(3) a')].map((a) => a.textContent);",
+                vec![],
+            )
+            .await
+    };
+    browser
+        .wait_for_text("#agent-total", |t| t.ends_with("of 3"))
+        .await;
+    assert_eq!(order().await, json!(["a-host", "b-host", "c-host"]));
+    // By version, semver order (1.2.0 < 1.9.0 < 1.10.0), then reversed.
+    browser.click("button[data-sort=version]").await;
+    eventually("sorted by version", PAGE_WAIT, || async {
+        (order().await == json!(["a-host", "c-host", "b-host"])).then_some(())
+    })
+    .await;
+    browser.click("button[data-sort=version]").await;
+    eventually("sorted by version, newest first", PAGE_WAIT, || async {
+        (order().await == json!(["b-host", "c-host", "a-host"])).then_some(())
+    })
+    .await;
+    assert_eq!(
+        browser.run("return location.hash;", vec![]).await,
+        json!("#/agents?sort=-version")
+    );
+
+    // Select two and move them to 1.11.0 in a targeted rollout.
+    for id in [&fleet.ids[1], &fleet.ids[2]] {
+        browser.click(&format!("input[data-select='{id}']")).await;
+    }
+    browser
+        .wait_for_text("#bulk-count", |t| t == "2 agents selected")
+        .await;
+    browser.click("button[data-action=update-selected]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Update"))
+        .await;
+    assert!(
+        text.contains("Update 2 selected agents to 1.11.0"),
+        "{text}"
+    );
+    browser.click("#confirm-ok").await;
+    let targeted = eventually("the targeted rollout", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/rollouts?version=1.11.0").await;
+        listed
+            .as_array()?
+            .iter()
+            .find(|r| r["kind"] == "targeted")
+            .cloned()
+    })
+    .await;
+    assert_eq!(targeted["targeted"], 2, "{targeted}");
+
+    // The selection is cleared after an action. Select one and pause it.
+    browser
+        .wait_for_text("#bulk-count", |t| t == "0 agents selected")
+        .await;
+    browser
+        .click(&format!("input[data-select='{}']", fleet.ids[0]))
+        .await;
+    browser
+        .wait_for_text("#bulk-count", |t| t == "1 agent selected")
+        .await;
+    browser.click("button[data-action=pause-selected]").await;
+    let text = browser
+        .wait_for_text("#confirm-text", |t| t.starts_with("Pause"))
+        .await;
+    assert!(
+        text.contains("Pause automatic updates of 1 selected agent."),
+        "{text}"
+    );
+    browser.click("#confirm-ok").await;
+    eventually("b-host paused", PAGE_WAIT, || async {
+        let (_, agent) = api.get(&format!("/api/v1/agents/{}", fleet.ids[0])).await;
+        (agent["paused"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
     drop(fleet);
     browser.close().await;
 }

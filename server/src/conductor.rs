@@ -766,8 +766,11 @@ pub(crate) async fn rollback(
     }
     if !candidates.is_empty() {
         let detail = format!(
-            "{version} rolled back: {} agents to move, {} with no build to go back to",
-            candidates.len(),
+            "{version} rolled back: {} to move, {} with no build to go back to",
+            match candidates.len() {
+                1 => "1 agent".to_owned(),
+                n => format!("{n} agents"),
+            },
             outcome.no_build.len()
         );
         outcome.rollout = Some(

@@ -1,4 +1,4 @@
-//! The dashboard: one HTML page, its script and its stylesheet, compiled into the binary
+//! The dashboard: one HTML page, its script, its stylesheet and its icon, compiled into the binary
 //! so the server needs no files besides its data and downloads. The page only calls the
 //! REST API (with the session cookie) and listens to `/api/v1/events`.
 
@@ -12,6 +12,7 @@ use crate::AppState;
 const INDEX: &str = include_str!("../assets/index.html");
 const SCRIPT: &str = include_str!("../assets/app.js");
 const STYLE: &str = include_str!("../assets/app.css");
+const ICON: &str = include_str!("../assets/favicon.svg");
 
 /// Only this server's own script, style and API: an injected `<script>` or inline
 /// handler does not run, and no other site can frame the page.
@@ -30,6 +31,9 @@ pub(crate) fn routes() -> Router<AppState> {
             "/assets/app.css",
             get(|| serve("text/css; charset=utf-8", STYLE)),
         )
+        // Browsers ask for /favicon.ico whatever the page links to.
+        .route("/favicon.ico", get(|| serve("image/svg+xml", ICON)))
+        .route("/assets/favicon.svg", get(|| serve("image/svg+xml", ICON)))
 }
 
 async fn serve(content_type: &'static str, body: &'static str) -> impl IntoResponse {

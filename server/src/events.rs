@@ -23,6 +23,8 @@ pub(crate) enum Kind {
     Release,
     /// A server-wide setting, or a site's or client's channel, changed.
     Settings,
+    /// An entry was added to the audit log.
+    Audit,
     /// The subscriber missed notes: re-read everything.
     Resync,
 }
@@ -95,6 +97,11 @@ impl Events {
 
     pub(crate) fn settings(&self, what: Option<&str>) {
         self.publish(Kind::Settings, what, None);
+    }
+
+    /// `action` is the entry's action, such as `rollout.promote`.
+    pub(crate) fn audit(&self, action: &str) {
+        self.publish(Kind::Audit, Some(action), None);
     }
 }
 

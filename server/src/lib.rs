@@ -258,6 +258,7 @@ impl AppState {
         if let Err(err) = self.store.append_audit(&entry).await {
             tracing::error!(%err, action, target, "could not write the audit entry");
         }
+        self.events.audit(action);
     }
 }
 
@@ -357,22 +358,26 @@ async fn nudge_on_new_releases(state: AppState) {
 }
 
 /// Counts agents per version now and then, for the dashboard's adoption chart. With
-/// several nodes each counts; the snapshot of one moment is written once.
+/// several nodes each counts; the snapshot of one moment is written once. The moments
+/// are the interval's boundaries (so nodes write the same ones), and each is counted when
+/// it comes, so a snapshot's time is when it was taken.
 async fn snapshot_versions(state: AppState) {
-    let mut ticker = tokio::time::interval(state.settings.snapshot_every);
+    let every = i64::try_from(state.settings.snapshot_every.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    // The first count at once, so a new fleet has a point to show.
+    let mut at = clock::now_ms();
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = state.shutdown.cancelled() => return,
-        }
-        // Aligned to the interval, so nodes write the same moments.
-        let every = i64::try_from(state.settings.snapshot_every.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1);
-        let at = clock::now_ms() / every * every;
         if let Err(err) = state.store.record_version_snapshot(at).await {
             tracing::warn!(%err, "could not record the version snapshot");
         }
+        let next = (clock::now_ms() / every + 1) * every;
+        let wait = u64::try_from(next - clock::now_ms()).unwrap_or(0);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        at = next;
     }
 }
 

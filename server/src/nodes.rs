@@ -95,8 +95,14 @@ fn coalesce(queued: Vec<Signal>) -> Vec<Signal> {
 
 /// Whether an agent's node is alive: the agent is online somewhere.
 pub(crate) fn is_live(node_last_beat_ms: Option<i64>, now_ms: i64) -> bool {
+    node_last_beat_ms.is_some_and(|beat| beat >= live_since(now_ms))
+}
+
+/// The oldest node beat that still counts as alive at `now_ms`: what `is_live` asks,
+/// for queries that count in the database.
+pub(crate) fn live_since(now_ms: i64) -> i64 {
     let lease = i64::try_from(NODE_LEASE.as_millis()).unwrap_or(i64::MAX);
-    node_last_beat_ms.is_some_and(|beat| now_ms - beat <= lease)
+    now_ms.saturating_sub(lease)
 }
 
 /// The last claim's moment on this node: every claim gets a later one, so a session's

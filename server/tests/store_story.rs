@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AuditEntry, Bootstrap, ChannelScope, FailureClass, HeartbeatRecord, NewTask,
-    PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus, UpdateTask,
+    AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, FailureClass, HeartbeatRecord,
+    NewTask, PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus,
+    UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -598,6 +599,89 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
     let counted: i64 = history.iter().map(|p| p.agents).sum();
     assert_eq!(counted as usize, store.list_agents().await.unwrap().len());
     assert!(store.version_history(5_001).await.unwrap().is_empty());
+    // A page of agents, filtered, sorted and counted in the database, is the listing's.
+    let all = store.list_agents().await.unwrap();
+    let everyone = AgentFilter {
+        sort: "hostname",
+        limit: 500,
+        ..AgentFilter::default()
+    };
+    let (page, total) = store.agents_page(&everyone).await.unwrap();
+    assert_eq!(total as usize, all.len());
+    assert_eq!(page, all);
+    let (page, total) = store
+        .agents_page(&AgentFilter {
+            limit: 1,
+            offset: 1,
+            descending: true,
+            ..everyone.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(total as usize, all.len());
+    assert_eq!(page.as_slice(), &all[all.len() - 2..all.len() - 1]);
+    let first = &all[0];
+    let (page, total) = store
+        .agents_page(&AgentFilter {
+            q: Some(&first.hostname.to_uppercase()),
+            version: Some(&first.version),
+            site: Some(&first.site_id),
+            paused: Some(first.paused),
+            channel: Some(if first.agent_channel.as_deref() == Some("beta") {
+                "beta"
+            } else {
+                "stable"
+            })
+            .filter(|_| first.site_channel.is_none() && first.client_channel.is_none()),
+            ..everyone.clone()
+        })
+        .await
+        .unwrap();
+    assert!(total >= 1 && page.contains(first), "{page:?}");
+    let (_, none) = store
+        .agents_page(&AgentFilter {
+            q: Some("%_no such host_%"),
+            ..everyone.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(none, 0);
+
+    // The fleet counted in the database agrees with the listing, row by row.
+    let agents = store.list_agents().await.unwrap();
+    let counts = store.fleet_counts(0).await.unwrap();
+    assert_eq!(
+        counts.iter().map(|c| c.agents).sum::<i64>() as usize,
+        agents.len()
+    );
+    for c in &counts {
+        let same: Vec<_> = agents
+            .iter()
+            .filter(|a| (&a.os, &a.arch, &a.version) == (&c.os, &c.arch, &c.version))
+            .collect();
+        assert_eq!(c.agents as usize, same.len(), "{c:?}");
+        assert_eq!(
+            c.paused as usize,
+            same.iter().filter(|a| a.paused).count(),
+            "{c:?}"
+        );
+        let live = same
+            .iter()
+            .filter(|a| a.node_last_beat_ms.is_some_and(|beat| beat >= 0))
+            .count();
+        assert_eq!(c.online as usize, live, "{c:?}");
+        let beta = same
+            .iter()
+            .filter(|a| {
+                a.agent_channel
+                    .as_ref()
+                    .or(a.site_channel.as_ref())
+                    .or(a.client_channel.as_ref())
+                    .is_some_and(|c| c == "beta")
+            })
+            .count();
+        assert_eq!(c.beta as usize, beta, "{c:?}");
+    }
 
     // Tokens: minted, listed without secrets, revoked.
     let viewer = store

@@ -16,8 +16,8 @@ use crate::engine::{channel_admits, resolve_channel, why_not};
 use crate::rollouts::plan::Plan;
 use crate::session::Outbound;
 use crate::store::{
-    AgentRecord, FailureClass, NewTask, Role, RolloutKind, StoreError, TaskKind, TaskStatus,
-    UpdateTask,
+    AgentFilter, AgentRecord, FailureClass, NewTask, Role, RolloutKind, StoreError, TaskKind,
+    TaskStatus, UpdateTask,
 };
 
 /// Tasks shown with one agent.
@@ -160,6 +160,9 @@ pub(crate) struct ListQuery {
     arch: Option<String>,
     online: Option<bool>,
     paused: Option<bool>,
+    /// With `limit`, the page's order: `hostname` (the default), `version` (semver),
+    /// `last_seen`, `platform` or `site`; `-` before it reverses it (`-last_seen`).
+    sort: Option<String>,
     /// Page size, 0 to 500. With it the answer is `{"agents", "total"}` instead of an array.
     limit: Option<usize>,
     /// Agents to skip, with `limit`.
@@ -172,7 +175,7 @@ const MAX_PAGE: usize = 500;
 /// One page of agents.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct AgentPage {
-    /// Sorted by hostname, then id; each with `pending_update`.
+    /// Sorted as `sort` asks (by hostname, then id, by default); each with `pending_update`.
     agents: Vec<AgentView>,
     /// Agents matching the filters, on every page.
     total: usize,
@@ -231,6 +234,49 @@ pub(crate) async fn list(
                 .map_err(|e| ApiError::BadRequest(format!("older_than={text:?}: {e}")))
         })
         .transpose()?;
+    let sort = query.sort.as_deref().unwrap_or("hostname");
+    let (key, reverse) = match sort.strip_prefix('-') {
+        Some(key) => (key, true),
+        None => (sort, false),
+    };
+    if !SORT_KEYS.contains(&key) {
+        return Err(ApiError::BadRequest(format!(
+            "sort={key:?}: one of {} (with - before it to reverse)",
+            SORT_KEYS.join(", ")
+        )));
+    }
+    if let Some(limit) = query.limit {
+        if limit > MAX_PAGE {
+            return Err(ApiError::BadRequest(format!(
+                "limit={limit}: at most {MAX_PAGE}"
+            )));
+        }
+        // A page the database can filter, sort and count by itself: semver is the one
+        // order SQL does not know.
+        if older_than.is_none() && key != "version" {
+            let filter = AgentFilter {
+                q: query.q.as_deref(),
+                site: query.site.as_deref(),
+                channel: query.channel.as_deref(),
+                version: query.version.as_deref(),
+                os: query.os.as_deref(),
+                arch: query.arch.as_deref(),
+                online: query.online,
+                live_since_ms: crate::nodes::live_since(now_ms()),
+                paused: query.paused,
+                sort: key,
+                descending: reverse,
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                offset: i64::try_from(query.offset.unwrap_or(0)).unwrap_or(i64::MAX),
+            };
+            let (agents, total) = state.store.agents_page(&filter).await?;
+            let page = agents.into_iter().map(view).collect();
+            return Ok(Json(AgentListing::Page(AgentPage {
+                agents: with_pending_updates(&state, page).await?,
+                total: usize::try_from(total).unwrap_or(0),
+            })));
+        }
+    }
     let agents = state.store.list_agents().await?;
     let mut views: Vec<AgentView> = agents
         .into_iter()
@@ -240,18 +286,23 @@ pub(crate) async fn list(
     let Some(limit) = query.limit else {
         return Ok(Json(AgentListing::All(views)));
     };
-    if limit > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "limit={limit}: at most {MAX_PAGE}"
-        )));
-    }
     let total = views.len();
-    views.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
-    let mut page: Vec<AgentView> = views
+    views.sort_by(|a, b| compare(key, reverse, a, b));
+    let page: Vec<AgentView> = views
         .into_iter()
         .skip(query.offset.unwrap_or(0))
         .take(limit)
         .collect();
+    Ok(Json(AgentListing::Page(AgentPage {
+        agents: with_pending_updates(&state, page).await?,
+        total,
+    })))
+}
+
+async fn with_pending_updates(
+    state: &AppState,
+    mut page: Vec<AgentView>,
+) -> Result<Vec<AgentView>, ApiError> {
     for agent in &mut page {
         agent.pending_update = state
             .store
@@ -259,10 +310,26 @@ pub(crate) async fn list(
             .await?
             .map(|task| task.to_version);
     }
-    Ok(Json(AgentListing::Page(AgentPage {
-        agents: page,
-        total,
-    })))
+    Ok(page)
+}
+
+const SORT_KEYS: [&str; 5] = ["hostname", "version", "last_seen", "platform", "site"];
+
+/// The listing's order by `key` (one of `SORT_KEYS`, reversed or not), then by hostname
+/// and id.
+fn compare(key: &str, reverse: bool, a: &AgentView, b: &AgentView) -> std::cmp::Ordering {
+    let semver = |v: &AgentView| semver::Version::parse(&v.version).ok();
+    let first = match key {
+        "version" => semver(a).cmp(&semver(b)),
+        // RFC 3339 in UTC with a fixed width sorts as the time does.
+        "last_seen" => a.last_seen.cmp(&b.last_seen),
+        "platform" => (&a.os, &a.arch).cmp(&(&b.os, &b.arch)),
+        "site" => a.site_id.cmp(&b.site_id),
+        "hostname" => (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)),
+        _ => std::cmp::Ordering::Equal,
+    };
+    let first = if reverse { first.reverse() } else { first };
+    first.then_with(|| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)))
 }
 
 /// The fleet in numbers: what the dashboard's overview shows, without the whole listing.
@@ -283,6 +350,8 @@ pub(crate) struct VersionCount {
     version: String,
     agents: usize,
     online: usize,
+    /// Of `agents`, those whose channel resolves to beta.
+    beta: usize,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -348,29 +417,26 @@ pub(crate) async fn fleet(
     State(state): State<AppState>,
 ) -> Result<Json<FleetSummary>, ApiError> {
     caller.require(Role::Viewer)?;
-    let now = now_ms();
-    let mut counts: std::collections::BTreeMap<(String, String, String), (usize, usize)> =
-        std::collections::BTreeMap::new();
+    let rows = state
+        .store
+        .fleet_counts(crate::nodes::live_since(now_ms()))
+        .await?;
+    let count = |n: i64| usize::try_from(n).unwrap_or(0);
     let (mut total, mut online, mut paused) = (0, 0, 0);
-    for agent in state.store.list_agents().await? {
-        let live = crate::nodes::is_live(agent.node_last_beat_ms, now);
-        total += 1;
-        online += usize::from(live);
-        paused += usize::from(agent.paused);
-        let count = counts
-            .entry((agent.os, agent.arch, agent.version))
-            .or_default();
-        count.0 += 1;
-        count.1 += usize::from(live);
-    }
-    let mut versions: Vec<VersionCount> = counts
+    let mut versions: Vec<VersionCount> = rows
         .into_iter()
-        .map(|((os, arch, version), (agents, online))| VersionCount {
-            os,
-            arch,
-            version,
-            agents,
-            online,
+        .map(|row| {
+            total += count(row.agents);
+            online += count(row.online);
+            paused += count(row.paused);
+            VersionCount {
+                os: row.os,
+                arch: row.arch,
+                version: row.version,
+                agents: count(row.agents),
+                online: count(row.online),
+                beta: count(row.beta),
+            }
         })
         .collect();
     let newest_first =

@@ -694,6 +694,11 @@ pub(crate) async fn resume(
     })))
 }
 
+/// "1 agent", "2 agents": audit details and timelines are read by people.
+fn count(n: u64, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}
+
 fn parse_version(text: &str) -> Result<semver::Version, ApiError> {
     semver::Version::parse(text)
         .map_err(|e| ApiError::BadRequest(format!("{text:?} is not a version: {e}")))
@@ -892,10 +897,10 @@ pub(crate) async fn promote(
             "rollout.promote",
             &version,
             Some(format!(
-                "rollout {}: {} ({} builds)",
+                "rollout {}: {} ({})",
                 rollout.id,
                 verdict.reason,
-                promoted.len()
+                count(promoted.len() as u64, "build")
             )),
             if forced {
                 "promoted (forced past the health gate)"
@@ -1048,12 +1053,12 @@ pub(crate) async fn rollback(
             "rollout.rollback",
             &version,
             Some(format!(
-                "{} agents to move ({} skipped, {} offline), {} with no build to go back to, {} tasks cancelled",
-                outcome.targeted,
+                "{} to move ({} skipped, {} offline), {} with no build to go back to, {} cancelled",
+                count(outcome.targeted, "agent"),
                 not_moving,
                 outcome.offline,
                 outcome.no_build.len(),
-                outcome.cancelled
+                count(outcome.cancelled, "task")
             )),
             "blocked",
         )
@@ -1259,8 +1264,8 @@ pub(crate) async fn create(
             plan,
             started_by: caller.actor.clone(),
             detail: format!(
-                "{} agents selected ({} on beta)",
-                with_build.len(),
+                "{} selected ({} on beta)",
+                count(with_build.len() as u64, "agent"),
                 channels.iter().filter(|c| **c == "beta").count()
             ),
             candidates: with_build.iter().map(|a| conductor::candidate(a)).collect(),
@@ -1273,9 +1278,9 @@ pub(crate) async fn create(
             "rollout.create",
             &rollout.id,
             Some(format!(
-                "{} to {} agents",
+                "{} to {}",
                 request.version,
-                with_build.len()
+                count(with_build.len() as u64, "agent")
             )),
             "started",
         )

@@ -468,6 +468,41 @@ pub struct VersionCount {
     pub agents: i64,
 }
 
+/// Which agents a page of the listing holds; every filter is optional.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter<'a> {
+    /// Part of the hostname (any case) or of the id.
+    pub q: Option<&'a str>,
+    pub site: Option<&'a str>,
+    /// The resolved channel.
+    pub channel: Option<&'a str>,
+    pub version: Option<&'a str>,
+    pub os: Option<&'a str>,
+    pub arch: Option<&'a str>,
+    /// With `live_since_ms`: held by a node that beat at or after it.
+    pub online: Option<bool>,
+    pub live_since_ms: i64,
+    pub paused: Option<bool>,
+    /// `hostname`, `last_seen`, `platform` or `site`, then hostname and id.
+    pub sort: &'a str,
+    pub descending: bool,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Agents on one platform and version now: how many, how many online, how many paused,
+/// how many on the beta channel.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FleetCount {
+    pub os: String,
+    pub arch: String,
+    pub version: String,
+    pub agents: i64,
+    pub online: i64,
+    pub paused: i64,
+    pub beta: i64,
+}
+
 /// Which level of the hierarchy a channel is set on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelScope {

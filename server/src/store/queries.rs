@@ -283,6 +283,14 @@ pub trait Queries: Send + Sync {
     /// Snapshots taken since `since_ms`, oldest first.
     async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>>;
 
+    /// One page of the agents matching `filter`, and how many match, filtered, sorted
+    /// and counted in the database.
+    async fn agents_page(&self, filter: &AgentFilter<'_>) -> StoreResult<(Vec<AgentRecord>, i64)>;
+
+    /// Agents per platform and version, counted in the database; online means held by a
+    /// node that beat at or after `live_since_ms`.
+    async fn fleet_counts(&self, live_since_ms: i64) -> StoreResult<Vec<FleetCount>>;
+
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
 
     /// Newest first; `before` pages by id; `action` filters exactly.
@@ -316,6 +324,71 @@ pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, o
 
 pub(super) const ACTIVE_STATUSES: &str =
     "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
+
+/// A value bound to a placeholder of a query built at run time.
+pub(super) enum Value {
+    Text(String),
+    Int(i64),
+    Bool(bool),
+}
+
+/// The `WHERE` clause of a page of agents (empty without filters) and the values of its
+/// `$1`, `$2`... in order. Only placeholders carry what the caller gave.
+pub(super) fn agent_conditions(filter: &AgentFilter<'_>) -> (String, Vec<Value>) {
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    let mut add = |condition: &str, value: Value| {
+        values.push(value);
+        conditions.push(condition.replace('?', &format!("${}", values.len())));
+    };
+    if let Some(q) = filter.q {
+        let escaped = q
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        add(
+            "(LOWER(a.hostname) LIKE ? ESCAPE '\\' OR a.id LIKE ? ESCAPE '\\')",
+            Value::Text(format!("%{escaped}%")),
+        );
+    }
+    if let Some(site) = filter.site {
+        add("a.site_id = ?", Value::Text(site.to_owned()));
+    }
+    if let Some(channel) = filter.channel {
+        // As `engine::resolve_channel`: the first level that sets one; beta or stable.
+        add(
+            "(CASE WHEN COALESCE(a.channel, s.channel, c.channel) = 'beta' \
+              THEN 'beta' ELSE 'stable' END) = ?",
+            Value::Text(channel.to_owned()),
+        );
+    }
+    if let Some(version) = filter.version {
+        add("a.version = ?", Value::Text(version.to_owned()));
+    }
+    if let Some(os) = filter.os {
+        add("a.os = ?", Value::Text(os.to_owned()));
+    }
+    if let Some(arch) = filter.arch {
+        add("a.arch = ?", Value::Text(arch.to_owned()));
+    }
+    match filter.online {
+        Some(true) => add("n.last_beat >= ?", Value::Int(filter.live_since_ms)),
+        Some(false) => add(
+            "(n.last_beat IS NULL OR n.last_beat < ?)",
+            Value::Int(filter.live_since_ms),
+        ),
+        None => {}
+    }
+    if let Some(paused) = filter.paused {
+        add("a.paused = ?", Value::Bool(paused));
+    }
+    if conditions.is_empty() {
+        (String::new(), values)
+    } else {
+        (format!(" WHERE {}", conditions.join(" AND ")), values)
+    }
+}
 
 pub(super) const CLIENT_COLUMNS: &str =
     "id, name, channel, maintenance_window, created_at AS created_at_ms";
@@ -1306,6 +1379,72 @@ macro_rules! impl_queries {
                     .execute(&self.pool)
                     .await?;
                     Ok(())
+                }
+
+                async fn agents_page(
+                    &self,
+                    filter: &AgentFilter<'_>,
+                ) -> StoreResult<(Vec<AgentRecord>, i64)> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    let (conditions, values) = agent_conditions(filter);
+                    let from = &SELECT_AGENTS[SELECT_AGENTS.find(" FROM ").unwrap_or(0)..];
+                    // The count goes through the same joins as the page.
+                    let count_text = format!("SELECT COUNT(*){from}{conditions}");
+                    let mut count = sqlx::query_scalar::<_, i64>(&count_text);
+                    for value in &values {
+                        count = match value {
+                            Value::Text(text) => count.bind(text.clone()),
+                            Value::Int(n) => count.bind(*n),
+                            Value::Bool(b) => count.bind(*b),
+                        };
+                    }
+                    let total = count.fetch_one(&self.pool).await?;
+                    let direction = if filter.descending { " DESC" } else { "" };
+                    let first = match filter.sort {
+                        "last_seen" => format!("a.last_seen{direction}, "),
+                        "platform" => format!("a.os{bytes}{direction}, a.arch{bytes}{direction}, "),
+                        "site" => format!("a.site_id{bytes}{direction}, "),
+                        _ => String::new(),
+                    };
+                    let hostname = if filter.sort == "hostname" { direction } else { "" };
+                    let n = values.len();
+                    let text = format!(
+                        "{SELECT_AGENTS}{conditions} ORDER BY {first}a.hostname{bytes}{hostname}, \
+                         a.id{bytes}{hostname} LIMIT ${} OFFSET ${}",
+                        n + 1,
+                        n + 2
+                    );
+                    let mut page = sqlx::query_as::<_, AgentRecord>(&text);
+                    for value in &values {
+                        page = match value {
+                            Value::Text(text) => page.bind(text.clone()),
+                            Value::Int(n) => page.bind(*n),
+                            Value::Bool(b) => page.bind(*b),
+                        };
+                    }
+                    let agents = page
+                        .bind(filter.limit)
+                        .bind(filter.offset)
+                        .fetch_all(&self.pool)
+                        .await?;
+                    Ok((agents, total))
+                }
+
+                async fn fleet_counts(&self, live_since_ms: i64) -> StoreResult<Vec<FleetCount>> {
+                    Ok(sqlx::query_as(
+                        "SELECT a.os, a.arch, a.version, COUNT(*) AS agents, \
+                           SUM(CASE WHEN n.last_beat >= $1 THEN 1 ELSE 0 END) AS online, \
+                           SUM(CASE WHEN a.paused THEN 1 ELSE 0 END) AS paused, \
+                           SUM(CASE WHEN COALESCE(a.channel, s.channel, c.channel) = 'beta' \
+                               THEN 1 ELSE 0 END) AS beta \
+                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                           JOIN clients c ON c.id = s.client_id \
+                           LEFT JOIN nodes n ON n.id = a.node_id \
+                         GROUP BY a.os, a.arch, a.version",
+                    )
+                    .bind(live_since_ms)
+                    .fetch_all(&self.pool)
+                    .await?)
                 }
 
                 async fn version_history(&self, since_ms: i64) -> StoreResult<Vec<VersionCount>> {

@@ -480,3 +480,75 @@ async fn a_fresh_server_keeps_its_data_private_and_refuses_guessable_tokens() {
         "{said}"
     );
 }
+
+/// `drover-agent status --json` for a state directory.
+fn agent_status(state_dir: &std::path::Path) -> Value {
+    let out = run(std::process::Command::new(AGENT_BIN)
+        .args(["status", "--json", "--state-dir"])
+        .arg(state_dir));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_status_reads_the_state_directory_and_agent_logs_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut agent = Agent::start_with(
+        &server,
+        dir.path(),
+        "watched",
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            "fp-watched",
+            "--log-format",
+            "json",
+        ],
+    );
+    let id = enrolled_id(&server, "watched").await;
+    let status = eventually("the agent to record its session", SOON, || async {
+        let status = agent_status(&agent.state_dir);
+        (status["connected"] == true).then_some(status)
+    })
+    .await;
+    assert_eq!(status["agent_id"], id.as_str(), "{status}");
+    assert_eq!(status["server"], server.url.as_str(), "{status}");
+    assert_eq!(
+        status["version"],
+        version_of(std::path::Path::new(AGENT_BIN)),
+        "{status}"
+    );
+    assert_eq!(status["running"], true, "{status}");
+    assert!(
+        status["update"].is_null() && status["last_result"].is_null(),
+        "{status}"
+    );
+    let text = run(std::process::Command::new(AGENT_BIN)
+        .args(["status", "--state-dir"])
+        .arg(&agent.state_dir));
+    assert!(text.contains(&format!("agent:       {id}")), "{text}");
+    assert!(text.contains("connection:  connected since "), "{text}");
+
+    // Supervisor and worker both log JSON, with the agent id as a field.
+    let log = agent.log();
+    let mut connected = false;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("an agent log line is not JSON ({e}): {line}"));
+        connected |= entry["agent"] == id.as_str()
+            && entry["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("connected to"));
+    }
+    assert!(connected, "{log}");
+
+    // Killed without a word: status says so rather than "connected".
+    agent.kill9();
+    let gone = agent_status(&agent.state_dir);
+    assert_eq!(gone["running"], false, "{gone}");
+    let text = run(std::process::Command::new(AGENT_BIN)
+        .args(["status", "--state-dir"])
+        .arg(&agent.state_dir));
+    assert!(text.contains("connection:  not running"), "{text}");
+}

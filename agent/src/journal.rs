@@ -148,15 +148,17 @@ pub(crate) fn save(state_dir: &Path, journal: &Journal) -> anyhow::Result<()> {
     crate::atomic_file::write(&path(state_dir), &text)
 }
 
-/// Clears the journal and the staging area once an outcome is reported.
+/// Clears the staging area and then the journal once an outcome is reported: the staged
+/// bytes serve nothing once the outcome is known, and with the journal gone last, no
+/// journal means no staging area left behind.
 pub(crate) fn clear(state_dir: &Path) -> anyhow::Result<()> {
+    clear_staging(state_dir);
     match std::fs::remove_file(path(state_dir)) {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err.into()),
     }
     crate::atomic_file::sync_dir(state_dir)?;
-    clear_staging(state_dir);
     Ok(())
 }
 

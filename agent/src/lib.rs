@@ -16,6 +16,7 @@ mod platform;
 mod service;
 mod session;
 mod signing;
+mod status;
 mod supervisor;
 mod tls;
 mod updater;
@@ -35,8 +36,19 @@ use tokio_util::sync::CancellationToken;
     about = "Drover fleet update agent"
 )]
 struct Cli {
+    /// Log lines as `text` or `json` (one object a line, for log collectors); which
+    /// lines is set with RUST_LOG (default `info`)
+    #[arg(long, global = true, env = "DROVER_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,6 +64,19 @@ enum Command {
     /// What the Windows service control manager starts (not for direct use)
     #[command(hide = true)]
     ServiceMain(RunArgs),
+    /// Show, without the server, what this agent last knew: its id and server, its
+    /// version, its connection, the update under way and the last result
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The agent's state directory (as given to `run`)
+    #[arg(long, env = "DROVER_STATE_DIR", default_value_os_t = platform::paths::state_dir())]
+    state_dir: PathBuf,
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,14 +171,18 @@ pub struct AgentConfig {
 /// The `drover-agent` binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
         // Colours only for a person at a terminal, not in log files and journals.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -164,6 +193,15 @@ pub fn main() -> anyhow::Result<()> {
             supervise(args, shutdown).await
         }),
         Command::Service(command) => service::run(command),
+        Command::Status(args) => {
+            let status = status::read(&args.state_dir)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(())
+        }
         Command::ServiceMain(args) => {
             drop(runtime);
             service::serve(move |shutdown| {

@@ -22,7 +22,7 @@ use crate::backoff::Backoff;
 use crate::identity::{self, Identity};
 use crate::journal::{self, Journal, Step};
 use crate::updater::{Event, Updater};
-use crate::{AgentConfig, version};
+use crate::{AgentConfig, status, version};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server is presumed gone when nothing (not even a pong) arrives for this many
@@ -109,13 +109,20 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
     let mut backoff = Backoff::new(worker.config.reconnect_base, worker.config.reconnect_max);
     loop {
         match worker.session(&shutdown).await {
-            Ended::Shutdown => return Ok(Exit::Shutdown),
+            Ended::Shutdown => {
+                status::disconnected(&worker.config.state_dir, "the agent stopped");
+                return Ok(Exit::Shutdown);
+            }
             Ended::Restart => return Ok(Exit::Restart),
             Ended::AfterWelcome(reason) => {
                 tracing::warn!(%reason, "session lost; reconnecting");
+                status::disconnected(&worker.config.state_dir, &reason);
                 backoff.reset();
             }
-            Ended::BeforeWelcome(reason) => tracing::warn!(%reason, "could not start a session"),
+            Ended::BeforeWelcome(reason) => {
+                tracing::warn!(%reason, "could not start a session");
+                status::disconnected(&worker.config.state_dir, &reason);
+            }
         }
         let delay = backoff.next_delay(&mut rand::rng());
         tracing::info!(
@@ -212,6 +219,7 @@ impl Worker {
             self.identity = Some(enrolled);
         }
         tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {server}");
+        status::connected(&self.config.state_dir, &server);
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
         tokio::select! {
             ended = self.converse(&mut socket, interval) => ended,
@@ -230,6 +238,7 @@ impl Worker {
         match journal::load(&state_dir) {
             Ok(Some(journal)) => match owed_report(&journal) {
                 Some(result) => {
+                    status::result(&state_dir, &result);
                     if let Err(err) = send(socket, AgentMessage::UpdateResult(result)).await {
                         return Ended::AfterWelcome(err);
                     }
@@ -284,10 +293,11 @@ impl Worker {
                                 return Ended::AfterWelcome(format!("server ended the session ({:?}): {}", reject.code, reject.message));
                             }
                             Ok(ServerMessage::Update(update)) => {
-                                if let Some(refusal) = self.take_update(update)
-                                    && let Err(err) = send(socket, AgentMessage::UpdateResult(refusal)).await
-                                {
-                                    return Ended::AfterWelcome(err);
+                                if let Some(refusal) = self.take_update(update) {
+                                    status::result(&state_dir, &refusal);
+                                    if let Err(err) = send(socket, AgentMessage::UpdateResult(refusal)).await {
+                                        return Ended::AfterWelcome(err);
+                                    }
                                 }
                             }
                             Ok(ServerMessage::Cancel(cancel)) => self.cancel(&cancel.task_id, &cancel.reason),
@@ -310,6 +320,7 @@ impl Worker {
                     }
                     Event::Finished(result) => {
                         self.applying = None;
+                        status::result(&state_dir, &result);
                         if let Err(err) = send(socket, AgentMessage::UpdateResult(result)).await {
                             // The journal still holds the outcome; it is reported on reconnect.
                             return Ended::AfterWelcome(err);

@@ -157,7 +157,10 @@ pub(crate) fn read(state_dir: &Path) -> anyhow::Result<Status> {
 fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -168,7 +171,11 @@ pub(crate) fn render(status: &Status) -> String {
         _ if status.running == Some(false) => format!(
             "not running (its supervisor, pid {}, is gone; last recorded: {})",
             status.supervisor_pid.unwrap_or_default(),
-            if r.connected { "connected" } else { "not connected" }
+            if r.connected {
+                "connected"
+            } else {
+                "not connected"
+            }
         ),
         (true, Some(since)) => format!("connected since {}", rfc3339(since)),
         (false, Some(since)) => format!(
@@ -191,11 +198,20 @@ pub(crate) fn render(status: &Status) -> String {
             l.version,
             rfc3339(l.at_ms),
             l.task_id,
-            l.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            l.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         )
     });
     let rows = [
-        ("agent", status.agent_id.clone().unwrap_or_else(|| "not enrolled".into())),
+        (
+            "agent",
+            status
+                .agent_id
+                .clone()
+                .unwrap_or_else(|| "not enrolled".into()),
+        ),
         ("server", r.server.clone().unwrap_or_else(|| "-".into())),
         ("version", status.version.clone()),
         ("connection", connection),
@@ -234,13 +250,19 @@ mod tests {
         disconnected(state, "server closed the connection");
         let status = read(state).unwrap();
         let text = render(&status);
-        assert!(text.contains("server:      https://drover.example.com"), "{text}");
+        assert!(
+            text.contains("server:      https://drover.example.com"),
+            "{text}"
+        );
         assert!(
             text.contains("connection:  not connected since ")
                 && text.contains("(server closed the connection)"),
             "{text}"
         );
-        assert!(text.contains("last result: rolled_back 1.0.0 at "), "{text}");
+        assert!(
+            text.contains("last result: rolled_back 1.0.0 at "),
+            "{text}"
+        );
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["connected"], false);
         assert_eq!(json["last_result"]["task_id"], "t-1");

@@ -15,6 +15,16 @@ pub(crate) fn stop_signal() -> CancellationToken {
     shutdown
 }
 
+/// Whether a process with this id runs, where the system says so cheaply (Linux's
+/// /proc); `None` where it cannot be told without more machinery.
+pub(crate) fn is_running(pid: u64) -> Option<bool> {
+    if cfg!(target_os = "linux") {
+        Some(std::path::Path::new("/proc").join(pid.to_string()).exists())
+    } else {
+        None
+    }
+}
+
 /// Whether the supervisor can hand over to a new executable in its own process (exec,
 /// keeping the PID the service manager watches). Windows cannot; there the supervisor
 /// promotes the new executable and the new supervisor takes over at the next service

@@ -532,7 +532,8 @@ function gateCell(r, facts) {
     : [h('span', { class: 'state pending', 'data-gate': 'not-ready' }, 'not ready'), ' ', h('small', {}, r.gate.reason)];
 }
 
-const STAGES = [['waiting', 'waiting'], ['queued', 'queued'], ['downloading', 'downloading'],
+const STAGES = [['waiting', 'waiting'], ['queued', 'queued'],
+  ['outside_window', 'outside window'], ['downloading', 'downloading'],
   ['installing', 'installing'], ['succeeded', 'succeeded']];
 const OFF_ROAD = [['failed', 'failed'], ['rolled_back', 'rolled back'], ['cancelled', 'cancelled'], ['skipped', 'skipped']];
 

@@ -1117,12 +1117,11 @@ async fn the_story_in_the_browser() {
     assert_eq!(browser.count(row).await, 0, "nothing published yet");
 
     publish_agent(&server, dir.path(), "1.1.0", "beta");
-    // The funnel reads "0 waiting → 0 queued → 0 downloading → 0 installing → 1 succeeded".
+    // The funnel reads "0 waiting → 0 queued → … → 0 installing → 1 succeeded".
     let succeeded = |funnel: &str| {
         funnel
             .split(" → ")
-            .nth(4)
-            .and_then(|s| s.split(' ').next())
+            .find_map(|s| s.strip_suffix(" succeeded"))
             .and_then(|n| n.parse::<u64>().ok())
     };
     let first = browser

@@ -949,3 +949,59 @@ async fn bodies_are_json_objects_never_arrays_of_positional_fields() {
     let (_, clients) = api.get("/api/v1/clients").await;
     assert_eq!(clients.as_array().unwrap().len(), 1, "{clients}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stream_ends_when_its_token_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (status, created) = api
+        .post(
+            "/api/v1/tokens",
+            Some(serde_json::json!({"name": "wallboard", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let mut stream = reqwest::Client::new()
+        .get(format!("{}/api/v1/events", server.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream opens")
+        .expect("a first chunk")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("drover events"));
+
+    // Still delivering while the token holds.
+    let _agent = ProtocolAgent::enroll(&server, "fp-watched-live", "1.0.0").await;
+    let note = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a note about the new agent")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&note).contains("\"kind\":\"agent\""));
+
+    let (status, body) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a revoked token kept going");
+}

@@ -22,6 +22,9 @@ const DEFAULT_RETRY: Duration = Duration::from_secs(5);
 /// The least a busy server's `Retry-After` makes us wait: those waits are not counted,
 /// so `Retry-After: 0` must not turn into a tight loop.
 const MIN_BUSY_WAIT: Duration = Duration::from_secs(1);
+/// The most a `Retry-After` makes us wait: a value from the network never decides more
+/// (an absurd one could otherwise overflow, or park the update for ever).
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
 /// Headroom kept free besides the build's two copies (staged and installed).
 const DISK_MARGIN: u64 = 16 * 1024 * 1024;
 
@@ -155,7 +158,8 @@ async fn fetch_once(
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(DEFAULT_RETRY, Duration::from_secs);
+                .map_or(DEFAULT_RETRY, Duration::from_secs)
+                .min(MAX_BUSY_WAIT);
             return Err(Attempt::Busy(wait));
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -280,7 +284,7 @@ fn check_space(part: &Path, size: u64, held: u64) -> Result<(), FetchError> {
 /// same moment do not all return at once.
 fn jittered(wait: Duration) -> Duration {
     let extra = rand::rng().random_range(0.0..0.5);
-    wait + wait.mul_f64(extra)
+    wait.saturating_add(wait.mul_f64(extra))
 }
 
 #[cfg(test)]
@@ -414,6 +418,25 @@ mod tests {
         assert!(
             started.elapsed() >= MIN_BUSY_WAIT * (MAX_ATTEMPTS + 5),
             "even Retry-After: 0 waits a moment"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_retry_after_is_capped_and_never_panics() {
+        let huge = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 18446744073709551615";
+        let url = serve_in_turn(vec![(huge, 0), ("HTTP/1.1 200 OK", 3)]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("staging/task.part");
+        let started = tokio::time::Instant::now();
+        fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+            .await
+            .expect("the download goes on after the capped wait");
+        assert_eq!(std::fs::read(&part).unwrap(), [7u8; 3]);
+        let waited = started.elapsed();
+        assert!(
+            waited >= MAX_BUSY_WAIT
+                && waited <= MAX_BUSY_WAIT.mul_f64(1.5) + Duration::from_secs(1),
+            "{waited:?}"
         );
     }
 

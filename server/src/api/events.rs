@@ -1,6 +1,7 @@
 //! `GET /api/v1/events`: the dashboard's live feed as server-sent events. Each message
-//! is one `events::Event` as JSON. The stream ends when the server shuts down, and the
-//! `retry` hint brings the browser's `EventSource` back soon after a restart.
+//! is one `events::Event` as JSON. The stream ends when the server shuts down or the
+//! caller's token is revoked (checked every `RECHECK`), and the `retry` hint brings the
+//! browser's `EventSource` back soon after a restart.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -19,6 +20,8 @@ use crate::store::Role;
 const RETRY: Duration = Duration::from_secs(2);
 /// Comments on a quiet stream, so proxies keep it open and a dead peer is noticed.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often an open stream checks that its token still holds.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// Changes as they happen: `{"kind": "agent"|"task"|"rollout"|"release"|"settings"|"resync",
 /// "id": ..., "agent"?: ...}`. The dashboard authenticates with its session cookie
@@ -43,19 +46,31 @@ pub(crate) async fn stream(
     caller.require(Role::Viewer)?;
     let receiver = state.events.subscribe();
     let hello = SseEvent::default().retry(RETRY).comment("drover events");
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.reset();
     let notes = stream::unfold(
-        (receiver, state.shutdown.clone()),
-        |(mut receiver, shutdown)| async move {
-            let event = tokio::select! {
-                received = receiver.recv() => match received {
-                    Ok(event) => event,
-                    Err(RecvError::Lagged(_)) => Event::resync(),
-                    Err(RecvError::Closed) => return None,
-                },
-                () = shutdown.cancelled() => return None,
+        (receiver, state, caller, recheck),
+        |(mut receiver, state, caller, mut recheck)| async move {
+            let event = loop {
+                tokio::select! {
+                    received = receiver.recv() => break match received {
+                        Ok(event) => event,
+                        Err(RecvError::Lagged(_)) => Event::resync(),
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = recheck.tick() => {
+                        if !caller.still_valid(&state).await {
+                            return None;
+                        }
+                    }
+                    () = state.shutdown.cancelled() => return None,
+                }
             };
             let data = serde_json::to_string(&event).expect("an event serializes");
-            Some((Ok(SseEvent::default().data(data)), (receiver, shutdown)))
+            Some((
+                Ok(SseEvent::default().data(data)),
+                (receiver, state, caller, recheck),
+            ))
         },
     );
     let stream = stream::once(async move { Ok(hello) }).chain(notes);

@@ -212,6 +212,8 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     role: Role,
+    /// The hash of the token the caller presented, to check later that it still holds.
+    token_hash: String,
     /// The token's name.
     name: String,
     /// Who acted, as the audit log shows it: the token's name and id.
@@ -219,6 +221,14 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
+    /// Whether the caller's token is still valid (not revoked since the request began).
+    async fn still_valid(&self, state: &AppState) -> bool {
+        !matches!(
+            state.store.api_token(&self.token_hash).await,
+            Err(StoreError::NotFound)
+        )
+    }
+
     /// Refuses callers below `needed`.
     fn require(&self, needed: Role) -> Result<&Caller, ApiError> {
         if self.role >= needed {
@@ -234,8 +244,10 @@ impl Caller {
 
     /// The caller a token stands for.
     async fn of_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
-        match state.store.api_token(&hash_secret(token)).await {
+        let token_hash = hash_secret(token);
+        match state.store.api_token(&token_hash).await {
             Ok(token) => Ok(Caller {
+                token_hash,
                 role: token.role,
                 actor: format!("{} ({})", token.name, token.id),
                 name: token.name,

@@ -90,9 +90,9 @@ async fn a_build_whose_supervisor_cannot_start_is_reverted_and_the_old_one_keeps
     let exe = install_agent(dir.path());
     let mut agent = start(&server, &exe, dir.path(), "papa");
     let id = enrolled_id(&server, "papa").await;
-    // The server counts the update a success once 1.1.0's worker has heartbeated, and
-    // does not take back a success for a later revert: the agent remembers the build
-    // and refuses it if offered again.
+    // The server counts the update a success once 1.1.0's worker has heartbeated; the
+    // agent, back on 1.0.0, takes it back (the server then records a build failure), and
+    // refuses the build should it be offered again before that report lands.
 
     // 1.1.0's worker is a real agent that would pass probation; its `run` exits at once.
     let worker = dir.path().join("worker-1.1.0");
@@ -132,22 +132,33 @@ async fn a_build_whose_supervisor_cannot_start_is_reverted_and_the_old_one_keeps
     assert_eq!(version_of(&exe), "1.0.0");
     assert_eq!(supervisor(&agent.state_dir).unwrap().1, "1.0.0");
 
-    // Offered again, the build is refused as a build failure.
-    let refused = eventually("the build to be refused", UPDATE_WAIT, || async {
-        tasks_of(&server, &id)
-            .await
-            .into_iter()
-            .find(|task| task["status"] == "failed")
-    })
+    // The build ends as a build failure on this agent, whichever way the server learns
+    // it: the success taken back (`rolled_back`) or a new offer refused (`failed`).
+    let failed = eventually(
+        "the build to end as a build failure",
+        UPDATE_WAIT,
+        || async {
+            let tasks = tasks_of(&server, &id).await;
+            let ended: Vec<_> = tasks
+                .iter()
+                .filter(|t| t["to_version"] == "1.1.0")
+                .filter(|t| t["status"] == "rolled_back" || t["status"] == "failed")
+                .cloned()
+                .collect();
+            (!ended.is_empty() && tasks.iter().all(|t| t["status"] != "succeeded")).then_some(ended)
+        },
+    )
     .await;
-    assert_eq!(refused["failure_class"], "build", "{refused}");
-    assert!(
-        refused["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("supervisor did not take over"),
-        "{refused}"
-    );
+    for task in &failed {
+        assert_eq!(task["failure_class"], "build", "{task}");
+        assert!(
+            task["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("supervisor did not take over"),
+            "{task}"
+        );
+    }
     let listed = eventually("1.0.0 back online", UPDATE_WAIT, || async {
         let agent = agent_view(&server, "papa").await?;
         (agent["online"] == true && agent["version"] == "1.0.0").then_some(agent)

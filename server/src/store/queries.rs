@@ -456,6 +456,17 @@ macro_rules! impl_queries {
             use $crate::store::*;
 
             impl $store {
+                /// Runs one pruning statement: `$1` is the cutoff, `$2` the batch size;
+                /// how many rows it deleted.
+                async fn delete_batch(&self, sql: &str, before_ms: i64, batch: i64) -> StoreResult<u64> {
+                    let done = sqlx::query(sql)
+                        .bind(before_ms)
+                        .bind(batch)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(done.rows_affected())
+                }
+
                 /// Writes what an agent's hello said, once `authenticate` has checked its
                 /// secret (each backend guards that check its own way).
                 async fn record_hello<'c, E>(
@@ -1321,43 +1332,27 @@ macro_rules! impl_queries {
                 }
 
                 async fn prune_tasks(&self, before_ms: i64, batch: i64) -> StoreResult<u64> {
-                    let done = sqlx::query(&format!(
+                    let sql = format!(
                         "DELETE FROM update_tasks WHERE id IN (SELECT u.id FROM update_tasks u \
                              LEFT JOIN rollouts r ON r.id = u.rollout_id \
                              WHERE u.finished_at < $1 AND u.status NOT IN {ACTIVE_STATUSES} \
                              AND NOT (u.failure_class = 'build' AND u.status <> 'succeeded') \
                              AND (u.rollout_id IS NULL OR r.summary IS NOT NULL) LIMIT $2)"
-                    ))
-                    .bind(before_ms)
-                    .bind(batch)
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(done.rows_affected())
+                    );
+                    self.delete_batch(&sql, before_ms, batch).await
                 }
 
                 async fn prune_audit(&self, before_ms: i64, batch: i64) -> StoreResult<u64> {
-                    let done = sqlx::query(
-                        "DELETE FROM audit_log WHERE id IN \
-                         (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT $2)",
-                    )
-                    .bind(before_ms)
-                    .bind(batch)
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(done.rows_affected())
+                    let sql = "DELETE FROM audit_log WHERE id IN \
+                         (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT $2)";
+                    self.delete_batch(sql, before_ms, batch).await
                 }
 
                 async fn prune_snapshots(&self, before_ms: i64, batch: i64) -> StoreResult<u64> {
-                    let done = sqlx::query(
-                        "DELETE FROM version_snapshots WHERE at IN \
+                    let sql = "DELETE FROM version_snapshots WHERE at IN \
                          (SELECT DISTINCT at FROM version_snapshots WHERE at < $1 \
-                          ORDER BY at LIMIT $2)",
-                    )
-                    .bind(before_ms)
-                    .bind(batch)
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(done.rows_affected())
+                          ORDER BY at LIMIT $2)";
+                    self.delete_batch(sql, before_ms, batch).await
                 }
 
                 async fn prune_nodes(&self, before_ms: i64) -> StoreResult<u64> {

@@ -375,7 +375,8 @@ async fn a_busy_download_server_pushes_updates_as_slots_free_instead_of_refusing
         (rollout["queued"].as_u64()? >= 10).then_some(rollout)
     })
     .await;
-    assert!(queued["in_progress"].as_u64().unwrap() <= 3, "{queued}");
+    // Only downloads hold slots: an agent that has its bytes (installing) gave its own back.
+    assert!(queued["downloading"].as_u64().unwrap() <= 3, "{queued}");
     let done = format!("updates {FEW}/{FEW}");
     eventually(
         "the simulator to finish every update",

@@ -6,7 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use protocol::{AgentMessage, FailureClass, UpdateOutcome, UpdateResult};
+use protocol::{
+    AgentMessage, FailureClass, MirrorFailure, Transfer, TransferSource, UpdateOutcome,
+    UpdateProgress, UpdateResult, UpdateStage,
+};
 use serde_json::{Value, json};
 use support::*;
 
@@ -1245,6 +1248,7 @@ async fn a_halted_rollout_is_bannered_and_resumed_from_the_page() {
                 version: "1.0.0".into(),
                 error: Some("the new version exited during probation".into()),
                 failure_class: Some(FailureClass::Build),
+                transfer: None,
             }))
             .await;
     }
@@ -1946,6 +1950,7 @@ async fn a_failing_build_is_red_on_the_overview_before_it_halts() {
             version: "1.0.0".into(),
             error: Some("the new version exited during probation".into()),
             failure_class: Some(FailureClass::Build),
+            transfer: None,
         }))
         .await;
     let keeper = keep_online(agents);
@@ -2007,6 +2012,93 @@ async fn a_failing_build_is_red_on_the_overview_before_it_halts() {
         1
     );
     browser.screenshot("rollout-failing").await;
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}
+
+/// A mirror whose last downloads all fell back is bannered on the overview, with why,
+/// and listed with its counts; the agents' updates go on.
+#[tokio::test]
+async fn a_failing_download_mirror_is_bannered_on_the_overview() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = "http://127.0.0.1:9/drover";
+    let server = Server::start_with_args(dir.path(), &["--download-url", mirror]);
+    let api = server.api();
+    let mut agents = Vec::new();
+    for n in 0..3 {
+        agents.push(ProtocolAgent::enroll(&server, &format!("fp-m{n}"), "1.0.0").await);
+    }
+    for agent in &agents {
+        put_on_beta(&api, &agent.id).await;
+    }
+    let file = publish(&server.downloads(), "1.1.0", Some("beta"), b"a good build");
+    for agent in &mut agents {
+        let update = agent
+            .next_update(Duration::from_secs(20))
+            .await
+            .expect("an update");
+        assert_eq!(
+            update.mirror_url.as_deref(),
+            Some(format!("{mirror}/{file}").as_str())
+        );
+        assert!(update.url.starts_with(&server.url), "{}", update.url);
+        agent
+            .report(AgentMessage::UpdateProgress(UpdateProgress {
+                task_id: update.task_id,
+                stage: UpdateStage::Downloading,
+                bytes_done: 0,
+                bytes_total: update.size,
+                transfer: Some(Transfer {
+                    source: TransferSource::Server,
+                    fallback: Some(MirrorFailure::WrongBytes),
+                    fallback_error: Some("checksum mismatch\nforged line".into()),
+                }),
+            }))
+            .await;
+    }
+    let first = agents[0].id.clone();
+    let keeper = keep_online(agents);
+    let listed = eventually("the mirror to be failing", PAGE_WAIT, || async {
+        let (_, listed) = api.get("/api/v1/mirrors").await;
+        (listed["mirrors"][0]["failing"] == true).then_some(listed)
+    })
+    .await;
+    let only = &listed["mirrors"][0];
+    assert_eq!(only["fallbacks"], json!({"wrong_bytes": 3}), "{listed}");
+    assert_eq!(
+        only["last_fallback"]["error"], "checksum mismatch forged line",
+        "control characters are blanked"
+    );
+
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    let banner = browser
+        .wait_for_text("[data-banner=mirror]", |t| t.contains("failing"))
+        .await;
+    assert!(banner.contains(mirror), "{banner}");
+    assert!(
+        banner.contains("wrong bytes: checksum mismatch"),
+        "{banner}"
+    );
+    let row = browser
+        .wait_for_text(&format!("#mirrors tr[data-mirror='{mirror}']"), |_| true)
+        .await;
+    assert!(row.contains("3 (wrong bytes 3)"), "{row}");
+    assert!(row.contains("server --download-url"), "{row}");
+    browser.screenshot("overview-mirror-failing").await;
+    // The agent's page says where it downloads from and how its task's build came.
+    browser.show(&format!("#/agents/{first}")).await;
+    let source = browser
+        .wait_for_text("#agent-mirror", |t| t.contains(mirror))
+        .await;
+    assert!(source.contains("set on its server"), "{source}");
+    let note = browser.wait_for_text("#tasks .transfer", |_| true).await;
+    assert_eq!(note, "from the server (mirror wrong bytes)");
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
     keeper.abort();
     browser.close().await;

@@ -96,6 +96,7 @@ async fn task_moves_through_its_states_and_succeeds_only_on_the_new_version() {
                 stage,
                 bytes_done: 6,
                 bytes_total: 12,
+                transfer: None,
             }))
             .await;
         eventually(status, SOON, || async {
@@ -113,6 +114,7 @@ async fn task_moves_through_its_states_and_succeeds_only_on_the_new_version() {
             version: "1.1.0".into(),
             error: None,
             failure_class: None,
+            transfer: None,
         }))
         .await;
     agent.heartbeat().await;
@@ -253,6 +255,7 @@ async fn pause_stops_dispatch_and_a_requested_update_overrides_a_failure() {
             version: "1.0.0".into(),
             error: Some("checksum mismatch".into()),
             failure_class: Some(FailureClass::Build),
+            transfer: None,
         }))
         .await;
     eventually("the failure", SOON, || async {
@@ -679,6 +682,7 @@ async fn a_task_whose_agent_vanishes_times_out() {
             stage: UpdateStage::Installing,
             bytes_done: 5,
             bytes_total: 5,
+            transfer: None,
         }))
         .await;
     let id = agent.id.clone();
@@ -832,6 +836,7 @@ async fn updates_are_pushed_no_faster_than_download_slots_free() {
                 stage: UpdateStage::Verifying,
                 bytes_done: 7,
                 bytes_total: 7,
+                transfer: None,
             }))
             .await;
         reported.insert(first);

@@ -47,10 +47,15 @@ async fn agents_keep_their_identity_across_server_kills_and_agent_restarts() {
         ["alpha", "bravo", "charlie"]
     );
     for agent in &agents {
-        let mode = std::fs::metadata(agent.state_dir.join("identity.json"))
-            .unwrap()
-            .permissions()
-            .mode();
+        // Listed online at its welcome; the agent stores the identity right after.
+        let identity = agent.state_dir.join("identity.json");
+        let meta = eventually(
+            "the identity to be stored",
+            Duration::from_secs(10),
+            || async { std::fs::metadata(&identity).ok() },
+        )
+        .await;
+        let mode = meta.permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "identity file must be private");
         assert!(ids.values().any(|id| Some(id.clone()) == agent.stored_id()));
     }

@@ -350,6 +350,7 @@ async fn a_rollback_on_one_node_reaches_downloads_under_way_on_the_other_every_t
                         stage: protocol::UpdateStage::Downloading,
                         bytes_done: 1,
                         bytes_total: version.len() as u64,
+                        transfer: None,
                     },
                 ))
                 .await;

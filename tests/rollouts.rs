@@ -147,6 +147,7 @@ impl Kept {
             stage: UpdateStage::Downloading,
             bytes_done: 10,
             bytes_total: 100,
+            transfer: None,
         }));
     }
 
@@ -157,6 +158,7 @@ impl Kept {
             version: "1.0.0".into(),
             error: Some(error.into()),
             failure_class: Some(class),
+            transfer: None,
         }));
     }
 
@@ -167,6 +169,7 @@ impl Kept {
             version: "1.0.0".into(),
             error: Some("the new version exited during probation".into()),
             failure_class: Some(FailureClass::Build),
+            transfer: None,
         }));
     }
 

@@ -1,24 +1,54 @@
 //! Fetching a build into the staging area: resumes with `Range`, waits out 503
-//! `Retry-After` with jitter, never accepts more than the declared size, and checks free
-//! disk space first. A write that fails (the disk filled up after all) removes the
-//! partial file, so nothing is left to fill the disk or to be resumed. Every
-//! `FetchError` knows its failure class.
+//! `Retry-After` with jitter, drops an attempt that stalls, never accepts more than the
+//! declared size, and checks free disk space first. A write that fails (the disk filled
+//! up after all) removes the partial file, so nothing is left to fill the disk or to be
+//! resumed. How patient it is depends on the source (`Patience`: the server, or a
+//! mirror that is given up on sooner). Every `FetchError` knows its failure class, and
+//! what it says about a mirror.
 
 use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use protocol::FailureClass;
+use protocol::{FailureClass, MirrorFailure};
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
 
-/// Failed attempts per download before giving up (network errors, dropped connections,
-/// server errors). A busy server's `Retry-After` is not a failure and is not counted.
-const MAX_ATTEMPTS: u32 = 20;
-/// Wait when a busy server gives no `Retry-After`, or a connection drops.
-const DEFAULT_RETRY: Duration = Duration::from_secs(5);
+/// How long a download waits for its source, by source.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Patience {
+    /// Failed attempts before giving up (network errors, dropped connections, error
+    /// statuses, stalls).
+    pub(crate) attempts: u32,
+    /// Wait between failed attempts (jittered).
+    pub(crate) retry_wait: Duration,
+    /// Wait out `503`/`429` with `Retry-After` without counting it: the server's
+    /// download admission, which serves everyone in turn.
+    pub(crate) waits_when_busy: bool,
+    /// An attempt that receives nothing for this long is dropped (and counted).
+    pub(crate) stall: Duration,
+}
+
+/// The Drover server: the last resort, so patient.
+pub(crate) const SERVER: Patience = Patience {
+    attempts: 20,
+    retry_wait: Duration::from_secs(5),
+    waits_when_busy: true,
+    stall: Duration::from_secs(60),
+};
+
+/// A mirror: untrusted and optional; the server is there when it fails.
+pub(crate) const MIRROR: Patience = Patience {
+    attempts: 3,
+    retry_wait: Duration::from_secs(2),
+    waits_when_busy: false,
+    stall: Duration::from_secs(20),
+};
+
+/// Wait when a busy server gives no usable `Retry-After`.
+const DEFAULT_BUSY_WAIT: Duration = Duration::from_secs(5);
 /// The least a busy server's `Retry-After` makes us wait: those waits are not counted,
 /// so `Retry-After: 0` must not turn into a tight loop.
 const MIN_BUSY_WAIT: Duration = Duration::from_secs(1);
@@ -40,8 +70,8 @@ pub(crate) enum FetchError {
     TooLarge(u64),
     #[error("the server answered {0}")]
     Refused(StatusCode),
-    #[error("gave up after {MAX_ATTEMPTS} attempts: {0}")]
-    GaveUp(String),
+    #[error("gave up after {attempts} attempts: {last}")]
+    GaveUp { attempts: u32, last: Failure },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -57,18 +87,58 @@ impl FetchError {
             | FetchError::Write(_)
             | FetchError::Io(_) => FailureClass::Environment,
             FetchError::TooLarge(_) => FailureClass::Build,
-            FetchError::Refused(_) | FetchError::GaveUp(_) => FailureClass::Transient,
+            FetchError::Refused(_) | FetchError::GaveUp { .. } => FailureClass::Transient,
+        }
+    }
+
+    /// What the error says about a mirror that served it; `None` when it is this
+    /// machine's (disk, staging area): another source would fare no better.
+    pub(crate) fn mirror_failure(&self) -> Option<MirrorFailure> {
+        match self {
+            FetchError::DiskFull { .. }
+            | FetchError::NoSpace(_)
+            | FetchError::Write(_)
+            | FetchError::Io(_) => None,
+            FetchError::TooLarge(_) => Some(MirrorFailure::WrongBytes),
+            FetchError::Refused(StatusCode::NOT_FOUND | StatusCode::GONE) => {
+                Some(MirrorFailure::NotFound)
+            }
+            FetchError::Refused(_) => Some(MirrorFailure::HttpError),
+            FetchError::GaveUp { last, .. } => Some(match last {
+                Failure::Status(_) => MirrorFailure::HttpError,
+                Failure::Stalled(_) => MirrorFailure::Stalled,
+                Failure::Network(_) | Failure::Short { .. } | Failure::RangeNotSatisfiable => {
+                    MirrorFailure::Unreachable
+                }
+            }),
         }
     }
 }
 
+/// Why one attempt failed, in a way worth another attempt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Failure {
+    #[error("{0}")]
+    Network(String),
+    #[error("the source answered {0}")]
+    Status(StatusCode),
+    #[error("no bytes arrived for {}s", .0.as_secs())]
+    Stalled(Duration),
+    #[error("connection ended after {done} of {size} bytes")]
+    Short { done: u64, size: u64 },
+    #[error("range not satisfiable")]
+    RangeNotSatisfiable,
+}
+
 /// Downloads `url` into `part` until it holds `size` bytes, resuming from what `part`
-/// holds already. `progress` is called with the bytes held so far.
+/// holds already, as patient as `patience` says. `progress` is called with the bytes
+/// held so far.
 pub(crate) async fn fetch(
     http: &reqwest::Client,
     url: &str,
     size: u64,
     part: &Path,
+    patience: Patience,
     mut progress: impl FnMut(u64),
 ) -> Result<(), FetchError> {
     let dir = crate::atomic_file::parent(part);
@@ -81,7 +151,7 @@ pub(crate) async fn fetch(
     check_space(part, size, held)?;
     let mut failures = 0;
     loop {
-        let wait = match fetch_once(http, url, size, part, &mut progress).await {
+        let wait = match fetch_once(http, url, size, part, &patience, &mut progress).await {
             Ok(()) => return Ok(()),
             Err(Attempt::Fatal(err)) => return Err(err),
             // Download admission, not a failure: the server will serve us in turn. The
@@ -97,8 +167,11 @@ pub(crate) async fn fetch(
             }
             Err(Attempt::Retry(wait, why)) => {
                 failures += 1;
-                if failures >= MAX_ATTEMPTS {
-                    return Err(FetchError::GaveUp(why));
+                if failures >= patience.attempts {
+                    return Err(FetchError::GaveUp {
+                        attempts: failures,
+                        last: why,
+                    });
                 }
                 let wait = jittered(wait);
                 tracing::info!(failures, wait_ms = wait.as_millis() as u64, %why, "download will be retried");
@@ -113,8 +186,9 @@ enum Attempt {
     Fatal(FetchError),
     /// The server asked us to come back after this long (`503`/`429` with `Retry-After`).
     Busy(Duration),
-    /// A failed attempt worth repeating after this long; counts toward `MAX_ATTEMPTS`.
-    Retry(Duration, String),
+    /// A failed attempt worth repeating after this long; counts toward
+    /// `Patience::attempts`.
+    Retry(Duration, Failure),
 }
 
 async fn fetch_once(
@@ -122,6 +196,7 @@ async fn fetch_once(
     url: &str,
     size: u64,
     part: &Path,
+    patience: &Patience,
     progress: &mut impl FnMut(u64),
 ) -> Result<(), Attempt> {
     let mut held = held_bytes(part)
@@ -141,16 +216,17 @@ async fn fetch_once(
     if held > 0 {
         request = request.header(RANGE, format!("bytes={held}-"));
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| Attempt::Retry(DEFAULT_RETRY, e.to_string()))?;
+    let retry = patience.retry_wait;
+    let response = match tokio::time::timeout(patience.stall, request.send()).await {
+        Ok(sent) => sent.map_err(|e| Attempt::Retry(retry, Failure::Network(e.to_string())))?,
+        Err(_) => return Err(Attempt::Retry(retry, Failure::Stalled(patience.stall))),
+    };
     let status = response.status();
     let append = match status {
         StatusCode::PARTIAL_CONTENT if resumes_at(&response, held) => true,
         StatusCode::OK | StatusCode::PARTIAL_CONTENT => false,
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-            if response.headers().contains_key(RETRY_AFTER) =>
+            if patience.waits_when_busy && response.headers().contains_key(RETRY_AFTER) =>
         {
             // Seconds; an HTTP date (which Drover never sends) waits the default.
             let wait = response
@@ -158,23 +234,17 @@ async fn fetch_once(
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(DEFAULT_RETRY, Duration::from_secs)
+                .map_or(DEFAULT_BUSY_WAIT, Duration::from_secs)
                 .min(MAX_BUSY_WAIT);
             return Err(Attempt::Busy(wait));
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
             let _ = tokio::fs::remove_file(part).await;
-            return Err(Attempt::Retry(
-                Duration::ZERO,
-                "range not satisfiable".into(),
-            ));
+            return Err(Attempt::Retry(Duration::ZERO, Failure::RangeNotSatisfiable));
         }
         // A 503 without `Retry-After` is an outage rather than admission: bounded.
         other if other.is_server_error() || other == StatusCode::TOO_MANY_REQUESTS => {
-            return Err(Attempt::Retry(
-                DEFAULT_RETRY,
-                format!("the server answered {other}"),
-            ));
+            return Err(Attempt::Retry(retry, Failure::Status(other)));
         }
         other => return Err(Attempt::Fatal(FetchError::Refused(other))),
     };
@@ -188,8 +258,14 @@ async fn fetch_once(
         .map_err(|e| Attempt::Fatal(e.into()))?;
     let mut done = if append { held } else { 0 };
     let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Attempt::Retry(DEFAULT_RETRY, e.to_string()))?;
+    loop {
+        let chunk = match tokio::time::timeout(patience.stall, body.next()).await {
+            Ok(Some(chunk)) => {
+                chunk.map_err(|e| Attempt::Retry(retry, Failure::Network(e.to_string())))?
+            }
+            Ok(None) => break,
+            Err(_) => return Err(Attempt::Retry(retry, Failure::Stalled(patience.stall))),
+        };
         done += chunk.len() as u64;
         if done > size {
             drop(file);
@@ -215,7 +291,7 @@ async fn fetch_once(
     if done < size {
         return Err(Attempt::Retry(
             Duration::ZERO,
-            format!("connection ended after {done} of {size} bytes"),
+            Failure::Short { done, size },
         ));
     }
     Ok(())
@@ -335,7 +411,7 @@ mod tests {
             std::os::unix::fs::symlink("/dev/full", &part).unwrap();
 
             let client = reqwest::Client::new();
-            let err = fetch(&client, &url, size as u64, &part, |_| {})
+            let err = fetch(&client, &url, size as u64, &part, SERVER, |_| {})
                 .await
                 .unwrap_err();
             assert!(matches!(err, FetchError::NoSpace(_)), "{size}: {err}");
@@ -370,7 +446,13 @@ mod tests {
                 FetchError::Refused(StatusCode::NOT_FOUND),
                 FailureClass::Transient,
             ),
-            (FetchError::GaveUp("reset".into()), FailureClass::Transient),
+            (
+                FetchError::GaveUp {
+                    attempts: 20,
+                    last: Failure::Network("reset".into()),
+                },
+                FailureClass::Transient,
+            ),
         ];
         for (err, class) in cases {
             assert_eq!(err.class(), class, "{err}");
@@ -405,18 +487,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_busy_server_is_waited_out_beyond_the_attempt_limit() {
         let busy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0";
-        let mut responses = vec![(busy, 0); MAX_ATTEMPTS as usize + 5];
+        let mut responses = vec![(busy, 0); SERVER.attempts as usize + 5];
         responses.push(("HTTP/1.1 200 OK", 3));
         let url = serve_in_turn(responses).await;
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
         let started = tokio::time::Instant::now();
-        fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+        fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
             .await
             .expect("503 with Retry-After is waited out, however often");
         assert_eq!(std::fs::read(&part).unwrap(), [7u8; 3]);
         assert!(
-            started.elapsed() >= MIN_BUSY_WAIT * (MAX_ATTEMPTS + 5),
+            started.elapsed() >= MIN_BUSY_WAIT * (SERVER.attempts + 5),
             "even Retry-After: 0 waits a moment"
         );
     }
@@ -428,7 +510,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
         let started = tokio::time::Instant::now();
-        fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+        fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
             .await
             .expect("the download goes on after the capped wait");
         assert_eq!(std::fs::read(&part).unwrap(), [7u8; 3]);
@@ -445,7 +527,7 @@ mod tests {
         let url = serve_in_turn(vec![("HTTP/1.1 403 Forbidden", 0)]).await;
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
-        let err = fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+        let err = fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
             .await
             .unwrap_err();
         assert!(
@@ -464,14 +546,122 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
         let started = tokio::time::Instant::now();
-        let err = fetch(&reqwest::Client::new(), &url, 3, &part, |_| {})
+        let err = fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
             .await
             .unwrap_err();
-        assert!(matches!(err, FetchError::GaveUp(_)), "{err}");
+        assert!(
+            matches!(
+                err,
+                FetchError::GaveUp {
+                    last: Failure::Network(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert_eq!(err.class(), FailureClass::Transient);
-        // One wait of at least DEFAULT_RETRY between each two of the attempts.
-        assert!(started.elapsed() >= DEFAULT_RETRY * (MAX_ATTEMPTS - 1));
-        assert!(started.elapsed() <= DEFAULT_RETRY.mul_f64(1.5) * (MAX_ATTEMPTS - 1));
+        assert_eq!(err.mirror_failure(), Some(MirrorFailure::Unreachable));
+        // One wait of at least the retry wait between each two of the attempts.
+        let waits = SERVER.attempts - 1;
+        assert!(started.elapsed() >= SERVER.retry_wait * waits);
+        assert!(started.elapsed() <= SERVER.retry_wait.mul_f64(1.5) * waits);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_mirror_is_not_waited_out_but_given_up() {
+        let busy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0";
+        let url = serve_in_turn(vec![(busy, 0); MIRROR.attempts as usize]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("staging/task.part");
+        let err = fetch(&reqwest::Client::new(), &url, 3, &part, MIRROR, |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.mirror_failure(),
+            Some(MirrorFailure::HttpError),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_download_that_stalls_is_dropped_and_counted() {
+        use tokio::io::AsyncReadExt;
+        // Headers and one byte of three, then silence with the connection open.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/build", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut byte = [0u8; 1];
+                let mut request = Vec::new();
+                while !request.ends_with(b"\r\n\r\n")
+                    && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    request.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n\x07")
+                    .await;
+                open.push(stream);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("staging/task.part");
+        let err = fetch(&reqwest::Client::new(), &url, 3, &part, MIRROR, |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FetchError::GaveUp {
+                    attempts: 3,
+                    last: Failure::Stalled(_)
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.mirror_failure(), Some(MirrorFailure::Stalled));
+        assert_eq!(err.class(), FailureClass::Transient);
+    }
+
+    #[test]
+    fn what_a_fetch_error_says_about_a_mirror() {
+        let io = || std::io::Error::other("x");
+        let gave_up = |last| FetchError::GaveUp { attempts: 3, last };
+        let cases = [
+            (FetchError::NoSpace(io()), None),
+            (
+                FetchError::DiskFull {
+                    needed: 2,
+                    available: 1,
+                },
+                None,
+            ),
+            (FetchError::TooLarge(3), Some(MirrorFailure::WrongBytes)),
+            (
+                FetchError::Refused(StatusCode::NOT_FOUND),
+                Some(MirrorFailure::NotFound),
+            ),
+            (
+                FetchError::Refused(StatusCode::GONE),
+                Some(MirrorFailure::NotFound),
+            ),
+            (
+                FetchError::Refused(StatusCode::FORBIDDEN),
+                Some(MirrorFailure::HttpError),
+            ),
+            (
+                gave_up(Failure::Status(StatusCode::BAD_GATEWAY)),
+                Some(MirrorFailure::HttpError),
+            ),
+            (
+                gave_up(Failure::Short { done: 1, size: 3 }),
+                Some(MirrorFailure::Unreachable),
+            ),
+        ];
+        for (err, expected) in cases {
+            assert_eq!(err.mirror_failure(), expected, "{err}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use protocol::FailureClass;
+use protocol::{FailureClass, Transfer};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "update.json";
@@ -45,6 +45,13 @@ pub(crate) struct Journal {
     pub(crate) version: String,
     pub(crate) previous_version: String,
     pub(crate) url: String,
+    /// The same build on a mirror, tried first.
+    #[serde(default)]
+    pub(crate) mirror_url: Option<String>,
+    /// How the build reaches the agent: unknown while the mirror is being tried; the
+    /// server (with why the mirror was given up) or the mirror once decided.
+    #[serde(default)]
+    pub(crate) transfer: Option<Transfer>,
     pub(crate) sha256: String,
     pub(crate) size: u64,
     #[serde(default)]
@@ -197,6 +204,8 @@ pub(crate) fn sample(step: Step) -> Journal {
         version: "1.1.0".into(),
         previous_version: "1.0.0".into(),
         url: "http://127.0.0.1:1/downloads/drover-agent-linux-amd64-1.1.0".into(),
+        mirror_url: None,
+        transfer: None,
         sha256: "00".repeat(32),
         size: 3,
         signature: None,

@@ -358,6 +358,7 @@ impl Worker {
                 version: version::current().to_owned(),
                 error: Some(reason),
                 failure_class: Some(class),
+                transfer: None,
             })
         };
         if !self.config.auto_update {
@@ -436,6 +437,7 @@ fn owed_report(journal: &Journal) -> Option<UpdateResult> {
         version: version::current().to_owned(),
         error: journal.reason.clone(),
         failure_class,
+        transfer: journal.transfer.clone(),
     })
 }
 

@@ -245,6 +245,7 @@ mod tests {
                 version: "1.0.0".into(),
                 error: Some("the new version exited during probation".into()),
                 failure_class: Some(FailureClass::Build),
+                transfer: None,
             },
         );
         disconnected(state, "server closed the connection");

@@ -1,14 +1,19 @@
-//! Applying one update inside the worker: journal every step, download, verify, install,
-//! then hand over to the supervisor for the restart into the new version. The installed
-//! executable is untouched until the build is verified. A refusal or failure is an
-//! `UpdateError`, whose kind decides the failure class reported to the server.
+//! Applying one update inside the worker: journal every step, download (from the
+//! offered mirror while it serves the right bytes, else from the server), verify,
+//! install, then hand over to the supervisor for the restart into the new version. The
+//! installed executable is untouched until the build is verified. A refusal or failure
+//! is an `UpdateError`, whose kind decides the failure class reported to the server; a
+//! mirror's failure is none: the server's copy is fetched instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use protocol::{FailureClass, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage};
+use protocol::{
+    FailureClass, MirrorFailure, Transfer, TransferSource, Update, UpdateOutcome, UpdateProgress,
+    UpdateResult, UpdateStage,
+};
 use tokio::sync::mpsc;
 
 use crate::journal::{self, Journal, Step};
@@ -108,6 +113,14 @@ impl Updater {
             version: update.version.clone(),
             previous_version: self.running.clone(),
             url: update.url.clone(),
+            mirror_url: update.mirror_url.clone(),
+            // Without a mirror the source is known now; with one, once it served the
+            // build or was given up on.
+            transfer: update.mirror_url.is_none().then_some(Transfer {
+                source: TransferSource::Server,
+                fallback: None,
+                fallback_error: None,
+            }),
             sha256: update.sha256.to_ascii_lowercase(),
             size: update.size,
             signature: update.signature.clone(),
@@ -150,6 +163,7 @@ impl Updater {
                         version: self.running.clone(),
                         error: Some(reason),
                         failure_class: Some(class),
+                        transfer: journal.transfer.clone(),
                     }))
                     .await;
             }
@@ -166,16 +180,8 @@ impl Updater {
         let part = journal::partial_path(&self.state_dir, &journal.task_id);
         let verified = journal::verified_path(&self.state_dir, &journal.task_id);
         if journal.step == Step::Downloading {
-            let mut last = Instant::now() - PROGRESS_EVERY;
-            download::fetch(&self.http, &journal.url, journal.size, &part, |done| {
-                if last.elapsed() >= PROGRESS_EVERY || done == journal.size {
-                    last = Instant::now();
-                    progress(events, journal, UpdateStage::Downloading, done);
-                }
-            })
-            .await?;
-            progress(events, journal, UpdateStage::Verifying, journal.size);
-            self.verify(journal, &part).await.inspect_err(|_| {
+            let digest = self.fetch_build(journal, events, &part).await?;
+            self.verify_signature(journal, &digest).inspect_err(|_| {
                 let _ = std::fs::remove_file(&part);
             })?;
             crate::platform::durable::rename(&part, &verified)
@@ -217,9 +223,110 @@ impl Updater {
             .map_err(|reason| VerifyError::Signature(reason).into())
     }
 
-    /// The digest always; when this agent has keys, the signature again (a resumed
-    /// download was accepted by an earlier process) and that it covers these bytes.
-    async fn verify(&self, journal: &Journal, part: &std::path::Path) -> Result<(), UpdateError> {
+    /// Brings the build into `part` and answers its digest, checked: from the offered
+    /// mirror while it serves the right bytes, else from the server. A mirror that fails
+    /// in any way (unreachable, an error status, a stall, wrong bytes) is given up on,
+    /// and why is journaled and reported; only the server's bytes can fail the build.
+    async fn fetch_build(
+        &self,
+        journal: &mut Journal,
+        events: &mpsc::Sender<Event>,
+        part: &std::path::Path,
+    ) -> Result<String, UpdateError> {
+        if let Some(mirror) = journal.mirror_url.clone()
+            && journal.transfer.is_none()
+        {
+            let fetched = self
+                .fetch_from(&mirror, download::MIRROR, journal, events, part)
+                .await;
+            let failure = match fetched {
+                Ok(()) => match self.check_digest(journal, events, part).await {
+                    Ok(digest) => {
+                        journal.transfer = Some(Transfer {
+                            source: TransferSource::Mirror,
+                            fallback: None,
+                            fallback_error: None,
+                        });
+                        return Ok(digest);
+                    }
+                    Err(UpdateError::Verify(err)) => (MirrorFailure::WrongBytes, err.to_string()),
+                    Err(err) => return Err(err),
+                },
+                Err(err) => match err.mirror_failure() {
+                    Some(failure) => (failure, err.to_string()),
+                    None => return Err(err.into()),
+                },
+            };
+            self.fall_back(journal, events, part, failure)?;
+        }
+        self.fetch_from(
+            &journal.url.clone(),
+            download::SERVER,
+            journal,
+            events,
+            part,
+        )
+        .await?;
+        self.check_digest(journal, events, part).await
+    }
+
+    /// Gives up on the mirror: its bytes go, then the journal says the server is the
+    /// source from now on (in that order, so nothing of the mirror's is ever resumed).
+    fn fall_back(
+        &self,
+        journal: &mut Journal,
+        events: &mpsc::Sender<Event>,
+        part: &std::path::Path,
+        (failure, error): (MirrorFailure, String),
+    ) -> Result<(), UpdateError> {
+        tracing::warn!(task = %journal.task_id, mirror = journal.mirror_url.as_deref().unwrap_or(""), reason = failure.as_str(), %error, "the mirror failed; downloading from the server");
+        match std::fs::remove_file(part) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(UpdateError::State(
+                    anyhow::Error::from(err).context("could not remove the mirror's download"),
+                ));
+            }
+        }
+        journal.transfer = Some(Transfer {
+            source: TransferSource::Server,
+            fallback: Some(failure),
+            fallback_error: Some(error),
+        });
+        journal
+            .advance(&self.state_dir, Step::Downloading)
+            .map_err(|e| UpdateError::State(e.context("cannot journal the fallback")))?;
+        progress(events, journal, UpdateStage::Downloading, 0);
+        Ok(())
+    }
+
+    async fn fetch_from(
+        &self,
+        url: &str,
+        patience: download::Patience,
+        journal: &Journal,
+        events: &mpsc::Sender<Event>,
+        part: &std::path::Path,
+    ) -> Result<(), download::FetchError> {
+        let mut last = Instant::now() - PROGRESS_EVERY;
+        download::fetch(&self.http, url, journal.size, part, patience, |done| {
+            if last.elapsed() >= PROGRESS_EVERY || done == journal.size {
+                last = Instant::now();
+                progress(events, journal, UpdateStage::Downloading, done);
+            }
+        })
+        .await
+    }
+
+    /// The download's digest against the update's; a mismatch removes the download.
+    async fn check_digest(
+        &self,
+        journal: &Journal,
+        events: &mpsc::Sender<Event>,
+        part: &std::path::Path,
+    ) -> Result<String, UpdateError> {
+        progress(events, journal, UpdateStage::Verifying, journal.size);
         let path = part.to_owned();
         let digest = tokio::task::spawn_blocking(move || install::sha256_file(&path))
             .await
@@ -228,16 +335,23 @@ impl Updater {
             .context("could not read the download")
             .map_err(UpdateError::State)?;
         if digest != journal.sha256 {
+            let _ = std::fs::remove_file(part);
             return Err(VerifyError::Digest {
                 expected: journal.sha256.clone(),
                 actual: digest,
             }
             .into());
         }
+        Ok(digest)
+    }
+
+    /// When this agent has keys: the signature again (a resumed download was accepted
+    /// by an earlier process) and that it covers these bytes (`digest`, checked).
+    fn verify_signature(&self, journal: &Journal, digest: &str) -> Result<(), UpdateError> {
         if let Some(keys) = &self.public_key {
             let release =
                 self.check_signature(keys, &journal.version, journal.signature.as_deref())?;
-            signing::check_digest(&release, &digest).map_err(VerifyError::Signature)?;
+            signing::check_digest(&release, digest).map_err(VerifyError::Signature)?;
             tracing::info!(version = %journal.version, "signature verified");
         }
         Ok(())
@@ -251,6 +365,7 @@ fn progress(events: &mpsc::Sender<Event>, journal: &Journal, stage: UpdateStage,
         stage,
         bytes_done: done,
         bytes_total: journal.size,
+        transfer: journal.transfer.clone(),
     }));
 }
 
@@ -279,6 +394,7 @@ mod tests {
             signature,
             rollback: false,
             sent_at_ms: 0,
+            mirror_url: None,
         }
     }
 
@@ -334,7 +450,11 @@ mod tests {
                 FailureClass::Transient,
             ),
             (
-                FetchError::GaveUp("connection reset".into()).into(),
+                FetchError::GaveUp {
+                    attempts: 20,
+                    last: download::Failure::Network("connection reset".into()),
+                }
+                .into(),
                 FailureClass::Transient,
             ),
             (FetchError::TooLarge(3).into(), FailureClass::Build),
@@ -408,12 +528,14 @@ mod tests {
         let mut journal = journal::sample(Step::Downloading);
         journal.sha256 = DIGEST.into();
 
-        // Not the bytes the update names.
+        let (events, _received) = mpsc::channel(16);
+        // Not the bytes the update names: removed.
         std::fs::write(&part, b"tset").unwrap();
         let err = updater(dir.path())
-            .verify(&journal, &part)
+            .check_digest(&journal, &events, &part)
             .await
             .unwrap_err();
+        assert!(!part.exists());
         assert!(
             matches!(err, UpdateError::Verify(VerifyError::Digest { .. })),
             "{err}"
@@ -428,7 +550,8 @@ mod tests {
         journal.signature = Some(sign_with(&key(1), facts));
         let mut on_old = updater(dir.path());
         on_old.running = "1.0.0".into();
-        let err = on_old.verify(&journal, &part).await.unwrap_err();
+        let digest = on_old.check_digest(&journal, &events, &part).await.unwrap();
+        let err = on_old.verify_signature(&journal, &digest).unwrap_err();
         assert!(
             matches!(err, UpdateError::Verify(VerifyError::Signature(_))),
             "{err}"
@@ -437,7 +560,7 @@ mod tests {
 
         // A download that cannot be read is not the build's fault.
         let err = on_old
-            .verify(&journal, &dir.path().join("missing.part"))
+            .check_digest(&journal, &events, &dir.path().join("missing.part"))
             .await
             .unwrap_err();
         assert_eq!(err.class(), FailureClass::Environment, "{err}");

@@ -54,6 +54,31 @@ impl Api {
         self.send(Method::GET, path, &given, None)
     }
 
+    /// A GET whose answer is bytes (a build), to be read as a stream; an error status is
+    /// an error.
+    pub(crate) fn download(&self, path: &str) -> anyhow::Result<reqwest::blocking::Response> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .with_context(|| format!("could not reach the server at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.json::<Value>().unwrap_or(Value::Null);
+        bail!(error_message(status, &body))
+    }
+
+    /// A GET of somewhere other than the server (a mirror): never with the token.
+    pub(crate) fn fetch_elsewhere(
+        &self,
+        url: &str,
+    ) -> reqwest::Result<reqwest::blocking::Response> {
+        self.http.get(url).send()
+    }
+
     /// Sends one API call; `body`, when given, goes as JSON.
     pub(crate) fn request(
         &self,

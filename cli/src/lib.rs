@@ -3,6 +3,7 @@
 //! commands in `rollouts`; `api` does the HTTP and `render` the printing.
 
 mod api;
+mod mirrors;
 mod render;
 mod rollouts;
 mod signing;
@@ -108,6 +109,12 @@ enum Command {
     Window {
         #[command(subcommand)]
         action: WindowAction,
+    },
+    /// Download mirrors: set or clear a site's or client's, list their health, copy the
+    /// offered builds to a mirror directory, or check a mirror
+    Mirror {
+        #[command(subcommand)]
+        action: mirrors::MirrorAction,
     },
     /// Show whether updates are on server-wide, or switch them
     Updates {
@@ -288,7 +295,7 @@ enum WindowAction {
     /// --duration 3h --time-zone Europe/Berlin
     Set {
         #[command(flatten)]
-        owner: WindowOwner,
+        owner: ScopeOwner,
         /// The days it opens: mon,tue,... or a range such as mon-fri
         #[arg(long, value_name = "DAYS", value_delimiter = ',', required = true)]
         days: Vec<String>,
@@ -305,23 +312,23 @@ enum WindowAction {
     /// Remove the window: the agents follow their client's window, or none
     Clear {
         #[command(flatten)]
-        owner: WindowOwner,
+        owner: ScopeOwner,
     },
 }
 
-/// Where a maintenance window is set: a site or a client.
+/// Where a site-or-client setting (a maintenance window, a download mirror) is set.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
-struct WindowOwner {
-    /// Every agent of a site (wins over its client's window)
+struct ScopeOwner {
+    /// Every agent of a site (wins over its client's setting)
     #[arg(long, value_name = "ID")]
     site: Option<String>,
-    /// Every agent of a client whose site sets no window
+    /// Every agent of a client whose site sets none
     #[arg(long, value_name = "ID")]
     client: Option<String>,
 }
 
-impl WindowOwner {
+impl ScopeOwner {
     fn kind_and_id(&self) -> (&'static str, &str) {
         match (&self.site, &self.client) {
             (Some(id), _) => ("site", id),
@@ -565,6 +572,7 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
             let answer = api.request(Method::PUT, &path, Some(&json!({ "window": window })))?;
             show(answer, false, |set: WindowSet| window_line(kind, &set))
         }
+        Command::Mirror { action } => mirrors::run(action, api),
         Command::Clients { json, action } => match action {
             None => show(api.get("/api/v1/clients")?, json, |c: Vec<Client>| {
                 clients_table(&c)

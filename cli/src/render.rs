@@ -5,6 +5,7 @@
 
 mod audit;
 mod explain;
+mod mirrors;
 mod rollouts;
 mod tokens;
 mod versions;
@@ -14,6 +15,7 @@ use serde::Deserialize;
 
 pub(crate) use self::audit::{AuditPage, audit_view};
 pub(crate) use self::explain::{Explanation, explanation};
+pub(crate) use self::mirrors::{MirrorList, MirrorSet, mirror_line, mirrors_view};
 pub(crate) use self::rollouts::{
     Rollout, RolloutAgents, RolloutDetail, created_view, rollout_agents_view, rollout_state_line,
     rollout_view, rollouts_view, short_id,

@@ -179,7 +179,93 @@ pub struct UpdateProgress {
     pub bytes_done: u64,
     #[serde(default)]
     pub bytes_total: u64,
+    /// Where the build's bytes come from (and why a mirror was given up), as far as the
+    /// download got. Absent from agents older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
 }
+
+/// Where an agent fetched a build from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferSource {
+    /// The server's own `/downloads` (the `update`'s `url`).
+    Server,
+    /// The mirror the `update` offered (`mirror_url`).
+    Mirror,
+    #[serde(other)]
+    Unknown,
+}
+
+impl TransferSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferSource::Server => "server",
+            TransferSource::Mirror => "mirror",
+            TransferSource::Unknown => "unknown",
+        }
+    }
+}
+
+/// Why an agent gave up on a mirror and fell back to the server. Never the build's
+/// fault: a mirror is untrusted storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorFailure {
+    /// No connection, or it broke, at every attempt.
+    Unreachable,
+    /// The mirror answered 404 or 410: it does not hold the build.
+    NotFound,
+    /// The mirror answered another error status.
+    HttpError,
+    /// The bytes are not the build: wrong digest, or more bytes than the build has.
+    WrongBytes,
+    /// The download made no progress for too long.
+    Stalled,
+    #[serde(other)]
+    Unknown,
+}
+
+impl MirrorFailure {
+    pub const ALL: [MirrorFailure; 5] = [
+        MirrorFailure::Unreachable,
+        MirrorFailure::NotFound,
+        MirrorFailure::HttpError,
+        MirrorFailure::WrongBytes,
+        MirrorFailure::Stalled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorFailure::Unreachable => "unreachable",
+            MirrorFailure::NotFound => "not_found",
+            MirrorFailure::HttpError => "http_error",
+            MirrorFailure::WrongBytes => "wrong_bytes",
+            MirrorFailure::Stalled => "stalled",
+            MirrorFailure::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MirrorFailure> {
+        MirrorFailure::ALL.into_iter().find(|f| f.as_str() == text)
+    }
+}
+
+/// How a build reached the agent. Since version 1 (optional).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The source that is serving (or served) the bytes.
+    pub source: TransferSource,
+    /// Set once the agent gave up on the offered mirror; `source` is then `server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<MirrorFailure>,
+    /// What went wrong with the mirror, for people (at most `TRANSFER_ERROR_LIMIT` bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_error: Option<String>,
+}
+
+/// The most bytes of `Transfer::fallback_error` a peer sends or keeps.
+pub const TRANSFER_ERROR_LIMIT: usize = 512;
 
 /// How an update task ended on the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -207,6 +293,10 @@ pub struct UpdateResult {
     /// older than the field (the server then classes the failure itself). Since version 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_class: Option<FailureClass>,
+    /// Where the build's bytes came from, when the download began (as in
+    /// `UpdateProgress`). Since version 1 (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
 }
 
 /// Whose fault a failed update was. Only `build` failures say anything about the build:
@@ -263,8 +353,14 @@ pub struct Welcome {
 pub struct Update {
     pub task_id: String,
     pub version: String,
-    /// Absolute URL of the build.
+    /// Absolute URL of the build on the server itself: the source, or the fallback when
+    /// `mirror_url` is given.
     pub url: String,
+    /// The same build on a mirror (untrusted storage), to try first; the agent verifies
+    /// what it serves exactly as the server's and falls back to `url` on any failure.
+    /// Since version 1 (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_url: Option<String>,
     /// Lower-case hex SHA-256 of the build.
     pub sha256: String,
     pub size: u64,

@@ -44,6 +44,20 @@ fn samples() -> Vec<(&'static str, Sample)> {
             })),
         ),
         (
+            "update-progress-fallback",
+            Agent(AgentMessage::UpdateProgress(UpdateProgress {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                stage: UpdateStage::Downloading,
+                bytes_done: 0,
+                bytes_total: 52_428_800,
+                transfer: Some(Transfer {
+                    source: TransferSource::Server,
+                    fallback: Some(MirrorFailure::WrongBytes),
+                    fallback_error: Some("checksum mismatch".into()),
+                }),
+            })),
+        ),
+        (
             "heartbeat",
             Agent(AgentMessage::Heartbeat(Heartbeat {
                 seq: 42,
@@ -57,6 +71,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 stage: UpdateStage::Downloading,
                 bytes_done: 1_048_576,
                 bytes_total: 52_428_800,
+                transfer: None,
             })),
         ),
         (
@@ -67,6 +82,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 version: "1.1.0".into(),
                 error: None,
                 failure_class: None,
+                transfer: None,
             })),
         ),
         (
@@ -77,6 +93,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 version: "1.0.0".into(),
                 error: Some("new version exited with status 3 during probation".into()),
                 failure_class: None,
+                transfer: None,
             })),
         ),
         (
@@ -87,6 +104,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 version: "1.0.0".into(),
                 error: Some("new version exited with status 3 during probation".into()),
                 failure_class: Some(FailureClass::Build),
+                transfer: None,
             })),
         ),
         (
@@ -97,6 +115,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 version: "1.0.0".into(),
                 error: Some("download refused: 503 Service Unavailable".into()),
                 failure_class: Some(FailureClass::Transient),
+                transfer: None,
             })),
         ),
         (
@@ -119,6 +138,23 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 signature: None,
                 rollback: false,
                 sent_at_ms: 1_764_072_000_000,
+                mirror_url: None,
+            })),
+        ),
+        (
+            "update-mirror",
+            Server(ServerMessage::Update(Update {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                version: "1.1.0".into(),
+                url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0".into(),
+                sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                size: 52_428_800,
+                signature: None,
+                rollback: false,
+                sent_at_ms: 1_764_072_000_000,
+                mirror_url: Some(
+                    "http://mirror.branch.example/drover/drover-agent-linux-amd64-1.1.0".into(),
+                ),
             })),
         ),
         (

@@ -78,6 +78,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                 stage,
                 bytes_done,
                 bytes_total,
+                transfer: None,
             })
         },
     );
@@ -100,6 +101,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                 version,
                 error,
                 failure_class,
+                transfer: None,
             })
         });
     prop_oneof![hello, heartbeat, progress, result]
@@ -136,6 +138,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     signature,
                     rollback,
                     sent_at_ms,
+                    mirror_url: None,
                 })
             },
         );

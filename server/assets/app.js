@@ -239,10 +239,11 @@ function overview(main) {
   const counts = h('div', { class: 'cards' });
   const charts = h('div', { class: 'charts' });
   const active = h('div');
+  const mirrors = h('div', { id: 'mirrors' });
   const adoption = h('div', { class: 'charts', id: 'adoption' });
   const ranges = h('div', { class: 'ranges', role: 'group', 'aria-label': 'time range' });
   main.append(banners, h('h2', {}, 'Agents'), counts, h('h2', {}, 'Versions in the fleet'), charts,
-    h('h2', {}, 'Version adoption over time'), ranges, adoption, h('h2', {}, 'Active rollouts'), active);
+    h('h2', {}, 'Version adoption over time'), ranges, adoption, h('h2', {}, 'Active rollouts'), active, mirrors);
 
   let fleet = null;
   let snapshots = [];
@@ -266,9 +267,11 @@ function overview(main) {
     drawAdoption();
   });
   const loadRollouts = guard(active, async () => {
-    const [rollouts, builds] = await Promise.all([get('/api/v1/rollouts'), get('/api/v1/releases')]);
+    const [rollouts, builds, mirrorList] = await Promise.all([get('/api/v1/rollouts'), get('/api/v1/releases'),
+      get('/api/v1/mirrors')]);
     const facts = rolloutFacts(rollouts, builds);
-    banners.replaceChildren(...rolloutBanners(rollouts));
+    banners.replaceChildren(...rolloutBanners(rollouts), ...mirrorBanners(mirrorList.mirrors));
+    mirrors.replaceChildren(...mirrorSection(mirrorList.mirrors));
     active.replaceChildren(table(['Version', 'Kind', 'State', 'Wave', 'Progress', 'Build failures'],
       rollouts.filter(isOpen).map((r) => h('tr', {
         'data-rollout': r.id, 'data-version': r.version, 'data-kind': r.kind, class: failing(r) ? 'failing' : null,
@@ -469,6 +472,36 @@ function rolloutBanners(rollouts) {
       `Stable is stale on ${platforms(r)}: beta ${r.version} has been ahead of stable for `
       + `${duration(r.stable_lag_seconds || 0)}. Promote it or roll it back.`)),
   ];
+}
+
+// A mirror whose last downloads all fell back: agents still update, from the server.
+function mirrorBanners(list) {
+  return list.filter((m) => m.failing).map((m) => h('div', { class: 'banner warn', 'data-banner': 'mirror', 'data-mirror': m.url },
+    `The download mirror ${m.url} is failing: its last downloads all fell back to the server`
+    + `${m.last_fallback ? ` (${m.last_fallback.reason.replace('_', ' ')}${m.last_fallback.error ? `: ${m.last_fallback.error}` : ''})` : ''}. `
+    + 'Agents still update, from the server, which now carries their downloads.'));
+}
+
+// Every mirror and how its downloads went over the last day; nothing without mirrors.
+function mirrorSection(list) {
+  if (!list.length) return [];
+  const usedBy = (m) => (m.used_by.length ? m.used_by.map((u) => `${u.scope} ${u.name}`).join(', ') : 'no longer set');
+  const fellBack = (m) => (m.fell_back
+    ? `${m.fell_back} (${Object.entries(m.fallbacks).map(([why, n]) => `${why.replace('_', ' ')} ${n}`).join(', ')})` : '0');
+  return [h('h2', {}, 'Download mirrors'), table(['Mirror', 'Health', 'Served (24 h)', 'Fell back (24 h)', 'Used by'],
+    list.map((m) => h('tr', { 'data-mirror': m.url, class: m.failing ? 'failing' : null },
+      h('td', { class: 'mono' }, m.url), h('td', {}, m.failing ? h('span', { class: 'bad' }, 'failing') : 'ok'),
+      h('td', {}, m.served), h('td', { class: m.fell_back ? 'failures bad' : 'failures' }, fellBack(m)),
+      h('td', {}, usedBy(m)))))];
+}
+
+// How a task's build reached the agent: from its mirror, or from the server and why.
+function transferNote(t) {
+  if (!t.transfer) return null;
+  const { source, fallback } = t.transfer;
+  const text = source === 'mirror' ? 'from the mirror'
+    : (fallback ? `from the server (mirror ${fallback.replace('_', ' ')})` : 'from the server');
+  return h('small', { class: 'muted transfer', title: t.transfer.fallback_error || t.transfer.mirror || '' }, text);
 }
 
 // ---------------------------------------------------------------- rollouts
@@ -959,6 +992,10 @@ function agentDetail(main, id) {
       ['Online', a.online ? 'yes' : 'no'], ['Last seen', when(a.last_seen)],
       ['Enrolled', when(a.enrolled_at)], ['Updates', a.paused ? 'paused' : (a.auto_update ? 'automatic' : 'off on the agent')],
       ['Pending update', a.pending_update || 'none'], ['Fingerprint', h('span', { class: 'mono' }, a.fingerprint)],
+      ['Downloads', a.downloads && a.downloads.mirror
+        ? h('span', { id: 'agent-mirror' }, 'from the mirror ', h('span', { class: 'mono' }, a.downloads.mirror),
+          ` (set on its ${a.downloads.mirror_source === 'server' ? 'server' : a.downloads.mirror_source}), falling back to the server`)
+        : h('span', { id: 'agent-mirror' }, 'from the server')],
     ];
     body.replaceChildren(
       h('h2', {}, a.hostname, a.paused ? h('span', { class: 'marker paused' }, 'paused') : null),
@@ -974,7 +1011,8 @@ function agentDetail(main, id) {
             `${shortId(t.rollout_id)}${t.wave !== null ? `, wave ${t.wave + 1}` : ''}`) : '—'),
           h('td', {}, state(t.status), t.failure_class
             ? h('span', { class: `failure-class ${t.failure_class}`, title: 'failure class' }, t.failure_class) : null),
-          h('td', {}, t.attempts), h('td', {}, t.bytes_total ? `${Math.round((100 * t.bytes_done) / t.bytes_total)}%` : ''),
+          h('td', {}, t.attempts), h('td', {}, t.bytes_total ? `${Math.round((100 * t.bytes_done) / t.bytes_total)}%` : '',
+            transferNote(t)),
           h('td', { class: 'error' }, t.error || ''))),
         'No update tasks yet.')));
   });

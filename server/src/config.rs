@@ -82,6 +82,12 @@ pub struct Args {
     #[arg(long, env = "DROVER_PUBLIC_URL")]
     pub public_url: Option<String>,
 
+    /// A web server or CDN holding copies of the offered builds (`drover mirror sync`),
+    /// for agents whose site and client set no mirror of their own; agents verify what
+    /// it serves and fall back to this server
+    #[arg(long, env = "DROVER_DOWNLOAD_URL", value_parser = crate::mirrors::check_base)]
+    pub download_url: Option<String>,
+
     /// Log lines as `text` (for people) or `json` (one object a line, for log
     /// collectors); which lines is set with RUST_LOG (default `info,sqlx=warn`)
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

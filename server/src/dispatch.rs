@@ -6,7 +6,8 @@
 use std::collections::{HashMap, HashSet};
 
 use protocol::{
-    Cancel, ServerMessage, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
+    Cancel, MirrorFailure, ServerMessage, Transfer, TransferSource, Update, UpdateOutcome,
+    UpdateProgress, UpdateResult, UpdateStage,
 };
 
 use crate::AppState;
@@ -16,7 +17,9 @@ use crate::engine::{AgentPosition, Decision, needs_update, resolve_channel};
 use crate::maintenance::AgentWindow;
 use crate::releases::Release;
 use crate::rollouts::book::{Admission, Asking, Book};
-use crate::store::{FailureClass, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
+use crate::store::{
+    FailureClass, StoreError, StoreResult, TaskKind, TaskStatus, TransferRecord, UpdateTask,
+};
 use crate::task_writer::TaskRequest;
 
 /// Tasks read when an agent is loaded, for the retry delay and cancel reasons.
@@ -37,6 +40,8 @@ pub(crate) struct LiveAgent {
     pub(crate) holds_slot: bool,
     /// Its site's (or client's) maintenance window.
     pub(crate) window: Option<AgentWindow>,
+    /// The download mirror its updates offer (site, client or server-wide base URL).
+    pub(crate) mirror: Option<String>,
 }
 
 /// What prompted a check.
@@ -78,6 +83,12 @@ impl LiveAgent {
             record.site_window.as_deref(),
             record.client_window.as_deref(),
         );
+        let mirror = crate::mirrors::resolve(
+            record.site_mirror.as_deref(),
+            record.client_mirror.as_deref(),
+            state.settings.download_url.as_deref(),
+        )
+        .map(|(base, _)| base.to_owned());
         Ok(LiveAgent {
             id: record.id,
             position: AgentPosition {
@@ -94,6 +105,7 @@ impl LiveAgent {
             ended,
             holds_slot: false,
             window,
+            mirror,
         })
     }
 }
@@ -391,8 +403,10 @@ pub(crate) async fn check(
             rollout.note_joined(&live.id, wave);
         }
     }
-    // Pushed now if a download slot is free; queued, in line, otherwise.
-    let admitted = state.admission.try_take(&live.id);
+    // Pushed now if a download slot is free; queued, in line, otherwise. An agent sent
+    // to a mirror needs no slot unless it falls back to this server.
+    let from_mirror = live.mirror.is_some();
+    let admitted = from_mirror || state.admission.try_take(&live.id);
     let request = TaskRequest {
         agent_id: live.id.clone(),
         from_version: live.position.version.clone(),
@@ -407,9 +421,10 @@ pub(crate) async fn check(
         },
         rollout_id: Some(rollout_id),
         wave: Some(wave),
+        mirror: live.mirror.clone(),
     };
     let created = state.tasks.create(request).await;
-    if created.is_err() {
+    if created.is_err() && !from_mirror {
         if admitted {
             give_back_slot(state);
         } else {
@@ -427,8 +442,8 @@ pub(crate) async fn check(
             tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, rollout = task.rollout_id.as_deref().unwrap_or(""), "dispatching update");
             state.events.task(&task.id, &live.id);
             let message = update_message(state, &task);
+            live.holds_slot = downloads_here(task.mirror.as_deref(), &task);
             live.active = Some(task);
-            live.holds_slot = true;
             Ok(message)
         }
         // Someone else (an operator, another node) created a task meanwhile, or the
@@ -519,7 +534,9 @@ async fn advance(
         return Ok(None);
     }
     let counts_as_attempt = task.status == TaskStatus::Queued;
-    if !live.holds_slot {
+    // The update offers the agent's mirror as it is now.
+    let mirror = live.mirror.as_deref();
+    if downloads_here(mirror, &task) && !live.holds_slot {
         if counts_as_attempt {
             if !state.admission.try_take(&live.id) {
                 return Ok(None);
@@ -531,7 +548,7 @@ async fn advance(
     }
     match state
         .store
-        .record_dispatch(&task.id, now, counts_as_attempt)
+        .record_dispatch(&task.id, now, counts_as_attempt, mirror)
         .await
     {
         Ok(task) => {
@@ -548,6 +565,12 @@ async fn advance(
         }
         Err(err) => Err(err),
     }
+}
+
+/// Whether a task's download comes from this server, and so takes a download slot:
+/// unless its update offers a mirror that the agent has not fallen back from.
+fn downloads_here(mirror: Option<&str>, task: &UpdateTask) -> bool {
+    mirror.is_none() || task.transfer_fallback.is_some()
 }
 
 /// Gives back the session's download slot, if it holds one.
@@ -638,6 +661,9 @@ pub(crate) async fn progress(
         UpdateStage::Restarting => TaskStatus::Restarting,
         UpdateStage::Unknown => return Ok(()),
     };
+    if let Some(transfer) = &report.transfer {
+        record_transfer(state, live, &report.task_id, transfer).await?;
+    }
     let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     match state
         .store
@@ -653,11 +679,15 @@ pub(crate) async fn progress(
     {
         Ok(task) => {
             state.events.task(&task.id, &live.id);
-            live.active = Some(task);
-            // The agent has the bytes: its download slot is free for the next one.
+            // The agent has the bytes: its download slot is free for the next one. One
+            // that fell back from its mirror downloads here now, and counts.
             if !matches!(status, TaskStatus::Downloading) {
                 release_slot(state, live);
+            } else if !live.holds_slot && downloads_here(task.mirror.as_deref(), &task) {
+                state.admission.take_anyway();
+                live.holds_slot = true;
             }
+            live.active = Some(task);
             Ok(())
         }
         Err(StoreError::NotFound) => {
@@ -700,12 +730,67 @@ pub(crate) async fn result(
         UpdateOutcome::Failed => TaskStatus::Failed,
         UpdateOutcome::RolledBack => TaskStatus::RolledBack,
     };
+    if let Some(transfer) = &report.transfer {
+        record_transfer(state, live, &task.id, transfer).await?;
+    }
     let class = if report.outcome == UpdateOutcome::RolledBack {
         FailureClass::Build
     } else {
         reported_class(&report)
     };
     finish(state, live, &task, status, class, report.error.as_deref()).await
+}
+
+/// Records how an active task's build reaches the agent, when the report says something
+/// new: the first report of the source, or a fallback from the mirror.
+async fn record_transfer(
+    state: &AppState,
+    live: &mut LiveAgent,
+    task_id: &str,
+    transfer: &Transfer,
+) -> StoreResult<()> {
+    let Some(task) = live.active.as_ref().filter(|t| t.id == task_id) else {
+        return Ok(());
+    };
+    // Only what the update offered: `mirror` (or a fallback from one) from an agent that
+    // was offered none is not believed. A reason this server does not know is kept as
+    // `unknown`.
+    let source = match transfer.source {
+        TransferSource::Mirror if task.mirror.is_some() => "mirror",
+        TransferSource::Server | TransferSource::Mirror | TransferSource::Unknown => "server",
+    };
+    let fallback = transfer
+        .fallback
+        .filter(|_| source == "server" && task.mirror.is_some())
+        .map(MirrorFailure::as_str);
+    if task.transfer_source.as_deref() == Some(source)
+        && task.transfer_fallback.as_deref() == fallback
+    {
+        return Ok(());
+    }
+    let error = fallback
+        .and(transfer.fallback_error.as_deref())
+        .map(crate::mirrors::clean_error);
+    let record = TransferRecord {
+        source,
+        fallback,
+        error: error.as_deref(),
+    };
+    match state
+        .store
+        .record_transfer(&live.id, task_id, &record)
+        .await
+    {
+        Ok(task) => {
+            if let Some(reason) = fallback {
+                tracing::info!(agent = %live.id, task = %task.id, mirror = task.mirror.as_deref().unwrap_or(""), %reason, error = error.as_deref().unwrap_or(""), "the agent fell back from its mirror to this server");
+            }
+            live.active = Some(task);
+            Ok(())
+        }
+        Err(StoreError::NotFound) => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 /// A build that succeeded (its worker heartbeated) but whose supervisor then failed to
@@ -830,6 +915,10 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
         task_id: task.id.clone(),
         version: task.to_version.clone(),
         url: format!("{}/downloads/{}", state.settings.public_url, release.file),
+        mirror_url: task
+            .mirror
+            .as_deref()
+            .map(|base| crate::mirrors::build_url(base, &release.file)),
         sha256: release.sha256,
         size: release.size,
         signature: release.signature,

@@ -91,6 +91,9 @@ pub(crate) async fn serve(
     if response.status() == StatusCode::NOT_FOUND {
         return Err(ApiError::NotFound(format!("{} was removed", release.file)));
     }
+    if response.status().is_success() {
+        Counters::bump(&COUNTERS.downloads_served);
+    }
     // The slot is held until the body has been sent (or the agent went away), not just
     // until the headers are out.
     let (parts, body) = response.into_parts();

@@ -272,6 +272,8 @@ mod tests {
             client_channel: client.map(Into::into),
             site_window: None,
             client_window: None,
+            site_mirror: None,
+            client_mirror: None,
             node_id: None,
             node_last_beat_ms: None,
         }

@@ -19,6 +19,7 @@ mod heartbeats;
 pub mod limits;
 mod maintenance;
 mod metrics;
+mod mirrors;
 mod nodes;
 mod releases;
 pub mod retention;
@@ -97,6 +98,9 @@ pub struct Settings {
     pub retention: retention::Retention,
     /// When set, `/metrics` answers only requests bearing this token.
     pub metrics_token: Option<String>,
+    /// The server-wide download mirror (base URL), for agents whose site and client set
+    /// none; `None` serves every build from this server.
+    pub download_url: Option<String>,
     /// Serve HTTPS and WSS with this certificate; plain HTTP when `None`.
     pub tls: Option<tls::TlsConfig>,
     /// Enrollment attempts accepted per source address (see `limits`).
@@ -128,6 +132,7 @@ impl Settings {
             snapshot_every: Duration::from_secs(600),
             retention: retention::Retention::default(),
             metrics_token: None,
+            download_url: None,
             tls: None,
             enrollment_limits: limits::EnrollmentLimits::default(),
         }
@@ -565,6 +570,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
         metrics_token: args.metrics_token.clone(),
+        download_url: args.download_url.clone(),
         retention: retention::Retention {
             tasks: keep_for(args.retain_tasks),
             audit: keep_for(args.retain_audit),

@@ -19,6 +19,8 @@ pub(crate) struct Counters {
     pub(crate) downloads_refused_busy: AtomicU64,
     /// Downloads refused because updates or downloads are off, or the build is blocked.
     pub(crate) downloads_refused_off: AtomicU64,
+    /// Downloads whose bytes this node began to send (a full build or a range of one).
+    pub(crate) downloads_served: AtomicU64,
     /// Database statements that failed for a reason other than "not found" or a conflict.
     pub(crate) database_errors: AtomicU64,
     /// Milliseconds between the oldest heartbeat of the last written batch and the end
@@ -51,6 +53,7 @@ const TASK_ENDINGS: [(&str, &str); 9] = [
 pub(crate) static COUNTERS: Counters = Counters {
     downloads_refused_busy: AtomicU64::new(0),
     downloads_refused_off: AtomicU64::new(0),
+    downloads_served: AtomicU64::new(0),
     database_errors: AtomicU64::new(0),
     heartbeat_write_lag_ms: AtomicU64::new(0),
     task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
@@ -158,6 +161,17 @@ pub(crate) async fn render(
         .max_concurrent_downloads
         .saturating_sub(state.downloads.available_permits());
     let _ = writeln!(out, "drover_downloads_in_flight {in_flight}");
+    metric(
+        &mut out,
+        "drover_downloads_served_total",
+        "counter",
+        "Build downloads this node began to send (a whole build, or the rest of one after a resume).",
+    );
+    let _ = writeln!(
+        out,
+        "drover_downloads_served_total {}",
+        COUNTERS.downloads_served.load(Ordering::Relaxed)
+    );
     metric(
         &mut out,
         "drover_downloads_refused_total",
@@ -339,7 +353,46 @@ pub(crate) async fn render(
             u8::from(*lag > stale_after)
         );
     }
+    mirrors(&mut out, &crate::mirrors::health(&state).await?);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+/// Each mirror's downloads over the health period, and which mirrors are failing.
+fn mirrors(out: &mut String, mirrors: &[crate::mirrors::MirrorHealth]) {
+    metric(
+        out,
+        "drover_mirror_downloads",
+        "gauge",
+        "Downloads of tasks created in the last 24 hours offered each mirror: served by it, or fell back to the server (by reason).",
+    );
+    for mirror in mirrors {
+        let url = &mirror.url;
+        let _ = writeln!(
+            out,
+            "drover_mirror_downloads{{mirror=\"{url}\",result=\"served\",reason=\"\"}} {}",
+            mirror.served
+        );
+        for (reason, count) in &mirror.fell_back {
+            let _ = writeln!(
+                out,
+                "drover_mirror_downloads{{mirror=\"{url}\",result=\"fell_back\",reason=\"{reason}\"}} {count}"
+            );
+        }
+    }
+    metric(
+        out,
+        "drover_mirror_failing",
+        "gauge",
+        "1 for a mirror whose last three downloads all fell back to the server.",
+    );
+    for mirror in mirrors {
+        let _ = writeln!(
+            out,
+            "drover_mirror_failing{{mirror=\"{}\"}} {}",
+            mirror.url,
+            u8::from(mirror.failing)
+        );
+    }
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {

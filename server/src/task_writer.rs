@@ -26,6 +26,7 @@ pub(crate) struct TaskRequest {
     pub(crate) status: TaskStatus,
     pub(crate) rollout_id: Option<String>,
     pub(crate) wave: Option<usize>,
+    pub(crate) mirror: Option<String>,
 }
 
 impl TaskRequest {
@@ -40,6 +41,7 @@ impl TaskRequest {
             status: self.status,
             rollout_id: self.rollout_id.as_deref(),
             wave: self.wave,
+            mirror: self.mirror.as_deref(),
         }
     }
 }

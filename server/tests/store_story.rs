@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use server::store::{
     AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, FailureClass, HeartbeatRecord,
-    NewTask, PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind, TaskStatus,
-    UpdateTask,
+    MirrorCount, NewTask, PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind,
+    TaskStatus, TransferRecord, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -286,6 +286,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         status,
         rollout_id: None,
         wave: None,
+        mirror: None,
     };
 
     // Queued for an agent that is away: nothing sent, so never stale.
@@ -315,7 +316,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
 
     // Dispatch and progress move it along; only strictly older activity is stale.
     let sent = store
-        .record_dispatch(&queued.id, 11_000, true)
+        .record_dispatch(&queued.id, 11_000, true, Some("https://mirror.example.com"))
         .await
         .unwrap();
     assert_eq!(
@@ -373,9 +374,84 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         Err(StoreError::NotFound)
     ));
 
+    // The update offered a mirror; the agent reports how the build reaches it.
+    assert_eq!(sent.mirror.as_deref(), Some("https://mirror.example.com"));
+    let fell_back = store
+        .record_transfer(
+            one,
+            &queued.id,
+            &TransferRecord {
+                source: "server",
+                fallback: Some("wrong_bytes"),
+                error: Some("checksum mismatch"),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            fell_back.transfer_source.as_deref(),
+            fell_back.transfer_fallback.as_deref(),
+            fell_back.transfer_error.as_deref(),
+            fell_back.status
+        ),
+        (
+            Some("server"),
+            Some("wrong_bytes"),
+            Some("checksum mismatch"),
+            TaskStatus::Downloading
+        )
+    );
+    assert!(matches!(
+        store
+            .record_transfer(
+                two,
+                &queued.id,
+                &TransferRecord {
+                    source: "mirror",
+                    fallback: None,
+                    error: None
+                }
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store.mirror_counts(0).await.unwrap(),
+        [MirrorCount {
+            mirror: "https://mirror.example.com".into(),
+            source: "server".into(),
+            fallback: Some("wrong_bytes".into()),
+            tasks: 1
+        }]
+    );
+    assert!(
+        store.mirror_counts(10_001).await.unwrap().is_empty(),
+        "created before"
+    );
+    let seen = store
+        .mirror_transfers("https://mirror.example.com", true, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            seen.len(),
+            seen[0].fallback.as_deref(),
+            seen[0].error.as_deref()
+        ),
+        (1, Some("wrong_bytes"), Some("checksum mismatch"))
+    );
+    assert!(
+        store
+            .mirror_transfers("https://other.example.com", false, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     // A resend after a reconnect is not an attempt.
     let resent = store
-        .record_dispatch(&queued.id, 12_100, false)
+        .record_dispatch(&queued.id, 12_100, false, None)
         .await
         .unwrap();
     assert_eq!(
@@ -418,7 +494,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.record_dispatch(&queued.id, 13_500, true).await,
+        store.record_dispatch(&queued.id, 13_500, true, None).await,
         Err(StoreError::NotFound)
     ));
     assert!(store.failed_versions(one).await.unwrap().is_empty());
@@ -923,6 +999,7 @@ async fn postgres_two_nodes_never_double_dispatch() {
             status: TaskStatus::Dispatched,
             rollout_id: None,
             wave: None,
+            mirror: None,
         };
         for round in 0..20 {
             let now = 10_000 + round;
@@ -1098,6 +1175,7 @@ async fn check_upgraded(store: &dyn Store) {
                 status: TaskStatus::Dispatched,
                 rollout_id: None,
                 wave: None,
+                mirror: None,
             },
             1_000,
         )
@@ -1210,6 +1288,7 @@ async fn retention_story(store: &dyn Store) {
                     status: TaskStatus::Dispatched,
                     rollout_id: None,
                     wave: None,
+                    mirror: None,
                 },
                 at - 500,
             )
@@ -1230,6 +1309,7 @@ async fn retention_story(store: &dyn Store) {
         status: TaskStatus::Dispatched,
         rollout_id: None,
         wave: None,
+        mirror: None,
     };
     store.create_task(&open, 1_000).await.unwrap();
     for (at, action) in [(1_000, "old.one"), (2_000, "old.two"), (90_000, "new.one")] {

@@ -278,6 +278,7 @@ impl SimAgent {
                                     version: self.version.clone(),
                                     error: None,
                                     failure_class: None,
+                                    transfer: None,
                                 });
                                 if let Err(kind) = send(&mut socket, &result).await {
                                     self.owed = Some(owed);
@@ -348,6 +349,7 @@ impl SimAgent {
                                 version: self.version.clone(),
                                 error: Some(failure.message),
                                 failure_class: Some(failure.class),
+                                transfer: None,
                             });
                             self.finished.push(task.task_id);
                             if let Err(kind) = send(&mut socket, &result).await {
@@ -467,6 +469,7 @@ impl SimAgent {
                     update.version, self.version
                 )),
                 failure_class: Some(FailureClass::Transient),
+                transfer: None,
             });
             return send(socket, &refusal).await;
         }
@@ -518,6 +521,7 @@ impl SimAgent {
             version: self.version.clone(),
             error: Some(format!("simulated probation failure of {}", task.version)),
             failure_class: Some(FailureClass::Build),
+            transfer: None,
         });
         send(socket, &result).await
     }
@@ -552,6 +556,7 @@ fn progress(task_id: &str, stage: UpdateStage, done: u64, total: u64) -> AgentMe
         stage,
         bytes_done: done,
         bytes_total: total,
+        transfer: None,
     })
 }
 

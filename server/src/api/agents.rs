@@ -59,6 +59,21 @@ pub(crate) struct AgentView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     tasks: Option<Vec<TaskView>>,
+    /// Where its updates are downloaded from; only in `GET /api/v1/agents/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    downloads: Option<DownloadsView>,
+}
+
+/// Where an agent's updates are downloaded from.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DownloadsView {
+    /// The download mirror its updates offer (base URL); null when it downloads from
+    /// the server itself.
+    mirror: Option<String>,
+    /// Where that mirror is set: `site`, `client` or `server` (`--download-url`).
+    #[schema(example = "site")]
+    mirror_source: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -88,11 +103,48 @@ pub(crate) struct TaskView {
     /// Why an ended task did not succeed: `build`, `environment` or `transient`.
     #[schema(schema_with = openapi::failure_class)]
     failure_class: Option<FailureClass>,
+    /// How the build reaches (or reached) the agent; null until the agent says.
+    transfer: Option<TransferView>,
+}
+
+/// How a task's build reaches its agent, as the agent reported it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TransferView {
+    /// What was sent: `full` (the whole build).
+    #[schema(example = "full")]
+    kind: &'static str,
+    /// Bytes of what was sent.
+    bytes: i64,
+    /// `mirror` (the mirror served verified bytes) or `server`.
+    #[schema(example = "mirror")]
+    source: String,
+    /// The mirror the update offered (base URL), if any.
+    mirror: Option<String>,
+    /// Why the agent gave up on the mirror: `unreachable`, `not_found`, `http_error`,
+    /// `wrong_bytes` or `stalled`.
+    fallback: Option<String>,
+    /// What the agent saw go wrong with the mirror.
+    fallback_error: Option<String>,
+}
+
+impl TransferView {
+    fn of(task: &UpdateTask) -> Option<TransferView> {
+        let source = task.transfer_source.clone()?;
+        Some(TransferView {
+            kind: "full",
+            bytes: task.bytes_total,
+            source,
+            mirror: task.mirror.clone(),
+            fallback: task.transfer_fallback.clone(),
+            fallback_error: task.transfer_error.clone(),
+        })
+    }
 }
 
 impl From<UpdateTask> for TaskView {
     fn from(task: UpdateTask) -> TaskView {
         TaskView {
+            transfer: TransferView::of(&task),
             created_at: rfc3339(task.created_at_ms),
             updated_at: rfc3339(task.updated_at_ms),
             id: task.id,
@@ -131,6 +183,7 @@ fn view(agent: AgentRecord) -> AgentView {
         fingerprint: agent.fingerprint,
         pending_update: None,
         tasks: None,
+        downloads: None,
     }
 }
 
@@ -473,7 +526,17 @@ pub(crate) async fn one(
     caller.require(Role::Viewer)?;
     let agent = agent_or_404(&state, &id).await?;
     let tasks = state.store.tasks_for_agent(&id, TASK_HISTORY).await?;
+    let mirror = crate::mirrors::resolve(
+        agent.site_mirror.as_deref(),
+        agent.client_mirror.as_deref(),
+        state.settings.download_url.as_deref(),
+    );
+    let downloads = DownloadsView {
+        mirror: mirror.map(|(url, _)| url.to_owned()),
+        mirror_source: mirror.map(|(_, source)| source.as_str()),
+    };
     let mut view = view(agent);
+    view.downloads = Some(downloads);
     view.pending_update = tasks
         .iter()
         .find(|t| t.status.is_active())
@@ -882,6 +945,7 @@ pub(crate) async fn update_now(
                 status: TaskStatus::Queued,
                 rollout_id: Some(&rollout.id),
                 wave: Some(0),
+                mirror: None,
             },
             now,
         )

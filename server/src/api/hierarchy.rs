@@ -13,7 +13,7 @@ use crate::clock::{now_ms, rfc3339};
 use crate::maintenance::{Openness, Window, WindowSpec};
 use crate::releases::Channel;
 use crate::session::Outbound;
-use crate::store::{ChannelScope, Client, Role, Site, StoreError};
+use crate::store::{ChannelScope, Client, HierarchySetting, Role, Site, StoreError};
 
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Client)]
@@ -25,6 +25,8 @@ pub(crate) struct ClientView {
     channel: Option<String>,
     /// Its agents' maintenance window, unless their site sets one.
     maintenance_window: Option<WindowView>,
+    /// Its agents' download mirror (base URL), unless their site sets one.
+    download_mirror: Option<String>,
     /// RFC 3339.
     created_at: String,
 }
@@ -34,6 +36,7 @@ impl From<Client> for ClientView {
         ClientView {
             created_at: rfc3339(client.created_at_ms),
             maintenance_window: WindowView::of(client.maintenance_window.as_deref()),
+            download_mirror: client.download_mirror,
             id: client.id,
             name: client.name,
             channel: client.channel,
@@ -82,6 +85,8 @@ pub(crate) struct SiteView {
     channel: Option<String>,
     /// Its agents' maintenance window; its client's applies when unset.
     maintenance_window: Option<WindowView>,
+    /// Its agents' download mirror (base URL); its client's applies when unset.
+    download_mirror: Option<String>,
     /// RFC 3339.
     created_at: String,
 }
@@ -91,6 +96,7 @@ impl From<Site> for SiteView {
         SiteView {
             created_at: rfc3339(site.created_at_ms),
             maintenance_window: WindowView::of(site.maintenance_window.as_deref()),
+            download_mirror: site.download_mirror,
             id: site.id,
             client_id: site.client_id,
             name: site.name,
@@ -383,7 +389,7 @@ async fn set_channel(
     }))
 }
 
-fn scope_name(scope: ChannelScope) -> &'static str {
+pub(super) fn scope_name(scope: ChannelScope) -> &'static str {
     match scope {
         ChannelScope::Agent => "agent",
         ChannelScope::Site => "site",
@@ -394,7 +400,7 @@ fn scope_name(scope: ChannelScope) -> &'static str {
 /// After a setting of `scope`/`id` changed: every agent under it is checked again (on
 /// whichever node holds it), the pages hear of it, and the change is audited. Returns
 /// how many agents it affects.
-async fn recheck_agents_under(
+pub(super) async fn recheck_agents_under(
     state: &AppState,
     caller: &Caller,
     scope: ChannelScope,
@@ -507,7 +513,12 @@ async fn set_window(
     let json = window.as_ref().map(Window::to_json);
     match state
         .store
-        .set_maintenance_window(scope, &id, json.as_deref())
+        .set_hierarchy_setting(
+            scope,
+            &id,
+            HierarchySetting::MaintenanceWindow,
+            json.as_deref(),
+        )
         .await
     {
         Ok(()) => {}

@@ -7,6 +7,7 @@ mod events;
 mod hierarchy;
 mod install;
 mod login;
+mod mirrors;
 mod openapi;
 mod releases;
 mod rollouts;
@@ -119,10 +120,14 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(hierarchy::list_sites, hierarchy::create_site))
         .routes(routes!(hierarchy::set_site_channel))
         .routes(routes!(hierarchy::set_site_window))
+        .routes(routes!(mirrors::set_site_mirror))
+        .routes(routes!(mirrors::set_client_mirror))
+        .routes(routes!(mirrors::list))
         .routes(routes!(admin::create_enrollment_token))
         .routes(routes!(install::newest_for_install))
         .routes(routes!(releases::list))
         .routes(routes!(releases::rescan))
+        .routes(routes!(releases::file))
         .routes(routes!(
             releases::updates_switch,
             releases::set_updates_switch

@@ -30,6 +30,7 @@ use crate::store::{FailureClass, Role, RolloutKind, RolloutState, TaskKind, Task
         (name = "agents", description = "The fleet and per-agent actions"),
         (name = "hierarchy", description = "Clients, sites, and channels at every level"),
         (name = "releases", description = "Offered builds and the server-wide update switch"),
+        (name = "mirrors", description = "Download mirrors per site or client, and their health"),
         (name = "rollouts", description = "Rollout health, promote, rollback, unblock, resume"),
         (name = "admin", description = "API tokens, enrollment tokens and the audit log"),
         (name = "install", description = "What the install script fetches"),

@@ -1,11 +1,15 @@
-//! `/api/v1/releases` (offered and skipped builds, rescans) and `/api/v1/updates`, the
-//! server-wide update switch.
+//! `/api/v1/releases` (offered and skipped builds, rescans, an offered build's bytes for
+//! copying to a mirror) and `/api/v1/updates`, the server-wide update switch.
 
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, Body, Caller, ErrorBody, Params, openapi};
@@ -167,6 +171,62 @@ pub(crate) async fn rescan(
     // The other nodes rescan too: the directory may be a network share without events.
     state.registry.broadcast(|| Outbound::Check);
     Ok(Json(with_skipped(&state, &index)))
+}
+
+/// An offered build's bytes (Range works), or its `.sig` signature document, for copying
+/// to a download mirror (`drover mirror sync`). Exactly what the scanner hashed: a file
+/// changed since is not served.
+#[utoipa::path(
+    get,
+    path = "/releases/files/{file}",
+    operation_id = "release_file",
+    tag = "mirrors",
+    params(("file" = String, Path, description = "An offered build's file name, or that name with `.sig`")),
+    responses(
+        (status = 200, description = "The build's bytes (`application/octet-stream`), or its signature document", content_type = "application/octet-stream"),
+        (status = 206, description = "The asked range of the build's bytes", content_type = "application/octet-stream"),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No offered build has this name, it is unsigned (for `.sig`), or it changed since it was scanned", body = ErrorBody),
+    ),
+    security(("bearer" = ["operator"])),
+)]
+pub(crate) async fn file(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    let index = state.releases.current();
+    let (name, signature) = match file.strip_suffix(".sig") {
+        Some(build) => (build, true),
+        None => (file.as_str(), false),
+    };
+    let not_offered = || ApiError::NotFound(format!("no offered build named {name:?}"));
+    let release = index.by_file(name).ok_or_else(not_offered)?;
+    if signature {
+        let document = release
+            .signature
+            .clone()
+            .ok_or_else(|| ApiError::NotFound(format!("{name} is not signed")))?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response());
+    }
+    let path = state.settings.downloads.join(&release.file);
+    // As `/downloads`: only the regular file of the scanned size (a link is not followed).
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_file() && meta.len() == release.size => {}
+        _ => {
+            return Err(ApiError::NotFound(format!(
+                "{} changed since it was scanned",
+                release.file
+            )));
+        }
+    }
+    ServeFile::new(path)
+        .oneshot(request)
+        .await
+        .map(IntoResponse::into_response)
+        .map_err(|err| ApiError::Internal(format!("while serving {}: {err}", release.file)))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -112,6 +112,9 @@ pub struct AgentRecord {
     /// The maintenance windows (JSON) of its site and client.
     pub site_window: Option<String>,
     pub client_window: Option<String>,
+    /// The download mirrors (base URLs) of its site and client.
+    pub site_mirror: Option<String>,
+    pub client_mirror: Option<String>,
     /// The node holding the agent's session, and that node's last heartbeat.
     pub node_id: Option<String>,
     pub node_last_beat_ms: Option<i64>,
@@ -339,6 +342,14 @@ pub struct UpdateTask {
     /// Why it did not succeed, once ended.
     pub failure_class: Option<FailureClass>,
     pub finished_at_ms: Option<i64>,
+    /// The download mirror its update message offered (base URL), if any.
+    pub mirror: Option<String>,
+    /// How the build reached the agent, as it reported: `mirror` (the mirror served
+    /// verified bytes) or `server`; unknown until the agent says.
+    pub transfer_source: Option<String>,
+    /// Why the agent gave up on the mirror (`MirrorFailure`), and what it saw.
+    pub transfer_fallback: Option<String>,
+    pub transfer_error: Option<String>,
 }
 
 impl UpdateTask {
@@ -352,7 +363,7 @@ impl UpdateTask {
     }
 }
 
-/// Rows in one multi-row `INSERT` of tasks: 12 parameters each, far below either
+/// Rows in one multi-row `INSERT` of tasks: 15 parameters each, far below either
 /// database's limit on parameters in a statement.
 const TASKS_PER_STATEMENT: usize = 500;
 
@@ -368,6 +379,8 @@ pub struct NewTask<'a> {
     pub status: TaskStatus,
     pub rollout_id: Option<&'a str>,
     pub wave: Option<usize>,
+    /// The download mirror its update message offers.
+    pub mirror: Option<&'a str>,
 }
 
 impl NewTask<'_> {
@@ -396,6 +409,55 @@ impl NewTask<'_> {
             wave: self.wave.and_then(|w| i64::try_from(w).ok()),
             failure_class: None,
             finished_at_ms: None,
+            mirror: self.mirror.map(str::to_owned),
+            transfer_source: None,
+            transfer_fallback: None,
+            transfer_error: None,
+        }
+    }
+}
+
+/// How a task's build reaches its agent, as the agent reported (see `UpdateTask`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferRecord<'a> {
+    pub source: &'a str,
+    pub fallback: Option<&'a str>,
+    pub error: Option<&'a str>,
+}
+
+/// Tasks offered one mirror that reported one source and fallback reason.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MirrorCount {
+    pub mirror: String,
+    pub source: String,
+    pub fallback: Option<String>,
+    pub tasks: i64,
+}
+
+/// One reported transfer of a task offered a mirror.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MirrorTransfer {
+    /// Why the agent fell back; `None` when the mirror served it.
+    pub fallback: Option<String>,
+    pub error: Option<String>,
+    pub at_ms: i64,
+}
+
+/// A setting a site or a client holds for its agents (a site's wins over its client's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HierarchySetting {
+    /// The weekly window (JSON, see `maintenance`).
+    MaintenanceWindow,
+    /// The download mirror's base URL (see `mirrors`).
+    DownloadMirror,
+}
+
+impl HierarchySetting {
+    /// Its column in `sites` and `clients`.
+    pub fn column(self) -> &'static str {
+        match self {
+            HierarchySetting::MaintenanceWindow => "maintenance_window",
+            HierarchySetting::DownloadMirror => "download_mirror",
         }
     }
 }
@@ -407,6 +469,8 @@ pub struct Client {
     pub channel: Option<String>,
     /// Its maintenance window as JSON (see `maintenance`).
     pub maintenance_window: Option<String>,
+    /// Its agents' download mirror (base URL); see `mirrors`.
+    pub download_mirror: Option<String>,
     #[serde(skip)]
     pub created_at_ms: i64,
 }
@@ -419,6 +483,8 @@ pub struct Site {
     pub channel: Option<String>,
     /// Its maintenance window as JSON (see `maintenance`).
     pub maintenance_window: Option<String>,
+    /// Its agents' download mirror (base URL); see `mirrors`.
+    pub download_mirror: Option<String>,
     #[serde(skip)]
     pub created_at_ms: i64,
 }

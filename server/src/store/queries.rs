@@ -113,13 +113,14 @@ pub trait Queries: Send + Sync {
         channel: Option<&str>,
     ) -> StoreResult<()>;
 
-    /// Sets or clears (`None`) the maintenance window (its JSON form) of a site or a
-    /// client; `NotFound` when the row does not exist.
-    async fn set_maintenance_window(
+    /// Sets or clears (`None`) a setting of a site or a client; `NotFound` when the row
+    /// does not exist.
+    async fn set_hierarchy_setting(
         &self,
         scope: ChannelScope,
         id: &str,
-        window: Option<&str>,
+        setting: HierarchySetting,
+        value: Option<&str>,
     ) -> StoreResult<()>;
 
     /// Ids of the agents a channel change at `scope`/`id` affects.
@@ -181,13 +182,37 @@ pub trait Queries: Send + Sync {
     async fn tasks_for_agent(&self, agent_id: &str, limit: i64) -> StoreResult<Vec<UpdateTask>>;
 
     /// Marks a (re-)dispatch: status `dispatched`, one more attempt if `attempt` (a resend
-    /// after a reconnect is not one). `NotFound` unless the task is unfinished.
+    /// after a reconnect is not one), and the mirror the update message offers.
+    /// `NotFound` unless the task is unfinished.
     async fn record_dispatch(
         &self,
         task_id: &str,
         now_ms: i64,
         attempt: bool,
+        mirror: Option<&str>,
     ) -> StoreResult<UpdateTask>;
+
+    /// Records how the build of an unfinished task of this agent reaches it, as the agent
+    /// reported. `NotFound` when the task is not this agent's or is finished.
+    async fn record_transfer(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        transfer: &TransferRecord<'_>,
+    ) -> StoreResult<UpdateTask>;
+
+    /// Per mirror, source and fallback reason: how many tasks created since `since_ms`
+    /// reported their transfer.
+    async fn mirror_counts(&self, since_ms: i64) -> StoreResult<Vec<MirrorCount>>;
+
+    /// The newest reported transfers of tasks offered `mirror`, newest first; only
+    /// fallbacks when `fallbacks_only`.
+    async fn mirror_transfers(
+        &self,
+        mirror: &str,
+        fallbacks_only: bool,
+        limit: i64,
+    ) -> StoreResult<Vec<MirrorTransfer>>;
 
     /// Moves an unfinished task of this agent to an in-progress status. `NotFound` when the
     /// task is not this agent's or is finished.
@@ -311,7 +336,9 @@ pub(super) const SELECT_AGENTS: &str = "SELECT a.id, a.site_id, a.fingerprint, a
      a.version, a.os, a.arch, a.paused, a.auto_update, \
      a.enrolled_at AS enrolled_at_ms, a.last_seen AS last_seen_ms, \
      a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel, \
-     s.maintenance_window AS site_window, c.maintenance_window AS client_window, a.node_id, n.last_beat AS node_last_beat_ms \
+     s.maintenance_window AS site_window, c.maintenance_window AS client_window, \
+     s.download_mirror AS site_mirror, c.download_mirror AS client_mirror, \
+     a.node_id, n.last_beat AS node_last_beat_ms \
      FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id \
      LEFT JOIN nodes n ON n.id = a.node_id";
 
@@ -320,7 +347,7 @@ pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, o
      status, attempts, error, bytes_done, bytes_total, created_at AS created_at_ms, \
      updated_at AS updated_at_ms, dispatched_at AS dispatched_at_ms, \
      progress_at AS progress_at_ms, rollout_id, wave, failure_class, \
-     finished_at AS finished_at_ms";
+     finished_at AS finished_at_ms, mirror, transfer_source, transfer_fallback, transfer_error";
 
 pub(super) const ACTIVE_STATUSES: &str =
     "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
@@ -391,10 +418,9 @@ pub(super) fn agent_conditions(filter: &AgentFilter<'_>) -> (String, Vec<Value>)
 }
 
 pub(super) const CLIENT_COLUMNS: &str =
-    "id, name, channel, maintenance_window, created_at AS created_at_ms";
+    "id, name, channel, maintenance_window, download_mirror, created_at AS created_at_ms";
 
-pub(super) const SITE_COLUMNS: &str =
-    "id, client_id, name, channel, maintenance_window, created_at AS created_at_ms";
+pub(super) const SITE_COLUMNS: &str = "id, client_id, name, channel, maintenance_window, download_mirror, created_at AS created_at_ms";
 
 /// The columns of an `ApiToken`: never the hash.
 pub(super) const TOKEN_COLUMNS: &str =
@@ -884,25 +910,28 @@ macro_rules! impl_queries {
                     changed_one(done.rows_affected())
                 }
 
-                async fn set_maintenance_window(
+                async fn set_hierarchy_setting(
                     &self,
                     scope: ChannelScope,
                     id: &str,
-                    window: Option<&str>,
+                    setting: HierarchySetting,
+                    value: Option<&str>,
                 ) -> StoreResult<()> {
                     let table = match scope {
                         ChannelScope::Site => "sites",
                         ChannelScope::Client => "clients",
                         ChannelScope::Agent => {
-                            return Err(StoreError::Other(
-                                "maintenance windows belong to sites and clients".into(),
-                            ));
+                            return Err(StoreError::Other(format!(
+                                "{} belongs to sites and clients",
+                                setting.column()
+                            )));
                         }
                     };
                     let done = sqlx::query(&format!(
-                        "UPDATE {table} SET maintenance_window = $1 WHERE id = $2"
+                        "UPDATE {table} SET {} = $1 WHERE id = $2",
+                        setting.column()
                     ))
-                    .bind(window)
+                    .bind(value)
                     .bind(id)
                     .execute(&self.pool)
                     .await?;
@@ -993,7 +1022,7 @@ macro_rules! impl_queries {
                         let mut insert = sqlx::QueryBuilder::new(
                             "INSERT INTO update_tasks (id, agent_id, from_version, to_version, \
                                  os, arch, kind, status, attempts, created_at, updated_at, \
-                                 dispatched_at, rollout_id, wave) \
+                                 dispatched_at, rollout_id, wave, mirror) \
                              SELECT * FROM (",
                         );
                         insert.push_values(chunk, |mut row, (task, id)| {
@@ -1011,7 +1040,8 @@ macro_rules! impl_queries {
                                 .push_bind(now_ms)
                                 .push_bind(dispatched.then_some(now_ms))
                                 .push_bind(task.rollout_id)
-                                .push_bind(task.wave.and_then(|w| i64::try_from(w).ok()));
+                                .push_bind(task.wave.and_then(|w| i64::try_from(w).ok()))
+                                .push_bind(task.mirror);
                         });
                         insert.push(
                             ") AS v WHERE NOT EXISTS (SELECT 1 FROM version_blocks b \
@@ -1112,16 +1142,77 @@ macro_rules! impl_queries {
                     task_id: &str,
                     now_ms: i64,
                     attempt: bool,
+                    mirror: Option<&str>,
                 ) -> StoreResult<UpdateTask> {
                     Ok(sqlx::query_as(&format!(
                         "UPDATE update_tasks SET status = 'dispatched', \
-                             attempts = attempts + $3, dispatched_at = $1, updated_at = $1 \
+                             attempts = attempts + $3, dispatched_at = $1, updated_at = $1, \
+                             mirror = $4 \
                          WHERE id = $2 AND status IN {ACTIVE_STATUSES} RETURNING {TASK_COLUMNS}"
                     ))
                     .bind(now_ms)
                     .bind(task_id)
                     .bind(i64::from(attempt))
+                    .bind(mirror)
                     .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn record_transfer(
+                    &self,
+                    agent_id: &str,
+                    task_id: &str,
+                    transfer: &TransferRecord<'_>,
+                ) -> StoreResult<UpdateTask> {
+                    Ok(sqlx::query_as(&format!(
+                        "UPDATE update_tasks SET transfer_source = $1, transfer_fallback = $2, \
+                             transfer_error = $3 \
+                         WHERE id = $4 AND agent_id = $5 AND status IN {ACTIVE_STATUSES} \
+                         RETURNING {TASK_COLUMNS}"
+                    ))
+                    .bind(transfer.source)
+                    .bind(transfer.fallback)
+                    .bind(transfer.error)
+                    .bind(task_id)
+                    .bind(agent_id)
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn mirror_counts(&self, since_ms: i64) -> StoreResult<Vec<MirrorCount>> {
+                    Ok(sqlx::query_as(
+                        "SELECT mirror, transfer_source AS source, transfer_fallback AS fallback, \
+                             COUNT(*) AS tasks \
+                         FROM update_tasks \
+                         WHERE mirror IS NOT NULL AND created_at >= $1 \
+                           AND transfer_source IS NOT NULL \
+                         GROUP BY mirror, transfer_source, transfer_fallback",
+                    )
+                    .bind(since_ms)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn mirror_transfers(
+                    &self,
+                    mirror: &str,
+                    fallbacks_only: bool,
+                    limit: i64,
+                ) -> StoreResult<Vec<MirrorTransfer>> {
+                    let which = if fallbacks_only {
+                        "transfer_fallback IS NOT NULL"
+                    } else {
+                        "transfer_source IS NOT NULL"
+                    };
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT transfer_fallback AS fallback, transfer_error AS error, \
+                             updated_at AS at_ms \
+                         FROM update_tasks WHERE mirror = $1 AND {which} \
+                         ORDER BY created_at DESC LIMIT $2"
+                    ))
+                    .bind(mirror)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
                     .await?)
                 }
 

@@ -691,3 +691,162 @@ async fn operators_work_from_the_cli_and_see_why() {
     let (status, _) = Api::new(&server.url, &token).get("/api/v1/rollouts").await;
     assert_eq!(status, 200);
 }
+
+/// Mints an API token of `role` with the admin's API.
+async fn token_of(admin: &Api, role: &str) -> String {
+    let (status, body) = admin
+        .post("/api/v1/tokens", Some(json!({"name": role, "role": role})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_without_the_role_hears_403_whatever_the_body_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let admin = server.api();
+    let viewer = token_of(&admin, "viewer").await;
+    let http = reqwest::Client::new();
+    let (_, sites) = admin.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    // Each malformed in another way: an array, not JSON, no content type, too large.
+    let cases: Vec<(&str, String, Option<&str>, Vec<u8>)> = vec![
+        (
+            "POST",
+            "/api/v1/tokens".into(),
+            Some("application/json"),
+            br#"["x","admin"]"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/clients".into(),
+            Some("text/plain"),
+            b"name=x".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/clients".into(),
+            None,
+            b"{\"name\": \"x\"}".to_vec(),
+        ),
+        (
+            "PUT",
+            "/api/v1/updates".into(),
+            Some("application/json"),
+            b"{\"enabled\":".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/rollouts".into(),
+            Some("application/json"),
+            b"[]".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/rollouts/1.0.0/promote".into(),
+            Some("application/json"),
+            b"{bad".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/rollouts/1.0.0/rollback".into(),
+            Some("application/json"),
+            vec![b'x'; 300 * 1024],
+        ),
+        (
+            "POST",
+            format!("/api/v1/sites/{site}/enrollment-tokens"),
+            Some("application/json"),
+            b"[null,null]".to_vec(),
+        ),
+    ];
+    for (method, path, content_type, body) in cases {
+        let mut request = http
+            .request(method.parse().unwrap(), format!("{}{path}", server.url))
+            .bearer_auth(&viewer)
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert_eq!(answer["error"], "forbidden", "{method} {path}: {answer}");
+    }
+    // With the role, the same malformed bodies are judged.
+    let (status, body) = admin
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/tokens",
+            Some(json!(["x", "admin"])),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeating_a_promote_or_a_rollback_changes_nothing_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    publish(&server.downloads(), "1.0.0", Some("beta"), b"build");
+    offered(&api, "1.0.0").await;
+    let promote = Some(json!({"force": true}));
+
+    let (status, first) = api
+        .post("/api/v1/rollouts/1.0.0/promote", promote.clone())
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["unchanged"], false, "{first}");
+    assert_eq!(first["promoted"].as_array().unwrap().len(), 1, "{first}");
+    for _ in 0..2 {
+        let (status, again) = api
+            .post("/api/v1/rollouts/1.0.0/promote", promote.clone())
+            .await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["unchanged"], true, "{again}");
+        assert_eq!(again["promoted"], json!([]), "{again}");
+        assert_eq!(again["rollout"]["id"], first["rollout"]["id"], "{again}");
+    }
+
+    let (status, first) = api.post("/api/v1/rollouts/1.0.0/rollback", None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["unchanged"], false, "{first}");
+    let (status, again) = api.post("/api/v1/rollouts/1.0.0/rollback", None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (&again["unchanged"], &again["blocked"]),
+        (&json!(true), &json!(true)),
+        "{again}"
+    );
+
+    let (_, audit) = api.get("/api/v1/audit?limit=100").await;
+    let count = |action: &str| {
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .count()
+    };
+    assert_eq!(count("rollout.promote"), 1, "{audit}");
+    assert_eq!(count("rollout.rollback"), 1, "{audit}");
+    let (_, rollouts) = api.get("/api/v1/rollouts?version=1.0.0").await;
+    let promotes = rollouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "promote")
+        .count();
+    assert_eq!(promotes, 1, "{rollouts}");
+
+    // The CLI says so too.
+    let (ok, out) = run_cli(&server, &["rollback", "1.0.0"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1.0.0 was rolled back already; nothing changed"),
+        "{out}"
+    );
+}

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Body, Caller, ErrorBody, Params, openapi};
+use super::{ApiError, Body, Caller, ErrorBody, OptionalBody, Params, openapi};
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
 use crate::clock::{now_ms, rfc3339};
@@ -91,9 +91,10 @@ pub(crate) struct CreatedToken {
 pub(crate) async fn create_token(
     caller: Caller,
     State(state): State<AppState>,
-    Body(request): Body<NewToken>,
+    body: Body<NewToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     caller.require(Role::Admin)?;
+    let request = body.take()?;
     let role = Role::parse(&request.role).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "role {:?} is not one of viewer, operator, admin",
@@ -210,10 +211,10 @@ pub(crate) async fn create_enrollment_token(
     caller: Caller,
     State(state): State<AppState>,
     Path(site_id): Path<String>,
-    body: axum::body::Bytes,
+    body: OptionalBody<NewEnrollmentToken>,
 ) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
     caller.require(Role::Admin)?;
-    let request: NewEnrollmentToken = super::optional_body(&body)?;
+    let request = body.take()?;
     if request.expires_in_secs.is_some_and(|s| s <= 0) || request.max_uses.is_some_and(|n| n <= 0) {
         return Err(ApiError::BadRequest(
             "expires_in_secs and max_uses must be positive".into(),

@@ -1,7 +1,6 @@
 //! `/api/v1/agents`: the fleet listing, one agent with its tasks, and per-agent actions.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -762,11 +761,11 @@ pub(crate) async fn update_now(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: super::OptionalBody<UpdateNow>,
 ) -> Result<(StatusCode, Json<UpdateQueued>), ApiError> {
     caller.require(Role::Operator)?;
     // No body means "the newest build of the agent's channel".
-    let request: UpdateNow = super::optional_body(&body)?;
+    let request = body.take()?;
     let agent = agent_or_404(&state, &id).await?;
     if !state.updates_enabled() {
         return Err(ApiError::Conflict(

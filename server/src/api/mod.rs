@@ -292,17 +292,64 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// A JSON request body whose rejections are `ApiError`s with the JSON error shape.
-pub(crate) struct Body<T>(T);
+/// A JSON request body whose rejections are `ApiError`s with the JSON error shape. It is
+/// read before the handler runs but judged only when the handler takes it, after the
+/// role check: a caller without the role hears 403 whatever the body holds.
+pub(crate) struct Body<T>(Result<T, ApiError>);
+
+impl<T> Body<T> {
+    /// The parsed body, or why it could not be parsed.
+    pub(crate) fn take(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
 
 impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
-    async fn from_request(request: Request, state: &AppState) -> Result<Body<T>, ApiError> {
-        match Json::<serde_json::Value>::from_request(request, state).await {
-            Ok(Json(value)) => object_body(value).map(Body),
-            Err(rejection) => Err(bad_body(rejection)),
-        }
+    async fn from_request(
+        request: Request,
+        state: &AppState,
+    ) -> Result<Body<T>, std::convert::Infallible> {
+        Ok(Body(
+            match Json::<serde_json::Value>::from_request(request, state).await {
+                Ok(Json(value)) => object_body(value),
+                Err(rejection) => Err(bad_body(rejection)),
+            },
+        ))
+    }
+}
+
+/// A JSON body that may be left out (no body, or `null`, means the defaults), judged as
+/// late as `Body`.
+pub(crate) struct OptionalBody<T>(Result<T, ApiError>);
+
+impl<T> OptionalBody<T> {
+    /// The parsed body, the defaults, or why it could not be parsed.
+    pub(crate) fn take(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
+
+impl<T: Default + DeserializeOwned> FromRequest<AppState> for OptionalBody<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: Request,
+        state: &AppState,
+    ) -> Result<OptionalBody<T>, std::convert::Infallible> {
+        Ok(OptionalBody(
+            match axum::body::Bytes::from_request(request, state).await {
+                Ok(bytes) => optional_body(&bytes),
+                Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    Err(ApiError::PayloadTooLarge(format!(
+                        "the body exceeds the limit of {} KiB",
+                        BODY_LIMIT / 1024
+                    )))
+                }
+                Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+            },
+        ))
     }
 }
 
@@ -348,7 +395,7 @@ fn bad_body(rejection: JsonRejection) -> ApiError {
 }
 
 /// A JSON body that may be left out; no body, or `null`, means the defaults.
-pub(crate) fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

@@ -438,7 +438,8 @@ async fn a_stale_beta_is_reported_in_the_listing_and_in_metrics() {
 #[tokio::test(flavor = "multi_thread")]
 async fn re_enrolling_a_machine_keeps_one_record_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    // A reinstalled machine is re-bound as soon as its old record is offline.
+    let server = Server::start_with_args(dir.path(), &["--rebind-after", "0s"]);
     let api = server.api();
     let mut first = Agent::start(&server, dir.path(), "sierra");
     let listed = all_online(&api, 1).await;
@@ -849,4 +850,128 @@ async fn repeating_a_promote_or_a_rollback_changes_nothing_and_says_so() {
         out.contains("1.0.0 was rolled back already; nothing changed"),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_tokens_are_listed_expire_and_are_revoked_wherever_they_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    publish(&server.downloads(), "1.0.0", None, b"build");
+    offered(&api, "1.0.0").await;
+    // The bootstrap token expires, and the banner says when.
+    let banner = std::fs::read_to_string(dir.path().join("server.out")).unwrap();
+    let line = banner
+        .lines()
+        .find(|l| l.contains("enrollment token:"))
+        .unwrap();
+    assert!(line.contains("(expires 20"), "{line}");
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    let (status, listed) = api
+        .get(&format!("/api/v1/sites/{site}/enrollment-tokens"))
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let bootstrap = &listed[0];
+    assert_eq!(bootstrap["state"], "usable", "{listed}");
+    assert!(bootstrap["expires_at"].is_string(), "{listed}");
+    assert!(bootstrap.get("token").is_none() && bootstrap.get("token_hash").is_none());
+
+    let mint = |body: Value| {
+        let api = &api;
+        let site = &site;
+        async move {
+            let (status, made) = api
+                .post(
+                    &format!("/api/v1/sites/{site}/enrollment-tokens"),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(status, 201, "{made}");
+            (
+                made["id"].as_str().unwrap().to_owned(),
+                made["token"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let install = |token: String| {
+        let url = format!("{}/api/v1/agent/install?os=linux&arch=amd64", server.url);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let (kept_id, kept) = mint(json!({"max_uses": 5})).await;
+    let (short_id, short) = mint(json!({"expires_in_secs": 1})).await;
+    assert_eq!(install(kept.clone()).await, 200);
+    assert_eq!(install(short.clone()).await, 200);
+    let mut first = ProtocolAgent::enroll_with(&server, "fp-kept-1", &kept)
+        .await
+        .expect("a usable token enrolls");
+    first.heartbeat().await;
+
+    // Revoked from the CLI: listed as such, refused by install and enrollment alike.
+    let (ok, out) = run_cli(&server, &["enrollment-tokens", "revoke", &kept_id]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revoked"), "{out}");
+    let (ok, again) = run_cli(&server, &["enrollment-tokens", "revoke", &kept_id]);
+    assert!(!ok, "revoked once: {again}");
+    assert_eq!(install(kept.clone()).await, 401);
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-kept-2", &kept)
+            .await
+            .is_none()
+    );
+    // Expired: refused the same way.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(install(short.clone()).await, 401);
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-short", &short)
+            .await
+            .is_none()
+    );
+    let (status, all) = api.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(status, 200, "{all}");
+    let state_of = |id: &str| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .map(|t| (t["state"].clone(), t["uses"].clone()))
+            .unwrap()
+    };
+    assert_eq!(state_of(&kept_id), (json!("revoked"), json!(1)), "{all}");
+    assert_eq!(state_of(&short_id).0, "expired", "{all}");
+    let (ok, table) = run_cli(&server, &["enrollment-tokens", "--site", &site]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains(&kept_id) && table.contains("revoked"),
+        "{table}"
+    );
+    assert!(table.contains("1/5"), "{table}");
+    // The agent enrolled with the revoked token keeps its identity.
+    first.reconnect(&server, "1.0.0").await;
+
+    let (_, audit) = api
+        .get("/api/v1/audit?action=enrollment_token.revoke")
+        .await;
+    assert_eq!(audit["entries"][0]["target"], kept_id.as_str(), "{audit}");
+    // Admins only.
+    let viewer = Api::new(&server.url, &token_of(&api, "viewer").await);
+    let (status, _) = viewer.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(status, 403);
+    let (status, _) = viewer
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/enrollment-tokens/{short_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403);
 }

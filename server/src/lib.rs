@@ -101,6 +101,9 @@ pub struct Settings {
     pub tls: Option<tls::TlsConfig>,
     /// Enrollment attempts accepted per source address (see `limits`).
     pub enrollment_limits: limits::EnrollmentLimits,
+    /// How long a machine's record must have been offline and silent before an
+    /// enrollment may re-bind it.
+    pub rebind_after: Duration,
 }
 
 impl Settings {
@@ -130,6 +133,7 @@ impl Settings {
             metrics_token: None,
             tls: None,
             enrollment_limits: limits::EnrollmentLimits::default(),
+            rebind_after: Duration::from_secs(600),
         }
     }
 
@@ -532,7 +536,10 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
     println!("  database:          {database}");
     println!("  downloads:         {}", args.downloads.display());
     println!("  admin token:       {}", tokens.admin);
-    println!("  enrollment token:  {}", tokens.enroll);
+    println!(
+        "  enrollment token:  {} ({})",
+        tokens.enroll, tokens.enroll_validity
+    );
     println!(
         "  start an agent:    drover-agent run --server {public_url} --enroll-token <enrollment token> --state-dir ./agent-state"
     );
@@ -562,6 +569,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
             min_success_share: args.wave_min_success_share,
         },
         retry_delay: args.retry_delay,
+        rebind_after: args.rebind_after,
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
         metrics_token: args.metrics_token.clone(),

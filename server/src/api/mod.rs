@@ -119,7 +119,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(hierarchy::list_sites, hierarchy::create_site))
         .routes(routes!(hierarchy::set_site_channel))
         .routes(routes!(hierarchy::set_site_window))
-        .routes(routes!(admin::create_enrollment_token))
+        .routes(routes!(
+            admin::list_site_enrollment_tokens,
+            admin::create_enrollment_token
+        ))
+        .routes(routes!(admin::list_enrollment_tokens))
+        .routes(routes!(admin::revoke_enrollment_token))
         .routes(routes!(install::newest_for_install))
         .routes(routes!(releases::list))
         .routes(routes!(releases::rescan))

@@ -139,7 +139,7 @@ async fn login_sets_an_http_only_strict_cookie_and_logout_clears_it() {
     assert!(!attributes.contains(&"Secure"), "{set_cookie}");
     assert!(
         !set_cookie.contains(ADMIN_TOKEN),
-        "the token is encoded: {set_cookie}"
+        "the cookie holds a session id, not the token: {set_cookie}"
     );
 
     let (status, who) = browser
@@ -2926,4 +2926,149 @@ async fn the_agents_list_sorts_and_acts_on_a_selection() {
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
     drop(fleet);
     browser.close().await;
+}
+
+/// Reads an event stream until the server ends it; false when it is still open after
+/// `within`.
+async fn stream_ends(stream: &mut reqwest::Response, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.chunk()).await {
+            Err(_) => return false,
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None) | Err(_)) => return true,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_session_lives_on_the_server_and_ends_at_logout_or_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let viewer = create_token(&server, "watcher", "viewer").await;
+    let http = reqwest::Client::new();
+
+    // The cookie holds a random session id: neither the token nor any encoding of it.
+    let mut browser = Browserish::new(&server);
+    let (status, body, set_cookie) = browser.login(&viewer).await;
+    assert_eq!(status, 200, "{body}");
+    let set_cookie = set_cookie.unwrap();
+    let value = browser.cookie.clone().unwrap();
+    let value = value.strip_prefix("drover_session=").unwrap();
+    assert!(!value.contains(&viewer), "{set_cookie}");
+    assert!(!value.contains(&hex::encode(&viewer)), "{set_cookie}");
+    assert!(set_cookie.contains("Max-Age=43200"), "{set_cookie}");
+    let (status, _) = browser
+        .call(reqwest::Method::GET, "/api/v1/agents", &[])
+        .await;
+    assert_eq!(status, 200);
+
+    // Logging out ends the session on the server: the same cookie, replayed, is refused,
+    // and an event stream opened with it ends.
+    let mut stream = http
+        .get(format!("{}/api/v1/events", server.url))
+        .header(reqwest::header::COOKIE, browser.cookie.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let (status, _) = browser
+        .call(
+            reqwest::Method::DELETE,
+            "/api/v1/session",
+            &[("X-Drover", "1")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = browser
+        .call(reqwest::Method::GET, "/api/v1/agents", &[])
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        stream_ends(&mut stream, Duration::from_secs(12)).await,
+        "the stream ends with its session"
+    );
+
+    // Revoking the token ends every session made with it.
+    let mut browser = Browserish::new(&server);
+    let (status, _, _) = browser.login(&viewer).await;
+    assert_eq!(status, 200);
+    let (_, tokens) = server.api().get("/api/v1/tokens").await;
+    let id = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "watcher")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = server
+        .api()
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = browser
+        .call(reqwest::Method::GET, "/api/v1/session", &[])
+        .await;
+    assert_eq!(status, 401);
+
+    // Only JSON logs in: a form post (what a foreign page can send) is refused.
+    for (content_type, body) in [
+        (
+            "application/x-www-form-urlencoded",
+            format!("token={ADMIN_TOKEN}"),
+        ),
+        ("text/plain", format!("{{\"token\": \"{ADMIN_TOKEN}\"}}")),
+    ] {
+        let response = http
+            .post(format!("{}/api/v1/session", server.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 415, "{content_type}");
+        assert!(
+            response
+                .headers()
+                .get(reqwest::header::SET_COOKIE)
+                .is_none()
+        );
+    }
+
+    // Failed logins are audited, and an address that keeps failing is turned away, even
+    // with a good token, until its limit refills.
+    let mut guesser = Browserish::new(&server);
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let (status, _, _) = guesser.login(&format!("guess-{i}")).await;
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (status, body, _) = guesser.login(ADMIN_TOKEN).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("too many failed login attempts"),
+        "{body}"
+    );
+    let (_, audit) = server
+        .api()
+        .get("/api/v1/audit?action=session.login&limit=100")
+        .await;
+    let refused = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["result"] == "refused")
+        .count();
+    assert!(refused >= 10, "{audit}");
+    assert!(server.log().contains("dashboard login refused"));
 }

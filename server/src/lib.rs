@@ -176,6 +176,8 @@ pub struct AppState {
     events: events::Events,
     /// Enrollment attempts per source address.
     enrollments: Arc<limits::EnrollmentLimiter>,
+    /// Dashboard logins per source address.
+    logins: Arc<limits::EnrollmentLimiter>,
     shutdown: CancellationToken,
 }
 
@@ -310,6 +312,7 @@ pub async fn run(
         )),
         admission: Arc::new(admission::Admission::new(settings.max_concurrent_downloads)),
         enrollments: Arc::new(limits::EnrollmentLimiter::new(settings.enrollment_limits)),
+        logins: Arc::new(limits::EnrollmentLimiter::of("login", limits::LOGIN_LIMITS)),
         settings: Arc::new(settings),
         updates_enabled: Arc::new(AtomicBool::new(true)),
         node_id: uuid::Uuid::new_v4().to_string().into(),

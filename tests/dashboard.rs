@@ -1637,6 +1637,7 @@ async fn no_view_raises_a_javascript_error() {
         ("#/agents", "#agent-total"),
         (detail.as_str(), "dl.identity"),
         ("#/releases", "#main table"),
+        ("#/enrollment", "#main table"),
         ("#/audit", "#main table"),
     ] {
         browser.show(hash).await;
@@ -2393,6 +2394,12 @@ async fn every_page_fits_a_phone_and_is_screenshot_at_both_widths() {
             "a-rather-long-hostname-for-a-phone-screen.example.internal · Drover",
         ),
         ("releases", "#/releases", "#main table", "Releases · Drover"),
+        (
+            "enrollment",
+            "#/enrollment",
+            "#main table",
+            "Enrollment · Drover",
+        ),
         ("audit", "#/audit", "#main table", "Audit · Drover"),
     ];
     for (width, height, suffix) in [(1280, 900, "desktop"), (390, 844, "phone")] {
@@ -3071,4 +3078,114 @@ async fn a_session_lives_on_the_server_and_ends_at_logout_or_with_its_token() {
         .count();
     assert!(refused >= 10, "{audit}");
     assert!(server.log().contains("dashboard login refused"));
+}
+
+#[tokio::test]
+async fn enrollment_tokens_are_revoked_from_the_page_and_a_fingerprint_conflict_is_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    let (status, made) = api
+        .post(
+            &format!("/api/v1/sites/{site}/enrollment-tokens"),
+            Some(json!({"max_uses": 3})),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let token_id = made["id"].as_str().unwrap().to_owned();
+    // A live agent, and a second machine with its fingerprint that is refused.
+    let fleet = Online::enroll(&server, &[("fp-shared", "1.0.0")]).await;
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-shared", ENROLL_TOKEN)
+            .await
+            .is_none(),
+        "a live agent's fingerprint does not enroll"
+    );
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+
+    browser.show("#/enrollment").await;
+    let row = format!("tr[data-token='{token_id}']");
+    let text = browser.wait_for_text(&row, |_| true).await;
+    assert!(text.contains("0 of 3") && text.contains("usable"), "{text}");
+    assert!(text.contains("default"), "the site by name: {text}");
+    browser
+        .click(&format!("{row} button[data-action=revoke]"))
+        .await;
+    let confirm = browser
+        .wait_for_text("#confirm-text", |t| !t.is_empty())
+        .await;
+    assert!(
+        confirm.contains(&format!("Revoke enrollment token {}", &token_id[..8])),
+        "{confirm}"
+    );
+    // Cancelled: nothing happens.
+    browser.click("#confirm-cancel").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, tokens) = api.get("/api/v1/enrollment-tokens").await;
+    let state = |tokens: &Value| {
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == token_id.as_str())
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state(&tokens), "usable");
+    browser
+        .click(&format!("{row} button[data-action=revoke]"))
+        .await;
+    browser
+        .wait_for_text("#confirm-text", |t| t.contains("Revoke enrollment token"))
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row}[data-state=revoked]"), |t| {
+            t.contains("revoked")
+        })
+        .await;
+    let (_, tokens) = api.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(state(&tokens), "revoked");
+    assert_eq!(
+        browser
+            .count(&format!("{row} button[data-action=revoke]"))
+            .await,
+        0,
+        "a revoked token has no button"
+    );
+
+    // The conflict shows on the agents list and on the agent's page.
+    let id = &fleet.ids[0];
+    browser.show("#/agents").await;
+    let marker = browser
+        .wait_for_text(&format!("tr[data-agent='{id}'] .marker.conflict"), |_| true)
+        .await;
+    assert_eq!(marker, "fingerprint conflict");
+    browser.show(&format!("#/agents/{id}")).await;
+    let banner = browser
+        .wait_for_text("#fingerprint-conflict", |_| true)
+        .await;
+    assert!(
+        banner.contains("Fingerprint conflict: 1 enrollment from another machine"),
+        "{banner}"
+    );
+    assert_eq!(browser.errors().await, json!([]));
+
+    // A viewer sees no tokens.
+    let viewer = create_token(&server, "watcher", "viewer").await;
+    browser.run("return fetch('/api/v1/session', {method: 'DELETE', headers: {'X-Drover': '1'}}).then(() => true);", vec![]).await;
+    browser.log_in(&viewer).await;
+    browser.show("#/enrollment").await;
+    browser
+        .wait_for_text("#main", |t| t.contains("shown to admins only"))
+        .await;
+    assert_eq!(browser.count("button[data-action=revoke]").await, 0);
+    drop(fleet);
+    browser.close().await;
 }

@@ -1069,21 +1069,21 @@ pub(crate) async fn rollback(
     let not_moving = skipped.paused + skipped.declines_updates + skipped.updates_off;
     if !unchanged {
         state
-        .audit(
-            &caller.actor,
-            "rollout.rollback",
-            &version,
-            Some(format!(
-                "{} to move ({} skipped, {} offline), {} with no build to go back to, {} cancelled",
-                count(outcome.targeted, "agent"),
-                not_moving,
-                outcome.offline,
-                outcome.no_build.len(),
-                count(outcome.cancelled, "task")
-            )),
-            "blocked",
-        )
-        .await;
+            .audit(
+                &caller.actor,
+                "rollout.rollback",
+                &version,
+                Some(format!(
+                    "{} to move ({} skipped, {} offline), {} with no build to go back to, {} cancelled",
+                    count(outcome.targeted, "agent"),
+                    not_moving,
+                    outcome.offline,
+                    outcome.no_build.len(),
+                    count(outcome.cancelled, "task")
+                )),
+                "blocked",
+            )
+            .await;
     }
     let rollout = match outcome.rollout {
         Some(rollout) => Some(one_view(&state, rollout).await?),

@@ -248,8 +248,9 @@ impl Worker {
             self.identity = Some(enrolled);
             match stored {
                 Ok(()) => self.forget_enroll_token(),
-                // Without a stored secret the next start enrolls again (and is re-bound by
-                // fingerprint once this session is over), so the token is kept for it.
+                // Without a stored secret the next start enrolls again (re-bound by
+                // fingerprint once this record has been quiet long enough for the
+                // server), so the token is kept for it.
                 Err(err) => {
                     tracing::error!(error = %format!("{err:#}"), "could not store the agent identity")
                 }

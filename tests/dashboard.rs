@@ -142,7 +142,7 @@ async fn login_sets_an_http_only_strict_cookie_and_logout_clears_it() {
     assert!(!attributes.contains(&"Secure"), "{set_cookie}");
     assert!(
         !set_cookie.contains(ADMIN_TOKEN),
-        "the token is encoded: {set_cookie}"
+        "the cookie holds a session id, not the token: {set_cookie}"
     );
 
     let (status, who) = browser
@@ -1641,6 +1641,7 @@ async fn no_view_raises_a_javascript_error() {
         ("#/agents", "#agent-total"),
         (detail.as_str(), "dl.identity"),
         ("#/releases", "#main table"),
+        ("#/enrollment", "#main table"),
         ("#/audit", "#main table"),
     ] {
         browser.show(hash).await;
@@ -2485,6 +2486,12 @@ async fn every_page_fits_a_phone_and_is_screenshot_at_both_widths() {
             "a-rather-long-hostname-for-a-phone-screen.example.internal · Drover",
         ),
         ("releases", "#/releases", "#main table", "Releases · Drover"),
+        (
+            "enrollment",
+            "#/enrollment",
+            "#main table",
+            "Enrollment · Drover",
+        ),
         ("audit", "#/audit", "#main table", "Audit · Drover"),
     ];
     for (width, height, suffix) in [(1280, 900, "desktop"), (390, 844, "phone")] {
@@ -3016,6 +3023,261 @@ async fn the_agents_list_sorts_and_acts_on_a_selection() {
     })
     .await;
     assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    drop(fleet);
+    browser.close().await;
+}
+
+/// Reads an event stream until the server ends it; false when it is still open after
+/// `within`.
+async fn stream_ends(stream: &mut reqwest::Response, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.chunk()).await {
+            Err(_) => return false,
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None) | Err(_)) => return true,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_session_lives_on_the_server_and_ends_at_logout_or_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let viewer = create_token(&server, "watcher", "viewer").await;
+    let http = reqwest::Client::new();
+
+    // The cookie holds a random session id: neither the token nor any encoding of it.
+    let mut browser = Browserish::new(&server);
+    let (status, body, set_cookie) = browser.login(&viewer).await;
+    assert_eq!(status, 200, "{body}");
+    let set_cookie = set_cookie.unwrap();
+    let value = browser.cookie.clone().unwrap();
+    let value = value.strip_prefix("drover_session=").unwrap();
+    assert!(!value.contains(&viewer), "{set_cookie}");
+    assert!(!value.contains(&hex::encode(&viewer)), "{set_cookie}");
+    assert!(set_cookie.contains("Max-Age=43200"), "{set_cookie}");
+    let (status, _) = browser
+        .call(reqwest::Method::GET, "/api/v1/agents", &[])
+        .await;
+    assert_eq!(status, 200);
+
+    // Logging out ends the session on the server: the same cookie, replayed, is refused,
+    // and an event stream opened with it ends.
+    let mut stream = http
+        .get(format!("{}/api/v1/events", server.url))
+        .header(reqwest::header::COOKIE, browser.cookie.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let (status, _) = browser
+        .call(
+            reqwest::Method::DELETE,
+            "/api/v1/session",
+            &[("X-Drover", "1")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = browser
+        .call(reqwest::Method::GET, "/api/v1/agents", &[])
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        stream_ends(&mut stream, Duration::from_secs(12)).await,
+        "the stream ends with its session"
+    );
+
+    // Revoking the token ends every session made with it.
+    let mut browser = Browserish::new(&server);
+    let (status, _, _) = browser.login(&viewer).await;
+    assert_eq!(status, 200);
+    let (_, tokens) = server.api().get("/api/v1/tokens").await;
+    let id = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "watcher")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = server
+        .api()
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = browser
+        .call(reqwest::Method::GET, "/api/v1/session", &[])
+        .await;
+    assert_eq!(status, 401);
+
+    // Only JSON logs in: a form post (what a foreign page can send) is refused.
+    for (content_type, body) in [
+        (
+            "application/x-www-form-urlencoded",
+            format!("token={ADMIN_TOKEN}"),
+        ),
+        ("text/plain", format!("{{\"token\": \"{ADMIN_TOKEN}\"}}")),
+    ] {
+        let response = http
+            .post(format!("{}/api/v1/session", server.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 415, "{content_type}");
+        assert!(
+            response
+                .headers()
+                .get(reqwest::header::SET_COOKIE)
+                .is_none()
+        );
+    }
+
+    // Failed logins are audited, and an address that keeps failing is turned away, even
+    // with a good token, until its limit refills.
+    let mut guesser = Browserish::new(&server);
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let (status, _, _) = guesser.login(&format!("guess-{i}")).await;
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (status, body, _) = guesser.login(ADMIN_TOKEN).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("too many failed login attempts"),
+        "{body}"
+    );
+    let (_, audit) = server
+        .api()
+        .get("/api/v1/audit?action=session.login&limit=100")
+        .await;
+    let refused = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["result"] == "refused")
+        .count();
+    assert!(refused >= 10, "{audit}");
+    assert!(server.log().contains("dashboard login refused"));
+}
+
+#[tokio::test]
+async fn enrollment_tokens_are_revoked_from_the_page_and_a_fingerprint_conflict_is_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    let (status, made) = api
+        .post(
+            &format!("/api/v1/sites/{site}/enrollment-tokens"),
+            Some(json!({"max_uses": 3})),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let token_id = made["id"].as_str().unwrap().to_owned();
+    // A live agent, and a second machine with its fingerprint that is refused.
+    let fleet = Online::enroll(&server, &[("fp-shared", "1.0.0")]).await;
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-shared", ENROLL_TOKEN)
+            .await
+            .is_none(),
+        "a live agent's fingerprint does not enroll"
+    );
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+
+    browser.show("#/enrollment").await;
+    let row = format!("tr[data-token='{token_id}']");
+    let text = browser.wait_for_text(&row, |_| true).await;
+    assert!(text.contains("0 of 3") && text.contains("usable"), "{text}");
+    assert!(text.contains("default"), "the site by name: {text}");
+    browser
+        .click(&format!("{row} button[data-action=revoke]"))
+        .await;
+    let confirm = browser
+        .wait_for_text("#confirm-text", |t| !t.is_empty())
+        .await;
+    assert!(
+        confirm.contains(&format!("Revoke enrollment token {}", &token_id[..8])),
+        "{confirm}"
+    );
+    // Cancelled: nothing happens.
+    browser.click("#confirm-cancel").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, tokens) = api.get("/api/v1/enrollment-tokens").await;
+    let state = |tokens: &Value| {
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == token_id.as_str())
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state(&tokens), "usable");
+    browser
+        .click(&format!("{row} button[data-action=revoke]"))
+        .await;
+    browser
+        .wait_for_text("#confirm-text", |t| t.contains("Revoke enrollment token"))
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row}[data-state=revoked]"), |t| {
+            t.contains("revoked")
+        })
+        .await;
+    let (_, tokens) = api.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(state(&tokens), "revoked");
+    assert_eq!(
+        browser
+            .count(&format!("{row} button[data-action=revoke]"))
+            .await,
+        0,
+        "a revoked token has no button"
+    );
+
+    // The conflict shows on the agents list and on the agent's page.
+    let id = &fleet.ids[0];
+    browser.show("#/agents").await;
+    let marker = browser
+        .wait_for_text(&format!("tr[data-agent='{id}'] .marker.conflict"), |_| true)
+        .await;
+    assert_eq!(marker, "fingerprint conflict");
+    browser.show(&format!("#/agents/{id}")).await;
+    let banner = browser
+        .wait_for_text("#fingerprint-conflict", |_| true)
+        .await;
+    assert!(
+        banner.contains("Fingerprint conflict: 1 enrollment from another machine"),
+        "{banner}"
+    );
+    assert_eq!(browser.errors().await, json!([]));
+
+    // A viewer sees no tokens.
+    let viewer = create_token(&server, "watcher", "viewer").await;
+    browser.run("return fetch('/api/v1/session', {method: 'DELETE', headers: {'X-Drover': '1'}}).then(() => true);", vec![]).await;
+    browser.log_in(&viewer).await;
+    browser.show("#/enrollment").await;
+    browser
+        .wait_for_text("#main", |t| t.contains("shown to admins only"))
+        .await;
+    assert_eq!(browser.count("button[data-action=revoke]").await, 0);
     drop(fleet);
     browser.close().await;
 }

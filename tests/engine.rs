@@ -302,7 +302,8 @@ async fn pause_stops_dispatch_and_a_requested_update_overrides_a_failure() {
 #[tokio::test(flavor = "multi_thread")]
 async fn requested_update_for_an_offline_agent_waits_for_it_to_connect() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    // It comes back by enrolling again, re-bound as soon as its record is offline.
+    let server = Server::start_with_args(dir.path(), &["--rebind-after", "0s"]);
     let api = server.api();
     let agent = ProtocolAgent::enroll(&server, "fp-away", "1.0.0").await;
     let id = agent.id.clone();

@@ -27,7 +27,8 @@ fn ids_by_hostname(agents: &[serde_json::Value]) -> BTreeMap<String, String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_keep_their_identity_across_server_kills_and_agent_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path());
+    // A reinstalled machine is re-bound as soon as its old record is offline.
+    let mut server = Server::start_with_args(dir.path(), &["--rebind-after", "0s"]);
     let api = server.api();
     let mut agents: Vec<Agent> = ["alpha", "bravo", "charlie"]
         .iter()

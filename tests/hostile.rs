@@ -16,6 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message;
 
+/// How long the server and agents get to do something they do at once.
+const SOON: Duration = Duration::from_secs(30);
+
 /// A WebSocket to the server from `source` (any 127.x.y.z address is this machine).
 async fn connect_from(server: &Server, source: Ipv4Addr) -> RawSocket {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -272,16 +275,22 @@ async fn enrollment_attempts_are_limited_per_source_address() {
         assert!(reject.message.contains("retry later"), "{reject:?}");
     }
 
-    // Another address is not affected; it gets six enrollments (re-enrolling one
-    // machine counts too), then it is refused for the generous limit.
+    // Another address is not affected; it gets six enrollments (one enrolling a
+    // machine just enrolled again, which is refused as a fingerprint conflict, counts
+    // too), then it is refused for the generous limit.
     let mut enrolled = Vec::new();
-    for i in 0..6 {
-        let fingerprint = format!("fp-site-{}", i.min(4));
+    for i in 0..5 {
+        let fingerprint = format!("fp-site-{i}");
         match enroll_from(&server, site, ENROLL_TOKEN, &fingerprint).await {
             ServerMessage::Welcome(welcome) => enrolled.push(welcome),
             other => panic!("enrollment {i} is accepted: {other:?}"),
         }
     }
+    let answer = enroll_from(&server, site, ENROLL_TOKEN, "fp-site-4").await;
+    let ServerMessage::Reject(reject) = answer else {
+        panic!("a machine seen a moment ago is not re-bound: {answer:?}");
+    };
+    assert_eq!(reject.code, RejectCode::FingerprintConflict, "{reject:?}");
     let answer = enroll_from(&server, site, ENROLL_TOKEN, "fp-site-6").await;
     let ServerMessage::Reject(reject) = answer else {
         panic!("the seventh enrollment is refused: {answer:?}");
@@ -309,10 +318,9 @@ async fn enrollment_attempts_are_limited_per_source_address() {
         );
     }
 
-    // Refused attempts created nothing: five machines, one re-bound.
+    // Refused attempts created nothing: five machines.
     let agents = api.agents().await.unwrap();
     assert_eq!(agents.len(), 5, "{agents:?}");
-    assert_eq!(enrolled[4].agent_id, enrolled[5].agent_id);
     assert!(server.log().contains("too many failed enrollment attempts"));
 }
 
@@ -1004,4 +1012,110 @@ async fn an_event_stream_ends_when_its_token_is_revoked() {
     })
     .await;
     assert!(ended.is_ok(), "the stream of a revoked token kept going");
+}
+
+/// Writes an agent config file holding the server and the enrollment token.
+fn agent_config(server: &Server, path: &std::path::Path) {
+    std::fs::write(
+        path,
+        format!(
+            "# written by the test\nserver = {}\nenroll-token = {ENROLL_TOKEN}\n",
+            server.url
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_agents_fingerprint_cannot_be_taken_over_and_clones_do_not_flap() {
+    let dir = tempfile::tempdir().unwrap();
+    // Re-binding is allowed 3 s after the record went quiet, so the test can see it.
+    let server = Server::start_with_args(dir.path(), &["--rebind-after", "3s"]);
+    let api = server.api();
+    let config = dir.path().join("alpha.conf");
+    agent_config(&server, &config);
+    let mut alpha = Agent::start_with(
+        &server,
+        dir.path(),
+        "alpha",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--fingerprint",
+            "fp-shared",
+        ],
+    );
+    let listed = all_online(&api, 1).await;
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    // Enrolled, the agent forgets its token: gone from its config file, the rest kept.
+    let kept = eventually("the token to leave the config file", SOON, || async {
+        let text = std::fs::read_to_string(&config).ok()?;
+        (!text.contains("enroll-token")).then_some(text)
+    })
+    .await;
+    assert!(kept.contains(&format!("server = {}", server.url)), "{kept}");
+    assert!(
+        alpha.log().contains("removed the enrollment token"),
+        "{}",
+        alpha.log()
+    );
+
+    // A clone with the same fingerprint and a valid token is refused while alpha lives,
+    // again and again, and never disturbs it.
+    let clone = Agent::start_with(
+        &server,
+        dir.path(),
+        "clone",
+        &["--enroll-token", ENROLL_TOKEN, "--fingerprint", "fp-shared"],
+    );
+    let answer = enroll_from(&server, Ipv4Addr::LOCALHOST, ENROLL_TOKEN, "fp-shared").await;
+    let ServerMessage::Reject(reject) = answer else {
+        panic!("a live agent's fingerprint does not enroll: {answer:?}");
+    };
+    assert_eq!(reject.code, RejectCode::FingerprintConflict, "{reject:?}");
+    assert!(reject.message.contains(&id), "{reject:?}");
+    eventually("the clone to be refused twice", SOON, || async {
+        (clone.log().matches("FingerprintConflict").count() >= 2).then_some(())
+    })
+    .await;
+    let (_, agent) = api.get(&format!("/api/v1/agents/{id}")).await;
+    assert_eq!(agent["online"], true, "{agent}");
+    assert_eq!(agent["hostname"], "alpha", "{agent}");
+    let conflict = &agent["fingerprint_conflict"];
+    assert!(conflict["attempts"].as_i64().unwrap() >= 3, "{agent}");
+    assert!(conflict["last_at"].is_string(), "{agent}");
+    assert!(
+        ["clone", "fp-shared"].contains(&conflict["hostname"].as_str().unwrap()),
+        "{agent}"
+    );
+    assert_eq!(api.agents().await.unwrap().len(), 1);
+    assert_eq!(clone.stored_id(), None, "the clone got no identity");
+    assert_eq!(
+        alpha.log().matches("connected to").count(),
+        1,
+        "alpha kept its one session: {}",
+        alpha.log()
+    );
+    let (_, audit) = api
+        .get("/api/v1/audit?action=agent.fingerprint_conflict")
+        .await;
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "audited once per conflict: {audit}");
+    assert_eq!(entries[0]["target"], id.as_str());
+    assert!(server.log().contains("fingerprint conflict"));
+
+    // A machine whose record has been offline a while is re-bound (a reinstall).
+    drop(clone);
+    alpha.kill9_all();
+    eventually("alpha to be offline", SOON, || async {
+        let (_, agent) = api.get(&format!("/api/v1/agents/{id}")).await;
+        (agent["online"] == false).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let answer = enroll_from(&server, Ipv4Addr::LOCALHOST, ENROLL_TOKEN, "fp-shared").await;
+    let ServerMessage::Welcome(welcome) = answer else {
+        panic!("a quiet record is re-bound: {answer:?}");
+    };
+    assert_eq!(welcome.agent_id, id);
 }

@@ -438,7 +438,8 @@ async fn a_stale_beta_is_reported_in_the_listing_and_in_metrics() {
 #[tokio::test(flavor = "multi_thread")]
 async fn re_enrolling_a_machine_keeps_one_record_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    // A reinstalled machine is re-bound as soon as its old record is offline.
+    let server = Server::start_with_args(dir.path(), &["--rebind-after", "0s"]);
     let api = server.api();
     let mut first = Agent::start(&server, dir.path(), "sierra");
     let listed = all_online(&api, 1).await;
@@ -690,4 +691,287 @@ async fn operators_work_from_the_cli_and_see_why() {
     let token = text.lines().last().unwrap().trim().to_owned();
     let (status, _) = Api::new(&server.url, &token).get("/api/v1/rollouts").await;
     assert_eq!(status, 200);
+}
+
+/// Mints an API token of `role` with the admin's API.
+async fn token_of(admin: &Api, role: &str) -> String {
+    let (status, body) = admin
+        .post("/api/v1/tokens", Some(json!({"name": role, "role": role})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_without_the_role_hears_403_whatever_the_body_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let admin = server.api();
+    let viewer = token_of(&admin, "viewer").await;
+    let http = reqwest::Client::new();
+    let (_, sites) = admin.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    // Each malformed in another way: an array, not JSON, no content type, too large.
+    let cases: Vec<(&str, String, Option<&str>, Vec<u8>)> = vec![
+        (
+            "POST",
+            "/api/v1/tokens".into(),
+            Some("application/json"),
+            br#"["x","admin"]"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/clients".into(),
+            Some("text/plain"),
+            b"name=x".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/clients".into(),
+            None,
+            b"{\"name\": \"x\"}".to_vec(),
+        ),
+        (
+            "PUT",
+            "/api/v1/updates".into(),
+            Some("application/json"),
+            b"{\"enabled\":".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/rollouts".into(),
+            Some("application/json"),
+            b"[]".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/rollouts/1.0.0/promote".into(),
+            Some("application/json"),
+            b"{bad".to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/rollouts/1.0.0/rollback".into(),
+            Some("application/json"),
+            vec![b'x'; 300 * 1024],
+        ),
+        (
+            "POST",
+            format!("/api/v1/sites/{site}/enrollment-tokens"),
+            Some("application/json"),
+            b"[null,null]".to_vec(),
+        ),
+    ];
+    for (method, path, content_type, body) in cases {
+        let mut request = http
+            .request(method.parse().unwrap(), format!("{}{path}", server.url))
+            .bearer_auth(&viewer)
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert_eq!(answer["error"], "forbidden", "{method} {path}: {answer}");
+    }
+    // With the role, the same malformed bodies are judged.
+    let (status, body) = admin
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/tokens",
+            Some(json!(["x", "admin"])),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeating_a_promote_or_a_rollback_changes_nothing_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    publish(&server.downloads(), "1.0.0", Some("beta"), b"build");
+    offered(&api, "1.0.0").await;
+    let promote = Some(json!({"force": true}));
+
+    let (status, first) = api
+        .post("/api/v1/rollouts/1.0.0/promote", promote.clone())
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["unchanged"], false, "{first}");
+    assert_eq!(first["promoted"].as_array().unwrap().len(), 1, "{first}");
+    for _ in 0..2 {
+        let (status, again) = api
+            .post("/api/v1/rollouts/1.0.0/promote", promote.clone())
+            .await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["unchanged"], true, "{again}");
+        assert_eq!(again["promoted"], json!([]), "{again}");
+        assert_eq!(again["rollout"]["id"], first["rollout"]["id"], "{again}");
+    }
+
+    let (status, first) = api.post("/api/v1/rollouts/1.0.0/rollback", None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["unchanged"], false, "{first}");
+    let (status, again) = api.post("/api/v1/rollouts/1.0.0/rollback", None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (&again["unchanged"], &again["blocked"]),
+        (&json!(true), &json!(true)),
+        "{again}"
+    );
+
+    let (_, audit) = api.get("/api/v1/audit?limit=100").await;
+    let count = |action: &str| {
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .count()
+    };
+    assert_eq!(count("rollout.promote"), 1, "{audit}");
+    assert_eq!(count("rollout.rollback"), 1, "{audit}");
+    let (_, rollouts) = api.get("/api/v1/rollouts?version=1.0.0").await;
+    let promotes = rollouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "promote")
+        .count();
+    assert_eq!(promotes, 1, "{rollouts}");
+
+    // The CLI says so too.
+    let (ok, out) = run_cli(&server, &["rollback", "1.0.0"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1.0.0 was rolled back already; nothing changed"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_tokens_are_listed_expire_and_are_revoked_wherever_they_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    publish(&server.downloads(), "1.0.0", None, b"build");
+    offered(&api, "1.0.0").await;
+    // The bootstrap token expires, and the banner says when.
+    let banner = std::fs::read_to_string(dir.path().join("server.out")).unwrap();
+    let line = banner
+        .lines()
+        .find(|l| l.contains("enrollment token:"))
+        .unwrap();
+    assert!(line.contains("(expires 20"), "{line}");
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    let (status, listed) = api
+        .get(&format!("/api/v1/sites/{site}/enrollment-tokens"))
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let bootstrap = &listed[0];
+    assert_eq!(bootstrap["state"], "usable", "{listed}");
+    assert!(bootstrap["expires_at"].is_string(), "{listed}");
+    assert!(bootstrap.get("token").is_none() && bootstrap.get("token_hash").is_none());
+
+    let mint = |body: Value| {
+        let api = &api;
+        let site = &site;
+        async move {
+            let (status, made) = api
+                .post(
+                    &format!("/api/v1/sites/{site}/enrollment-tokens"),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(status, 201, "{made}");
+            (
+                made["id"].as_str().unwrap().to_owned(),
+                made["token"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let install = |token: String| {
+        let url = format!("{}/api/v1/agent/install?os=linux&arch=amd64", server.url);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let (kept_id, kept) = mint(json!({"max_uses": 5})).await;
+    let (short_id, short) = mint(json!({"expires_in_secs": 1})).await;
+    assert_eq!(install(kept.clone()).await, 200);
+    assert_eq!(install(short.clone()).await, 200);
+    let mut first = ProtocolAgent::enroll_with(&server, "fp-kept-1", &kept)
+        .await
+        .expect("a usable token enrolls");
+    first.heartbeat().await;
+
+    // Revoked from the CLI: listed as such, refused by install and enrollment alike.
+    let (ok, out) = run_cli(&server, &["enrollment-tokens", "revoke", &kept_id]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revoked"), "{out}");
+    let (ok, again) = run_cli(&server, &["enrollment-tokens", "revoke", &kept_id]);
+    assert!(!ok, "revoked once: {again}");
+    assert_eq!(install(kept.clone()).await, 401);
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-kept-2", &kept)
+            .await
+            .is_none()
+    );
+    // Expired: refused the same way.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(install(short.clone()).await, 401);
+    assert!(
+        ProtocolAgent::enroll_with(&server, "fp-short", &short)
+            .await
+            .is_none()
+    );
+    let (status, all) = api.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(status, 200, "{all}");
+    let state_of = |id: &str| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .map(|t| (t["state"].clone(), t["uses"].clone()))
+            .unwrap()
+    };
+    assert_eq!(state_of(&kept_id), (json!("revoked"), json!(1)), "{all}");
+    assert_eq!(state_of(&short_id).0, "expired", "{all}");
+    let (ok, table) = run_cli(&server, &["enrollment-tokens", "--site", &site]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains(&kept_id) && table.contains("revoked"),
+        "{table}"
+    );
+    assert!(table.contains("1/5"), "{table}");
+    // The agent enrolled with the revoked token keeps its identity.
+    first.reconnect(&server, "1.0.0").await;
+
+    let (_, audit) = api
+        .get("/api/v1/audit?action=enrollment_token.revoke")
+        .await;
+    assert_eq!(audit["entries"][0]["target"], kept_id.as_str(), "{audit}");
+    // Admins only.
+    let viewer = Api::new(&server.url, &token_of(&api, "viewer").await);
+    let (status, _) = viewer.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(status, 403);
+    let (status, _) = viewer
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/enrollment-tokens/{short_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403);
 }

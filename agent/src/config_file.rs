@@ -5,7 +5,9 @@
 //! file, then environment variables.
 
 use std::ffi::OsString;
+use std::path::Path;
 
+use anyhow::Context;
 use flagfile::FlagFile;
 
 /// The flags of `run` that take no value.
@@ -27,9 +29,59 @@ pub(crate) fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
     }
 }
 
+/// Removes every `enroll-token` setting from the config file, durably (a crash leaves
+/// the old file or the new one) and keeping every other line as it was. False when the
+/// file held none.
+pub(crate) fn forget_enroll_token(path: &Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("while reading {}", path.display()))?;
+    let is_token = |line: &str| {
+        let line = line.trim();
+        !line.starts_with('#')
+            && line.split_once('=').is_some_and(|(key, _)| {
+                key.trim()
+                    .replace('_', "-")
+                    .eq_ignore_ascii_case("enroll-token")
+            })
+    };
+    if !text.lines().any(is_token) {
+        return Ok(false);
+    }
+    let mut kept = String::with_capacity(text.len());
+    for line in text.lines().filter(|line| !is_token(line)) {
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    crate::atomic_file::write(path, kept.as_bytes())?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_enrollment_token_is_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.conf");
+        std::fs::write(
+            &file,
+            "# Drover agent\nserver = https://a.example.com\nenroll-token = drv_enroll_x\n\
+             # enroll-token = kept as a comment\nENROLL_TOKEN=again\nstate-dir = /var/lib/x\n",
+        )
+        .unwrap();
+        assert!(forget_enroll_token(&file).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "# Drover agent\nserver = https://a.example.com\n\
+             # enroll-token = kept as a comment\nstate-dir = /var/lib/x\n"
+        );
+        assert!(
+            !forget_enroll_token(&file).unwrap(),
+            "nothing left to remove"
+        );
+        assert!(forget_enroll_token(&dir.path().join("missing.conf")).is_err());
+    }
 
     #[test]
     fn the_file_applies_to_the_run_and_worker_commands_only() {

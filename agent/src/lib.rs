@@ -152,7 +152,11 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 pub struct AgentConfig {
     /// Server URLs, tried in turn.
     pub servers: Vec<String>,
+    /// Dropped once the agent is enrolled (see `session`).
     pub enroll_token: Option<String>,
+    /// The config file the settings came from, if any: the enrollment token is removed
+    /// from it once the agent is enrolled.
+    pub config_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub fingerprint: String,
     pub hostname: String,
@@ -302,6 +306,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
             .filter(|s| !s.is_empty())
             .collect(),
         enroll_token: args.enroll_token.clone(),
+        config_file: args.config.clone(),
         state_dir: args.state_dir.clone(),
         fingerprint,
         hostname: args.hostname.clone().unwrap_or_else(machine::hostname),

@@ -105,6 +105,9 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         applying: None,
         next_server: 0,
     };
+    if worker.identity.is_some() {
+        worker.forget_enroll_token();
+    }
     worker.resume_interrupted_download();
     let mut backoff = Backoff::new(worker.config.reconnect_base, worker.config.reconnect_max);
     loop {
@@ -137,6 +140,35 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
 }
 
 impl Worker {
+    /// Once enrolled the enrollment token is of no more use to this agent, and a copy
+    /// left on the machine could enroll impostors: it is dropped from memory and from
+    /// the config file. A lost identity then needs a new token from an operator.
+    fn forget_enroll_token(&mut self) {
+        if self.config.enroll_token.take().is_none() {
+            return;
+        }
+        let removed = match &self.config.config_file {
+            Some(file) => match crate::config_file::forget_enroll_token(file) {
+                Ok(removed) => {
+                    if removed {
+                        tracing::info!(file = %file.display(), "enrolled: removed the enrollment token from the config file");
+                    }
+                    removed
+                }
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "enrolled, but could not remove the enrollment token from the config file; remove it by hand");
+                    return;
+                }
+            },
+            None => false,
+        };
+        if !removed {
+            tracing::warn!(
+                "enrolled: the enrollment token given on the command line or in DROVER_ENROLL_TOKEN is not used any more; remove it from there"
+            );
+        }
+    }
+
     /// A download cut short by a restart carries on from its journal.
     fn resume_interrupted_download(&mut self) {
         if let Ok(Some(journal)) = journal::load(&self.config.state_dir)
@@ -193,13 +225,14 @@ impl Worker {
         let welcome = match welcome {
             Ok(welcome) => welcome,
             Err(Refused::Rejected(code, message)) => {
-                if code == RejectCode::BadCredentials {
-                    if config.enroll_token.is_some() {
-                        tracing::error!(%message, "the server rejected this agent's credentials; enrolling again with the enrollment token");
-                        self.identity = None;
-                    } else {
-                        tracing::error!(%message, "the server rejected this agent's credentials and no --enroll-token was given to enroll again");
+                match code {
+                    RejectCode::BadCredentials => {
+                        tracing::error!(%message, "the server rejected this agent's credentials; to enroll it again, remove {} and start it with a new enrollment token", identity::path(&config.state_dir).display())
                     }
+                    RejectCode::FingerprintConflict => {
+                        tracing::error!(%message, "enrollment refused: another machine with this fingerprint is live on the server")
+                    }
+                    _ => {}
                 }
                 return Ended::BeforeWelcome(format!("rejected ({code:?}): {message}"));
             }
@@ -210,13 +243,18 @@ impl Worker {
                 agent_id: welcome.agent_id.clone(),
                 secret: secret.clone(),
             };
-            if let Err(err) = identity::save(&config.state_dir, &enrolled) {
-                // Without a stored secret the next start would enroll again (and be re-bound
-                // by fingerprint); keep going with the identity in memory meanwhile.
-                tracing::error!(error = %format!("{err:#}"), "could not store the agent identity");
-            }
+            let stored = identity::save(&config.state_dir, &enrolled);
             tracing::info!(agent = %welcome.agent_id, "enrolled");
             self.identity = Some(enrolled);
+            match stored {
+                Ok(()) => self.forget_enroll_token(),
+                // Without a stored secret the next start enrolls again (re-bound by
+                // fingerprint once this record has been quiet long enough for the
+                // server), so the token is kept for it.
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "could not store the agent identity")
+                }
+            }
         }
         tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {server}");
         status::connected(&self.config.state_dir, &server);

@@ -19,9 +19,10 @@ use serde_json::{Value, json};
 use crate::api::Api;
 use crate::render::{
     Agent, AgentDetail, ApiToken, AuditPage, ChannelChanged, Client, EnrollmentToken, Explanation,
-    Listing, NewApiToken, Promoted, Release, ResumeAnswer, RevokedToken, RolledBack, Site,
-    Unblocked, UpdateRequested, UpdatesSwitch, WindowSet, agent_details, agents_table, audit_view,
-    channel_line, client_created, clients_table, enrollment_token_created, explanation,
+    ListedEnrollmentToken, Listing, NewApiToken, Promoted, Release, ResumeAnswer, RevokedToken,
+    RolledBack, Site, Unblocked, UpdateRequested, UpdatesSwitch, WindowSet, agent_details,
+    agents_table, audit_view, channel_line, client_created, clients_table,
+    enrollment_token_created, enrollment_token_revoked, enrollment_tokens_table, explanation,
     listing_view, paused_line, promoted_view, releases_view, resume_view, rolled_back_view,
     site_created, sites_table, token_created, token_revoked, tokens_table, unblocked_line,
     update_line, updates_line, window_line,
@@ -186,6 +187,18 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: Option<TokensAction>,
+    },
+    /// List enrollment tokens (of one site with --site), or revoke one (admin only);
+    /// `drover sites enroll-token SITE` makes one
+    EnrollmentTokens {
+        /// Only this site's tokens
+        #[arg(long, value_name = "ID")]
+        site: Option<String>,
+        /// Print the API's JSON instead of a table
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<EnrollmentTokensAction>,
     },
     /// Explain why an agent is or is not being updated
     Explain {
@@ -391,6 +404,12 @@ enum SitesAction {
         #[arg(long, value_name = "N")]
         max_uses: Option<u32>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollmentTokensAction {
+    /// Revoke an enrollment token: it enrolls no more machines (enrolled agents stay)
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -699,6 +718,22 @@ fn run(command: Command, api: &Api) -> anyhow::Result<()> {
                 let path = format!("/api/v1/tokens/{id}");
                 let answer = api.request(Method::DELETE, &path, None)?;
                 show(answer, json, |t: RevokedToken| token_revoked(&t))
+            }
+        },
+        Command::EnrollmentTokens { site, json, action } => match action {
+            None => {
+                let path = match site {
+                    Some(site) => format!("/api/v1/sites/{site}/enrollment-tokens"),
+                    None => "/api/v1/enrollment-tokens".to_owned(),
+                };
+                show(api.get(&path)?, json, |t: Vec<ListedEnrollmentToken>| {
+                    enrollment_tokens_table(&t)
+                })
+            }
+            Some(EnrollmentTokensAction::Revoke { id }) => {
+                let path = format!("/api/v1/enrollment-tokens/{id}");
+                let answer = api.request(Method::DELETE, &path, None)?;
+                show(answer, json, |t: RevokedToken| enrollment_token_revoked(&t))
             }
         },
         Command::Explain { agent_id, json } => {

@@ -21,7 +21,8 @@ pub(crate) use self::rollouts::{
     rollout_view, rollouts_view, short_id,
 };
 pub(crate) use self::tokens::{
-    ApiToken, EnrollmentToken, NewApiToken, RevokedToken, enrollment_token_created, token_created,
+    ApiToken, EnrollmentToken, ListedEnrollmentToken, NewApiToken, RevokedToken,
+    enrollment_token_created, enrollment_token_revoked, enrollment_tokens_table, token_created,
     token_revoked, tokens_table,
 };
 pub(crate) use self::versions::{
@@ -43,6 +44,17 @@ pub(crate) struct Agent {
     last_seen: String,
     paused: bool,
     auto_update: bool,
+    /// Older servers do not send it.
+    #[serde(default)]
+    fingerprint_conflict: Option<FingerprintConflict>,
+}
+
+/// Enrollments refused because they carried this live agent's fingerprint.
+#[derive(Debug, Deserialize)]
+pub(crate) struct FingerprintConflict {
+    last_at: String,
+    attempts: i64,
+    hostname: Option<String>,
 }
 
 /// `GET /api/v1/agents/{id}`: the agent and its update tasks, newest first.
@@ -310,6 +322,23 @@ pub(crate) fn agent_details(detail: &AgentDetail) -> String {
         .iter()
         .map(|(key, value)| format!("{:<11}{}\n", format!("{key}:"), printable(value)))
         .collect();
+    if let Some(conflict) = &agent.fingerprint_conflict {
+        text.push_str(&printable(&format!(
+            "conflict:  {} refused from another machine with this fingerprint{}, last at {} \
+             (a clone needs its own machine id)",
+            plural(
+                usize::try_from(conflict.attempts).unwrap_or(0),
+                "enrollment"
+            ),
+            conflict
+                .hostname
+                .as_deref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default(),
+            conflict.last_at
+        )));
+        text.push('\n');
+    }
     if detail.tasks.is_empty() {
         text.push_str("\nno update tasks\n");
         return text;
@@ -613,6 +642,22 @@ mod tests {
         assert!(text.contains("status:    offline\n"));
         assert!(text.contains("updates:   paused\n"));
         assert!(text.ends_with("\nno update tasks\n"));
+    }
+
+    #[test]
+    fn agent_details_show_a_fingerprint_conflict() {
+        let mut answer = agent_json("a1", "till-01", true, false, true);
+        answer["tasks"] = json!([]);
+        answer["fingerprint_conflict"] =
+            json!({"last_at": "2026-11-29T08:00:00Z", "attempts": 3, "hostname": "till-01-clone"});
+        let text = agent_details(&parse(answer));
+        assert!(
+            text.contains(
+                "conflict:  3 enrollments refused from another machine with this fingerprint \
+                 (till-01-clone), last at 2026-11-29T08:00:00Z (a clone needs its own machine id)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

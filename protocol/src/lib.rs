@@ -408,6 +408,11 @@ pub enum RejectCode {
     /// Too many frames from this session, or too many enrollment attempts from this
     /// address; retry later with backoff. Older agents read it as `Unknown`.
     RateLimited,
+    /// An enrollment from a machine whose record in the site is live (online, or seen
+    /// recently): it is not re-bound, so a clone or an impostor cannot take over that
+    /// identity. Retry with backoff; it is re-bound once the record has been quiet long
+    /// enough. Older agents read it as `Unknown`.
+    FingerprintConflict,
     #[serde(other)]
     Unknown,
 }

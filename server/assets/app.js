@@ -952,7 +952,8 @@ function agents(main, _arg, params) {
         h('td', { 'data-label': '' }, canAct() ? tick(a) : null),
         h('td', {}, h('span', { class: a.online ? 'dot on' : 'dot', role: 'img', 'aria-label': a.online ? 'online' : 'offline', title: a.online ? 'online' : 'offline' })),
         h('td', {}, h('a', { href: `#/agents/${enc(a.id)}` }, a.hostname),
-          a.paused ? h('span', { class: 'marker paused' }, 'paused') : null),
+          a.paused ? h('span', { class: 'marker paused' }, 'paused') : null,
+          a.fingerprint_conflict ? h('span', { class: 'marker conflict', title: 'another machine with this fingerprint tried to enroll' }, 'fingerprint conflict') : null),
         h('td', {}, a.version),
         h('td', { class: 'task' }, a.pending_update ? h('span', { class: 'marker pending' }, `updating to ${a.pending_update}`) : '—'),
         h('td', {}, platform(a)), h('td', { class: 'site' }, siteName(dir, a.site_id)),
@@ -997,7 +998,12 @@ function agentDetail(main, id) {
           ` (set on its ${a.downloads.mirror_source === 'server' ? 'server' : a.downloads.mirror_source}), falling back to the server`)
         : h('span', { id: 'agent-mirror' }, 'from the server')],
     ];
+    const conflict = a.fingerprint_conflict;
     body.replaceChildren(
+      conflict ? h('p', { class: 'banner danger', id: 'fingerprint-conflict' },
+        `Fingerprint conflict: ${conflict.attempts} enrollment${conflict.attempts === 1 ? '' : 's'} from another machine with this agent's fingerprint`
+        + `${conflict.hostname ? ` (${conflict.hostname})` : ''} refused, the last `, when(conflict.last_at),
+        '. This agent keeps its identity; a cloned machine needs its own machine id.') : '',
       h('h2', {}, a.hostname, a.paused ? h('span', { class: 'marker paused' }, 'paused') : null),
       h('dl', { class: 'identity' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
       canAct() ? agentActions(a, builds, updates) : '',
@@ -1109,8 +1115,9 @@ function releases(main) {
 const AUDIT_ACTIONS = ['rollout.promote', 'rollout.rollback', 'rollout.unblock', 'rollout.create', 'rollout.pause',
   'rollout.resume', 'rollout.advance', 'rollout.abort', 'rollout.halt',
   'agent.pause', 'agent.resume', 'agent.update', 'agent.channel', 'agent.reenroll', 'site.channel', 'client.channel',
-  'releases.rescan', 'updates.switch', 'token.create', 'token.revoke', 'enrollment_token.create', 'client.create',
-  'site.create', 'session.login'];
+  'agent.fingerprint_conflict', 'releases.rescan', 'updates.switch', 'token.create', 'token.revoke',
+  'enrollment_token.create', 'enrollment_token.revoke', 'client.create', 'site.create', 'session.login',
+  'session.logout'];
 
 const isVersion = (text) => /^\d+\.\d+\.\d+([-+].*)?$/.test(text);
 
@@ -1166,9 +1173,47 @@ function audit(main) {
   return { title: 'Audit', refresh(events) { if (touches(events, 'audit')) load(); } };
 }
 
+// ---------------------------------------------------------------- enrollment tokens
+
+const TOKEN_STATES = { usable: 'usable', expired: 'expired', used_up: 'used up', revoked: 'revoked' };
+
+// Every enrollment token with its site, limits and state; admins revoke them here.
+function enrollment(main) {
+  const body = h('div');
+  main.append(h('h2', {}, 'Enrollment tokens'),
+    h('p', { class: 'muted' }, 'A token enrolls machines into its site until it expires, is used up or is revoked; '
+      + 'enrolled agents keep their identities when it goes. Make one with drover sites enroll-token SITE.'),
+    body);
+  const revoke = (t, site) => (me.role === 'admin' && t.state !== 'revoked'
+    ? h('button', {
+      class: 'action danger', type: 'button', 'data-action': 'revoke',
+      onclick: () => act(`Revoke enrollment token ${shortId(t.id)} of site ${site}: no machine can enroll with it any more `
+        + `(${t.uses} enrolled with it keep their identities).`, 'Revoke',
+      () => api('DELETE', `/api/v1/enrollment-tokens/${enc(t.id)}`), `enrollment token ${shortId(t.id)} revoked`,
+      { danger: true }),
+    }, 'Revoke')
+    : null);
+  const load = guard(body, async () => {
+    if (me.role !== 'admin') {
+      body.replaceChildren(h('p', {}, 'Enrollment tokens are shown to admins only.'));
+      return;
+    }
+    const [tokens, dir] = await Promise.all([get('/api/v1/enrollment-tokens'), names()]);
+    body.replaceChildren(table(['Token', 'Site', 'Created', 'Expires', 'Uses', 'State', ''],
+      tokens.map((t) => h('tr', { 'data-token': t.id, 'data-state': t.state },
+        h('td', { class: 'mono', title: t.id }, shortId(t.id)), h('td', {}, siteName(dir, t.site_id)),
+        h('td', {}, when(t.created_at)), h('td', {}, t.expires_at ? when(t.expires_at) : 'never'),
+        h('td', {}, t.max_uses === null ? `${t.uses}` : `${t.uses} of ${t.max_uses}`),
+        h('td', {}, TOKEN_STATES[t.state] || t.state),
+        h('td', {}, revoke(t, siteName(dir, t.site_id))))),
+      'No enrollment token.'));
+  });
+  return { title: 'Enrollment', refresh(events) { if (touches(events, 'audit', 'settings')) load(); } };
+}
+
 // ---------------------------------------------------------------- routing
 
-const VIEWS = { overview, rollouts, agents, releases, audit };
+const VIEWS = { overview, rollouts, agents, releases, enrollment, audit };
 
 function route() {
   if (me === null) return;

@@ -6,16 +6,21 @@
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::auth::{generate_secret, hash_secret};
-use crate::store::{Bootstrap, Store, StoreError};
+use crate::clock::{now_ms, rfc3339};
+use crate::store::{Bootstrap, EnrollmentToken, Store, StoreError};
 
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// Tokens an operator chooses must be at least this long: short ones can be guessed.
 const MIN_TOKEN_CHARS: usize = 32;
 pub(crate) const ENROLL_TOKEN_FILE: &str = "enroll-token";
+/// How long the bootstrap enrollment token enrolls: long enough to install the first
+/// machines, not forever (`drover sites enroll-token` makes more).
+pub(crate) const BOOTSTRAP_ENROLL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Where an operator finds a bootstrap token; printed at startup.
 pub(crate) enum TokenSource {
@@ -38,6 +43,22 @@ impl fmt::Display for TokenSource {
 pub(crate) struct Tokens {
     pub(crate) admin: TokenSource,
     pub(crate) enroll: TokenSource,
+    /// Whether the first enrollment token still enrolls, and until when.
+    pub(crate) enroll_validity: String,
+}
+
+/// What the startup banner says of the first enrollment token at `now_ms`.
+fn validity(token: Option<&EnrollmentToken>, now_ms: i64) -> String {
+    let Some(token) = token else {
+        return "none".to_owned();
+    };
+    let more = "make more with `drover sites enroll-token SITE`";
+    match (token.state(now_ms), token.expires_at_ms) {
+        ("usable", Some(at)) => format!("expires {}", rfc3339(at)),
+        ("usable", None) => format!("never expires: revoke it once agents are enrolled; {more}"),
+        ("expired", Some(at)) => format!("expired {}; {more}", rfc3339(at)),
+        (state, _) => format!("{}; {more}", state.replace('_', " ")),
+    }
 }
 
 pub(crate) async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Tokens> {
@@ -54,10 +75,13 @@ pub(crate) async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::R
         "drv_enroll_",
         &data_dir.join(ENROLL_TOKEN_FILE),
     )?;
+    let now = now_ms();
+    let expires_at = now.saturating_add(BOOTSTRAP_ENROLL_TTL.as_millis() as i64);
     let outcome = store
         .bootstrap(&Bootstrap {
             admin_token_hash: admin_hash,
             enroll_token_hash: enroll_hash,
+            enroll_token_expires_at_ms: Some(expires_at),
         })
         .await
         .context("while creating the default client, site and tokens")?;
@@ -75,7 +99,16 @@ pub(crate) async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::R
             "DROVER_ADMIN_TOKEN is ignored: it only sets the admin token on first start, and this database has one"
         );
     }
-    Ok(Tokens { admin, enroll })
+    let first = if outcome.created_enroll_token {
+        store.bootstrap_state().await?.first_enroll_token
+    } else {
+        existing.first_enroll_token
+    };
+    Ok(Tokens {
+        admin,
+        enroll,
+        enroll_validity: validity(first.as_ref(), now),
+    })
 }
 
 /// Decides one bootstrap token: the environment's, a new generated one written to `file`,
@@ -133,4 +166,39 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("while writing {}", path.display()))?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(expires_at_ms: Option<i64>, max_uses: Option<i64>, uses: i64) -> EnrollmentToken {
+        EnrollmentToken {
+            id: "e1".into(),
+            site_id: "s1".into(),
+            created_at_ms: 0,
+            expires_at_ms,
+            max_uses,
+            uses,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_banner_says_whether_the_first_enrollment_token_still_enrolls() {
+        let day = 86_400_000;
+        assert_eq!(
+            validity(Some(&token(Some(day), None, 0)), 0),
+            "expires 1970-01-02T00:00:00.000Z"
+        );
+        assert!(validity(Some(&token(Some(day), None, 0)), day).starts_with("expired 1970-01-02"));
+        assert!(validity(Some(&token(None, Some(1), 1)), 0).starts_with("used up; make more"));
+        assert!(validity(Some(&token(None, None, 0)), 0).starts_with("never expires"));
+        let revoked = EnrollmentToken {
+            revoked_at_ms: Some(1),
+            ..token(None, None, 0)
+        };
+        assert!(validity(Some(&revoked), 5).starts_with("revoked; make more"));
+        assert_eq!(validity(None, 0), "none");
+    }
 }

@@ -98,6 +98,33 @@ pub(crate) async fn start(state: &AppState, start: Start) -> StoreResult<Rollout
     Ok(rollout)
 }
 
+/// The promote rollout of `version` that a promote would only repeat: every build of the
+/// version is stable already and a promote rollout of it over all of `platforms` is
+/// under way or completed (not aborted or superseded).
+pub(crate) fn promoted_already(
+    state: &AppState,
+    version: &str,
+    platforms: &[(String, String)],
+    all_stable: bool,
+) -> Option<Rollout> {
+    if !all_stable {
+        return None;
+    }
+    state
+        .book()
+        .rollouts()
+        .find(|r| {
+            r.record.kind == RolloutKind::Promote
+                && r.record.version == version
+                && !matches!(
+                    r.record.state,
+                    RolloutState::Aborted | RolloutState::Superseded
+                )
+                && platforms.iter().all(|p| r.record.platforms.contains(p))
+        })
+        .map(|r| r.record.clone())
+}
+
 /// After a rollout changed: every node re-reads the book and checks its agents.
 async fn changed(state: &AppState, rollout_id: &str) {
     if let Err(err) = state.reload_rollout_state().await {
@@ -668,10 +695,14 @@ pub(crate) struct RollbackOutcome {
     pub(crate) no_build: Vec<String>,
     /// Unfinished tasks to the version that were cancelled.
     pub(crate) cancelled: u64,
+    /// The version was rolled back already and this changed nothing: its rollback
+    /// rollout (if any) is under way, or no agent runs the version.
+    pub(crate) unchanged: bool,
 }
 
 /// Blocks a version everywhere, cancels what is under way to it, stops its rollouts,
-/// and starts a `rollback` rollout moving every agent that runs it back.
+/// and starts a `rollback` rollout moving every agent that runs it back. A repeat that
+/// would change nothing does nothing and says so (`unchanged`).
 pub(crate) async fn rollback(
     state: &AppState,
     version: &str,
@@ -679,6 +710,46 @@ pub(crate) async fn rollback(
     actor: &str,
 ) -> Conducted<RollbackOutcome> {
     let now = now_ms();
+    if state
+        .store
+        .blocked_versions()
+        .await?
+        .iter()
+        .any(|v| v == version)
+    {
+        let open = state
+            .book()
+            .rollouts()
+            .find(|r| {
+                r.record.kind == RolloutKind::Rollback
+                    && r.record.version == version
+                    && r.record.state.is_open()
+            })
+            .map(|r| r.record.clone());
+        let runs_it = || async {
+            StoreResult::Ok(
+                state
+                    .store
+                    .list_agents()
+                    .await?
+                    .iter()
+                    .any(|a| a.version == version),
+            )
+        };
+        if open.is_some() || !runs_it().await? {
+            return Ok(RollbackOutcome {
+                rollout: open,
+                targeted: 0,
+                paused: 0,
+                declines_updates: 0,
+                updates_off: !state.updates_enabled(),
+                offline: 0,
+                no_build: Vec::new(),
+                cancelled: 0,
+                unchanged: true,
+            });
+        }
+    }
     let cancelled_for = state
         .store
         .block_version(
@@ -735,6 +806,7 @@ pub(crate) async fn rollback(
         offline: 0,
         no_build: Vec::new(),
         cancelled: cancelled_for.len() as u64,
+        unchanged: false,
     };
     let mut candidates = Vec::new();
     let mut platforms: Vec<(String, String)> = Vec::new();

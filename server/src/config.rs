@@ -166,6 +166,12 @@ pub struct Args {
     #[arg(long, env = "DROVER_RETRY_DELAY", default_value = "1m", value_parser = parse_bake)]
     pub retry_delay: Duration,
 
+    /// A machine enrolling again is re-bound to its record only once that record has
+    /// been offline and silent this long; before, the enrollment is refused as a
+    /// fingerprint conflict (a clone, or someone taking over its identity)
+    #[arg(long, env = "DROVER_REBIND_AFTER", default_value = "10m", value_parser = parse_bake)]
+    pub rebind_after: Duration,
+
     /// Warn when beta has been ahead of stable for longer than this (e.g. 7d)
     #[arg(long, env = "DROVER_STALE_STABLE_AFTER", default_value = "7d", value_parser = parse_age)]
     pub stale_stable_after: Duration,

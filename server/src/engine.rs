@@ -276,6 +276,9 @@ mod tests {
             client_mirror: None,
             node_id: None,
             node_last_beat_ms: None,
+            conflict_at_ms: None,
+            conflict_count: 0,
+            conflict_hostname: None,
         }
     }
 

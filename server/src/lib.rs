@@ -105,6 +105,9 @@ pub struct Settings {
     pub tls: Option<tls::TlsConfig>,
     /// Enrollment attempts accepted per source address (see `limits`).
     pub enrollment_limits: limits::EnrollmentLimits,
+    /// How long a machine's record must have been offline and silent before an
+    /// enrollment may re-bind it.
+    pub rebind_after: Duration,
 }
 
 impl Settings {
@@ -135,6 +138,7 @@ impl Settings {
             download_url: None,
             tls: None,
             enrollment_limits: limits::EnrollmentLimits::default(),
+            rebind_after: Duration::from_secs(600),
         }
     }
 
@@ -177,6 +181,8 @@ pub struct AppState {
     events: events::Events,
     /// Enrollment attempts per source address.
     enrollments: Arc<limits::EnrollmentLimiter>,
+    /// Dashboard logins per source address.
+    logins: Arc<limits::EnrollmentLimiter>,
     shutdown: CancellationToken,
 }
 
@@ -311,6 +317,7 @@ pub async fn run(
         )),
         admission: Arc::new(admission::Admission::new(settings.max_concurrent_downloads)),
         enrollments: Arc::new(limits::EnrollmentLimiter::new(settings.enrollment_limits)),
+        logins: Arc::new(limits::EnrollmentLimiter::of("login", limits::LOGIN_LIMITS)),
         settings: Arc::new(settings),
         updates_enabled: Arc::new(AtomicBool::new(true)),
         node_id: uuid::Uuid::new_v4().to_string().into(),
@@ -537,7 +544,10 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
     println!("  database:          {database}");
     println!("  downloads:         {}", args.downloads.display());
     println!("  admin token:       {}", tokens.admin);
-    println!("  enrollment token:  {}", tokens.enroll);
+    println!(
+        "  enrollment token:  {} ({})",
+        tokens.enroll, tokens.enroll_validity
+    );
     println!(
         "  start an agent:    drover-agent run --server {public_url} --enroll-token <enrollment token> --state-dir ./agent-state"
     );
@@ -567,6 +577,7 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
             min_success_share: args.wave_min_success_share,
         },
         retry_delay: args.retry_delay,
+        rebind_after: args.rebind_after,
         stale_stable_after: args.stale_stable_after,
         snapshot_every: args.snapshot_interval,
         metrics_token: args.metrics_token.clone(),

@@ -1,6 +1,6 @@
 //! Rate limits against hostile or broken peers: `Rate` ("N per period") and its token
-//! `Bucket`, and the `EnrollmentLimiter`, which counts enrollment attempts per source
-//! address in a map of bounded size. Callers pass the time in, so tests need no clock.
+//! `Bucket`, and the `EnrollmentLimiter`, which counts enrollment (or dashboard login)
+//! attempts per source address in a map of bounded size. Callers pass the time in, so tests need no clock.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -147,6 +147,19 @@ impl Default for EnrollmentLimits {
     }
 }
 
+/// Dashboard logins per source address: a person types a token a few times; a script
+/// guessing tokens is stopped after ten failures a minute.
+pub(crate) const LOGIN_LIMITS: EnrollmentLimits = EnrollmentLimits {
+    attempts: Rate {
+        burst: 60,
+        per: Duration::from_secs(60),
+    },
+    failures: Rate {
+        burst: 10,
+        per: Duration::from_secs(60),
+    },
+};
+
 /// Source addresses tracked at most; beyond it, addresses whose buckets have refilled are
 /// forgotten first, then the longest-idle quarter.
 const MAX_SOURCES: usize = 16_384;
@@ -155,6 +168,8 @@ const MAX_SOURCES: usize = 16_384;
 /// or site usually owns whole.
 pub(crate) struct EnrollmentLimiter {
     limits: EnrollmentLimits,
+    /// What is attempted, for the refusal: `enrollment` or `login`.
+    what: &'static str,
     sources: Mutex<HashMap<IpAddr, SourceBuckets>>,
     max_sources: usize,
 }
@@ -171,7 +186,13 @@ pub(crate) struct TooManyAttempts(pub(crate) String);
 
 impl EnrollmentLimiter {
     pub(crate) fn new(limits: EnrollmentLimits) -> EnrollmentLimiter {
+        EnrollmentLimiter::of("enrollment", limits)
+    }
+
+    /// A limiter of attempts at `what` (`login`), with the same bookkeeping.
+    pub(crate) fn of(what: &'static str, limits: EnrollmentLimits) -> EnrollmentLimiter {
         EnrollmentLimiter {
+            what,
             limits,
             sources: Mutex::default(),
             max_sources: MAX_SOURCES,
@@ -189,14 +210,14 @@ impl EnrollmentLimiter {
         let buckets = self.entry(&mut sources, source, now);
         if !buckets.failures.has_token(limits.failures, now) {
             return Err(TooManyAttempts(format!(
-                "too many failed enrollment attempts from this address (limit {}); retry later",
-                limits.failures
+                "too many failed {} attempts from this address (limit {}); retry later",
+                self.what, limits.failures
             )));
         }
         if !buckets.attempts.take(limits.attempts, now) {
             return Err(TooManyAttempts(format!(
-                "too many enrollment attempts from this address (limit {}); retry later",
-                limits.attempts
+                "too many {} attempts from this address (limit {}); retry later",
+                self.what, limits.attempts
             )));
         }
         Ok(())

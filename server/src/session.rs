@@ -19,7 +19,7 @@ use crate::auth::{generate_secret, hash_secret};
 use crate::clock::now_ms;
 use crate::dispatch::{self, LiveAgent, Trigger};
 use crate::limits::{Bucket, Rate, TooManyAttempts};
-use crate::store::{AgentFacts, HeartbeatRecord, StoreError};
+use crate::store::{AgentFacts, Enrollment, HeartbeatRecord, LiveSince, StoreError};
 
 /// How long a new socket may stay silent before its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -363,12 +363,27 @@ async fn admit(
                 ));
             }
             let secret = generate_secret("drv_agent_");
+            let live = LiveSince {
+                node_beat_ms: crate::nodes::live_since(now),
+                seen_ms: now.saturating_sub(
+                    i64::try_from(state.settings.rebind_after.as_millis()).unwrap_or(i64::MAX),
+                ),
+            };
             match state
                 .store
-                .enroll(&hash_secret(token), &facts, &hash_secret(&secret), now)
+                .enroll(
+                    &hash_secret(token),
+                    &facts,
+                    &hash_secret(&secret),
+                    now,
+                    live,
+                )
                 .await
             {
-                Ok(enrolled) => {
+                Ok(Enrollment::Conflict { agent_id, count }) => {
+                    Err(fingerprint_conflict(state, &agent_id, count, hello, source).await)
+                }
+                Ok(Enrollment::Enrolled(enrolled)) => {
                     tracing::info!(agent = %enrolled.agent_id, rebound = enrolled.rebound, hostname = %hello.hostname, "agent enrolled");
                     if enrolled.rebound {
                         state
@@ -390,7 +405,7 @@ async fn admit(
                     state.enrollments.failed(source, Instant::now());
                     Err(Refusal::new(
                         RejectCode::BadEnrollToken,
-                        "unknown or revoked enrollment token",
+                        "unknown, revoked, expired or used-up enrollment token",
                     ))
                 }
                 Err(err) => Err(internal(err)),
@@ -401,6 +416,43 @@ async fn admit(
             "hello needs agent_id and secret, or enroll_token",
         )),
     }
+}
+
+/// An enrollment refused because the machine's record is live: logged, audited when
+/// the conflict begins (a clone retries for as long as it runs), published (the record
+/// shows the conflict), and answered with a reject that leaves the live agent alone.
+async fn fingerprint_conflict(
+    state: &AppState,
+    agent_id: &str,
+    count: i64,
+    hello: &Hello,
+    source: IpAddr,
+) -> Refusal {
+    tracing::warn!(agent = %agent_id, hostname = %hello.hostname, %source, attempts = count, "enrollment refused: the machine's record is live (fingerprint conflict)");
+    if count == 1 {
+        state
+            .audit(
+                &format!("enrollment from {source}"),
+                "agent.fingerprint_conflict",
+                agent_id,
+                Some(format!(
+                    "{} enrolled with the fingerprint of this live agent",
+                    hello.hostname
+                )),
+                "refused",
+            )
+            .await;
+    }
+    state.events.agent(agent_id);
+    Refusal::new(
+        RejectCode::FingerprintConflict,
+        format!(
+            "another machine with this fingerprint is live as agent {agent_id}; this one is \
+             not enrolled (a cloned machine needs its own machine id), and may re-enroll once \
+             that agent has been offline for {}",
+            humantime::format_duration(state.settings.rebind_after)
+        ),
+    )
 }
 
 fn internal(err: StoreError) -> Refusal {

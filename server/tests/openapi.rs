@@ -13,7 +13,21 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use server::Settings;
-use server::store::{AgentFacts, Bootstrap, Queries, SqliteStore};
+use server::store::{AgentFacts, Bootstrap, Enrolled, Enrollment, LiveSince, Queries, SqliteStore};
+
+/// No record counts as live: every enrollment of a known machine re-binds it.
+const NONE_LIVE: LiveSince = LiveSince {
+    node_beat_ms: i64::MAX,
+    seen_ms: i64::MAX,
+};
+
+/// The enrollment that happened; a conflict where none is expected fails the test.
+fn enrolled(enrollment: Enrollment) -> Enrolled {
+    match enrollment {
+        Enrollment::Enrolled(enrolled) => enrolled,
+        Enrollment::Conflict { agent_id, .. } => panic!("unexpected conflict with {agent_id}"),
+    }
+}
 
 const ADMIN_TOKEN: &str = "openapi-test-admin";
 const ENROLL_TOKEN: &str = "openapi-test-enroll";
@@ -60,6 +74,7 @@ impl TestServer {
             .bootstrap(&Bootstrap {
                 admin_token_hash: Some(hash(ADMIN_TOKEN)),
                 enroll_token_hash: Some(hash(ENROLL_TOKEN)),
+                enroll_token_expires_at_ms: None,
             })
             .await
             .unwrap();
@@ -72,8 +87,15 @@ impl TestServer {
             auto_update: true,
         };
         let agent = store
-            .enroll(&hash(ENROLL_TOKEN), &facts, &hash("agent secret"), 1_000)
+            .enroll(
+                &hash(ENROLL_TOKEN),
+                &facts,
+                &hash("agent secret"),
+                1_000,
+                NONE_LIVE,
+            )
             .await
+            .map(enrolled)
             .unwrap()
             .agent_id;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

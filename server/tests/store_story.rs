@@ -8,12 +8,29 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, FailureClass, HeartbeatRecord,
-    MirrorCount, NewTask, PostgresStore, Queries, Role, SqliteStore, Store, StoreError, TaskKind,
-    TaskStatus, TransferRecord, UpdateTask,
+    AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
+    FailureClass, HeartbeatRecord, LiveSince, MirrorCount, NewTask, PostgresStore, Queries, Role,
+    SqliteStore, Store, StoreError, TaskKind, TaskStatus, TransferRecord, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
+
+/// When the story's bootstrap enrollment token expires: long after every step.
+const BOOTSTRAP_EXPIRY: i64 = 9_000_000_000_000;
+
+/// No record counts as live: every enrollment of a known machine re-binds it.
+const NONE_LIVE: LiveSince = LiveSince {
+    node_beat_ms: i64::MAX,
+    seen_ms: i64::MAX,
+};
+
+/// The enrollment that happened; a conflict where none is expected fails the test.
+fn enrolled(enrollment: Enrollment) -> Enrolled {
+    match enrollment {
+        Enrollment::Enrolled(enrolled) => enrolled,
+        Enrollment::Conflict { agent_id, .. } => panic!("unexpected conflict with {agent_id}"),
+    }
+}
 
 fn facts(fingerprint: &str, hostname: &str, version: &str) -> AgentFacts {
     AgentFacts {
@@ -33,13 +50,23 @@ async fn story(store: &dyn Store) {
     let pieces = Bootstrap {
         admin_token_hash: Some("admin-hash".into()),
         enroll_token_hash: Some("enroll-hash".into()),
+        enroll_token_expires_at_ms: Some(BOOTSTRAP_EXPIRY),
     };
     let first = store.bootstrap(&pieces).await.unwrap();
     assert!(first.created_site && first.created_admin_token && first.created_enroll_token);
+    let bootstrap_token = store
+        .bootstrap_state()
+        .await
+        .unwrap()
+        .first_enroll_token
+        .expect("the bootstrap enrollment token");
+    assert_eq!(bootstrap_token.expires_at_ms, Some(BOOTSTRAP_EXPIRY));
+    assert_eq!(bootstrap_token.max_uses, None);
     let again = store
         .bootstrap(&Bootstrap {
             admin_token_hash: Some("other-admin".into()),
             enroll_token_hash: Some("other-enroll".into()),
+            enroll_token_expires_at_ms: None,
         })
         .await
         .unwrap();
@@ -56,8 +83,9 @@ async fn story(store: &dyn Store) {
     // Enrollment: a bad token creates nothing; the same machine is re-bound.
     assert!(matches!(
         store
-            .enroll("nope", &facts("fp-1", "one", "1.0.0"), "s", 1)
-            .await,
+            .enroll("nope", &facts("fp-1", "one", "1.0.0"), "s", 1, NONE_LIVE)
+            .await
+            .map(enrolled),
         Err(StoreError::NotFound)
     ));
     let one = store
@@ -66,8 +94,10 @@ async fn story(store: &dyn Store) {
             &facts("fp-1", "one", "1.0.0"),
             "secret-1",
             1_000,
+            NONE_LIVE,
         )
         .await
+        .map(enrolled)
         .unwrap();
     assert!(!one.rebound);
     let two = store
@@ -76,8 +106,10 @@ async fn story(store: &dyn Store) {
             &facts("fp-2", "two", "1.0.0"),
             "secret-2",
             1_000,
+            NONE_LIVE,
         )
         .await
+        .map(enrolled)
         .unwrap();
     assert_ne!(one.agent_id, two.agent_id);
     let again = store
@@ -86,8 +118,10 @@ async fn story(store: &dyn Store) {
             &facts("fp-1", "one-renamed", "1.0.1"),
             "secret-1b",
             2_000,
+            NONE_LIVE,
         )
         .await
+        .map(enrolled)
         .unwrap();
     assert_eq!(again.agent_id, one.agent_id);
     assert!(again.rebound);
@@ -795,25 +829,247 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         .await
         .unwrap();
     store
-        .enroll("once", &facts("fp-3", "three", "1.0.0"), "s3", 1_000)
+        .enroll(
+            "once",
+            &facts("fp-3", "three", "1.0.0"),
+            "s3",
+            1_000,
+            NONE_LIVE,
+        )
         .await
+        .map(enrolled)
         .unwrap();
     assert!(matches!(
         store
-            .enroll("once", &facts("fp-4", "four", "1.0.0"), "s4", 1_000)
-            .await,
+            .enroll(
+                "once",
+                &facts("fp-4", "four", "1.0.0"),
+                "s4",
+                1_000,
+                NONE_LIVE
+            )
+            .await
+            .map(enrolled),
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store
-            .enroll("expired", &facts("fp-5", "five", "1.0.0"), "s5", 1_000)
-            .await,
+            .enroll(
+                "expired",
+                &facts("fp-5", "five", "1.0.0"),
+                "s5",
+                1_000,
+                NONE_LIVE
+            )
+            .await
+            .map(enrolled),
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store
             .create_enrollment_token("no-site", "x", None, None)
             .await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Enrollment tokens are listed with their state (never their hash) and revoked.
+    let tokens = store.list_enrollment_tokens(Some(site)).await.unwrap();
+    let state_of = |hash_uses: i64, max: Option<i64>| {
+        tokens
+            .iter()
+            .find(|t| t.uses == hash_uses && t.max_uses == max)
+            .map(|t| t.state(1_000))
+    };
+    assert_eq!(state_of(1, Some(1)), Some("used_up"), "{tokens:?}");
+    assert!(state_of(0, None).is_some(), "{tokens:?}");
+    assert!(
+        tokens.iter().any(|t| t.state(1_000) == "expired"),
+        "{tokens:?}"
+    );
+    let everywhere = store.list_enrollment_tokens(None).await.unwrap();
+    assert!(everywhere.len() >= tokens.len());
+    store
+        .create_enrollment_token(site, "revocable", None, None)
+        .await
+        .unwrap();
+    let revocable = store
+        .list_enrollment_tokens(Some(site))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| !tokens.iter().any(|old| old.id == t.id))
+        .unwrap();
+    assert_eq!(revocable.state(1_000), "usable");
+    store
+        .revoke_enrollment_token(&revocable.id, 1_500)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.revoke_enrollment_token(&revocable.id, 1_600).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.enrollment_site("revocable").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .enroll(
+                "revocable",
+                &facts("fp-6", "six", "1.0.0"),
+                "s6",
+                2_000,
+                NONE_LIVE
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    // A live record is never re-bound: a conflict is noted on it, the token's use is not
+    // counted, and the live agent's secret still works. Once quiet it is re-bound.
+    store
+        .create_enrollment_token(site, "rebind", None, Some(3))
+        .await
+        .unwrap();
+    let live = store
+        .enroll(
+            "rebind",
+            &facts("fp-live", "live", "1.0.0"),
+            "live-1",
+            10_000,
+            NONE_LIVE,
+        )
+        .await
+        .map(enrolled)
+        .unwrap();
+    let seen_recently = LiveSince {
+        node_beat_ms: i64::MAX,
+        seen_ms: 5_000,
+    };
+    for attempt in 1..=2 {
+        let answer = store
+            .enroll(
+                "rebind",
+                &facts("fp-live", "clone", "1.0.0"),
+                "clone-secret",
+                11_000 + attempt,
+                seen_recently,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            Enrollment::Conflict {
+                agent_id: live.agent_id.clone(),
+                count: attempt
+            }
+        );
+    }
+    let record = store.agent(&live.agent_id).await.unwrap();
+    assert_eq!(
+        (
+            record.conflict_at_ms,
+            record.conflict_count,
+            record.conflict_hostname.as_deref()
+        ),
+        (Some(11_002), 2, Some("clone"))
+    );
+    assert_eq!(record.hostname, "live", "the live record is unchanged");
+    store
+        .authenticate(
+            &live.agent_id,
+            "live-1",
+            &facts("fp-live", "live", "1.0.0"),
+            12_000,
+        )
+        .await
+        .unwrap();
+    // Held by a node that beats: live however long ago it was seen.
+    store.node_beat("node-live", "a", 12_000).await.unwrap();
+    store
+        .claim_session(&live.agent_id, "node-live", 12_000)
+        .await
+        .unwrap();
+    let held = LiveSince {
+        node_beat_ms: 11_000,
+        seen_ms: i64::MAX,
+    };
+    assert!(matches!(
+        store
+            .enroll(
+                "rebind",
+                &facts("fp-live", "clone", "1.0.0"),
+                "x",
+                13_000,
+                held
+            )
+            .await,
+        Ok(Enrollment::Conflict { .. })
+    ));
+    store
+        .release_session(&live.agent_id, "node-live", 12_000)
+        .await
+        .unwrap();
+    let quiet = LiveSince {
+        node_beat_ms: 11_000,
+        seen_ms: 20_000,
+    };
+    let rebound = store
+        .enroll(
+            "rebind",
+            &facts("fp-live", "reinstalled", "1.0.0"),
+            "live-2",
+            30_000,
+            quiet,
+        )
+        .await
+        .map(enrolled)
+        .unwrap();
+    assert_eq!(
+        (rebound.agent_id.as_str(), rebound.rebound),
+        (live.agent_id.as_str(), true)
+    );
+    let rebind_token = store
+        .list_enrollment_tokens(Some(site))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.max_uses == Some(3))
+        .unwrap();
+    assert_eq!(rebind_token.uses, 2, "refused enrollments use nothing");
+
+    // Dashboard sessions last until they expire, are deleted, or their token is revoked.
+    let token = store
+        .create_api_token("dashboard", Role::Viewer, "dashboard-hash")
+        .await
+        .unwrap();
+    store
+        .create_session("session-1", &token.id, 1_000, 5_000)
+        .await
+        .unwrap();
+    store
+        .create_session("session-2", &token.id, 1_000, 5_000)
+        .await
+        .unwrap();
+    store
+        .create_session("session-old", &token.id, 1_000, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.session_token("session-1", 4_999).await.unwrap().id,
+        token.id
+    );
+    assert!(matches!(
+        store.session_token("session-1", 5_000).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.prune_sessions(3_000).await.unwrap(), 1);
+    assert!(store.delete_session("session-1").await.unwrap());
+    assert!(!store.delete_session("session-1").await.unwrap());
+    assert!(store.session_token("session-2", 3_000).await.is_ok());
+    store.revoke_api_token(&token.id).await.unwrap();
+    assert!(matches!(
+        store.session_token("session-2", 3_000).await,
         Err(StoreError::NotFound)
     ));
 
@@ -879,7 +1135,7 @@ async fn sqlite_story() {
 
     // Reopening runs no migration twice and keeps every row.
     let reopened = SqliteStore::open(&path).await.unwrap();
-    assert_eq!(reopened.list_agents().await.unwrap().len(), 3);
+    assert_eq!(reopened.list_agents().await.unwrap().len(), 4);
 }
 
 /// Where the PostgreSQL tests connect to create their databases.
@@ -963,7 +1219,7 @@ async fn postgres_story() {
 
         // Reopening runs no migration twice and keeps every row.
         let reopened = PostgresStore::open(&url).await.unwrap();
-        assert_eq!(reopened.list_agents().await.unwrap().len(), 3);
+        assert_eq!(reopened.list_agents().await.unwrap().len(), 4);
     })
     .await;
 }
@@ -978,14 +1234,22 @@ async fn postgres_two_nodes_never_double_dispatch() {
         let pieces = Bootstrap {
             admin_token_hash: Some("admin-hash".into()),
             enroll_token_hash: Some("enroll-hash".into()),
+            enroll_token_expires_at_ms: None,
         };
         let (first, second) = tokio::join!(a.bootstrap(&pieces), b.bootstrap(&pieces));
         let (first, second) = (first.unwrap(), second.unwrap());
         assert!(first.created_site ^ second.created_site, "one default site");
         assert_eq!(a.list_sites().await.unwrap().len(), 1);
         let agent = a
-            .enroll("enroll-hash", &facts("fp-1", "one", "1.0.0"), "s1", 1_000)
+            .enroll(
+                "enroll-hash",
+                &facts("fp-1", "one", "1.0.0"),
+                "s1",
+                1_000,
+                NONE_LIVE,
+            )
             .await
+            .map(enrolled)
             .unwrap()
             .agent_id;
 
@@ -1047,8 +1311,8 @@ async fn postgres_two_nodes_never_double_dispatch() {
             facts("fp-3", "three", "1.0.0"),
         );
         let (on_a, on_b) = tokio::join!(
-            a.enroll("once", &two, "s2", 2_000),
-            b.enroll("once", &three, "s3", 2_000),
+            a.enroll("once", &two, "s2", 2_000, NONE_LIVE),
+            b.enroll("once", &three, "s3", 2_000, NONE_LIVE),
         );
         assert!(
             matches!(
@@ -1060,7 +1324,7 @@ async fn postgres_two_nodes_never_double_dispatch() {
 
         // Overlapping heartbeat batches in opposite orders neither deadlock nor move
         // last_seen backwards.
-        let other = on_a.or(on_b).unwrap().agent_id;
+        let other = on_a.or(on_b).map(enrolled).unwrap().agent_id;
         for round in 0..20 {
             let beat = |id: &str, at_ms: i64| HeartbeatRecord {
                 agent_id: id.to_owned(),
@@ -1256,12 +1520,20 @@ async fn retention_story(store: &dyn Store) {
         .bootstrap(&Bootstrap {
             admin_token_hash: Some("admin-hash".into()),
             enroll_token_hash: Some("enroll-hash".into()),
+            enroll_token_expires_at_ms: None,
         })
         .await
         .unwrap();
     let agent = store
-        .enroll("enroll-hash", &facts("fp-old", "old", "1.0.0"), "s1", 1)
+        .enroll(
+            "enroll-hash",
+            &facts("fp-old", "old", "1.0.0"),
+            "s1",
+            1,
+            NONE_LIVE,
+        )
         .await
+        .map(enrolled)
         .unwrap()
         .agent_id;
     // Finished long ago: a success, a transient failure, two build failures; then one

@@ -596,6 +596,7 @@ fn reject_name(code: RejectCode) -> &'static str {
         RejectCode::Timeout => "timeout",
         RejectCode::ServerError => "server_error",
         RejectCode::RateLimited => "rate_limited",
+        RejectCode::FingerprintConflict => "fingerprint_conflict",
         RejectCode::Unknown => "unknown",
     }
 }

@@ -28,6 +28,18 @@ pub(crate) struct RevokedToken {
     id: String,
 }
 
+/// An enrollment token as listed (never the token itself).
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListedEnrollmentToken {
+    id: String,
+    site_id: String,
+    created_at: String,
+    expires_at: Option<String>,
+    max_uses: Option<i64>,
+    uses: i64,
+    state: String,
+}
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct EnrollmentToken {
     id: String,
@@ -69,6 +81,39 @@ pub(crate) fn token_created(new: &NewApiToken) -> String {
 
 pub(crate) fn token_revoked(revoked: &RevokedToken) -> String {
     format!("token {} revoked\n", revoked.id)
+}
+
+/// Every enrollment token with its site, limits and whether it still enrolls.
+pub(crate) fn enrollment_tokens_table(tokens: &[ListedEnrollmentToken]) -> String {
+    let table = plain_table(
+        ["ID", "SITE", "CREATED", "EXPIRES", "USES", "STATE"],
+        tokens.iter().map(|t| {
+            let uses = match t.max_uses {
+                Some(max) => format!("{}/{max}", t.uses),
+                None => t.uses.to_string(),
+            };
+            [
+                t.id.clone(),
+                t.site_id.clone(),
+                t.created_at.clone(),
+                t.expires_at.clone().unwrap_or_else(|| "never".into()),
+                uses,
+                t.state.replace('_', " "),
+            ]
+        }),
+    );
+    let usable = tokens.iter().filter(|t| t.state == "usable").count();
+    format!(
+        "{table}\n{}, {usable} usable\n",
+        plural(tokens.len(), "enrollment token")
+    )
+}
+
+pub(crate) fn enrollment_token_revoked(revoked: &RevokedToken) -> String {
+    format!(
+        "enrollment token {} revoked: it enrolls no more machines\n",
+        revoked.id
+    )
 }
 
 pub(crate) fn enrollment_token_created(new: &EnrollmentToken) -> String {
@@ -119,6 +164,33 @@ mod tests {
         );
         let revoked: RevokedToken = parse(json!({"id": "k3", "revoked": true}));
         assert_eq!(token_revoked(&revoked), "token k3 revoked\n");
+    }
+
+    #[test]
+    fn enrollment_tokens_table_shows_limits_uses_and_state() {
+        let tokens: Vec<ListedEnrollmentToken> = parse(json!([
+            {"id": "e1", "site_id": "s1", "created_at": "2026-11-01T00:00:00Z",
+             "expires_at": "2026-11-08T00:00:00Z", "max_uses": null, "uses": 7,
+             "revoked_at": null, "state": "expired"},
+            {"id": "e2", "site_id": "s1", "created_at": "2026-11-02T00:00:00Z",
+             "expires_at": null, "max_uses": 5, "uses": 5, "revoked_at": null,
+             "state": "used_up"},
+            {"id": "e3", "site_id": "s2", "created_at": "2026-11-03T00:00:00Z",
+             "expires_at": null, "max_uses": null, "uses": 0, "revoked_at": null,
+             "state": "usable"},
+        ]));
+        let text = enrollment_tokens_table(&tokens);
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        assert!(lines[0].contains("EXPIRES") && lines[0].contains("STATE"));
+        assert!(lines[1].contains("2026-11-08T00:00:00Z") && lines[1].ends_with("expired"));
+        assert!(lines[2].contains("5/5") && lines[2].ends_with("used up"));
+        assert!(lines[3].contains("never") && lines[3].ends_with("usable"));
+        assert_eq!(lines.last(), Some(&"3 enrollment tokens, 1 usable"));
+        let revoked: RevokedToken = parse(json!({"id": "e3", "revoked": true}));
+        assert_eq!(
+            enrollment_token_revoked(&revoked),
+            "enrollment token e3 revoked: it enrolls no more machines\n"
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub(crate) struct Promoted {
     promoted: Vec<String>,
     gate: Gate,
     forced: bool,
+    /// Older servers do not say; for them every promote changed something.
+    #[serde(default)]
+    unchanged: bool,
     rollout: Rollout,
 }
 
@@ -29,6 +32,8 @@ pub(crate) struct RolledBack {
     no_build: Vec<String>,
     cancelled: u64,
     agents_rolled_back: u64,
+    #[serde(default)]
+    unchanged: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +62,13 @@ fn count(n: u64) -> usize {
 
 /// The files promoted, the gate's verdict, and the rollout that started.
 pub(crate) fn promoted_view(answer: &Promoted) -> String {
+    if answer.unchanged {
+        return format!(
+            "{} was promoted already; nothing changed\n{}",
+            answer.version,
+            plan_line(&answer.rollout)
+        );
+    }
     let files = if answer.promoted.is_empty() {
         format!(
             "{} is stable: no build of it was on beta still\n",
@@ -87,6 +99,19 @@ pub(crate) fn promoted_view(answer: &Promoted) -> String {
 /// the agents targeted and those skipped (and why), those offline, and those with no
 /// build to go back to, by id.
 pub(crate) fn rolled_back_view(answer: &RolledBack) -> String {
+    if answer.unchanged {
+        let under_way = match &answer.rollout {
+            Some(rollout) => format!(
+                "; its rollback rollout {} is under way",
+                short_id(rollout.id())
+            ),
+            None => format!("; no agent runs {}", answer.version),
+        };
+        return format!(
+            "{} was rolled back already; nothing changed{under_way}\n",
+            answer.version
+        );
+    }
     let mut text = format!(
         "rolled back {}: blocked, {} to it cancelled\n",
         answer.version,
@@ -171,6 +196,28 @@ mod tests {
         let text = promoted_view(&parse(forced));
         assert!(text.starts_with("1.4.0 is stable: no build of it was on beta still\n"));
         assert!(text.contains("\ngate: blocked: 1 beta success, 3 needed (forced past it)\n"));
+    }
+
+    #[test]
+    fn a_repeated_promote_or_rollback_says_it_changed_nothing() {
+        let promote = json!({"version": "1.4.0", "promoted": [],
+            "gate": {"pass": true, "reason": "5 of 5 beta agents succeeded"}, "forced": false,
+            "unchanged": true, "rollout": rollout_json(ID, "1.4.0", "promote", "running")});
+        let text = promoted_view(&parse(promote));
+        assert!(
+            text.starts_with("1.4.0 was promoted already; nothing changed\nrollout 3f2a9c1e:"),
+            "{text}"
+        );
+        let rollback = json!({"version": "1.4.0", "blocked": true,
+            "rollout": rollout_json(ID, "1.3.0", "rollback", "running"),
+            "targeted": 0, "skipped": {"paused": 0, "declines_updates": 0, "updates_off": 0},
+            "offline": 0, "no_build": [], "cancelled": 0, "agents_rolled_back": 0,
+            "unchanged": true});
+        assert_eq!(
+            rolled_back_view(&parse(rollback)),
+            "1.4.0 was rolled back already; nothing changed; its rollback rollout 3f2a9c1e \
+             is under way\n"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Tokens and the audit log: `/api/v1/tokens` (admin), enrollment tokens for sites
-//! (admin), `/api/v1/audit` (viewer).
+//! (admin: made, listed and revoked), `/api/v1/audit` (viewer).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -7,11 +7,11 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Body, Caller, ErrorBody, Params, openapi};
+use super::{ApiError, Body, Caller, ErrorBody, OptionalBody, Params, openapi};
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
 use crate::clock::{now_ms, rfc3339};
-use crate::store::{ApiToken, AuditEntry, Role, StoreError};
+use crate::store::{ApiToken, AuditEntry, EnrollmentToken, Role, StoreError};
 
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = ApiToken)]
@@ -91,9 +91,10 @@ pub(crate) struct CreatedToken {
 pub(crate) async fn create_token(
     caller: Caller,
     State(state): State<AppState>,
-    Body(request): Body<NewToken>,
+    body: Body<NewToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     caller.require(Role::Admin)?;
+    let request = body.take()?;
     let role = Role::parse(&request.role).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "role {:?} is not one of viewer, operator, admin",
@@ -210,10 +211,10 @@ pub(crate) async fn create_enrollment_token(
     caller: Caller,
     State(state): State<AppState>,
     Path(site_id): Path<String>,
-    body: axum::body::Bytes,
+    body: OptionalBody<NewEnrollmentToken>,
 ) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
     caller.require(Role::Admin)?;
-    let request: NewEnrollmentToken = super::optional_body(&body)?;
+    let request = body.take()?;
     if request.expires_in_secs.is_some_and(|s| s <= 0) || request.max_uses.is_some_and(|n| n <= 0) {
         return Err(ApiError::BadRequest(
             "expires_in_secs and max_uses must be positive".into(),
@@ -258,6 +259,148 @@ pub(crate) async fn create_enrollment_token(
             max_uses: request.max_uses,
         }),
     ))
+}
+
+/// An enrollment token as listed: never the token itself.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = EnrollmentToken)]
+pub(crate) struct EnrollmentTokenView {
+    id: String,
+    site_id: String,
+    /// RFC 3339.
+    created_at: String,
+    /// RFC 3339; null when it never expires.
+    expires_at: Option<String>,
+    /// Null when unlimited.
+    max_uses: Option<i64>,
+    /// Enrollments made with it.
+    uses: i64,
+    /// RFC 3339; null unless revoked.
+    revoked_at: Option<String>,
+    /// Whether it enrolls now: `usable`, `expired`, `used_up` or `revoked`.
+    #[schema(pattern = "^(usable|expired|used_up|revoked)$")]
+    state: &'static str,
+}
+
+impl EnrollmentTokenView {
+    fn of(token: EnrollmentToken, now_ms: i64) -> EnrollmentTokenView {
+        EnrollmentTokenView {
+            state: token.state(now_ms),
+            created_at: rfc3339(token.created_at_ms),
+            expires_at: token.expires_at_ms.map(rfc3339),
+            revoked_at: token.revoked_at_ms.map(rfc3339),
+            id: token.id,
+            site_id: token.site_id,
+            max_uses: token.max_uses,
+            uses: token.uses,
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/enrollment-tokens",
+    tag = "admin",
+    summary = "Every enrollment token of every site (never the token itself)",
+    responses(
+        (status = 200, description = "Oldest first, revoked and expired ones too", body = [EnrollmentTokenView]),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+pub(crate) async fn list_enrollment_tokens(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<EnrollmentTokenView>>, ApiError> {
+    caller.require(Role::Admin)?;
+    let now = now_ms();
+    let tokens = state.store.list_enrollment_tokens(None).await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|t| EnrollmentTokenView::of(t, now))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(
+    get,
+    path = "/sites/{id}/enrollment-tokens",
+    tag = "admin",
+    summary = "The site's enrollment tokens (never the token itself)",
+    params(("id" = String, Path, description = "The site's id")),
+    responses(
+        (status = 200, description = "Oldest first, revoked and expired ones too", body = [EnrollmentTokenView]),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No site has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+pub(crate) async fn list_site_enrollment_tokens(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(site_id): Path<String>,
+) -> Result<Json<Vec<EnrollmentTokenView>>, ApiError> {
+    caller.require(Role::Admin)?;
+    if !state
+        .store
+        .list_sites()
+        .await?
+        .iter()
+        .any(|s| s.id == site_id)
+    {
+        return Err(ApiError::NotFound(format!("no site with id {site_id}")));
+    }
+    let now = now_ms();
+    let tokens = state.store.list_enrollment_tokens(Some(&site_id)).await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|t| EnrollmentTokenView::of(t, now))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/enrollment-tokens/{id}",
+    tag = "admin",
+    summary = "Revoke an enrollment token",
+    description = "It enrolls no more machines and `GET /api/v1/agent/install` refuses it; \
+        agents enrolled with it keep their identities.",
+    params(("id" = String, Path, description = "The enrollment token's id")),
+    responses(
+        (status = 200, description = "The enrollment token is revoked", body = RevokedToken),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No unrevoked enrollment token has this id", body = ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+pub(crate) async fn revoke_enrollment_token(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RevokedToken>, ApiError> {
+    caller.require(Role::Admin)?;
+    match state.store.revoke_enrollment_token(&id, now_ms()).await {
+        Ok(()) => {}
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::NotFound(format!(
+                "no unrevoked enrollment token with id {id}"
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    state
+        .audit(
+            &caller.actor,
+            "enrollment_token.revoke",
+            &id,
+            None,
+            "revoked",
+        )
+        .await;
+    Ok(Json(RevokedToken { id, revoked: true }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

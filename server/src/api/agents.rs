@@ -1,7 +1,6 @@
 //! `/api/v1/agents`: the fleet listing, one agent with its tasks, and per-agent actions.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -50,6 +49,10 @@ pub(crate) struct AgentView {
     /// False when the agent runs with auto-update off and declines updates.
     auto_update: bool,
     fingerprint: String,
+    /// Another machine with this fingerprint tried to enroll in the site while this
+    /// agent was live and was refused (a cloned machine, or an attempt to take over its
+    /// identity); null when that has not happened for a day.
+    fingerprint_conflict: Option<FingerprintConflict>,
     /// The target version of the agent's unfinished update task; only in a page of the
     /// listing (`limit`) and in `GET /api/v1/agents/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,6 +77,32 @@ pub(crate) struct DownloadsView {
     /// Where that mirror is set: `site`, `client` or `server` (`--download-url`).
     #[schema(example = "site")]
     mirror_source: Option<&'static str>,
+}
+
+/// Enrollments refused because they carried a live agent's fingerprint.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FingerprintConflict {
+    /// RFC 3339: the newest refused enrollment.
+    last_at: String,
+    /// Refused enrollments since the conflict began.
+    attempts: i64,
+    /// The hostname the refused machine gave.
+    hostname: Option<String>,
+}
+
+/// How long a refused enrollment keeps an agent marked as in conflict.
+const CONFLICT_SHOWN_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// The conflict an agent shows at `now_ms`: one refused within the last day.
+fn conflict_of(agent: &AgentRecord, now_ms: i64) -> Option<FingerprintConflict> {
+    let at = agent
+        .conflict_at_ms
+        .filter(|at| *at > now_ms.saturating_sub(CONFLICT_SHOWN_MS))?;
+    Some(FingerprintConflict {
+        last_at: rfc3339(at),
+        attempts: agent.conflict_count,
+        hostname: agent.conflict_hostname.clone(),
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -166,8 +195,10 @@ impl From<UpdateTask> for TaskView {
 
 fn view(agent: AgentRecord) -> AgentView {
     let (channel, channel_source) = resolve_channel(&agent);
+    let now = crate::clock::now_ms();
     AgentView {
-        online: crate::nodes::is_live(agent.node_last_beat_ms, crate::clock::now_ms()),
+        fingerprint_conflict: conflict_of(&agent, now),
+        online: crate::nodes::is_live(agent.node_last_beat_ms, now),
         last_seen: rfc3339(agent.last_seen_ms),
         enrolled_at: rfc3339(agent.enrolled_at_ms),
         channel: channel.as_str(),
@@ -825,11 +856,11 @@ pub(crate) async fn update_now(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: super::OptionalBody<UpdateNow>,
 ) -> Result<(StatusCode, Json<UpdateQueued>), ApiError> {
     caller.require(Role::Operator)?;
     // No body means "the newest build of the agent's channel".
-    let request: UpdateNow = super::optional_body(&body)?;
+    let request = body.take()?;
     let agent = agent_or_404(&state, &id).await?;
     if !state.updates_enabled() {
         return Err(ApiError::Conflict(

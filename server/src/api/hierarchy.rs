@@ -163,9 +163,10 @@ pub(crate) struct NewClient {
 pub(crate) async fn create_client(
     caller: Caller,
     State(state): State<AppState>,
-    Body(body): Body<NewClient>,
+    body: Body<NewClient>,
 ) -> Result<(StatusCode, Json<ClientView>), ApiError> {
     caller.require(Role::Admin)?;
+    let body = body.take()?;
     let name = check_name(&body.name)?;
     let client = state
         .store
@@ -227,9 +228,10 @@ pub(crate) struct NewSite {
 pub(crate) async fn create_site(
     caller: Caller,
     State(state): State<AppState>,
-    Body(body): Body<NewSite>,
+    body: Body<NewSite>,
 ) -> Result<(StatusCode, Json<SiteView>), ApiError> {
     caller.require(Role::Admin)?;
+    let body = body.take()?;
     let name = check_name(&body.name)?;
     let site = match state.store.create_site(&body.client_id, name).await {
         Ok(site) => site,
@@ -349,10 +351,11 @@ async fn set_channel(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Body(body): Body<ChannelChange>,
+    body: Body<ChannelChange>,
     scope: ChannelScope,
 ) -> Result<Json<ChannelSet>, ApiError> {
     caller.require(Role::Operator)?;
+    let body = body.take()?;
     let channel = match body.channel.as_deref() {
         None => None,
         Some(text) => Some(Channel::parse(text).ok_or_else(|| {
@@ -468,7 +471,7 @@ pub(crate) async fn set_site_window(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Body(body): Body<WindowChange>,
+    body: Body<WindowChange>,
 ) -> Result<Json<WindowSet>, ApiError> {
     set_window(caller, state, id, body, ChannelScope::Site).await
 }
@@ -493,7 +496,7 @@ pub(crate) async fn set_client_window(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Body(body): Body<WindowChange>,
+    body: Body<WindowChange>,
 ) -> Result<Json<WindowSet>, ApiError> {
     set_window(caller, state, id, body, ChannelScope::Client).await
 }
@@ -502,10 +505,11 @@ async fn set_window(
     caller: Caller,
     state: AppState,
     id: String,
-    body: WindowChange,
+    body: Body<WindowChange>,
     scope: ChannelScope,
 ) -> Result<Json<WindowSet>, ApiError> {
     caller.require(Role::Operator)?;
+    let body = body.take()?;
     let window = body
         .window
         .map(|spec| spec.check().map_err(ApiError::BadRequest))

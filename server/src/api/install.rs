@@ -43,7 +43,7 @@ pub(crate) struct Installable {
     responses(
         (status = 200, description = "The build to install", body = Installable),
         (status = 400, description = "`os` or `arch` is missing", body = ErrorBody),
-        (status = 401, description = "The enrollment token is missing, unknown or revoked", body = ErrorBody),
+        (status = 401, description = "The enrollment token is missing, unknown, revoked, expired or used up", body = ErrorBody),
         (status = 404, description = "No stable build is offered for the platform", body = ErrorBody),
     ),
     security(("enrollment_token" = [])),
@@ -68,7 +68,7 @@ pub(crate) async fn newest_for_install(
         Ok(_) => {}
         Err(StoreError::NotFound) => {
             return Err(ApiError::Unauthorized(
-                "unknown or revoked enrollment token",
+                "unknown, revoked, expired or used-up enrollment token",
             ));
         }
         Err(err) => return Err(err.into()),

@@ -1,17 +1,24 @@
-//! `/api/v1/session`: the dashboard's login. The session cookie carries the API token
-//! itself (hex-encoded, HttpOnly), so revoking the token ends every session made with
-//! it and any node of a cluster accepts it; nothing about sessions is stored.
+//! `/api/v1/session`: the dashboard's login. A login exchanges an API token for a
+//! server-side session: the HttpOnly cookie holds a random session id, stored only as its
+//! hash, which expires after `SESSION_LIFETIME` and ends at logout or when its token is
+//! revoked (on every node: sessions live in the database). Logins are limited per source
+//! address, take JSON only, and failed ones are audited.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{AppendHeaders, IntoResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, Caller, ErrorBody, openapi, optional_body};
+use super::{ApiError, Caller, ErrorBody, OptionalJsonBody, openapi};
 use crate::AppState;
+use crate::auth::{generate_secret, hash_secret};
+use crate::clock::now_ms;
+use crate::limits::TooManyAttempts;
 use crate::store::Role;
 
 /// The cookie that holds the session.
@@ -19,6 +26,8 @@ pub(crate) const COOKIE: &str = "drover_session";
 /// The header a cookie-authenticated request must carry to change anything. A page on
 /// another origin cannot set it without a CORS preflight, which this server never grants.
 pub(crate) const CSRF_HEADER: &str = "x-drover";
+/// How long a dashboard session lasts; then the user logs in again.
+pub(crate) const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -42,8 +51,8 @@ pub(crate) struct LoggedOut {
     logged_out: bool,
 }
 
-/// The session token from the request's cookies, if any.
-pub(crate) fn session_token(headers: &HeaderMap) -> Option<String> {
+/// The session id from the request's cookies, if any.
+pub(crate) fn session_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -51,9 +60,8 @@ pub(crate) fn session_token(headers: &HeaderMap) -> Option<String> {
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == COOKIE)
-        .and_then(|(_, value)| hex::decode(value).ok())
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .filter(|token| !token.is_empty())
+        .map(|(_, value)| value.to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 /// Whether the browser reached us over TLS: directly by the public URL, or through a
@@ -80,7 +88,7 @@ fn cookie(value: &str, max_age: Option<u32>, secure: bool) -> HeaderValue {
     if secure {
         cookie.push_str("; Secure");
     }
-    HeaderValue::from_str(&cookie).expect("a hex value and fixed attributes make a valid header")
+    HeaderValue::from_str(&cookie).expect("a generated id and fixed attributes make a valid header")
 }
 
 /// Logs in with an API token: answers who it is and sets the session cookie.
@@ -94,30 +102,79 @@ fn cookie(value: &str, max_age: Option<u32>, secure: bool) -> HeaderValue {
         (status = 200, description = "Logged in; the answer sets the HttpOnly session cookie", body = Session),
         (status = 400, description = "The body is malformed", body = ErrorBody),
         (status = 401, description = "No token given, or an unknown or revoked one", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 429, description = "Too many login attempts from this address; retry later", body = ErrorBody),
     ),
     security(()),
 )]
 pub(crate) async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: OptionalJsonBody<Login>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let request: Login = optional_body(&body)?;
-    let token = request
+    let source = peer.ip();
+    state
+        .logins
+        .attempt(source, Instant::now())
+        .map_err(|TooManyAttempts(message)| ApiError::TooManyRequests(message))?;
+    let refused = |why: &'static str| {
+        let state = state.clone();
+        async move {
+            state.logins.failed(source, Instant::now());
+            tracing::warn!(%source, reason = why, "dashboard login refused");
+            state
+                .audit(
+                    &format!("login from {source}"),
+                    "session.login",
+                    "dashboard",
+                    Some(why.to_owned()),
+                    "refused",
+                )
+                .await;
+        }
+    };
+    let request = match body.take() {
+        Ok(request) => request,
+        Err(err) => {
+            refused("malformed login").await;
+            return Err(err);
+        }
+    };
+    let Some(token) = request
         .token
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or(ApiError::Unauthorized(
+    else {
+        refused("no token given").await;
+        return Err(ApiError::Unauthorized(
             "give the API token as {\"token\": \"...\"}",
-        ))?;
+        ));
+    };
     let caller = match Caller::of_token(&state, token).await {
         Ok(caller) => caller,
         Err(err) => {
-            tracing::warn!("dashboard login with an unknown or revoked token");
+            if matches!(err, ApiError::Unauthorized(_)) {
+                refused("unknown or revoked token").await;
+            }
             return Err(err);
         }
     };
+    let now = now_ms();
+    // Expired sessions go whenever someone logs in; a login is rare enough.
+    state.store.prune_sessions(now).await?;
+    let id = generate_secret("drv_session_");
+    let lifetime = i64::try_from(SESSION_LIFETIME.as_millis()).unwrap_or(i64::MAX);
+    state
+        .store
+        .create_session(
+            &hash_secret(&id),
+            &caller.token_id,
+            now,
+            now.saturating_add(lifetime),
+        )
+        .await?;
     state
         .audit(
             &caller.actor,
@@ -128,11 +185,9 @@ pub(crate) async fn login(
         )
         .await;
     let secure = over_tls(&state, &headers);
+    let max_age = u32::try_from(SESSION_LIFETIME.as_secs()).unwrap_or(u32::MAX);
     Ok((
-        AppendHeaders([(
-            header::SET_COOKIE,
-            cookie(&hex::encode(token), None, secure),
-        )]),
+        AppendHeaders([(header::SET_COOKIE, cookie(&id, Some(max_age), secure))]),
         Json(Session {
             role: caller.role,
             name: caller.name,
@@ -156,21 +211,38 @@ pub(crate) async fn current(caller: Caller) -> Json<Session> {
     })
 }
 
-/// Logs out: the session cookie is cleared. The token itself stays valid; revoke it
-/// with `DELETE /api/v1/tokens/{id}` to end it everywhere.
+/// Logs out: the session ends on the server (every node) and the cookie is cleared.
+/// The API token itself stays valid; revoke it with `DELETE /api/v1/tokens/{id}` to end
+/// every session made with it.
 #[utoipa::path(
     delete,
     path = "/session",
     operation_id = "delete_session",
     tag = "session",
-    responses((status = 200, description = "The session cookie is cleared", body = LoggedOut)),
+    responses((status = 200, description = "The session is ended and its cookie cleared", body = LoggedOut)),
 )]
-pub(crate) async fn logout(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+pub(crate) async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    if let Some(id) = session_id(&headers)
+        && state.store.delete_session(&hash_secret(&id)).await?
+    {
+        state
+            .audit(
+                "dashboard session",
+                "session.logout",
+                "dashboard",
+                None,
+                "logged out",
+            )
+            .await;
+    }
     let secure = over_tls(&state, &headers);
-    (
+    Ok((
         AppendHeaders([(header::SET_COOKIE, cookie("", Some(0), secure))]),
         Json(LoggedOut { logged_out: true }),
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -178,16 +250,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_token_is_read_from_among_other_cookies() {
+    fn the_session_id_is_read_from_among_other_cookies() {
         let mut headers = HeaderMap::new();
-        let value = format!("theme=dark; {COOKIE}={}; other=1", hex::encode("drv_abc"));
+        let value = format!("theme=dark; {COOKIE}=drv_session_abc; other=1");
         headers.insert(header::COOKIE, HeaderValue::from_str(&value).unwrap());
-        assert_eq!(session_token(&headers).as_deref(), Some("drv_abc"));
+        assert_eq!(session_id(&headers).as_deref(), Some("drv_session_abc"));
 
-        for broken in ["", "theme=dark", "drover_session=", "drover_session=zz"] {
+        for broken in ["", "theme=dark", "drover_session="] {
             let mut headers = HeaderMap::new();
             headers.insert(header::COOKIE, HeaderValue::from_str(broken).unwrap());
-            assert_eq!(session_token(&headers), None, "{broken}");
+            assert_eq!(session_id(&headers), None, "{broken}");
         }
     }
 

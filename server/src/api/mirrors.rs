@@ -53,7 +53,7 @@ pub(crate) async fn set_site_mirror(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Body(body): Body<MirrorChange>,
+    body: Body<MirrorChange>,
 ) -> Result<Json<MirrorSet>, ApiError> {
     set_mirror(caller, state, id, body, ChannelScope::Site).await
 }
@@ -78,7 +78,7 @@ pub(crate) async fn set_client_mirror(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Body(body): Body<MirrorChange>,
+    body: Body<MirrorChange>,
 ) -> Result<Json<MirrorSet>, ApiError> {
     set_mirror(caller, state, id, body, ChannelScope::Client).await
 }
@@ -87,11 +87,12 @@ async fn set_mirror(
     caller: Caller,
     state: AppState,
     id: String,
-    body: MirrorChange,
+    body: Body<MirrorChange>,
     scope: ChannelScope,
 ) -> Result<Json<MirrorSet>, ApiError> {
     caller.require(Role::Operator)?;
     let url = body
+        .take()?
         .url
         .map(|url| mirrors::check_base(&url).map_err(ApiError::BadRequest))
         .transpose()?;

@@ -26,7 +26,8 @@ use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::hash_secret;
-use crate::store::{Role, StoreError};
+use crate::clock::now_ms;
+use crate::store::{ApiToken, Role, StoreError};
 
 /// The largest request body the API reads. Its bodies are small JSON documents.
 const BODY_LIMIT: usize = 256 * 1024;
@@ -94,6 +95,7 @@ fn error_word(status: StatusCode) -> &'static str {
         StatusCode::CONFLICT => "conflict",
         StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
+        StatusCode::TOO_MANY_REQUESTS => "too many requests",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         s if s.is_server_error() => "internal error",
         _ => "bad request",
@@ -123,7 +125,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(mirrors::set_site_mirror))
         .routes(routes!(mirrors::set_client_mirror))
         .routes(routes!(mirrors::list))
-        .routes(routes!(admin::create_enrollment_token))
+        .routes(routes!(
+            admin::list_site_enrollment_tokens,
+            admin::create_enrollment_token
+        ))
+        .routes(routes!(admin::list_enrollment_tokens))
+        .routes(routes!(admin::revoke_enrollment_token))
         .routes(routes!(install::newest_for_install))
         .routes(routes!(releases::list))
         .routes(routes!(releases::rescan))
@@ -160,6 +167,8 @@ pub(crate) enum ApiError {
     UnsupportedMediaType(String),
     Unauthorized(&'static str),
     Forbidden(String),
+    /// Too many attempts from the caller's address; retry later.
+    TooManyRequests(String),
     NotFound(String),
     Conflict(String),
     Unavailable(String),
@@ -181,7 +190,7 @@ impl From<StoreError> for ApiError {
 pub(crate) struct ErrorBody {
     /// What kind of error: `bad request`, `unauthorized`, `forbidden`, `not found`,
     /// `method not allowed`, `conflict`, `payload too large`, `unsupported media type`,
-    /// `unavailable` or `internal error`.
+    /// `too many requests`, `unavailable` or `internal error`.
     #[schema(example = "not found")]
     error: &'static str,
     /// What went wrong, in words; null for internal errors, whose detail is only logged.
@@ -199,6 +208,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some(detail))
             }
             ApiError::Forbidden(detail) => (StatusCode::FORBIDDEN, Some(detail)),
+            ApiError::TooManyRequests(detail) => (StatusCode::TOO_MANY_REQUESTS, Some(detail)),
             ApiError::Unavailable(detail) => (StatusCode::SERVICE_UNAVAILABLE, Some(detail)),
             ApiError::NotFound(detail) => (StatusCode::NOT_FOUND, Some(detail)),
             ApiError::Conflict(detail) => (StatusCode::CONFLICT, Some(detail)),
@@ -213,25 +223,36 @@ impl IntoResponse for ApiError {
 }
 
 /// The caller of an operator endpoint, authenticated by `Authorization: Bearer <token>`
-/// or by the dashboard's session cookie, which holds the same kind of token.
+/// or by the dashboard's session cookie, which names a server-side session of a token.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     role: Role,
-    /// The hash of the token the caller presented, to check later that it still holds.
-    token_hash: String,
+    /// What the caller presented, to check later that it still holds.
+    credential: Credential,
+    /// The token's id.
+    token_id: String,
     /// The token's name.
     name: String,
     /// Who acted, as the audit log shows it: the token's name and id.
     actor: String,
 }
 
+/// How a caller authenticated: the hash of its bearer token, or of its session id.
+#[derive(Debug, Clone)]
+enum Credential {
+    Token(String),
+    Session(String),
+}
+
 impl Caller {
-    /// Whether the caller's token is still valid (not revoked since the request began).
+    /// Whether the caller's token, or session, is still valid: not revoked, logged out or
+    /// expired since the request began.
     async fn still_valid(&self, state: &AppState) -> bool {
-        !matches!(
-            state.store.api_token(&self.token_hash).await,
-            Err(StoreError::NotFound)
-        )
+        let answer = match &self.credential {
+            Credential::Token(hash) => state.store.api_token(hash).await,
+            Credential::Session(hash) => state.store.session_token(hash, now_ms()).await,
+        };
+        !matches!(answer, Err(StoreError::NotFound))
     }
 
     /// Refuses callers below `needed`.
@@ -251,14 +272,31 @@ impl Caller {
     async fn of_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
         let token_hash = hash_secret(token);
         match state.store.api_token(&token_hash).await {
-            Ok(token) => Ok(Caller {
-                token_hash,
-                role: token.role,
-                actor: format!("{} ({})", token.name, token.id),
-                name: token.name,
-            }),
+            Ok(token) => Ok(Caller::new(token, Credential::Token(token_hash))),
             Err(StoreError::NotFound) => Err(ApiError::Unauthorized("unknown or revoked token")),
             Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The caller a dashboard session id stands for.
+    async fn of_session(state: &AppState, id: &str) -> Result<Caller, ApiError> {
+        let id_hash = hash_secret(id);
+        match state.store.session_token(&id_hash, now_ms()).await {
+            Ok(token) => Ok(Caller::new(token, Credential::Session(id_hash))),
+            Err(StoreError::NotFound) => Err(ApiError::Unauthorized(
+                "the session has ended (logged out, expired, or its token revoked); log in again",
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    fn new(token: ApiToken, credential: Credential) -> Caller {
+        Caller {
+            credential,
+            role: token.role,
+            actor: format!("{} ({})", token.name, token.id),
+            token_id: token.id,
+            name: token.name,
         }
     }
 }
@@ -279,7 +317,7 @@ impl FromRequestParts<AppState> for Caller {
                 ))?;
             return Caller::of_token(state, token).await;
         }
-        let Some(token) = login::session_token(&parts.headers) else {
+        let Some(session) = login::session_id(&parts.headers) else {
             return Err(ApiError::Unauthorized(
                 "missing Authorization: Bearer <token> header (or dashboard session cookie)",
             ));
@@ -293,21 +331,110 @@ impl FromRequestParts<AppState> for Caller {
                     .into(),
             ));
         }
-        Caller::of_token(state, &token).await
+        Caller::of_session(state, &session).await
     }
 }
 
-/// A JSON request body whose rejections are `ApiError`s with the JSON error shape.
-pub(crate) struct Body<T>(T);
+/// A JSON request body whose rejections are `ApiError`s with the JSON error shape. It is
+/// read before the handler runs but judged only when the handler takes it, after the
+/// role check: a caller without the role hears 403 whatever the body holds.
+pub(crate) struct Body<T>(Result<T, ApiError>);
+
+impl<T> Body<T> {
+    /// The parsed body, or why it could not be parsed.
+    pub(crate) fn take(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
 
 impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
-    async fn from_request(request: Request, state: &AppState) -> Result<Body<T>, ApiError> {
-        match Json::<serde_json::Value>::from_request(request, state).await {
-            Ok(Json(value)) => object_body(value).map(Body),
-            Err(rejection) => Err(bad_body(rejection)),
+    async fn from_request(
+        request: Request,
+        state: &AppState,
+    ) -> Result<Body<T>, std::convert::Infallible> {
+        Ok(Body(
+            match Json::<serde_json::Value>::from_request(request, state).await {
+                Ok(Json(value)) => object_body(value),
+                Err(rejection) => Err(bad_body(rejection)),
+            },
+        ))
+    }
+}
+
+/// A JSON body that may be left out (no body, or `null`, means the defaults), judged as
+/// late as `Body`.
+pub(crate) struct OptionalBody<T>(Result<T, ApiError>);
+
+impl<T> OptionalBody<T> {
+    /// The parsed body, the defaults, or why it could not be parsed.
+    pub(crate) fn take(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
+
+impl<T: Default + DeserializeOwned> FromRequest<AppState> for OptionalBody<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: Request,
+        state: &AppState,
+    ) -> Result<OptionalBody<T>, std::convert::Infallible> {
+        Ok(OptionalBody(read_optional(request, state, false).await))
+    }
+}
+
+/// As `OptionalBody`, but a body that is there must be sent as JSON
+/// (`Content-Type: application/json`, else 415): a page on another site can post a form
+/// or plain text without asking, never JSON.
+pub(crate) struct OptionalJsonBody<T>(Result<T, ApiError>);
+
+impl<T> OptionalJsonBody<T> {
+    /// The parsed body, the defaults, or why it could not be parsed.
+    pub(crate) fn take(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
+
+impl<T: Default + DeserializeOwned> FromRequest<AppState> for OptionalJsonBody<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: Request,
+        state: &AppState,
+    ) -> Result<OptionalJsonBody<T>, std::convert::Infallible> {
+        Ok(OptionalJsonBody(read_optional(request, state, true).await))
+    }
+}
+
+/// Reads a body that may be left out; with `json_only`, one that is there must say it is
+/// JSON.
+async fn read_optional<T: Default + DeserializeOwned>(
+    request: Request,
+    state: &AppState,
+    json_only: bool,
+) -> Result<T, ApiError> {
+    let says_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    match axum::body::Bytes::from_request(request, state).await {
+        Ok(bytes) if json_only && !says_json && !bytes.iter().all(u8::is_ascii_whitespace) => {
+            Err(ApiError::UnsupportedMediaType(
+                "the body must be JSON, sent with Content-Type: application/json".into(),
+            ))
         }
+        Ok(bytes) => optional_body(&bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::PayloadTooLarge(format!(
+                "the body exceeds the limit of {} KiB",
+                BODY_LIMIT / 1024
+            )))
+        }
+        Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
     }
 }
 
@@ -353,7 +480,7 @@ fn bad_body(rejection: JsonRejection) -> ApiError {
 }
 
 /// A JSON body that may be left out; no body, or `null`, means the defaults.
-pub(crate) fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

@@ -271,9 +271,10 @@ pub(crate) async fn updates_switch(
 pub(crate) async fn set_updates_switch(
     caller: Caller,
     State(state): State<AppState>,
-    Body(body): Body<UpdatesSwitch>,
+    body: Body<UpdatesSwitch>,
 ) -> Result<Json<UpdatesSwitch>, ApiError> {
     caller.require(Role::Operator)?;
+    let body = body.take()?;
     state
         .store
         .set_setting(UPDATES_ENABLED, if body.enabled { "true" } else { "false" })

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Caller, ErrorBody, Params, openapi, optional_body};
+use super::{ApiError, Caller, ErrorBody, OptionalBody, Params, openapi};
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::conductor::{self, Action, ConductError, Health};
@@ -653,10 +653,10 @@ pub(crate) async fn resume(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: OptionalBody<ResumeRequest>,
 ) -> Result<Json<ResumeAnswer>, ApiError> {
     caller.require(Role::Operator)?;
-    let request: ResumeRequest = optional_body(&body)?;
+    let request = body.take()?;
     if semver::Version::parse(&id).is_err() {
         let rollout = conductor::act(&state, &id, Action::Resume, &caller.actor).await?;
         return Ok(Json(ResumeAnswer::Rollout(Box::new(
@@ -774,6 +774,9 @@ pub(crate) struct Promoted {
     gate: GateView,
     /// Promoted past a failing health gate.
     forced: bool,
+    /// The version was promoted already and this changed nothing (nor was it audited):
+    /// `rollout` is the promote rollout that is under way or completed.
+    unchanged: bool,
     /// The promote rollout it started.
     rollout: RolloutView,
 }
@@ -790,7 +793,7 @@ pub(crate) struct Promoted {
         description = "Optional; no body or `null` means every platform, the default waves, behind the health gate",
     ),
     responses(
-        (status = 200, description = "The version is stable and its promote rollout started", body = Promoted),
+        (status = 200, description = "The version is stable and its promote rollout started (or, `unchanged`, it was promoted already)", body = Promoted),
         (status = 400, description = "The body, the version or the waves are malformed", body = ErrorBody),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
         (status = 404, description = "No build of the version is offered (for the platform)", body = ErrorBody),
@@ -802,10 +805,10 @@ pub(crate) async fn promote(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
-    body: axum::body::Bytes,
+    body: OptionalBody<PromoteRequest>,
 ) -> Result<Json<Promoted>, ApiError> {
     caller.require(Role::Operator)?;
-    let request: PromoteRequest = optional_body(&body)?;
+    let request = body.take()?;
     let parsed = parse_version(&version)?;
     let plan = plan_of(
         &state,
@@ -841,6 +844,21 @@ pub(crate) async fn promote(
         )));
     }
     let verdict = conductor::gate(&state, &version, in_scope).await?;
+    let platforms: Vec<(String, String)> = builds
+        .iter()
+        .map(|b| (b.os.clone(), b.arch.clone()))
+        .collect();
+    let all_stable = builds.iter().all(|b| b.channel == Channel::Stable);
+    if let Some(rollout) = conductor::promoted_already(&state, &version, &platforms, all_stable) {
+        return Ok(Json(Promoted {
+            version,
+            promoted: Vec::new(),
+            gate: verdict.into(),
+            forced: false,
+            unchanged: true,
+            rollout: one_view(&state, rollout).await?,
+        }));
+    }
     if !verdict.pass && !request.force {
         state
             .audit(
@@ -856,10 +874,6 @@ pub(crate) async fn promote(
             verdict.reason
         )));
     }
-    let platforms: Vec<(String, String)> = builds
-        .iter()
-        .map(|b| (b.os.clone(), b.arch.clone()))
-        .collect();
     let agents = state.store.list_agents().await?;
     let forced = request.force && !verdict.pass;
     // The rollout exists before any build reads as stable, so no node mistakes the
@@ -914,6 +928,7 @@ pub(crate) async fn promote(
         promoted,
         gate: verdict.into(),
         forced,
+        unchanged: false,
         rollout: one_view(&state, rollout).await?,
     }))
 }
@@ -969,6 +984,10 @@ pub(crate) struct RolledBack {
     cancelled: u64,
     /// Targets that can move now (targeted less skipped), as earlier versions answered.
     agents_rolled_back: u64,
+    /// The version was rolled back already and this changed nothing (nor was it
+    /// audited): its rollback rollout is under way, or no agent runs it. The counts are
+    /// then zero; `rollout` is the rollback rollout under way, if any.
+    unchanged: bool,
 }
 
 /// Blocks the version on every node, cancels what is under way to it, stops its
@@ -985,7 +1004,7 @@ pub(crate) struct RolledBack {
         description = "Optional; one wave, everyone at once, by default",
     ),
     responses(
-        (status = 200, description = "The version is blocked", body = RolledBack),
+        (status = 200, description = "The version is blocked (`unchanged` when it was rolled back already and nothing changed)", body = RolledBack),
         (status = 400, description = "The version or the body is malformed", body = ErrorBody),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
         (status = 404, description = "No build of the version was ever offered", body = ErrorBody),
@@ -996,10 +1015,10 @@ pub(crate) async fn rollback(
     caller: Caller,
     State(state): State<AppState>,
     Path(version): Path<String>,
-    body: axum::body::Bytes,
+    body: OptionalBody<RollbackRequest>,
 ) -> Result<Json<RolledBack>, ApiError> {
     caller.require(Role::Operator)?;
-    let request: RollbackRequest = optional_body(&body)?;
+    let request = body.take()?;
     parse_version(&version)?;
     let plan = match request.waves.as_deref() {
         None if request.bake.is_none() => None,
@@ -1029,6 +1048,7 @@ pub(crate) async fn rollback(
         )));
     }
     let outcome = conductor::rollback(&state, &version, plan, &caller.actor).await?;
+    let unchanged = outcome.unchanged;
     let skipped = RollbackSkipped {
         paused: if outcome.updates_off {
             0
@@ -1047,22 +1067,24 @@ pub(crate) async fn rollback(
         },
     };
     let not_moving = skipped.paused + skipped.declines_updates + skipped.updates_off;
-    state
-        .audit(
-            &caller.actor,
-            "rollout.rollback",
-            &version,
-            Some(format!(
-                "{} to move ({} skipped, {} offline), {} with no build to go back to, {} cancelled",
-                count(outcome.targeted, "agent"),
-                not_moving,
-                outcome.offline,
-                outcome.no_build.len(),
-                count(outcome.cancelled, "task")
-            )),
-            "blocked",
-        )
-        .await;
+    if !unchanged {
+        state
+            .audit(
+                &caller.actor,
+                "rollout.rollback",
+                &version,
+                Some(format!(
+                    "{} to move ({} skipped, {} offline), {} with no build to go back to, {} cancelled",
+                    count(outcome.targeted, "agent"),
+                    not_moving,
+                    outcome.offline,
+                    outcome.no_build.len(),
+                    count(outcome.cancelled, "task")
+                )),
+                "blocked",
+            )
+            .await;
+    }
     let rollout = match outcome.rollout {
         Some(rollout) => Some(one_view(&state, rollout).await?),
         None => None,
@@ -1077,6 +1099,7 @@ pub(crate) async fn rollback(
         offline: outcome.offline,
         no_build: outcome.no_build,
         cancelled: outcome.cancelled,
+        unchanged,
     }))
 }
 
@@ -1176,9 +1199,10 @@ pub(crate) struct TargetedRequest {
 pub(crate) async fn create(
     caller: Caller,
     State(state): State<AppState>,
-    super::Body(request): super::Body<TargetedRequest>,
+    body: super::Body<TargetedRequest>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     caller.require(Role::Operator)?;
+    let request = body.take()?;
     let version = parse_version(&request.version)?;
     let plan = plan_of(
         &state,

@@ -92,6 +92,57 @@ pub struct Enrolled {
     pub rebound: bool,
 }
 
+/// What an enrollment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrollment {
+    /// A new record, or the machine's own record re-bound to a new secret.
+    Enrolled(Enrolled),
+    /// The machine's record in the site is live, so it was left alone: nothing changed
+    /// but the conflict noted on it, and the token's use was not counted.
+    Conflict {
+        agent_id: String,
+        /// Refused enrollments in this conflict so far, this one included.
+        count: i64,
+    },
+}
+
+/// When a machine's record counts as live, so that an enrollment may not re-bind it:
+/// held by a node that beat at or after `node_beat_ms`, or seen (authenticated or
+/// heartbeating) at or after `seen_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveSince {
+    pub node_beat_ms: i64,
+    pub seen_ms: i64,
+}
+
+/// An enrollment token as stored (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct EnrollmentToken {
+    pub id: String,
+    pub site_id: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub max_uses: Option<i64>,
+    pub uses: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl EnrollmentToken {
+    /// Whether it still enrolls at `now_ms`, and if not why: the same rule as the
+    /// statements that accept a token (`USABLE_TOKEN`).
+    pub fn state(&self, now_ms: i64) -> &'static str {
+        if self.revoked_at_ms.is_some() {
+            "revoked"
+        } else if self.expires_at_ms.is_some_and(|at| at <= now_ms) {
+            "expired"
+        } else if self.max_uses.is_some_and(|max| self.uses >= max) {
+            "used_up"
+        } else {
+            "usable"
+        }
+    }
+}
+
 /// One agent as stored, with the channels of its site and client for resolution.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AgentRecord {
@@ -118,6 +169,11 @@ pub struct AgentRecord {
     /// The node holding the agent's session, and that node's last heartbeat.
     pub node_id: Option<String>,
     pub node_last_beat_ms: Option<i64>,
+    /// The newest enrollment refused because this record was live (a fingerprint
+    /// conflict), how many since the conflict began, and the hostname that machine gave.
+    pub conflict_at_ms: Option<i64>,
+    pub conflict_count: i64,
+    pub conflict_hostname: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +189,8 @@ pub struct HeartbeatRecord {
 pub struct Bootstrap {
     pub admin_token_hash: Option<String>,
     pub enroll_token_hash: Option<String>,
+    /// When the bootstrap enrollment token stops enrolling.
+    pub enroll_token_expires_at_ms: Option<i64>,
 }
 
 /// Which bootstrap pieces were missing and have now been created.
@@ -146,7 +204,12 @@ pub struct BootstrapOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapState {
     pub has_admin_token: bool,
+    /// An enrollment token was ever made: first start makes one only when none was,
+    /// so revoking every token is not undone by a restart.
     pub has_enroll_token: bool,
+    /// The first enrollment token made (the bootstrap one, unless it predates this
+    /// record), to say at start whether it still enrolls.
+    pub first_enroll_token: Option<EnrollmentToken>,
 }
 
 /// Why a task exists.

@@ -60,8 +60,28 @@ pub trait Queries: Send + Sync {
 
     async fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>>;
 
-    /// `NotFound` when there is no such unrevoked token.
+    /// Revokes the token and ends every dashboard session made with it. `NotFound`
+    /// when there is no such unrevoked token.
     async fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
+
+    /// Records a dashboard session of the token `token_id` until `expires_at_ms`.
+    async fn create_session(
+        &self,
+        id_hash: &str,
+        token_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> StoreResult<()>;
+
+    /// The token of an unexpired session whose token is not revoked; `NotFound`
+    /// otherwise.
+    async fn session_token(&self, id_hash: &str, now_ms: i64) -> StoreResult<ApiToken>;
+
+    /// Ends a session; false when there was none.
+    async fn delete_session(&self, id_hash: &str) -> StoreResult<bool>;
+
+    /// Deletes the sessions that expired before `now_ms`; how many.
+    async fn prune_sessions(&self, now_ms: i64) -> StoreResult<u64>;
 
     /// `NotFound` when the site does not exist.
     async fn create_enrollment_token(
@@ -74,15 +94,26 @@ pub trait Queries: Send + Sync {
 
     /// Enrolls a machine with a site enrollment token: re-binds the machine's record in
     /// that site if there is one (same id, new secret), otherwise creates one, and counts
-    /// a use of the token. `NotFound` when the token is unknown, revoked, expired or used
-    /// up.
+    /// a use of the token. A record that is live (`live`) is never re-bound: the answer
+    /// is `Conflict`, the token's use is not counted, and the conflict is noted on the
+    /// record. `NotFound` when the token is unknown, revoked, expired or used up.
     async fn enroll(
         &self,
         enroll_token_hash: &str,
         facts: &AgentFacts,
         secret_hash: &str,
         now_ms: i64,
-    ) -> StoreResult<Enrolled>;
+        live: LiveSince,
+    ) -> StoreResult<Enrollment>;
+
+    /// Enrollment tokens, oldest first; only the site's when `site_id` is given.
+    async fn list_enrollment_tokens(
+        &self,
+        site_id: Option<&str>,
+    ) -> StoreResult<Vec<EnrollmentToken>>;
+
+    /// `NotFound` when there is no such unrevoked enrollment token.
+    async fn revoke_enrollment_token(&self, id: &str, now_ms: i64) -> StoreResult<()>;
 
     /// The site an enrollment token enrolls into; `NotFound` when unknown, revoked,
     /// expired or used up.
@@ -338,7 +369,8 @@ pub(super) const SELECT_AGENTS: &str = "SELECT a.id, a.site_id, a.fingerprint, a
      a.channel AS agent_channel, s.channel AS site_channel, c.channel AS client_channel, \
      s.maintenance_window AS site_window, c.maintenance_window AS client_window, \
      s.download_mirror AS site_mirror, c.download_mirror AS client_mirror, \
-     a.node_id, n.last_beat AS node_last_beat_ms \
+     a.node_id, n.last_beat AS node_last_beat_ms, \
+     a.conflict_at AS conflict_at_ms, a.conflict_count, a.conflict_hostname \
      FROM agents a JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id \
      LEFT JOIN nodes n ON n.id = a.node_id";
 
@@ -433,8 +465,15 @@ pub(super) const USABLE_TOKEN: &str = "revoked_at IS NULL \
 pub(super) const COUNT_ADMIN_TOKENS: &str =
     "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL";
 
-pub(super) const COUNT_ENROLL_TOKENS: &str =
-    "SELECT COUNT(*) FROM enrollment_tokens WHERE revoked_at IS NULL";
+pub(super) const COUNT_ENROLL_TOKENS: &str = "SELECT COUNT(*) FROM enrollment_tokens";
+
+/// The columns of an `EnrollmentToken`: never the hash.
+pub(super) const ENROLL_TOKEN_COLUMNS: &str = "id, site_id, created_at AS created_at_ms, \
+     expires_at AS expires_at_ms, max_uses, uses, revoked_at AS revoked_at_ms";
+
+/// How long a fingerprint conflict lasts: a refused enrollment this long after the
+/// previous one starts counting again.
+pub(super) const CONFLICT_SPELL_MS: i64 = 24 * 60 * 60 * 1000;
 
 pub(super) fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -582,9 +621,16 @@ macro_rules! impl_queries {
                     let enrolls: i64 = sqlx::query_scalar(COUNT_ENROLL_TOKENS)
                         .fetch_one(&self.pool)
                         .await?;
+                    let first_enroll_token = sqlx::query_as(&format!(
+                        "SELECT {ENROLL_TOKEN_COLUMNS} FROM enrollment_tokens \
+                         ORDER BY created_at, id LIMIT 1"
+                    ))
+                    .fetch_optional(&self.pool)
+                    .await?;
                     Ok(BootstrapState {
                         has_admin_token: admins > 0,
                         has_enroll_token: enrolls > 0,
+                        first_enroll_token,
                     })
                 }
 
@@ -660,13 +706,15 @@ macro_rules! impl_queries {
                         .await?;
                     if let (0, Some(hash)) = (enrolls, &pieces.enroll_token_hash) {
                         sqlx::query(
-                            "INSERT INTO enrollment_tokens (id, site_id, token_hash, created_at) \
-                             VALUES ($1, $2, $3, $4)",
+                            "INSERT INTO enrollment_tokens \
+                                 (id, site_id, token_hash, created_at, expires_at) \
+                             VALUES ($1, $2, $3, $4, $5)",
                         )
                         .bind(new_id())
                         .bind(&site_id)
                         .bind(hash)
                         .bind(now)
+                        .bind(pieces.enroll_token_expires_at_ms)
                         .execute(&mut *tx)
                         .await?;
                         outcome.created_enroll_token = true;
@@ -714,15 +762,71 @@ macro_rules! impl_queries {
                 }
 
                 async fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
+                    let mut tx = self.pool.begin().await?;
                     let done = sqlx::query(
                         "UPDATE api_tokens SET revoked_at = $1 \
                          WHERE id = $2 AND revoked_at IS NULL",
                     )
                     .bind($crate::clock::now_ms())
                     .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    changed_one(done.rows_affected())?;
+                    sqlx::query("DELETE FROM dashboard_sessions WHERE token_id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn create_session(
+                    &self,
+                    id_hash: &str,
+                    token_id: &str,
+                    now_ms: i64,
+                    expires_at_ms: i64,
+                ) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO dashboard_sessions (id_hash, token_id, created_at, expires_at) \
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(id_hash)
+                    .bind(token_id)
+                    .bind(now_ms)
+                    .bind(expires_at_ms)
                     .execute(&self.pool)
                     .await?;
-                    changed_one(done.rows_affected())
+                    Ok(())
+                }
+
+                async fn session_token(&self, id_hash: &str, now_ms: i64) -> StoreResult<ApiToken> {
+                    Ok(sqlx::query_as(
+                        "SELECT t.id, t.name, t.role, t.created_at AS created_at_ms, \
+                                t.revoked_at IS NOT NULL AS revoked \
+                         FROM dashboard_sessions s JOIN api_tokens t ON t.id = s.token_id \
+                         WHERE s.id_hash = $1 AND s.expires_at > $2 AND t.revoked_at IS NULL",
+                    )
+                    .bind(id_hash)
+                    .bind(now_ms)
+                    .fetch_one(&self.pool)
+                    .await?)
+                }
+
+                async fn delete_session(&self, id_hash: &str) -> StoreResult<bool> {
+                    let done = sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
+                        .bind(id_hash)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn prune_sessions(&self, now_ms: i64) -> StoreResult<u64> {
+                    let done = sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= $1")
+                        .bind(now_ms)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(done.rows_affected())
                 }
 
                 async fn create_enrollment_token(
@@ -761,7 +865,8 @@ macro_rules! impl_queries {
                     facts: &AgentFacts,
                     secret_hash: &str,
                     now_ms: i64,
-                ) -> StoreResult<Enrolled> {
+                    live: LiveSince,
+                ) -> StoreResult<Enrollment> {
                     let mut tx = self.pool.begin().await?;
                     // Counting the use in the same statement that checks the limits keeps
                     // two enrollments from both taking the last use: the second waits for
@@ -776,7 +881,9 @@ macro_rules! impl_queries {
                     .fetch_one(&mut *tx)
                     .await?;
                     let candidate = new_id();
-                    let agent_id: String = sqlx::query_scalar(
+                    // The re-bind happens in the same statement that checks the record is
+                    // not live, so two enrollments racing for one machine cannot both win.
+                    let agent_id: Option<String> = sqlx::query_scalar(
                         "INSERT INTO agents (id, site_id, fingerprint, secret_hash, hostname, \
                                              version, os, arch, auto_update, enrolled_at, \
                                              last_seen) \
@@ -786,6 +893,9 @@ macro_rules! impl_queries {
                              version = excluded.version, os = excluded.os, \
                              arch = excluded.arch, auto_update = excluded.auto_update, \
                              last_seen = excluded.last_seen \
+                         WHERE agents.last_seen < $11 AND NOT EXISTS ( \
+                             SELECT 1 FROM nodes n \
+                             WHERE n.id = agents.node_id AND n.last_beat >= $12) \
                          RETURNING id",
                     )
                     .bind(&candidate)
@@ -798,13 +908,60 @@ macro_rules! impl_queries {
                     .bind(&facts.arch)
                     .bind(facts.auto_update)
                     .bind(now_ms)
-                    .fetch_one(&mut *tx)
+                    .bind(live.seen_ms)
+                    .bind(live.node_beat_ms)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                    let Some(agent_id) = agent_id else {
+                        // The use is not counted: nothing enrolled.
+                        tx.rollback().await?;
+                        let (agent_id, count): (String, i64) = sqlx::query_as(
+                            "UPDATE agents SET conflict_at = $1, conflict_hostname = $2, \
+                                 conflict_count = CASE WHEN conflict_at >= $3 \
+                                     THEN conflict_count + 1 ELSE 1 END \
+                             WHERE site_id = $4 AND fingerprint = $5 \
+                             RETURNING id, conflict_count",
+                        )
+                        .bind(now_ms)
+                        .bind(&facts.hostname)
+                        .bind(now_ms.saturating_sub(CONFLICT_SPELL_MS))
+                        .bind(&site_id)
+                        .bind(&facts.fingerprint)
+                        .fetch_one(&self.pool)
+                        .await?;
+                        return Ok(Enrollment::Conflict { agent_id, count });
+                    };
                     tx.commit().await?;
-                    Ok(Enrolled {
+                    Ok(Enrollment::Enrolled(Enrolled {
                         rebound: agent_id != candidate,
                         agent_id,
-                    })
+                    }))
+                }
+
+                async fn list_enrollment_tokens(
+                    &self,
+                    site_id: Option<&str>,
+                ) -> StoreResult<Vec<EnrollmentToken>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {ENROLL_TOKEN_COLUMNS} FROM enrollment_tokens \
+                         WHERE $1 IS NULL OR site_id = $1 ORDER BY created_at, id{bytes}"
+                    ))
+                    .bind(site_id)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn revoke_enrollment_token(&self, id: &str, now_ms: i64) -> StoreResult<()> {
+                    let done = sqlx::query(
+                        "UPDATE enrollment_tokens SET revoked_at = $1 \
+                         WHERE id = $2 AND revoked_at IS NULL",
+                    )
+                    .bind(now_ms)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                    changed_one(done.rows_affected())
                 }
 
                 async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String> {

@@ -27,7 +27,8 @@ pub(crate) struct Platform {
 pub(crate) struct Installable {
     version: String,
     file: String,
-    /// Where to download it: `GET /downloads/{file}` on this server's public URL.
+    /// Where to download it: `GET /downloads/{file}` on this server's public URL, with a
+    /// grant valid for an hour.
     url: String,
     /// Lower-case hex.
     sha256: String,
@@ -87,7 +88,7 @@ pub(crate) async fn newest_for_install(
         })?;
     Ok(Json(Installable {
         version: release.version.to_string(),
-        url: format!("{}/downloads/{}", state.settings.public_url, release.file),
+        url: crate::downloads::install_url(&state, &release.file),
         file: release.file.clone(),
         sha256: release.sha256.clone(),
         size: release.size,

@@ -33,6 +33,9 @@ pub(crate) struct Installable {
     /// Lower-case hex.
     sha256: String,
     size: u64,
+    /// The build's signature document (its `.sig`), when it is signed: the install
+    /// script has the new agent check it and record its release counter.
+    signature: Option<String>,
 }
 
 /// The newest non-blocked stable build for the platform.
@@ -92,5 +95,6 @@ pub(crate) async fn newest_for_install(
         file: release.file.clone(),
         sha256: release.sha256.clone(),
         size: release.size,
+        signature: release.signature.clone(),
     }))
 }

@@ -1297,3 +1297,100 @@ async fn no_address_holds_every_connection_and_the_server_keeps_below_its_cap() 
     )
     .await;
 }
+
+/// A server started by `sh` with its open-files limit set by `ulimit ARGS` first; its
+/// process and port. Killed by the caller.
+fn server_under_ulimit(dir: &std::path::Path, ulimit: &str) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+        .arg(SERVER_BIN)
+        .args(["--listen", "127.0.0.1:0", "--header-timeout", "60s"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--downloads")
+        .arg(dir.join("downloads"))
+        .env_remove("DROVER_ADMIN_TOKEN")
+        .env_remove("DROVER_ENROLL_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut port = None;
+    for line in stdout.lines().map_while(Result::ok) {
+        if let Some(addr) = line.split("listening on http://").nth(1) {
+            port = addr.rsplit(':').next().unwrap().trim().parse().ok();
+            break;
+        }
+    }
+    let port = port.unwrap_or_else(|| {
+        panic!(
+            "the server did not start: {}",
+            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+        )
+    });
+    (child, port)
+}
+
+/// `(soft, hard)` open-files limits of a process.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_raises_its_soft_open_files_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = server_under_ulimit(dir.path(), "-Sn 256");
+    let (soft, hard) = open_files_limits(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "started with a soft limit of 256");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sockets_from_one_address_cannot_exhaust_the_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // 256 files at most, soft and hard: 160 connections, 80 from one address.
+    let (mut child, port) = server_under_ulimit(dir.path(), "-n 256");
+    let server_at = |source: Ipv4Addr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+        socket
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+    };
+    let mut idle = Vec::new();
+    for _ in 0..250 {
+        if let Ok(stream) = server_at(Ipv4Addr::new(127, 0, 3, 1)).await {
+            idle.push(stream);
+        }
+    }
+    // Health checks from elsewhere are answered, and the server never ran out of files.
+    let mut healthz = server_at(Ipv4Addr::new(127, 0, 3, 2)).await.unwrap();
+    healthz
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), healthz.read_to_end(&mut answer)).await;
+    drop(idle);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(read.is_ok(), "healthz did not answer");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(!log.contains("Too many open files"), "{log}");
+}

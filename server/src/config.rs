@@ -100,8 +100,8 @@ pub struct Args {
     #[arg(long, env = "DROVER_MAX_DOWNLOADS_PER_ADDRESS")]
     pub max_downloads_per_address: Option<usize>,
 
-    /// Connections held at once; default the open-files limit less a reserve for the
-    /// database, builds and logs
+    /// Connections held at once; default the open-files limit less 128 and a 128th of it,
+    /// kept for the database, builds and logs
     #[arg(long, env = "DROVER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 

@@ -594,7 +594,6 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
                 open_files,
                 args.max_connections,
                 args.max_connections_per_address,
-                args.max_concurrent_downloads,
             )
         },
         ..Settings::new(public_url.clone(), args.downloads.clone())

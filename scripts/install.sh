@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
         --public-key) public_key=${2:?--public-key needs a hex key}; shift 2 ;;
         --public-key-2) public_key_2=${2:?--public-key-2 needs a hex key}; shift 2 ;;
         --ca-file) ca_file=${2:?--ca-file needs a path}; shift 2 ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

@@ -4,7 +4,8 @@ Installs the Drover agent on this Windows machine as a service.
 
 .DESCRIPTION
 Fetches the newest stable Windows build from the server (GET /api/v1/agent/install with
-the enrollment token), verifies its SHA-256, installs it as
+the enrollment token), verifies its SHA-256 (and with -PublicKey its signature, recording
+its release counter so the agent never installs an older build), installs it as
 %ProgramFiles%\Drover\drover-agent.exe and runs `drover-agent service install`, which
 writes %ProgramData%\Drover\agent.conf and registers the drover-agent service (started
 at boot as LocalSystem, restarted on failure) and starts it. The agent keeps its state
@@ -29,6 +30,9 @@ param(
     # Trust only this CA for the server (copied beside the config; also used for this
     # script's own requests).
     [string]$CaFile,
+    # Allow an http:// server (the token and the agent's secret then cross the network
+    # in clear text).
+    [switch]$Insecure,
     [string]$InstallDir = (Join-Path $env:ProgramFiles 'Drover'),
     [string]$ConfigDir = (Join-Path $env:ProgramData 'Drover')
 )
@@ -47,6 +51,15 @@ foreach ($key in @($PublicKey, $PublicKey2)) {
     }
 }
 $Server = $Server.TrimEnd('/')
+if ($Server -like 'http://*') {
+    if (-not $Insecure) {
+        throw "install.ps1: $Server is plain http: the enrollment token and the agent's secret would cross the network readable; use https:// (-CaFile for a private CA), or -Insecure on a network you trust"
+    }
+} elseif ($Server -notlike 'https://*') {
+    throw "install.ps1: -Server must be an https:// URL: $Server"
+}
+if ($PublicKey2 -and -not $PublicKey) { throw 'install.ps1: -PublicKey2 is a second key: give -PublicKey too' }
+$stateDir = Join-Path $env:ProgramData 'Drover\Agent'
 [Net.ServicePointManager]::SecurityProtocol = [Net.SecurityProtocolType]::Tls12
 
 if ($CaFile) {
@@ -80,6 +93,26 @@ if ($actual -ne $answer.sha256.ToLowerInvariant()) {
     Remove-Item -Force $download
     throw "install.ps1: checksum mismatch: expected $($answer.sha256), got $actual; nothing installed"
 }
+if ($PublicKey) {
+    # The new agent checks the signature against its own bytes, version and platform
+    # with the pinned keys and records the counter: from its first start it refuses any
+    # signature at or below it (an old build replayed by the server).
+    if (-not $answer.signature) {
+        Remove-Item -Force $download
+        throw "install.ps1: $($answer.version) is not signed, but -PublicKey was given: the agent would refuse every unsigned build"
+    }
+    $signatureFile = Join-Path $InstallDir '.drover-agent.install.sig'
+    [IO.File]::WriteAllText($signatureFile, $answer.signature)
+    $keys = @('--public-key', $PublicKey)
+    if ($PublicKey2) { $keys += @('--public-key-2', $PublicKey2) }
+    & $download record-release --state-dir $stateDir @keys --signature $signatureFile | Out-Host
+    $recorded = $LASTEXITCODE -eq 0
+    Remove-Item -Force $signatureFile
+    if (-not $recorded) {
+        Remove-Item -Force $download
+        throw "install.ps1: the signature of $($answer.version) does not hold; nothing installed"
+    }
+}
 
 $exe = Join-Path $InstallDir 'drover-agent.exe'
 if (Get-Service -Name 'drover-agent' -ErrorAction SilentlyContinue) {
@@ -89,7 +122,7 @@ if (Get-Service -Name 'drover-agent' -ErrorAction SilentlyContinue) {
 }
 Move-Item -Force -Path $download -Destination $exe
 
-$flags = @('--server', $Server, '--enroll-token', $token, '--state-dir', (Join-Path $env:ProgramData 'Drover\Agent'))
+$flags = @('--server', $Server, '--enroll-token', $token, '--state-dir', $stateDir)
 if ($PublicKey) { $flags += @('--public-key', $PublicKey) }
 if ($PublicKey2) { $flags += @('--public-key-2', $PublicKey2) }
 if ($CaFile) {

@@ -50,7 +50,14 @@ async fn a_beta_build_dropped_in_reaches_beta_agents_only() {
         .expect("the beta agent is sent the build");
     assert_eq!(update.version, "1.1.0");
     assert_eq!(update.size, contents.len() as u64);
-    assert_eq!(update.url, format!("{}/downloads/{file}", server.url));
+    assert!(
+        update.url.starts_with(&format!(
+            "{}/downloads/{file}?task={}&grant=",
+            server.url, update.task_id
+        )),
+        "{}",
+        update.url
+    );
     assert!(!update.rollback);
     assert!(update.sent_at_ms > 0);
     let download = reqwest::get(&update.url).await.unwrap();
@@ -543,7 +550,7 @@ async fn downloads_serve_ranges_and_refuse_what_is_not_offered() {
     let file = publish(&server.downloads(), "1.0.0", None, &contents);
     std::fs::write(server.downloads().join("secret.txt"), b"not a build").unwrap();
     std::fs::write(dir.path().join("outside.txt"), b"outside").unwrap();
-    let http = reqwest::Client::new();
+    let http = operator_http();
     let url = |name: &str| format!("{}/downloads/{name}", server.url);
     eventually("the build to be offered", SOON, || async {
         let response = http.head(url(&file)).send().await.ok()?;
@@ -594,6 +601,19 @@ async fn downloads_serve_ranges_and_refuse_what_is_not_offered() {
     assert_eq!(response.status(), 404);
 }
 
+/// An HTTP client that sends the admin token: downloads need a grant or an API token.
+fn operator_http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -609,7 +629,7 @@ async fn a_large_build_streams_under_the_concurrency_limit_with_flat_memory() {
     let file = publish(&server.downloads(), "1.0.0", None, &contents);
     drop(contents);
     let url = format!("{}/downloads/{file}", server.url);
-    let http = reqwest::Client::new();
+    let http = operator_http();
     eventually(
         "the large build to be offered",
         Duration::from_secs(30),

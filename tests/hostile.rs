@@ -471,8 +471,12 @@ async fn raw_http(server: &Server, request: &[u8]) -> Option<(u16, String)> {
     Some((status, text))
 }
 
+/// A GET as an operator (downloads need a grant or an API token): no name reaches
+/// outside the offered builds even for a caller allowed to download them.
 async fn raw_get(server: &Server, path: &str) -> (u16, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: drover\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: drover\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+    );
     raw_http(server, request.as_bytes())
         .await
         .unwrap_or_else(|| panic!("GET {path}: no answer"))
@@ -904,12 +908,15 @@ async fn links_in_the_downloads_directory_publish_nothing_and_reveal_no_digest()
     let file = downloads.join("drover-agent-linux-amd64-1.1.0");
     std::fs::remove_file(&file).unwrap();
     std::os::unix::fs::symlink(&secret, &file).unwrap();
-    let answer = reqwest::get(format!(
-        "{}/downloads/drover-agent-linux-amd64-1.1.0",
-        server.url
-    ))
-    .await
-    .unwrap();
+    let answer = reqwest::Client::new()
+        .get(format!(
+            "{}/downloads/drover-agent-linux-amd64-1.1.0",
+            server.url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 404);
     let body = answer.text().await.unwrap();
     assert!(
@@ -1118,4 +1125,403 @@ async fn a_live_agents_fingerprint_cannot_be_taken_over_and_clones_do_not_flap()
         panic!("a quiet record is re-bound: {answer:?}");
     };
     assert_eq!(welcome.agent_id, id);
+}
+
+/// A TCP connection from `source` with a small receive buffer, so a peer that stops
+/// reading stalls the server's writes soon.
+async fn tcp_from(server: &Server, source: Ipv4Addr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+    socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], server.port)))
+        .await
+        .unwrap()
+}
+
+/// Whether the server closed (or reset) the connection within `within`: a read that
+/// ends rather than waits.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The status of a GET of `url` as an operator.
+async fn status_of(url: &str, token: Option<&str>) -> u16 {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_are_served_only_with_a_grant_for_a_live_task_or_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut agent = ProtocolAgent::enroll(&server, "fp-granted", "1.0.0").await;
+    let file = publish(&server.downloads(), "1.1.0", Some("stable"), b"the build");
+    let update = agent
+        .next_update(Duration::from_secs(10))
+        .await
+        .expect("an update");
+    assert!(
+        update.url.contains(&format!("/downloads/{file}?")),
+        "{}",
+        update.url
+    );
+
+    // The update's URL serves the build, resumes included.
+    let http = reqwest::Client::new();
+    let whole = http.get(&update.url).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), b"the build");
+    let resumed = http
+        .get(&update.url)
+        .header("Range", "bytes=4-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 206);
+    assert_eq!(resumed.bytes().await.unwrap().as_ref(), b"build");
+
+    // Without a grant: only an API token will do.
+    let bare = format!("{}/downloads/{file}", server.url);
+    assert_eq!(status_of(&bare, None).await, 401);
+    assert_eq!(status_of(&bare, Some("not-a-token")).await, 401);
+    assert_eq!(status_of(&bare, Some(ADMIN_TOKEN)).await, 200);
+    // A grant is for its file and task only, and cannot be forged.
+    let forged = format!(
+        "{}{}",
+        &update.url[..update.url.len() - 1],
+        if update.url.ends_with('0') { '1' } else { '0' }
+    );
+    assert_eq!(status_of(&forged, None).await, 403);
+    let other = publish(&server.downloads(), "1.0.5", Some("stable"), b"another");
+    let other_url = format!("{}/downloads/{other}", server.url);
+    eventually(
+        "another build to be offered",
+        Duration::from_secs(10),
+        || async { (status_of(&other_url, Some(ADMIN_TOKEN)).await == 200).then_some(()) },
+    )
+    .await;
+    let elsewhere = update.url.replace(&file, &other);
+    assert_eq!(status_of(&elsewhere, None).await, 403);
+    let other_task = update.url.replace(&update.task_id, "some-other-task");
+    assert_eq!(status_of(&other_task, None).await, 403);
+
+    // Once the task has ended, its URL serves nothing more.
+    agent
+        .report(AgentMessage::UpdateResult(protocol::UpdateResult {
+            task_id: update.task_id.clone(),
+            outcome: protocol::UpdateOutcome::Failed,
+            version: "1.0.0".into(),
+            error: Some("gave up".into()),
+            failure_class: Some(protocol::FailureClass::Transient),
+            transfer: None,
+        }))
+        .await;
+    eventually(
+        "the ended task's URL to be refused",
+        Duration::from_secs(10),
+        || async { (status_of(&update.url, None).await == 403).then_some(()) },
+    )
+    .await;
+
+    // The install endpoint hands out a URL of its own, for an enrollment token holder.
+    let install: Value = http
+        .get(format!(
+            "{}/api/v1/agent/install?os=linux&arch=amd64",
+            server.url
+        ))
+        .bearer_auth(ENROLL_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = install["url"].as_str().unwrap();
+    assert!(url.contains("until="), "{install}");
+    assert_eq!(status_of(url, None).await, 200);
+    let tampered = url.replace("until=", "until=9");
+    assert_eq!(status_of(&tampered, None).await, 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_stop_reading_lose_their_download_slots_and_no_address_takes_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--max-concurrent-downloads",
+            "3",
+            "--max-downloads-per-address",
+            "2",
+            "--write-timeout",
+            "2s",
+        ],
+    );
+    // Large enough that a client that never reads stalls the server's writes.
+    let build: Vec<u8> = (0..48 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let file = publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+    drop(build);
+    let bare = format!("{}/downloads/{file}", server.url);
+    eventually(
+        "the build to be offered",
+        Duration::from_secs(30),
+        || async { (status_of(&bare, Some(ADMIN_TOKEN)).await == 200).then_some(()) },
+    )
+    .await;
+    let request = format!(
+        "GET /downloads/{file} HTTP/1.1\r\nHost: drover\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+    );
+    let stall = |source: Ipv4Addr| {
+        let request = request.clone();
+        let server = &server;
+        async move {
+            let mut stream = tcp_from(server, source).await;
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head, b"HTTP/1.1 200", "a stalled download starts");
+            stream
+        }
+    };
+    // Two stalled downloads from one address: its share is taken, others still get one.
+    let mut first = stall(Ipv4Addr::new(127, 0, 0, 2)).await;
+    let mut second = stall(Ipv4Addr::new(127, 0, 0, 2)).await;
+    let mut third = tcp_from(&server, Ipv4Addr::new(127, 0, 0, 2)).await;
+    third.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    third.read_exact(&mut head).await.unwrap();
+    assert_eq!(
+        &head, b"HTTP/1.1 503",
+        "one address holds at most two downloads"
+    );
+    drop(third);
+    let mut elsewhere = stall(Ipv4Addr::new(127, 0, 0, 3)).await;
+
+    // None of them reads: within the write timeout the server drops them all, and
+    // their slots serve a download that does read.
+    for stream in [&mut first, &mut second, &mut elsewhere] {
+        assert!(
+            closed_within(stream, Duration::from_secs(20)).await,
+            "a download that makes no progress is dropped"
+        );
+    }
+    let response = reqwest::Client::new()
+        .get(&bare)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().len(), 48 * 1024 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_half_sent_and_idle_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--header-timeout", "2s"]);
+    let source = Ipv4Addr::new(127, 0, 0, 4);
+    // Half a request, never finished: closed after the header timeout.
+    let mut half = tcp_from(&server, source).await;
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: dro")
+        .await
+        .unwrap();
+    // A finished request, then nothing: the idle keep-alive connection is closed too.
+    let mut idle = tcp_from(&server, source).await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\n\r\n")
+        .await
+        .unwrap();
+    // A connection that sends nothing at all.
+    let mut silent = tcp_from(&server, source).await;
+    for stream in [&mut half, &mut idle, &mut silent] {
+        assert!(
+            closed_within(stream, Duration::from_secs(10)).await,
+            "the server closes a connection that sends no request"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_address_holds_every_connection_and_the_server_keeps_below_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--max-connections",
+            "40",
+            "--max-connections-per-address",
+            "10",
+        ],
+    );
+    let source = Ipv4Addr::new(127, 0, 0, 4);
+    // One address holds at most ten connections; the eleventh is closed at once, while
+    // another address is still served.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(tcp_from(&server, source).await);
+    }
+    let mut refused = tcp_from(&server, source).await;
+    let _ = refused
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), refused.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let mut other = tcp_from(&server, Ipv4Addr::new(127, 0, 0, 5)).await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    other.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Up to the server's cap of forty, then none from anywhere until some close.
+    for i in 0..30u8 {
+        held.push(tcp_from(&server, Ipv4Addr::new(127, 0, 1, i)).await);
+    }
+    let mut full = tcp_from(&server, Ipv4Addr::new(127, 0, 2, 1)).await;
+    let _ = full
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), full.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    drop(held);
+    eventually(
+        "the server to serve again",
+        Duration::from_secs(10),
+        || async {
+            (status_of(&format!("{}/healthz", server.url), None).await == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A server started by `sh` with its open-files limit set by `ulimit ARGS` first; its
+/// process and port. Killed by the caller.
+fn server_under_ulimit(dir: &std::path::Path, ulimit: &str) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+        .arg(SERVER_BIN)
+        .args(["--listen", "127.0.0.1:0", "--header-timeout", "60s"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--downloads")
+        .arg(dir.join("downloads"))
+        .env_remove("DROVER_ADMIN_TOKEN")
+        .env_remove("DROVER_ENROLL_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Read the whole banner (and anything after it): a server writing to a closed
+    // pipe would stop.
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(addr.rsplit(':').next().unwrap().trim().parse::<u16>().ok());
+            }
+        }
+    });
+    let port = rx.recv_timeout(Duration::from_secs(30)).ok().flatten();
+    let port = port.unwrap_or_else(|| {
+        panic!(
+            "the server did not start: {}",
+            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+        )
+    });
+    (child, port)
+}
+
+/// `(soft, hard)` open-files limits of a process.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_raises_its_soft_open_files_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = server_under_ulimit(dir.path(), "-Sn 256");
+    let (soft, hard) = open_files_limits(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "started with a soft limit of 256");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sockets_from_one_address_cannot_exhaust_the_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // 256 files at most, soft and hard: 126 connections, 63 from one address.
+    let (mut child, port) = server_under_ulimit(dir.path(), "-n 256");
+    let server_at = |source: Ipv4Addr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+        socket
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+    };
+    let healthz = || async {
+        let mut stream = server_at(Ipv4Addr::new(127, 0, 3, 2)).await.ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        answer.starts_with(b"HTTP/1.1 200").then_some(())
+    };
+    eventually("the server to serve", Duration::from_secs(10), healthz).await;
+    let mut idle = Vec::new();
+    for _ in 0..250 {
+        if let Ok(stream) = server_at(Ipv4Addr::new(127, 0, 3, 1)).await {
+            idle.push(stream);
+        }
+    }
+    // Health checks from elsewhere are still answered while the idle sockets stay
+    // (they would be closed only after the 60 s header timeout), and the server never
+    // ran out of files.
+    let answered = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if healthz().await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    drop(idle);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(answered.is_ok(), "healthz did not answer: {log}");
+    assert!(!log.contains("Too many open files"), "{log}");
 }

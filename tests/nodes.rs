@@ -594,3 +594,31 @@ async fn a_late_cleanup_of_an_old_session_leaves_the_new_one_online_across_two_n
     let (a, b) = two_nodes(dir.path(), &database);
     new_session_outlives_the_old(&a, &b).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_url_from_one_node_is_served_by_the_other() {
+    let Some(database) = Database::create("download_grant") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut agent = ProtocolAgent::enroll(&a, "fp-grant-nodes", "1.0.0").await;
+    publish(&a.downloads(), "1.1.0", Some("stable"), b"a shared build");
+    offered(&b.api(), "1.1.0").await;
+    let update = agent
+        .next_update(SOON)
+        .await
+        .expect("an update from node a");
+    assert!(update.url.starts_with(&a.url), "{}", update.url);
+    // Behind a load balancer the download may reach any node: the grant's key is the
+    // one every node read from the database.
+    let on_b = update.url.replacen(&a.url, &b.url, 1);
+    for url in [&update.url, &on_b] {
+        let response = reqwest::get(url.as_str()).await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(response.bytes().await.unwrap().as_ref(), b"a shared build");
+    }
+    // A grant no node made is refused by both.
+    let forged = on_b.replace("grant=", "grant=00");
+    assert_eq!(reqwest::get(&forged).await.unwrap().status(), 403);
+}

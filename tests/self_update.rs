@@ -384,54 +384,93 @@ async fn the_install_script_installs_a_verified_agent_that_runs_from_its_config(
     let root = dir.path().join("machine");
     // RFC 8032's first test key: any valid ed25519 public key will do here.
     const RELEASE_KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
-    let install_with_key = |token: &str, key: &str| {
+    let token_file = dir.path().join("enroll-token");
+    let script = |extra: &[&str], token: &str| {
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
         std::process::Command::new("scripts/install.sh")
-            .args([
-                "--server",
-                &server.url,
-                "--enroll-token",
-                token,
-                "--no-systemd",
-                "--public-key",
-                key,
-            ])
+            .args(["--server", &server.url, "--no-systemd"])
             .arg("--prefix")
             .arg(root.join("usr"))
             .arg("--config-dir")
             .arg(root.join("etc"))
             .arg("--state-dir")
             .arg(root.join("state"))
+            .args(extra)
+            .env_remove("DROVER_ENROLL_TOKEN")
             .output()
             .unwrap()
     };
-    let install = |token: &str| install_with_key(token, RELEASE_KEY);
+    let token_flag = ["--enroll-token-file", token_file.to_str().unwrap()];
+    let install = |extra: &[&str], token: &str| {
+        let mut args = vec!["--insecure", token_flag[0], token_flag[1]];
+        args.extend_from_slice(extra);
+        script(&args, token)
+    };
+    let refused_with = |output: std::process::Output, reason: &str| {
+        assert!(!output.status.success(), "{output:?}");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains(reason), "{reason}: {text}");
+    };
 
-    let bad_key = install_with_key(ENROLL_TOKEN, "not-a-key");
-    assert!(!bad_key.status.success());
-    assert!(String::from_utf8_lossy(&bad_key.stderr).contains("64 hex digits"));
-    let refused = install("not-a-token");
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
+    refused_with(
+        install(&["--public-key", "not-a-key"], ENROLL_TOKEN),
+        "64 hex digits",
+    );
+    refused_with(install(&[], "not-a-token"), "refused");
+    // The token never on a command line, where every user reads it in ps.
+    refused_with(
+        script(
+            &["--insecure", "--enroll-token", ENROLL_TOKEN],
+            ENROLL_TOKEN,
+        ),
+        "--enroll-token-file",
+    );
+    // A plain http:// server only when the operator says so.
+    refused_with(script(&token_flag, ENROLL_TOKEN), "--insecure");
+    // A pinned key and an unsigned build: the agent could never update, so no install.
+    refused_with(
+        install(&["--public-key", RELEASE_KEY], ENROLL_TOKEN),
+        "is not signed",
+    );
     assert!(
         !root.join("usr/bin/drover-agent").exists(),
         "nothing installed"
     );
 
-    let installed = install(ENROLL_TOKEN);
+    // An existing state directory others can read is tightened.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("state")).unwrap();
+    std::fs::set_permissions(root.join("state"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The token from the environment works as well as from a file.
+    let installed = std::process::Command::new("scripts/install.sh")
+        .args(["--server", &server.url, "--no-systemd", "--insecure"])
+        .arg("--prefix")
+        .arg(root.join("usr"))
+        .arg("--config-dir")
+        .arg(root.join("etc"))
+        .arg("--state-dir")
+        .arg(root.join("state"))
+        .env("DROVER_ENROLL_TOKEN", ENROLL_TOKEN)
+        .output()
+        .unwrap();
     assert!(installed.status.success(), "{installed:?}");
     let exe = root.join("usr/bin/drover-agent");
     assert_eq!(version_of(&exe), "1.2.0");
     let config = root.join("etc/agent.conf");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains(&format!("server = {}", server.url)), "{text}");
-    assert!(
-        text.contains(&format!("public-key = {RELEASE_KEY}")),
-        "the release key is pinned: {text}"
-    );
-    use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
         0o600
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("state"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700,
+        "the state directory is tightened"
     );
 
     // The installed agent needs nothing but its config file.

@@ -408,3 +408,104 @@ async fn only_builds_signed_for_this_agent_are_installed_and_never_a_replay() {
     let log = agent.log();
     assert!(log.contains("signature verified"), "{log}");
 }
+
+/// Installs the newest stable build with `scripts/install.sh`, pinning `public`, into
+/// `root` (binary in `root/usr/bin`) with the state directory `state`.
+fn install_script(server: &Server, root: &Path, state: &Path, public: &str) {
+    let token_file = root.join("enroll-token");
+    std::fs::create_dir_all(root).unwrap();
+    std::fs::write(&token_file, ENROLL_TOKEN).unwrap();
+    let output = Command::new("scripts/install.sh")
+        .args(["--server", &server.url, "--insecure", "--no-systemd"])
+        .arg("--enroll-token-file")
+        .arg(&token_file)
+        .args(["--public-key", public])
+        .arg("--prefix")
+        .arg(root.join("usr"))
+        .arg("--config-dir")
+        .arg(root.join("etc"))
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "install.sh failed: {output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freshly_installed_agent_knows_its_counter_and_refuses_an_old_rollback_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (key, public) = keygen(dir, "release.key");
+    let server = Server::start_with_args(dir, &["--require-signatures"]);
+    std::fs::create_dir_all(server.downloads()).unwrap();
+    publish_signed(&server, dir, "1.5.0", &key, 16);
+    eventually("1.5.0 to be offered", Duration::from_secs(10), || async {
+        let (_, releases) = server.api().get("/api/v1/releases").await;
+        (releases.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+
+    // Installed by the script: it checks the signature and records counter 16.
+    let machine = dir.join("machine");
+    install_script(&server, &machine, &dir.join("tango"), &public);
+    let exe = machine.join("usr/bin/drover-agent");
+    assert_eq!(version_of(&exe), "1.5.0");
+    assert_eq!(stored_counter(&dir.join("tango")).as_deref(), Some("16"));
+    // Installed by hand: the same build with the key, but no counter known.
+    let by_hand = dir.join("bin/drover-agent");
+    stamp_agent("1.5.0", &by_hand);
+    let flags = |fingerprint: &'static str| {
+        [
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            fingerprint,
+            "--public-key",
+            public.as_str(),
+        ]
+    };
+    let _tango = Agent::start_installed(&server, &exe, dir, "tango", &flags("fp-tango"));
+    let _uniform = Agent::start_installed(&server, &by_hand, dir, "uniform", &flags("fp-uniform"));
+    let tango = enrolled_id(&server, "tango").await;
+    let uniform = enrolled_id(&server, "uniform").await;
+
+    // A compromised server replays an old build with an old rollback signature
+    // (1.3.0, counter 15) as a rollback of 1.5.0.
+    let file = stage(&server, dir, "1.3.0");
+    sign(&file, &key, 15, true);
+    offer(&file);
+    eventually("1.3.0 to be offered", Duration::from_secs(10), || async {
+        let (_, releases) = server.api().get("/api/v1/releases").await;
+        (releases.as_array()?.len() == 2).then_some(())
+    })
+    .await;
+    let (status, body) = server
+        .api()
+        .post("/api/v1/rollouts/1.5.0/rollback", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    for (id, exe, state, refusal) in [
+        (
+            &tango,
+            &exe,
+            dir.join("tango"),
+            "counter 15 is not above 16",
+        ),
+        (
+            &uniform,
+            &by_hand,
+            dir.join("uniform"),
+            "does not know the release counter",
+        ),
+    ] {
+        let task = task_to(&server, id, "1.3.0", "failed").await;
+        assert_eq!(task["kind"], "rollback", "{task}");
+        let error = task["error"].as_str().unwrap_or_default();
+        assert!(error.contains(refusal), "{task}");
+        assert_eq!(version_of(exe), "1.5.0", "still the newer build");
+        assert!(!state.join("staging").exists(), "nothing staged");
+    }
+    assert_eq!(stored_counter(&dir.join("tango")).as_deref(), Some("16"));
+    assert_eq!(stored_counter(&dir.join("uniform")), None);
+}

@@ -348,7 +348,10 @@ async fn held_bytes(part: &Path) -> std::io::Result<u64> {
 /// The rest of the download plus a second copy for installing, plus a margin.
 fn check_space(part: &Path, size: u64, held: u64) -> Result<(), FetchError> {
     let dir = part.parent().unwrap_or(Path::new("."));
-    let needed = size.saturating_sub(held) + size + DISK_MARGIN;
+    let needed = size
+        .saturating_sub(held)
+        .saturating_add(size)
+        .saturating_add(DISK_MARGIN);
     let available = fs4::available_space(dir)?;
     if available < needed {
         return Err(FetchError::DiskFull { needed, available });
@@ -365,6 +368,8 @@ fn jittered(wait: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -674,5 +679,146 @@ mod tests {
             err.to_string().starts_with("not enough disk space"),
             "{err}"
         );
+    }
+
+    /// One answer of a fuzzed download server.
+    #[derive(Debug, Clone)]
+    struct Answer {
+        status: u16,
+        retry_after: Option<String>,
+        content_range: Option<String>,
+        /// The `Content-Length` declared, whatever the body; none: the body ends at EOF.
+        declared: Option<u64>,
+        body: Vec<u8>,
+    }
+
+    fn header_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            (0u64..5000, 0u64..5000).prop_map(|(a, b)| format!("bytes {a}-{b}/{}", a.max(b) + 1)),
+            "bytes [0-9]{1,25}-[0-9]{0,25}/[0-9*]{1,25}",
+            "-?[0-9]{1,30}",
+            "[ -~]{0,60}",
+        ]
+    }
+
+    fn answer() -> impl Strategy<Value = Answer> {
+        (
+            prop_oneof![
+                Just(200u16),
+                Just(206),
+                Just(503),
+                Just(429),
+                Just(416),
+                Just(404),
+                Just(403),
+                Just(500),
+                100u16..600,
+            ],
+            proptest::option::of(header_text()),
+            proptest::option::of(header_text()),
+            proptest::option::of(0u64..6000),
+            proptest::collection::vec(any::<u8>(), 0..4000),
+        )
+            .prop_map(
+                |(status, retry_after, content_range, declared, body)| Answer {
+                    status,
+                    retry_after,
+                    content_range,
+                    declared,
+                    body,
+                },
+            )
+    }
+
+    /// Answers one request per connection with the next answer, then stops listening.
+    async fn serve_answers(answers: Vec<Answer>) -> String {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/build", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for answer in answers {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n")
+                    && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    request.push(byte[0]);
+                }
+                let mut head =
+                    format!("HTTP/1.1 {} Fuzzed\r\nConnection: close\r\n", answer.status);
+                if let Some(value) = &answer.retry_after {
+                    head += &format!("Retry-After: {value}\r\n");
+                }
+                if let Some(value) = &answer.content_range {
+                    head += &format!("Content-Range: {value}\r\n");
+                }
+                if let Some(length) = answer.declared {
+                    head += &format!("Content-Length: {length}\r\n");
+                }
+                head += "\r\n";
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(&answer.body).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        url
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever a download server answers (any status, `Retry-After`,
+        /// `Content-Range`, `Content-Length` true or false, any body), the download ends
+        /// with the bytes or an error, never a panic, within bounded (paused) time, and
+        /// never holds more than the declared size.
+        #[test]
+        fn no_download_response_panics_the_agent(
+            answers in proptest::collection::vec(answer(), 1..6),
+            size in 1u64..5000,
+            held in 0u64..6000,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let part = dir.path().join("staging/task.part");
+            std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+            std::fs::write(&part, vec![1u8; held as usize]).unwrap();
+            let outcome = runtime.block_on(async {
+                let url = serve_answers(answers.clone()).await;
+                let started = tokio::time::Instant::now();
+                let outcome = fetch(&reqwest::Client::new(), &url, size, &part, SERVER, |done| {
+                    assert!(done <= size, "{done} bytes held of {size}");
+                })
+                .await;
+                // Each answer waits at most the longest Retry-After, and each failure
+                // at most the retry wait (or a stall), with jitter.
+                let bound = (MAX_BUSY_WAIT + SERVER.retry_wait + SERVER.stall).mul_f64(1.5)
+                    * (answers.len() as u32 + SERVER.attempts);
+                assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+                outcome
+            });
+            let on_disk = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+            prop_assert!(on_disk <= size.max(held), "{} bytes on disk for {}", on_disk, size);
+            if outcome.is_ok() {
+                prop_assert_eq!(on_disk, size);
+            }
+        }
+
+        /// A declared size never overflows the free-space check, however large.
+        #[test]
+        fn the_space_check_never_overflows(size in any::<u64>(), held in any::<u64>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let part = dir.path().join("x.part");
+            if let Err(FetchError::DiskFull { needed, .. }) = check_space(&part, size, held) {
+                prop_assert!(needed >= size);
+            }
+        }
     }
 }

@@ -67,6 +67,27 @@ enum Command {
     /// Show, without the server, what this agent last knew: its id and server, its
     /// version, its connection, the update under way and the last result
     Status(StatusArgs),
+    /// Record the release counter of the build being installed (the install scripts
+    /// run it with the new executable): checks the build's `.sig` document with the
+    /// pinned keys against this executable's bytes, version and platform, and refuses
+    /// a build older than one the state directory recorded
+    RecordRelease(RecordReleaseArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RecordReleaseArgs {
+    /// The agent's state directory (as given to `run`)
+    #[arg(long, env = "DROVER_STATE_DIR", default_value_os_t = platform::paths::state_dir())]
+    state_dir: PathBuf,
+    /// The release key the agent runs with
+    #[arg(long, env = "DROVER_PUBLIC_KEY")]
+    public_key: String,
+    /// A second trusted release key, while rotating
+    #[arg(long, env = "DROVER_PUBLIC_KEY_2")]
+    public_key_2: Option<String>,
+    /// The build's signature document (its `.sig`, as the install endpoint answers it)
+    #[arg(long, value_name = "FILE")]
+    signature: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -206,6 +227,7 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::RecordRelease(args) => record_release(&args),
         Command::ServiceMain(args) => {
             drop(runtime);
             service::serve(move |shutdown| {
@@ -266,6 +288,56 @@ async fn work(args: RunArgs) -> anyhow::Result<session::Exit> {
     session::run(config, shutdown).await
 }
 
+fn record_release(args: &RecordReleaseArgs) -> anyhow::Result<()> {
+    let keys = release_keys(Some(&args.public_key), args.public_key_2.as_deref())?
+        .context("--public-key is required")?;
+    let document = std::fs::read_to_string(&args.signature)
+        .with_context(|| format!("while reading {}", args.signature.display()))?;
+    let exe = std::env::current_exe().context("cannot find this agent's executable")?;
+    let digest = install::sha256_file(&exe)?;
+    platform::permissions::create_private_dir(&args.state_dir).with_context(|| {
+        format!(
+            "while creating the state directory {}",
+            args.state_dir.display()
+        )
+    })?;
+    let version = version::current();
+    let counter = signing::record_release(
+        &keys,
+        &args.state_dir,
+        &document,
+        &signing::InstalledBuild {
+            version,
+            os: machine::os(),
+            arch: machine::arch(),
+            digest: &digest,
+        },
+    )
+    .with_context(|| format!("the signature of {version} does not hold"))?;
+    println!("recorded release counter {counter} of {version}");
+    Ok(())
+}
+
+/// The trusted release keys from the flags; `None` without `--public-key`.
+fn release_keys(
+    primary: Option<&str>,
+    secondary: Option<&str>,
+) -> anyhow::Result<Option<signing::ReleaseKeys>> {
+    let key = |text: Option<&str>, flag: &str| {
+        text.map(signing::parse_public_key)
+            .transpose()
+            .with_context(|| format!("bad {flag}"))
+    };
+    match (
+        key(primary, "--public-key")?,
+        key(secondary, "--public-key-2")?,
+    ) {
+        (Some(primary), secondary) => Ok(Some(signing::ReleaseKeys { primary, secondary })),
+        (None, Some(_)) => anyhow::bail!("--public-key-2 is a second key: give --public-key too"),
+        (None, None) => Ok(None),
+    }
+}
+
 fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
     let fingerprint = match &args.fingerprint {
         Some(fingerprint) => fingerprint.clone(),
@@ -275,20 +347,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
         Some(path) => PathBuf::from(path),
         None => std::env::current_exe().context("cannot find this agent's executable")?,
     };
-    let key = |text: &Option<String>, flag: &str| {
-        text.as_deref()
-            .map(signing::parse_public_key)
-            .transpose()
-            .with_context(|| format!("bad {flag}"))
-    };
-    let public_key = match (
-        key(&args.public_key, "--public-key")?,
-        key(&args.public_key_2, "--public-key-2")?,
-    ) {
-        (Some(primary), secondary) => Some(signing::ReleaseKeys { primary, secondary }),
-        (None, Some(_)) => anyhow::bail!("--public-key-2 is a second key: give --public-key too"),
-        (None, None) => None,
-    };
+    let public_key = release_keys(args.public_key.as_deref(), args.public_key_2.as_deref())?;
     let pinned_tls = args.ca_file.as_deref().map(tls::pinned).transpose()?;
     if pinned_tls.is_some()
         && let Some(plain) = args

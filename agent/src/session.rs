@@ -28,6 +28,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server is presumed gone when nothing (not even a pong) arrives for this many
 /// heartbeat intervals.
 const MISSED_HEARTBEATS: u32 = 3;
+/// The longest heartbeat interval a server can ask for: a value from the network never
+/// decides how long the agent stays silent (or overflows a deadline).
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -258,7 +261,7 @@ impl Worker {
         }
         tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {server}");
         status::connected(&self.config.state_dir, &server);
-        let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
+        let interval = heartbeat_interval(welcome.heartbeat_interval_secs);
         tokio::select! {
             ended = self.converse(&mut socket, interval) => ended,
             () = shutdown.cancelled() => {
@@ -540,10 +543,26 @@ async fn connect(url: &str, pinned: Option<Arc<ClientConfig>>) -> anyhow::Result
     Ok(socket)
 }
 
+/// The interval a welcome asks for, within 1 second and `MAX_HEARTBEAT_INTERVAL`.
+fn heartbeat_interval(secs: u32) -> Duration {
+    Duration::from_secs(u64::from(secs)).clamp(Duration::from_secs(1), MAX_HEARTBEAT_INTERVAL)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::journal::sample;
+
+    #[test]
+    fn the_heartbeat_interval_stays_within_bounds() {
+        for (asked, used) in [(0, 1), (1, 1), (30, 30), (3600, 3600), (u32::MAX, 3600)] {
+            assert_eq!(
+                heartbeat_interval(asked),
+                Duration::from_secs(used),
+                "{asked}"
+            );
+        }
+    }
 
     #[test]
     fn an_owed_result_carries_its_journaled_class() {
@@ -593,6 +612,158 @@ mod tests {
             let label = format!("{step:?} with {journaled:?}");
             assert_eq!(owed.as_ref().map(|r| r.outcome), outcome, "{label}");
             assert_eq!(owed.and_then(|r| r.failure_class), class, "{label}");
+        }
+    }
+
+    use proptest::prelude::*;
+    use protocol::{Cancel, Reject, RejectCode, Update, Welcome};
+
+    thread_local! {
+        /// Whether code on this thread panicked: tasks spawned on a current-thread
+        /// runtime run here, and their panics would otherwise vanish into a JoinHandle.
+        static PANICKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn watch_panics() {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICKED.with(|flag| flag.set(true));
+                default(info);
+            }));
+        });
+        PANICKED.with(|flag| flag.set(false));
+    }
+
+    fn any_server_frame() -> impl Strategy<Value = Vec<u8>> {
+        let text = || prop_oneof![".{0,40}", "[a-z0-9-]{1,20}", ".{300,400}"];
+        let update = (
+            text(),
+            prop_oneof!["[0-9]\\.[0-9]\\.[0-9]", text()],
+            prop_oneof![
+                Just("http://127.0.0.1:1/downloads/build".to_owned()),
+                text()
+            ],
+            prop_oneof!["[0-9a-f]{64}", text()],
+            any::<u64>(),
+            proptest::option::of(text()),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(task_id, version, url, sha256, size, signature, rollback, sent_at_ms)| {
+                    ServerMessage::Update(Update {
+                        task_id,
+                        version,
+                        url,
+                        sha256,
+                        size,
+                        signature,
+                        rollback,
+                        sent_at_ms,
+                        mirror_url: None,
+                    })
+                },
+            );
+        let message = prop_oneof![
+            4 => update,
+            2 => (text(), text()).prop_map(|(task_id, reason)| ServerMessage::Cancel(Cancel { task_id, reason })),
+            1 => (text(), any::<u32>(), proptest::option::of(text())).prop_map(|(agent_id, heartbeat_interval_secs, secret)| {
+                ServerMessage::Welcome(Welcome { agent_id, secret, heartbeat_interval_secs, server_version: "9.9.9".into() })
+            }),
+            1 => text().prop_map(|message| ServerMessage::Reject(Reject { code: RejectCode::Replaced, message })),
+        ]
+        .prop_map(|message| message.encode());
+        prop_oneof![
+            6 => message,
+            1 => proptest::collection::vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    /// A server on a free port that welcomes the first session with `interval`, then
+    /// sends it `frames` and reads until it closes.
+    async fn fuzzing_server(interval: u32, frames: Vec<Vec<u8>>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            let _hello = socket.next().await;
+            let welcome = ServerMessage::Welcome(Welcome {
+                agent_id: "agent-fuzzed".into(),
+                secret: Some("secret".into()),
+                heartbeat_interval_secs: interval,
+                server_version: "9.9.9".into(),
+            });
+            if socket
+                .send(Message::Binary(welcome.encode().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            for frame in frames {
+                if socket.send(Message::Binary(frame.into())).await.is_err() {
+                    return;
+                }
+            }
+            while let Some(Ok(_)) = socket.next().await {}
+        });
+        url
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// Whatever frames a server sends after its welcome (updates, cancels, rejects,
+        /// welcomes with any field, any interval; noise), the real session handles them
+        /// without a panic, in itself or in the update it starts.
+        #[test]
+        fn no_server_frame_panics_the_session(
+            interval in prop_oneof![any::<u32>(), 0u32..5],
+            frames in proptest::collection::vec(any_server_frame(), 0..6),
+        ) {
+            watch_panics();
+            let dir = tempfile::tempdir().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let url = fuzzing_server(interval, frames).await;
+                let config = AgentConfig {
+                    servers: vec![url],
+                    enroll_token: Some("token".into()),
+                    state_dir: dir.path().join("state"),
+                    fingerprint: "fp-fuzzed".into(),
+                    hostname: "fuzzed".into(),
+                    auto_update: true,
+                    exe: dir.path().join("drover-agent"),
+                    public_key: None,
+                    pinned_tls: None,
+                    reconnect_base: Duration::from_secs(1),
+                    reconnect_max: Duration::from_secs(5),
+                    config_file: None,
+                };
+                let shutdown = CancellationToken::new();
+                let session = run(config, shutdown.clone());
+                tokio::pin!(session);
+                tokio::select! {
+                    _ = &mut session => {}
+                    () = tokio::time::sleep(Duration::from_secs(120)) => {
+                        shutdown.cancel();
+                        let _ = tokio::time::timeout(Duration::from_secs(60), session).await;
+                    }
+                }
+            });
+            drop(runtime);
+            prop_assert!(!PANICKED.with(std::cell::Cell::get), "the session or its update panicked");
         }
     }
 }

@@ -62,6 +62,43 @@ pub(crate) fn check(
     document: Option<&str>,
     expected: &Expected<'_>,
 ) -> Result<SignedRelease, String> {
+    let release = verified(keys, document)?;
+    check_platform(&release, expected.version, expected.os, expected.arch)?;
+    if let Some(last) = expected.last_counter
+        && release.counter <= last
+    {
+        return Err(format!(
+            "release counter {} is not above {last}, the last one installed: a replayed or superseded signature",
+            release.counter
+        ));
+    }
+    let forward = match (
+        semver::Version::parse(&release.version),
+        semver::Version::parse(expected.running),
+    ) {
+        (Ok(target), Ok(running)) => target > running,
+        (Err(_), _) => return Err(format!("version {:?} is not semver", release.version)),
+        (Ok(_), Err(_)) => true,
+    };
+    if !forward && !release.rollback {
+        return Err(format!(
+            "{} does not move forward from {} and its signature is not a rollback signature",
+            release.version, expected.running
+        ));
+    }
+    // Without the running build's counter, an old rollback signature replayed by the
+    // server could not be told from a new one: no way down until the counter is known.
+    if !forward && expected.last_counter.is_none() {
+        return Err(format!(
+            "{} is older than {}, and this agent does not know the release counter of the build it runs, so it cannot tell a new rollback signature from a replayed one (install with scripts/install.sh --public-key, or run `drover-agent record-release`)",
+            release.version, expected.running
+        ));
+    }
+    Ok(release)
+}
+
+/// Parses a signature document and verifies it with one of the trusted keys.
+fn verified(keys: &ReleaseKeys, document: Option<&str>) -> Result<SignedRelease, String> {
     let document = document
         .ok_or("unsigned build: this agent installs only builds signed with its release key")?;
     let parsed = ReleaseSignature::parse(document)
@@ -88,41 +125,69 @@ pub(crate) fn check(
                 release.key_id
             )
         })?;
-    if release.version != expected.version {
-        return Err(format!(
-            "the signature is for version {}, the update installs {}",
-            release.version, expected.version
-        ));
-    }
-    if (release.os.as_str(), release.arch.as_str()) != (expected.os, expected.arch) {
-        return Err(format!(
-            "the signature is for {}/{}, this agent runs on {}/{}",
-            release.os, release.arch, expected.os, expected.arch
-        ));
-    }
-    if let Some(last) = expected.last_counter
-        && release.counter <= last
-    {
-        return Err(format!(
-            "release counter {} is not above {last}, the last one installed: a replayed or superseded signature",
-            release.counter
-        ));
-    }
-    let forward = match (
-        semver::Version::parse(&release.version),
-        semver::Version::parse(expected.running),
-    ) {
-        (Ok(target), Ok(running)) => target > running,
-        (Err(_), _) => return Err(format!("version {:?} is not semver", release.version)),
-        (Ok(_), Err(_)) => true,
-    };
-    if !forward && !release.rollback {
-        return Err(format!(
-            "{} does not move forward from {} and its signature is not a rollback signature",
-            release.version, expected.running
-        ));
-    }
     Ok(release)
+}
+
+/// The signature must be for `version` on this platform.
+fn check_platform(
+    release: &SignedRelease,
+    version: &str,
+    os: &str,
+    arch: &str,
+) -> Result<(), String> {
+    if release.version != version {
+        return Err(format!(
+            "the signature is for version {}, the build is {version}",
+            release.version
+        ));
+    }
+    if (release.os.as_str(), release.arch.as_str()) != (os, arch) {
+        return Err(format!(
+            "the signature is for {}/{}, this agent runs on {os}/{arch}",
+            release.os, release.arch
+        ));
+    }
+    Ok(())
+}
+
+/// A build being installed, as `record_release` checks it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InstalledBuild<'a> {
+    pub(crate) version: &'a str,
+    /// This machine's platform.
+    pub(crate) os: &'a str,
+    pub(crate) arch: &'a str,
+    /// SHA-256 of the build's bytes, hex.
+    pub(crate) digest: &'a str,
+}
+
+/// At install: checks the installed build's signature document against the build and
+/// records its counter, so the agent knows from its first start which signatures are
+/// replays. A build older than one this state directory already recorded is refused
+/// (a downgrade at install).
+pub(crate) fn record_release(
+    keys: &ReleaseKeys,
+    state_dir: &Path,
+    document: &str,
+    build: &InstalledBuild<'_>,
+) -> anyhow::Result<u64> {
+    let version = build.version;
+    let release = verified(keys, Some(document))
+        .and_then(|release| {
+            check_platform(&release, version, build.os, build.arch).map(|()| release)
+        })
+        .and_then(|release| check_digest(&release, build.digest).map(|()| release))
+        .map_err(anyhow::Error::msg)?;
+    if let Some(last) = last_counter(state_dir)?
+        && release.counter < last
+    {
+        anyhow::bail!(
+            "this machine already ran a build signed with release counter {last}; {version} carries {}: an older build is not installed over it",
+            release.counter
+        );
+    }
+    record_counter(state_dir, release.counter)?;
+    Ok(release.counter)
 }
 
 /// The downloaded bytes must be the signed ones.
@@ -280,7 +345,7 @@ pub(crate) mod tests {
             (
                 Some(sign_with(&key(1), other_version)),
                 EXPECTED,
-                "is for version 1.3.0, the update installs 1.2.0",
+                "is for version 1.3.0, the build is 1.2.0",
             ),
             (
                 Some(signed("1.2.0", 5, false)),
@@ -323,6 +388,82 @@ pub(crate) mod tests {
         };
         let release = check(&keys(), Some(&signed("1.0.0", 6, true)), &expected).unwrap();
         assert!(release.rollback);
+    }
+
+    #[test]
+    fn without_a_known_counter_no_signature_leads_down() {
+        let unknown = Expected {
+            version: "1.0.0",
+            last_counter: None,
+            ..EXPECTED
+        };
+        let err = check(&keys(), Some(&signed("1.0.0", 99, true)), &unknown).unwrap_err();
+        assert!(err.contains("does not know the release counter"), "{err}");
+        // Forward is as before, rollback-signed or not.
+        let forward = Expected {
+            last_counter: None,
+            ..EXPECTED
+        };
+        assert!(check(&keys(), Some(&signed("1.2.0", 3, true)), &forward).is_ok());
+    }
+
+    #[test]
+    fn an_installed_build_records_its_counter_and_no_older_one_is_installed_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = InstalledBuild {
+            version: "1.2.0",
+            os: "linux",
+            arch: "amd64",
+            digest: DIGEST,
+        };
+        let document = signed("1.2.0", 16, false);
+        assert_eq!(
+            record_release(&keys(), dir.path(), &document, &build).unwrap(),
+            16
+        );
+        assert_eq!(last_counter(dir.path()).unwrap(), Some(16));
+        // The same build again (a reinstall) is fine.
+        record_release(&keys(), dir.path(), &document, &build).unwrap();
+
+        let refusals = [
+            (
+                signed("1.1.0", 15, false),
+                "1.1.0",
+                DIGEST,
+                "an older build",
+            ),
+            (
+                signed("1.2.0", 16, false),
+                "1.3.0",
+                DIGEST,
+                "the build is 1.3.0",
+            ),
+            (
+                signed("1.2.0", 17, false),
+                "1.2.0",
+                &"00".repeat(32)[..],
+                "not the signed bytes",
+            ),
+            (
+                sign_with(&key(9), release("1.2.0", 17, false)),
+                "1.2.0",
+                DIGEST,
+                "bad signature",
+            ),
+        ];
+        for (document, version, digest, reason) in refusals {
+            let build = InstalledBuild {
+                version,
+                digest,
+                ..build
+            };
+            let err = format!(
+                "{:#}",
+                record_release(&keys(), dir.path(), &document, &build).unwrap_err()
+            );
+            assert!(err.contains(reason), "{version}: {err}");
+            assert_eq!(last_counter(dir.path()).unwrap(), Some(16), "untouched");
+        }
     }
 
     #[test]

@@ -22,6 +22,11 @@ use crate::{download, install, machine};
 
 /// Progress goes to the server at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The largest build an agent downloads: a size from the network never decides how
+/// much disk it claims.
+pub(crate) const MAX_BUILD_BYTES: u64 = 4 << 30;
+/// The longest task id taken: it names files in the staging area.
+const MAX_TASK_ID: usize = 128;
 
 /// What the updater tells the session.
 #[derive(Debug)]
@@ -86,10 +91,53 @@ pub(crate) struct Updater {
     pub(crate) running: String,
 }
 
+/// An update's fields from the network, within what the agent acts on.
+fn check_bounds(update: &Update) -> Result<(), String> {
+    if update.task_id.is_empty() || update.task_id.len() > MAX_TASK_ID {
+        return Err(format!(
+            "a task id of {} bytes is not one this agent takes (1 to {MAX_TASK_ID})",
+            update.task_id.len()
+        ));
+    }
+    if update.size == 0 || update.size > MAX_BUILD_BYTES {
+        return Err(format!(
+            "a build of {} bytes is not one this agent downloads (1 to {MAX_BUILD_BYTES})",
+            update.size
+        ));
+    }
+    if update.sha256.len() != 64 || !update.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("the update's sha256 is not 64 hex digits".into());
+    }
+    if !is_http_url(&update.url) {
+        return Err("the update's url is not an http:// or https:// URL".into());
+    }
+    Ok(())
+}
+
+/// An `http://` or `https://` URL (the scheme in any case).
+fn is_http_url(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        url.get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// The update's mirror, if it offers one this agent can fetch from; one that is not an
+/// http(s) URL is passed over for the server's own URL.
+fn usable_mirror(update: &Update) -> Option<String> {
+    let mirror = update.mirror_url.as_deref()?;
+    if is_http_url(mirror) {
+        return Some(mirror.to_owned());
+    }
+    tracing::warn!(task = %update.task_id, "the update's mirror is not an http:// or https:// URL; downloading from the server");
+    None
+}
+
 impl Updater {
     /// Decides whether to take on an update and journals it. `Err` carries the reason
     /// to report as a failure.
     pub(crate) fn accept(&self, update: &Update) -> Result<Journal, UpdateError> {
+        check_bounds(update).map_err(UpdateError::Declined)?;
         let target = semver::Version::parse(&update.version).map_err(|e| {
             UpdateError::Declined(format!("version {:?} is not semver: {e}", update.version))
         })?;
@@ -108,15 +156,16 @@ impl Updater {
             ),
             None => None,
         };
+        let mirror = usable_mirror(update);
         let journal = Journal {
             task_id: update.task_id.clone(),
             version: update.version.clone(),
             previous_version: self.running.clone(),
             url: update.url.clone(),
-            mirror_url: update.mirror_url.clone(),
+            mirror_url: mirror.clone(),
             // Without a mirror the source is known now; with one, once it served the
             // build or was given up on.
-            transfer: update.mirror_url.is_none().then_some(Transfer {
+            transfer: mirror.is_none().then_some(Transfer {
                 source: TransferSource::Server,
                 fallback: None,
                 fallback_error: None,
@@ -371,6 +420,8 @@ fn progress(events: &mpsc::Sender<Event>, journal: &Journal, stage: UpdateStage,
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::signing::tests::{DIGEST, key, keys, release, sign_with};
 
@@ -564,5 +615,81 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.class(), FailureClass::Environment, "{err}");
+    }
+
+    fn any_update() -> impl Strategy<Value = Update> {
+        (
+            prop_oneof![".{0,200}", "[a-z0-9-]{1,40}", "\\.\\./[./a-z]{0,20}"],
+            prop_oneof!["[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}", ".{0,40}"],
+            prop_oneof![
+                Just("http://127.0.0.1:1/downloads/build".to_owned()),
+                ".{0,80}",
+                "(file|ftp|HTTP|https)://[ -~]{0,40}",
+            ],
+            prop_oneof![Just(DIGEST.to_owned()), "[0-9a-fA-F]{0,70}", ".{0,70}"],
+            prop_oneof![
+                any::<u64>(),
+                0u64..10,
+                Just(u64::MAX),
+                Just(MAX_BUILD_BYTES + 1)
+            ],
+            proptest::option::of(".{0,300}"),
+            any::<bool>(),
+            any::<u64>(),
+            proptest::option::of(prop_oneof![
+                Just("http://mirror.example/build".to_owned()),
+                ".{0,300}"
+            ]),
+        )
+            .prop_map(
+                |(
+                    task_id,
+                    version,
+                    url,
+                    sha256,
+                    size,
+                    signature,
+                    rollback,
+                    sent_at_ms,
+                    mirror_url,
+                )| {
+                    Update {
+                        task_id,
+                        version,
+                        url,
+                        sha256,
+                        size,
+                        signature,
+                        rollback,
+                        sent_at_ms,
+                        mirror_url,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Any `update` a server sends is accepted within bounds or refused with a
+        /// reason: never a panic, a build size beyond the cap, or a path outside staging.
+        #[test]
+        fn no_update_message_panics_the_agent(update in any_update(), pinned in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut updater = updater(dir.path());
+            if !pinned {
+                updater.public_key = None;
+            }
+            match updater.accept(&update) {
+                Ok(journal) => {
+                    prop_assert!(journal.size > 0 && journal.size <= MAX_BUILD_BYTES);
+                    prop_assert_eq!(journal.sha256.len(), 64);
+                    let staging = dir.path().join("staging");
+                    prop_assert!(journal::partial_path(dir.path(), &journal.task_id).starts_with(&staging));
+                    prop_assert!(journal::verified_path(dir.path(), &journal.task_id).starts_with(&staging));
+                }
+                Err(err) => prop_assert!(!err.to_string().trim().is_empty()),
+            }
+        }
     }
 }

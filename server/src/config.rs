@@ -101,6 +101,31 @@ pub struct Args {
     #[arg(long, env = "DROVER_MAX_CONCURRENT_DOWNLOADS", default_value_t = 64)]
     pub max_concurrent_downloads: usize,
 
+    /// Downloads one source address (IPv6: its /64) may hold at once; default three
+    /// quarters of --max-concurrent-downloads, rounded up
+    #[arg(long, env = "DROVER_MAX_DOWNLOADS_PER_ADDRESS")]
+    pub max_downloads_per_address: Option<usize>,
+
+    /// Connections held at once; default the open-files limit less 128 and a 128th of it,
+    /// kept for the database, builds and logs
+    #[arg(long, env = "DROVER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Connections one source address (IPv6: its /64) may hold at once; default half of
+    /// --max-connections (behind NAT a whole site shares one address)
+    #[arg(long, env = "DROVER_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
+
+    /// A request's headers must arrive within this, and an idle keep-alive connection
+    /// is closed after it
+    #[arg(long, env = "DROVER_HEADER_TIMEOUT", default_value = "15s", value_parser = parse_interval)]
+    pub header_timeout: Duration,
+
+    /// A connection whose peer accepts no bytes for this long is dropped (a download or
+    /// event stream that makes no progress frees its slot)
+    #[arg(long, env = "DROVER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_interval)]
+    pub write_timeout: Duration,
+
     /// An update task without progress for this long is timed out (a reconnect sends
     /// it again without counting against it)
     #[arg(long, env = "DROVER_TASK_TIMEOUT", default_value = "10m", value_parser = parse_interval)]

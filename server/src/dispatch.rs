@@ -13,6 +13,7 @@ use protocol::{
 use crate::AppState;
 use crate::clock::{now_ms, rfc3339};
 use crate::conductor;
+use crate::downloads;
 use crate::engine::{AgentPosition, Decision, needs_update, resolve_channel};
 use crate::maintenance::AgentWindow;
 use crate::releases::Release;
@@ -914,7 +915,7 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
     Some(ServerMessage::Update(Update {
         task_id: task.id.clone(),
         version: task.to_version.clone(),
-        url: format!("{}/downloads/{}", state.settings.public_url, release.file),
+        url: downloads::server_url(state, &release.file, &task.id),
         mirror_url: task
             .mirror
             .as_deref()

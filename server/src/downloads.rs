@@ -1,19 +1,31 @@
 //! `GET /downloads/{file}`: streams offered builds to agents, with Range support, under a
-//! concurrency limit. Only files the scanner offers are served, so no request can reach
-//! a sidecar, an unlisted file or anything outside the directory.
+//! concurrency limit overall and per source address. Only files the scanner offers are
+//! served, so no request can reach a sidecar, an unlisted file or anything outside the
+//! directory; and only to a caller with a grant: the URL of an `update` message (its
+//! task, while unfinished), of the install endpoint (for an hour), or an API token.
+//! `server_url` and `install_url` are the one place such URLs are made.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
 use crate::AppState;
 use crate::api::ApiError;
+use crate::auth::hash_secret;
 use crate::metrics::{COUNTERS, Counters};
+use crate::releases::Release;
+use crate::store::{Store, StoreError, StoreResult};
 
 /// Bytes read from the file per chunk. Every read is a trip to tokio's blocking pool,
 /// so the default 64 KiB costs a core at loopback speeds; 256 KiB a slot keeps the
@@ -23,12 +35,189 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Seconds an agent is asked to wait when every download slot is taken.
 const RETRY_AFTER_SECS: u32 = 10;
 
+/// The settings row holding the key download grants are signed with, shared by every
+/// node through the database.
+const URL_KEY_SETTING: &str = "download_url_key";
+
+/// How long the URL the install endpoint hands out stays valid.
+const INSTALL_GRANT_SECS: u64 = 3600;
+
+/// Bytes of the MAC a grant carries.
+const CODE_BYTES: usize = 16;
+
+/// Signs and checks the grants in download URLs. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct UrlSigner {
+    key: Arc<[u8]>,
+}
+
+impl UrlSigner {
+    /// The key every node shares: the first node to start stores a random one.
+    pub(crate) async fn load(store: &dyn Store) -> StoreResult<UrlSigner> {
+        let fresh = hex::encode(rand::random::<[u8; 32]>());
+        let stored = store.setting_or_insert(URL_KEY_SETTING, &fresh).await?;
+        let key = hex::decode(stored.trim())
+            .ok()
+            .filter(|key| key.len() >= 32)
+            .ok_or_else(|| {
+                StoreError::Other(format!(
+                    "the setting {URL_KEY_SETTING} is not a hex key of 32 bytes or more"
+                ))
+            })?;
+        Ok(UrlSigner { key: key.into() })
+    }
+
+    /// An HMAC-SHA-256 over the file and the grant.
+    fn mac(&self, file: &str, grant: &Grant) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes a key of any length");
+        mac.update(format!("drover-download 1\n{file}\n{}\n", grant.signed_line()).as_bytes());
+        mac
+    }
+
+    /// The grant's code: the first 128 bits of the MAC, in hex.
+    fn code(&self, file: &str, grant: &Grant) -> String {
+        hex::encode(&self.mac(file, grant).finalize().into_bytes()[..CODE_BYTES])
+    }
+
+    /// Whether `code` is the grant's code (compared in constant time).
+    fn verify(&self, file: &str, grant: &Grant, code: &str) -> bool {
+        match hex::decode(code) {
+            Ok(code) if code.len() == CODE_BYTES => {
+                self.mac(file, grant).verify_truncated_left(&code).is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What a download URL grants, besides the file it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Grant {
+    /// The build of this task, while the task is unfinished.
+    Task(String),
+    /// The file until this Unix time (seconds).
+    Until(u64),
+}
+
+impl Grant {
+    fn signed_line(&self) -> String {
+        match self {
+            Grant::Task(id) => format!("task {id}"),
+            Grant::Until(secs) => format!("until {secs}"),
+        }
+    }
+
+    fn query(&self) -> String {
+        match self {
+            Grant::Task(id) => format!("task={id}"),
+            Grant::Until(secs) => format!("until={secs}"),
+        }
+    }
+}
+
+/// The URL on this server an agent downloads a task's build from: valid while the
+/// task is unfinished, for Range resumes and retries alike.
+pub(crate) fn server_url(state: &AppState, file: &str, task_id: &str) -> String {
+    signed_url(state, file, &Grant::Task(task_id.to_owned()))
+}
+
+/// The URL the install script downloads a build from: valid for an hour.
+pub(crate) fn install_url(state: &AppState, file: &str) -> String {
+    let until = crate::clock::now_ms().max(0) as u64 / 1000 + INSTALL_GRANT_SECS;
+    signed_url(state, file, &Grant::Until(until))
+}
+
+fn signed_url(state: &AppState, file: &str, grant: &Grant) -> String {
+    format!(
+        "{}/downloads/{file}?{}&grant={}",
+        state.settings.public_url,
+        grant.query(),
+        state.url_signer.code(file, grant)
+    )
+}
+
+/// The query of a download URL.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct GrantQuery {
+    task: Option<String>,
+    until: Option<u64>,
+    grant: Option<String>,
+}
+
+/// Whether the caller may download `release`: a valid grant for it, or an API token.
+async fn authorize(
+    state: &AppState,
+    release: &Release,
+    query: &GrantQuery,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    if let Some(code) = &query.grant {
+        let grant = match (&query.task, query.until) {
+            (Some(task), None) => Grant::Task(task.clone()),
+            (None, Some(until)) => Grant::Until(until),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "a download grant names either a task or an expiry".into(),
+                ));
+            }
+        };
+        if !state.url_signer.verify(&release.file, &grant, code) {
+            return Err(ApiError::Forbidden(
+                "the download grant is not valid for this file".into(),
+            ));
+        }
+        return match grant {
+            Grant::Until(until) => {
+                if (crate::clock::now_ms().max(0) as u64 / 1000) < until {
+                    Ok(())
+                } else {
+                    Err(ApiError::Forbidden(
+                        "the download grant has expired; ask for a new one".into(),
+                    ))
+                }
+            }
+            Grant::Task(task) => match state.store.unfinished_task(&task).await? {
+                Some(t)
+                    if t.to_version == release.version.to_string()
+                        && t.os == release.os
+                        && t.arch == release.arch =>
+                {
+                    Ok(())
+                }
+                _ => Err(ApiError::Forbidden(format!(
+                    "task {task} is finished or not for this build"
+                ))),
+            },
+        };
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(ApiError::Unauthorized(
+            "downloads need the URL of an update message or of the install endpoint, or an API token",
+        ));
+    };
+    match state.store.api_token(&hash_secret(token)).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::NotFound) => Err(ApiError::Unauthorized("unknown or revoked token")),
+        Err(err) => Err(err.into()),
+    }
+}
+
 pub(crate) async fn serve(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     file: Result<Path<String>, PathRejection>,
+    query: Result<Query<GrantQuery>, QueryRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     if !is_plain_name(&file) {
         return Err(ApiError::BadRequest(format!(
             "{file:?} is not a file name in the downloads directory"
@@ -58,6 +247,18 @@ pub(crate) async fn serve(
             release.version
         )));
     }
+    authorize(&state, &release, &query, request.headers()).await?;
+    let Some(source_slot) = state.downloads_per_source.try_take(peer.ip()) else {
+        Counters::bump(&COUNTERS.downloads_refused_address);
+        let mut busy = ApiError::Unavailable(format!(
+            "this address already has {} downloads under way; retry later",
+            state.downloads_per_source.max()
+        ))
+        .into_response();
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        return Ok(busy);
+    };
     let Ok(permit) = state.downloads.clone().try_acquire_owned() else {
         Counters::bump(&COUNTERS.downloads_refused_busy);
         let mut busy = ApiError::Unavailable(format!(
@@ -98,7 +299,7 @@ pub(crate) async fn serve(
     // until the headers are out.
     let (parts, body) = response.into_parts();
     let body = Body::from_stream(Body::new(body).into_data_stream().map(move |chunk| {
-        let _held = &permit;
+        let _held = (&permit, &source_slot);
         chunk
     }));
     Ok(Response::from_parts(parts, body))

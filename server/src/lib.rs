@@ -17,6 +17,7 @@ mod engine;
 mod events;
 mod heartbeats;
 pub mod limits;
+pub mod listen;
 mod maintenance;
 mod metrics;
 mod mirrors;
@@ -41,7 +42,6 @@ use anyhow::Context;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -108,6 +108,11 @@ pub struct Settings {
     /// How long a machine's record must have been offline and silent before an
     /// enrollment may re-bind it.
     pub rebind_after: Duration,
+    /// Downloads one source address may hold at once; `None`: three quarters of
+    /// `max_concurrent_downloads`, rounded up.
+    pub max_downloads_per_address: Option<usize>,
+    /// Connections held at once, per address, and the header and write timeouts.
+    pub connections: listen::ConnectionLimits,
 }
 
 impl Settings {
@@ -139,7 +144,14 @@ impl Settings {
             tls: None,
             enrollment_limits: limits::EnrollmentLimits::default(),
             rebind_after: Duration::from_secs(600),
+            max_downloads_per_address: None,
+            connections: listen::ConnectionLimits::default(),
         }
+    }
+
+    fn downloads_per_address(&self) -> usize {
+        self.max_downloads_per_address
+            .unwrap_or_else(|| (self.max_concurrent_downloads * 3).div_ceil(4))
     }
 
     fn gate_policy(&self) -> rollouts::health::GatePolicy {
@@ -173,6 +185,10 @@ pub struct AppState {
     /// The rollouts dispatch consults, re-read whenever one changes on any node.
     book: Arc<RwLock<Arc<rollouts::book::Book>>>,
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Downloads under way per source address.
+    downloads_per_source: Arc<limits::PerSource>,
+    /// Signs the grants in download URLs, with the key the nodes share.
+    url_signer: downloads::UrlSigner,
     /// Updates pushed by this node's sessions and not yet downloaded, and who waits.
     admission: Arc<admission::Admission>,
     /// This server process, as the `nodes` table knows it.
@@ -304,6 +320,10 @@ pub async fn run(
     )
     .await?;
     let tls = settings.tls.clone();
+    let connection_limits = settings.connections;
+    let url_signer = downloads::UrlSigner::load(&*store)
+        .await
+        .context("while loading the key download URLs are signed with")?;
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
     let state = AppState {
@@ -315,6 +335,8 @@ pub async fn run(
         downloads: Arc::new(tokio::sync::Semaphore::new(
             settings.max_concurrent_downloads,
         )),
+        downloads_per_source: Arc::new(limits::PerSource::new(settings.downloads_per_address())),
+        url_signer,
         admission: Arc::new(admission::Admission::new(settings.max_concurrent_downloads)),
         enrollments: Arc::new(limits::EnrollmentLimiter::new(settings.enrollment_limits)),
         logins: Arc::new(limits::EnrollmentLimiter::of("login", limits::LOGIN_LIMITS)),
@@ -335,22 +357,7 @@ pub async fn run(
     tokio::spawn(snapshot_versions(state.clone()));
     tokio::spawn(retention::run(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
-        Some(tls) => {
-            // `tap_io` is what gives a custom listener `ConnectInfo<SocketAddr>`.
-            let listener = tls::TlsListener::new(listener, &tls).tap_io(|_| {});
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
-    }
-    .context("while serving")?;
+    listen::serve(listener, tls, router(state), connection_limits, shutdown).await;
     writer.await.context("heartbeat writer failed")?;
     Ok(())
 }
@@ -489,6 +496,9 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // A server holds a descriptor per agent: take all the system allows.
+    let open_files =
+        listen::raise_open_files_limit().context("while raising the open-files limit")?;
     // Tokens and (with SQLite) the database live here: the server's user only.
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -592,6 +602,16 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         enrollment_limits: limits::EnrollmentLimits {
             attempts: args.enroll_limit,
             failures: args.enroll_failure_limit,
+        },
+        max_downloads_per_address: args.max_downloads_per_address,
+        connections: listen::ConnectionLimits {
+            header_timeout: args.header_timeout,
+            write_timeout: args.write_timeout,
+            ..listen::ConnectionLimits::for_open_files(
+                open_files,
+                args.max_connections,
+                args.max_connections_per_address,
+            )
         },
         ..Settings::new(public_url.clone(), args.downloads.clone())
     };

@@ -1,11 +1,13 @@
 //! Rate limits against hostile or broken peers: `Rate` ("N per period") and its token
 //! `Bucket`, and the `EnrollmentLimiter`, which counts enrollment (or dashboard login)
-//! attempts per source address in a map of bounded size. Callers pass the time in, so tests need no clock.
+//! attempts per source address in a map of bounded size. Callers pass the time in, so
+//! tests need no clock. `PerSource` caps what one source address holds at once
+//! (downloads, connections).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A limit of `burst` events at once, refilled evenly over `per`: `20/1m` allows 20 in a
@@ -284,8 +286,66 @@ impl EnrollmentLimiter {
     }
 }
 
+/// Things held at once per source address (IPv6 by its /64): downloads, connections.
+pub(crate) struct PerSource {
+    max: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerSource {
+    pub(crate) fn new(max: usize) -> PerSource {
+        PerSource {
+            max,
+            held: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A slot for `source`, or `None` while it holds `max` already.
+    pub(crate) fn try_take(self: &Arc<Self>, source: IpAddr) -> Option<SourceSlot> {
+        let key = source_key(source);
+        let mut held = self.lock();
+        let count = held.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            owner: self.clone(),
+            key,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One source's slot, given back when dropped.
+pub(crate) struct SourceSlot {
+    owner: Arc<PerSource>,
+    key: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.owner.lock();
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// IPv4 as it is (also when mapped into IPv6); IPv6 by its /64.
-fn source_key(source: IpAddr) -> IpAddr {
+pub(crate) fn source_key(source: IpAddr) -> IpAddr {
     match source.to_canonical() {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);

@@ -21,6 +21,12 @@ pub(crate) struct Counters {
     pub(crate) downloads_refused_off: AtomicU64,
     /// Downloads whose bytes this node began to send (a full build or a range of one).
     pub(crate) downloads_served: AtomicU64,
+    /// Downloads answered 503 because their source address held its share of slots.
+    pub(crate) downloads_refused_address: AtomicU64,
+    /// Connections closed at accept because the server held its maximum.
+    pub(crate) connections_refused_full: AtomicU64,
+    /// Connections closed at accept because their source address held its maximum.
+    pub(crate) connections_refused_address: AtomicU64,
     /// Database statements that failed for a reason other than "not found" or a conflict.
     pub(crate) database_errors: AtomicU64,
     /// Milliseconds between the oldest heartbeat of the last written batch and the end
@@ -54,6 +60,9 @@ pub(crate) static COUNTERS: Counters = Counters {
     downloads_refused_busy: AtomicU64::new(0),
     downloads_refused_off: AtomicU64::new(0),
     downloads_served: AtomicU64::new(0),
+    downloads_refused_address: AtomicU64::new(0),
+    connections_refused_full: AtomicU64::new(0),
+    connections_refused_address: AtomicU64::new(0),
     database_errors: AtomicU64::new(0),
     heartbeat_write_lag_ms: AtomicU64::new(0),
     task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
@@ -176,16 +185,33 @@ pub(crate) async fn render(
         &mut out,
         "drover_downloads_refused_total",
         "counter",
-        "Build downloads refused: busy (503, every slot taken) or off (updates off, downloads off, or the build rolled back).",
+        "Build downloads refused: busy (503, every slot taken), address (503, the source address holds its share of slots) or off (updates off, downloads off, or the build rolled back).",
     );
     let c = &COUNTERS;
     for (reason, counter) in [
         ("busy", &c.downloads_refused_busy),
+        ("address", &c.downloads_refused_address),
         ("off", &c.downloads_refused_off),
     ] {
         let _ = writeln!(
             out,
             "drover_downloads_refused_total{{reason=\"{reason}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    metric(
+        &mut out,
+        "drover_connections_refused_total",
+        "counter",
+        "Connections closed as soon as accepted: full (the server holds --max-connections) or address (the source address holds --max-connections-per-address).",
+    );
+    for (reason, counter) in [
+        ("full", &c.connections_refused_full),
+        ("address", &c.connections_refused_address),
+    ] {
+        let _ = writeln!(
+            out,
+            "drover_connections_refused_total{{reason=\"{reason}\"}} {}",
             counter.load(Ordering::Relaxed)
         );
     }

@@ -1,5 +1,6 @@
 //! HTTPS and WSS on the server's own listener: the certificate and key from PEM files,
-//! and a `Listener` for `axum::serve` that completes handshakes off the accept loop.
+//! and the handshake each accepted connection makes in its own task (with a time limit),
+//! so a slow or silent client delays no one else.
 
 use std::fmt;
 use std::io;
@@ -9,10 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::serve::Listener;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
@@ -85,54 +84,19 @@ pub fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsConfig> {
     Ok(TlsConfig(Arc::new(config)))
 }
 
-/// Accepts TCP connections and hands out those whose TLS handshake completed. Each
-/// handshake runs in its own task, so a slow or silent client delays no one else.
-pub(crate) struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
-}
-
-impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, config: &TlsConfig) -> TlsListener {
-        TlsListener {
-            tcp,
-            acceptor: TlsAcceptor::from(config.0.clone()),
-            handshakes: JoinSet::new(),
-        }
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                // axum's accept for TcpListener retries and backs off on errors itself.
-                (tcp, peer) = Listener::accept(&mut self.tcp) => {
-                    self.handshakes.spawn(handshake(self.acceptor.clone(), tcp, peer));
-                }
-                Some(done) = self.handshakes.join_next() => {
-                    if let Ok(Some(accepted)) = done {
-                        return accepted;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
-async fn handshake(
-    acceptor: TlsAcceptor,
+/// Completes the TLS handshake of an accepted connection, wrapped by `wrap` once it is
+/// known to speak TLS; `None` (and a debug line) when it fails or times out. A plain
+/// HTTP request is answered with a 400 saying to use https.
+pub(crate) async fn handshake<I>(
+    config: &TlsConfig,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
+    wrap: impl FnOnce(TcpStream) -> I,
+) -> Option<TlsStream<I>>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let acceptor = TlsAcceptor::from(config.0.clone());
     let attempt = async {
         let mut first = [0u8; 1];
         if tcp.peek(&mut first).await? == 1 && first[0] != TLS_HANDSHAKE_RECORD {
@@ -144,10 +108,10 @@ async fn handshake(
                 "plain HTTP on the TLS port",
             ));
         }
-        acceptor.accept(tcp).await
+        acceptor.accept(wrap(tcp)).await
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
-        Ok(Ok(tls)) => Some((tls, peer)),
+        Ok(Ok(tls)) => Some(tls),
         // Scanners and misconfigured clients: worth a debug line, not a warning each.
         Ok(Err(err)) => {
             tracing::debug!(%peer, %err, "TLS handshake failed");

@@ -302,6 +302,11 @@ async fn story_of_hierarchy(store: &dyn Store, one: &str, two: &str) {
         store.setting("updates_enabled").await.unwrap().as_deref(),
         Some("true")
     );
+    // The first value stored wins, for every node that asks after it.
+    let first = store.setting_or_insert("shared_key", "one").await.unwrap();
+    assert_eq!(first, "one");
+    let second = store.setting_or_insert("shared_key", "two").await.unwrap();
+    assert_eq!(second, "one");
 }
 
 fn ids(tasks: &[UpdateTask]) -> Vec<&str> {
@@ -340,6 +345,11 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     ));
     assert_eq!(store.active_task(one).await.unwrap(), Some(queued.clone()));
     assert_eq!(store.active_task(two).await.unwrap(), None);
+    assert_eq!(
+        store.unfinished_task(&queued.id).await.unwrap(),
+        Some(queued.clone())
+    );
+    assert_eq!(store.unfinished_task("no-such-task").await.unwrap(), None);
     assert!(
         store
             .stale_tasks(i64::MAX, i64::MAX)
@@ -608,6 +618,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
             .is_empty()
     );
     assert_eq!(store.active_task(one).await.unwrap(), None);
+    assert_eq!(store.unfinished_task(&queued.id).await.unwrap(), None);
     assert!(matches!(
         store
             .create_task(&new(one, TaskStatus::Dispatched), 16_600)

@@ -27,11 +27,15 @@ pub(crate) struct Platform {
 pub(crate) struct Installable {
     version: String,
     file: String,
-    /// Where to download it: `GET /downloads/{file}` on this server's public URL.
+    /// Where to download it: `GET /downloads/{file}` on this server's public URL, with a
+    /// grant valid for an hour.
     url: String,
     /// Lower-case hex.
     sha256: String,
     size: u64,
+    /// The build's signature document (its `.sig`), when it is signed: the install
+    /// script has the new agent check it and record its release counter.
+    signature: Option<String>,
 }
 
 /// The newest non-blocked stable build for the platform.
@@ -87,9 +91,10 @@ pub(crate) async fn newest_for_install(
         })?;
     Ok(Json(Installable {
         version: release.version.to_string(),
-        url: format!("{}/downloads/{}", state.settings.public_url, release.file),
+        url: crate::downloads::install_url(&state, &release.file),
         file: release.file.clone(),
         sha256: release.sha256.clone(),
         size: release.size,
+        signature: release.signature.clone(),
     }))
 }

@@ -163,6 +163,10 @@ pub trait Queries: Send + Sync {
 
     async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()>;
 
+    /// The setting's value, storing `value` first when the key has none: every node
+    /// sharing the database ends up with the value the first of them stored.
+    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String>;
+
     async fn blocked_versions(&self) -> StoreResult<Vec<String>>;
 
     /// Creates a task; `Conflict` when the agent already has an unfinished one.
@@ -189,6 +193,9 @@ pub trait Queries: Send + Sync {
 
     /// The agent's unfinished task, if any.
     async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;
+
+    /// The task with this id if it is unfinished.
+    async fn unfinished_task(&self, task_id: &str) -> StoreResult<Option<UpdateTask>>;
 
     /// Versions that failed on this agent because of the build (class `build`).
     async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
@@ -1144,6 +1151,23 @@ macro_rules! impl_queries {
                     Ok(())
                 }
 
+                async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
+                    sqlx::query(
+                        "INSERT INTO settings (key, value) VALUES ($1, $2) \
+                         ON CONFLICT (key) DO NOTHING",
+                    )
+                    .bind(key)
+                    .bind(value)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(
+                        sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                            .bind(key)
+                            .fetch_one(&self.pool)
+                            .await?,
+                    )
+                }
+
                 async fn blocked_versions(&self) -> StoreResult<Vec<String>> {
                     let bytes = <$store as Dialect>::BYTE_ORDER;
                     Ok(sqlx::query_scalar(&format!(
@@ -1222,6 +1246,16 @@ macro_rules! impl_queries {
                          WHERE agent_id = $1 AND status IN {ACTIVE_STATUSES}"
                     ))
                     .bind(agent_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+                }
+
+                async fn unfinished_task(&self, task_id: &str) -> StoreResult<Option<UpdateTask>> {
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT {TASK_COLUMNS} FROM update_tasks \
+                         WHERE id = $1 AND status IN {ACTIVE_STATUSES}"
+                    ))
+                    .bind(task_id)
                     .fetch_optional(&self.pool)
                     .await?)
                 }

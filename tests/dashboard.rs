@@ -2105,6 +2105,78 @@ async fn a_failing_download_mirror_is_bannered_on_the_overview() {
     browser.close().await;
 }
 
+/// An operator sets a site's download mirror from the Sites page, is told why a bad
+/// URL is refused, and clears it again; the page says what a site without one uses.
+#[tokio::test]
+async fn the_sites_page_sets_and_clears_a_sites_download_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let (_, sites) = api.get("/api/v1/sites").await;
+    let site = sites[0]["id"].as_str().unwrap().to_owned();
+    let Some(browser) = Browser::start(&server).await else {
+        return;
+    };
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show("#/sites").await;
+    let row = format!("tr[data-site='{site}']");
+    browser
+        .wait_for_text(&format!("{row} td.mirror"), |t| t == "none: this server")
+        .await;
+    let set_to = |url: &'static str| {
+        let (browser, row) = (&browser, &row);
+        async move {
+            browser
+                .click(&format!("{row} button[data-action=set-mirror]"))
+                .await;
+            browser
+                .wait_for_text("#confirm-text", |t| t.contains("download mirror"))
+                .await;
+            browser
+                .client
+                .find(fantoccini::Locator::Id("confirm-field-url"))
+                .await
+                .unwrap()
+                .send_keys(url)
+                .await
+                .unwrap();
+            browser.click("#confirm-ok").await;
+        }
+    };
+    set_to("ftp://mirror.example.com").await;
+    browser
+        .wait_for_text("#toast", |t| t.contains("http:// or https://"))
+        .await;
+    set_to("http://mirror.example.com/drover/").await;
+    browser
+        .wait_for_text(&format!("{row} td.mirror"), |t| {
+            t == "http://mirror.example.com/drover"
+        })
+        .await;
+    let (_, sites) = api.get("/api/v1/sites").await;
+    assert_eq!(
+        sites[0]["download_mirror"],
+        "http://mirror.example.com/drover"
+    );
+    browser.screenshot("sites-mirror").await;
+
+    browser
+        .click(&format!("{row} button[data-action=clear-mirror]"))
+        .await;
+    browser
+        .wait_for_text("#confirm-text", |t| t.contains("Stop sending"))
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for_text(&format!("{row} td.mirror"), |t| t == "none: this server")
+        .await;
+    let (_, sites) = api.get("/api/v1/sites").await;
+    assert_eq!(sites[0]["download_mirror"], Value::Null);
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    browser.close().await;
+}
+
 /// A new fleet has a point on the adoption chart at once, with axes; a snapshot carries
 /// the time it was taken (not the start of its interval); a new version shows without
 /// a reload; the range control asks for that range.

@@ -1211,9 +1211,75 @@ function enrollment(main) {
   return { title: 'Enrollment', refresh(events) { if (touches(events, 'audit', 'settings')) load(); } };
 }
 
+// ---------------------------------------------------------------- sites
+
+// A maintenance window as one line: its schedule, and whether it is open now.
+function windowText(w) {
+  if (!w) return '—';
+  return [`${w.days.join(',')} ${w.start} for ${w.duration} ${w.time_zone} (${w.open ? 'open' : 'closed'} until `,
+    when(w.until), ')'];
+}
+
+// Clients and sites with their channel, window and download mirror; operators set and
+// clear mirrors here. What a site without its own mirror uses is said, not left blank.
+function sites(main) {
+  const body = h('div');
+  main.append(h('h2', {}, 'Sites and clients'),
+    h('p', { class: 'muted' }, "A site's agents download updates from its mirror, else its client's, else the server-wide "
+      + 'mirror (--download-url), else from this server. They verify what a mirror serves and fall back to this server '
+      + 'when it fails.'),
+    body);
+  const setMirror = (kind, item) => actionButton('Set mirror', () => act(
+    `Send the agents of ${kind} ${item.name} to a download mirror: a web server holding copies of the offered builds `
+    + '(drover mirror sync fills one). They verify its bytes and fall back to this server when it fails.',
+    'Set mirror',
+    (values) => api('PUT', `/api/v1/${kind}s/${enc(item.id)}/download-mirror`, { url: values.url }),
+    `${kind} ${item.name}: download mirror set`,
+    { fields: [{ name: 'url', label: 'Mirror base URL', hint: 'https://mirror.example.com/drover' }] },
+  ));
+  const clearMirror = (kind, item) => (item.download_mirror ? actionButton('Clear mirror', () => act(
+    `Stop sending the agents of ${kind} ${item.name} to ${item.download_mirror}: they follow `
+    + `${kind === 'site' ? "their client's mirror, the server-wide one" : 'the server-wide mirror'} or this server.`,
+    'Clear mirror',
+    () => api('PUT', `/api/v1/${kind}s/${enc(item.id)}/download-mirror`, { url: null }),
+    `${kind} ${item.name}: download mirror cleared`,
+  )) : null);
+  const load = guard(body, async () => {
+    const [siteList, clientList, mirrors] = await Promise.all([get('/api/v1/sites'), get('/api/v1/clients'),
+      get('/api/v1/mirrors')]);
+    const health = new Map(mirrors.mirrors.map((m) => [m.url, m]));
+    const clients = new Map(clientList.map((c) => [c.id, c]));
+    const fallback = mirrors.download_url ? `the server-wide mirror ${mirrors.download_url}` : 'this server';
+    const mirrorCell = (own, inherited) => (own
+      ? [h('span', { class: 'mono' }, own),
+        (health.get(own) || {}).failing ? h('span', { class: 'marker failing' }, 'failing') : null]
+      : h('span', { class: 'muted' }, `none: ${inherited}`));
+    const ofClient = (c) => (c && c.download_mirror ? `its client's, ${c.download_mirror}` : fallback);
+    body.replaceChildren(
+      h('p', { id: 'server-mirror' }, 'Server-wide mirror: ', mirrors.download_url
+        ? h('span', { class: 'mono' }, mirrors.download_url) : 'none'),
+      h('h3', {}, 'Clients'),
+      table(['Client', 'Channel', 'Maintenance window', 'Download mirror', ''],
+        clientList.map((c) => h('tr', { 'data-client': c.id },
+          h('td', {}, c.name), h('td', {}, c.channel || '—'), h('td', {}, windowText(c.maintenance_window)),
+          h('td', { class: 'mirror' }, mirrorCell(c.download_mirror, fallback)),
+          h('td', { class: 'actions-cell' }, setMirror('client', c), clearMirror('client', c)))),
+        'No clients.'),
+      h('h3', {}, 'Sites'),
+      table(['Site', 'Client', 'Channel', 'Maintenance window', 'Download mirror', ''],
+        siteList.map((s) => h('tr', { 'data-site': s.id },
+          h('td', {}, s.name), h('td', {}, (clients.get(s.client_id) || { name: s.client_id }).name),
+          h('td', {}, s.channel || '—'), h('td', {}, windowText(s.maintenance_window)),
+          h('td', { class: 'mirror' }, mirrorCell(s.download_mirror, ofClient(clients.get(s.client_id)))),
+          h('td', { class: 'actions-cell' }, setMirror('site', s), clearMirror('site', s)))),
+        'No sites.'));
+  });
+  return { title: 'Sites', refresh(events) { if (touches(events, 'settings', 'task')) load(); } };
+}
+
 // ---------------------------------------------------------------- routing
 
-const VIEWS = { overview, rollouts, agents, releases, enrollment, audit };
+const VIEWS = { overview, rollouts, agents, releases, sites, enrollment, audit };
 
 function route() {
   if (me === null) return;

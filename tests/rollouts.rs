@@ -272,12 +272,13 @@ async fn enroll_fleet(server: &Server, prefix: &str, count: usize, version: &str
 // Reading rollouts
 // ---------------------------------------------------------------------------------------
 
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "waiting",
     "queued",
     "outside_window",
     "downloading",
     "installing",
+    "probation",
     "succeeded",
     "failed",
     "rolled_back",
@@ -475,6 +476,54 @@ fn detail(body: &Value) -> String {
 // ---------------------------------------------------------------------------------------
 // 1. Failures that are not the build's
 // ---------------------------------------------------------------------------------------
+
+/// A target that restarted into the new build is on probation, apart from installing,
+/// until its new version heartbeats; then it has succeeded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_target_is_on_probation_until_the_new_build_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut fleet = enroll_fleet(&server, "fp-probe", 2, "1.0.0").await;
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
+    let mut tasks = Vec::new();
+    for agent in &mut fleet {
+        tasks.push(agent.update(SOON).await.task_id);
+    }
+    for stage in [UpdateStage::Installing, UpdateStage::Restarting] {
+        fleet[0].report(AgentMessage::UpdateProgress(UpdateProgress {
+            task_id: tasks[0].clone(),
+            stage,
+            bytes_done: 7,
+            bytes_total: 7,
+            transfer: None,
+        }));
+    }
+    let counts = eventually("a target on probation", SOON, || async {
+        let r = rollout_of(&api, "1.1.0", "promote").await?;
+        (r["probation"] == 1).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        (
+            &counts["installing"],
+            &counts["downloading"],
+            &counts["in_progress"],
+            &counts["succeeded"]
+        ),
+        (&json!(0), &json!(1), &json!(2), &json!(0)),
+        "{counts}"
+    );
+    assert_eq!(count_problem(&counts), None);
+    fleet[0].reconnect("1.1.0").await;
+    let done = eventually("the probation to end in success", SOON, || async {
+        let r = rollout_of(&api, "1.1.0", "promote").await?;
+        (r["succeeded"] == 1).then_some(r)
+    })
+    .await;
+    assert_eq!(done["probation"], 0, "{done}");
+    assert_eq!(count_problem(&done), None);
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_that_are_not_the_builds_never_halt_and_never_block_the_version() {

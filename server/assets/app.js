@@ -567,7 +567,7 @@ function gateCell(r, facts) {
 
 const STAGES = [['waiting', 'waiting'], ['queued', 'queued'],
   ['outside_window', 'outside window'], ['downloading', 'downloading'],
-  ['installing', 'installing'], ['succeeded', 'succeeded']];
+  ['installing', 'installing'], ['probation', 'on probation'], ['succeeded', 'succeeded']];
 const OFF_ROAD = [['failed', 'failed'], ['rolled_back', 'rolled back'], ['cancelled', 'cancelled'], ['skipped', 'skipped']];
 
 // Where the targets stand, stage by stage with the stage's name: the road to success,

@@ -52,6 +52,9 @@ pub(crate) struct Counts {
     outside_window: u64,
     downloading: u64,
     installing: u64,
+    /// Restarted into the new build, proving itself.
+    #[serde(default)]
+    probation: u64,
     succeeded: u64,
     settled: u64,
     failed: u64,
@@ -284,6 +287,7 @@ fn stages(counts: &Counts) -> String {
         (counts.succeeded, "succeeded", settled.as_str()),
         (counts.failed, "failed", ""),
         (counts.rolled_back, "rolled back", ""),
+        (counts.probation, "on probation", ""),
         (counts.installing, "installing", ""),
         (counts.downloading, "downloading", ""),
         (counts.queued, "queued", ""),

@@ -22,8 +22,10 @@ pub(crate) enum Stage {
     OutsideWindow,
     /// Sent, downloading or verifying.
     Downloading,
-    /// Installing or restarting into the new build.
+    /// Installing the new build.
     Installing,
+    /// Restarted into the new build, on probation until it connects and heartbeats.
+    Probation,
     Succeeded,
     /// The build failed on it (class `build`).
     Failed,
@@ -36,12 +38,13 @@ pub(crate) enum Stage {
 }
 
 impl Stage {
-    pub(crate) const ALL: [Stage; 10] = [
+    pub(crate) const ALL: [Stage; 11] = [
         Stage::Waiting,
         Stage::Queued,
         Stage::OutsideWindow,
         Stage::Downloading,
         Stage::Installing,
+        Stage::Probation,
         Stage::Succeeded,
         Stage::Failed,
         Stage::RolledBack,
@@ -56,6 +59,7 @@ impl Stage {
             Stage::OutsideWindow => "outside_window",
             Stage::Downloading => "downloading",
             Stage::Installing => "installing",
+            Stage::Probation => "probation",
             Stage::Succeeded => "succeeded",
             Stage::Failed => "failed",
             Stage::RolledBack => "rolled_back",
@@ -128,7 +132,8 @@ pub(crate) fn stage_of(facts: &TargetFacts) -> (Stage, Option<SkipReason>) {
     }
     match facts.status {
         Some(TaskStatus::Queued) => (Stage::Queued, None),
-        Some(TaskStatus::Installing | TaskStatus::Restarting) => (Stage::Installing, None),
+        Some(TaskStatus::Installing) => (Stage::Installing, None),
+        Some(TaskStatus::Restarting) => (Stage::Probation, None),
         _ => (Stage::Downloading, None),
     }
 }
@@ -171,7 +176,9 @@ pub(crate) struct Counts {
     pub(crate) outside_window: u64,
     pub(crate) downloading: u64,
     pub(crate) installing: u64,
-    /// `downloading` and `installing` together.
+    /// Restarted into the new build, on probation until it connects and heartbeats.
+    pub(crate) probation: u64,
+    /// `downloading`, `installing` and `probation` together.
     pub(crate) in_progress: u64,
     pub(crate) succeeded: u64,
     /// Of `succeeded`, those that stayed connected on the new version through the
@@ -192,7 +199,10 @@ impl Counts {
     fn add_target(&mut self, stage: Stage, skip: Option<SkipReason>, settled: bool, agents: u64) {
         self.targeted += agents;
         *self.stage_mut(stage) += agents;
-        if matches!(stage, Stage::Downloading | Stage::Installing) {
+        if matches!(
+            stage,
+            Stage::Downloading | Stage::Installing | Stage::Probation
+        ) {
             self.in_progress += agents;
         }
         if stage == Stage::Succeeded && settled {
@@ -219,6 +229,7 @@ impl Counts {
             Stage::OutsideWindow => &mut self.outside_window,
             Stage::Downloading => &mut self.downloading,
             Stage::Installing => &mut self.installing,
+            Stage::Probation => &mut self.probation,
             Stage::Succeeded => &mut self.succeeded,
             Stage::Failed => &mut self.failed,
             Stage::RolledBack => &mut self.rolled_back,
@@ -290,6 +301,7 @@ pub(crate) fn total(waves: &[Counts]) -> Counts {
         sum.outside_window += w.outside_window;
         sum.downloading += w.downloading;
         sum.installing += w.installing;
+        sum.probation += w.probation;
         sum.in_progress += w.in_progress;
         sum.succeeded += w.succeeded;
         sum.settled += w.settled;
@@ -470,7 +482,7 @@ mod tests {
             (facts(Some(Queued), None), Stage::Queued),
             (facts(Some(Dispatched), None), Stage::Downloading),
             (facts(Some(Verifying), None), Stage::Downloading),
-            (facts(Some(Restarting), None), Stage::Installing),
+            (facts(Some(Restarting), None), Stage::Probation),
             (facts(Some(Succeeded), None), Stage::Succeeded),
             (facts(Some(Failed), Some(Build)), Stage::Failed),
             (facts(Some(TimedOut), Some(Build)), Stage::Failed),

@@ -460,6 +460,14 @@ async fn admission_counts_only_the_downloads_that_fall_back_to_the_server() {
             }))
             .await;
     }
+    for agent in &agents[..2] {
+        eventually("the fallback to be recorded", UPDATE_WAIT, || async {
+            let newest = tasks_of(&server, &agent.id).await.first()?.clone();
+            (newest["status"] == "downloading" && newest["transfer"]["fallback"] == "unreachable")
+                .then_some(())
+        })
+        .await;
+    }
     // Without a mirror now, a new agent waits for a slot.
     let (status, _) = server
         .api()

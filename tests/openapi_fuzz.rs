@@ -105,6 +105,8 @@ struct Operation {
     body: Option<(Value, bool)>,
     /// The scheme of its security requirement; `None` for an open operation.
     scheme: Option<String>,
+    /// The least role it needs, per its requirement's scopes.
+    role: Option<String>,
 }
 
 fn operations(doc: &Doc) -> Vec<Operation> {
@@ -137,11 +139,15 @@ fn operations(doc: &Doc) -> Vec<Operation> {
                 );
                 (schema, body.get("required") == Some(&Value::Bool(true)))
             });
-            let scheme = spec["security"]
+            let requirement = spec["security"]
                 .as_array()
                 .and_then(|requirements| requirements.first())
                 .and_then(Value::as_object)
-                .and_then(|requirement| requirement.keys().next().cloned());
+                .and_then(|requirement| requirement.iter().next());
+            let scheme = requirement.map(|(scheme, _)| scheme.clone());
+            let role = requirement
+                .and_then(|(_, scopes)| scopes[0].as_str())
+                .map(str::to_owned);
             found.push(Operation {
                 method: method.to_uppercase(),
                 path: path.clone(),
@@ -149,6 +155,7 @@ fn operations(doc: &Doc) -> Vec<Operation> {
                 params,
                 body,
                 scheme,
+                role,
             });
         }
     }
@@ -159,6 +166,8 @@ fn operations(doc: &Doc) -> Vec<Operation> {
 enum Auth {
     /// The token the operation's scheme asks for.
     Proper,
+    /// A viewer's API token: too little for an operation that needs more.
+    Viewer,
     Missing,
     Unknown,
 }
@@ -220,14 +229,25 @@ fn some_string() -> BoxedStrategy<Value> {
 }
 
 /// Values mostly valid against `schema`, now and then just outside it.
-fn value_for(doc: &Doc, schema: &Value, known: &[Value], depth: u32) -> BoxedStrategy<Value> {
+fn value_for(
+    doc: &Doc,
+    schema: &Value,
+    known: &[Value],
+    names: &Known,
+    depth: u32,
+) -> BoxedStrategy<Value> {
     let schema = doc.resolve(schema);
     if let Some(branches) = schema["oneOf"].as_array().or(schema["anyOf"].as_array()) {
         let branches: Vec<_> = branches
             .iter()
-            .map(|b| value_for(doc, b, known, depth))
+            .map(|b| value_for(doc, b, known, names, depth))
             .collect();
         return Union::new(branches).boxed();
+    }
+    // The first part of an `allOf` carries the shape; the rest narrow it (the
+    // validator, not the generator, judges them).
+    if let Some(first) = schema["allOf"].as_array().and_then(|parts| parts.first()) {
+        return value_for(doc, first, known, names, depth);
     }
     if let Some(values) = schema["enum"].as_array() {
         return prop_oneof![
@@ -251,12 +271,13 @@ fn value_for(doc: &Doc, schema: &Value, known: &[Value], depth: u32) -> BoxedStr
             "boolean" => any::<bool>().prop_map(Value::Bool).boxed(),
             "integer" | "number" => integer(schema),
             "string" => string(schema, known),
-            "array" if depth < 3 => {
-                prop::collection::vec(value_for(doc, &schema["items"], &[], depth + 1), 0..3)
-                    .prop_map(Value::Array)
-                    .boxed()
-            }
-            "object" if depth < 3 => object(doc, schema, depth),
+            "array" if depth < 3 => prop::collection::vec(
+                value_for(doc, &schema["items"], known, names, depth + 1),
+                0..3,
+            )
+            .prop_map(Value::Array)
+            .boxed(),
+            "object" if depth < 3 => object(doc, schema, names, depth),
             _ => Just(Value::Null).boxed(),
         });
     }
@@ -300,7 +321,7 @@ fn string(schema: &Value, known: &[Value]) -> BoxedStrategy<Value> {
     Union::new_weighted(choices).boxed()
 }
 
-fn object(doc: &Doc, schema: &Value, depth: u32) -> BoxedStrategy<Value> {
+fn object(doc: &Doc, schema: &Value, names: &Known, depth: u32) -> BoxedStrategy<Value> {
     let required: Vec<&str> = schema["required"]
         .as_array()
         .into_iter()
@@ -313,7 +334,7 @@ fn object(doc: &Doc, schema: &Value, depth: u32) -> BoxedStrategy<Value> {
         .flatten()
         .map(|(name, property)| {
             let name = name.clone();
-            let value = value_for(doc, property, &[], depth + 1);
+            let value = value_for(doc, property, &names.strings(&name), names, depth + 1);
             let weight_absent = if required.contains(&name.as_str()) {
                 1
             } else {
@@ -346,7 +367,7 @@ fn requests(doc: &Doc, op: &Operation, known: &Known) -> BoxedStrategy<Request> 
         .map(|p| {
             let name = p.name.clone();
             let known = known.strings(&format!("{} {}", op.path, p.name));
-            value_for(doc, &p.schema, &known, 0)
+            value_for(doc, &p.schema, &known, &Known::default(), 0)
                 .prop_map(move |v| (name.clone(), v))
                 .boxed()
         })
@@ -358,7 +379,7 @@ fn requests(doc: &Doc, op: &Operation, known: &Known) -> BoxedStrategy<Request> 
         .map(|p| {
             let name = p.name.clone();
             let known = known.strings(&p.name);
-            let value = value_for(doc, &p.schema, &known, 0);
+            let value = value_for(doc, &p.schema, &known, &Known::default(), 0);
             let absent = if p.required { 1 } else { 3 };
             prop_oneof![
                 absent => Just(None),
@@ -370,7 +391,7 @@ fn requests(doc: &Doc, op: &Operation, known: &Known) -> BoxedStrategy<Request> 
     let body: BoxedStrategy<Body> = match &op.body {
         None => Just(Body::Absent).boxed(),
         Some((schema, _)) => {
-            let value = value_for(doc, schema, &[], 0);
+            let value = value_for(doc, schema, &[], known, 0);
             prop_oneof![
                 10 => value.clone().prop_map(Body::Json),
                 1 => Just(Body::Absent),
@@ -389,6 +410,7 @@ fn requests(doc: &Doc, op: &Operation, known: &Known) -> BoxedStrategy<Request> 
     let auth = if op.scheme.is_some() {
         prop_oneof![
             12 => Just(Auth::Proper),
+            1 => Just(Auth::Viewer),
             1 => Just(Auth::Missing),
             1 => Just(Auth::Unknown),
         ]
@@ -408,8 +430,11 @@ fn requests(doc: &Doc, op: &Operation, known: &Known) -> BoxedStrategy<Request> 
 
 /// Why `request` breaks the document, if it does.
 fn violation(doc: &Doc, op: &Operation, request: &Request) -> Option<String> {
-    if !matches!(request.auth, Auth::Proper) {
-        return Some(format!("authentication {:?}", request.auth));
+    match (&request.auth, op.scheme.as_deref(), op.role.as_deref()) {
+        (Auth::Proper, _, _) => {}
+        // A viewer's token is enough for what viewers may do.
+        (Auth::Viewer, Some("bearer"), Some("viewer")) => {}
+        (auth, _, _) => return Some(format!("authentication {auth:?}")),
     }
     for param in &op.params {
         let given = match param.location {
@@ -463,6 +488,10 @@ struct Fuzzer {
     server: Server,
     http: Client,
     doc: Doc,
+    /// A viewer's API token, never revoked by the fuzzer (its id is not offered).
+    viewer: String,
+    /// The statuses each operation answered, to show what the run reached.
+    seen: RefCell<BTreeMap<String, BTreeMap<u16, u32>>>,
 }
 
 impl Fuzzer {
@@ -491,6 +520,7 @@ impl Fuzzer {
             .query(&query);
         match (&request.auth, &op.scheme) {
             (Auth::Proper, Some(scheme)) => call = call.bearer_auth(self.token(scheme)),
+            (Auth::Viewer, Some(_)) => call = call.bearer_auth(&self.viewer),
             (Auth::Unknown, _) => call = call.bearer_auth("drv_no_such_token_0123456789abcdef"),
             _ => {}
         }
@@ -523,6 +553,13 @@ impl Fuzzer {
     /// Checks one exchange against the document.
     fn check(&self, op: &Operation, request: &Request) -> Result<(), String> {
         let (status, kind, body) = self.send(op, request);
+        *self
+            .seen
+            .borrow_mut()
+            .entry(format!("{} {}", op.method, op.path))
+            .or_default()
+            .entry(status)
+            .or_default() += 1;
         let violation = violation(&self.doc, op, request);
         let what = format!(
             "{} {} with {request:?} ({}) answered {status} {body}",
@@ -647,6 +684,11 @@ fn populate(fuzzer: &Fuzzer, agent_id: &str) -> Known {
             vec![token["id"].as_str().unwrap().to_owned()]
         } else if path.starts_with("/api/v1/enrollment-tokens/") {
             vec![enrollment["id"].as_str().unwrap().to_owned()]
+        } else if path.starts_with("/api/v1/releases/files/") {
+            vec![
+                "drover-agent-linux-amd64-1.1.0".to_owned(),
+                "drover-agent-linux-amd64-1.2.0.sha256".to_owned(),
+            ]
         } else if path.starts_with("/api/v1/rollouts/") {
             vec![rollout.clone(), "1.2.0".to_owned(), "1.1.0".to_owned()]
         } else {
@@ -666,6 +708,14 @@ fn populate(fuzzer: &Fuzzer, agent_id: &str) -> Known {
         ("arch", "amd64"),
         ("q", "fuzz"),
         ("action", "rollout.create"),
+        // Body fields.
+        ("client_id", client.as_str()),
+        ("site_id", site.as_str()),
+        ("agent_ids", agent_id),
+        ("version", "1.2.0"),
+        ("running", "1.0.0"),
+        ("token", ADMIN_TOKEN),
+        ("url", "https://mirror.example.com/drover"),
     ] {
         known.add(name, value);
     }
@@ -701,11 +751,19 @@ fn requests_from_the_document_get_documented_answers() {
         .unwrap()
         .json()
         .unwrap();
-    let fuzzer = Fuzzer {
+    let mut fuzzer = Fuzzer {
         server,
         http,
         doc: Doc(doc, RefCell::default()),
+        viewer: String::new(),
+        seen: RefCell::default(),
     };
+    let viewer = fuzzer.admin(
+        "POST",
+        "/tokens",
+        Some(json!({ "name": "fuzz-viewer", "role": "viewer" })),
+    );
+    fuzzer.viewer = viewer["token"].as_str().unwrap().to_owned();
     let known = populate(&fuzzer, &agent.id);
 
     // Destructive operations last: a revoked token or a rolled-back build changes what
@@ -733,4 +791,22 @@ fn requests_from_the_document_get_documented_answers() {
     }
     drop(agent);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    // Generation that reached only refusals would prove little: most operations must
+    // also have succeeded.
+    let seen = fuzzer.seen.borrow();
+    let succeeded = seen
+        .values()
+        .filter(|statuses| statuses.keys().any(|s| (200..300).contains(s)))
+        .count();
+    let never: Vec<&String> = seen
+        .iter()
+        .filter(|(_, statuses)| !statuses.keys().any(|s| (200..300).contains(s)))
+        .map(|(op, _)| op)
+        .collect();
+    println!("answers: {seen:?}\nnever succeeded: {never:?}");
+    assert!(
+        succeeded * 10 >= seen.len() * 8,
+        "only {succeeded} of {} operations ever succeeded: {seen:#?}",
+        seen.len()
+    );
 }

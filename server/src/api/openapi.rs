@@ -366,10 +366,16 @@ pub(crate) fn mirror_url() -> Object {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
         .description(Some(
-            "`http` or `https` with a host name, no credentials, query or fragment",
+            "`http` or `https` with a host name or IPv4 address, no credentials, query or fragment",
         ))
         .pattern(Some(trimmed(
-            r"https?://[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*(\.[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*)*(:[0-9]{1,4})?(/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)?",
+            concat!(
+                r"https?://",
+                // A host name whose labels start with a letter, or an IPv4 address.
+                r"([A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*(\.[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*)*",
+                r"|(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})",
+                r"(:[0-9]{1,4})?(/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)?",
+            ),
         )))
         .max_length(Some(crate::mirrors::MAX_URL_BYTES))
         .build()

@@ -12,23 +12,31 @@ use utoipa::ToSchema;
 /// The longest window: a week (every day of a week-long window is always open).
 const MAX_DURATION_MS: i64 = 7 * 24 * 3_600_000;
 
-const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+pub(crate) const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// The names of the time zones a window may be in, for the API's document.
+pub(crate) fn time_zones() -> Vec<String> {
+    jiff::tz::db()
+        .available()
+        .map(|name| name.as_str().to_owned())
+        .collect()
+}
 
 /// A schedule as operators write it and as it is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WindowSpec {
     /// The days it opens, `mon` to `sun`.
-    #[schema(example = json!(["mon", "tue", "wed", "thu", "fri"]))]
+    #[schema(example = json!(["mon", "tue", "wed", "thu", "fri"]), schema_with = crate::api::openapi::days)]
     pub(crate) days: Vec<String>,
     /// When it opens on those days, `HH:MM` in its time zone.
-    #[schema(example = "02:00")]
+    #[schema(example = "02:00", schema_with = crate::api::openapi::time_of_day)]
     pub(crate) start: String,
     /// How long it stays open (`90m`, `3h`; at most 7 days).
-    #[schema(example = "3h")]
+    #[schema(example = "3h", schema_with = crate::api::openapi::window_duration)]
     pub(crate) duration: String,
     /// An IANA time zone name (`Europe/Berlin`, `UTC`).
-    #[schema(example = "Europe/Berlin")]
+    #[schema(example = "Europe/Berlin", schema_with = crate::api::openapi::time_zone)]
     pub(crate) time_zone: String,
 }
 

@@ -34,7 +34,7 @@ impl MirrorSource {
 }
 
 /// The longest mirror base URL accepted.
-const MAX_URL_BYTES: usize = 512;
+pub(crate) const MAX_URL_BYTES: usize = 512;
 
 /// Checks a mirror base URL and returns its normal form (no trailing slash): `http` or
 /// `https`, a host, and no credentials, query or fragment (the URL is shown to viewers

@@ -575,3 +575,40 @@ async fn answers_have_the_documented_shapes() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_document_states_the_checks_the_server_makes() {
+    let server = TestServer::start().await;
+    let doc = server.document().await;
+    server.stop().await;
+
+    // Every operation with a body documents how a body is refused.
+    for ((method, path), operation) in operations(&doc) {
+        if operation["requestBody"].is_object() {
+            for status in ["400", "413", "415"] {
+                response(&doc, &method.to_lowercase(), &path, status);
+            }
+        }
+    }
+    let hours = &doc["paths"]["/api/v1/fleet/history"]["get"]["parameters"][0];
+    assert_eq!(hours["name"], "hours");
+    assert_eq!(hours["in"], "query");
+    assert_ne!(hours["required"], true);
+    assert_eq!(hours["schema"]["maximum"], 2160);
+    for action in ["promote", "rollback", "unblock"] {
+        let path = format!("/api/v1/rollouts/{{version}}/{action}");
+        let version = &doc["paths"][path.as_str()]["post"]["parameters"][0];
+        assert!(
+            version["schema"]["pattern"].is_string(),
+            "{path}: {version}"
+        );
+    }
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["NewClient"]["properties"]["name"]["pattern"].is_string());
+    assert_eq!(schemas["NewClient"]["properties"]["name"]["maxLength"], 200);
+    assert!(schemas["NewToken"]["properties"]["name"]["pattern"].is_string());
+    assert_eq!(
+        schemas["NewEnrollmentToken"]["properties"]["expires_in_secs"]["minimum"],
+        1
+    );
+}

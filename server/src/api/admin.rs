@@ -60,6 +60,8 @@ pub(crate) async fn list_tokens(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewToken {
+    /// Trimmed; not empty.
+    #[schema(schema_with = openapi::not_blank)]
     name: String,
     #[schema(schema_with = openapi::role)]
     role: String,
@@ -173,8 +175,10 @@ pub(crate) async fn revoke_token(
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewEnrollmentToken {
     /// Positive; the token never expires when left out.
+    #[schema(minimum = 1)]
     expires_in_secs: Option<i64>,
     /// Positive; unlimited when left out.
+    #[schema(minimum = 1)]
     max_uses: Option<i64>,
 }
 

@@ -239,6 +239,7 @@ pub(crate) struct ListQuery {
     /// The exact version the agent runs.
     version: Option<String>,
     /// Only agents running a semver version lower than this one.
+    #[param(schema_with = openapi::version)]
     older_than: Option<String>,
     os: Option<String>,
     arch: Option<String>,
@@ -246,8 +247,10 @@ pub(crate) struct ListQuery {
     paused: Option<bool>,
     /// With `limit`, the page's order: `hostname` (the default), `version` (semver),
     /// `last_seen`, `platform` or `site`; `-` before it reverses it (`-last_seen`).
+    #[param(schema_with = sort_keys)]
     sort: Option<String>,
     /// Page size, 0 to 500. With it the answer is `{"agents", "total"}` instead of an array.
+    #[param(schema_with = page_limit)]
     limit: Option<usize>,
     /// Agents to skip, with `limit`.
     offset: Option<usize>,
@@ -399,6 +402,24 @@ async fn with_pending_updates(
 
 const SORT_KEYS: [&str; 5] = ["hostname", "version", "last_seen", "platform", "site"];
 
+/// `SORT_KEYS`, each also with `-` before it.
+fn sort_keys() -> utoipa::openapi::schema::Object {
+    let reversed = SORT_KEYS.map(|key| format!("-{key}"));
+    openapi::string_enum(
+        SORT_KEYS
+            .into_iter()
+            .chain(reversed.iter().map(String::as_str)),
+    )
+}
+
+fn page_limit() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(MAX_PAGE))
+        .build()
+}
+
 /// The listing's order by `key` (one of `SORT_KEYS`, reversed or not), then by hostname
 /// and id.
 fn compare(key: &str, reverse: bool, a: &AgentView, b: &AgentView) -> std::cmp::Ordering {
@@ -439,9 +460,22 @@ pub(crate) struct VersionCount {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct HistoryQuery {
     /// How far back, in hours (default 24, at most 2160).
+    #[param(schema_with = history_hours)]
     hours: Option<u32>,
+}
+
+/// The longest history asked for: 90 days.
+const MAX_HISTORY_HOURS: u32 = 2160;
+
+fn history_hours() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(MAX_HISTORY_HOURS))
+        .build()
 }
 
 /// One snapshot: agents per platform and version at one moment.
@@ -461,7 +495,10 @@ pub(crate) struct HistoryPoint {
     tag = "agents",
     summary = "Version adoption over time: periodic counts of agents per platform and version",
     params(HistoryQuery),
-    responses((status = 200, description = "Snapshots, oldest first", body = [HistoryPoint])),
+    responses(
+        (status = 200, description = "Snapshots, oldest first", body = [HistoryPoint]),
+        (status = 400, description = "`hours` is not a whole number from 0 to 2160", body = ErrorBody),
+    ),
     security(("bearer" = ["viewer"])),
 )]
 pub(crate) async fn fleet_history(
@@ -470,7 +507,13 @@ pub(crate) async fn fleet_history(
     Params(query): Params<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryPoint>>, ApiError> {
     caller.require(Role::Viewer)?;
-    let hours = i64::from(query.hours.unwrap_or(24).min(2160));
+    let hours = query.hours.unwrap_or(24);
+    if hours > MAX_HISTORY_HOURS {
+        return Err(ApiError::BadRequest(format!(
+            "hours={hours}: at most {MAX_HISTORY_HOURS}"
+        )));
+    }
+    let hours = i64::from(hours);
     let since = now_ms() - hours * 3600 * 1000;
     let points = state.store.version_history(since).await?;
     Ok(Json(
@@ -820,6 +863,7 @@ pub(crate) async fn explain(
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateNow {
     /// The build to install; the newest of the agent's channel when left out.
+    #[schema(schema_with = openapi::nullable_version)]
     version: Option<String>,
 }
 

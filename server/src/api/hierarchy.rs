@@ -47,8 +47,13 @@ impl From<Client> for ClientView {
 /// A maintenance window and where it stands now.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct WindowView {
-    #[serde(flatten)]
-    schedule: WindowSpec,
+    /// The days it opens, `mon` to `sun`, in week order.
+    days: Vec<String>,
+    /// `HH:MM` in its time zone.
+    start: String,
+    /// How long it stays open, as the server writes it (`1h 30m`).
+    duration: String,
+    time_zone: String,
     /// Open now.
     open: bool,
     /// When it closes (when open) or next opens (when closed), RFC 3339.
@@ -66,8 +71,12 @@ impl WindowView {
             Openness::Open { closes_at_ms } => (true, closes_at_ms),
             Openness::Closed { opens_at_ms } => (false, opens_at_ms),
         };
+        let spec = window.spec().clone();
         WindowView {
-            schedule: window.spec().clone(),
+            days: spec.days,
+            start: spec.start,
+            duration: spec.duration,
+            time_zone: spec.time_zone,
             open,
             until: rfc3339(until),
         }
@@ -112,12 +121,16 @@ fn conflict_or(err: StoreError, what: &str) -> ApiError {
     }
 }
 
+/// The longest name of a client or a site, in characters.
+pub(crate) const NAME_MAX: usize = 200;
+
+/// A client's or a site's name, trimmed; `openapi::name` documents this check.
 fn check_name(name: &str) -> Result<&str, ApiError> {
     let name = name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::BadRequest(
-            "name must be 1 to 200 characters".into(),
-        ));
+    if name.is_empty() || name.chars().count() > NAME_MAX {
+        return Err(ApiError::BadRequest(format!(
+            "name must be 1 to {NAME_MAX} characters"
+        )));
     }
     Ok(name)
 }
@@ -143,6 +156,7 @@ pub(crate) async fn list_clients(
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewClient {
     /// 1 to 200 characters, unique.
+    #[schema(schema_with = openapi::name)]
     name: String,
 }
 
@@ -207,6 +221,7 @@ pub(crate) async fn list_sites(
 pub(crate) struct NewSite {
     client_id: String,
     /// 1 to 200 characters, unique within the client.
+    #[schema(schema_with = openapi::name)]
     name: String,
 }
 

@@ -14,7 +14,7 @@ use axum::response::{AppendHeaders, IntoResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, Caller, ErrorBody, OptionalJsonBody, openapi};
+use super::{ApiError, Caller, ErrorBody, OptionalBody, openapi};
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
 use crate::clock::now_ms;
@@ -111,7 +111,7 @@ pub(crate) async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: OptionalJsonBody<Login>,
+    body: OptionalBody<Login>,
 ) -> Result<impl IntoResponse, ApiError> {
     let source = peer.ip();
     state

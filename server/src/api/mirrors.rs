@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::hierarchy::{recheck_agents_under, scope_name};
-use super::{ApiError, Body, Caller, ErrorBody};
+use super::{ApiError, Body, Caller, ErrorBody, openapi};
 use crate::AppState;
 use crate::clock::rfc3339;
 use crate::mirrors::{self, MirrorHealth};
@@ -20,7 +20,7 @@ use crate::store::{ChannelScope, HierarchySetting, Role, StoreError};
 pub(crate) struct MirrorChange {
     /// Base URL (`http` or `https`, no credentials, query or fragment); a build's file
     /// name is appended to it.
-    #[schema(example = "https://mirror.example.com/drover")]
+    #[schema(example = "https://mirror.example.com/drover", schema_with = openapi::mirror_url)]
     url: Option<String>,
 }
 

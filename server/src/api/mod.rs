@@ -8,7 +8,7 @@ mod hierarchy;
 mod install;
 mod login;
 mod mirrors;
-mod openapi;
+pub(crate) mod openapi;
 mod releases;
 mod rollouts;
 
@@ -364,7 +364,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
 }
 
 /// A JSON body that may be left out (no body, or `null`, means the defaults), judged as
-/// late as `Body`.
+/// late as `Body`. A body that is there must be sent as JSON
+/// (`Content-Type: application/json`, else 415), as `Body`'s must: a page on another
+/// site can post a form or plain text without asking, never JSON.
 pub(crate) struct OptionalBody<T>(Result<T, ApiError>);
 
 impl<T> OptionalBody<T> {
@@ -381,39 +383,14 @@ impl<T: Default + DeserializeOwned> FromRequest<AppState> for OptionalBody<T> {
         request: Request,
         state: &AppState,
     ) -> Result<OptionalBody<T>, std::convert::Infallible> {
-        Ok(OptionalBody(read_optional(request, state, false).await))
+        Ok(OptionalBody(read_optional(request, state).await))
     }
 }
 
-/// As `OptionalBody`, but a body that is there must be sent as JSON
-/// (`Content-Type: application/json`, else 415): a page on another site can post a form
-/// or plain text without asking, never JSON.
-pub(crate) struct OptionalJsonBody<T>(Result<T, ApiError>);
-
-impl<T> OptionalJsonBody<T> {
-    /// The parsed body, the defaults, or why it could not be parsed.
-    pub(crate) fn take(self) -> Result<T, ApiError> {
-        self.0
-    }
-}
-
-impl<T: Default + DeserializeOwned> FromRequest<AppState> for OptionalJsonBody<T> {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request(
-        request: Request,
-        state: &AppState,
-    ) -> Result<OptionalJsonBody<T>, std::convert::Infallible> {
-        Ok(OptionalJsonBody(read_optional(request, state, true).await))
-    }
-}
-
-/// Reads a body that may be left out; with `json_only`, one that is there must say it is
-/// JSON.
+/// Reads a body that may be left out; one that is there must say it is JSON.
 async fn read_optional<T: Default + DeserializeOwned>(
     request: Request,
     state: &AppState,
-    json_only: bool,
 ) -> Result<T, ApiError> {
     let says_json = request
         .headers()
@@ -422,7 +399,7 @@ async fn read_optional<T: Default + DeserializeOwned>(
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     match axum::body::Bytes::from_request(request, state).await {
-        Ok(bytes) if json_only && !says_json && !bytes.iter().all(u8::is_ascii_whitespace) => {
+        Ok(bytes) if !says_json && !bytes.iter().all(u8::is_ascii_whitespace) => {
             Err(ApiError::UnsupportedMediaType(
                 "the body must be JSON, sent with Content-Type: application/json".into(),
             ))

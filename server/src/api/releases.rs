@@ -65,7 +65,12 @@ pub(crate) enum Listing {
 pub(crate) struct ListQuery {
     /// `skipped` also lists the files that are not offered, and why; the answer is then
     /// an object.
+    #[param(schema_with = include)]
     include: Option<String>,
+}
+
+fn include() -> utoipa::openapi::schema::Object {
+    openapi::string_enum(["skipped"])
 }
 
 fn releases(state: &AppState, index: &ReleaseIndex) -> Vec<ReleaseView> {

@@ -303,10 +303,12 @@ async fn one_view(state: &AppState, rollout: Rollout) -> Result<RolloutView, Api
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Only rollouts in this state.
+    #[param(schema_with = openapi::rollout_state)]
     state: Option<String>,
     /// Only rollouts of this version.
     version: Option<String>,
     /// Page size, 1 to 200 (default 50).
+    #[param(schema_with = rollouts_limit)]
     limit: Option<i64>,
     /// Rollouts to skip.
     offset: Option<i64>,
@@ -314,6 +316,26 @@ pub(crate) struct ListQuery {
 
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
+
+/// A page size from 1 to `max`.
+fn page_limit(max: i64) -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(max))
+        .build()
+}
+
+fn rollouts_limit() -> utoipa::openapi::schema::Object {
+    page_limit(MAX_PAGE)
+}
+
+/// The largest page of a rollout's agents.
+const MAX_AGENTS_PAGE: usize = 500;
+
+fn agents_limit() -> utoipa::openapi::schema::Object {
+    page_limit(MAX_AGENTS_PAGE as i64)
+}
 
 #[utoipa::path(
     get,
@@ -422,10 +444,12 @@ pub(crate) async fn one(
 pub(crate) struct AgentsQuery {
     /// Only agents in this stage: waiting, queued, downloading, installing, succeeded,
     /// failed, rolled_back, cancelled or skipped.
+    #[param(schema_with = stage)]
     stage: Option<String>,
     /// Only agents of this wave (0 is the first).
     wave: Option<usize>,
     /// Page size, 1 to 500 (default 100).
+    #[param(schema_with = agents_limit)]
     limit: Option<usize>,
     offset: Option<usize>,
 }
@@ -490,9 +514,9 @@ pub(crate) async fn agents(
         })?),
     };
     let limit = query.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
+    if !(1..=MAX_AGENTS_PAGE).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
-            "limit {limit} is out of range: 1 to 500"
+            "limit {limit} is out of range: 1 to {MAX_AGENTS_PAGE}"
         )));
     }
     let rollout = rollout_or_404(&state, &id).await?;
@@ -725,7 +749,12 @@ fn plan_of(
     let bake_ms = bake_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
     let mut plan = match waves {
         Some(waves) => {
-            let shares: Vec<Share> = Plan::parse_shares(waves).map_err(ApiError::BadRequest)?;
+            // One share an item, as `openapi::nullable_waves` documents; no comma lists.
+            let shares: Vec<Share> = waves
+                .iter()
+                .map(|share| Share::parse(share))
+                .collect::<Result<_, _>>()
+                .map_err(ApiError::BadRequest)?;
             Plan::new(
                 &shares,
                 bake_ms.unwrap_or_else(|| {
@@ -758,8 +787,10 @@ pub(crate) struct PromoteRequest {
     force: bool,
     /// Cumulative wave shares, such as `["1%", "10%", "50", "100%"]`; the server's
     /// default waves otherwise.
+    #[schema(schema_with = openapi::nullable_waves)]
     waves: Option<Vec<String>>,
     /// Bake time between waves, such as `10m`.
+    #[schema(schema_with = openapi::nullable_bake)]
     bake: Option<String>,
     /// Start agents outside their maintenance windows too.
     #[serde(default)]
@@ -787,7 +818,7 @@ pub(crate) struct Promoted {
     post,
     path = "/rollouts/{version}/promote",
     tag = "rollouts",
-    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    params(("version" = inline(openapi::Version), Path, description = "A semver version, such as `1.4.0`")),
     request_body(
         content = Option<PromoteRequest>,
         description = "Optional; no body or `null` means every platform, the default waves, behind the health gate",
@@ -952,7 +983,9 @@ fn write_channel(downloads: &std::path::Path, file: &str, channel: Channel) -> a
 #[serde(deny_unknown_fields)]
 pub(crate) struct RollbackRequest {
     /// Cumulative wave shares; one wave (everyone at once) otherwise.
+    #[schema(schema_with = openapi::nullable_waves)]
     waves: Option<Vec<String>>,
+    #[schema(schema_with = openapi::nullable_bake)]
     bake: Option<String>,
 }
 
@@ -998,7 +1031,7 @@ pub(crate) struct RolledBack {
     post,
     path = "/rollouts/{version}/rollback",
     tag = "rollouts",
-    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    params(("version" = inline(openapi::Version), Path, description = "A semver version, such as `1.4.0`")),
     request_body(
         content = Option<RollbackRequest>,
         description = "Optional; one wave, everyone at once, by default",
@@ -1118,7 +1151,7 @@ pub(crate) struct Unblocked {
     description = "Its rollouts were aborted by the rollback, so each of its builds starts a \
         new one: `promote` with the default waves where the build is stable, `beta` where it \
         is beta.",
-    params(("version" = String, Path, description = "A semver version, such as `1.4.0`")),
+    params(("version" = inline(openapi::Version), Path, description = "A semver version, such as `1.4.0`")),
     responses(
         (status = 200, description = "The version is offered again", body = Unblocked),
         (status = 400, description = "The version is malformed", body = ErrorBody),
@@ -1166,14 +1199,48 @@ pub(crate) struct Selector {
     running: Option<String>,
 }
 
+/// The filters of a `Selector`, of which at least one must be given (not null).
+const SELECTOR_FILTERS: [&str; 6] = ["agent_ids", "site_id", "client_id", "os", "arch", "running"];
+
+/// A `Selector` with at least one filter given.
+fn selector() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, Type};
+    let given = SELECTOR_FILTERS.map(|filter| {
+        let kind = if filter == "agent_ids" {
+            Type::Array
+        } else {
+            Type::String
+        };
+        ObjectBuilder::new()
+            .property(filter, ObjectBuilder::new().schema_type(kind))
+            .required(filter)
+            .build()
+    });
+    let any = given
+        .into_iter()
+        .fold(AnyOfBuilder::new(), AnyOfBuilder::item)
+        .description(Some("At least one filter is given"));
+    Schema::AllOf(
+        AllOfBuilder::new()
+            .item(<Selector as utoipa::PartialSchema>::schema())
+            .item(any)
+            .build(),
+    )
+    .into()
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TargetedRequest {
     /// The version to move the selected agents to.
+    #[schema(schema_with = openapi::version)]
     version: String,
+    #[schema(schema_with = selector)]
     selector: Selector,
     /// Cumulative wave shares; one wave (everyone at once) otherwise.
+    #[schema(schema_with = openapi::nullable_waves)]
     waves: Option<Vec<String>>,
+    #[schema(schema_with = openapi::nullable_bake)]
     bake: Option<String>,
     /// Start agents outside their maintenance windows too.
     #[serde(default)]
@@ -1219,9 +1286,10 @@ pub(crate) async fn create(
         && s.arch.is_none()
         && s.running.is_none()
     {
-        return Err(ApiError::BadRequest(
-            "the selector is empty: name agent_ids, site_id, client_id, os, arch or running".into(),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "the selector is empty: name {}",
+            SELECTOR_FILTERS.join(", ")
+        )));
     }
     if state.blocked_versions().contains(&request.version) {
         return Err(ApiError::Conflict(format!(

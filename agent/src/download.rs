@@ -7,6 +7,7 @@
 //! what it says about a mirror.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -15,6 +16,43 @@ use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
+
+/// The HTTP client downloads use, built on the first download: a worker that is never
+/// sent an update never sets up TLS and the HTTP client (nor loads the web roots).
+pub(crate) struct Client {
+    /// The only CA trusted (`--ca-file`); the built-in web roots when `None`.
+    pinned_tls: Option<Arc<rustls::ClientConfig>>,
+    built: OnceLock<reqwest::Client>,
+}
+
+impl Client {
+    pub(crate) fn new(pinned_tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self {
+            pinned_tls,
+            built: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&reqwest::Client, FetchError> {
+        if let Some(client) = self.built.get() {
+            return Ok(client);
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT);
+        if let Some(pinned) = &self.pinned_tls {
+            builder = builder.use_preconfigured_tls(rustls::ClientConfig::clone(pinned));
+        }
+        let client = builder
+            .build()
+            .map_err(|err| FetchError::Client(err.to_string()))?;
+        Ok(self.built.get_or_init(|| client))
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read that waits longer than this fails the attempt (the stall limit is per source).
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a download waits for its source, by source.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +112,8 @@ pub(crate) enum FetchError {
     GaveUp { attempts: u32, last: Failure },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot set up the download client: {0}")]
+    Client(String),
 }
 
 impl FetchError {
@@ -85,7 +125,8 @@ impl FetchError {
             FetchError::DiskFull { .. }
             | FetchError::NoSpace(_)
             | FetchError::Write(_)
-            | FetchError::Io(_) => FailureClass::Environment,
+            | FetchError::Io(_)
+            | FetchError::Client(_) => FailureClass::Environment,
             FetchError::TooLarge(_) => FailureClass::Build,
             FetchError::Refused(_) | FetchError::GaveUp { .. } => FailureClass::Transient,
         }
@@ -98,7 +139,8 @@ impl FetchError {
             FetchError::DiskFull { .. }
             | FetchError::NoSpace(_)
             | FetchError::Write(_)
-            | FetchError::Io(_) => None,
+            | FetchError::Io(_)
+            | FetchError::Client(_) => None,
             FetchError::TooLarge(_) => Some(MirrorFailure::WrongBytes),
             FetchError::Refused(StatusCode::NOT_FOUND | StatusCode::GONE) => {
                 Some(MirrorFailure::NotFound)
@@ -134,13 +176,14 @@ pub(crate) enum Failure {
 /// holds already, as patient as `patience` says. `progress` is called with the bytes
 /// held so far.
 pub(crate) async fn fetch(
-    http: &reqwest::Client,
+    http: &Client,
     url: &str,
     size: u64,
     part: &Path,
     patience: Patience,
     mut progress: impl FnMut(u64),
 ) -> Result<(), FetchError> {
+    let http = http.get()?;
     let dir = crate::atomic_file::parent(part);
     if !tokio::fs::try_exists(dir).await? {
         tokio::fs::create_dir_all(dir).await?;
@@ -415,7 +458,7 @@ mod tests {
             // free-space check (of the real staging directory) passes.
             std::os::unix::fs::symlink("/dev/full", &part).unwrap();
 
-            let client = reqwest::Client::new();
+            let client = Client::new(None);
             let err = fetch(&client, &url, size as u64, &part, SERVER, |_| {})
                 .await
                 .unwrap_err();
@@ -442,6 +485,7 @@ mod tests {
             (FetchError::NoSpace(io()), FailureClass::Environment),
             (FetchError::Write(io()), FailureClass::Environment),
             (FetchError::Io(io()), FailureClass::Environment),
+            (FetchError::Client("x".into()), FailureClass::Environment),
             (FetchError::TooLarge(3), FailureClass::Build),
             (
                 FetchError::Refused(StatusCode::FORBIDDEN),
@@ -498,7 +542,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
         let started = tokio::time::Instant::now();
-        fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
+        fetch(&Client::new(None), &url, 3, &part, SERVER, |_| {})
             .await
             .expect("503 with Retry-After is waited out, however often");
         assert_eq!(std::fs::read(&part).unwrap(), [7u8; 3]);
@@ -515,7 +559,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
         let started = tokio::time::Instant::now();
-        fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
+        fetch(&Client::new(None), &url, 3, &part, SERVER, |_| {})
             .await
             .expect("the download goes on after the capped wait");
         assert_eq!(std::fs::read(&part).unwrap(), [7u8; 3]);
@@ -532,7 +576,7 @@ mod tests {
         let url = serve_in_turn(vec![("HTTP/1.1 403 Forbidden", 0)]).await;
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
-        let err = fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
+        let err = fetch(&Client::new(None), &url, 3, &part, SERVER, |_| {})
             .await
             .unwrap_err();
         assert!(
@@ -551,7 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
         let started = tokio::time::Instant::now();
-        let err = fetch(&reqwest::Client::new(), &url, 3, &part, SERVER, |_| {})
+        let err = fetch(&Client::new(None), &url, 3, &part, SERVER, |_| {})
             .await
             .unwrap_err();
         assert!(
@@ -578,7 +622,7 @@ mod tests {
         let url = serve_in_turn(vec![(busy, 0); MIRROR.attempts as usize]).await;
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
-        let err = fetch(&reqwest::Client::new(), &url, 3, &part, MIRROR, |_| {})
+        let err = fetch(&Client::new(None), &url, 3, &part, MIRROR, |_| {})
             .await
             .unwrap_err();
         assert_eq!(
@@ -612,7 +656,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("staging/task.part");
-        let err = fetch(&reqwest::Client::new(), &url, 3, &part, MIRROR, |_| {})
+        let err = fetch(&Client::new(None), &url, 3, &part, MIRROR, |_| {})
             .await
             .unwrap_err();
         assert!(
@@ -635,6 +679,7 @@ mod tests {
         let gave_up = |last| FetchError::GaveUp { attempts: 3, last };
         let cases = [
             (FetchError::NoSpace(io()), None),
+            (FetchError::Client("x".into()), None),
             (
                 FetchError::DiskFull {
                     needed: 2,
@@ -793,7 +838,7 @@ mod tests {
             let outcome = runtime.block_on(async {
                 let url = serve_answers(answers.clone()).await;
                 let started = tokio::time::Instant::now();
-                let outcome = fetch(&reqwest::Client::new(), &url, size, &part, SERVER, |done| {
+                let outcome = fetch(&Client::new(None), &url, size, &part, SERVER, |done| {
                     assert!(done <= size, "{done} bytes held of {size}");
                 })
                 .await;

@@ -273,15 +273,7 @@ async fn work(args: RunArgs) -> anyhow::Result<session::Exit> {
     // The supervisor holds our stdin open; when it goes away, so do we.
     let orphaned = shutdown.clone();
     tokio::spawn(async move {
-        let mut sink = [0u8; 64];
-        let mut stdin = tokio::io::stdin();
-        let ended = loop {
-            match tokio::io::AsyncReadExt::read(&mut stdin, &mut sink).await {
-                Ok(0) => break "end of input".to_owned(),
-                Ok(_) => {}
-                Err(err) => break err.to_string(),
-            }
-        };
+        let ended = platform::process::stdin_closed().await;
         tracing::warn!(%ended, "the supervisor is gone; stopping");
         orphaned.cancel();
     });

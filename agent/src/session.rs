@@ -86,17 +86,11 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         );
     }
     let (events_tx, events) = mpsc::channel(64);
-    let mut http = reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(Duration::from_secs(60));
-    if let Some(pinned) = &config.pinned_tls {
-        http = http.use_preconfigured_tls(ClientConfig::clone(pinned));
-    }
     let updater = Arc::new(Updater {
         state_dir: config.state_dir.clone(),
         exe: config.exe.clone(),
         public_key: config.public_key,
-        http: http.build()?,
+        http: crate::download::Client::new(config.pinned_tls.clone()),
         running: version::current().to_owned(),
     });
     let mut worker = Worker {

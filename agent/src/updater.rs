@@ -86,7 +86,7 @@ pub(crate) struct Updater {
     pub(crate) exe: PathBuf,
     /// With keys, only builds signed by one of them are installed.
     pub(crate) public_key: Option<ReleaseKeys>,
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: download::Client,
     /// The version this process runs.
     pub(crate) running: String,
 }
@@ -430,7 +430,7 @@ mod tests {
             state_dir: state_dir.to_owned(),
             exe: state_dir.join("drover-agent"),
             public_key: Some(keys()),
-            http: reqwest::Client::new(),
+            http: download::Client::new(None),
             running: "1.1.0".into(),
         }
     }

@@ -15,6 +15,26 @@ pub(crate) fn stop_signal() -> CancellationToken {
     shutdown
 }
 
+/// Waits until this process's standard input ends (the worker's pipe from its
+/// supervisor closes) and says how it ended.
+pub(crate) async fn stdin_closed() -> String {
+    imp::stdin_closed().await
+}
+
+/// Reads standard input until it ends, on the runtime's blocking pool: a thread that
+/// stays for as long as the input lasts.
+async fn stdin_closed_blocking() -> String {
+    let mut sink = [0u8; 64];
+    let mut stdin = tokio::io::stdin();
+    loop {
+        match tokio::io::AsyncReadExt::read(&mut stdin, &mut sink).await {
+            Ok(0) => return "end of input".to_owned(),
+            Ok(_) => {}
+            Err(err) => return err.to_string(),
+        }
+    }
+}
+
 /// Whether a process with this id runs, where the system says so cheaply (Linux's
 /// /proc); `None` where it cannot be told without more machinery.
 pub(crate) fn is_running(pid: u64) -> Option<bool> {
@@ -58,6 +78,28 @@ mod imp {
             .exec()
     }
 
+    /// A pipe (as the supervisor gives its worker) is read through the runtime's poller,
+    /// so no thread waits on it; anything else (a terminal) on the blocking pool.
+    pub(super) async fn stdin_closed() -> String {
+        use std::os::fd::AsFd;
+
+        let pipe = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(tokio::net::unix::pipe::Receiver::from_owned_fd);
+        let Ok(mut pipe) = pipe else {
+            return super::stdin_closed_blocking().await;
+        };
+        let mut sink = [0u8; 64];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut pipe, &mut sink).await {
+                Ok(0) => return "end of input".to_owned(),
+                Ok(_) => {}
+                Err(err) => return err.to_string(),
+            }
+        }
+    }
+
     pub(super) async fn stop_requested() {
         let mut terminate = signal(SignalKind::terminate()).ok();
         tokio::select! {
@@ -85,6 +127,10 @@ mod imp {
             std::io::ErrorKind::Unsupported,
             "a Windows process cannot replace itself",
         )
+    }
+
+    pub(super) async fn stdin_closed() -> String {
+        super::stdin_closed_blocking().await
     }
 
     pub(super) async fn stop_requested() {

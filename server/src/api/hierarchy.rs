@@ -415,6 +415,41 @@ pub(super) fn scope_name(scope: ChannelScope) -> &'static str {
     }
 }
 
+/// Stores a setting of a site or client (`None` clears it), then rechecks, announces and
+/// audits as `recheck_agents_under` does. Returns how many agents it affects.
+pub(super) async fn set_setting(
+    state: &AppState,
+    caller: &Caller,
+    scope: ChannelScope,
+    id: &str,
+    setting: HierarchySetting,
+    value: Option<&str>,
+) -> Result<usize, ApiError> {
+    match state
+        .store
+        .set_hierarchy_setting(scope, id, setting, value)
+        .await
+    {
+        Ok(()) => {}
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::NotFound(format!(
+                "no {} with id {id}",
+                scope_name(scope)
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    recheck_agents_under(
+        state,
+        caller,
+        scope,
+        id,
+        setting.column(),
+        value.unwrap_or("cleared").to_owned(),
+    )
+    .await
+}
+
 /// After a setting of `scope`/`id` changed: every agent under it is checked again (on
 /// whichever node holds it), the pages hear of it, and the change is audited. Returns
 /// how many agents it affects.
@@ -530,32 +565,13 @@ async fn set_window(
         .map(|spec| spec.check().map_err(ApiError::BadRequest))
         .transpose()?;
     let json = window.as_ref().map(Window::to_json);
-    match state
-        .store
-        .set_hierarchy_setting(
-            scope,
-            &id,
-            HierarchySetting::MaintenanceWindow,
-            json.as_deref(),
-        )
-        .await
-    {
-        Ok(()) => {}
-        Err(StoreError::NotFound) => {
-            return Err(ApiError::NotFound(format!(
-                "no {} with id {id}",
-                scope_name(scope)
-            )));
-        }
-        Err(err) => return Err(err.into()),
-    }
-    let affected = recheck_agents_under(
+    let affected = set_setting(
         &state,
         &caller,
         scope,
         &id,
-        "maintenance_window",
-        json.clone().unwrap_or_else(|| "cleared".to_owned()),
+        HierarchySetting::MaintenanceWindow,
+        json.as_deref(),
     )
     .await?;
     Ok(Json(WindowSet {

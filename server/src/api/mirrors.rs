@@ -7,12 +7,12 @@ use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::hierarchy::{recheck_agents_under, scope_name};
+use super::hierarchy::set_setting;
 use super::{ApiError, Body, Caller, ErrorBody, openapi};
 use crate::AppState;
 use crate::clock::rfc3339;
 use crate::mirrors::{self, MirrorHealth};
-use crate::store::{ChannelScope, HierarchySetting, Role, StoreError};
+use crate::store::{ChannelScope, HierarchySetting, Role};
 
 /// `{"url": "https://mirror.example.com/drover"}` sets, `{"url": null}` clears.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -96,27 +96,13 @@ async fn set_mirror(
         .url
         .map(|url| mirrors::check_base(&url).map_err(ApiError::BadRequest))
         .transpose()?;
-    match state
-        .store
-        .set_hierarchy_setting(scope, &id, HierarchySetting::DownloadMirror, url.as_deref())
-        .await
-    {
-        Ok(()) => {}
-        Err(StoreError::NotFound) => {
-            return Err(ApiError::NotFound(format!(
-                "no {} with id {id}",
-                scope_name(scope)
-            )));
-        }
-        Err(err) => return Err(err.into()),
-    }
-    let affected = recheck_agents_under(
+    let affected = set_setting(
         &state,
         &caller,
         scope,
         &id,
-        "download_mirror",
-        url.clone().unwrap_or_else(|| "cleared".to_owned()),
+        HierarchySetting::DownloadMirror,
+        url.as_deref(),
     )
     .await?;
     Ok(Json(MirrorSet {

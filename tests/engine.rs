@@ -34,12 +34,20 @@ async fn a_beta_build_dropped_in_reaches_beta_agents_only() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        beta.channel.as_deref(),
+        Some("stable"),
+        "the welcome names it"
+    );
     assert!(
         beta.next_message(Duration::from_millis(600))
             .await
             .is_none(),
         "no build yet"
     );
+    // The session hears of its new channel at once, and a new session from the welcome.
+    assert_eq!(beta.channel.as_deref(), Some("beta"));
+    assert_eq!(stable.channel.as_deref(), Some("stable"));
 
     // No restart, no rescan call: the watcher finds the file.
     let contents = b"new agent build".repeat(1000);

@@ -524,11 +524,38 @@ async fn agent_status_reads_the_state_directory_and_agent_logs_can_be_json() {
         status["update"].is_null() && status["last_result"].is_null(),
         "{status}"
     );
+    assert_eq!(
+        status["channel"], "stable",
+        "the welcome names it: {status}"
+    );
     let text = run(std::process::Command::new(AGENT_BIN)
         .args(["status", "--state-dir"])
         .arg(&agent.state_dir));
     assert!(text.contains(&format!("agent:       {id}")), "{text}");
     assert!(text.contains("connection:  connected since "), "{text}");
+    assert!(
+        text.contains("channel:     stable (as the server said at "),
+        "{text}"
+    );
+
+    // An operator moves the agent: the connected agent hears of it without reconnecting.
+    let (code, body) = server
+        .api()
+        .put(
+            &format!("/api/v1/agents/{id}/channel"),
+            json!({"channel": "beta"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let moved = eventually("the agent to record its new channel", SOON, || async {
+        let status = agent_status(&agent.state_dir);
+        (status["channel"] == "beta").then_some(status)
+    })
+    .await;
+    assert_eq!(
+        moved["since_ms"], status["since_ms"],
+        "the same session: {moved}"
+    );
 
     // Supervisor and worker both log JSON, with the agent id as a field.
     let log = agent.log();

@@ -255,6 +255,9 @@ impl Worker {
         }
         tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {server}");
         status::connected(&self.config.state_dir, &server);
+        if let Some(channel) = &welcome.channel {
+            status::channel(&self.config.state_dir, channel);
+        }
         let interval = heartbeat_interval(welcome.heartbeat_interval_secs);
         tokio::select! {
             ended = self.converse(&mut socket, interval) => ended,
@@ -336,6 +339,7 @@ impl Worker {
                                 }
                             }
                             Ok(ServerMessage::Cancel(cancel)) => self.cancel(&cancel.task_id, &cancel.reason),
+                            Ok(ServerMessage::Channel(notice)) => status::channel(&state_dir, &notice.channel),
                             Ok(message) => tracing::debug!(?message, "ignoring message"),
                             Err(err) => return Ended::AfterWelcome(format!("bad frame from server: {err}")),
                         },
@@ -664,7 +668,7 @@ mod tests {
             4 => update,
             2 => (text(), text()).prop_map(|(task_id, reason)| ServerMessage::Cancel(Cancel { task_id, reason })),
             1 => (text(), any::<u32>(), proptest::option::of(text())).prop_map(|(agent_id, heartbeat_interval_secs, secret)| {
-                ServerMessage::Welcome(Welcome { agent_id, secret, heartbeat_interval_secs, server_version: "9.9.9".into() })
+                ServerMessage::Welcome(Welcome { agent_id, secret, heartbeat_interval_secs, server_version: "9.9.9".into(), channel: None })
             }),
             1 => text().prop_map(|message| ServerMessage::Reject(Reject { code: RejectCode::Replaced, message })),
         ]
@@ -693,6 +697,7 @@ mod tests {
                 secret: Some("secret".into()),
                 heartbeat_interval_secs: interval,
                 server_version: "9.9.9".into(),
+                channel: Some("stable".into()),
             });
             if socket
                 .send(Message::Binary(welcome.encode().into()))

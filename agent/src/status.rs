@@ -25,7 +25,15 @@ pub(crate) struct Recorded {
     /// Why the last session ended or could not start.
     pub(crate) last_error: Option<String>,
     pub(crate) last_result: Option<LastResult>,
+    /// The channel the server last said the agent's updates come from, and when.
+    #[serde(default)]
+    pub(crate) channel: Option<String>,
+    #[serde(default)]
+    pub(crate) channel_heard_ms: Option<i64>,
 }
+
+/// The most characters of a channel name kept: the server's names are short words.
+const CHANNEL_LIMIT: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LastResult {
@@ -67,6 +75,20 @@ pub(crate) fn connected(state_dir: &Path, server: &str) {
         r.connected = true;
         r.since_ms = Some(now_ms());
         r.last_error = None;
+    });
+}
+
+/// The server named the agent's channel (at the welcome, or when it changed). Kept to
+/// printable characters: it is shown in a terminal.
+pub(crate) fn channel(state_dir: &Path, channel: &str) {
+    let channel: String = channel
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(CHANNEL_LIMIT)
+        .collect();
+    record(state_dir, |r| {
+        r.channel = Some(channel);
+        r.channel_heard_ms = Some(now_ms());
     });
 }
 
@@ -188,6 +210,10 @@ pub(crate) fn render(status: &Status) -> String {
         ),
         _ => "never connected".to_owned(),
     };
+    let channel = match (&r.channel, r.channel_heard_ms) {
+        (Some(channel), Some(at)) => format!("{channel} (as the server said at {})", rfc3339(at)),
+        _ => "not known (no server has said yet)".to_owned(),
+    };
     let update = status.update.as_ref().map_or("none".to_owned(), |u| {
         format!("{} to {} (task {})", u.step, u.version, u.task_id)
     });
@@ -215,6 +241,7 @@ pub(crate) fn render(status: &Status) -> String {
         ("server", r.server.clone().unwrap_or_else(|| "-".into())),
         ("version", status.version.clone()),
         ("connection", connection),
+        ("channel", channel),
         ("update", update),
         ("last result", last),
         ("state dir", status.state_dir.clone()),
@@ -235,8 +262,10 @@ mod tests {
         let state = dir.path();
         let empty = read(state).unwrap();
         assert!(render(&empty).contains("connection:  never connected"));
+        assert!(render(&empty).contains("channel:     not known"));
 
         connected(state, "https://drover.example.com");
+        channel(state, "be\u{1b}[31mta");
         result(
             state,
             &UpdateResult {
@@ -264,7 +293,13 @@ mod tests {
             text.contains("last result: rolled_back 1.0.0 at "),
             "{text}"
         );
+        assert!(
+            text.contains("channel:     be[31mta (as the server said at "),
+            "{text}"
+        );
         let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["channel"], "be[31mta");
+        assert!(json["channel_heard_ms"].as_i64().is_some());
         assert_eq!(json["connected"], false);
         assert_eq!(json["last_result"]["task_id"], "t-1");
         assert!(json["agent_id"].is_null());

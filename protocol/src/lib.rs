@@ -68,6 +68,9 @@ pub enum ServerMessage {
     Cancel(Cancel),
     /// The session is refused or ended; the server closes the socket after it. Since version 1.
     Reject(Reject),
+    /// The channel the agent's updates come from changed during the session. Since
+    /// version 1 (optional: older agents ignore it).
+    Channel(ChannelNotice),
     /// A message type this version does not know (sent by a newer peer); ignored.
     #[serde(other)]
     Unknown,
@@ -347,6 +350,17 @@ pub struct Welcome {
     pub heartbeat_interval_secs: u32,
     #[serde(default)]
     pub server_version: String,
+    /// The channel the agent's updates come from (its own, its site's, its client's,
+    /// else stable), for the agent to show; it decides nothing on the agent. Since
+    /// version 1 (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+}
+
+/// A new channel for the agent's updates (an operator moved it, its site or its client).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelNotice {
+    pub channel: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

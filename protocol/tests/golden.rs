@@ -125,6 +125,23 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 secret: Some("sec_fedcba9876543210".into()),
                 heartbeat_interval_secs: 30,
                 server_version: "0.1.0".into(),
+                channel: None,
+            })),
+        ),
+        (
+            "welcome-channel",
+            Server(ServerMessage::Welcome(Welcome {
+                agent_id: "0b7c6f2e-2f55-4c83-9a65-5d1d2a1e0f3b".into(),
+                secret: None,
+                heartbeat_interval_secs: 30,
+                server_version: "0.2.0".into(),
+                channel: Some("beta".into()),
+            })),
+        ),
+        (
+            "channel",
+            Server(ServerMessage::Channel(ChannelNotice {
+                channel: "stable".into(),
             })),
         ),
         (

@@ -108,16 +108,25 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
 }
 
 fn server_message() -> impl Strategy<Value = ServerMessage> {
-    let welcome = (text(), proptest::option::of(text()), any::<u32>(), text()).prop_map(
-        |(agent_id, secret, heartbeat_interval_secs, server_version)| {
-            ServerMessage::Welcome(Welcome {
-                agent_id,
-                secret,
-                heartbeat_interval_secs,
-                server_version,
-            })
-        },
-    );
+    let welcome = (
+        text(),
+        proptest::option::of(text()),
+        any::<u32>(),
+        text(),
+        proptest::option::of(text()),
+    )
+        .prop_map(
+            |(agent_id, secret, heartbeat_interval_secs, server_version, channel)| {
+                ServerMessage::Welcome(Welcome {
+                    agent_id,
+                    secret,
+                    heartbeat_interval_secs,
+                    server_version,
+                    channel,
+                })
+            },
+        );
+    let channel = text().prop_map(|channel| ServerMessage::Channel(ChannelNotice { channel }));
     let update = (
         (text(), text(), text(), text()),
         (
@@ -146,7 +155,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         .prop_map(|(task_id, reason)| ServerMessage::Cancel(Cancel { task_id, reason }));
     let reject = (reject_code(), text())
         .prop_map(|(code, message)| ServerMessage::Reject(Reject { code, message }));
-    prop_oneof![welcome, update, cancel, reject]
+    prop_oneof![welcome, update, cancel, reject, channel]
 }
 
 proptest! {

@@ -10,27 +10,21 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
-use tower::ServiceExt;
-use tower_http::services::ServeFile;
 
 use crate::AppState;
 use crate::api::ApiError;
 use crate::auth::hash_secret;
+use crate::file_body;
 use crate::metrics::{COUNTERS, Counters};
 use crate::releases::Release;
 use crate::store::{Store, StoreError, StoreResult};
-
-/// Bytes read from the file per chunk. Every read is a trip to tokio's blocking pool,
-/// so the default 64 KiB costs a core at loopback speeds; 256 KiB a slot keeps the
-/// per-download buffer small (64 slots: 16 MiB) and the CPU per byte far lower.
-const READ_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Seconds an agent is asked to wait when every download slot is taken.
 const RETRY_AFTER_SECS: u32 = 10;
@@ -214,7 +208,7 @@ pub(crate) async fn serve(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     file: Result<Path<String>, PathRejection>,
     query: Result<Query<GrantQuery>, QueryRejection>,
-    request: Request,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
@@ -247,7 +241,7 @@ pub(crate) async fn serve(
             release.version
         )));
     }
-    authorize(&state, &release, &query, request.headers()).await?;
+    authorize(&state, &release, &query, &headers).await?;
     let Some(source_slot) = state.downloads_per_source.try_take(peer.ip()) else {
         Counters::bump(&COUNTERS.downloads_refused_address);
         let mut busy = ApiError::Unavailable(format!(
@@ -270,28 +264,7 @@ pub(crate) async fn serve(
             .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         return Ok(busy);
     };
-    let path = state.settings.downloads.join(&release.file);
-    // Served only while it is still what the scanner hashed: a regular file (a link
-    // swapped in since is never followed) of the scanned size. Anything else is left
-    // to the next scan to judge.
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_file() && meta.len() == release.size => {}
-        _ => {
-            state.releases.rescan().await;
-            return Err(ApiError::NotFound(format!(
-                "{} changed since it was scanned; it is offered again once verified",
-                release.file
-            )));
-        }
-    }
-    let response = ServeFile::new(path)
-        .with_buf_chunk_size(READ_CHUNK_BYTES)
-        .oneshot(request)
-        .await
-        .map_err(|err| ApiError::Internal(format!("while serving {}: {err}", release.file)))?;
-    if response.status() == StatusCode::NOT_FOUND {
-        return Err(ApiError::NotFound(format!("{} was removed", release.file)));
-    }
+    let response = send_build(&state, &release, &headers).await?;
     if response.status().is_success() {
         Counters::bump(&COUNTERS.downloads_served);
     }
@@ -303,6 +276,37 @@ pub(crate) async fn serve(
         chunk
     }));
     Ok(Response::from_parts(parts, body))
+}
+
+/// The response carrying `release`'s bytes (whole, or the range `headers` ask for), sent
+/// only while its file is still what the scanner hashed: a regular file (a link swapped
+/// in since is never followed) of the scanned size, opened once and sent from that
+/// handle. Anything else is left to a rescan to judge. `/downloads` and the mirror copy
+/// endpoint both send builds through here.
+pub(crate) async fn send_build(
+    state: &AppState,
+    release: &Release,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let path = state.settings.downloads.join(&release.file);
+    match file_body::open(&path, release.size) {
+        Ok(Some(opened)) => Ok(file_body::respond(opened, headers, &release.sha256)),
+        Ok(None) => {
+            state.releases.rescan().await;
+            Err(ApiError::NotFound(format!(
+                "{} changed since it was scanned; it is offered again once verified",
+                release.file
+            )))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            state.releases.rescan().await;
+            Err(ApiError::NotFound(format!("{} was removed", release.file)))
+        }
+        Err(err) => Err(ApiError::Internal(format!(
+            "while opening {}: {err}",
+            release.file
+        ))),
+    }
 }
 
 /// One ordinary path component: no separators, no `.` or `..`, no NUL or other control

@@ -15,6 +15,7 @@ mod dispatch;
 mod downloads;
 mod engine;
 mod events;
+mod file_body;
 mod heartbeats;
 pub mod limits;
 pub mod listen;

@@ -3,6 +3,7 @@
 //! requests, and how long it may refuse the bytes it is sent. hyper serves each
 //! connection; nothing else in the server sees a raw socket.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,9 +16,9 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_io_timeout::TimeoutStream;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -122,12 +123,11 @@ pub(crate) async fn serve(
             let _ = tcp.set_nodelay(true);
             match tls {
                 None => {
-                    let io = Counted::new(with_write_timeout(tcp, limits.write_timeout), held);
+                    let io = Guarded::new(tcp, held, limits.write_timeout);
                     serve_connection(io, peer, router, limits, shutdown).await;
                 }
                 Some(tls) => {
-                    let wrap =
-                        |tcp| Counted::new(with_write_timeout(tcp, limits.write_timeout), held);
+                    let wrap = |tcp| Guarded::new(tcp, held, limits.write_timeout);
                     if let Some(io) = tls::handshake(&tls, tcp, peer, wrap).await {
                         serve_connection(io, peer, router, limits, shutdown).await;
                     }
@@ -137,12 +137,6 @@ pub(crate) async fn serve(
     }
     tracker.close();
     tracker.wait().await;
-}
-
-fn with_write_timeout(tcp: TcpStream, timeout: Duration) -> Pin<Box<TimeoutStream<TcpStream>>> {
-    let mut stream = TimeoutStream::new(tcp);
-    stream.set_write_timeout(Some(timeout));
-    Box::pin(stream)
 }
 
 /// One HTTP/1.1 connection, WebSocket upgrades included; the handlers see the peer's
@@ -186,20 +180,80 @@ struct Held {
     _slot: SourceSlot,
 }
 
-/// A connection's IO together with its places under the caps, given back when the
-/// connection is dropped (after an upgrade, when the WebSocket session ends).
-struct Counted<I> {
+/// A connection's IO with its places under the caps (given back when the connection is
+/// dropped: after an upgrade, when the WebSocket session ends) and its write watchdog.
+///
+/// The watchdog costs next to nothing while the peer keeps up: a deadline is taken only
+/// when a write has to wait, and its timer is created once and moved at most once per
+/// timeout (a timer that fires before the true deadline is re-armed to it), never per
+/// write. A download makes thousands of writes a second that each wait a moment for the
+/// socket; a timeout that re-arms the runtime's timer on every wait pays a timer update
+/// and a wakeup for each.
+struct Guarded<I> {
     io: I,
     _held: Held,
+    write_timeout: Duration,
+    /// When the write now waiting for the peer must have gone through; `None` while no
+    /// write waits.
+    write_deadline: Option<Instant>,
+    /// Created on the first write that waits; its deadline may lag `write_deadline`.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl<I> Counted<I> {
-    fn new(io: I, held: Held) -> Counted<I> {
-        Counted { io, _held: held }
+impl<I> Guarded<I> {
+    fn new(io: I, held: Held, write_timeout: Duration) -> Guarded<I> {
+        Guarded {
+            io,
+            _held: held,
+            write_timeout,
+            write_deadline: None,
+            timer: None,
+        }
+    }
+
+    /// Called when a write returned `Pending`: an error once the peer has accepted no
+    /// bytes for the write timeout, otherwise arranges to be woken by then.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let timeout = self.write_timeout;
+        let deadline = *self
+            .write_deadline
+            .get_or_insert_with(|| Instant::now() + timeout);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(()) if Instant::now() >= deadline => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer accepted no bytes within the write timeout",
+                    ));
+                }
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
+            }
+        }
+    }
+
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Ready(result) => {
+                self.write_deadline = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.poll_stall(cx) {
+                Ok(()) => Poll::Pending,
+                Err(err) => Poll::Ready(Err(err)),
+            },
+        }
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -209,21 +263,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.written(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -231,16 +279,32 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.written(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.written(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.written(cx, poll)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[test]
@@ -262,5 +326,58 @@ mod tests {
                 "{files} open files"
             );
         }
+    }
+
+    fn held() -> Held {
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        let slot = Arc::new(PerSource::new(1))
+            .try_take(std::net::Ipv4Addr::LOCALHOST.into())
+            .unwrap();
+        Held {
+            _permit: permit,
+            _slot: slot,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_accepts_nothing_is_dropped_after_the_write_timeout() {
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let mut guarded = Guarded::new(ours, held(), Duration::from_millis(500));
+        let started = Instant::now();
+        let err = guarded.write_all(&[7u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500),
+            "dropped after {waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_peer_that_keeps_reading_is_never_dropped() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let timeout = Duration::from_secs(1);
+        let mut guarded = Guarded::new(ours, held(), timeout);
+        // 24 KiB at 1 KiB every 100 ms: well past the timeout in all, each wait under it.
+        let reader = tokio::spawn(async move {
+            let mut received = 0;
+            let mut buf = [0u8; 1024];
+            while received < 24 * 1024 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                received += theirs.read(&mut buf).await.unwrap();
+            }
+            (received, theirs)
+        });
+        let started = Instant::now();
+        guarded.write_all(&[7u8; 24 * 1024]).await.unwrap();
+        guarded.flush().await.unwrap();
+        let (received, _theirs) = reader.await.unwrap();
+        assert_eq!(received, 24 * 1024);
+        assert!(started.elapsed() > 2 * timeout);
+        // Then the peer stops reading for good: dropped one timeout after its last read.
+        let err = guarded.write_all(&[7u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

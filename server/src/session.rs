@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use protocol::{
-    AgentMessage, Cancel, DecodeError, Hello, Reject, RejectCode, ServerMessage, Welcome,
+    AgentMessage, Cancel, ChannelNotice, DecodeError, Hello, Reject, RejectCode, ServerMessage,
+    Welcome,
 };
 use tokio::sync::mpsc;
 
@@ -269,6 +270,7 @@ async fn open(
         heartbeat_interval_secs: u32::try_from(state.settings.heartbeat_interval.as_secs())
             .unwrap_or(u32::MAX),
         server_version: env!("CARGO_PKG_VERSION").into(),
+        channel: Some(live.position.channel.to_string()),
     });
     let welcomed = send_within(
         socket,
@@ -473,8 +475,12 @@ async fn serve(
     let mut budget = Bucket::full(FRAME_RATE, Instant::now());
     // An agent that starts outdated learns it at once, not at its first heartbeat.
     let mut reply = Box::pin(decide(state, live, Trigger::Connect)).await;
+    // The channel the agent was last told (in the welcome); an operator's change that
+    // moves it is told at once, before whatever the change means for its update.
+    let mut told_channel = live.position.channel;
+    let mut notice = None;
     loop {
-        if let Some(message) = reply.take() {
+        for message in [notice.take(), reply.take()].into_iter().flatten() {
             let frame = Message::Binary(message.encode().into());
             match send_within(socket, frame, write_limit).await {
                 Ok(()) => {}
@@ -511,7 +517,15 @@ async fn serve(
             outbound = inbox.recv() => match outbound {
                 Some(Outbound::Close(code, message)) => return Err(Refusal::new(code, message)),
                 Some(Outbound::Check) => reply = Box::pin(decide(state, live, Trigger::Nudge)).await,
-                Some(Outbound::Refresh) => reply = Box::pin(refresh(state, live)).await,
+                Some(Outbound::Refresh) => {
+                    reply = Box::pin(refresh(state, live)).await;
+                    if live.position.channel != told_channel {
+                        told_channel = live.position.channel;
+                        notice = Some(ServerMessage::Channel(ChannelNotice {
+                            channel: told_channel.to_string(),
+                        }));
+                    }
+                }
                 None => return Ok(()),
             },
             () = state.shutdown.cancelled() => {

@@ -580,6 +580,9 @@ pub struct ProtocolAgent {
     pub id: String,
     pub secret: String,
     pub version: String,
+    /// The channel the server last named (at the welcome or in a `channel` notice,
+    /// which `next_message` takes in without returning it).
+    pub channel: Option<String>,
     seq: u64,
 }
 
@@ -597,6 +600,7 @@ impl ProtocolAgent {
             id: welcome.agent_id,
             secret: welcome.secret.expect("enrollment returns a secret"),
             version: version.into(),
+            channel: welcome.channel,
             seq: 0,
         }
     }
@@ -617,6 +621,7 @@ impl ProtocolAgent {
                 id: welcome.agent_id,
                 secret: welcome.secret.expect("enrollment returns a secret"),
                 version: "1.0.0".into(),
+                channel: welcome.channel,
                 seq: 0,
             }),
             _ => None,
@@ -632,9 +637,10 @@ impl ProtocolAgent {
         hello.secret = Some(self.secret.clone());
         hello.version = version.into();
         send(&mut socket, AgentMessage::Hello(hello)).await;
-        let Some(ServerMessage::Welcome(_)) = receive(&mut socket).await else {
+        let Some(ServerMessage::Welcome(welcome)) = receive(&mut socket).await else {
             panic!("expected a welcome");
         };
+        self.channel = welcome.channel;
         self.socket = socket;
         self.version = version.into();
         self.seq = 0;
@@ -666,7 +672,10 @@ impl ProtocolAgent {
             }
             match tokio::time::timeout(wait, self.socket.next()).await {
                 Ok(Some(Ok(Message::Binary(bytes)))) => {
-                    return Some(ServerMessage::decode(&bytes).expect("server frames decode"));
+                    match ServerMessage::decode(&bytes).expect("server frames decode") {
+                        ServerMessage::Channel(notice) => self.channel = Some(notice.channel),
+                        message => return Some(message),
+                    }
                 }
                 Ok(Some(Ok(Message::Close(frame)))) => {
                     panic!("server closed the session: {frame:?}")

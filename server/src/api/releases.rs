@@ -4,12 +4,10 @@
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
-use axum::http::header;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tower::ServiceExt;
-use tower_http::services::ServeFile;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, Body, Caller, ErrorBody, Params, openapi};
@@ -199,7 +197,7 @@ pub(crate) async fn file(
     caller: Caller,
     State(state): State<AppState>,
     Path(file): Path<String>,
-    request: Request,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
     let index = state.releases.current();
@@ -216,22 +214,7 @@ pub(crate) async fn file(
             .ok_or_else(|| ApiError::NotFound(format!("{name} is not signed")))?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response());
     }
-    let path = state.settings.downloads.join(&release.file);
-    // As `/downloads`: only the regular file of the scanned size (a link is not followed).
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_file() && meta.len() == release.size => {}
-        _ => {
-            return Err(ApiError::NotFound(format!(
-                "{} changed since it was scanned",
-                release.file
-            )));
-        }
-    }
-    ServeFile::new(path)
-        .oneshot(request)
-        .await
-        .map(IntoResponse::into_response)
-        .map_err(|err| ApiError::Internal(format!("while serving {}: {err}", release.file)))
+    crate::downloads::send_build(&state, release, &headers).await
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

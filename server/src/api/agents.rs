@@ -1009,7 +1009,7 @@ pub(crate) async fn update_now(
         Err(err) => return Err(err.into()),
     };
     let pushed = state.registry.send(&id, Outbound::Refresh);
-    state.events.task(&task.id, &id);
+    state.events.task(&task.id, &id, task.rollout_id.as_deref());
     state
         .audit(
             &caller.actor,

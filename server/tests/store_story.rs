@@ -2110,6 +2110,26 @@ async fn rollout_page_story(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(total, 3, "{off:?}");
+
+    // A task that ends moves its target at once: the target's task is kept with it.
+    let downloading = store.active_task(&ids[0]).await.unwrap().unwrap();
+    store
+        .finish_task(
+            &ids[0],
+            &downloading.id,
+            TaskStatus::Failed,
+            Some(FailureClass::Transient),
+            Some("network"),
+            4_000,
+        )
+        .await
+        .unwrap();
+    let (first, _) = store
+        .rollout_targets_page("r-1", &page(None, None, 1, 0))
+        .await
+        .unwrap();
+    assert_eq!(stages(&first), [(ids[0].clone(), "queued".to_owned())]);
+    assert_eq!(first[0].error.as_deref(), Some("network"));
 }
 
 #[tokio::test]

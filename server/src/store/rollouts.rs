@@ -502,13 +502,10 @@ pub(super) fn convert<R, T: TryFrom<R, Error = StoreError>>(rows: Vec<R>) -> Sto
     rows.into_iter().map(T::try_from).collect()
 }
 
-/// The task that says where a target of a rollout stands: its build failure in the
-/// rollout if it has one (final: the version is never offered to it again, and a task
-/// started before the failure was known is cancelled), else its newest task.
-const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = (SELECT x.id FROM update_tasks x \
-     WHERE x.rollout_id = t.rollout_id AND x.agent_id = t.agent_id \
-     ORDER BY CASE WHEN x.failure_class = 'build' AND x.status <> 'succeeded' THEN 0 ELSE 1 END, \
-         x.created_at DESC, x.id DESC LIMIT 1)";
+/// The task that says where a target of a rollout stands, kept on the target by the
+/// triggers of migration 0013 from its one rule (the view `rollout_target_tasks`: the
+/// target's build failure in the rollout if it has one, else its newest task).
+const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 
 /// A target's maintenance window: its site's, or else its client's.
 const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
@@ -615,7 +612,7 @@ pub(super) fn targets_page_sql(closed_windows: usize, stage_filter: bool) -> (St
         let (limit, offset) = (next(), next());
         // Only the page's targets are joined with their tasks.
         let page = format!(
-            "(SELECT rollout_id, agent_id, wave FROM rollout_targets \
+            "(SELECT rollout_id, agent_id, wave, task_id FROM rollout_targets \
               WHERE rollout_id = $1 AND ($2 IS NULL OR wave = $2) \
               ORDER BY wave, agent_id LIMIT {limit} OFFSET {offset})"
         );

@@ -78,3 +78,7 @@ FOR EACH ROW EXECUTE FUNCTION rollout_targets_decide();
 
 -- A page of a rollout's targets, by wave then agent, read in order.
 CREATE INDEX rollout_targets_order ON rollout_targets (rollout_id, wave, agent_id);
+
+-- A rollout's ended tasks by wave and failure class, counted from the index alone.
+CREATE INDEX update_tasks_rollout_classes
+    ON update_tasks (rollout_id, failure_class, wave, finished_at);

@@ -273,8 +273,10 @@ function overview(main) {
     shown = { rollouts, builds, mirrorList };
     drawRollouts();
   });
+  // Mirror health is counted from tasks' transfers: a task note may change it too.
   const rereadRollouts = guard(active, async (ids) => {
-    await reread(shown.rollouts, ids);
+    const [mirrorList] = await Promise.all([get('/api/v1/mirrors'), reread(shown.rollouts, ids)]);
+    shown.mirrorList = mirrorList;
     drawRollouts();
   });
   const drawRollouts = () => {
@@ -303,7 +305,7 @@ function overview(main) {
       if (events === null) loadAdoption();
       const ids = rolloutsNamed(events);
       if (ids === null || !shown) loadRollouts();
-      else if (ids.size) rereadRollouts(ids);
+      else if (touches(events, 'task')) rereadRollouts(ids);
     },
   };
 }

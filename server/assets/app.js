@@ -224,7 +224,7 @@ const actionButton = (label, onclick, danger) => (canAct()
 
 // Handles a view's loader failing: the message goes where the data would have been.
 function guard(target, load) {
-  return () => load().catch((err) => {
+  return (...args) => load(...args).catch((err) => {
     if (err.message !== 'not logged in') target.replaceChildren(h('p', { class: 'error' }, err.message));
   });
 }
@@ -266,9 +266,21 @@ function overview(main) {
     snapshots = await get(`/api/v1/fleet/history?hours=${adoptionHours}`);
     drawAdoption();
   });
+  let shown = null; // the rollouts, builds and mirrors on screen
   const loadRollouts = guard(active, async () => {
     const [rollouts, builds, mirrorList] = await Promise.all([get('/api/v1/rollouts'), get('/api/v1/releases'),
       get('/api/v1/mirrors')]);
+    shown = { rollouts, builds, mirrorList };
+    drawRollouts();
+  });
+  // Mirror health is counted from tasks' transfers: a task note may change it too.
+  const rereadRollouts = guard(active, async (ids) => {
+    const [mirrorList] = await Promise.all([get('/api/v1/mirrors'), reread(shown.rollouts, ids)]);
+    shown.mirrorList = mirrorList;
+    drawRollouts();
+  });
+  const drawRollouts = () => {
+    const { rollouts, builds, mirrorList } = shown;
     const facts = rolloutFacts(rollouts, builds);
     banners.replaceChildren(...rolloutBanners(rollouts), ...mirrorBanners(mirrorList.mirrors));
     mirrors.replaceChildren(...mirrorSection(mirrorList.mirrors));
@@ -281,15 +293,19 @@ function overview(main) {
       h('td', {}, progress(r, facts)),
       h('td', { class: r.failures.build ? 'failures bad' : 'failures' }, r.failures.build))),
       'No active rollouts.'));
-  });
+  };
   return {
     title: 'Overview',
     refresh(events) {
-      if (touches(events, 'agent', 'task', 'settings', 'release')) loadFleet();
+      // A task moving changes no fleet count: the agent's version changes when it comes
+      // back on it, which is an agent note.
+      if (touches(events, 'agent', 'settings', 'release')) loadFleet();
       // Snapshots are taken every few minutes; the 30 s refresh is soon enough for them,
       // and the newest point is the fleet as it is now.
       if (events === null) loadAdoption();
-      if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) loadRollouts();
+      const ids = rolloutsNamed(events);
+      if (ids === null || !shown) loadRollouts();
+      else if (touches(events, 'task')) rereadRollouts(ids);
     },
   };
 }
@@ -514,9 +530,19 @@ function rollouts(main, _arg, params) {
   let offset = 0;
   main.append(h('h2', {}, version ? `Rollouts of ${version}` : 'Rollouts'),
     h('p', { hidden: !version }, h('a', { href: '#/rollouts' }, 'Every rollout')), banners, body, pager);
+  let shown = null; // the rollouts and builds on screen
   const load = guard(body, async () => {
     const [all, builds] = await Promise.all([get(`/api/v1/rollouts?${query({ version, limit: PAGE, offset })}`),
       get('/api/v1/releases')]);
+    shown = { all, builds };
+    draw();
+  });
+  const rereadSome = guard(body, async (ids) => {
+    await reread(shown.all, ids);
+    draw();
+  });
+  const draw = () => {
+    const { all, builds } = shown;
     const move = (by) => () => { offset = Math.max(0, offset + by); load(); };
     pager.replaceChildren(
       h('button', { type: 'button', disabled: offset === 0, onclick: move(-PAGE) }, '‹ Newer'),
@@ -540,10 +566,14 @@ function rollouts(main, _arg, params) {
       h('td', { class: 'actions-cell' }, rolloutActions(r, facts)))),
       'No rollouts yet: a build published on beta, a promote or a rollback starts one.'));
     if (all.some(timeBound)) again(view, load);
-  });
+  };
   const view = {
     title: 'Rollouts',
-    refresh(events) { if (touches(events, 'agent', 'task', 'rollout', 'release', 'settings')) load(); },
+    refresh(events) {
+      const ids = rolloutsNamed(events);
+      if (ids === null || !shown) load();
+      else if (ids.size) rereadSome(ids);
+    },
   };
   return view;
 }
@@ -821,7 +851,8 @@ function rolloutPage(main, id) {
 
   // A rollout note names a version (or none, when any may have changed): notes of other
   // versions are not this page's business.
-  const concerns = (e) => e.kind === 'task' || e.kind === 'agent' || e.kind === 'release' || e.kind === 'settings'
+  const concerns = (e) => (e.kind === 'task' && (!e.rollout || e.rollout === id))
+    || e.kind === 'agent' || e.kind === 'release' || e.kind === 'settings'
     || (e.kind === 'rollout' && (!e.id || !record || e.id === record.version || e.id === id));
   const view = {
     title: 'Rollout',
@@ -1317,6 +1348,28 @@ function again(view, load) {
 
 // Whether any of the events (null: a full load) is of one of the kinds.
 const touches = (events, ...kinds) => events === null || events.some((e) => kinds.includes(e.kind));
+
+// What a batch of events asks of rollouts on screen: null to read the list again whole,
+// else the ids of the rollouts to read again one by one. A task note names its rollout;
+// any other note that may change a rollout's counts (an agent, a rollout, a build or a
+// setting changed) does not say which.
+function rolloutsNamed(events) {
+  if (events === null) return null;
+  const ids = new Set();
+  for (const e of events) {
+    if (e.kind === 'task' && e.rollout) ids.add(e.rollout);
+    else if (['agent', 'task', 'rollout', 'release', 'settings'].includes(e.kind)) return null;
+  }
+  return ids;
+}
+
+// Reads the rollouts of `list` named in `ids` again, in place; a rollout not in the list
+// (on another page) is not this list's business.
+async function reread(list, ids) {
+  const wanted = [...ids].filter((id) => list.some((r) => r.id === id));
+  const fresh = await Promise.all(wanted.map((id) => get(`/api/v1/rollouts/${enc(id)}`)));
+  for (const r of fresh) list[list.findIndex((x) => x.id === r.id)] = r;
+}
 
 // ---------------------------------------------------------------- live updates
 

@@ -292,29 +292,56 @@ pub(crate) async fn health(
     rollout: &Rollout,
     scope: impl Fn(&crate::store::TargetGroup) -> bool,
 ) -> StoreResult<Health> {
+    Ok(observe(state, rollout).await?.health(state, scope))
+}
+
+/// What a rollout's health is counted from, read from the store once and counted over
+/// as many scopes as a caller needs (a listing counts a beta rollout whole and for its
+/// gate).
+pub(crate) struct Observed {
+    id: String,
+    kind: RolloutKind,
+    current_wave: usize,
+    plan: Plan,
+    /// Its counts frozen before its tasks were pruned: the record.
+    summary: Option<Vec<Counts>>,
+    groups: Vec<crate::store::TargetGroup>,
+    classes: Vec<health::ClassGroup>,
+    wave_rows: Vec<WaveRow>,
+    now: i64,
+}
+
+pub(crate) async fn observe(state: &AppState, rollout: &Rollout) -> StoreResult<Observed> {
     let plan = parse_plan(rollout)?;
+    let now = now_ms();
+    let wave_rows = state.store.rollout_waves(&rollout.id).await?;
+    let mut observed = Observed {
+        id: rollout.id.clone(),
+        kind: rollout.kind,
+        current_wave: usize::try_from(rollout.current_wave).unwrap_or(0),
+        plan,
+        summary: None,
+        groups: Vec::new(),
+        classes: Vec::new(),
+        wave_rows,
+        now,
+    };
     // Its tasks may be pruned: the counts frozen before that are the record.
     if let Some(summary) = &rollout.summary {
-        let waves: Vec<Counts> = serde_json::from_str(summary).map_err(|e| {
+        observed.summary = Some(serde_json::from_str(summary).map_err(|e| {
             StoreError::Other(format!(
                 "the summary of rollout {} does not read: {e}",
                 rollout.id
             ))
-        })?;
-        return Ok(Health {
-            total: health::total(&waves),
-            wave_rows: state.store.rollout_waves(&rollout.id).await?,
-            plan,
-            waves,
-        });
+        })?);
+        return Ok(observed);
     }
-    let now = now_ms();
     let settled_before = now - duration_ms(state.settings.success_bake);
-    let groups = state
+    observed.groups = state
         .store
         .rollout_target_groups(&rollout.id, settled_before)
         .await?;
-    let classes: Vec<health::ClassGroup> = state
+    observed.classes = state
         .store
         .rollout_class_rows(&rollout.id, rollout.resumed_at_ms)
         .await?
@@ -326,25 +353,42 @@ pub(crate) async fn health(
             recent: row.recent,
         })
         .collect();
-    let current = usize::try_from(rollout.current_wave).unwrap_or(0);
-    let obeys_windows = crate::rollouts::obeys_windows(rollout.kind, &plan);
-    let waves = health::count_waves(
-        plan.waves.len(),
-        current,
-        state.updates_enabled(),
-        &groups,
-        &classes,
-        scope,
-        |group| obeys_windows && closed_until(group.window.as_deref(), now).is_some(),
-    );
-    let total = health::total(&waves);
-    let wave_rows = state.store.rollout_waves(&rollout.id).await?;
-    Ok(Health {
-        plan,
-        waves,
-        total,
-        wave_rows,
-    })
+    Ok(observed)
+}
+
+impl Observed {
+    /// Its health over the targets `scope` admits (a frozen summary is whole).
+    pub(crate) fn health(
+        &self,
+        state: &AppState,
+        scope: impl Fn(&crate::store::TargetGroup) -> bool,
+    ) -> Health {
+        if let Some(waves) = &self.summary {
+            return Health {
+                total: health::total(waves),
+                wave_rows: self.wave_rows.clone(),
+                plan: self.plan.clone(),
+                waves: waves.clone(),
+            };
+        }
+        let obeys_windows = crate::rollouts::obeys_windows(self.kind, &self.plan);
+        let now = self.now;
+        let waves = health::count_waves(
+            self.plan.waves.len(),
+            self.current_wave,
+            state.updates_enabled(),
+            &self.groups,
+            &self.classes,
+            scope,
+            |group| obeys_windows && closed_until(group.window.as_deref(), now).is_some(),
+        );
+        Health {
+            total: health::total(&waves),
+            plan: self.plan.clone(),
+            waves,
+            wave_rows: self.wave_rows.clone(),
+        }
+    }
 }
 
 /// Drives every running rollout once; every node does, and the store's conditional
@@ -952,6 +996,16 @@ pub(crate) async fn gate(
     version: &str,
     in_scope: impl Fn(&str, &str) -> bool,
 ) -> StoreResult<GateVerdict> {
+    gate_knowing(state, version, in_scope, None).await
+}
+
+/// `gate`, counting a rollout already `observed` from that observation.
+pub(crate) async fn gate_knowing(
+    state: &AppState,
+    version: &str,
+    in_scope: impl Fn(&str, &str) -> bool,
+    observed: Option<&Observed>,
+) -> StoreResult<GateVerdict> {
     let betas: Vec<Rollout> = state
         .book()
         .rollouts()
@@ -961,10 +1015,13 @@ pub(crate) async fn gate(
         .collect();
     let mut sum: Option<Counts> = None;
     for rollout in &betas {
-        let h = health(state, rollout, |g| {
+        let beta_in_scope = |g: &crate::store::TargetGroup| {
             in_scope(&g.os, &g.arch) && Channel::parse(&g.channel) == Some(Channel::Beta)
-        })
-        .await?;
+        };
+        let h = match observed.filter(|o| o.id == rollout.id) {
+            Some(known) => known.health(state, beta_in_scope),
+            None => observe(state, rollout).await?.health(state, beta_in_scope),
+        };
         let total = sum.get_or_insert_with(Counts::default);
         *total = health::total(&[*total, h.total]);
     }
@@ -972,33 +1029,34 @@ pub(crate) async fn gate(
     Ok(health::gate(sum.as_ref(), &policy))
 }
 
-/// Where each agent stands in a rollout, for `GET /rollouts/{id}/agents`.
-pub(crate) async fn target_stages(
+/// What the stage of `rollout`'s targets depends on now besides the targets themselves,
+/// for the store to place them (`GET /rollouts/{id}/agents`).
+pub(crate) async fn stage_inputs(
     state: &AppState,
     rollout: &Rollout,
-) -> StoreResult<Vec<(crate::store::RolloutTarget, health::Stage)>> {
-    let current = usize::try_from(rollout.current_wave).unwrap_or(0);
-    let enabled = state.updates_enabled();
-    let obeys_windows = crate::rollouts::obeys_windows(rollout.kind, &parse_plan(rollout)?);
-    let now = now_ms();
-    Ok(state
-        .store
-        .rollout_targets(&rollout.id)
-        .await?
-        .into_iter()
-        .map(|t| {
-            let (stage, _) = health::stage_of(&health::TargetFacts {
-                wave_started: t.wave <= current,
-                paused: t.paused,
-                auto_update: t.auto_update,
-                updates_enabled: enabled,
-                outside_window: obeys_windows && closed_until(t.window.as_deref(), now).is_some(),
-                status: t.status,
-                class: t.class,
-            });
-            (t, stage)
-        })
-        .collect())
+) -> StoreResult<crate::store::StageInputs> {
+    let mut closed_windows = Vec::new();
+    if crate::rollouts::obeys_windows(rollout.kind, &parse_plan(rollout)?) {
+        let now = now_ms();
+        let sites = state.store.list_sites().await?;
+        let clients = state.store.list_clients().await?;
+        let windows = sites
+            .into_iter()
+            .filter_map(|s| s.maintenance_window)
+            .chain(clients.into_iter().filter_map(|c| c.maintenance_window));
+        for window in windows {
+            if !closed_windows.contains(&window)
+                && closed_until(Some(window.as_str()), now).is_some()
+            {
+                closed_windows.push(window);
+            }
+        }
+    }
+    Ok(crate::store::StageInputs {
+        current_wave: rollout.current_wave,
+        updates_enabled: state.updates_enabled(),
+        closed_windows,
+    })
 }
 
 /// How long stable has been behind beta on each platform, now (see

@@ -435,13 +435,17 @@ pub(crate) async fn check(
     match created {
         Ok(task) if !admitted => {
             tracing::debug!(agent = %live.id, task = %task.id, to = %task.to_version, "queued until a download slot frees");
-            state.events.task(&task.id, &live.id);
+            state
+                .events
+                .task(&task.id, &live.id, task.rollout_id.as_deref());
             live.active = Some(task);
             Ok(None)
         }
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, rollout = task.rollout_id.as_deref().unwrap_or(""), "dispatching update");
-            state.events.task(&task.id, &live.id);
+            state
+                .events
+                .task(&task.id, &live.id, task.rollout_id.as_deref());
             let message = update_message(state, &task);
             live.holds_slot = downloads_here(task.mirror.as_deref(), &task);
             live.active = Some(task);
@@ -554,7 +558,9 @@ async fn advance(
     {
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, attempt = task.attempts, to = %task.to_version, "dispatching update again");
-            state.events.task(&task.id, &live.id);
+            state
+                .events
+                .task(&task.id, &live.id, task.rollout_id.as_deref());
             let message = update_message(state, &task);
             live.active = Some(task);
             Ok(message)
@@ -679,7 +685,9 @@ pub(crate) async fn progress(
         .await
     {
         Ok(task) => {
-            state.events.task(&task.id, &live.id);
+            state
+                .events
+                .task(&task.id, &live.id, task.rollout_id.as_deref());
             // The agent has the bytes: its download slot is free for the next one. One
             // that fell back from its mirror downloads here now, and counts.
             if !matches!(status, TaskStatus::Downloading) {
@@ -827,7 +835,9 @@ async fn revert_success(
         Err(err) => return Err(err),
     };
     tracing::warn!(agent = %live.id, task = %task.id, to = %task.to_version, %error, "a succeeded update was rolled back");
-    state.events.task(&task.id, &live.id);
+    state
+        .events
+        .task(&task.id, &live.id, task.rollout_id.as_deref());
     live.ended.insert(task.id.clone(), error.to_owned());
     live.position
         .failed_versions
@@ -865,7 +875,9 @@ async fn finish(
         Err(err) => return Err(err),
     }
     tracing::info!(agent = %live.id, task = %task.id, to = %task.to_version, status = status.as_str(), class = class.map_or("", FailureClass::as_str), error = error.unwrap_or(""), "update task finished");
-    state.events.task(&task.id, &live.id);
+    state
+        .events
+        .task(&task.id, &live.id, task.rollout_id.as_deref());
     if let Some(error) = error {
         live.ended.insert(task.id.clone(), error.to_owned());
     }
@@ -993,7 +1005,9 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
             {
                 Ok(_) => {
                     tracing::warn!(agent = %task.agent_id, task = %task.id, to = %task.to_version, "{error}; timed out");
-                    state.events.task(&task.id, &task.agent_id);
+                    state
+                        .events
+                        .task(&task.id, &task.agent_id, task.rollout_id.as_deref());
                     if class == FailureClass::Build
                         && let Some(rollout) = &task.rollout_id
                         && let Err(err) = conductor::drive(&state, rollout).await

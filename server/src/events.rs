@@ -29,7 +29,8 @@ pub(crate) enum Kind {
     Resync,
 }
 
-/// One note: `{"kind": "task", "id": "<task id>", "agent": "<agent id>"}`.
+/// One note: `{"kind": "task", "id": "<task id>", "agent": "<agent id>", "rollout":
+/// "<rollout id>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct Event {
     pub(crate) kind: Kind,
@@ -38,6 +39,9 @@ pub(crate) struct Event {
     /// For a task, its agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) agent: Option<String>,
+    /// For a task, its rollout: the dashboard re-reads only that one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<String>,
 }
 
 impl Event {
@@ -46,6 +50,7 @@ impl Event {
             kind: Kind::Resync,
             id: None,
             agent: None,
+            rollout: None,
         }
     }
 }
@@ -70,20 +75,30 @@ impl Events {
     }
 
     fn publish(&self, kind: Kind, id: Option<&str>, agent: Option<&str>) {
-        // An error only means nobody is listening.
-        let _ = self.sender.send(Event {
+        self.send(Event {
             kind,
             id: id.map(str::to_owned),
             agent: agent.map(str::to_owned),
+            rollout: None,
         });
+    }
+
+    fn send(&self, event: Event) {
+        // An error only means nobody is listening.
+        let _ = self.sender.send(event);
     }
 
     pub(crate) fn agent(&self, agent_id: &str) {
         self.publish(Kind::Agent, Some(agent_id), None);
     }
 
-    pub(crate) fn task(&self, task_id: &str, agent_id: &str) {
-        self.publish(Kind::Task, Some(task_id), Some(agent_id));
+    pub(crate) fn task(&self, task_id: &str, agent_id: &str, rollout_id: Option<&str>) {
+        self.send(Event {
+            kind: Kind::Task,
+            id: Some(task_id.to_owned()),
+            agent: Some(agent_id.to_owned()),
+            rollout: rollout_id.map(str::to_owned),
+        });
     }
 
     /// `None` when any rollout may have changed (another node acted).
@@ -115,11 +130,13 @@ mod tests {
         events.agent("nobody listens yet");
         let mut first = events.subscribe();
         let mut second = events.subscribe();
-        events.task("t-1", "a-1");
+        events.task("t-1", "a-1", Some("r-1"));
+        events.task("t-2", "a-1", None);
         events.rollout(Some("1.4.2"));
         events.release();
         let expected = [
-            r#"{"kind":"task","id":"t-1","agent":"a-1"}"#,
+            r#"{"kind":"task","id":"t-1","agent":"a-1","rollout":"r-1"}"#,
+            r#"{"kind":"task","id":"t-2","agent":"a-1"}"#,
             r#"{"kind":"rollout","id":"1.4.2"}"#,
             r#"{"kind":"release","id":null}"#,
         ];

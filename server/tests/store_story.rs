@@ -9,8 +9,9 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use server::store::{
     AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
-    FailureClass, HeartbeatRecord, LiveSince, MirrorCount, NewTask, PostgresStore, Queries, Role,
-    SqliteStore, Store, StoreError, TaskKind, TaskStatus, TransferRecord, UpdateTask,
+    FailureClass, HeartbeatRecord, LiveSince, MirrorCount, NewRollout, NewTask, PostgresStore,
+    Queries, Role, RolloutKind, RolloutTarget, SqliteStore, StageInputs, Store, StoreError,
+    TargetPage, TaskKind, TaskStatus, TransferRecord, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -1389,6 +1390,15 @@ fn upgrade_data(file: &str) -> std::path::PathBuf {
 async fn check_upgraded(store: &dyn Store) {
     let agents = store.list_agents().await.unwrap();
     assert_eq!(agents.len(), 6);
+    // Opening keyed the versions written before keys existed.
+    let mut semver_agents: Vec<String> = agents
+        .iter()
+        .filter(|a| semver::Version::parse(&a.version).is_ok())
+        .map(|a| a.version.clone())
+        .collect();
+    semver_agents.sort_by_key(|v| semver::Version::parse(v).unwrap());
+    assert!(!semver_agents.is_empty());
+    assert_eq!(older_in_page(store, "999.0.0").await, semver_agents);
     assert_eq!(
         agents
             .iter()
@@ -1715,6 +1725,427 @@ async fn postgres_leases_have_one_holder_at_a_time() {
     with_postgres(|url| async move {
         let store = PostgresStore::open(&url).await.unwrap();
         lease_story(&store).await;
+    })
+    .await;
+}
+
+/// The versions of agents `older_than` `limit` by the page the database filters, and by
+/// semver precedence computed here.
+async fn older_in_page(store: &dyn Store, limit: &str) -> Vec<String> {
+    let key = server::store::version_key(limit);
+    let (page, total) = store
+        .agents_page(&AgentFilter {
+            older_than_key: Some(&key),
+            sort: "version",
+            limit: 500,
+            ..AgentFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(total as usize, page.len());
+    page.into_iter().map(|a| a.version).collect()
+}
+
+/// Versions compared in the database (`older_than`, sorting by version) follow semver
+/// precedence, pre-releases included, whichever statement wrote the version.
+async fn version_key_story(store: &dyn Store) {
+    store
+        .bootstrap(&Bootstrap {
+            admin_token_hash: Some("admin-hash".into()),
+            enroll_token_hash: Some("enroll-hash".into()),
+            enroll_token_expires_at_ms: None,
+        })
+        .await
+        .unwrap();
+    let versions = [
+        "1.10.0",
+        "1.2.0",
+        "1.2.0-rc.2",
+        "1.2.0-rc.10",
+        "1.2.0-alpha",
+        "dev-build",
+        "0.9.0",
+    ];
+    let mut ids = Vec::new();
+    for (i, version) in versions.iter().enumerate() {
+        let agent = store
+            .enroll(
+                "enroll-hash",
+                &facts(&format!("fp-{i}"), &format!("host-{i}"), version),
+                &format!("secret-{i}"),
+                1_000,
+                NONE_LIVE,
+            )
+            .await
+            .map(enrolled)
+            .unwrap();
+        ids.push(agent.agent_id);
+    }
+    let semver_order = |limit: &str| {
+        let limit = semver::Version::parse(limit).unwrap();
+        let mut older: Vec<semver::Version> = store_versions(&versions)
+            .into_iter()
+            .filter(|v| v.cmp_precedence(&limit).is_lt())
+            .collect();
+        older.sort_by(|a, b| a.cmp_precedence(b));
+        older.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        older_in_page(store, "1.2.0").await,
+        ["0.9.0", "1.2.0-alpha", "1.2.0-rc.2", "1.2.0-rc.10"]
+    );
+    for limit in ["1.2.0", "1.2.0-rc.10", "1.10.0", "0.9.0", "2.0.0"] {
+        assert_eq!(
+            older_in_page(store, limit).await,
+            semver_order(limit),
+            "{limit}"
+        );
+    }
+    // Sorted by version: what is not semver first, then by precedence; reversed too.
+    let (page, _) = store
+        .agents_page(&AgentFilter {
+            sort: "version",
+            limit: 500,
+            ..AgentFilter::default()
+        })
+        .await
+        .unwrap();
+    let sorted: Vec<&str> = page.iter().map(|a| a.version.as_str()).collect();
+    assert_eq!(
+        sorted,
+        [
+            "dev-build",
+            "0.9.0",
+            "1.2.0-alpha",
+            "1.2.0-rc.2",
+            "1.2.0-rc.10",
+            "1.2.0",
+            "1.10.0"
+        ]
+    );
+    let (page, _) = store
+        .agents_page(&AgentFilter {
+            sort: "version",
+            descending: true,
+            limit: 500,
+            ..AgentFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.first().map(|a| a.version.as_str()), Some("1.10.0"));
+
+    // A heartbeat and a hello move the key with the version.
+    store
+        .record_heartbeats(&[HeartbeatRecord {
+            agent_id: ids[6].clone(),
+            version: "1.3.0".into(),
+            at_ms: 2_000,
+        }])
+        .await
+        .unwrap();
+    store
+        .authenticate(
+            &ids[1],
+            "secret-1",
+            &facts("fp-1", "host-1", "1.1.0"),
+            2_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        older_in_page(store, "1.2.0").await,
+        ["1.1.0", "1.2.0-alpha", "1.2.0-rc.2", "1.2.0-rc.10"]
+    );
+    assert!(
+        older_in_page(store, "1.3.0")
+            .await
+            .contains(&"1.2.0-rc.10".to_owned())
+    );
+    assert!(
+        !older_in_page(store, "1.3.0")
+            .await
+            .contains(&"1.3.0".to_owned())
+    );
+    // Re-enrollment re-binds the machine with the version it says now.
+    store
+        .enroll(
+            "enroll-hash",
+            &facts("fp-0", "host-0", "0.1.0-beta"),
+            "secret-0b",
+            3_000,
+            NONE_LIVE,
+        )
+        .await
+        .map(enrolled)
+        .unwrap();
+    assert_eq!(older_in_page(store, "0.9.0").await, ["0.1.0-beta"]);
+}
+
+fn store_versions(versions: &[&str]) -> Vec<semver::Version> {
+    versions
+        .iter()
+        .filter_map(|v| semver::Version::parse(v).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn sqlite_compares_versions_by_semver_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("drover.db"))
+        .await
+        .unwrap();
+    version_key_story(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_compares_versions_by_semver_precedence() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        version_key_story(&store).await;
+    })
+    .await;
+}
+
+/// A page of a rollout's agents is counted, placed in stages and paged in the database.
+async fn rollout_page_story(store: &dyn Store) {
+    store
+        .bootstrap(&Bootstrap {
+            admin_token_hash: Some("admin-hash".into()),
+            enroll_token_hash: Some("enroll-hash".into()),
+            enroll_token_expires_at_ms: None,
+        })
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let agent = store
+            .enroll(
+                "enroll-hash",
+                &facts(&format!("fp-{i}"), &format!("host-{i}"), "1.0.0"),
+                &format!("secret-{i}"),
+                1_000,
+                NONE_LIVE,
+            )
+            .await
+            .map(enrolled)
+            .unwrap();
+        ids.push(agent.agent_id);
+    }
+    ids.sort();
+    // Waves: the first two agents in wave 0, the rest in wave 1.
+    let targets: Vec<(String, usize)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), usize::from(i >= 2)))
+        .collect();
+    let platforms = [("linux".to_owned(), "amd64".to_owned())];
+    store
+        .create_rollout(
+            &NewRollout {
+                id: "r-1",
+                version: "2.0.0",
+                kind: RolloutKind::Targeted,
+                platforms: &platforms,
+                plan: "{}",
+                started_by: "test",
+                detail: "started",
+                targets: &targets,
+                supersedes: &[],
+            },
+            2_000,
+        )
+        .await
+        .unwrap();
+    fn task(agent_id: &str, wave: usize) -> NewTask<'_> {
+        NewTask {
+            agent_id,
+            from_version: "1.0.0",
+            to_version: "2.0.0",
+            os: "linux",
+            arch: "amd64",
+            kind: TaskKind::Update,
+            status: TaskStatus::Dispatched,
+            rollout_id: Some("r-1"),
+            wave: Some(wave),
+            mirror: None,
+        }
+    }
+    // ids[0]: downloading; ids[1]: failed its build, then a newer task was cancelled
+    // (the build failure still says where it stands); ids[2]: succeeded; ids[3]: paused,
+    // with no task; ids[4] and ids[5]: nothing yet.
+    store.create_task(&task(&ids[0], 0), 3_000).await.unwrap();
+    let failed = store.create_task(&task(&ids[1], 0), 3_000).await.unwrap();
+    store
+        .finish_task(
+            &ids[1],
+            &failed.id,
+            TaskStatus::Failed,
+            Some(FailureClass::Build),
+            Some("boom"),
+            3_500,
+        )
+        .await
+        .unwrap();
+    let again = store.create_task(&task(&ids[1], 0), 3_600).await.unwrap();
+    store
+        .finish_task(
+            &ids[1],
+            &again.id,
+            TaskStatus::Cancelled,
+            Some(FailureClass::Transient),
+            None,
+            3_700,
+        )
+        .await
+        .unwrap();
+    let done = store.create_task(&task(&ids[2], 1), 3_000).await.unwrap();
+    store
+        .finish_task(&ids[2], &done.id, TaskStatus::Succeeded, None, None, 3_800)
+        .await
+        .unwrap();
+    store.set_paused(&ids[3], true).await.unwrap();
+
+    let running = StageInputs {
+        current_wave: 0,
+        updates_enabled: true,
+        closed_windows: Vec::new(),
+    };
+    let page =
+        |stage: Option<&'static str>, wave: Option<usize>, limit: i64, offset: i64| TargetPage {
+            wave,
+            stage,
+            inputs: running.clone(),
+            limit,
+            offset,
+        };
+    let stages = |targets: &[RolloutTarget]| -> Vec<(String, String)> {
+        targets
+            .iter()
+            .map(|t| (t.agent_id.clone(), t.stage.clone()))
+            .collect()
+    };
+    let (all, total) = store
+        .rollout_targets_page("r-1", &page(None, None, 100, 0))
+        .await
+        .unwrap();
+    assert_eq!(total, 6);
+    let expected = [
+        (ids[0].clone(), "downloading".to_owned()),
+        (ids[1].clone(), "failed".to_owned()),
+        (ids[2].clone(), "succeeded".to_owned()),
+        (ids[3].clone(), "skipped".to_owned()),
+        (ids[4].clone(), "waiting".to_owned()),
+        (ids[5].clone(), "waiting".to_owned()),
+    ];
+    assert_eq!(stages(&all), expected);
+    assert_eq!(all[1].error.as_deref(), Some("boom"));
+    assert_eq!(all[1].task_id.as_deref(), Some(failed.id.as_str()));
+    assert_eq!(all[1].class, Some(FailureClass::Build));
+    assert_eq!(all[4].task_id, None);
+
+    // Paged: the same order, the count before paging.
+    let (some, total) = store
+        .rollout_targets_page("r-1", &page(None, None, 2, 1))
+        .await
+        .unwrap();
+    assert_eq!(total, 6);
+    assert_eq!(stages(&some), &expected[1..3]);
+    let (wave, total) = store
+        .rollout_targets_page("r-1", &page(None, Some(1), 1, 1))
+        .await
+        .unwrap();
+    assert_eq!(total, 4);
+    assert_eq!(stages(&wave), &expected[3..4]);
+
+    // By stage, counted over every target.
+    let (waiting, total) = store
+        .rollout_targets_page("r-1", &page(Some("waiting"), None, 1, 1))
+        .await
+        .unwrap();
+    assert_eq!(total, 2);
+    assert_eq!(stages(&waiting), &expected[5..6]);
+    let (none, total) = store
+        .rollout_targets_page("r-1", &page(Some("queued"), Some(0), 10, 0))
+        .await
+        .unwrap();
+    assert_eq!((none.len(), total), (0, 0));
+
+    // The next wave started, one target's window closed, updates off: the stage follows.
+    let (started, _) = store
+        .rollout_targets_page(
+            "r-1",
+            &TargetPage {
+                wave: Some(1),
+                stage: None,
+                inputs: StageInputs {
+                    current_wave: 1,
+                    updates_enabled: true,
+                    closed_windows: vec!["no such window".into()],
+                },
+                limit: 10,
+                offset: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stages(&started)[2..],
+        [
+            (ids[4].clone(), "queued".to_owned()),
+            (ids[5].clone(), "queued".to_owned())
+        ]
+    );
+    let (off, total) = store
+        .rollout_targets_page(
+            "r-1",
+            &TargetPage {
+                stage: Some("skipped"),
+                inputs: StageInputs {
+                    updates_enabled: false,
+                    ..running.clone()
+                },
+                ..page(None, None, 10, 0)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(total, 3, "{off:?}");
+
+    // A task that ends moves its target at once: the target's task is kept with it.
+    let downloading = store.active_task(&ids[0]).await.unwrap().unwrap();
+    store
+        .finish_task(
+            &ids[0],
+            &downloading.id,
+            TaskStatus::Failed,
+            Some(FailureClass::Transient),
+            Some("network"),
+            4_000,
+        )
+        .await
+        .unwrap();
+    let (first, _) = store
+        .rollout_targets_page("r-1", &page(None, None, 1, 0))
+        .await
+        .unwrap();
+    assert_eq!(stages(&first), [(ids[0].clone(), "queued".to_owned())]);
+    assert_eq!(first[0].error.as_deref(), Some("network"));
+}
+
+#[tokio::test]
+async fn sqlite_pages_a_rollouts_agents_by_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("drover.db"))
+        .await
+        .unwrap();
+    rollout_page_story(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_pages_a_rollouts_agents_by_stage() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        rollout_page_story(&store).await;
     })
     .await;
 }

@@ -16,7 +16,7 @@ use crate::rollouts::plan::Plan;
 use crate::session::Outbound;
 use crate::store::{
     AgentFilter, AgentRecord, FailureClass, NewTask, Role, RolloutKind, StoreError, TaskKind,
-    TaskStatus, UpdateTask,
+    TaskStatus, UpdateTask, version_key,
 };
 
 /// Tasks shown with one agent.
@@ -277,7 +277,8 @@ pub(crate) enum AgentListing {
 }
 
 impl ListQuery {
-    fn admits(&self, agent: &AgentView, older_than: Option<&semver::Version>) -> bool {
+    /// `older_than` is the `version_key` of the query's version.
+    fn admits(&self, agent: &AgentView, older_than: Option<&str>) -> bool {
         let q = self.q.as_deref().map(str::to_lowercase);
         q.is_none_or(|q| agent.hostname.to_lowercase().contains(&q) || agent.id.contains(&q))
             && self.site.as_deref().is_none_or(|s| s == agent.site_id)
@@ -288,7 +289,8 @@ impl ListQuery {
             && self.online.is_none_or(|o| o == agent.online)
             && self.paused.is_none_or(|p| p == agent.paused)
             && older_than.is_none_or(|limit| {
-                semver::Version::parse(&agent.version).is_ok_and(|v| v < *limit)
+                let key = version_key(&agent.version);
+                !key.is_empty() && key.as_str() < limit
             })
     }
 }
@@ -318,6 +320,7 @@ pub(crate) async fn list(
         .as_deref()
         .map(|text| {
             semver::Version::parse(text)
+                .map(|v| version_key(&v.to_string()))
                 .map_err(|e| ApiError::BadRequest(format!("older_than={text:?}: {e}")))
         })
         .transpose()?;
@@ -338,52 +341,38 @@ pub(crate) async fn list(
                 "limit={limit}: at most {MAX_PAGE}"
             )));
         }
-        // A page the database can filter, sort and count by itself: semver is the one
-        // order SQL does not know.
-        if older_than.is_none() && key != "version" {
-            let filter = AgentFilter {
-                q: query.q.as_deref(),
-                site: query.site.as_deref(),
-                channel: query.channel.as_deref(),
-                version: query.version.as_deref(),
-                os: query.os.as_deref(),
-                arch: query.arch.as_deref(),
-                online: query.online,
-                live_since_ms: crate::nodes::live_since(now_ms()),
-                paused: query.paused,
-                sort: key,
-                descending: reverse,
-                limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                offset: i64::try_from(query.offset.unwrap_or(0)).unwrap_or(i64::MAX),
-            };
-            let (agents, total) = state.store.agents_page(&filter).await?;
-            let page = agents.into_iter().map(view).collect();
-            return Ok(Json(AgentListing::Page(AgentPage {
-                agents: with_pending_updates(&state, page).await?,
-                total: usize::try_from(total).unwrap_or(0),
-            })));
-        }
+        // The database filters, sorts (semver by the stored `version_key`) and counts
+        // a page by itself.
+        let filter = AgentFilter {
+            q: query.q.as_deref(),
+            site: query.site.as_deref(),
+            channel: query.channel.as_deref(),
+            version: query.version.as_deref(),
+            older_than_key: older_than.as_deref(),
+            os: query.os.as_deref(),
+            arch: query.arch.as_deref(),
+            online: query.online,
+            live_since_ms: crate::nodes::live_since(now_ms()),
+            paused: query.paused,
+            sort: key,
+            descending: reverse,
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            offset: i64::try_from(query.offset.unwrap_or(0)).unwrap_or(i64::MAX),
+        };
+        let (agents, total) = state.store.agents_page(&filter).await?;
+        let page = agents.into_iter().map(view).collect();
+        return Ok(Json(AgentListing::Page(AgentPage {
+            agents: with_pending_updates(&state, page).await?,
+            total: usize::try_from(total).unwrap_or(0),
+        })));
     }
     let agents = state.store.list_agents().await?;
-    let mut views: Vec<AgentView> = agents
+    let views: Vec<AgentView> = agents
         .into_iter()
         .map(view)
-        .filter(|agent| query.admits(agent, older_than.as_ref()))
+        .filter(|agent| query.admits(agent, older_than.as_deref()))
         .collect();
-    let Some(limit) = query.limit else {
-        return Ok(Json(AgentListing::All(views)));
-    };
-    let total = views.len();
-    views.sort_by(|a, b| compare(key, reverse, a, b));
-    let page: Vec<AgentView> = views
-        .into_iter()
-        .skip(query.offset.unwrap_or(0))
-        .take(limit)
-        .collect();
-    Ok(Json(AgentListing::Page(AgentPage {
-        agents: with_pending_updates(&state, page).await?,
-        total,
-    })))
+    Ok(Json(AgentListing::All(views)))
 }
 
 async fn with_pending_updates(
@@ -418,23 +407,6 @@ fn page_limit() -> utoipa::openapi::schema::Object {
         .minimum(Some(0))
         .maximum(Some(MAX_PAGE))
         .build()
-}
-
-/// The listing's order by `key` (one of `SORT_KEYS`, reversed or not), then by hostname
-/// and id.
-fn compare(key: &str, reverse: bool, a: &AgentView, b: &AgentView) -> std::cmp::Ordering {
-    let semver = |v: &AgentView| semver::Version::parse(&v.version).ok();
-    let first = match key {
-        "version" => semver(a).cmp(&semver(b)),
-        // RFC 3339 in UTC with a fixed width sorts as the time does.
-        "last_seen" => a.last_seen.cmp(&b.last_seen),
-        "platform" => (&a.os, &a.arch).cmp(&(&b.os, &b.arch)),
-        "site" => a.site_id.cmp(&b.site_id),
-        "hostname" => (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)),
-        _ => std::cmp::Ordering::Equal,
-    };
-    let first = if reverse { first.reverse() } else { first };
-    first.then_with(|| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)))
 }
 
 /// The fleet in numbers: what the dashboard's overview shows, without the whole listing.
@@ -1037,7 +1009,7 @@ pub(crate) async fn update_now(
         Err(err) => return Err(err.into()),
     };
     let pushed = state.registry.send(&id, Outbound::Refresh);
-    state.events.task(&task.id, &id);
+    state.events.task(&task.id, &id, task.rollout_id.as_deref());
     state
         .audit(
             &caller.actor,

@@ -24,8 +24,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const RECHECK: Duration = Duration::from_secs(5);
 
 /// Changes as they happen: `{"kind": "agent"|"task"|"rollout"|"release"|"settings"|"resync",
-/// "id": ..., "agent"?: ...}`. The dashboard authenticates with its session cookie
-/// (`EventSource` cannot send headers); a bearer token works too.
+/// "id": ..., "agent"?: ..., "rollout"?: ...}` (a task names its agent and rollout). The
+/// dashboard authenticates with its session cookie (`EventSource` cannot send headers); a
+/// bearer token works too.
 #[utoipa::path(
     get,
     path = "/events",

@@ -20,7 +20,7 @@ use crate::releases::{Channel, Release};
 use crate::rollouts::health::{Counts, GateVerdict, Stage};
 use crate::rollouts::plan::{Plan, Share};
 use crate::store::{
-    FailureClass, Role, Rollout, RolloutFilter, RolloutKind, RolloutState, TaskStatus,
+    FailureClass, Role, Rollout, RolloutFilter, RolloutKind, RolloutState, TargetPage, TaskStatus,
 };
 
 impl From<ConductError> for ApiError {
@@ -195,13 +195,17 @@ async fn render(
     rollout: Rollout,
     context: &Context,
 ) -> Result<RolloutView, ApiError> {
-    let health = conductor::health(state, &rollout, |_| true).await?;
+    let observed = conductor::observe(state, &rollout).await?;
+    let health = observed.health(state, |_| true);
     let gate = if rollout.kind == RolloutKind::Beta {
         let platforms = rollout.platforms.clone();
         Some(
-            conductor::gate(state, &rollout.version, |os, arch| {
-                platforms.iter().any(|(o, a)| o == os && a == arch)
-            })
+            conductor::gate_knowing(
+                state,
+                &rollout.version,
+                |os, arch| platforms.iter().any(|(o, a)| o == os && a == arch),
+                Some(&observed),
+            )
             .await?
             .into(),
         )
@@ -520,30 +524,34 @@ pub(crate) async fn agents(
         )));
     }
     let rollout = rollout_or_404(&state, &id).await?;
-    let matching: Vec<_> = conductor::target_stages(&state, &rollout)
-        .await?
+    let page = TargetPage {
+        wave: query.wave,
+        stage: wanted.map(Stage::as_str),
+        inputs: conductor::stage_inputs(&state, &rollout).await?,
+        limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        offset: i64::try_from(query.offset.unwrap_or(0)).unwrap_or(i64::MAX),
+    };
+    let (targets, total) = state.store.rollout_targets_page(&id, &page).await?;
+    let agents = targets
         .into_iter()
-        .filter(|(t, stage)| {
-            wanted.is_none_or(|w| w == *stage) && query.wave.is_none_or(|w| w == t.wave)
+        .map(|t| {
+            let stage = Stage::parse(&t.stage).ok_or_else(|| {
+                ApiError::Internal(format!("the store placed an agent in stage {:?}", t.stage))
+            })?;
+            Ok(RolloutAgent {
+                agent_id: t.agent_id,
+                hostname: t.hostname,
+                version: t.version,
+                wave: t.wave,
+                stage,
+                task_id: t.task_id,
+                status: t.status,
+                failure_class: t.class,
+                error: t.error,
+            })
         })
-        .collect();
-    let total = matching.len();
-    let agents = matching
-        .into_iter()
-        .skip(query.offset.unwrap_or(0))
-        .take(limit)
-        .map(|(t, stage)| RolloutAgent {
-            agent_id: t.agent_id,
-            hostname: t.hostname,
-            version: t.version,
-            wave: t.wave,
-            stage,
-            task_id: t.task_id,
-            status: t.status,
-            failure_class: t.class,
-            error: t.error,
-        })
-        .collect();
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let total = usize::try_from(total).unwrap_or(0);
     Ok(Json(RolloutAgents { total, agents }))
 }
 

@@ -6,6 +6,7 @@ mod postgres;
 mod queries;
 mod rollouts;
 mod sqlite;
+mod version_key;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,9 +17,10 @@ pub use postgres::PostgresStore;
 pub use queries::Queries;
 pub use rollouts::{
     ClassRow, NewRollout, Rollout, RolloutEvent, RolloutFilter, RolloutKind, RolloutState,
-    RolloutStore, RolloutTarget, StateChange, TargetGroup, WaveRow,
+    RolloutStore, RolloutTarget, StageInputs, StateChange, TargetGroup, TargetPage, WaveRow,
 };
 pub use sqlite::{Snapshot, SqliteStore};
+pub use version_key::version_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -606,13 +608,16 @@ pub struct AgentFilter<'a> {
     /// The resolved channel.
     pub channel: Option<&'a str>,
     pub version: Option<&'a str>,
+    /// Only agents whose version precedes this one (a `version_key`).
+    pub older_than_key: Option<&'a str>,
     pub os: Option<&'a str>,
     pub arch: Option<&'a str>,
     /// With `live_since_ms`: held by a node that beat at or after it.
     pub online: Option<bool>,
     pub live_since_ms: i64,
     pub paused: Option<bool>,
-    /// `hostname`, `last_seen`, `platform` or `site`, then hostname and id.
+    /// `hostname`, `version` (semver precedence), `last_seen`, `platform` or `site`,
+    /// then hostname and id.
     pub sort: &'a str,
     pub descending: bool,
     pub limit: i64,

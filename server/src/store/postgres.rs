@@ -76,7 +76,12 @@ impl PostgresStore {
             .run(&pool)
             .await
             .with_context(|| format!("while migrating the database {shown}"))?;
-        Ok(PostgresStore { pool })
+        let store = PostgresStore { pool };
+        store
+            .fill_version_keys()
+            .await
+            .with_context(|| format!("while keying the versions in {shown}"))?;
+        Ok(store)
     }
 }
 
@@ -204,6 +209,10 @@ impl Store for PostgresStore {
         let ids: Vec<&str> = newest.keys().copied().collect();
         let versions: Vec<&str> = newest.values().map(|(version, _)| *version).collect();
         let ats: Vec<i64> = newest.values().map(|(_, at)| *at).collect();
+        let keys: Vec<String> = versions
+            .iter()
+            .map(|v| super::version_key::version_key(v))
+            .collect();
         let mut tx = self.pool.begin().await?;
         // Rows are locked in id order so two nodes writing overlapping batches wait for
         // each other instead of deadlocking.
@@ -212,13 +221,16 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE agents AS a SET version = b.version, last_seen = GREATEST(a.last_seen, b.at) \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS b (id, version, at) \
+            "UPDATE agents AS a SET version = b.version, version_key = b.version_key, \
+                 last_seen = GREATEST(a.last_seen, b.at) \
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
+                 AS b (id, version, at, version_key) \
              WHERE a.id = b.id",
         )
         .bind(&ids)
         .bind(&versions)
         .bind(&ats)
+        .bind(&keys)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

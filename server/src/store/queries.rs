@@ -121,6 +121,10 @@ pub trait Queries: Send + Sync {
 
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
 
+    /// Writes the `version_key` of agents written before it existed; how many. Each is
+    /// written only if its version is still the one the key was computed from.
+    async fn fill_version_keys(&self) -> StoreResult<u64>;
+
     /// How many agents there are, counted in the database.
     async fn count_agents(&self) -> StoreResult<i64>;
 
@@ -400,7 +404,8 @@ pub(super) enum Value {
 
 /// The `WHERE` clause of a page of agents (empty without filters) and the values of its
 /// `$1`, `$2`... in order. Only placeholders carry what the caller gave.
-pub(super) fn agent_conditions(filter: &AgentFilter<'_>) -> (String, Vec<Value>) {
+/// `bytes` is the backend's `Dialect::BYTE_ORDER`.
+pub(super) fn agent_conditions(filter: &AgentFilter<'_>, bytes: &str) -> (String, Vec<Value>) {
     let mut conditions = Vec::new();
     let mut values = Vec::new();
     let mut add = |condition: &str, value: Value| {
@@ -431,6 +436,13 @@ pub(super) fn agent_conditions(filter: &AgentFilter<'_>) -> (String, Vec<Value>)
     }
     if let Some(version) = filter.version {
         add("a.version = ?", Value::Text(version.to_owned()));
+    }
+    if let Some(key) = filter.older_than_key {
+        // The empty key is a version that is not semver: older than none.
+        add(
+            &format!("(a.version_key <> '' AND a.version_key{bytes} < ?)"),
+            Value::Text(key.to_owned()),
+        );
     }
     if let Some(os) = filter.os {
         add("a.os = ?", Value::Text(os.to_owned()));
@@ -552,7 +564,7 @@ macro_rules! impl_queries {
                 {
                     sqlx::query(
                         "UPDATE agents SET hostname = $1, version = $2, os = $3, arch = $4, \
-                             auto_update = $5, last_seen = $6 WHERE id = $7",
+                             auto_update = $5, last_seen = $6, version_key = $8 WHERE id = $7",
                     )
                     .bind(&facts.hostname)
                     .bind(&facts.version)
@@ -561,6 +573,7 @@ macro_rules! impl_queries {
                     .bind(facts.auto_update)
                     .bind(now_ms)
                     .bind(agent_id)
+                    .bind(super::version_key::version_key(&facts.version))
                     .execute(executor)
                     .await?;
                     Ok(())
@@ -893,11 +906,12 @@ macro_rules! impl_queries {
                     let agent_id: Option<String> = sqlx::query_scalar(
                         "INSERT INTO agents (id, site_id, fingerprint, secret_hash, hostname, \
                                              version, os, arch, auto_update, enrolled_at, \
-                                             last_seen) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+                                             last_seen, version_key) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $13) \
                          ON CONFLICT (site_id, fingerprint) DO UPDATE SET \
                              secret_hash = excluded.secret_hash, hostname = excluded.hostname, \
-                             version = excluded.version, os = excluded.os, \
+                             version = excluded.version, version_key = excluded.version_key, \
+                             os = excluded.os, \
                              arch = excluded.arch, auto_update = excluded.auto_update, \
                              last_seen = excluded.last_seen \
                          WHERE agents.last_seen < $11 AND NOT EXISTS ( \
@@ -917,6 +931,7 @@ macro_rules! impl_queries {
                     .bind(now_ms)
                     .bind(live.seen_ms)
                     .bind(live.node_beat_ms)
+                    .bind(super::version_key::version_key(&facts.version))
                     .fetch_optional(&mut *tx)
                     .await?;
                     let Some(agent_id) = agent_id else {
@@ -986,6 +1001,29 @@ macro_rules! impl_queries {
                     Ok(sqlx::query_scalar("SELECT COUNT(*) FROM agents")
                         .fetch_one(&self.pool)
                         .await?)
+                }
+
+                async fn fill_version_keys(&self) -> StoreResult<u64> {
+                    let missing: Vec<(String, String)> = sqlx::query_as(
+                        "SELECT id, version FROM agents WHERE version_key IS NULL",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?;
+                    let mut filled = 0;
+                    let mut tx = self.pool.begin().await?;
+                    for (id, version) in &missing {
+                        filled += sqlx::query(
+                            "UPDATE agents SET version_key = $1 WHERE id = $2 AND version = $3",
+                        )
+                        .bind(super::version_key::version_key(version))
+                        .bind(id)
+                        .bind(version)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    }
+                    tx.commit().await?;
+                    Ok(filled)
                 }
 
                 async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
@@ -1663,7 +1701,7 @@ macro_rules! impl_queries {
                     filter: &AgentFilter<'_>,
                 ) -> StoreResult<(Vec<AgentRecord>, i64)> {
                     let bytes = <$store as Dialect>::BYTE_ORDER;
-                    let (conditions, values) = agent_conditions(filter);
+                    let (conditions, values) = agent_conditions(filter, bytes);
                     let from = &SELECT_AGENTS[SELECT_AGENTS.find(" FROM ").unwrap_or(0)..];
                     // The count goes through the same joins as the page.
                     let count_text = format!("SELECT COUNT(*){from}{conditions}");
@@ -1679,6 +1717,9 @@ macro_rules! impl_queries {
                     let direction = if filter.descending { " DESC" } else { "" };
                     let first = match filter.sort {
                         "last_seen" => format!("a.last_seen{direction}, "),
+                        "version" => {
+                            format!("COALESCE(a.version_key, ''){bytes}{direction}, ")
+                        }
                         "platform" => format!("a.os{bytes}{direction}, a.arch{bytes}{direction}, "),
                         "site" => format!("a.site_id{bytes}{direction}, "),
                         _ => String::new(),

@@ -297,8 +297,29 @@ pub struct RolloutTarget {
     pub status: Option<TaskStatus>,
     pub class: Option<FailureClass>,
     pub error: Option<String>,
-    /// The maintenance window (JSON) of its site, or else of its client.
-    pub window: Option<String>,
+    /// Where it stands (a stage's name), computed by `stage_sql`.
+    pub stage: String,
+}
+
+/// What a target's stage depends on besides its own row: the rollout's current wave,
+/// whether updates are on, and which maintenance windows (as stored) hold it now.
+#[derive(Debug, Clone, Default)]
+pub struct StageInputs {
+    pub current_wave: i64,
+    pub updates_enabled: bool,
+    /// Empty when the rollout does not obey windows.
+    pub closed_windows: Vec<String>,
+}
+
+/// Which targets of a rollout a page shows, by wave then agent id.
+#[derive(Debug, Clone, Default)]
+pub struct TargetPage<'a> {
+    pub wave: Option<usize>,
+    /// Only targets in this stage (its name).
+    pub stage: Option<&'a str>,
+    pub inputs: StageInputs,
+    pub limit: i64,
+    pub offset: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -313,7 +334,7 @@ pub(super) struct RolloutTargetRow {
     pub(super) status: Option<String>,
     pub(super) failure_class: Option<String>,
     pub(super) error: Option<String>,
-    pub(super) win: Option<String>,
+    pub(super) stage: String,
 }
 
 pub(super) fn task_status(text: Option<String>) -> StoreResult<Option<TaskStatus>> {
@@ -399,8 +420,14 @@ pub trait RolloutStore: Send + Sync {
     /// `since_ms`.
     async fn rollout_class_rows(&self, id: &str, since_ms: i64) -> StoreResult<Vec<ClassRow>>;
 
-    /// Every target with its newest task in the rollout, by wave then agent id.
-    async fn rollout_targets(&self, id: &str) -> StoreResult<Vec<RolloutTarget>>;
+    /// A page of targets with the task that says where each stands and its stage, by
+    /// wave then agent id, and how many match before paging. Without a stage filter only
+    /// the page's targets are looked at beyond the count.
+    async fn rollout_targets_page(
+        &self,
+        id: &str,
+        page: &TargetPage<'_>,
+    ) -> StoreResult<(Vec<RolloutTarget>, i64)>;
 
     /// Closed rollouts (completed, aborted, superseded) without a summary that closed
     /// before `before_ms`: their counts must be frozen before their tasks are pruned.
@@ -465,7 +492,7 @@ impl TryFrom<RolloutTargetRow> for RolloutTarget {
             status: task_status(row.status)?,
             class: failure_class(row.failure_class)?,
             error: row.error,
-            window: row.win,
+            stage: row.stage,
         })
     }
 }
@@ -475,13 +502,10 @@ pub(super) fn convert<R, T: TryFrom<R, Error = StoreError>>(rows: Vec<R>) -> Sto
     rows.into_iter().map(T::try_from).collect()
 }
 
-/// The task that says where a target of a rollout stands: its build failure in the
-/// rollout if it has one (final: the version is never offered to it again, and a task
-/// started before the failure was known is cancelled), else its newest task.
-const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = (SELECT x.id FROM update_tasks x \
-     WHERE x.rollout_id = t.rollout_id AND x.agent_id = t.agent_id \
-     ORDER BY CASE WHEN x.failure_class = 'build' AND x.status <> 'succeeded' THEN 0 ELSE 1 END, \
-         x.created_at DESC, x.id DESC LIMIT 1)";
+/// The task that says where a target of a rollout stands, kept on the target by the
+/// triggers of migration 0013 from its one rule (the view `rollout_target_tasks`: the
+/// target's build failure in the rollout if it has one, else its newest task).
+const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 
 /// A target's maintenance window: its site's, or else its client's.
 const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
@@ -509,14 +533,96 @@ pub(super) const CLASS_ROWS_SQL: &str = "SELECT wave, failure_class, COUNT(*) AS
      FROM update_tasks WHERE rollout_id = $1 AND failure_class IS NOT NULL \
      GROUP BY wave, failure_class";
 
-pub(super) fn targets_sql() -> String {
+/// The stage of a target as SQL, over the operands given as SQL expressions: its task's
+/// `status` and failure `class` (NULL without a task), the agent's `paused` and
+/// `auto_update`, whether updates are `enabled`, whether its wave has `started`, and
+/// whether a closed maintenance window holds it (`outside`). It says what
+/// `health::stage_of` says for every combination of facts (a test holds the two
+/// together); `stage_of` counts the grouped rows, this pages and filters targets.
+pub(crate) fn stage_sql(
+    status: &str,
+    class: &str,
+    paused: &str,
+    auto_update: &str,
+    enabled: &str,
+    started: &str,
+    outside: &str,
+) -> String {
     format!(
-        "SELECT t.agent_id, a.hostname, a.version, t.wave, a.paused, a.auto_update, \
-             u.id AS task_id, u.status, u.failure_class, u.error, {WINDOW} AS win \
-         FROM rollout_targets t JOIN agents a ON a.id = t.agent_id \
-         JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
-         WHERE t.rollout_id = $1 ORDER BY t.wave, t.agent_id"
+        "CASE WHEN {status} = 'queued' THEN 'queued' \
+         WHEN {status} = 'installing' THEN 'installing' \
+         WHEN {status} = 'restarting' THEN 'probation' \
+         WHEN {status} IN ('dispatched', 'downloading', 'verifying') THEN 'downloading' \
+         WHEN {status} = 'succeeded' THEN 'succeeded' \
+         WHEN {status} = 'rolled_back' AND {class} = 'build' THEN 'rolled_back' \
+         WHEN {status} IS NOT NULL AND {class} = 'build' THEN 'failed' \
+         WHEN NOT ({enabled}) OR {paused} OR NOT ({auto_update}) THEN 'skipped' \
+         WHEN {status} = 'cancelled' THEN 'cancelled' \
+         WHEN NOT ({started}) THEN 'waiting' \
+         WHEN {outside} THEN 'outside_window' \
+         ELSE 'queued' END"
     )
+}
+
+/// A page of a rollout's targets and the count before paging; `$1` is the rollout, `$2`
+/// the wave or NULL, `$3` updates enabled, `$4` the current wave, then the closed
+/// windows, then the stage filter (if any), the limit and the offset, in that order.
+pub(super) fn targets_page_sql(closed_windows: usize, stage_filter: bool) -> (String, String) {
+    let mut n = 4;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    let outside = if closed_windows == 0 {
+        "FALSE".to_owned()
+    } else {
+        let list: Vec<String> = (0..closed_windows).map(|_| next()).collect();
+        format!("{WINDOW} IN ({})", list.join(", "))
+    };
+    let stage = stage_sql(
+        "u.status",
+        "u.failure_class",
+        "a.paused",
+        "a.auto_update",
+        "$3",
+        "t.wave <= $4",
+        &outside,
+    );
+    let rows = |targets: &str| {
+        format!(
+            "SELECT t.agent_id, a.hostname, a.version, t.wave, a.paused, a.auto_update, \
+                 u.id AS task_id, u.status, u.failure_class, u.error, {stage} AS stage \
+             FROM {targets} t JOIN agents a ON a.id = t.agent_id \
+             JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
+             WHERE t.rollout_id = $1 AND ($2 IS NULL OR t.wave = $2)"
+        )
+    };
+    if stage_filter {
+        let wanted = next();
+        let (limit, offset) = (next(), next());
+        let matching = format!(
+            "SELECT * FROM ({}) x WHERE x.stage = {wanted}",
+            rows("rollout_targets")
+        );
+        (
+            format!("{matching} ORDER BY x.wave, x.agent_id LIMIT {limit} OFFSET {offset}"),
+            format!("SELECT COUNT(*) FROM ({matching}) y"),
+        )
+    } else {
+        let (limit, offset) = (next(), next());
+        // Only the page's targets are joined with their tasks.
+        let page = format!(
+            "(SELECT rollout_id, agent_id, wave, task_id FROM rollout_targets \
+              WHERE rollout_id = $1 AND ($2 IS NULL OR wave = $2) \
+              ORDER BY wave, agent_id LIMIT {limit} OFFSET {offset})"
+        );
+        (
+            format!("{} ORDER BY t.wave, t.agent_id", rows(&page)),
+            "SELECT COUNT(*) FROM rollout_targets \
+             WHERE rollout_id = $1 AND ($2 IS NULL OR wave = $2)"
+                .to_owned(),
+        )
+    }
 }
 
 /// Implements `RolloutStore` for a backend with a `pool` field; `$db` is its
@@ -851,16 +957,43 @@ macro_rules! impl_rollout_store {
                 r::convert(rows)
             }
 
-            async fn rollout_targets(
+            async fn rollout_targets_page(
                 &self,
                 id: &str,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::RolloutTarget>> {
+                page: &$crate::store::rollouts::TargetPage<'_>,
+            ) -> $crate::store::StoreResult<(Vec<$crate::store::rollouts::RolloutTarget>, i64)> {
                 use $crate::store::rollouts as r;
-                let rows: Vec<r::RolloutTargetRow> = sqlx::query_as(&r::targets_sql())
+                let (rows_sql, count_sql) =
+                    r::targets_page_sql(page.inputs.closed_windows.len(), page.stage.is_some());
+                let wave = page.wave.map(|w| i64::try_from(w).unwrap_or(i64::MAX));
+                let mut rows = sqlx::query_as::<_, r::RolloutTargetRow>(&rows_sql)
                     .bind(id)
+                    .bind(wave)
+                    .bind(page.inputs.updates_enabled)
+                    .bind(page.inputs.current_wave);
+                let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(id).bind(wave);
+                if page.stage.is_some() {
+                    count = count
+                        .bind(page.inputs.updates_enabled)
+                        .bind(page.inputs.current_wave);
+                }
+                for window in &page.inputs.closed_windows {
+                    rows = rows.bind(window.as_str());
+                    if page.stage.is_some() {
+                        count = count.bind(window.as_str());
+                    }
+                }
+                if let Some(stage) = page.stage {
+                    rows = rows.bind(stage);
+                    count = count.bind(stage);
+                }
+                let rows = rows
+                    .bind(page.limit)
+                    .bind(page.offset)
                     .fetch_all(&self.pool)
                     .await?;
-                r::convert(rows)
+                let total = count.fetch_one(&self.pool).await?;
+                Ok((r::convert(rows)?, total))
             }
 
             async fn rollouts_to_summarize(
@@ -909,3 +1042,102 @@ macro_rules! impl_rollout_store {
     };
 }
 pub(super) use impl_rollout_store;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::Connection;
+
+    use super::*;
+    use crate::rollouts::health::{Stage, TargetFacts, stage_of};
+
+    /// Every combination of what a target's stage depends on.
+    fn every_fact() -> Vec<TargetFacts> {
+        let statuses = std::iter::once(None).chain(TaskStatus::ALL.into_iter().map(Some));
+        let classes = [
+            None,
+            Some(FailureClass::Build),
+            Some(FailureClass::Environment),
+            Some(FailureClass::Transient),
+        ];
+        let mut all = Vec::new();
+        for status in statuses {
+            for class in classes {
+                for bits in 0..32u8 {
+                    all.push(TargetFacts {
+                        status,
+                        class,
+                        wave_started: bits & 1 != 0,
+                        paused: bits & 2 != 0,
+                        auto_update: bits & 4 != 0,
+                        updates_enabled: bits & 8 != 0,
+                        outside_window: bits & 16 != 0,
+                    });
+                }
+            }
+        }
+        all
+    }
+
+    fn stage_query() -> String {
+        format!(
+            "SELECT {}",
+            stage_sql("$1", "$2", "$3", "$4", "$5", "$6", "$7")
+        )
+    }
+
+    /// The stage `stage_sql` gives `facts` on a connection of either backend.
+    macro_rules! sql_stage {
+        ($db:expr, $facts:expr) => {{
+            let facts: &TargetFacts = $facts;
+            let (stage,): (String,) = sqlx::query_as(&stage_query())
+                .bind(facts.status.map(TaskStatus::as_str))
+                .bind(facts.class.map(FailureClass::as_str))
+                .bind(facts.paused)
+                .bind(facts.auto_update)
+                .bind(facts.updates_enabled)
+                .bind(facts.wave_started)
+                .bind(facts.outside_window)
+                .fetch_one(&mut $db)
+                .await
+                .unwrap();
+            stage
+        }};
+    }
+
+    #[tokio::test]
+    async fn the_sql_stage_is_stage_of_for_every_fact_on_sqlite() {
+        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let facts = every_fact();
+        assert_eq!(facts.len(), 12 * 4 * 32);
+        for f in &facts {
+            let sql = sql_stage!(db, f);
+            assert_eq!(Stage::parse(&sql), Some(stage_of(f).0), "{f:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sql_stage_is_stage_of_for_every_fact_on_postgres() {
+        let url = std::env::var("DROVER_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let connected =
+            tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url)).await;
+        let mut db = match connected {
+            Ok(Ok(db)) => db,
+            _ if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("PostgreSQL at {url} cannot be reached, and CI=true requires it")
+            }
+            _ => {
+                eprintln!("skipping: PostgreSQL at {url} cannot be reached");
+                return;
+            }
+        };
+        for f in &every_fact() {
+            let sql = sql_stage!(db, f);
+            assert_eq!(Stage::parse(&sql), Some(stage_of(f).0), "{f:?}");
+        }
+    }
+}

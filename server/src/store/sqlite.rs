@@ -61,7 +61,12 @@ impl SqliteStore {
             .run(&pool)
             .await
             .with_context(|| format!("while migrating the database {}", path.display()))?;
-        Ok(SqliteStore { pool })
+        let store = SqliteStore { pool };
+        store
+            .fill_version_keys()
+            .await
+            .with_context(|| format!("while keying the versions in {}", path.display()))?;
+        Ok(store)
     }
 }
 
@@ -117,9 +122,10 @@ impl Store for SqliteStore {
         // tens of thousands is a handful of statements.
         let mut tx = self.pool.begin().await?;
         for chunk in batch.chunks(HEARTBEAT_CHUNK) {
-            let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+            let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
             let statement = format!(
-                "UPDATE agents SET version = v.column2, last_seen = MAX(agents.last_seen, v.column3) \
+                "UPDATE agents SET version = v.column2, version_key = v.column4, \
+                     last_seen = MAX(agents.last_seen, v.column3) \
                  FROM (VALUES {values}) AS v WHERE agents.id = v.column1"
             );
             let mut query = sqlx::query(&statement);
@@ -127,7 +133,8 @@ impl Store for SqliteStore {
                 query = query
                     .bind(&beat.agent_id)
                     .bind(&beat.version)
-                    .bind(beat.at_ms);
+                    .bind(beat.at_ms)
+                    .bind(super::version_key::version_key(&beat.version));
             }
             query.execute(&mut *tx).await?;
         }

@@ -214,7 +214,11 @@ async fn keep(
                 Some(Ok(Message::Binary(bytes))) => {
                     let message = ServerMessage::decode(&bytes)
                         .map_err(|e| format!("a frame did not decode: {e:?}"));
-                    let _ = heard.send(message);
+                    // A channel notice is informational: what it means for updates
+                    // follows in messages of its own.
+                    if !matches!(message, Ok(ServerMessage::Channel(_))) {
+                        let _ = heard.send(message);
+                    }
                 }
                 Some(Ok(Message::Close(frame))) => {
                     lost = true;

@@ -3,7 +3,9 @@
 //! served, so no request can reach a sidecar, an unlisted file or anything outside the
 //! directory; and only to a caller with a grant: the URL of an `update` message (its
 //! task, while unfinished), of the install endpoint (for an hour), or an API token.
-//! `server_url` and `install_url` are the one place such URLs are made.
+//! `server_url` and `install_url` are the one place such URLs are made. A build's
+//! compressed copy (`compressed`) is served at the build's name plus `.zst`, admitted by
+//! the same `admit`, with a grant of its own name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tower_http::services::ServeFile;
 use crate::AppState;
 use crate::api::ApiError;
 use crate::auth::hash_secret;
+use crate::compressed;
 use crate::metrics::{COUNTERS, Counters};
 use crate::releases::Release;
 use crate::store::{Store, StoreError, StoreResult};
@@ -145,10 +148,12 @@ pub(crate) struct GrantQuery {
     grant: Option<String>,
 }
 
-/// Whether the caller may download `release`: a valid grant for it, or an API token.
+/// Whether the caller may download `file` (the build `release` or its compressed copy):
+/// a valid grant for that name, or an API token.
 async fn authorize(
     state: &AppState,
     release: &Release,
+    file: &str,
     query: &GrantQuery,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
@@ -162,7 +167,7 @@ async fn authorize(
                 ));
             }
         };
-        if !state.url_signer.verify(&release.file, &grant, code) {
+        if !state.url_signer.verify(file, &grant, code) {
             return Err(ApiError::Forbidden(
                 "the download grant is not valid for this file".into(),
             ));
@@ -209,16 +214,40 @@ async fn authorize(
     }
 }
 
-pub(crate) async fn serve(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    file: Result<Path<String>, PathRejection>,
-    query: Result<Query<GrantQuery>, QueryRejection>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    if !is_plain_name(&file) {
+/// The name of a build's compressed copy under `/downloads`.
+pub(crate) fn compressed_name(file: &str) -> String {
+    format!("{file}{COMPRESSED_SUFFIX}")
+}
+
+const COMPRESSED_SUFFIX: &str = ".zst";
+
+/// What a name under `/downloads` serves: an offered build, or its compressed copy.
+enum Served {
+    Build,
+    Compressed(compressed::Copy),
+}
+
+/// A download let through: the build, what of it is served, and the slots it holds
+/// until its body has been sent.
+struct Admitted {
+    release: Release,
+    served: Served,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    source_slot: crate::limits::SourceSlot,
+}
+
+/// The one admission of every download, the build or its compressed copy alike:
+/// downloads switched on, an offered build not rolled back, a grant for this name, a
+/// share of this address's downloads and a download slot. `Ok(Err(response))` is the
+/// 503 with `Retry-After` a busy server answers.
+async fn admit(
+    state: &AppState,
+    peer: SocketAddr,
+    file: &str,
+    query: &GrantQuery,
+    headers: &HeaderMap,
+) -> Result<Result<Admitted, Response>, ApiError> {
+    if !is_plain_name(file) {
         return Err(ApiError::BadRequest(format!(
             "{file:?} is not a file name in the downloads directory"
         )));
@@ -229,12 +258,22 @@ pub(crate) async fn serve(
             "downloads are switched off on this server".into(),
         ));
     }
-    // The name must be one the scanner offers: that alone rules out `..`, absolute
-    // paths, sidecars and stray files; the check above only answers such names sooner.
-    let Some(release) = state.releases.current().by_file(&file).cloned() else {
-        return Err(ApiError::NotFound(format!(
-            "no offered build named {file:?}"
-        )));
+    // The name must be one the scanner offers (or its compressed copy's): that alone
+    // rules out `..`, absolute paths, sidecars and stray files; the check above only
+    // answers such names sooner.
+    let index = state.releases.current();
+    let (release, served) = match index.by_file(file) {
+        Some(release) => (release.clone(), Served::Build),
+        None => {
+            let copy = file
+                .strip_suffix(COMPRESSED_SUFFIX)
+                .and_then(|build| index.by_file(build))
+                .and_then(|release| {
+                    let copy = state.compressed.copy_of(&release.sha256)?;
+                    Some((release.clone(), Served::Compressed(copy)))
+                });
+            copy.ok_or_else(|| ApiError::NotFound(format!("no offered build named {file:?}")))?
+        }
     };
     // A rolled-back build is never served, also to an agent that was sent it before.
     if state
@@ -247,40 +286,68 @@ pub(crate) async fn serve(
             release.version
         )));
     }
-    authorize(&state, &release, &query, request.headers()).await?;
+    authorize(state, &release, file, query, headers).await?;
     let Some(source_slot) = state.downloads_per_source.try_take(peer.ip()) else {
         Counters::bump(&COUNTERS.downloads_refused_address);
-        let mut busy = ApiError::Unavailable(format!(
+        return Ok(Err(busy(format!(
             "this address already has {} downloads under way; retry later",
             state.downloads_per_source.max()
-        ))
-        .into_response();
-        busy.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-        return Ok(busy);
+        ))));
     };
     let Ok(permit) = state.downloads.clone().try_acquire_owned() else {
         Counters::bump(&COUNTERS.downloads_refused_busy);
-        let mut busy = ApiError::Unavailable(format!(
+        return Ok(Err(busy(format!(
             "all {} download slots are busy; retry later",
             state.settings.max_concurrent_downloads
-        ))
-        .into_response();
-        busy.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-        return Ok(busy);
+        ))));
     };
-    let path = state.settings.downloads.join(&release.file);
-    // Served only while it is still what the scanner hashed: a regular file (a link
-    // swapped in since is never followed) of the scanned size. Anything else is left
-    // to the next scan to judge.
+    Ok(Ok(Admitted {
+        release,
+        served,
+        permit,
+        source_slot,
+    }))
+}
+
+fn busy(message: String) -> Response {
+    let mut busy = ApiError::Unavailable(message).into_response();
+    busy.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    busy
+}
+
+pub(crate) async fn serve(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    file: Result<Path<String>, PathRejection>,
+    query: Result<Query<GrantQuery>, QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let admitted = match admit(&state, peer, &file, &query, request.headers()).await? {
+        Ok(admitted) => admitted,
+        Err(busy) => return Ok(busy),
+    };
+    let release = &admitted.release;
+    let (path, size) = match &admitted.served {
+        Served::Build => (state.settings.downloads.join(&release.file), release.size),
+        Served::Compressed(copy) => (copy.path.clone(), copy.size),
+    };
+    // Served only while it is still what was hashed: a regular file (a link swapped in
+    // since is never followed) of that size. Anything else is left to the next scan to
+    // judge, or for a compressed copy, no longer offered.
     match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_file() && meta.len() == release.size => {}
+        Ok(meta) if meta.file_type().is_file() && meta.len() == size => {}
         _ => {
-            state.releases.rescan().await;
+            match &admitted.served {
+                Served::Build => {
+                    state.releases.rescan().await;
+                }
+                Served::Compressed(_) => state.compressed.forget(&release.sha256),
+            }
             return Err(ApiError::NotFound(format!(
-                "{} changed since it was scanned; it is offered again once verified",
-                release.file
+                "{file} changed since it was made; it is offered again once verified"
             )));
         }
     }
@@ -288,9 +355,9 @@ pub(crate) async fn serve(
         .with_buf_chunk_size(READ_CHUNK_BYTES)
         .oneshot(request)
         .await
-        .map_err(|err| ApiError::Internal(format!("while serving {}: {err}", release.file)))?;
+        .map_err(|err| ApiError::Internal(format!("while serving {file}: {err}")))?;
     if response.status() == StatusCode::NOT_FOUND {
-        return Err(ApiError::NotFound(format!("{} was removed", release.file)));
+        return Err(ApiError::NotFound(format!("{file} was removed")));
     }
     if response.status().is_success() {
         Counters::bump(&COUNTERS.downloads_served);
@@ -298,6 +365,7 @@ pub(crate) async fn serve(
     // The slot is held until the body has been sent (or the agent went away), not just
     // until the headers are out.
     let (parts, body) = response.into_parts();
+    let (permit, source_slot) = (admitted.permit, admitted.source_slot);
     let body = Body::from_stream(Body::new(body).into_data_stream().map(move |chunk| {
         let _held = (&permit, &source_slot);
         chunk

@@ -428,6 +428,8 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
                 source: "server",
                 fallback: Some("wrong_bytes"),
                 error: Some("checksum mismatch"),
+                kind: "compressed",
+                bytes: Some(2_200_000),
             },
         )
         .await
@@ -446,6 +448,10 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
             TaskStatus::Downloading
         )
     );
+    assert_eq!(
+        (fell_back.transfer_kind.as_deref(), fell_back.transfer_bytes),
+        (Some("compressed"), Some(2_200_000))
+    );
     assert!(matches!(
         store
             .record_transfer(
@@ -454,7 +460,9 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
                 &TransferRecord {
                     source: "mirror",
                     fallback: None,
-                    error: None
+                    error: None,
+                    kind: "full",
+                    bytes: None,
                 }
             )
             .await,

@@ -68,8 +68,9 @@ impl Compressed {
         tokio::spawn(async move {
             let mut changes = releases.subscribe();
             loop {
+                let releases = releases.current();
                 worker
-                    .make_missing(&dir, level, &downloads, &releases.current().releases)
+                    .make_missing(&dir, level, &downloads, &releases.releases, &shutdown)
                     .await;
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
@@ -80,7 +81,14 @@ impl Compressed {
         compressed
     }
 
-    async fn make_missing(&self, dir: &Path, level: i32, downloads: &Path, releases: &[Release]) {
+    async fn make_missing(
+        &self,
+        dir: &Path,
+        level: i32,
+        downloads: &Path,
+        releases: &[Release],
+        shutdown: &CancellationToken,
+    ) {
         let wanted: HashSet<String> = releases.iter().map(|r| r.sha256.clone()).collect();
         self.ready
             .write()
@@ -90,12 +98,16 @@ impl Compressed {
             if self.copy_of(&release.sha256).is_some() {
                 continue;
             }
+            if shutdown.is_cancelled() {
+                return;
+            }
             let job = Job {
                 dir: dir.to_owned(),
                 level,
                 build: downloads.join(&release.file),
                 sha256: release.sha256.clone(),
                 size: release.size,
+                stop: shutdown.clone(),
             };
             let file = release.file.clone();
             match tokio::task::spawn_blocking(move || job.run()).await {
@@ -124,6 +136,8 @@ struct Job {
     build: PathBuf,
     sha256: String,
     size: u64,
+    /// A server shutting down does not wait for a copy: the temporary file is dropped.
+    stop: CancellationToken,
 }
 
 impl Job {
@@ -158,6 +172,9 @@ impl Job {
             let n = source.read(&mut buffer)?;
             if n == 0 {
                 break;
+            }
+            if self.stop.is_cancelled() {
+                return Ok(None);
             }
             read += n as u64;
             if read > self.size {
@@ -321,6 +338,7 @@ mod tests {
             build: path,
             sha256: hex::encode(Sha256::digest(build)),
             size: build.len() as u64,
+            stop: CancellationToken::new(),
         }
     }
 
@@ -358,6 +376,15 @@ mod tests {
     }
 
     #[test]
+    fn a_shutdown_abandons_a_copy_half_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path(), &[1; 1 << 20]);
+        job.stop.cancel();
+        assert_eq!(job.run().unwrap(), None);
+        assert!(std::fs::read_dir(&job.dir).unwrap().next().is_none());
+    }
+
+    #[test]
     fn nothing_is_offered_for_a_changed_or_incompressible_build() {
         let dir = tempfile::tempdir().unwrap();
         let mut changed = job(dir.path(), &[7; 100_000]);
@@ -365,18 +392,25 @@ mod tests {
         assert_eq!(changed.run().unwrap(), None);
         let noise: Vec<u8> = (0..50_000).map(|_| rand::random::<u8>()).collect();
         assert_eq!(job(dir.path(), &noise).run().unwrap(), None);
+        // Nothing is left behind to serve or to clear up.
         let left: Vec<_> = std::fs::read_dir(dir.path().join("compressed"))
             .unwrap()
             .flatten()
+            .map(|e| e.file_name())
             .collect();
-        // Only the temporary files, which `prune` removes.
-        prune(&dir.path().join("compressed"), &HashSet::new());
-        assert!(
-            std::fs::read_dir(dir.path().join("compressed"))
-                .unwrap()
-                .next()
-                .is_none(),
-            "{left:?}"
-        );
+        assert!(left.is_empty(), "{left:?}");
+
+        // A copy of a build no longer offered, and a killed server's temporary file, go.
+        let compressed = dir.path().join("compressed");
+        std::fs::write(compressed.join(format!("{}.zst", "ab".repeat(32))), b"old").unwrap();
+        std::fs::write(compressed.join(".making-x.zst.tmp"), b"half").unwrap();
+        std::fs::write(compressed.join(format!("{}.zst", "cd".repeat(32))), b"kept").unwrap();
+        prune(&compressed, &HashSet::from(["cd".repeat(32)]));
+        let left: Vec<_> = std::fs::read_dir(&compressed)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [format!("{}.zst", "cd".repeat(32))]);
     }
 }

@@ -192,3 +192,70 @@ async fn a_corrupt_compressed_copy_falls_back_to_the_build() {
         agent.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_copy_is_offered_and_admitted_like_the_build() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    let build: Vec<u8> = (0..1 << 20u32).map(|i| (i % 251) as u8).collect();
+    let file = publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+    let release = compressed_release(&server, "1.1.0").await;
+    let mut agent = ProtocolAgent::enroll(&server, "fp-uniform", "1.0.0").await;
+    let update = agent
+        .next_update(Duration::from_secs(20))
+        .await
+        .expect("an update");
+    let copy = update
+        .compressed
+        .clone()
+        .expect("the update offers the copy");
+    assert_eq!(copy.encoding, "zstd");
+    assert_eq!(Some(copy.size), release["compressed_size"].as_u64());
+    assert!(
+        copy.url.contains(&format!("/downloads/{file}.zst?task=")),
+        "{}",
+        copy.url
+    );
+
+    // The update's grant opens the copy; its bytes are the offered digest and decompress
+    // to the build; a Range resumes it.
+    let http = reqwest::Client::new();
+    let bytes = reqwest::get(&copy.url)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), copy.sha256);
+    assert!(zstd::decode_all(&bytes[..]).unwrap() == build);
+    let tail = http
+        .get(&copy.url)
+        .header("Range", "bytes=10-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap()[..], bytes[10..]);
+
+    // A grant is for the name it was made for: the build's does not open the copy.
+    let (_, build_grant) = update.url.split_once('?').unwrap();
+    let swapped = reqwest::get(format!("{}/downloads/{file}.zst?{build_grant}", server.url))
+        .await
+        .unwrap();
+    assert_eq!(swapped.status(), 403);
+
+    // A rolled-back build's copy is not served either.
+    let (status, body) = server
+        .api()
+        .post("/api/v1/rollouts/1.1.0/rollback", None)
+        .await;
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let blocked = http
+        .get(format!("{}/downloads/{file}.zst", server.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 403);
+}

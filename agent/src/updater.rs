@@ -435,6 +435,8 @@ impl Updater {
                 copy.sha256
             ))));
         }
+        // Room for the build and its installed copy, beside the compressed one.
+        download::check_space(part, journal.size, 0)?;
         let (from, to, size) = (zst.clone(), part.to_owned(), journal.size);
         let decompressed =
             tokio::task::spawn_blocking(move || decompress::decompress_limited(&from, &to, size))

@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use protocol::{
-    AgentMessage, FailureClass, MirrorFailure, Transfer, TransferSource, UpdateOutcome,
-    UpdateProgress, UpdateResult, UpdateStage,
+    AgentMessage, FailureClass, MirrorFailure, Transfer, TransferKind, TransferSource,
+    UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
 };
 use serde_json::{Value, json};
 use support::*;
@@ -2054,6 +2054,8 @@ async fn a_failing_download_mirror_is_bannered_on_the_overview() {
                     source: TransferSource::Server,
                     fallback: Some(MirrorFailure::WrongBytes),
                     fallback_error: Some("checksum mismatch\nforged line".into()),
+                    kind: TransferKind::Full,
+                    bytes: None,
                 }),
             }))
             .await;

@@ -416,7 +416,8 @@ async fn mirror_check_names_each_missing_and_corrupted_build_and_sync_repairs_th
 #[tokio::test(flavor = "multi_thread")]
 async fn admission_counts_only_the_downloads_that_fall_back_to_the_server() {
     use protocol::{
-        AgentMessage, MirrorFailure, Transfer, TransferSource, UpdateProgress, UpdateStage,
+        AgentMessage, MirrorFailure, Transfer, TransferKind, TransferSource, UpdateProgress,
+        UpdateStage,
     };
     let dir = tempfile::tempdir().unwrap();
     // One download slot: two pushes at once (a tenth more, at least one).
@@ -456,6 +457,8 @@ async fn admission_counts_only_the_downloads_that_fall_back_to_the_server() {
                     source: TransferSource::Server,
                     fallback: Some(MirrorFailure::Unreachable),
                     fallback_error: Some("connection refused".into()),
+                    kind: TransferKind::Full,
+                    bytes: None,
                 }),
             }))
             .await;

@@ -906,3 +906,46 @@ async fn a_thousand_agents_over_four_sites_take_a_promote_wave_by_wave_and_a_bad
     );
     assert_eq!(settled["rolled_back"].as_u64(), Some(reported), "{settled}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_agents_take_the_compressed_copy_and_count_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", "3"]);
+    let api = server.api();
+    let build: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
+    publish(&server.downloads(), "1.1.0", Some("beta"), &build);
+    let copy = eventually(
+        "the compressed copy to be made",
+        Duration::from_secs(20),
+        || async {
+            let (_, releases) = api.get("/api/v1/releases").await;
+            releases.as_array()?.first()?["compressed_size"].as_u64()
+        },
+    )
+    .await;
+    assert!(copy < build.len() as u64 / 4, "{copy}");
+    let sim = Sim::start(&server, dir.path(), FLEET, &["--max-downloads", "32"]);
+    all_online(&api, FLEET).await;
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    let done = format!("updates {FLEET}/{FLEET}");
+    eventually(
+        "the simulator to count every update",
+        Duration::from_secs(60),
+        || async { sim.last_progress().contains(&done).then_some(()) },
+    )
+    .await;
+    let report = sim.stop();
+    assert_eq!(report["updates_verified"], FLEET, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+    assert_eq!(
+        report["download_bytes"],
+        FLEET as u64 * copy,
+        "only the copy crossed the wire: {report}"
+    );
+}

@@ -389,7 +389,7 @@ async fn held_bytes(part: &Path) -> std::io::Result<u64> {
 }
 
 /// The rest of the download plus a second copy for installing, plus a margin.
-fn check_space(part: &Path, size: u64, held: u64) -> Result<(), FetchError> {
+pub(crate) fn check_space(part: &Path, size: u64, held: u64) -> Result<(), FetchError> {
     let dir = part.parent().unwrap_or(Path::new("."));
     let needed = size
         .saturating_sub(held)

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use protocol::{FailureClass, Transfer};
+use protocol::{CompressedBuild, FailureClass, Transfer};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "update.json";
@@ -49,9 +49,15 @@ pub(crate) struct Journal {
     #[serde(default)]
     pub(crate) mirror_url: Option<String>,
     /// How the build reaches the agent: unknown while the mirror is being tried; the
-    /// server (with why the mirror was given up) or the mirror once decided.
+    /// server (with why the mirror was given up) or the mirror once decided. From the
+    /// server, `kind` says whether the compressed copy is being fetched (resumed at
+    /// `staging/<task>.zst.part`) or, once it was given up on, the build.
     #[serde(default)]
     pub(crate) transfer: Option<Transfer>,
+    /// The server's compressed copy of the build, when the update offered one this
+    /// agent reads and no mirror.
+    #[serde(default)]
+    pub(crate) compressed: Option<CompressedBuild>,
     pub(crate) sha256: String,
     pub(crate) size: u64,
     #[serde(default)]
@@ -102,6 +108,12 @@ pub(crate) fn staging_dir(state_dir: &Path) -> PathBuf {
 
 pub(crate) fn partial_path(state_dir: &Path, task_id: &str) -> PathBuf {
     staging_dir(state_dir).join(format!("{}.part", file_safe(task_id)))
+}
+
+/// Where the compressed copy is downloaded to, before it is decompressed into the
+/// `partial_path`.
+pub(crate) fn compressed_path(state_dir: &Path, task_id: &str) -> PathBuf {
+    staging_dir(state_dir).join(format!("{}.zst.part", file_safe(task_id)))
 }
 
 pub(crate) fn verified_path(state_dir: &Path, task_id: &str) -> PathBuf {
@@ -206,6 +218,7 @@ pub(crate) fn sample(step: Step) -> Journal {
         url: "http://127.0.0.1:1/downloads/drover-agent-linux-amd64-1.1.0".into(),
         mirror_url: None,
         transfer: None,
+        compressed: None,
         sha256: "00".repeat(32),
         size: 3,
         signature: None,

@@ -7,6 +7,7 @@
 mod atomic_file;
 mod backoff;
 mod config_file;
+mod decompress;
 mod download;
 mod identity;
 mod install;

@@ -661,6 +661,7 @@ mod tests {
                         rollback,
                         sent_at_ms,
                         mirror_url: None,
+                        compressed: None,
                     })
                 },
             );

@@ -1,9 +1,11 @@
 //! Applying one update inside the worker: journal every step, download (from the
 //! offered mirror while it serves the right bytes, else from the server), verify,
 //! install, then hand over to the supervisor for the restart into the new version. The
-//! installed executable is untouched until the build is verified. A refusal or failure
-//! is an `UpdateError`, whose kind decides the failure class reported to the server; a
-//! mirror's failure is none: the server's copy is fetched instead.
+//! installed executable is untouched until the build is verified. Without a mirror, the
+//! server's compressed copy is fetched when offered, checked, decompressed and verified
+//! as the build. A refusal or failure is an `UpdateError`, whose kind decides the
+//! failure class reported to the server; a mirror's failure, or the compressed copy's,
+//! is none: the server's build is fetched instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use protocol::{
-    FailureClass, MirrorFailure, Transfer, TransferSource, Update, UpdateOutcome, UpdateProgress,
-    UpdateResult, UpdateStage,
+    CompressedBuild, FailureClass, MirrorFailure, Transfer, TransferKind, TransferSource, Update,
+    UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
 };
 use tokio::sync::mpsc;
 
+use crate::decompress::{self, DecompressError};
 use crate::journal::{self, Journal, Step};
 use crate::signing::{self, ReleaseKeys};
 use crate::{download, install, machine};
@@ -133,6 +136,40 @@ fn usable_mirror(update: &Update) -> Option<String> {
     None
 }
 
+/// The update's compressed copy, if it offers one this agent reads; a copy out of bounds
+/// is passed over for the build itself.
+fn usable_compressed(update: &Update) -> Option<CompressedBuild> {
+    let offer = update.compressed.as_ref()?;
+    let usable = offer.encoding == protocol::ENCODING_ZSTD
+        && is_http_url(&offer.url)
+        && offer.size > 0
+        && offer.size <= MAX_BUILD_BYTES
+        && offer.sha256.len() == 64
+        && offer.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    if !usable {
+        tracing::warn!(task = %update.task_id, "the update's compressed copy is not one this agent reads; downloading the build");
+        return None;
+    }
+    Some(CompressedBuild {
+        sha256: offer.sha256.to_ascii_lowercase(),
+        ..offer.clone()
+    })
+}
+
+/// The transfer of a build from the server: its compressed copy or the build itself.
+fn from_server(kind: TransferKind, bytes: u64) -> Transfer {
+    Transfer {
+        source: TransferSource::Server,
+        fallback: None,
+        fallback_error: None,
+        kind,
+        bytes: Some(bytes),
+    }
+}
+
+/// Why the compressed copy was given up on; the build is fetched instead.
+struct CopyFailed(String);
+
 impl Updater {
     /// Decides whether to take on an update and journals it. `Err` carries the reason
     /// to report as a failure.
@@ -157,6 +194,11 @@ impl Updater {
             None => None,
         };
         let mirror = usable_mirror(update);
+        // A mirror keeps to the build itself: it holds no compressed copies.
+        let compressed = mirror
+            .is_none()
+            .then(|| usable_compressed(update))
+            .flatten();
         let journal = Journal {
             task_id: update.task_id.clone(),
             version: update.version.clone(),
@@ -165,11 +207,11 @@ impl Updater {
             mirror_url: mirror.clone(),
             // Without a mirror the source is known now; with one, once it served the
             // build or was given up on.
-            transfer: mirror.is_none().then_some(Transfer {
-                source: TransferSource::Server,
-                fallback: None,
-                fallback_error: None,
+            transfer: mirror.is_none().then(|| match &compressed {
+                Some(copy) => from_server(TransferKind::Compressed, copy.size),
+                None => from_server(TransferKind::Full, update.size),
             }),
+            compressed,
             sha256: update.sha256.to_ascii_lowercase(),
             size: update.size,
             signature: update.signature.clone(),
@@ -195,7 +237,13 @@ impl Updater {
         };
         match outcome {
             Ok(()) => {
-                progress(&events, &journal, UpdateStage::Restarting, journal.size);
+                progress(
+                    &events,
+                    &journal,
+                    UpdateStage::Restarting,
+                    journal.size,
+                    journal.size,
+                );
                 let _ = events.send(Event::Restart).await;
             }
             Err(err) => {
@@ -240,7 +288,13 @@ impl Updater {
                 .advance(&self.state_dir, Step::Verified)
                 .map_err(journaled)?;
         }
-        progress(events, journal, UpdateStage::Installing, journal.size);
+        progress(
+            events,
+            journal,
+            UpdateStage::Installing,
+            journal.size,
+            journal.size,
+        );
         journal
             .advance(&self.state_dir, Step::Installing)
             .map_err(journaled)?;
@@ -286,7 +340,14 @@ impl Updater {
             && journal.transfer.is_none()
         {
             let fetched = self
-                .fetch_from(&mirror, download::MIRROR, journal, events, part)
+                .fetch_from(
+                    &mirror,
+                    download::MIRROR,
+                    journal,
+                    journal.size,
+                    events,
+                    part,
+                )
                 .await;
             let failure = match fetched {
                 Ok(()) => match self.check_digest(journal, events, part).await {
@@ -295,6 +356,8 @@ impl Updater {
                             source: TransferSource::Mirror,
                             fallback: None,
                             fallback_error: None,
+                            kind: TransferKind::Full,
+                            bytes: Some(journal.size),
                         });
                         return Ok(digest);
                     }
@@ -308,15 +371,129 @@ impl Updater {
             };
             self.fall_back(journal, events, part, failure)?;
         }
+        if let Some(copy) = journal.compressed.clone()
+            && journal
+                .transfer
+                .as_ref()
+                .is_some_and(|t| t.kind == TransferKind::Compressed)
+        {
+            match self.fetch_compressed(journal, events, &copy, part).await? {
+                Ok(digest) => return Ok(digest),
+                Err(CopyFailed(reason)) => self.give_up_copy(journal, events, part, &reason)?,
+            }
+        }
         self.fetch_from(
             &journal.url.clone(),
             download::SERVER,
             journal,
+            journal.size,
             events,
             part,
         )
         .await?;
         self.check_digest(journal, events, part).await
+    }
+
+    /// Brings the build into `part` from the server's compressed copy and answers its
+    /// digest, checked. The outer error fails the update (this machine's trouble, or a
+    /// signature that does not hold); a `CopyFailed` says why the copy is not to be
+    /// trusted or could not be had, and the build itself is fetched instead.
+    async fn fetch_compressed(
+        &self,
+        journal: &Journal,
+        events: &mpsc::Sender<Event>,
+        copy: &CompressedBuild,
+        part: &std::path::Path,
+    ) -> Result<Result<String, CopyFailed>, UpdateError> {
+        let zst = journal::compressed_path(&self.state_dir, &journal.task_id);
+        let fetched = self
+            .fetch_from(
+                &copy.url,
+                download::SERVER,
+                journal,
+                copy.size,
+                events,
+                &zst,
+            )
+            .await;
+        match fetched {
+            Ok(()) => {}
+            Err(err) if err.class() == FailureClass::Environment => return Err(err.into()),
+            Err(err) => return Ok(Err(CopyFailed(err.to_string()))),
+        }
+        progress(
+            events,
+            journal,
+            UpdateStage::Verifying,
+            copy.size,
+            copy.size,
+        );
+        let digest = hash_file(&zst).await?;
+        if digest != copy.sha256 {
+            return Ok(Err(CopyFailed(format!(
+                "the compressed copy hashes to {digest}, not {}",
+                copy.sha256
+            ))));
+        }
+        // Room for the build and its installed copy, beside the compressed one.
+        download::check_space(part, journal.size, 0)?;
+        let (from, to, size) = (zst.clone(), part.to_owned(), journal.size);
+        let decompressed =
+            tokio::task::spawn_blocking(move || decompress::decompress_limited(&from, &to, size))
+                .await
+                .map_err(|e| UpdateError::State(e.into()))?;
+        match decompressed {
+            Ok(()) => {}
+            Err(DecompressError::Io(err)) => {
+                return Err(UpdateError::State(
+                    anyhow::Error::from(err).context("could not decompress the download"),
+                ));
+            }
+            Err(err) => return Ok(Err(CopyFailed(err.to_string()))),
+        }
+        match self.check_digest(journal, events, part).await {
+            Ok(digest) => {
+                let _ = std::fs::remove_file(&zst);
+                Ok(Ok(digest))
+            }
+            // The copy is not of the build the update names: the build itself decides.
+            Err(UpdateError::Verify(err)) => Ok(Err(CopyFailed(err.to_string()))),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Gives up on the compressed copy: its bytes and anything decompressed from them
+    /// go, then the journal says the build itself is fetched from now on (in that order,
+    /// so nothing of the copy's is ever resumed as the build).
+    fn give_up_copy(
+        &self,
+        journal: &mut Journal,
+        events: &mpsc::Sender<Event>,
+        part: &std::path::Path,
+        reason: &str,
+    ) -> Result<(), UpdateError> {
+        tracing::warn!(task = %journal.task_id, %reason, "the compressed copy failed; downloading the build itself");
+        for file in [
+            journal::compressed_path(&self.state_dir, &journal.task_id),
+            part.to_owned(),
+        ] {
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(UpdateError::State(
+                        anyhow::Error::from(err)
+                            .context("could not remove the compressed download"),
+                    ));
+                }
+            }
+        }
+        journal.transfer = Some(from_server(TransferKind::Full, journal.size));
+        journal
+            .advance(&self.state_dir, Step::Downloading)
+            .map_err(|e| UpdateError::State(e.context("cannot journal the fallback")))?;
+        progress(events, journal, UpdateStage::Downloading, 0, journal.size);
+        Ok(())
     }
 
     /// Gives up on the mirror: its bytes go, then the journal says the server is the
@@ -342,27 +519,31 @@ impl Updater {
             source: TransferSource::Server,
             fallback: Some(failure),
             fallback_error: Some(error),
+            kind: TransferKind::Full,
+            bytes: Some(journal.size),
         });
         journal
             .advance(&self.state_dir, Step::Downloading)
             .map_err(|e| UpdateError::State(e.context("cannot journal the fallback")))?;
-        progress(events, journal, UpdateStage::Downloading, 0);
+        progress(events, journal, UpdateStage::Downloading, 0, journal.size);
         Ok(())
     }
 
+    /// Downloads `size` bytes from `url` into `part`, resuming what it holds.
     async fn fetch_from(
         &self,
         url: &str,
         patience: download::Patience,
         journal: &Journal,
+        size: u64,
         events: &mpsc::Sender<Event>,
         part: &std::path::Path,
     ) -> Result<(), download::FetchError> {
         let mut last = Instant::now() - PROGRESS_EVERY;
-        download::fetch(&self.http, url, journal.size, part, patience, |done| {
-            if last.elapsed() >= PROGRESS_EVERY || done == journal.size {
+        download::fetch(&self.http, url, size, part, patience, |done| {
+            if last.elapsed() >= PROGRESS_EVERY || done == size {
                 last = Instant::now();
-                progress(events, journal, UpdateStage::Downloading, done);
+                progress(events, journal, UpdateStage::Downloading, done, size);
             }
         })
         .await
@@ -375,14 +556,14 @@ impl Updater {
         events: &mpsc::Sender<Event>,
         part: &std::path::Path,
     ) -> Result<String, UpdateError> {
-        progress(events, journal, UpdateStage::Verifying, journal.size);
-        let path = part.to_owned();
-        let digest = tokio::task::spawn_blocking(move || install::sha256_file(&path))
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|hashed| hashed)
-            .context("could not read the download")
-            .map_err(UpdateError::State)?;
+        progress(
+            events,
+            journal,
+            UpdateStage::Verifying,
+            journal.size,
+            journal.size,
+        );
+        let digest = hash_file(part).await?;
         if digest != journal.sha256 {
             let _ = std::fs::remove_file(part);
             return Err(VerifyError::Digest {
@@ -407,13 +588,31 @@ impl Updater {
     }
 }
 
-fn progress(events: &mpsc::Sender<Event>, journal: &Journal, stage: UpdateStage, done: u64) {
+/// The SHA-256 of a downloaded file, off the runtime.
+async fn hash_file(path: &std::path::Path) -> Result<String, UpdateError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || install::sha256_file(&path))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|hashed| hashed)
+        .context("could not read the download")
+        .map_err(UpdateError::State)
+}
+
+/// `done` of `total` bytes: of what crosses the wire while downloading.
+fn progress(
+    events: &mpsc::Sender<Event>,
+    journal: &Journal,
+    stage: UpdateStage,
+    done: u64,
+    total: u64,
+) {
     // Progress is advisory: dropping one when the session is busy harms nothing.
     let _ = events.try_send(Event::Progress(UpdateProgress {
         task_id: journal.task_id.clone(),
         stage,
         bytes_done: done,
-        bytes_total: journal.size,
+        bytes_total: total,
         transfer: journal.transfer.clone(),
     }));
 }
@@ -446,6 +645,7 @@ mod tests {
             rollback: false,
             sent_at_ms: 0,
             mirror_url: None,
+            compressed: None,
         }
     }
 
@@ -640,6 +840,15 @@ mod tests {
                 Just("http://mirror.example/build".to_owned()),
                 ".{0,300}"
             ]),
+            proptest::option::of((
+                prop_oneof![Just("zstd".to_owned()), ".{0,10}"],
+                prop_oneof![
+                    Just("http://127.0.0.1:1/downloads/build.zst".to_owned()),
+                    ".{0,80}"
+                ],
+                prop_oneof![any::<u64>(), Just(MAX_BUILD_BYTES + 1), 0u64..10],
+                prop_oneof![Just(DIGEST.to_owned()), "[0-9a-fA-F]{0,70}"],
+            )),
         )
             .prop_map(
                 |(
@@ -652,6 +861,7 @@ mod tests {
                     rollback,
                     sent_at_ms,
                     mirror_url,
+                    compressed,
                 )| {
                     Update {
                         task_id,
@@ -663,6 +873,14 @@ mod tests {
                         rollback,
                         sent_at_ms,
                         mirror_url,
+                        compressed: compressed.map(|(encoding, url, size, sha256)| {
+                            CompressedBuild {
+                                encoding,
+                                url,
+                                size,
+                                sha256,
+                            }
+                        }),
                     }
                 },
             )
@@ -687,6 +905,12 @@ mod tests {
                     let staging = dir.path().join("staging");
                     prop_assert!(journal::partial_path(dir.path(), &journal.task_id).starts_with(&staging));
                     prop_assert!(journal::verified_path(dir.path(), &journal.task_id).starts_with(&staging));
+                    prop_assert!(journal::compressed_path(dir.path(), &journal.task_id).starts_with(&staging));
+                    if let Some(copy) = &journal.compressed {
+                        prop_assert!(copy.size > 0 && copy.size <= MAX_BUILD_BYTES);
+                        prop_assert_eq!(copy.sha256.len(), 64);
+                        prop_assert!(journal.mirror_url.is_none());
+                    }
                 }
                 Err(err) => prop_assert!(!err.to_string().trim().is_empty()),
             }

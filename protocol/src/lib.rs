@@ -265,6 +265,40 @@ pub struct Transfer {
     /// What went wrong with the mirror, for people (at most `TRANSFER_ERROR_LIMIT` bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_error: Option<String>,
+    /// What crosses the wire: the build itself, or its compressed copy (`compressed`).
+    /// Since version 1 (optional; absent means `full`).
+    #[serde(default, skip_serializing_if = "TransferKind::is_full")]
+    pub kind: TransferKind,
+    /// Bytes of what crosses the wire (the compressed copy's size, or the build's).
+    /// Since version 1 (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+/// What an agent fetches: the build as it is, or the server's compressed copy of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferKind {
+    /// The build's own bytes.
+    #[default]
+    Full,
+    /// The `update`'s `compressed` copy, decompressed by the agent.
+    Compressed,
+    #[serde(other)]
+    Unknown,
+}
+
+impl TransferKind {
+    pub fn is_full(&self) -> bool {
+        *self == TransferKind::Full
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferKind::Full | TransferKind::Unknown => "full",
+            TransferKind::Compressed => "compressed",
+        }
+    }
 }
 
 /// The most bytes of `Transfer::fallback_error` a peer sends or keeps.
@@ -388,7 +422,31 @@ pub struct Update {
     /// Server clock when the message was sent, Unix milliseconds.
     #[serde(default)]
     pub sent_at_ms: u64,
+    /// A compressed copy of the build on the server itself, which an agent that knows its
+    /// encoding may fetch instead of `url` (never instead of a mirror). The agent checks
+    /// the copy's digest, decompresses it (never beyond `size`), and then checks
+    /// `sha256` and the signature exactly as for `url`; on any failure of the copy it
+    /// fetches `url`. Since version 1 (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<CompressedBuild>,
 }
+
+/// A compressed copy of a build, offered in an `update`. Since version 1 (optional).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressedBuild {
+    /// How the copy is compressed; `zstd` (one or more zstd frames) is the only one
+    /// there is. An agent ignores an encoding it does not know.
+    pub encoding: String,
+    /// Absolute URL of the copy on the server, with the same grant as the `url`.
+    pub url: String,
+    /// Size of the copy in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the copy (not of the build).
+    pub sha256: String,
+}
+
+/// The encoding of a `CompressedBuild` this version knows.
+pub const ENCODING_ZSTD: &str = "zstd";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cancel {

@@ -54,6 +54,8 @@ fn samples() -> Vec<(&'static str, Sample)> {
                     source: TransferSource::Server,
                     fallback: Some(MirrorFailure::WrongBytes),
                     fallback_error: Some("checksum mismatch".into()),
+                    kind: TransferKind::Full,
+                    bytes: None,
                 }),
             })),
         ),
@@ -156,6 +158,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 rollback: false,
                 sent_at_ms: 1_764_072_000_000,
                 mirror_url: None,
+                compressed: None,
             })),
         ),
         (
@@ -172,6 +175,44 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 mirror_url: Some(
                     "http://mirror.branch.example/drover/drover-agent-linux-amd64-1.1.0".into(),
                 ),
+                compressed: None,
+            })),
+        ),
+        (
+            "update-compressed",
+            Server(ServerMessage::Update(Update {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                version: "1.1.0".into(),
+                url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0?task=7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11&grant=00112233445566778899aabbccddeeff".into(),
+                sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                size: 52_428_800,
+                signature: None,
+                rollback: false,
+                sent_at_ms: 1_764_072_000_000,
+                mirror_url: None,
+                compressed: Some(CompressedBuild {
+                    encoding: ENCODING_ZSTD.into(),
+                    url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0.zst?task=7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11&grant=8899aabbccddeeff0011223344556677".into(),
+                    size: 20_971_520,
+                    sha256: "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752".into(),
+                }),
+            })),
+        ),
+        (
+            "update-result-compressed",
+            Agent(AgentMessage::UpdateResult(UpdateResult {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                outcome: UpdateOutcome::Succeeded,
+                version: "1.1.0".into(),
+                error: None,
+                failure_class: None,
+                transfer: Some(Transfer {
+                    source: TransferSource::Server,
+                    fallback: None,
+                    fallback_error: None,
+                    kind: TransferKind::Compressed,
+                    bytes: Some(20_971_520),
+                }),
             })),
         ),
         (

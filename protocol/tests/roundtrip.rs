@@ -71,14 +71,28 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         );
     let heartbeat = (any::<u64>(), text())
         .prop_map(|(seq, version)| AgentMessage::Heartbeat(Heartbeat { seq, version }));
-    let progress = (text(), stage(), any::<u64>(), any::<u64>()).prop_map(
-        |(task_id, stage, bytes_done, bytes_total)| {
+    let transfer = proptest::option::of((any::<bool>(), proptest::option::of(any::<u64>())))
+        .prop_map(|transfer| {
+            transfer.map(|(compressed, bytes)| Transfer {
+                source: TransferSource::Server,
+                fallback: None,
+                fallback_error: None,
+                kind: if compressed {
+                    TransferKind::Compressed
+                } else {
+                    TransferKind::Full
+                },
+                bytes,
+            })
+        });
+    let progress = (text(), stage(), any::<u64>(), any::<u64>(), transfer).prop_map(
+        |(task_id, stage, bytes_done, bytes_total, transfer)| {
             AgentMessage::UpdateProgress(UpdateProgress {
                 task_id,
                 stage,
                 bytes_done,
                 bytes_total,
-                transfer: None,
+                transfer,
             })
         },
     );
@@ -135,9 +149,14 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             any::<bool>(),
             any::<u64>(),
         ),
+        proptest::option::of((text(), text(), any::<u64>(), text())),
     )
         .prop_map(
-            |((task_id, version, url, sha256), (size, signature, rollback, sent_at_ms))| {
+            |(
+                (task_id, version, url, sha256),
+                (size, signature, rollback, sent_at_ms),
+                compressed,
+            )| {
                 ServerMessage::Update(Update {
                     task_id,
                     version,
@@ -148,6 +167,12 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     rollback,
                     sent_at_ms,
                     mirror_url: None,
+                    compressed: compressed.map(|(encoding, url, size, sha256)| CompressedBuild {
+                        encoding,
+                        url,
+                        size,
+                        sha256,
+                    }),
                 })
             },
         );

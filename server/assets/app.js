@@ -511,12 +511,14 @@ function mirrorSection(list) {
       h('td', {}, usedBy(m)))))];
 }
 
-// How a task's build reached the agent: from its mirror, or from the server and why.
+// How a task's build reached the agent: from its mirror, or from the server and why,
+// and whether as its compressed copy.
 function transferNote(t) {
   if (!t.transfer) return null;
-  const { source, fallback } = t.transfer;
-  const text = source === 'mirror' ? 'from the mirror'
-    : (fallback ? `from the server (mirror ${fallback.replace('_', ' ')})` : 'from the server');
+  const { source, fallback, kind } = t.transfer;
+  const text = (source === 'mirror' ? 'from the mirror'
+    : (fallback ? `from the server (mirror ${fallback.replace('_', ' ')})` : 'from the server'))
+    + (kind === 'compressed' ? ', compressed' : '');
   return h('small', { class: 'muted transfer', title: t.transfer.fallback_error || t.transfer.mirror || '' }, text);
 }
 

@@ -101,6 +101,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_MAX_CONCURRENT_DOWNLOADS", default_value_t = 64)]
     pub max_concurrent_downloads: usize,
 
+    /// zstd level (1 to 19) of the compressed copy made once of each build, which agents
+    /// download instead of the build; 0 serves builds only as they are
+    #[arg(long, env = "DROVER_COMPRESSION_LEVEL", default_value_t = crate::DEFAULT_COMPRESSION_LEVEL, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compression_level: i32,
+
     /// Downloads one source address (IPv6: its /64) may hold at once; default three
     /// quarters of --max-concurrent-downloads, rounded up
     #[arg(long, env = "DROVER_MAX_DOWNLOADS_PER_ADDRESS")]

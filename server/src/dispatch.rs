@@ -6,8 +6,8 @@
 use std::collections::{HashMap, HashSet};
 
 use protocol::{
-    Cancel, MirrorFailure, ServerMessage, Transfer, TransferSource, Update, UpdateOutcome,
-    UpdateProgress, UpdateResult, UpdateStage,
+    Cancel, CompressedBuild, MirrorFailure, ServerMessage, Transfer, TransferSource, Update,
+    UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
 };
 
 use crate::AppState;
@@ -772,8 +772,12 @@ async fn record_transfer(
         .fallback
         .filter(|_| source == "server" && task.mirror.is_some())
         .map(MirrorFailure::as_str);
+    let kind = transfer.kind.as_str();
+    let bytes = transfer.bytes.and_then(|b| i64::try_from(b).ok());
     if task.transfer_source.as_deref() == Some(source)
         && task.transfer_fallback.as_deref() == fallback
+        && task.transfer_kind.as_deref().unwrap_or("full") == kind
+        && (bytes.is_none() || task.transfer_bytes == bytes)
     {
         return Ok(());
     }
@@ -784,6 +788,8 @@ async fn record_transfer(
         source,
         fallback,
         error: error.as_deref(),
+        kind,
+        bytes: bytes.or(task.transfer_bytes),
     };
     match state
         .store
@@ -924,6 +930,16 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
         tracing::warn!(task = %task.id, version = %task.to_version, "the build for this task is no longer offered");
         return None;
     };
+    // Offered once its copy is ready; an agent with a mirror ignores it.
+    let compressed = state
+        .compressed
+        .copy_of(&release.sha256)
+        .map(|copy| CompressedBuild {
+            encoding: protocol::ENCODING_ZSTD.to_owned(),
+            url: downloads::server_url(state, &downloads::compressed_name(&release.file), &task.id),
+            size: copy.size,
+            sha256: copy.sha256,
+        });
     Some(ServerMessage::Update(Update {
         task_id: task.id.clone(),
         version: task.to_version.clone(),
@@ -937,6 +953,7 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
         signature: release.signature,
         rollback: task.kind == TaskKind::Rollback,
         sent_at_ms: u64::try_from(now_ms()).unwrap_or(0),
+        compressed,
     }))
 }
 

@@ -3,7 +3,9 @@
 //! served, so no request can reach a sidecar, an unlisted file or anything outside the
 //! directory; and only to a caller with a grant: the URL of an `update` message (its
 //! task, while unfinished), of the install endpoint (for an hour), or an API token.
-//! `server_url` and `install_url` are the one place such URLs are made.
+//! `server_url` and `install_url` are the one place such URLs are made. A build's
+//! compressed copy (`compressed`) is served at the build's name plus `.zst`, admitted by
+//! the same `admit`, with a grant of its own name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use sha2::Sha256;
 use crate::AppState;
 use crate::api::ApiError;
 use crate::auth::hash_secret;
+use crate::compressed;
 use crate::file_body;
 use crate::metrics::{COUNTERS, Counters};
 use crate::releases::Release;
@@ -139,10 +142,12 @@ pub(crate) struct GrantQuery {
     grant: Option<String>,
 }
 
-/// Whether the caller may download `release`: a valid grant for it, or an API token.
+/// Whether the caller may download `file` (the build `release` or its compressed copy):
+/// a valid grant for that name, or an API token.
 async fn authorize(
     state: &AppState,
     release: &Release,
+    file: &str,
     query: &GrantQuery,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
@@ -156,7 +161,7 @@ async fn authorize(
                 ));
             }
         };
-        if !state.url_signer.verify(&release.file, &grant, code) {
+        if !state.url_signer.verify(file, &grant, code) {
             return Err(ApiError::Forbidden(
                 "the download grant is not valid for this file".into(),
             ));
@@ -203,16 +208,40 @@ async fn authorize(
     }
 }
 
-pub(crate) async fn serve(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    file: Result<Path<String>, PathRejection>,
-    query: Result<Query<GrantQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    if !is_plain_name(&file) {
+/// The name of a build's compressed copy under `/downloads`.
+pub(crate) fn compressed_name(file: &str) -> String {
+    format!("{file}{COMPRESSED_SUFFIX}")
+}
+
+const COMPRESSED_SUFFIX: &str = ".zst";
+
+/// What a name under `/downloads` serves: an offered build, or its compressed copy.
+enum Served {
+    Build,
+    Compressed(compressed::Copy),
+}
+
+/// A download let through: the build, what of it is served, and the slots it holds
+/// until its body has been sent.
+struct Admitted {
+    release: Release,
+    served: Served,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    source_slot: crate::limits::SourceSlot,
+}
+
+/// The one admission of every download, the build or its compressed copy alike:
+/// downloads switched on, an offered build not rolled back, a grant for this name, a
+/// share of this address's downloads and a download slot. `Ok(Err(response))` is the
+/// 503 with `Retry-After` a busy server answers.
+async fn admit(
+    state: &AppState,
+    peer: SocketAddr,
+    file: &str,
+    query: &GrantQuery,
+    headers: &HeaderMap,
+) -> Result<Result<Admitted, Response>, ApiError> {
+    if !is_plain_name(file) {
         return Err(ApiError::BadRequest(format!(
             "{file:?} is not a file name in the downloads directory"
         )));
@@ -223,12 +252,22 @@ pub(crate) async fn serve(
             "downloads are switched off on this server".into(),
         ));
     }
-    // The name must be one the scanner offers: that alone rules out `..`, absolute
-    // paths, sidecars and stray files; the check above only answers such names sooner.
-    let Some(release) = state.releases.current().by_file(&file).cloned() else {
-        return Err(ApiError::NotFound(format!(
-            "no offered build named {file:?}"
-        )));
+    // The name must be one the scanner offers (or its compressed copy's): that alone
+    // rules out `..`, absolute paths, sidecars and stray files; the check above only
+    // answers such names sooner.
+    let index = state.releases.current();
+    let (release, served) = match index.by_file(file) {
+        Some(release) => (release.clone(), Served::Build),
+        None => {
+            let copy = file
+                .strip_suffix(COMPRESSED_SUFFIX)
+                .and_then(|build| index.by_file(build))
+                .and_then(|release| {
+                    let copy = state.compressed.copy_of(&release.sha256)?;
+                    Some((release.clone(), Served::Compressed(copy)))
+                });
+            copy.ok_or_else(|| ApiError::NotFound(format!("no offered build named {file:?}")))?
+        }
     };
     // A rolled-back build is never served, also to an agent that was sent it before.
     if state
@@ -241,36 +280,57 @@ pub(crate) async fn serve(
             release.version
         )));
     }
-    authorize(&state, &release, &query, &headers).await?;
+    authorize(state, &release, file, query, headers).await?;
     let Some(source_slot) = state.downloads_per_source.try_take(peer.ip()) else {
         Counters::bump(&COUNTERS.downloads_refused_address);
-        let mut busy = ApiError::Unavailable(format!(
+        return Ok(Err(busy(format!(
             "this address already has {} downloads under way; retry later",
             state.downloads_per_source.max()
-        ))
-        .into_response();
-        busy.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-        return Ok(busy);
+        ))));
     };
     let Ok(permit) = state.downloads.clone().try_acquire_owned() else {
         Counters::bump(&COUNTERS.downloads_refused_busy);
-        let mut busy = ApiError::Unavailable(format!(
+        return Ok(Err(busy(format!(
             "all {} download slots are busy; retry later",
             state.settings.max_concurrent_downloads
-        ))
-        .into_response();
-        busy.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-        return Ok(busy);
+        ))));
     };
-    let response = send_build(&state, &release, &headers).await?;
+    Ok(Ok(Admitted {
+        release,
+        served,
+        permit,
+        source_slot,
+    }))
+}
+
+fn busy(message: String) -> Response {
+    let mut busy = ApiError::Unavailable(message).into_response();
+    busy.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    busy
+}
+
+pub(crate) async fn serve(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    file: Result<Path<String>, PathRejection>,
+    query: Result<Query<GrantQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(file) = file.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let admitted = match admit(&state, peer, &file, &query, &headers).await? {
+        Ok(admitted) => admitted,
+        Err(busy) => return Ok(busy),
+    };
+    let response = send(&state, &admitted.release, &admitted.served, &headers).await?;
     if response.status().is_success() {
         Counters::bump(&COUNTERS.downloads_served);
     }
     // The slot is held until the body has been sent (or the agent went away), not just
     // until the headers are out.
     let (parts, body) = response.into_parts();
+    let (permit, source_slot) = (admitted.permit, admitted.source_slot);
     let body = Body::from_stream(Body::new(body).into_data_stream().map(move |chunk| {
         let _held = (&permit, &source_slot);
         chunk
@@ -279,33 +339,63 @@ pub(crate) async fn serve(
 }
 
 /// The response carrying `release`'s bytes (whole, or the range `headers` ask for), sent
-/// only while its file is still what the scanner hashed: a regular file (a link swapped
-/// in since is never followed) of the scanned size, opened once and sent from that
-/// handle. Anything else is left to a rescan to judge. `/downloads` and the mirror copy
-/// endpoint both send builds through here.
+/// only while its file is still what the scanner hashed. The mirror copy endpoint sends
+/// builds through here; `/downloads` through `send`.
 pub(crate) async fn send_build(
     state: &AppState,
     release: &Release,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let path = state.settings.downloads.join(&release.file);
-    match file_body::open(&path, release.size) {
-        Ok(Some(opened)) => Ok(file_body::respond(opened, headers, &release.sha256)),
-        Ok(None) => {
-            state.releases.rescan().await;
-            Err(ApiError::NotFound(format!(
-                "{} changed since it was scanned; it is offered again once verified",
-                release.file
-            )))
-        }
+    send(state, release, &Served::Build, headers).await
+}
+
+/// Sends what was admitted only while its file is still what was hashed: a regular
+/// file (a link swapped in since is never followed) of that size, opened once and sent
+/// from that handle. Anything else is left to a rescan to judge, or for a compressed
+/// copy, no longer offered.
+async fn send(
+    state: &AppState,
+    release: &Release,
+    served: &Served,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let (path, size, etag, name) = match served {
+        Served::Build => (
+            state.settings.downloads.join(&release.file),
+            release.size,
+            release.sha256.as_str(),
+            release.file.clone(),
+        ),
+        Served::Compressed(copy) => (
+            copy.path.clone(),
+            copy.size,
+            copy.sha256.as_str(),
+            compressed_name(&release.file),
+        ),
+    };
+    let opened = match file_body::open(&path, size) {
+        Ok(Some(opened)) => Ok(opened),
+        Ok(None) => Err(format!(
+            "{name} changed since it was made; it is offered again once verified"
+        )),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            state.releases.rescan().await;
-            Err(ApiError::NotFound(format!("{} was removed", release.file)))
+            Err(format!("{name} was removed"))
         }
-        Err(err) => Err(ApiError::Internal(format!(
-            "while opening {}: {err}",
-            release.file
-        ))),
+        Err(err) => {
+            return Err(ApiError::Internal(format!("while opening {name}: {err}")));
+        }
+    };
+    match opened {
+        Ok(opened) => Ok(file_body::respond(opened, headers, etag)),
+        Err(why) => {
+            match served {
+                Served::Build => {
+                    state.releases.rescan().await;
+                }
+                Served::Compressed(_) => state.compressed.forget(&release.sha256),
+            }
+            Err(ApiError::NotFound(why))
+        }
     }
 }
 

@@ -429,6 +429,8 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
                 source: "server",
                 fallback: Some("wrong_bytes"),
                 error: Some("checksum mismatch"),
+                kind: "compressed",
+                bytes: Some(2_200_000),
             },
         )
         .await
@@ -447,6 +449,10 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
             TaskStatus::Downloading
         )
     );
+    assert_eq!(
+        (fell_back.transfer_kind.as_deref(), fell_back.transfer_bytes),
+        (Some("compressed"), Some(2_200_000))
+    );
     assert!(matches!(
         store
             .record_transfer(
@@ -455,7 +461,9 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
                 &TransferRecord {
                     source: "mirror",
                     fallback: None,
-                    error: None
+                    error: None,
+                    kind: "full",
+                    bytes: None,
                 }
             )
             .await,

@@ -483,6 +483,10 @@ impl SimAgent {
             url: update.url,
             size: update.size,
             sha256: update.sha256,
+            compressed: update
+                .compressed
+                .filter(|c| c.encoding == protocol::ENCODING_ZSTD),
+            copy_failed: Default::default(),
             limit: self.fleet.downloads.clone(),
             stats: stats.clone(),
         };

@@ -1,12 +1,16 @@
 //! Fetching a pushed build for real: streamed through SHA-256 and discarded, so a
 //! simulated agent costs the server a full download but costs the simulator no disk.
-//! Each `Failure` carries the failure class a real agent would report for it.
+//! An offered compressed copy is fetched instead, its digest checked and decompressed
+//! (streaming, never beyond the build's size) through the build's digest; a copy that
+//! fails is given up for the build, as the agent does. Each `Failure` carries the
+//! failure class a real agent would report for it.
 
+use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use protocol::FailureClass;
+use protocol::{CompressedBuild, FailureClass};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -40,8 +44,33 @@ pub(crate) struct Fetch {
     pub(crate) url: String,
     pub(crate) size: u64,
     pub(crate) sha256: String,
+    /// The update's compressed copy, fetched instead while it has not failed.
+    pub(crate) compressed: Option<CompressedBuild>,
+    pub(crate) copy_failed: AtomicBool,
     pub(crate) limit: Option<Arc<Semaphore>>,
     pub(crate) stats: Arc<Stats>,
+}
+
+/// The decompressed build: hashed and counted, refused beyond its size.
+struct BuildSink {
+    hasher: Sha256,
+    written: u64,
+    size: u64,
+}
+
+impl Write for BuildSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written += buf.len() as u64;
+        if self.written > self.size {
+            return Err(std::io::Error::other("inflates beyond the build's size"));
+        }
+        self.hasher.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Fetch {
@@ -93,8 +122,17 @@ impl Fetch {
         }
     }
 
+    /// The compressed copy, while it is offered and has not failed.
+    fn copy(&self) -> Option<&CompressedBuild> {
+        self.compressed
+            .as_ref()
+            .filter(|_| !self.copy_failed.load(Ordering::Relaxed))
+    }
+
     async fn attempt(&self) -> Attempt {
-        let mut response = match self.client.get(&self.url).send().await {
+        let copy = self.copy();
+        let url = copy.map_or(self.url.as_str(), |c| c.url.as_str());
+        let mut response = match self.client.get(url).send().await {
             Ok(response) => response,
             Err(err) => return Attempt::Network(err.to_string()),
         };
@@ -116,6 +154,7 @@ impl Fetch {
                     "downloads are switched off (403)",
                 )));
             }
+            _ if copy.is_some() => return self.give_up_copy("an error status"),
             status => {
                 return Attempt::Done(Err(failure(
                     "download_status",
@@ -124,12 +163,18 @@ impl Fetch {
                 )));
             }
         }
+        if let Some(copy) = copy {
+            return self.receive_copy(response, copy).await;
+        }
         let mut hasher = Sha256::new();
         let mut received = 0u64;
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     received += chunk.len() as u64;
+                    self.stats
+                        .download_bytes
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     if received > self.size {
                         return Attempt::Done(Err(failure(
                             "download_too_long",
@@ -159,6 +204,63 @@ impl Fetch {
             )));
         }
         Attempt::Done(Ok(()))
+    }
+
+    async fn receive_copy(
+        &self,
+        mut response: reqwest::Response,
+        copy: &CompressedBuild,
+    ) -> Attempt {
+        let mut wire = Sha256::new();
+        let mut received = 0u64;
+        let mut decoder = match zstd::stream::write::Decoder::new(BuildSink {
+            hasher: Sha256::new(),
+            written: 0,
+            size: self.size,
+        }) {
+            Ok(decoder) => decoder,
+            Err(_) => return self.give_up_copy("no decoder"),
+        };
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    received += chunk.len() as u64;
+                    self.stats
+                        .download_bytes
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    if received > copy.size {
+                        return self.give_up_copy("more bytes than the copy has");
+                    }
+                    wire.update(&chunk);
+                    if decoder.write_all(&chunk).is_err() {
+                        return self.give_up_copy("it does not decompress within the build's size");
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => return Attempt::Network(err.to_string()),
+            }
+        }
+        if received != copy.size || hex::encode(wire.finalize()) != copy.sha256.to_ascii_lowercase()
+        {
+            return self.give_up_copy("the copy's digest does not match");
+        }
+        if decoder.flush().is_err() {
+            return self.give_up_copy("it does not decompress");
+        }
+        let sink = decoder.into_inner();
+        if sink.written != self.size
+            || !hex::encode(sink.hasher.finalize()).eq_ignore_ascii_case(self.sha256.trim())
+        {
+            return self.give_up_copy("it does not decompress to the build");
+        }
+        Attempt::Done(Ok(()))
+    }
+
+    /// The copy failed: the build itself is fetched from now on.
+    fn give_up_copy(&self, why: &str) -> Attempt {
+        self.copy_failed.store(true, Ordering::Relaxed);
+        self.stats.error(&format!("compressed_copy_failed: {why}"));
+        Attempt::Network(format!("the compressed copy failed: {why}"))
     }
 }
 

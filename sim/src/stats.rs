@@ -37,6 +37,8 @@ pub(crate) struct Stats {
     pub(crate) updates_completed: AtomicU64,
     pub(crate) updates_failed: AtomicU64,
     pub(crate) download_retries: AtomicU64,
+    /// Bytes of builds and compressed copies received, retries included.
+    pub(crate) download_bytes: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Build failures reported to the server, per target version.
     build_failures: Mutex<BTreeMap<String, u64>>,
@@ -72,6 +74,7 @@ impl Stats {
             updates_completed: AtomicU64::new(0),
             updates_failed: AtomicU64::new(0),
             download_retries: AtomicU64::new(0),
+            download_bytes: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             build_failures: Mutex::new(BTreeMap::new()),
             connect: histogram(),
@@ -170,6 +173,7 @@ impl Stats {
             updates_completed: get(&self.updates_completed),
             updates_failed: get(&self.updates_failed),
             download_retries: get(&self.download_retries),
+            download_bytes: get(&self.download_bytes),
             update_notify_ms: Percentiles::of(&self.update_notify),
             update_completion_ms: Percentiles::of(&self.update_completion),
             update_received_unix_ms: Moments::of(&self.update_received_at),
@@ -312,6 +316,8 @@ pub(crate) struct Report {
     pub(crate) updates_failed: u64,
     /// 503 answers and network failures that were retried.
     pub(crate) download_retries: u64,
+    /// Bytes of builds and compressed copies received, retries included.
+    pub(crate) download_bytes: u64,
     /// Receipt time minus the update's `sent_at_ms`.
     pub(crate) update_notify_ms: Percentiles,
     /// Receipt of the update to the new version's first acknowledged heartbeat.
@@ -379,12 +385,13 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  updates:              {} received, {} verified, {} completed, {} failed, {} download retries",
+            "  updates:              {} received, {} verified, {} completed, {} failed, {} download retries, {} bytes downloaded",
             self.updates_received,
             self.updates_verified,
             self.updates_completed,
             self.updates_failed,
-            self.download_retries
+            self.download_retries,
+            self.download_bytes
         )?;
         writeln!(f, "  update notification:  {}", self.update_notify_ms)?;
         writeln!(f, "  update completion:    {}", self.update_completion_ms)?;

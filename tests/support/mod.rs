@@ -201,6 +201,10 @@ fn spawn_server(dir: &Path, port: u16, env: &[(String, String)], args: &[String]
             "0s",
         ])
         .args(["--retry-delay", "2s"])
+        // Builds go as they are unless a test asks for compressed copies (tests/compressed.rs):
+        // compressing every debug build at the production level would cost minutes of CPU,
+        // and stories that count bytes on the wire count the build's.
+        .args(["--compression-level", "0"])
         .args(args)
         .env_remove("DROVER_ADMIN_TOKEN")
         .env_remove("DROVER_ENROLL_TOKEN")

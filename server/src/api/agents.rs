@@ -139,10 +139,11 @@ pub(crate) struct TaskView {
 /// How a task's build reaches its agent, as the agent reported it.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct TransferView {
-    /// What was sent: `full` (the whole build).
-    #[schema(example = "full")]
+    /// What was sent: `full` (the build itself) or `compressed` (the server's
+    /// compressed copy, which the agent decompressed and verified).
+    #[schema(example = "compressed")]
     kind: &'static str,
-    /// Bytes of what was sent.
+    /// Bytes of what was sent: the compressed copy's size, or the build's.
     bytes: i64,
     /// `mirror` (the mirror served verified bytes) or `server`.
     #[schema(example = "mirror")]
@@ -160,8 +161,11 @@ impl TransferView {
     fn of(task: &UpdateTask) -> Option<TransferView> {
         let source = task.transfer_source.clone()?;
         Some(TransferView {
-            kind: "full",
-            bytes: task.bytes_total,
+            kind: match task.transfer_kind.as_deref() {
+                Some("compressed") => "compressed",
+                _ => "full",
+            },
+            bytes: task.transfer_bytes.unwrap_or(task.bytes_total),
             source,
             mirror: task.mirror.clone(),
             fallback: task.transfer_fallback.clone(),

@@ -34,6 +34,9 @@ pub(crate) struct ReleaseView {
     blocked: bool,
     /// Has a `.sig` signature.
     signed: bool,
+    /// Size of its compressed copy, which agents download instead; null until the copy
+    /// is made, or when compressing does not make it smaller or is switched off.
+    compressed_size: Option<u64>,
 }
 
 /// A file in the downloads directory that is not offered.
@@ -86,6 +89,7 @@ fn releases(state: &AppState, index: &ReleaseIndex) -> Vec<ReleaseView> {
             file: r.file.clone(),
             blocked: blocked.contains(&r.version.to_string()),
             signed: r.signature.is_some(),
+            compressed_size: state.compressed.copy_of(&r.sha256).map(|copy| copy.size),
         })
         .collect()
 }

@@ -415,6 +415,11 @@ pub struct UpdateTask {
     /// Why the agent gave up on the mirror (`MirrorFailure`), and what it saw.
     pub transfer_fallback: Option<String>,
     pub transfer_error: Option<String>,
+    /// What crossed the wire, as the agent reported: `full` or `compressed`; unknown
+    /// (read as `full`) until the agent says, and from agents that do not.
+    pub transfer_kind: Option<String>,
+    /// Bytes of what crossed the wire, as the agent reported.
+    pub transfer_bytes: Option<i64>,
 }
 
 impl UpdateTask {
@@ -478,6 +483,8 @@ impl NewTask<'_> {
             transfer_source: None,
             transfer_fallback: None,
             transfer_error: None,
+            transfer_kind: None,
+            transfer_bytes: None,
         }
     }
 }
@@ -488,6 +495,10 @@ pub struct TransferRecord<'a> {
     pub source: &'a str,
     pub fallback: Option<&'a str>,
     pub error: Option<&'a str>,
+    /// `full` or `compressed`.
+    pub kind: &'a str,
+    /// Bytes of what crosses the wire, when the agent said.
+    pub bytes: Option<i64>,
 }
 
 /// Tasks offered one mirror that reported one source and fallback reason.

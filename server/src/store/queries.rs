@@ -390,7 +390,8 @@ pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, o
      status, attempts, error, bytes_done, bytes_total, created_at AS created_at_ms, \
      updated_at AS updated_at_ms, dispatched_at AS dispatched_at_ms, \
      progress_at AS progress_at_ms, rollout_id, wave, failure_class, \
-     finished_at AS finished_at_ms, mirror, transfer_source, transfer_fallback, transfer_error";
+     finished_at AS finished_at_ms, mirror, transfer_source, transfer_fallback, transfer_error, \
+     transfer_kind, transfer_bytes";
 
 pub(super) const ACTIVE_STATUSES: &str =
     "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
@@ -1395,7 +1396,7 @@ macro_rules! impl_queries {
                 ) -> StoreResult<UpdateTask> {
                     Ok(sqlx::query_as(&format!(
                         "UPDATE update_tasks SET transfer_source = $1, transfer_fallback = $2, \
-                             transfer_error = $3 \
+                             transfer_error = $3, transfer_kind = $6, transfer_bytes = $7 \
                          WHERE id = $4 AND agent_id = $5 AND status IN {ACTIVE_STATUSES} \
                          RETURNING {TASK_COLUMNS}"
                     ))
@@ -1404,6 +1405,8 @@ macro_rules! impl_queries {
                     .bind(transfer.error)
                     .bind(task_id)
                     .bind(agent_id)
+                    .bind(transfer.kind)
+                    .bind(transfer.bytes)
                     .fetch_one(&self.pool)
                     .await?)
                 }

@@ -1,0 +1,416 @@
+//! Compressed copies of offered builds: one zstd file per build in the server's data
+//! directory, named by the build's SHA-256, made once (off the async runtime) and served
+//! by `downloads` beside the build. A copy is written to a temporary file and renamed,
+//! so a killed server never leaves half a copy to serve; one found at start is checked
+//! (decompressed and hashed) before it is offered. A build is offered compressed only
+//! once its copy is ready, and only when the copy is smaller.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::releases::{Release, Releases};
+
+/// Bytes read and written per step, both ways.
+const CHUNK: usize = 256 * 1024;
+
+/// A build's compressed copy, ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Copy {
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    /// Lower-case hex SHA-256 of the copy's bytes.
+    pub(crate) sha256: String,
+}
+
+/// The ready copies, by the build's SHA-256. Cheap to clone; empty when compressed
+/// transfer is off.
+#[derive(Clone, Default)]
+pub(crate) struct Compressed {
+    ready: Arc<RwLock<HashMap<String, Copy>>>,
+}
+
+impl Compressed {
+    /// The copy of the build with this SHA-256, once it is ready.
+    pub(crate) fn copy_of(&self, sha256: &str) -> Option<Copy> {
+        self.ready
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(sha256)
+            .cloned()
+    }
+
+    /// Stops offering a copy (it changed on disk since it was made); the next change
+    /// of the index, or the next start, makes it again.
+    pub(crate) fn forget(&self, sha256: &str) {
+        self.ready
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sha256);
+    }
+
+    /// Makes the copies of every offered build in `dir` at `level`, one at a time, now
+    /// and whenever the index changes, until `shutdown`.
+    pub(crate) fn start(
+        dir: PathBuf,
+        level: i32,
+        downloads: PathBuf,
+        releases: Releases,
+        shutdown: CancellationToken,
+    ) -> Compressed {
+        let compressed = Compressed::default();
+        let worker = compressed.clone();
+        tokio::spawn(async move {
+            let mut changes = releases.subscribe();
+            loop {
+                let releases = releases.current();
+                worker
+                    .make_missing(&dir, level, &downloads, &releases.releases, &shutdown)
+                    .await;
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+        compressed
+    }
+
+    async fn make_missing(
+        &self,
+        dir: &Path,
+        level: i32,
+        downloads: &Path,
+        releases: &[Release],
+        shutdown: &CancellationToken,
+    ) {
+        let wanted: HashSet<String> = releases.iter().map(|r| r.sha256.clone()).collect();
+        self.ready
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|sha256, _| wanted.contains(sha256));
+        for release in releases {
+            if self.copy_of(&release.sha256).is_some() {
+                continue;
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let job = Job {
+                dir: dir.to_owned(),
+                level,
+                build: downloads.join(&release.file),
+                sha256: release.sha256.clone(),
+                size: release.size,
+                stop: shutdown.clone(),
+            };
+            let file = release.file.clone();
+            match tokio::task::spawn_blocking(move || job.run()).await {
+                Ok(Ok(Some(copy))) => {
+                    self.ready
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(release.sha256.clone(), copy);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(%file, error = %format!("{err:#}"), "could not make the compressed copy; the build is served as it is");
+                }
+                Err(err) => tracing::warn!(%file, %err, "compressing the build failed"),
+            }
+        }
+        let dir = dir.to_owned();
+        let _ = tokio::task::spawn_blocking(move || prune(&dir, &wanted)).await;
+    }
+}
+
+/// One build to find or make a copy of.
+struct Job {
+    dir: PathBuf,
+    level: i32,
+    build: PathBuf,
+    sha256: String,
+    size: u64,
+    /// A server shutting down does not wait for a copy: the temporary file is dropped.
+    stop: CancellationToken,
+}
+
+impl Job {
+    /// The copy: the one on disk if it still decompresses to the build, else a new one.
+    /// `None` when compressing saves nothing or the build changed since it was scanned.
+    fn run(&self) -> anyhow::Result<Option<Copy>> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(format!("{}.zst", self.sha256));
+        if path.exists() {
+            match check(&path, &self.sha256, self.size) {
+                Ok(copy) => return Ok(Some(copy)),
+                Err(err) => {
+                    tracing::warn!(copy = %path.display(), error = %format!("{err:#}"), "the compressed copy is not the build's; making it again");
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        let started = Instant::now();
+        let mut source = std::fs::File::open(&self.build)?;
+        let mut temp = tempfile::Builder::new()
+            .prefix(".making-")
+            .suffix(".zst.tmp")
+            .tempfile_in(&self.dir)?;
+        let mut hashed = HashingWriter::new(temp.as_file_mut());
+        let mut encoder = zstd::stream::write::Encoder::new(&mut hashed, self.level)?;
+        encoder.include_contentsize(true)?;
+        encoder.set_pledged_src_size(Some(self.size))?;
+        let mut build_digest = Sha256::new();
+        let mut read = 0u64;
+        let mut buffer = vec![0; CHUNK];
+        loop {
+            let n = source.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            if self.stop.is_cancelled() {
+                return Ok(None);
+            }
+            read += n as u64;
+            if read > self.size {
+                break;
+            }
+            build_digest.update(&buffer[..n]);
+            encoder.write_all(&buffer[..n])?;
+        }
+        if read != self.size || hex::encode(build_digest.finalize()) != self.sha256 {
+            // Changed since the scan; the scanner judges it again.
+            return Ok(None);
+        }
+        encoder.finish()?;
+        let (size, sha256) = hashed.finish();
+        if size >= self.size {
+            tracing::info!(build = %self.build.display(), "compressing does not make this build smaller; it is served as it is");
+            return Ok(None);
+        }
+        temp.as_file().sync_all()?;
+        temp.persist(&path)?;
+        sync_dir(&self.dir)?;
+        tracing::info!(
+            build = %self.build.display(),
+            size = self.size,
+            compressed = size,
+            level = self.level,
+            ms = started.elapsed().as_millis() as u64,
+            "compressed copy made"
+        );
+        Ok(Some(Copy { path, size, sha256 }))
+    }
+}
+
+/// A copy found on disk, if it decompresses to exactly the build's bytes.
+fn check(path: &Path, build_sha256: &str, build_size: u64) -> anyhow::Result<Copy> {
+    let file = std::fs::File::open(path)?;
+    let mut reader = HashingReader::new(file);
+    let mut decoded = Sha256::new();
+    let mut total = 0u64;
+    {
+        let mut decoder = zstd::stream::read::Decoder::new(&mut reader)?;
+        let mut buffer = vec![0; CHUNK];
+        loop {
+            let n = decoder.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            anyhow::ensure!(total <= build_size, "it holds more than the build");
+            decoded.update(&buffer[..n]);
+        }
+    }
+    // Whatever the decoder did not need still counts toward the copy's digest.
+    std::io::copy(&mut reader, &mut std::io::sink())?;
+    anyhow::ensure!(
+        total == build_size && hex::encode(decoded.finalize()) == build_sha256,
+        "it does not decompress to the build"
+    );
+    let (size, sha256) = reader.finish();
+    Ok(Copy {
+        path: path.to_owned(),
+        size,
+        sha256,
+    })
+}
+
+/// Removes copies of builds no longer offered, and temporary files a killed server left.
+fn prune(dir: &Path, wanted: &HashSet<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = name
+            .strip_suffix(".zst")
+            .is_some_and(|sha256| wanted.contains(sha256));
+        if !keep && let Err(err) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(file = %name, %err, "could not remove an old compressed copy");
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Counts and hashes what passes through to the inner writer.
+struct HashingWriter<W> {
+    inner: W,
+    digest: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            digest: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn finish(self) -> (u64, String) {
+        (self.bytes, hex::encode(self.digest.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.digest.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts and hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    digest: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            digest: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn finish(self) -> (u64, String) {
+        (self.bytes, hex::encode(self.digest.finalize()))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(dir: &Path, build: &[u8]) -> Job {
+        let path = dir.join("drover-agent-linux-amd64-1.0.0");
+        std::fs::write(&path, build).unwrap();
+        Job {
+            dir: dir.join("compressed"),
+            level: 3,
+            build: path,
+            sha256: hex::encode(Sha256::digest(build)),
+            size: build.len() as u64,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn a_copy_is_made_once_and_checked_when_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let build: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let job = job(dir.path(), &build);
+        let copy = job.run().unwrap().unwrap();
+        assert!(copy.size < build.len() as u64 / 4, "{copy:?}");
+        let bytes = std::fs::read(&copy.path).unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), copy.sha256);
+        assert_eq!(zstd::decode_all(&bytes[..]).unwrap(), build);
+        // Found again: the same copy, not made anew.
+        assert_eq!(job.run().unwrap().unwrap(), copy);
+        // No temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&job.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+
+        // A copy that is not the build's any more is made again.
+        std::fs::write(
+            &copy.path,
+            zstd::encode_all(&b"other bytes"[..], 3).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(job.run().unwrap().unwrap(), copy);
+        std::fs::write(&copy.path, b"garbage").unwrap();
+        assert_eq!(job.run().unwrap().unwrap(), copy);
+    }
+
+    #[test]
+    fn a_shutdown_abandons_a_copy_half_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path(), &[1; 1 << 20]);
+        job.stop.cancel();
+        assert_eq!(job.run().unwrap(), None);
+        assert!(std::fs::read_dir(&job.dir).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn nothing_is_offered_for_a_changed_or_incompressible_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut changed = job(dir.path(), &[7; 100_000]);
+        changed.sha256 = "00".repeat(32);
+        assert_eq!(changed.run().unwrap(), None);
+        let noise: Vec<u8> = (0..50_000).map(|_| rand::random::<u8>()).collect();
+        assert_eq!(job(dir.path(), &noise).run().unwrap(), None);
+        // Nothing is left behind to serve or to clear up.
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("compressed"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+
+        // A copy of a build no longer offered, and a killed server's temporary file, go.
+        let compressed = dir.path().join("compressed");
+        std::fs::write(compressed.join(format!("{}.zst", "ab".repeat(32))), b"old").unwrap();
+        std::fs::write(compressed.join(".making-x.zst.tmp"), b"half").unwrap();
+        std::fs::write(compressed.join(format!("{}.zst", "cd".repeat(32))), b"kept").unwrap();
+        prune(&compressed, &HashSet::from(["cd".repeat(32)]));
+        let left: Vec<_> = std::fs::read_dir(&compressed)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [format!("{}.zst", "cd".repeat(32))]);
+    }
+}

@@ -1,0 +1,261 @@
+//! End-to-end: compressed transfer. The server makes a zstd copy of each build once;
+//! real agents download it instead of the build, resume it after a cut, verify what it
+//! decompresses to, and fall back to the build itself when the copy is bad, without
+//! failing the update.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+/// A quick level: the tests check the path, not the ratio (BENCHMARKS.md has that).
+const LEVEL: &str = "3";
+
+/// An agent at 1.0.0 installed in its own directory, so that it can replace itself.
+fn install_agent(dir: &Path) -> PathBuf {
+    let exe = dir.join("bin/drover-agent");
+    stamp_agent("1.0.0", &exe);
+    exe
+}
+
+/// Waits until the build of `version` is offered with its compressed copy made.
+async fn compressed_release(server: &Server, version: &str) -> Value {
+    eventually(
+        &format!("{version} to be offered compressed"),
+        Duration::from_secs(60),
+        || async {
+            let (_, releases) = server.api().get("/api/v1/releases").await;
+            releases
+                .as_array()?
+                .iter()
+                .find(|r| r["version"] == version && r["compressed_size"].is_u64())
+                .cloned()
+        },
+    )
+    .await
+}
+
+fn start_agent(server: &Server, exe: &Path, dir: &Path, name: &str) -> Agent {
+    Agent::start_installed(
+        server,
+        exe,
+        dir,
+        name,
+        &[
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            &format!("fp-{name}"),
+        ],
+    )
+}
+
+async fn installed(exe: &Path, version: &str) {
+    eventually(
+        &format!("{} to be {version}", exe.display()),
+        Duration::from_secs(10),
+        || async { (version_of(exe) == version).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_is_delivered_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    publish_agent(&server, dir.path(), "1.1.0", "stable");
+    let release = compressed_release(&server, "1.1.0").await;
+    let (size, compressed) = (
+        release["size"].as_u64().unwrap(),
+        release["compressed_size"].as_u64().unwrap(),
+    );
+    assert!(compressed < size, "{release}");
+    let file = release["file"].as_str().unwrap();
+
+    // The copy is served under the same rules as the build: a grant or a token.
+    let url = format!("{}/downloads/{file}.zst", server.url);
+    let anonymous = reqwest::get(&url).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let copy = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(copy.len() as u64, compressed);
+
+    let exe = install_agent(dir.path());
+    let _agent = start_agent(&server, &exe, dir.path(), "romeo");
+    let id = enrolled_id(&server, "romeo").await;
+    let task = task_reaches(&server, &id, "succeeded").await;
+    installed(&exe, "1.1.0").await;
+    assert_eq!(task["transfer"]["kind"], "compressed", "{task}");
+    assert_eq!(task["transfer"]["source"], "server", "{task}");
+    assert_eq!(task["transfer"]["bytes"], compressed, "{task}");
+    assert!(
+        std::fs::read(&exe).unwrap() == std::fs::read(dir.path().join("build-1.1.0")).unwrap(),
+        "the installed executable is the build, byte for byte"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_compressed_download_resumes_and_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    // Downloads go through a slow CDN; the session goes to the server directly.
+    let cdn = Cdn::start(CdnMode::Throttle {
+        bytes_per_sec: 1 << 20,
+    })
+    .await;
+    let server = Server::start_with_args(
+        dir.path(),
+        &["--public-url", &cdn.url, "--compression-level", LEVEL],
+    );
+    cdn.forward_to(&server.url);
+    publish_agent(&server, dir.path(), "1.1.0", "stable");
+    let release = compressed_release(&server, "1.1.0").await;
+    let compressed = release["compressed_size"].as_u64().unwrap();
+
+    let exe = install_agent(dir.path());
+    let mut agent = start_agent(&server, &exe, dir.path(), "sierra");
+    let id = enrolled_id(&server, "sierra").await;
+    eventually("a quarter of the copy downloaded", UPDATE_WAIT, || async {
+        let served = cdn.served();
+        (served.len() == 1 && served[0].bytes > compressed / 4).then_some(())
+    })
+    .await;
+    agent.kill9_all();
+    let part = std::fs::read_dir(agent.state_dir.join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".zst.part"))
+        .expect("the compressed copy is downloaded to a .zst.part");
+    let held = std::fs::metadata(&part).unwrap().len();
+    assert!(held > 0 && held < compressed, "{held} of {compressed}");
+
+    agent.restart();
+    let task = task_reaches(&server, &id, "succeeded").await;
+    installed(&exe, "1.1.0").await;
+    assert_eq!(task["transfer"]["kind"], "compressed", "{task}");
+    let served = cdn.served();
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert_eq!(served[0].range_start, 0);
+    assert!(
+        served[1].range_start > 0,
+        "the second request resumes: {served:?}"
+    );
+    assert_eq!(
+        served[1].range_start + served[1].bytes,
+        compressed,
+        "only the copy's bytes crossed: {served:?}"
+    );
+    assert!(
+        served.iter().map(|s| s.bytes).sum::<u64>() < release["size"].as_u64().unwrap(),
+        "{served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_compressed_copy_falls_back_to_the_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    publish_agent(&server, dir.path(), "1.1.0", "stable");
+    let release = compressed_release(&server, "1.1.0").await;
+    let size = release["size"].as_u64().unwrap();
+    // The copy on disk goes bad after it was made (same size, other bytes).
+    let copy = dir
+        .path()
+        .join("data/compressed")
+        .join(format!("{}.zst", release["sha256"].as_str().unwrap()));
+    let len = std::fs::metadata(&copy).unwrap().len();
+    std::fs::write(&copy, vec![0x5a; len as usize]).unwrap();
+
+    let exe = install_agent(dir.path());
+    let agent = start_agent(&server, &exe, dir.path(), "tango");
+    let id = enrolled_id(&server, "tango").await;
+    let task = task_reaches(&server, &id, "succeeded").await;
+    installed(&exe, "1.1.0").await;
+    assert_eq!(task["transfer"]["kind"], "full", "{task}");
+    assert_eq!(task["transfer"]["bytes"], size, "{task}");
+    assert_eq!(
+        task["attempts"], 1,
+        "one task, not failed and retried: {task}"
+    );
+    assert!(
+        agent.log().contains("the compressed copy failed"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_copy_is_offered_and_admitted_like_the_build() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    let build: Vec<u8> = (0..1 << 20u32).map(|i| (i % 251) as u8).collect();
+    let file = publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+    let release = compressed_release(&server, "1.1.0").await;
+    let mut agent = ProtocolAgent::enroll(&server, "fp-uniform", "1.0.0").await;
+    let update = agent
+        .next_update(Duration::from_secs(20))
+        .await
+        .expect("an update");
+    let copy = update
+        .compressed
+        .clone()
+        .expect("the update offers the copy");
+    assert_eq!(copy.encoding, "zstd");
+    assert_eq!(Some(copy.size), release["compressed_size"].as_u64());
+    assert!(
+        copy.url.contains(&format!("/downloads/{file}.zst?task=")),
+        "{}",
+        copy.url
+    );
+
+    // The update's grant opens the copy; its bytes are the offered digest and decompress
+    // to the build; a Range resumes it.
+    let http = reqwest::Client::new();
+    let bytes = reqwest::get(&copy.url)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), copy.sha256);
+    assert!(zstd::decode_all(&bytes[..]).unwrap() == build);
+    let tail = http
+        .get(&copy.url)
+        .header("Range", "bytes=10-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap()[..], bytes[10..]);
+
+    // A grant is for the name it was made for: the build's does not open the copy.
+    let (_, build_grant) = update.url.split_once('?').unwrap();
+    let swapped = reqwest::get(format!("{}/downloads/{file}.zst?{build_grant}", server.url))
+        .await
+        .unwrap();
+    assert_eq!(swapped.status(), 403);
+
+    // A rolled-back build's copy is not served either.
+    let (status, body) = server
+        .api()
+        .post("/api/v1/rollouts/1.1.0/rollback", None)
+        .await;
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let blocked = http
+        .get(format!("{}/downloads/{file}.zst", server.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 403);
+}

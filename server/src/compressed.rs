@@ -161,7 +161,7 @@ impl Job {
             .prefix(".making-")
             .suffix(".zst.tmp")
             .tempfile_in(&self.dir)?;
-        let mut hashed = HashingWriter::new(temp.as_file_mut());
+        let mut hashed = Hashing::new(temp.as_file_mut());
         let mut encoder = zstd::stream::write::Encoder::new(&mut hashed, self.level)?;
         encoder.include_contentsize(true)?;
         encoder.set_pledged_src_size(Some(self.size))?;
@@ -211,7 +211,7 @@ impl Job {
 /// A copy found on disk, if it decompresses to exactly the build's bytes.
 fn check(path: &Path, build_sha256: &str, build_size: u64) -> anyhow::Result<Copy> {
     let file = std::fs::File::open(path)?;
-    let mut reader = HashingReader::new(file);
+    let mut reader = Hashing::new(file);
     let mut decoded = Sha256::new();
     let mut total = 0u64;
     {
@@ -261,15 +261,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Counts and hashes what passes through to the inner writer.
-struct HashingWriter<W> {
-    inner: W,
+/// Counts and hashes the bytes that pass through it, read or written.
+struct Hashing<T> {
+    inner: T,
     digest: Sha256,
     bytes: u64,
 }
 
-impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
         Self {
             inner,
             digest: Sha256::new(),
@@ -277,16 +277,20 @@ impl<W: Write> HashingWriter<W> {
         }
     }
 
+    fn passed(&mut self, bytes: &[u8]) {
+        self.digest.update(bytes);
+        self.bytes += bytes.len() as u64;
+    }
+
     fn finish(self) -> (u64, String) {
         (self.bytes, hex::encode(self.digest.finalize()))
     }
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.digest.update(&buf[..n]);
-        self.bytes += n as u64;
+        self.passed(&buf[..n]);
         Ok(n)
     }
 
@@ -295,32 +299,10 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Counts and hashes what is read through it.
-struct HashingReader<R> {
-    inner: R,
-    digest: Sha256,
-    bytes: u64,
-}
-
-impl<R: Read> HashingReader<R> {
-    fn new(inner: R) -> Self {
-        Self {
-            inner,
-            digest: Sha256::new(),
-            bytes: 0,
-        }
-    }
-
-    fn finish(self) -> (u64, String) {
-        (self.bytes, hex::encode(self.digest.finalize()))
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.digest.update(&buf[..n]);
-        self.bytes += n as u64;
+        self.passed(&buf[..n]);
         Ok(n)
     }
 }

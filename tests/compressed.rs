@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,13 +12,6 @@ use support::*;
 
 /// A quick level: the tests check the path, not the ratio (BENCHMARKS.md has that).
 const LEVEL: &str = "3";
-
-/// An agent at 1.0.0 installed in its own directory, so that it can replace itself.
-fn install_agent(dir: &Path) -> PathBuf {
-    let exe = dir.join("bin/drover-agent");
-    stamp_agent("1.0.0", &exe);
-    exe
-}
 
 /// Waits until the build of `version` is offered with its compressed copy made.
 async fn compressed_release(server: &Server, version: &str) -> Value {
@@ -36,30 +28,6 @@ async fn compressed_release(server: &Server, version: &str) -> Value {
         },
     )
     .await
-}
-
-fn start_agent(server: &Server, exe: &Path, dir: &Path, name: &str) -> Agent {
-    Agent::start_installed(
-        server,
-        exe,
-        dir,
-        name,
-        &[
-            "--enroll-token",
-            ENROLL_TOKEN,
-            "--fingerprint",
-            &format!("fp-{name}"),
-        ],
-    )
-}
-
-async fn installed(exe: &Path, version: &str) {
-    eventually(
-        &format!("{} to be {version}", exe.display()),
-        Duration::from_secs(10),
-        || async { (version_of(exe) == version).then_some(()) },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,7 +59,7 @@ async fn an_update_is_delivered_compressed() {
     assert_eq!(copy.len() as u64, compressed);
 
     let exe = install_agent(dir.path());
-    let _agent = start_agent(&server, &exe, dir.path(), "romeo");
+    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "romeo");
     let id = enrolled_id(&server, "romeo").await;
     let task = task_reaches(&server, &id, "succeeded").await;
     installed(&exe, "1.1.0").await;
@@ -122,7 +90,7 @@ async fn a_cut_compressed_download_resumes_and_is_verified() {
     let compressed = release["compressed_size"].as_u64().unwrap();
 
     let exe = install_agent(dir.path());
-    let mut agent = start_agent(&server, &exe, dir.path(), "sierra");
+    let mut agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "sierra");
     let id = enrolled_id(&server, "sierra").await;
     eventually("a quarter of the copy downloaded", UPDATE_WAIT, || async {
         let served = cdn.served();
@@ -176,7 +144,7 @@ async fn a_corrupt_compressed_copy_falls_back_to_the_build() {
     std::fs::write(&copy, vec![0x5a; len as usize]).unwrap();
 
     let exe = install_agent(dir.path());
-    let agent = start_agent(&server, &exe, dir.path(), "tango");
+    let agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "tango");
     let id = enrolled_id(&server, "tango").await;
     let task = task_reaches(&server, &id, "succeeded").await;
     installed(&exe, "1.1.0").await;

@@ -3,18 +3,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
 use support::*;
-
-/// An agent binary at 1.0.0 installed in its own directory, so it can replace itself.
-fn install_agent(dir: &Path) -> PathBuf {
-    let exe = dir.join("bin/drover-agent");
-    stamp_agent("1.0.0", &exe);
-    exe
-}
 
 /// Publishes a "build" that is a shell script: a broken release.
 fn publish_script(server: &Server, version: &str, script: &str) {
@@ -24,17 +16,6 @@ fn publish_script(server: &Server, version: &str, script: &str) {
         Some("stable"),
         script.as_bytes(),
     );
-}
-
-/// Waits until the executable at `exe` reports `version`: the supervisor promotes a new
-/// build once it has seen it pass probation.
-async fn installed(exe: &Path, version: &str) {
-    eventually(
-        &format!("{} to be {version}", exe.display()),
-        Duration::from_secs(10),
-        || async { (version_of(exe) == version).then_some(()) },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,17 +5,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
-
-fn install_agent(dir: &Path) -> PathBuf {
-    let exe = dir.join("bin/drover-agent");
-    stamp_agent("1.0.0", &exe);
-    exe
-}
 
 /// What the running supervisor wrote about itself: its PID and version.
 fn supervisor(state_dir: &Path) -> Option<(u64, String)> {

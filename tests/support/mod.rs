@@ -921,3 +921,41 @@ pub async fn listen(
     }
     heard
 }
+
+/// A copy of the agent at 1.0.0 installed at `dir/bin/drover-agent`, for tests in which
+/// the agent replaces itself.
+pub fn install_agent(dir: &Path) -> PathBuf {
+    let exe = dir.join("bin/drover-agent");
+    stamp_agent("1.0.0", &exe);
+    exe
+}
+
+/// Waits until the executable at `exe` reports `version`: the supervisor promotes a new
+/// build once it has seen it pass probation.
+pub async fn installed(exe: &Path, version: &str) {
+    eventually(
+        &format!("{} to be {version}", exe.display()),
+        Duration::from_secs(10),
+        || async { (version_of(exe) == version).then_some(()) },
+    )
+    .await;
+}
+
+impl Agent {
+    /// The agent installed at `exe`, enrolling as `name` with fingerprint `fp-{name}`.
+    pub fn start_installed_enrolling(server: &Server, exe: &Path, dir: &Path, name: &str) -> Agent {
+        let fingerprint = format!("fp-{name}");
+        Agent::start_installed(
+            server,
+            exe,
+            dir,
+            name,
+            &[
+                "--enroll-token",
+                ENROLL_TOKEN,
+                "--fingerprint",
+                &fingerprint,
+            ],
+        )
+    }
+}

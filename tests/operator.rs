@@ -110,18 +110,21 @@ fn assert_adds_up(record: &Value) {
     assert!(n("succeeded") <= n("targeted"), "{record}");
 }
 
-/// Waits until the scanner offers `version`.
+/// Waits until the scanner offers `version` and its rollout has started.
 async fn offered(api: &Api, version: &str) {
     eventually(
         &format!("{version} to be offered"),
         Duration::from_secs(15),
         || async {
             let (_, releases) = api.get("/api/v1/releases").await;
-            releases
-                .as_array()?
-                .iter()
-                .any(|r| r["version"] == version)
-                .then_some(())
+            let listed = releases.as_array()?.iter().any(|r| r["version"] == version);
+            // The scanner lists a build a moment before its rollout starts; a promote in
+            // that moment is rightly refused with "no beta rollout".
+            let (_, rollouts) = api
+                .get(&format!("/api/v1/rollouts?version={version}"))
+                .await;
+            let started = !rollouts.as_array()?.is_empty();
+            (listed && started).then_some(())
         },
     )
     .await;

@@ -31,7 +31,9 @@ const RECENT_TASKS: i64 = 20;
 pub(crate) struct LiveAgent {
     pub(crate) id: String,
     pub(crate) position: AgentPosition,
-    pub(crate) active: Option<UpdateTask>,
+    /// Its unfinished task, boxed: most sessions have none, and every session keeps
+    /// this struct for its whole life.
+    pub(crate) active: Option<Box<UpdateTask>>,
     /// Versions whose last attempt failed for a reason other than the build, and when
     /// they may be tried again.
     pub(crate) retry_at: HashMap<String, i64>,
@@ -58,7 +60,7 @@ impl LiveAgent {
     /// Reads the agent, its unfinished task, its failed versions and its recent tasks.
     pub(crate) async fn load(state: &AppState, id: &str, running: &str) -> StoreResult<LiveAgent> {
         let record = state.store.agent(id).await?;
-        let active = state.store.active_task(id).await?;
+        let active = state.store.active_task(id).await?.map(Box::new);
         let failed_versions: HashSet<String> =
             state.store.failed_versions(id).await?.into_iter().collect();
         let recent = state.store.tasks_for_agent(id, RECENT_TASKS).await?;
@@ -382,7 +384,7 @@ pub(crate) async fn check(
         {
             return cancel(state, live, &task, &reason).await;
         }
-        return advance(state, live, task, trigger).await;
+        return advance(state, live, *task, trigger).await;
     }
     let (release, kind, rollout_id, wave, join) =
         match decide(state, &live.id, &live.view_at(trigger)) {
@@ -438,7 +440,7 @@ pub(crate) async fn check(
             state
                 .events
                 .task(&task.id, &live.id, task.rollout_id.as_deref());
-            live.active = Some(task);
+            live.active = Some(Box::new(task));
             Ok(None)
         }
         Ok(task) => {
@@ -448,13 +450,13 @@ pub(crate) async fn check(
                 .task(&task.id, &live.id, task.rollout_id.as_deref());
             let message = update_message(state, &task);
             live.holds_slot = downloads_here(task.mirror.as_deref(), &task);
-            live.active = Some(task);
+            live.active = Some(Box::new(task));
             Ok(message)
         }
         // Someone else (an operator, another node) created a task meanwhile, or the
         // version was blocked since: pick up whatever is there.
         Err(StoreError::Conflict(_)) => {
-            live.active = state.store.active_task(&live.id).await?;
+            live.active = state.store.active_task(&live.id).await?.map(Box::new);
             Ok(None)
         }
         Err(err) => Err(err),
@@ -562,7 +564,7 @@ async fn advance(
                 .events
                 .task(&task.id, &live.id, task.rollout_id.as_deref());
             let message = update_message(state, &task);
-            live.active = Some(task);
+            live.active = Some(Box::new(task));
             Ok(message)
         }
         Err(StoreError::NotFound) => {
@@ -696,7 +698,7 @@ pub(crate) async fn progress(
                 state.admission.take_anyway();
                 live.holds_slot = true;
             }
-            live.active = Some(task);
+            live.active = Some(Box::new(task));
             Ok(())
         }
         Err(StoreError::NotFound) => {
@@ -800,7 +802,7 @@ async fn record_transfer(
             if let Some(reason) = fallback {
                 tracing::info!(agent = %live.id, task = %task.id, mirror = task.mirror.as_deref().unwrap_or(""), %reason, error = error.as_deref().unwrap_or(""), "the agent fell back from its mirror to this server");
             }
-            live.active = Some(task);
+            live.active = Some(Box::new(task));
             Ok(())
         }
         Err(StoreError::NotFound) => Ok(()),

@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
@@ -13,7 +13,7 @@ use protocol::{
     AgentMessage, Cancel, ChannelNotice, DecodeError, Hello, Reject, RejectCode, ServerMessage,
     Welcome,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
@@ -26,7 +26,6 @@ use crate::store::{AgentFacts, Enrollment, HeartbeatRecord, LiveSince, StoreErro
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that sends nothing for this many heartbeat intervals is closed.
 const MISSED_HEARTBEATS: u32 = 3;
-const OUTBOX_CAPACITY: usize = 16;
 /// Frames a peer may send: a burst, then a steady rate. A real agent sends a heartbeat
 /// and a ping per interval (1 s at the shortest) and progress about once a second, well
 /// below it; a peer above it is flooding, and its session is closed.
@@ -54,7 +53,66 @@ pub enum Outbound {
 
 struct SessionHandle {
     session: u64,
-    outbox: mpsc::Sender<Outbound>,
+    mailbox: Arc<Mailbox>,
+}
+
+/// What other parts of the server asked one session to do that it has not done yet.
+/// Requests fold together rather than queue: a session owes at most one refresh (which
+/// decides too) and one check, and a close ends it whatever else waits. So no request is
+/// lost however fast they come, and an idle session holds a few words rather than a
+/// channel's buffers.
+#[derive(Default)]
+struct Mailbox {
+    pending: Mutex<Pending>,
+    posted: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    close: Option<(RejectCode, String)>,
+    refresh: bool,
+    check: bool,
+}
+
+impl Mailbox {
+    fn post(&self, message: Outbound) {
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            match message {
+                Outbound::Close(code, why) => {
+                    pending.close.get_or_insert((code, why));
+                }
+                Outbound::Refresh => pending.refresh = true,
+                Outbound::Check => pending.check = true,
+            }
+        }
+        self.posted.notify_one();
+    }
+
+    /// The next thing to do, once there is one: a close before anything else, and one
+    /// refresh for any number of refreshes and checks.
+    async fn next(&self) -> Outbound {
+        loop {
+            if let Some(next) = self.take() {
+                return next;
+            }
+            self.posted.notified().await;
+        }
+    }
+
+    fn take(&self) -> Option<Outbound> {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((code, why)) = pending.close.take() {
+            return Some(Outbound::Close(code, why));
+        }
+        let refresh = std::mem::take(&mut pending.refresh);
+        let check = std::mem::take(&mut pending.check);
+        if refresh {
+            Some(Outbound::Refresh)
+        } else {
+            check.then_some(Outbound::Check)
+        }
+    }
 }
 
 /// The agents connected to this server process.
@@ -69,13 +127,13 @@ pub struct Registry {
 impl Registry {
     /// Registers a session for `agent_id`, telling any older session of the same agent
     /// that it has been replaced. Returns the session number for `unregister`.
-    fn register(&self, agent_id: &str, outbox: mpsc::Sender<Outbound>) -> u64 {
+    fn register(&self, agent_id: &str, mailbox: Arc<Mailbox>) -> u64 {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let previous = self
             .lock()
-            .insert(agent_id.to_owned(), SessionHandle { session, outbox });
+            .insert(agent_id.to_owned(), SessionHandle { session, mailbox });
         if let Some(previous) = previous {
-            let _ = previous.outbox.try_send(Outbound::Close(
+            previous.mailbox.post(Outbound::Close(
                 RejectCode::Replaced,
                 "a newer session of this agent connected".into(),
             ));
@@ -102,7 +160,7 @@ impl Registry {
         self.lock().len()
     }
 
-    /// Queues a message for a connected agent; false when it is not connected here (a
+    /// Posts a request to a connected agent; false when it is not connected here (a
     /// `Refresh` then goes to the other nodes, in case it is connected to one of them).
     pub fn send(&self, agent_id: &str, message: Outbound) -> bool {
         if matches!(message, Outbound::Refresh) && !self.is_online(agent_id) {
@@ -111,13 +169,13 @@ impl Registry {
         self.send_here(agent_id, message)
     }
 
-    /// Queues a message for an agent connected to this node.
+    /// Posts a request to an agent connected to this node; false when it is not connected here.
     pub(crate) fn send_here(&self, agent_id: &str, message: Outbound) -> bool {
-        let outbox = self.lock().get(agent_id).map(|h| h.outbox.clone());
-        outbox.is_some_and(|outbox| outbox.try_send(message).is_ok())
+        let mailbox = self.lock().get(agent_id).map(|h| h.mailbox.clone());
+        mailbox.map(|mailbox| mailbox.post(message)).is_some()
     }
 
-    /// Queues a message for every connected agent, on every node (a `Check` elsewhere
+    /// Posts a request to every connected agent, on every node (a `Check` elsewhere
     /// also makes the other nodes re-read what changed).
     pub fn broadcast(&self, message: impl Fn() -> Outbound) {
         if matches!(message(), Outbound::Check) {
@@ -126,13 +184,13 @@ impl Registry {
         self.broadcast_here(message);
     }
 
-    /// Queues a message for every agent connected to this node.
+    /// Posts a request to every agent connected to this node.
     pub(crate) fn broadcast_here(&self, message: impl Fn() -> Outbound) {
         if matches!(message(), Outbound::Check) {
             crate::metrics::Counters::bump(&crate::metrics::COUNTERS.fleet_checks);
         }
         for handle in self.lock().values() {
-            let _ = handle.outbox.try_send(message());
+            handle.mailbox.post(message());
         }
     }
 
@@ -203,7 +261,7 @@ impl From<DecodeError> for Refusal {
 /// A session past its handshake: the agent is admitted, registered and welcomed.
 struct Opened {
     live: LiveAgent,
-    inbox: mpsc::Receiver<Outbound>,
+    mailbox: Arc<Mailbox>,
     session: u64,
     /// When this node claimed the session, to release exactly that claim.
     claimed_at: i64,
@@ -221,7 +279,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
         Err(refusal) => return Box::pin(refuse(socket, peer, refusal)).await,
     };
     let ended = if opened.welcomed {
-        serve(&mut socket, &state, &mut opened.live, &mut opened.inbox).await
+        serve(&mut socket, &state, &mut opened.live, &opened.mailbox).await
     } else {
         Ok(())
     };
@@ -259,8 +317,8 @@ async fn open(
     let live = LiveAgent::load(state, &agent_id, &hello.version)
         .await
         .map_err(internal)?;
-    let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
-    let session = state.registry.register(&agent_id, outbox);
+    let mailbox = Arc::new(Mailbox::default());
+    let session = state.registry.register(&agent_id, mailbox.clone());
     let claimed_at = crate::nodes::claim(state, &agent_id).await;
     state.events.agent(&agent_id);
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
@@ -272,17 +330,13 @@ async fn open(
         server_version: env!("CARGO_PKG_VERSION").into(),
         channel: Some(live.position.channel.to_string()),
     });
-    let welcomed = send_within(
-        socket,
-        Message::Binary(welcome.encode().into()),
-        HELLO_TIMEOUT,
-    )
-    .await
-    .is_ok();
+    let welcomed = send_within(socket, encoded(welcome), HELLO_TIMEOUT)
+        .await
+        .is_ok();
     Ok(Some(Opened {
         claimed_at,
         live,
-        inbox,
+        mailbox,
         session,
         welcomed,
     }))
@@ -468,20 +522,26 @@ async fn serve(
     socket: &mut WebSocket,
     state: &AppState,
     live: &mut LiveAgent,
-    inbox: &mut mpsc::Receiver<Outbound>,
+    mailbox: &Mailbox,
 ) -> Result<(), Refusal> {
     let silence_limit = state.settings.heartbeat_interval * MISSED_HEARTBEATS;
     let write_limit = silence_limit.min(MAX_WRITE_STALL);
     let mut budget = Bucket::full(FRAME_RATE, Instant::now());
+    // Frames to send, in order. Messages are encoded as soon as they are decided: every
+    // idle session keeps this future's state for its whole life, so it holds no message
+    // across a wait.
+    let mut outgoing: Vec<Message> = Vec::new();
     // An agent that starts outdated learns it at once, not at its first heartbeat.
-    let mut reply = Box::pin(decide(state, live, Trigger::Connect)).await;
+    outgoing.extend(
+        Box::pin(decide(state, live, Trigger::Connect))
+            .await
+            .map(encoded),
+    );
     // The channel the agent was last told (in the welcome); an operator's change that
     // moves it is told at once, before whatever the change means for its update.
     let mut told_channel = live.position.channel;
-    let mut notice = None;
     loop {
-        for message in [notice.take(), reply.take()].into_iter().flatten() {
-            let frame = Message::Binary(message.encode().into());
+        for frame in outgoing.drain(..) {
             match send_within(socket, frame, write_limit).await {
                 Ok(()) => {}
                 Err(Unsent::Gone) => return Ok(()),
@@ -510,23 +570,26 @@ async fn serve(
                         return Err(Refusal::new(RejectCode::MalformedFrame, "text frames are not part of the protocol"));
                     }
                     Some(Ok(Message::Binary(bytes))) => {
-                        reply = Box::pin(handle(state, live, AgentMessage::decode(&bytes)?)).await;
+                        let message = AgentMessage::decode(&bytes)?;
+                        outgoing.extend(Box::pin(handle(state, live, message)).await.map(encoded));
                     }
                 }
             }
-            outbound = inbox.recv() => match outbound {
-                Some(Outbound::Close(code, message)) => return Err(Refusal::new(code, message)),
-                Some(Outbound::Check) => reply = Box::pin(decide(state, live, Trigger::Nudge)).await,
-                Some(Outbound::Refresh) => {
-                    reply = Box::pin(refresh(state, live)).await;
+            outbound = mailbox.next() => match outbound {
+                Outbound::Close(code, message) => return Err(Refusal::new(code, message)),
+                Outbound::Check => {
+                    outgoing.extend(Box::pin(decide(state, live, Trigger::Nudge)).await.map(encoded));
+                }
+                Outbound::Refresh => {
+                    let reply = Box::pin(refresh(state, live)).await;
                     if live.position.channel != told_channel {
                         told_channel = live.position.channel;
-                        notice = Some(ServerMessage::Channel(ChannelNotice {
+                        outgoing.push(encoded(ServerMessage::Channel(ChannelNotice {
                             channel: told_channel.to_string(),
-                        }));
+                        })));
                     }
+                    outgoing.extend(reply.map(encoded));
                 }
-                None => return Ok(()),
             },
             () = state.shutdown.cancelled() => {
                 let close = Message::Close(Some(CloseFrame {
@@ -539,6 +602,11 @@ async fn serve(
             }
         }
     }
+}
+
+/// A message as the frame that carries it.
+fn encoded(message: ServerMessage) -> Message {
+    Message::Binary(message.encode().into())
 }
 
 /// A WebSocket-level error: an over-limit message deserves a reason; anything else means
@@ -642,7 +710,7 @@ async fn refuse(mut socket: WebSocket, peer: SocketAddr, refusal: Refusal) {
         code: refusal.code,
         message: refusal.message.clone(),
     });
-    let reject = Message::Binary(reject.encode().into());
+    let reject = encoded(reject);
     if send_within(&mut socket, reject, REFUSE_WRITE_LIMIT)
         .await
         .is_ok()
@@ -698,5 +766,75 @@ fn kind(message: &AgentMessage) -> &'static str {
         AgentMessage::UpdateProgress(_) => "update_progress",
         AgentMessage::UpdateResult(_) => "update_result",
         AgentMessage::Unknown => "an unknown message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn kind(message: &Outbound) -> &'static str {
+        match message {
+            Outbound::Close(..) => "close",
+            Outbound::Refresh => "refresh",
+            Outbound::Check => "check",
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_fold_a_close_comes_first_and_a_refresh_covers_checks() {
+        let mailbox = Mailbox::default();
+        for _ in 0..100 {
+            mailbox.post(Outbound::Check);
+        }
+        assert_eq!(kind(&mailbox.next().await), "check");
+        assert!(mailbox.take().is_none(), "a hundred checks are one check");
+
+        mailbox.post(Outbound::Check);
+        mailbox.post(Outbound::Refresh);
+        mailbox.post(Outbound::Check);
+        assert_eq!(kind(&mailbox.next().await), "refresh");
+        assert!(
+            mailbox.take().is_none(),
+            "the refresh decides for the checks"
+        );
+
+        mailbox.post(Outbound::Refresh);
+        mailbox.post(Outbound::Close(RejectCode::Replaced, "first".into()));
+        mailbox.post(Outbound::Close(RejectCode::BadCredentials, "second".into()));
+        match mailbox.next().await {
+            Outbound::Close(code, why) => {
+                assert_eq!((code, why.as_str()), (RejectCode::Replaced, "first"))
+            }
+            other => panic!("expected the first close, got {}", kind(&other)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_wakes_for_a_request_posted_later() {
+        let mailbox = Arc::new(Mailbox::default());
+        let waiting = tokio::spawn({
+            let mailbox = mailbox.clone();
+            async move { kind(&mailbox.next().await) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "nothing was posted yet");
+        mailbox.post(Outbound::Refresh);
+        let woke = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(woke.expect("woken").unwrap(), "refresh");
+    }
+
+    #[tokio::test]
+    async fn a_request_posted_while_the_session_was_busy_is_not_lost() {
+        let mailbox = Mailbox::default();
+        // The session stops waiting (another branch of its select won), then a request
+        // comes before it waits again.
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), mailbox.next()).await;
+        assert!(gave_up.is_err());
+        mailbox.post(Outbound::Check);
+        let next = tokio::time::timeout(Duration::from_secs(5), mailbox.next()).await;
+        assert_eq!(kind(&next.expect("the check was kept")), "check");
     }
 }

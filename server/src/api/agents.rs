@@ -830,7 +830,7 @@ pub(crate) async fn explain(
         offer,
         reason,
         candidates,
-        active_task: live.active.map(TaskView::from),
+        active_task: live.active.map(|task| TaskView::from(*task)),
         next,
     }))
 }

@@ -169,7 +169,8 @@ impl Registry {
         self.send_here(agent_id, message)
     }
 
-    /// Posts a request to an agent connected to this node; false when it is not connected here.
+    /// Posts a request to an agent connected to this node; false when it is not
+    /// connected here.
     pub(crate) fn send_here(&self, agent_id: &str, message: Outbound) -> bool {
         let mailbox = self.lock().get(agent_id).map(|h| h.mailbox.clone());
         mailbox.map(|mailbox| mailbox.post(message)).is_some()

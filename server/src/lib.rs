@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod backup;
 mod bootstrap;
+mod claims;
 mod clock;
 mod compressed;
 mod conductor;
@@ -185,6 +186,9 @@ pub const DEFAULT_COMPRESSION_LEVEL: i32 = 19;
 
 /// The settings key of the server-wide update switch.
 const UPDATES_ENABLED: &str = "updates_enabled";
+/// How long a stopping server waits for its sessions to close before it writes their
+/// releases and leaves (a session's close frame may take 5 s to go out).
+const SESSIONS_END_WITHIN: Duration = Duration::from_secs(6);
 
 /// Shared by every request and session.
 #[derive(Clone)]
@@ -192,6 +196,8 @@ pub struct AppState {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     heartbeats: HeartbeatSink,
+    /// Which sessions this node holds, written in batches.
+    claims: claims::Claims,
     /// New update tasks, written in batches.
     tasks: task_writer::TaskWriter,
     releases: Releases,
@@ -354,11 +360,21 @@ pub async fn run(
         .context("while loading the key download URLs are signed with")?;
     let (heartbeats, writer) =
         heartbeats::start(store.clone(), settings.heartbeat_flush, shutdown.clone());
+    let registry = Arc::new(Registry::default());
+    let events = events::Events::default();
+    let node_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+    let claims = claims::Claims::start(
+        store.clone(),
+        node_id.clone(),
+        registry.clone(),
+        events.clone(),
+    );
     let state = AppState {
         tasks: task_writer::TaskWriter::start(store.clone()),
         store,
-        registry: Arc::new(Registry::default()),
+        registry: registry.clone(),
         heartbeats,
+        claims: claims.clone(),
         releases,
         downloads: Arc::new(tokio::sync::Semaphore::new(
             settings.max_concurrent_downloads,
@@ -371,10 +387,10 @@ pub async fn run(
         logins: Arc::new(limits::EnrollmentLimiter::of("login", limits::LOGIN_LIMITS)),
         settings: Arc::new(settings),
         updates_enabled: Arc::new(AtomicBool::new(true)),
-        node_id: uuid::Uuid::new_v4().to_string().into(),
+        node_id,
         blocked_versions: Arc::default(),
         book: Arc::default(),
-        events: events::Events::default(),
+        events,
         shutdown: shutdown.clone(),
     };
     state.reload_shared_state().await?;
@@ -387,6 +403,14 @@ pub async fn run(
     tokio::spawn(retention::run(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     listen::serve(listener, tls, router(state), connection_limits, shutdown).await;
+    // Sessions close on shutdown within a few seconds (a close frame, then the socket);
+    // their releases are written before the process leaves, so other nodes do not count
+    // its agents online until its lease runs out.
+    let ending = tokio::time::Instant::now() + SESSIONS_END_WITHIN;
+    while registry.online_count() > 0 && tokio::time::Instant::now() < ending {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    claims.flush().await;
     writer.await.context("heartbeat writer failed")?;
     Ok(())
 }

@@ -5,7 +5,6 @@
 //! (PostgreSQL LISTEN/NOTIFY; nothing with SQLite's single node), carry only ids, and
 //! the receiving node re-reads state from the database.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -103,47 +102,6 @@ pub(crate) fn is_live(node_last_beat_ms: Option<i64>, now_ms: i64) -> bool {
 pub(crate) fn live_since(now_ms: i64) -> i64 {
     let lease = i64::try_from(NODE_LEASE.as_millis()).unwrap_or(i64::MAX);
     now_ms.saturating_sub(lease)
-}
-
-/// The last claim's moment on this node: every claim gets a later one, so a session's
-/// claim identifies it and an older session's release cannot undo a newer claim.
-static LAST_CLAIM: AtomicI64 = AtomicI64::new(0);
-
-fn claim_moment() -> i64 {
-    let now = now_ms();
-    let previous = LAST_CLAIM
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
-            Some(now.max(last + 1))
-        })
-        .unwrap_or(now);
-    now.max(previous + 1)
-}
-
-/// Records that this node holds the agent's session; returns the claim's moment, which
-/// `release` needs.
-pub(crate) async fn claim(state: &AppState, agent_id: &str) -> i64 {
-    let claimed_at = claim_moment();
-    if let Err(err) = state
-        .store
-        .claim_session(agent_id, &state.node_id, claimed_at)
-        .await
-    {
-        tracing::warn!(agent = %agent_id, %err, "could not record the session");
-    }
-    state
-        .registry
-        .signal_other_nodes(Signal::Claimed(vec![agent_id.to_owned()]));
-    claimed_at
-}
-
-pub(crate) async fn release(state: &AppState, agent_id: &str, claimed_at: i64) {
-    if let Err(err) = state
-        .store
-        .release_session(agent_id, &state.node_id, claimed_at)
-        .await
-    {
-        tracing::warn!(agent = %agent_id, %err, "could not clear the session");
-    }
 }
 
 /// Heartbeats this node, sends its signals, and acts on the other nodes'.

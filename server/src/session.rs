@@ -287,8 +287,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
     crate::dispatch::session_ended(&state, &mut opened.live);
     let agent_id = opened.live.id;
     if state.registry.unregister(&agent_id, opened.session) {
-        Box::pin(crate::nodes::release(&state, &agent_id, opened.claimed_at)).await;
-        state.events.agent(&agent_id);
+        Box::pin(state.claims.release(&agent_id, opened.claimed_at)).await;
     }
     match ended {
         Ok(()) => tracing::info!(agent = %agent_id, "agent disconnected"),
@@ -320,8 +319,7 @@ async fn open(
         .map_err(internal)?;
     let mailbox = Arc::new(Mailbox::default());
     let session = state.registry.register(&agent_id, mailbox.clone());
-    let claimed_at = crate::nodes::claim(state, &agent_id).await;
-    state.events.agent(&agent_id);
+    let claimed_at = state.claims.claim(&agent_id).await;
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
     let welcome = ServerMessage::Welcome(Welcome {
         agent_id,

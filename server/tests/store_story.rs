@@ -10,8 +10,8 @@ use futures_util::FutureExt;
 use server::store::{
     AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
     FailureClass, HeartbeatRecord, LiveSince, MirrorCount, NewRollout, NewTask, PostgresStore,
-    Queries, Role, RolloutKind, RolloutTarget, SqliteStore, StageInputs, Store, StoreError,
-    TargetPage, TaskKind, TaskStatus, TransferRecord, UpdateTask,
+    Queries, Role, RolloutKind, RolloutTarget, SessionChange, SqliteStore, StageInputs, Store,
+    StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -392,6 +392,38 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         "the node is no longer live"
     );
     store.release_session(one, "n-live", 11_000).await.unwrap();
+    // A batch of claims and releases applies in its order: a session that came and
+    // went, then a newer one whose claim an older session's late release cannot undo.
+    let claim = |at_ms| SessionChange::Claim {
+        agent_id: one.to_owned(),
+        at_ms,
+    };
+    let release = |claimed_at_ms| SessionChange::Release {
+        agent_id: one.to_owned(),
+        claimed_at_ms,
+    };
+    store
+        .record_sessions("n-live", &[claim(11_100), release(11_100), claim(11_200)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.agent(one).await.unwrap().node_id.as_deref(),
+        Some("n-live")
+    );
+    store
+        .record_sessions("n-live", &[claim(11_300), release(11_200)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.agent(one).await.unwrap().node_id.as_deref(),
+        Some("n-live"),
+        "the release of the replaced session left the newer claim"
+    );
+    store
+        .record_sessions("n-live", &[release(11_300)])
+        .await
+        .unwrap();
+    assert_eq!(store.agent(one).await.unwrap().node_id, None);
     let moving = store
         .record_progress(one, &queued.id, TaskStatus::Downloading, 10, 100, 12_000)
         .await

@@ -178,6 +178,18 @@ pub struct AgentRecord {
     pub conflict_hostname: Option<String>,
 }
 
+/// A change to which node holds an agent's session (`Queries::record_sessions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionChange {
+    /// This node holds the agent's session since `at_ms`.
+    Claim { agent_id: String, at_ms: i64 },
+    /// The session this node claimed at `claimed_at_ms` ended.
+    Release {
+        agent_id: String,
+        claimed_at_ms: i64,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeartbeatRecord {
     pub agent_id: String,

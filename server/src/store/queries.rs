@@ -41,6 +41,10 @@ pub trait Queries: Send + Sync {
         claimed_at_ms: i64,
     ) -> StoreResult<()>;
 
+    /// Claims and releases of this node's sessions, applied in their order in one
+    /// transaction (each exactly as `claim_session` or `release_session`).
+    async fn record_sessions(&self, node_id: &str, changes: &[SessionChange]) -> StoreResult<()>;
+
     /// Which bootstrap tokens exist already, so first start generates only the missing ones.
     async fn bootstrap_state(&self) -> StoreResult<BootstrapState>;
 
@@ -369,6 +373,12 @@ pub trait Queries: Send + Sync {
     ) -> StoreResult<Vec<AuditEntry>>;
 }
 
+/// Marks an agent's session as held by node `$1` since `$2`.
+pub(super) const CLAIM_SESSION: &str =
+    "UPDATE agents SET node_id = $1, connected_at = $2 WHERE id = $3";
+/// Clears an agent's session if node `$1` still holds the one it claimed at `$2`.
+pub(super) const RELEASE_SESSION: &str =
+    "UPDATE agents SET node_id = NULL WHERE id = $3 AND node_id = $1 AND connected_at = $2";
 pub(super) const DEFAULT_CLIENT: &str = "default";
 pub(super) const DEFAULT_SITE: &str = "default";
 
@@ -608,7 +618,7 @@ macro_rules! impl_queries {
                     node_id: &str,
                     now_ms: i64,
                 ) -> StoreResult<()> {
-                    sqlx::query("UPDATE agents SET node_id = $1, connected_at = $2 WHERE id = $3")
+                    sqlx::query(CLAIM_SESSION)
                         .bind(node_id)
                         .bind(now_ms)
                         .bind(agent_id)
@@ -623,15 +633,36 @@ macro_rules! impl_queries {
                     node_id: &str,
                     claimed_at_ms: i64,
                 ) -> StoreResult<()> {
-                    sqlx::query(
-                        "UPDATE agents SET node_id = NULL \
-                         WHERE id = $1 AND node_id = $2 AND connected_at = $3",
-                    )
-                    .bind(agent_id)
-                    .bind(node_id)
-                    .bind(claimed_at_ms)
+                    sqlx::query(RELEASE_SESSION)
+                        .bind(node_id)
+                        .bind(claimed_at_ms)
+                        .bind(agent_id)
                         .execute(&self.pool)
                         .await?;
+                    Ok(())
+                }
+
+                async fn record_sessions(
+                    &self,
+                    node_id: &str,
+                    changes: &[SessionChange],
+                ) -> StoreResult<()> {
+                    let mut tx = self.pool.begin().await?;
+                    for change in changes {
+                        let (sql, agent_id, at_ms) = match change {
+                            SessionChange::Claim { agent_id, at_ms } => (CLAIM_SESSION, agent_id, at_ms),
+                            SessionChange::Release { agent_id, claimed_at_ms } => {
+                                (RELEASE_SESSION, agent_id, claimed_at_ms)
+                            }
+                        };
+                        sqlx::query(sql)
+                            .bind(node_id)
+                            .bind(*at_ms)
+                            .bind(agent_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
                     Ok(())
                 }
 

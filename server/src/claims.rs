@@ -2,8 +2,10 @@
 //! its agent for this node and every end releases it; one writer task writes them in
 //! the order they came, whatever queued meanwhile in one transaction. A fleet coming
 //! back after a restart would otherwise queue one commit per agent behind the database's
-//! writer. The other nodes hear a batch's claims in one signal, and the dashboard hears
-//! of each agent once its row says where it is.
+//! writer. A session waits for its claim to be written before it welcomes its agent, so
+//! a welcomed agent reads online on every node; nothing waits for a release. The other
+//! nodes hear a batch's claims in one signal, and the dashboard hears of each agent once
+//! its row says where it is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,7 +24,8 @@ const QUEUE_CAPACITY: usize = 65_536;
 const MAX_BATCH: usize = 2_000;
 
 enum Request {
-    Change(SessionChange),
+    /// A change, and who waits until it is written.
+    Change(SessionChange, Option<oneshot::Sender<()>>),
     /// Answered once everything queued before it is written.
     Flush(oneshot::Sender<()>),
 }
@@ -60,25 +63,28 @@ impl Claims {
         Claims { requests }
     }
 
-    /// Claims the agent's session for this node; returns the claim's moment, which
-    /// `release` needs.
+    /// Claims the agent's session for this node and waits until the claim is written,
+    /// so an agent is online everywhere before it is welcomed; returns the claim's
+    /// moment, which `release` needs.
     pub(crate) async fn claim(&self, agent_id: &str) -> i64 {
         let at_ms = claim_moment();
-        self.send(Request::Change(SessionChange::Claim {
+        let (done, written) = oneshot::channel();
+        let claim = SessionChange::Claim {
             agent_id: agent_id.to_owned(),
             at_ms,
-        }))
-        .await;
+        };
+        self.send(Request::Change(claim, Some(done))).await;
+        let _ = written.await;
         at_ms
     }
 
     /// Releases the session claimed at `claimed_at_ms`, unless a newer claim replaced it.
     pub(crate) async fn release(&self, agent_id: &str, claimed_at_ms: i64) {
-        self.send(Request::Change(SessionChange::Release {
+        let release = SessionChange::Release {
             agent_id: agent_id.to_owned(),
             claimed_at_ms,
-        }))
-        .await;
+        };
+        self.send(Request::Change(release, None)).await;
     }
 
     /// Waits until everything sent before it is written (at shutdown).
@@ -103,14 +109,17 @@ async fn write(
 ) {
     let mut requests = Vec::with_capacity(MAX_BATCH);
     let mut changes = Vec::with_capacity(MAX_BATCH);
-    let mut flushed = Vec::new();
+    let mut waiting = Vec::new();
     // The first change after a quiet spell is written at once; what queues while a
     // batch is written goes in the next.
     while queue.recv_many(&mut requests, MAX_BATCH).await > 0 {
         for request in requests.drain(..) {
             match request {
-                Request::Change(change) => changes.push(change),
-                Request::Flush(done) => flushed.push(done),
+                Request::Change(change, done) => {
+                    changes.push(change);
+                    waiting.extend(done);
+                }
+                Request::Flush(done) => waiting.push(done),
             }
         }
         if !changes.is_empty() {
@@ -132,7 +141,7 @@ async fn write(
                 registry.signal_other_nodes(Signal::Claimed(claimed));
             }
         }
-        for done in flushed.drain(..) {
+        for done in waiting.drain(..) {
             let _ = done.send(());
         }
     }

@@ -403,9 +403,9 @@ pub async fn run(
     tokio::spawn(retention::run(state.clone()));
     tokio::spawn(dispatch::time_out_silent_agents(state.clone()));
     listen::serve(listener, tls, router(state), connection_limits, shutdown).await;
-    // Sessions close on shutdown within a few seconds (a close frame, then the socket);
-    // their releases are written before the process leaves, so other nodes do not count
-    // its agents online until its lease runs out.
+    // Sessions close on shutdown within a few seconds (a close frame, then the socket).
+    // Their releases are written before the process leaves, so the other nodes stop
+    // counting its agents online at once, not when its lease runs out.
     let ending = tokio::time::Instant::now() + SESSIONS_END_WITHIN;
     while registry.online_count() > 0 && tokio::time::Instant::now() < ending {
         tokio::time::sleep(Duration::from_millis(50)).await;

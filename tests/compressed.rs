@@ -59,7 +59,7 @@ async fn an_update_is_delivered_compressed() {
     assert_eq!(copy.len() as u64, compressed);
 
     let exe = install_agent(dir.path());
-    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "romeo");
+    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "romeo", &[]);
     let id = enrolled_id(&server, "romeo").await;
     let task = task_reaches(&server, &id, "succeeded").await;
     installed(&exe, "1.1.0").await;
@@ -90,7 +90,7 @@ async fn a_cut_compressed_download_resumes_and_is_verified() {
     let compressed = release["compressed_size"].as_u64().unwrap();
 
     let exe = install_agent(dir.path());
-    let mut agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "sierra");
+    let mut agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "sierra", &[]);
     let id = enrolled_id(&server, "sierra").await;
     eventually("a quarter of the copy downloaded", UPDATE_WAIT, || async {
         let served = cdn.served();
@@ -144,7 +144,7 @@ async fn a_corrupt_compressed_copy_falls_back_to_the_build() {
     std::fs::write(&copy, vec![0x5a; len as usize]).unwrap();
 
     let exe = install_agent(dir.path());
-    let agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "tango");
+    let agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "tango", &[]);
     let id = enrolled_id(&server, "tango").await;
     let task = task_reaches(&server, &id, "succeeded").await;
     installed(&exe, "1.1.0").await;

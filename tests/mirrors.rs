@@ -150,7 +150,7 @@ async fn a_sites_agents_download_from_its_mirror_and_the_server_serves_none_of_i
     };
     let server = Server::start(dir.path());
     let exe = install_agent(dir.path());
-    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "oslo");
+    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "oslo", &[]);
     let id = enrolled_id(&server, "oslo").await;
     let site = default_site(&server).await;
 
@@ -223,7 +223,7 @@ async fn a_corrupted_mirror_copy_is_rejected_and_the_server_serves_the_build() {
     };
     let server = Server::start(dir.path());
     let exe = install_agent(dir.path());
-    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "riga");
+    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "riga", &[]);
     let id = enrolled_id(&server, "riga").await;
     let site = default_site(&server).await;
     let file = publish_quietly(&server, dir.path()).await;
@@ -312,7 +312,7 @@ async fn a_mirror_that_is_down_falls_back_without_a_failure() {
     };
     let server = Server::start_with_args(dir.path(), &["--download-url", &down]);
     let exe = install_agent(dir.path());
-    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "kiev");
+    let _agent = Agent::start_installed_enrolling(&server, &exe, dir.path(), "kiev", &[]);
     let id = enrolled_id(&server, "kiev").await;
     publish_agent(&server, dir.path(), "1.1.0", "stable");
     let task = task_reaches(&server, &id, "succeeded").await;

@@ -21,21 +21,9 @@ fn supervisor(state_dir: &Path) -> Option<(u64, String)> {
     ))
 }
 
+/// The installed agent, enrolling; a probation long enough for a loaded machine.
 fn start(server: &Server, exe: &Path, dir: &Path, name: &str) -> Agent {
-    Agent::start_installed(
-        server,
-        exe,
-        dir,
-        name,
-        &[
-            "--enroll-token",
-            ENROLL_TOKEN,
-            "--fingerprint",
-            &format!("fp-{name}"),
-            "--probation-timeout",
-            "30",
-        ],
-    )
+    Agent::start_installed_enrolling(server, exe, dir, name, &["--probation-timeout", "30"])
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -942,20 +942,23 @@ pub async fn installed(exe: &Path, version: &str) {
 }
 
 impl Agent {
-    /// The agent installed at `exe`, enrolling as `name` with fingerprint `fp-{name}`.
-    pub fn start_installed_enrolling(server: &Server, exe: &Path, dir: &Path, name: &str) -> Agent {
+    /// The agent installed at `exe`, enrolling as `name` with fingerprint `fp-{name}`,
+    /// with `extra` flags after those.
+    pub fn start_installed_enrolling(
+        server: &Server,
+        exe: &Path,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Agent {
         let fingerprint = format!("fp-{name}");
-        Agent::start_installed(
-            server,
-            exe,
-            dir,
-            name,
-            &[
-                "--enroll-token",
-                ENROLL_TOKEN,
-                "--fingerprint",
-                &fingerprint,
-            ],
-        )
+        let mut args = vec![
+            "--enroll-token",
+            ENROLL_TOKEN,
+            "--fingerprint",
+            &fingerprint,
+        ];
+        args.extend_from_slice(extra);
+        Agent::start_installed(server, exe, dir, name, &args)
     }
 }

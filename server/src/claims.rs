@@ -128,14 +128,13 @@ async fn write(
             }
             let mut claimed = Vec::new();
             for change in changes.drain(..) {
-                let agent_id = match change {
+                match change {
                     SessionChange::Claim { agent_id, .. } => {
-                        claimed.push(agent_id.clone());
-                        agent_id
+                        events.agent(&agent_id);
+                        claimed.push(agent_id);
                     }
-                    SessionChange::Release { agent_id, .. } => agent_id,
-                };
-                events.agent(&agent_id);
+                    SessionChange::Release { agent_id, .. } => events.agent(&agent_id),
+                }
             }
             if !claimed.is_empty() {
                 registry.signal_other_nodes(Signal::Claimed(claimed));

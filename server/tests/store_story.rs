@@ -310,6 +310,22 @@ async fn story_of_hierarchy(store: &dyn Store, one: &str, two: &str) {
     assert_eq!(second, "one");
 }
 
+/// `agent`'s session claimed at `at_ms`.
+fn claim(agent: &str, at_ms: i64) -> SessionChange {
+    SessionChange::Claim {
+        agent_id: agent.to_owned(),
+        at_ms,
+    }
+}
+
+/// The end of `agent`'s session claimed at `claimed_at_ms`.
+fn release(agent: &str, claimed_at_ms: i64) -> SessionChange {
+    SessionChange::Release {
+        agent_id: agent.to_owned(),
+        claimed_at_ms,
+    }
+}
+
 fn ids(tasks: &[UpdateTask]) -> Vec<&str> {
     tasks.iter().map(|t| t.id.as_str()).collect()
 }
@@ -384,26 +400,27 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         .node_beat("n-live", "10.0.0.9:1", 11_000)
         .await
         .unwrap();
-    store.claim_session(one, "n-live", 11_000).await.unwrap();
+    store
+        .record_sessions("n-live", &[claim(one, 11_000)])
+        .await
+        .unwrap();
     assert!(store.stale_tasks(11_001, 10_000).await.unwrap().is_empty());
     assert_eq!(
         ids(&store.stale_tasks(11_001, 11_001).await.unwrap()),
         [queued.id.as_str()],
         "the node is no longer live"
     );
-    store.release_session(one, "n-live", 11_000).await.unwrap();
+    store
+        .record_sessions("n-live", &[release(one, 11_000)])
+        .await
+        .unwrap();
     // A batch of claims and releases applies in its order: a session that came and
     // went, then a newer one whose claim an older session's late release cannot undo.
-    let claim = |at_ms| SessionChange::Claim {
-        agent_id: one.to_owned(),
-        at_ms,
-    };
-    let release = |claimed_at_ms| SessionChange::Release {
-        agent_id: one.to_owned(),
-        claimed_at_ms,
-    };
     store
-        .record_sessions("n-live", &[claim(11_100), release(11_100), claim(11_200)])
+        .record_sessions(
+            "n-live",
+            &[claim(one, 11_100), release(one, 11_100), claim(one, 11_200)],
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -411,7 +428,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         Some("n-live")
     );
     store
-        .record_sessions("n-live", &[claim(11_300), release(11_200)])
+        .record_sessions("n-live", &[claim(one, 11_300), release(one, 11_200)])
         .await
         .unwrap();
     assert_eq!(
@@ -420,7 +437,7 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
         "the release of the replaced session left the newer claim"
     );
     store
-        .record_sessions("n-live", &[release(11_300)])
+        .record_sessions("n-live", &[release(one, 11_300)])
         .await
         .unwrap();
     assert_eq!(store.agent(one).await.unwrap().node_id, None);
@@ -1039,7 +1056,7 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
     // Held by a node that beats: live however long ago it was seen.
     store.node_beat("node-live", "a", 12_000).await.unwrap();
     store
-        .claim_session(&live.agent_id, "node-live", 12_000)
+        .record_sessions("node-live", &[claim(&live.agent_id, 12_000)])
         .await
         .unwrap();
     let held = LiveSince {
@@ -1059,7 +1076,7 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         Ok(Enrollment::Conflict { .. })
     ));
     store
-        .release_session(&live.agent_id, "node-live", 12_000)
+        .record_sessions("node-live", &[release(&live.agent_id, 12_000)])
         .await
         .unwrap();
     let quiet = LiveSince {

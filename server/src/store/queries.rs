@@ -29,20 +29,10 @@ pub trait Queries: Send + Sync {
     /// Records that this node is alive.
     async fn node_beat(&self, node_id: &str, address: &str, now_ms: i64) -> StoreResult<()>;
 
-    /// Marks the agent's session as held by this node, connected since `now_ms`.
-    async fn claim_session(&self, agent_id: &str, node_id: &str, now_ms: i64) -> StoreResult<()>;
-
-    /// Clears the agent's session if this node still holds the one it claimed at
-    /// `claimed_at_ms`: a newer session's claim is never undone by an older one ending.
-    async fn release_session(
-        &self,
-        agent_id: &str,
-        node_id: &str,
-        claimed_at_ms: i64,
-    ) -> StoreResult<()>;
-
     /// Claims and releases of this node's sessions, applied in their order in one
-    /// transaction (each exactly as `claim_session` or `release_session`).
+    /// transaction. A claim marks the agent's session as held by this node since its
+    /// moment; a release clears it only if this node still holds the claim of that
+    /// moment, so a newer session's claim is never undone by an older one ending.
     async fn record_sessions(&self, node_id: &str, changes: &[SessionChange]) -> StoreResult<()>;
 
     /// Which bootstrap tokens exist already, so first start generates only the missing ones.
@@ -609,36 +599,6 @@ macro_rules! impl_queries {
                     .bind(now_ms)
                     .execute(&self.pool)
                     .await?;
-                    Ok(())
-                }
-
-                async fn claim_session(
-                    &self,
-                    agent_id: &str,
-                    node_id: &str,
-                    now_ms: i64,
-                ) -> StoreResult<()> {
-                    sqlx::query(CLAIM_SESSION)
-                        .bind(node_id)
-                        .bind(now_ms)
-                        .bind(agent_id)
-                        .execute(&self.pool)
-                        .await?;
-                    Ok(())
-                }
-
-                async fn release_session(
-                    &self,
-                    agent_id: &str,
-                    node_id: &str,
-                    claimed_at_ms: i64,
-                ) -> StoreResult<()> {
-                    sqlx::query(RELEASE_SESSION)
-                        .bind(node_id)
-                        .bind(claimed_at_ms)
-                        .bind(agent_id)
-                        .execute(&self.pool)
-                        .await?;
                     Ok(())
                 }
 

@@ -622,3 +622,78 @@ async fn a_download_url_from_one_node_is_served_by_the_other() {
     let forged = on_b.replace("grant=", "grant=00");
     assert_eq!(reqwest::get(&forged).await.unwrap().status(), 403);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_lost_the_others_rereads_only_the_agents_whose_change_it_missed() {
+    let Some(database) = Database::create("relisten") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    publish(&a.downloads(), "1.1.0", Some("beta"), b"a beta build");
+    offered(&b.api(), "1.1.0").await;
+    eventually("the build's rollout", SOON, || async {
+        let (_, rollouts) = b.api().get("/api/v1/rollouts?version=1.1.0").await;
+        (!rollouts.as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let mut moved = ProtocolAgent::enroll(&b, "fp-moved", "1.0.0").await;
+    let mut stayed = ProtocolAgent::enroll(&b, "fp-stayed", "1.0.0").await;
+    stayed.heartbeat().await;
+
+    // A change no node hears of: B's session keeps the agent on stable.
+    let psql = |sql: &str| {
+        let out = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", &database.name])
+            .args(["-tAc", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    psql(&format!(
+        "UPDATE agents SET channel = 'beta' WHERE id = '{}'",
+        moved.id
+    ));
+    assert!(
+        moved.next_message(Duration::from_secs(2)).await.is_none(),
+        "nothing told B's session of the change"
+    );
+
+    const REFRESHED: &str = "drover_sessions_rechecked_total{outcome=\"refreshed\"}";
+    const UNCHANGED: &str = "drover_sessions_rechecked_total{outcome=\"unchanged\"}";
+    let before = (counter(&b, REFRESHED).await, counter(&b, UNCHANGED).await);
+    // The nodes' connection for signals drops, as a network blip or a PostgreSQL
+    // restart would do: whatever was said meanwhile is lost.
+    let dropped = psql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = '{}' AND query ILIKE 'LISTEN%'",
+        database.name
+    ));
+    assert_eq!(dropped, "2", "one listener per node");
+
+    let update = moved
+        .next_update(SOON)
+        .await
+        .expect("B re-read the agent it missed a change of");
+    assert_eq!(update.version, "1.1.0");
+    assert_eq!(moved.channel.as_deref(), Some("beta"));
+    let after = eventually("B's re-check", SOON, || async {
+        let after = (counter(&b, REFRESHED).await, counter(&b, UNCHANGED).await);
+        (after.0 + after.1 >= before.0 + before.1 + 2).then_some(after)
+    })
+    .await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "the changed agent re-read, the other only checked"
+    );
+    assert!(
+        stayed.next_message(Duration::from_secs(1)).await.is_none(),
+        "the unchanged stable agent is offered nothing"
+    );
+}

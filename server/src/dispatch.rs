@@ -4,6 +4,7 @@
 //! for what an agent is due: dispatch acts on it and explain shows it.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use protocol::{
     Cancel, CompressedBuild, MirrorFailure, ServerMessage, Transfer, TransferSource, Update,
@@ -19,7 +20,8 @@ use crate::maintenance::AgentWindow;
 use crate::releases::Release;
 use crate::rollouts::book::{Admission, Asking, Book};
 use crate::store::{
-    FailureClass, StoreError, StoreResult, TaskKind, TaskStatus, TransferRecord, UpdateTask,
+    AgentRecord, FailureClass, SilentTasks, StoreError, StoreResult, TaskKind, TaskStatus,
+    TransferRecord, UpdateTask,
 };
 use crate::task_writer::TaskRequest;
 
@@ -45,6 +47,8 @@ pub(crate) struct LiveAgent {
     pub(crate) window: Option<AgentWindow>,
     /// The download mirror its updates offer (site, client or server-wide base URL).
     pub(crate) mirror: Option<String>,
+    /// `settings_stamp` of the record this was read from.
+    pub(crate) settings: u64,
 }
 
 /// What prompted a check.
@@ -82,6 +86,7 @@ impl LiveAgent {
             }
         }
         let (channel, _) = resolve_channel(&record);
+        let settings = settings_stamp(&record);
         let window = AgentWindow::of(
             record.site_window.as_deref(),
             record.client_window.as_deref(),
@@ -109,8 +114,45 @@ impl LiveAgent {
             holds_slot: false,
             window,
             mirror,
+            settings,
         })
     }
+
+    /// `stamp` of what this session holds.
+    pub(crate) fn stamp(&self) -> u64 {
+        stamp(
+            self.settings,
+            self.active.as_ref().map(|task| task.id.as_str()),
+        )
+    }
+}
+
+/// What another node can change about an agent that its session keeps in memory, the
+/// agent's settings (`settings_stamp`) and which task is its unfinished one, as one
+/// number. When signals between nodes may have been lost, a session whose stamp
+/// differs from the one made of the database's rows missed a change (`nodes`).
+pub(crate) fn stamp(settings: u64, active_task: Option<&str>) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (settings, active_task).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The settings of an agent's record that operators change, as one number.
+pub(crate) fn settings_stamp(record: &AgentRecord) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (
+        record.paused,
+        record.auto_update,
+        &record.agent_channel,
+        &record.site_channel,
+        &record.client_channel,
+        &record.site_window,
+        &record.client_window,
+        &record.site_mirror,
+        &record.client_mirror,
+    )
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// What an agent is due now.
@@ -517,7 +559,7 @@ async fn advance(
     let silent_ms = now - task.last_activity_ms();
     let timeout_ms = i64::try_from(state.settings.task_timeout.as_millis()).unwrap_or(i64::MAX);
     if silent_ms > timeout_ms && task.status != TaskStatus::Queued {
-        let (class, error) = timeout_of(&task, silent_ms, true);
+        let (class, error) = timeout_of(task.status, Silence::Online { silent_ms });
         finish(
             state,
             live,
@@ -636,23 +678,34 @@ pub(crate) fn session_ended(state: &AppState, live: &mut LiveAgent) {
 /// A task that saw no progress for too long: whose fault, and what to say. Silence after
 /// the agent began starting the new build means the build did not come up (nor did the
 /// supervisor bring the old one back to say so); silence before it is the network's.
-fn timeout_of(task: &UpdateTask, silent_ms: i64, online: bool) -> (FailureClass, String) {
-    let class = match task.status {
+/// How long a task has been silent, and where its agent is.
+#[derive(Debug, Clone, Copy)]
+enum Silence {
+    /// Connected, reporting no progress for `silent_ms`.
+    Online { silent_ms: i64 },
+    /// Connected nowhere for longer than the task timeout.
+    Offline { patience_ms: i64 },
+}
+
+/// How a task that went silent in `status` ends: its failure class and its error.
+fn timeout_of(status: TaskStatus, silence: Silence) -> (FailureClass, String) {
+    let class = match status {
         TaskStatus::Installing | TaskStatus::Restarting => FailureClass::Build,
         _ => FailureClass::Transient,
     };
-    let error = if online {
-        format!(
-            "no progress for {}s; last status {}",
-            silent_ms / 1000,
-            task.status.as_str()
-        )
-    } else {
-        format!(
-            "the agent went silent for {}s while the task was {}",
-            silent_ms / 1000,
-            task.status.as_str()
-        )
+    let error = match silence {
+        Silence::Online { silent_ms } => {
+            format!(
+                "no progress for {}s; last status {}",
+                silent_ms / 1000,
+                status.as_str()
+            )
+        }
+        Silence::Offline { patience_ms } => format!(
+            "the agent went silent for more than {}s while the task was {}",
+            patience_ms / 1000,
+            status.as_str()
+        ),
     };
     (class, error)
 }
@@ -959,6 +1012,38 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
     }))
 }
 
+/// Ends the stale tasks `timed_out` in one transaction, grouped by status, each as
+/// `timeout_of` says; returns those that ended (not those that reported meanwhile).
+async fn time_out(
+    state: &AppState,
+    stale: &[UpdateTask],
+    now: i64,
+    patience_ms: i64,
+) -> StoreResult<Vec<UpdateTask>> {
+    let mut groups: Vec<SilentTasks> = Vec::new();
+    for task in stale {
+        match groups.iter_mut().find(|g| g.status == task.status) {
+            Some(group) => group.task_ids.push(task.id.clone()),
+            None => {
+                let (class, error) = timeout_of(task.status, Silence::Offline { patience_ms });
+                groups.push(SilentTasks {
+                    status: task.status,
+                    class,
+                    error,
+                    task_ids: vec![task.id.clone()],
+                });
+            }
+        }
+    }
+    if groups.is_empty() {
+        return Ok(Vec::new());
+    }
+    state
+        .store
+        .time_out_tasks(&groups, now.saturating_sub(patience_ms), now)
+        .await
+}
+
 /// The lease of the silent-task sweep (`Queries::take_lease`).
 const SWEEP_LEASE: &str = "silent-task-sweep";
 
@@ -1008,34 +1093,30 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
                 continue;
             }
         };
-        for task in stale {
-            let (class, error) = timeout_of(&task, now - task.last_activity_ms(), false);
-            match state
-                .store
-                .finish_task(
-                    &task.agent_id,
-                    &task.id,
-                    TaskStatus::TimedOut,
-                    Some(class),
-                    Some(&error),
-                    now,
-                )
-                .await
+        let ended = match time_out(&state, &stale, now, patience_ms).await {
+            Ok(ended) => ended,
+            Err(err) => {
+                tracing::warn!(%err, tasks = stale.len(), "could not time out silent update tasks");
+                continue;
+            }
+        };
+        let mut judge = HashSet::new();
+        for task in &ended {
+            let error = task.error.as_deref().unwrap_or_default();
+            tracing::warn!(agent = %task.agent_id, task = %task.id, to = %task.to_version, "{error}; timed out");
+            state
+                .events
+                .task(&task.id, &task.agent_id, task.rollout_id.as_deref());
+            if task.failure_class == Some(FailureClass::Build)
+                && let Some(rollout) = &task.rollout_id
             {
-                Ok(_) => {
-                    tracing::warn!(agent = %task.agent_id, task = %task.id, to = %task.to_version, "{error}; timed out");
-                    state
-                        .events
-                        .task(&task.id, &task.agent_id, task.rollout_id.as_deref());
-                    if class == FailureClass::Build
-                        && let Some(rollout) = &task.rollout_id
-                        && let Err(err) = conductor::drive(&state, rollout).await
-                    {
-                        tracing::warn!(%err, %rollout, "could not judge the rollout after a timeout");
-                    }
-                }
-                Err(StoreError::NotFound) => {}
-                Err(err) => tracing::warn!(%err, task = %task.id, "could not time out a task"),
+                judge.insert(rollout.clone());
+            }
+        }
+        // A rollout is judged once however many of its tasks timed out.
+        for rollout in judge {
+            if let Err(err) = conductor::drive(&state, &rollout).await {
+                tracing::warn!(%err, %rollout, "could not judge the rollout after a timeout");
             }
         }
     }

@@ -38,6 +38,10 @@ pub(crate) struct Counters {
     pub(crate) fleet_checks: AtomicU64,
     /// Signals this node received from the others, by kind (`SIGNALS` order).
     signals_received: [AtomicU64; SIGNALS.len()],
+    /// Sessions re-checked after this node lost the other nodes' signals for a while:
+    /// those that held what the database says, and those that had missed a change.
+    rechecked_unchanged: AtomicU64,
+    rechecked_refreshed: AtomicU64,
 }
 
 /// The kinds of signal between nodes.
@@ -68,6 +72,8 @@ pub(crate) static COUNTERS: Counters = Counters {
     task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
     fleet_checks: AtomicU64::new(0),
     signals_received: [const { AtomicU64::new(0) }; SIGNALS.len()],
+    rechecked_unchanged: AtomicU64::new(0),
+    rechecked_refreshed: AtomicU64::new(0),
 };
 
 impl Counters {
@@ -81,6 +87,17 @@ impl Counters {
         if let Some(index) = SIGNALS.iter().position(|k| *k == kind) {
             self.signals_received[index].fetch_add(items as u64, Ordering::Relaxed);
         }
+    }
+
+    /// A session was re-checked after lost signals; `missed` when it had missed a change
+    /// and re-read its agent.
+    pub(crate) fn session_rechecked(&self, missed: bool) {
+        let counter = if missed {
+            &self.rechecked_refreshed
+        } else {
+            &self.rechecked_unchanged
+        };
+        Counters::bump(counter);
     }
 
     /// `tasks` tasks ended on this server with `status` and `class`.
@@ -249,6 +266,22 @@ pub(crate) async fn render(
         let _ = writeln!(
             out,
             "drover_node_signals_received_total{{signal=\"{kind}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    metric(
+        &mut out,
+        "drover_sessions_rechecked_total",
+        "counter",
+        "Sessions re-checked after this node's connection to the other nodes came back: unchanged, or refreshed because they had missed a change.",
+    );
+    for (outcome, counter) in [
+        ("unchanged", &c.rechecked_unchanged),
+        ("refreshed", &c.rechecked_refreshed),
+    ] {
+        let _ = writeln!(
+            out,
+            "drover_sessions_rechecked_total{{outcome=\"{outcome}\"}} {}",
             counter.load(Ordering::Relaxed)
         );
     }

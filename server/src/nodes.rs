@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::Notify;
 
 use crate::AppState;
 use crate::clock::now_ms;
@@ -66,30 +69,89 @@ impl Signal {
     }
 }
 
-/// The signals queued while the last one was sent, as few messages as say the same:
-/// one `CheckAll`, and the agents of every `Refresh` and every `Claimed` together (a
-/// connect storm claims thousands of sessions at once), in batches that fit a message.
-fn coalesce(queued: Vec<Signal>) -> Vec<Signal> {
-    let (mut refresh, mut claimed, mut check_all) = (Vec::new(), Vec::new(), false);
-    for signal in queued {
-        match signal {
-            Signal::Refresh(agents) => refresh.extend(agents),
-            Signal::Claimed(agents) => claimed.extend(agents),
-            Signal::CheckAll => check_all = true,
+/// Signals waiting to go out, folded as they are posted: one `CheckAll`, and each agent
+/// once per kind, in the order first posted. The queue so never holds more than the
+/// fleet's agents twice over, however fast signals come (a connect storm claims
+/// thousands of sessions at once), and posting never waits.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pending: Mutex<Pending>,
+    posted: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    check_all: bool,
+    refresh: Folded,
+    claimed: Folded,
+}
+
+/// Agent ids in the order first added, each once.
+#[derive(Default)]
+struct Folded {
+    order: Vec<String>,
+    seen: HashSet<String>,
+}
+
+impl Folded {
+    fn extend(&mut self, agents: Vec<String>) {
+        for agent in agents {
+            if self.seen.insert(agent.clone()) {
+                self.order.push(agent);
+            }
         }
     }
-    let mut out: Vec<Signal> = check_all.then_some(Signal::CheckAll).into_iter().collect();
-    out.extend(
-        refresh
+
+    /// The agents in messages that fit.
+    fn take(&mut self, signal: fn(Vec<String>) -> Signal) -> Vec<Signal> {
+        self.seen.clear();
+        std::mem::take(&mut self.order)
             .chunks(AGENTS_PER_MESSAGE)
-            .map(|c| Signal::Refresh(c.to_vec())),
-    );
-    out.extend(
-        claimed
-            .chunks(AGENTS_PER_MESSAGE)
-            .map(|c| Signal::Claimed(c.to_vec())),
-    );
-    out
+            .map(|chunk| signal(chunk.to_vec()))
+            .collect()
+    }
+}
+
+impl Outbox {
+    pub(crate) fn post(&self, signal: Signal) {
+        {
+            let mut pending = self.lock();
+            match signal {
+                Signal::Refresh(agents) => pending.refresh.extend(agents),
+                Signal::Claimed(agents) => pending.claimed.extend(agents),
+                Signal::CheckAll => pending.check_all = true,
+            }
+        }
+        self.posted.notify_one();
+    }
+
+    /// Everything posted since the last call, as few messages as say the same; waits
+    /// while there is nothing.
+    async fn next(&self) -> Vec<Signal> {
+        loop {
+            let out = self.take();
+            if !out.is_empty() {
+                return out;
+            }
+            self.posted.notified().await;
+        }
+    }
+
+    fn take(&self) -> Vec<Signal> {
+        let mut pending = self.lock();
+        let mut out: Vec<Signal> = std::mem::take(&mut pending.check_all)
+            .then_some(Signal::CheckAll)
+            .into_iter()
+            .collect();
+        out.extend(pending.refresh.take(Signal::Refresh));
+        out.extend(pending.claimed.take(Signal::Claimed));
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Every change to `Pending` is whole before the lock is released.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Whether an agent's node is alive: the agent is online somewhere.
@@ -116,16 +178,16 @@ pub(crate) async fn start(state: AppState) -> StoreResult<()> {
         // process, so nobody should read as online until they reconnect.
         return state.store.forget_sessions().await;
     };
-    let (signals, mut outgoing) = mpsc::unbounded_channel::<Signal>();
-    state.registry.reach_other_nodes(signals);
+    let outbox = Arc::new(Outbox::default());
+    state.registry.reach_other_nodes(outbox.clone());
     let sender = state.clone();
     tokio::spawn(async move {
-        while let Some(first) = outgoing.recv().await {
-            let mut queued = vec![first];
-            while let Ok(more) = outgoing.try_recv() {
-                queued.push(more);
-            }
-            for signal in coalesce(queued) {
+        loop {
+            let signals = tokio::select! {
+                signals = outbox.next() => signals,
+                () = sender.shutdown.cancelled() => return,
+            };
+            for signal in signals {
                 if let Err(err) = sender.store.publish(&signal.encode(&sender.node_id)).await {
                     tracing::warn!(%err, kind = signal.kind(), "could not signal the other nodes");
                 }
@@ -146,11 +208,11 @@ pub(crate) async fn start(state: AppState) -> StoreResult<()> {
                         tracing::debug!(%message, "ignoring a signal this version does not know")
                     }
                 },
-                // Whatever was said while the connection was down is lost: re-read all.
                 Ok(None) => {
-                    tracing::warn!("reconnected to the other nodes; re-reading state");
-                    act(&state, Signal::CheckAll).await;
-                    state.registry.broadcast_here(|| Outbound::Refresh);
+                    tracing::warn!(
+                        "reconnected to the other nodes; re-checking what may have been missed"
+                    );
+                    recheck_after_loss(&state).await;
                 }
                 Err(err) => {
                     tracing::warn!(%err, "lost the other nodes; retrying");
@@ -199,6 +261,48 @@ async fn act(state: &AppState, signal: Signal) {
     }
 }
 
+/// Whatever the other nodes said while this node could not hear them is lost. Re-read
+/// what every node shares (blocks, halts, the update switch, the builds), and have each
+/// session here decide again, re-reading its agent only when the database's rows differ
+/// from what the session holds (`dispatch::stamp`): two queries for the node rather
+/// than three for each of its sessions.
+async fn recheck_after_loss(state: &AppState) {
+    if let Err(err) = state.reload_shared_state().await {
+        tracing::warn!(%err, "could not re-read state another node changed");
+    }
+    state.releases.rescan().await;
+    crate::metrics::Counters::bump(&crate::metrics::COUNTERS.fleet_checks);
+    let (agents, tasks) = match state.store.held_by(&state.node_id).await {
+        Ok(held) => held,
+        Err(err) => {
+            tracing::warn!(%err, "could not read this node's agents; re-reading each");
+            state.registry.broadcast_here(|| Outbound::Refresh);
+            return;
+        }
+    };
+    let tasks: HashMap<&str, &str> = tasks
+        .iter()
+        .map(|(agent, task)| (agent.as_str(), task.as_str()))
+        .collect();
+    let stamps: HashMap<&str, u64> = agents
+        .iter()
+        .map(|record| {
+            let settings = crate::dispatch::settings_stamp(record);
+            let task = tasks.get(record.id.as_str()).copied();
+            (record.id.as_str(), crate::dispatch::stamp(settings, task))
+        })
+        .collect();
+    for agent in state.registry.agents_here() {
+        // A session whose claim the rows do not show (just connected, or claimed
+        // elsewhere meanwhile) re-reads.
+        let request = match stamps.get(agent.as_str()) {
+            Some(stamp) => Outbound::Verify(*stamp),
+            None => Outbound::Refresh,
+        };
+        state.registry.send_here(&agent, request);
+    }
+}
+
 async fn beat(state: AppState) {
     let mut ticker = tokio::time::interval(NODE_BEAT);
     loop {
@@ -237,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn queued_signals_go_out_as_few_messages_that_fit() {
+    fn posted_signals_fold_and_go_out_as_few_messages_that_fit() {
         let ids: Vec<String> = (0..400).map(|n| format!("{n:036}")).collect();
         let mut queued: Vec<Signal> = ids
             .iter()
@@ -246,7 +350,12 @@ mod tests {
         queued.insert(10, Signal::CheckAll);
         queued.insert(20, Signal::Refresh(vec!["r-1".into()]));
         queued.push(Signal::CheckAll);
-        let out = coalesce(queued);
+        queued.push(Signal::Claimed(ids[..5].to_vec()));
+        let outbox = Outbox::default();
+        for signal in queued {
+            outbox.post(signal);
+        }
+        let out = outbox.take();
         assert_eq!(out.len(), 1 + 1 + 3, "{out:?}");
         assert_eq!(out[0], Signal::CheckAll);
         assert_eq!(out[1], Signal::Refresh(vec!["r-1".into()]));
@@ -261,6 +370,13 @@ mod tests {
         for signal in &out {
             assert!(signal.encode(&"n".repeat(36)).len() < 8_000);
         }
+        assert!(outbox.take().is_empty(), "what went out is gone");
+        outbox.post(Signal::Claimed(ids[..1].to_vec()));
+        assert_eq!(
+            outbox.take(),
+            [Signal::Claimed(ids[..1].to_vec())],
+            "an agent sent before may be sent again"
+        );
     }
 
     #[test]

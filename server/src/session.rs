@@ -13,7 +13,7 @@ use protocol::{
     AgentMessage, Cancel, ChannelNotice, DecodeError, Hello, Reject, RejectCode, ServerMessage,
     Welcome,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::AppState;
 use crate::auth::{generate_secret, hash_secret};
@@ -49,6 +49,10 @@ pub enum Outbound {
     /// Re-read the agent's settings and tasks from the database, then decide again (an
     /// operator changed something about this agent).
     Refresh,
+    /// Decide again, re-reading the agent first only if this stamp of its rows
+    /// (`dispatch::stamp`) differs from the session's: signals from other nodes may have
+    /// been lost.
+    Verify(u64),
 }
 
 struct SessionHandle {
@@ -71,6 +75,8 @@ struct Mailbox {
 struct Pending {
     close: Option<(RejectCode, String)>,
     refresh: bool,
+    /// The newest stamp to verify against.
+    verify: Option<u64>,
     check: bool,
 }
 
@@ -83,6 +89,7 @@ impl Mailbox {
                     pending.close.get_or_insert((code, why));
                 }
                 Outbound::Refresh => pending.refresh = true,
+                Outbound::Verify(stamp) => pending.verify = Some(stamp),
                 Outbound::Check => pending.check = true,
             }
         }
@@ -90,7 +97,8 @@ impl Mailbox {
     }
 
     /// The next thing to do, once there is one: a close before anything else, and one
-    /// refresh for any number of refreshes and checks.
+    /// refresh for any number of refreshes, verifications and checks (a verification
+    /// decides too).
     async fn next(&self) -> Outbound {
         loop {
             if let Some(next) = self.take() {
@@ -106,11 +114,12 @@ impl Mailbox {
             return Some(Outbound::Close(code, why));
         }
         let refresh = std::mem::take(&mut pending.refresh);
+        let verify = pending.verify.take();
         let check = std::mem::take(&mut pending.check);
-        if refresh {
-            Some(Outbound::Refresh)
-        } else {
-            check.then_some(Outbound::Check)
+        match verify {
+            _ if refresh => Some(Outbound::Refresh),
+            Some(stamp) => Some(Outbound::Verify(stamp)),
+            None => check.then_some(Outbound::Check),
         }
     }
 }
@@ -121,7 +130,7 @@ pub struct Registry {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_session: AtomicU64,
     /// Where requests for agents connected to other nodes go (see `nodes`).
-    other_nodes: std::sync::OnceLock<mpsc::UnboundedSender<crate::nodes::Signal>>,
+    other_nodes: std::sync::OnceLock<Arc<crate::nodes::Outbox>>,
 }
 
 impl Registry {
@@ -160,6 +169,11 @@ impl Registry {
         self.lock().len()
     }
 
+    /// The agents connected to this node.
+    pub(crate) fn agents_here(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// Posts a request to a connected agent; false when it is not connected here (a
     /// `Refresh` then goes to the other nodes, in case it is connected to one of them).
     pub fn send(&self, agent_id: &str, message: Outbound) -> bool {
@@ -196,14 +210,14 @@ impl Registry {
     }
 
     /// Connects the registry to the other nodes.
-    pub(crate) fn reach_other_nodes(&self, signals: mpsc::UnboundedSender<crate::nodes::Signal>) {
-        let _ = self.other_nodes.set(signals);
+    pub(crate) fn reach_other_nodes(&self, outbox: Arc<crate::nodes::Outbox>) {
+        let _ = self.other_nodes.set(outbox);
     }
 
     /// Sends a signal to the other nodes only.
     pub(crate) fn signal_other_nodes(&self, signal: crate::nodes::Signal) {
-        if let Some(signals) = self.other_nodes.get() {
-            let _ = signals.send(signal);
+        if let Some(outbox) = self.other_nodes.get() {
+            outbox.post(signal);
         }
     }
 
@@ -574,9 +588,10 @@ async fn serve(
                     }
                 }
             }
-            outbound = mailbox.next() => match outbound {
+            outbound = mailbox.next() => match verified(live, outbound) {
                 Outbound::Close(code, message) => return Err(Refusal::new(code, message)),
-                Outbound::Check => {
+                // `verified` made a verification a check or a refresh.
+                Outbound::Check | Outbound::Verify(_) => {
                     outgoing.extend(Box::pin(decide(state, live, Trigger::Nudge)).await.map(encoded));
                 }
                 Outbound::Refresh => {
@@ -632,6 +647,22 @@ async fn decide(state: &AppState, live: &mut LiveAgent, trigger: Trigger) -> Opt
 
 /// Re-reads the agent after an operator action. A task replaced meanwhile is cancelled
 /// on the agent.
+/// A verification as what it calls for: a check when the session holds what the
+/// database says, else a refresh.
+fn verified(live: &LiveAgent, outbound: Outbound) -> Outbound {
+    let Outbound::Verify(stamp) = outbound else {
+        return outbound;
+    };
+    let missed = live.stamp() != stamp;
+    crate::metrics::COUNTERS.session_rechecked(missed);
+    if missed {
+        tracing::info!(agent = %live.id, "re-reading an agent whose change this node may not have heard of");
+        Outbound::Refresh
+    } else {
+        Outbound::Check
+    }
+}
+
 async fn refresh(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage> {
     let previous = live.active.as_ref().map(|t| t.id.clone());
     match LiveAgent::load(state, &live.id, &live.position.version).await {
@@ -779,7 +810,26 @@ mod tests {
             Outbound::Close(..) => "close",
             Outbound::Refresh => "refresh",
             Outbound::Check => "check",
+            Outbound::Verify(_) => "verify",
         }
+    }
+
+    #[tokio::test]
+    async fn a_verification_covers_checks_and_a_refresh_covers_it() {
+        let mailbox = Mailbox::default();
+        mailbox.post(Outbound::Check);
+        mailbox.post(Outbound::Verify(1));
+        mailbox.post(Outbound::Verify(2));
+        match mailbox.next().await {
+            Outbound::Verify(stamp) => assert_eq!(stamp, 2, "the newest stamp"),
+            other => panic!("expected a verification, got {}", kind(&other)),
+        }
+        assert!(mailbox.take().is_none(), "the verification decides");
+
+        mailbox.post(Outbound::Verify(3));
+        mailbox.post(Outbound::Refresh);
+        assert_eq!(kind(&mailbox.next().await), "refresh");
+        assert!(mailbox.take().is_none(), "the refresh re-reads anyway");
     }
 
     #[tokio::test]

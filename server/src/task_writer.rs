@@ -14,6 +14,10 @@ use crate::store::{NewTask, Store, StoreError, StoreResult, TaskKind, TaskStatus
 /// unbounded batch.
 const MAX_BATCH: usize = 2_000;
 
+/// Requests waiting beyond the batch being written: a session asking for a task while
+/// the queue is full waits its turn (each session has at most one request out).
+const QUEUE: usize = 2 * MAX_BATCH;
+
 /// A new task, owned, on its way to the writer.
 #[derive(Debug, Clone)]
 pub(crate) struct TaskRequest {
@@ -50,13 +54,13 @@ type Reply = oneshot::Sender<StoreResult<Option<UpdateTask>>>;
 
 #[derive(Clone)]
 pub(crate) struct TaskWriter {
-    queue: mpsc::UnboundedSender<(TaskRequest, Reply)>,
+    queue: mpsc::Sender<(TaskRequest, Reply)>,
 }
 
 impl TaskWriter {
     /// Starts the writer; it ends when every `TaskWriter` clone is gone.
     pub(crate) fn start(store: Arc<dyn Store>) -> TaskWriter {
-        let (queue, requests) = mpsc::unbounded_channel();
+        let (queue, requests) = mpsc::channel(QUEUE);
         tokio::spawn(write_batches(store, requests));
         TaskWriter { queue }
     }
@@ -67,6 +71,7 @@ impl TaskWriter {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send((request, reply))
+            .await
             .map_err(|_| StoreError::Other("the task writer has stopped".into()))?;
         answer
             .await
@@ -79,10 +84,7 @@ impl TaskWriter {
 
 /// Writes the first request at once (an idle server adds no delay), and while that
 /// write runs, the next batch gathers in the queue.
-async fn write_batches(
-    store: Arc<dyn Store>,
-    mut requests: mpsc::UnboundedReceiver<(TaskRequest, Reply)>,
-) {
+async fn write_batches(store: Arc<dyn Store>, mut requests: mpsc::Receiver<(TaskRequest, Reply)>) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let tasks: Vec<NewTask<'_>> = batch.iter().map(|(request, _)| request.as_new()).collect();

@@ -10,8 +10,8 @@ use futures_util::FutureExt;
 use server::store::{
     AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
     FailureClass, HeartbeatRecord, LiveSince, MirrorCount, NewRollout, NewTask, PostgresStore,
-    Queries, Role, RolloutKind, RolloutTarget, SessionChange, SqliteStore, StageInputs, Store,
-    StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord, UpdateTask,
+    Queries, Role, RolloutKind, RolloutTarget, SessionChange, SilentTasks, SqliteStore,
+    StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -765,6 +765,86 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
                 .unwrap();
         }
     }
+
+    // What a node holds: its agents and their unfinished tasks.
+    let silent = store
+        .create_tasks(
+            &[
+                new(one, TaskStatus::Dispatched),
+                new(two, TaskStatus::Dispatched),
+            ],
+            40_000,
+        )
+        .await
+        .unwrap();
+    let (quiet, busy) = (silent[0].clone().unwrap(), silent[1].clone().unwrap());
+    store
+        .record_sessions("n-held", &[claim(one, 40_000)])
+        .await
+        .unwrap();
+    let (agents, tasks) = store.held_by("n-held").await.unwrap();
+    assert_eq!(
+        agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        [one]
+    );
+    assert_eq!(tasks, [(one.to_owned(), quiet.id.clone())]);
+    store
+        .record_sessions("n-held", &[release(one, 40_000)])
+        .await
+        .unwrap();
+    assert_eq!(store.held_by("n-held").await.unwrap(), (vec![], vec![]));
+
+    // Silent tasks end as their status's group says, in one statement per group; a
+    // task that reported since the cutoff, or moved to another status, stays.
+    let busy = store
+        .record_progress(two, &busy.id, TaskStatus::Installing, 0, 0, 41_000)
+        .await
+        .unwrap();
+    let groups = [
+        SilentTasks {
+            status: TaskStatus::Dispatched,
+            class: FailureClass::Transient,
+            error: "silent while dispatched".into(),
+            task_ids: vec![quiet.id.clone(), busy.id.clone()],
+        },
+        SilentTasks {
+            status: TaskStatus::Installing,
+            class: FailureClass::Build,
+            error: "silent while installing".into(),
+            task_ids: vec![busy.id.clone()],
+        },
+    ];
+    let ended = store.time_out_tasks(&groups, 41_000, 42_000).await.unwrap();
+    assert_eq!(ids(&ended), [quiet.id.as_str()]);
+    assert_eq!(
+        (
+            ended[0].status,
+            ended[0].failure_class,
+            ended[0].error.as_deref(),
+            ended[0].finished_at_ms
+        ),
+        (
+            TaskStatus::TimedOut,
+            Some(FailureClass::Transient),
+            Some("silent while dispatched"),
+            Some(42_000)
+        )
+    );
+    let ended = store.time_out_tasks(&groups, 41_001, 43_000).await.unwrap();
+    assert_eq!(ids(&ended), [busy.id.as_str()]);
+    assert_eq!(
+        (ended[0].failure_class, ended[0].error.as_deref()),
+        (Some(FailureClass::Build), Some("silent while installing"))
+    );
+    assert!(
+        store
+            .time_out_tasks(&groups, i64::MAX, 44_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "ended tasks stay ended"
+    );
+    assert_eq!(store.active_task(one).await.unwrap(), None);
 }
 
 /// Tokens, enrollment limits, rollout records, blocks and the audit log.

@@ -178,6 +178,15 @@ pub struct AgentRecord {
     pub conflict_hostname: Option<String>,
 }
 
+/// Silent tasks in one status, ended alike (`Queries::time_out_tasks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SilentTasks {
+    pub status: TaskStatus,
+    pub class: FailureClass,
+    pub error: String,
+    pub task_ids: Vec<String>,
+}
+
 /// A change to which node holds an agent's session (`Queries::record_sessions`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionChange {

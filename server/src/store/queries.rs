@@ -124,6 +124,13 @@ pub trait Queries: Send + Sync {
 
     async fn agent(&self, id: &str) -> StoreResult<AgentRecord>;
 
+    /// The agents whose session the database says `node_id` holds, and the id of each
+    /// one's unfinished task (agent id, task id).
+    async fn held_by(
+        &self,
+        node_id: &str,
+    ) -> StoreResult<(Vec<AgentRecord>, Vec<(String, String)>)>;
+
     async fn list_clients(&self) -> StoreResult<Vec<Client>>;
 
     /// `Conflict` when the name is taken.
@@ -203,6 +210,17 @@ pub trait Queries: Send + Sync {
     /// `live_since_ms` (a connected agent's session looks after its own task).
     async fn stale_tasks(&self, cutoff_ms: i64, live_since_ms: i64)
     -> StoreResult<Vec<UpdateTask>>;
+
+    /// Ends the tasks of each group `timed_out` with the group's class and error, those
+    /// still in the group's status with no activity since `cutoff_ms` (a report that
+    /// came in after `stale_tasks` read them keeps a task going), in one transaction
+    /// and one statement per group and few hundred tasks. Returns the tasks it ended.
+    async fn time_out_tasks(
+        &self,
+        groups: &[SilentTasks],
+        cutoff_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Vec<UpdateTask>>;
 
     /// Takes or renews the lease `name` for `holder` until `until_ms`; false while
     /// another holder's lease runs (past `now_ms`).
@@ -392,6 +410,9 @@ pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, o
      progress_at AS progress_at_ms, rollout_id, wave, failure_class, \
      finished_at AS finished_at_ms, mirror, transfer_source, transfer_fallback, transfer_error, \
      transfer_kind, transfer_bytes";
+
+/// At most this many tasks in one statement of `time_out_tasks`.
+pub(super) const TIME_OUT_BATCH: usize = 500;
 
 pub(super) const ACTIVE_STATUSES: &str =
     "('queued', 'dispatched', 'downloading', 'verifying', 'installing', 'restarting')";
@@ -1027,6 +1048,25 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
+                async fn held_by(
+                    &self,
+                    node_id: &str,
+                ) -> StoreResult<(Vec<AgentRecord>, Vec<(String, String)>)> {
+                    let agents = sqlx::query_as(&format!("{SELECT_AGENTS} WHERE a.node_id = $1"))
+                        .bind(node_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                    let tasks = sqlx::query_as(&format!(
+                        "SELECT t.agent_id, t.id FROM update_tasks t \
+                         JOIN agents a ON a.id = t.agent_id \
+                         WHERE a.node_id = $1 AND t.status IN {ACTIVE_STATUSES}"
+                    ))
+                    .bind(node_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok((agents, tasks))
+                }
+
                 async fn agent(&self, id: &str) -> StoreResult<AgentRecord> {
                     Ok(sqlx::query_as(&format!("{SELECT_AGENTS} WHERE a.id = $1"))
                         .bind(id)
@@ -1318,6 +1358,57 @@ macro_rules! impl_queries {
                     .bind(live_since_ms)
                     .fetch_all(&self.pool)
                     .await?)
+                }
+
+                async fn time_out_tasks(
+                    &self,
+                    groups: &[SilentTasks],
+                    cutoff_ms: i64,
+                    now_ms: i64,
+                ) -> StoreResult<Vec<UpdateTask>> {
+                    let greatest = <$store as Dialect>::GREATEST;
+                    let mut tx = self.pool.begin().await?;
+                    let mut ended = Vec::new();
+                    let mut counts = Vec::with_capacity(groups.len());
+                    for group in groups {
+                        let before = ended.len();
+                        for ids in group.task_ids.chunks(TIME_OUT_BATCH) {
+                            let list = (0..ids.len())
+                                .map(|n| format!("${}", n + 6))
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            let sql = format!(
+                                "UPDATE update_tasks SET status = 'timed_out', failure_class = $1, \
+                                     error = $2, updated_at = $3, finished_at = $3 \
+                                 WHERE status = $4 \
+                                   AND {greatest}(created_at, COALESCE(dispatched_at, 0), \
+                                                  COALESCE(progress_at, 0)) < $5 \
+                                   AND id IN ({list}) \
+                                 RETURNING {TASK_COLUMNS}"
+                            );
+                            let mut query = sqlx::query_as(&sql)
+                                .bind(group.class.as_str())
+                                .bind(&group.error)
+                                .bind(now_ms)
+                                .bind(group.status.as_str())
+                                .bind(cutoff_ms);
+                            for id in ids {
+                                query = query.bind(id);
+                            }
+                            let done: Vec<UpdateTask> = query.fetch_all(&mut *tx).await?;
+                            ended.extend(done);
+                        }
+                        counts.push(ended.len() - before);
+                    }
+                    tx.commit().await?;
+                    for (group, count) in groups.iter().zip(counts) {
+                        $crate::metrics::COUNTERS.tasks_ended(
+                            TaskStatus::TimedOut.as_str(),
+                            Some(group.class.as_str()),
+                            count,
+                        );
+                    }
+                    Ok(ended)
                 }
 
                 async fn take_lease(

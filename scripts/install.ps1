@@ -122,7 +122,10 @@ if (Get-Service -Name 'drover-agent' -ErrorAction SilentlyContinue) {
 }
 Move-Item -Force -Path $download -Destination $exe
 
-$flags = @('--server', $Server, '--enroll-token', $token, '--state-dir', $stateDir)
+# The token never goes on a command line, where any user can read it: the agent writes
+# its config and registers the service without it, then the token is added to the
+# file, which the agent made readable by SYSTEM and Administrators only.
+$flags = @('--server', $Server, '--state-dir', $stateDir)
 if ($PublicKey) { $flags += @('--public-key', $PublicKey) }
 if ($PublicKey2) { $flags += @('--public-key-2', $PublicKey2) }
 if ($CaFile) {
@@ -130,6 +133,10 @@ if ($CaFile) {
     Copy-Item -Force -Path $CaFile -Destination $pinnedCa
     $flags += @('--ca-file', $pinnedCa)
 }
-& $exe service install --config (Join-Path $ConfigDir 'agent.conf') -- @flags | Out-Host
+$config = Join-Path $ConfigDir 'agent.conf'
+& $exe service install --no-start --config $config -- @flags | Out-Host
 if ($LASTEXITCODE -ne 0) { throw 'install.ps1: drover-agent service install failed' }
+Add-Content -Path $config -Value "enroll-token = $token"
+& $exe service start | Out-Host
+if ($LASTEXITCODE -ne 0) { throw 'install.ps1: drover-agent service start failed' }
 Write-Host "installed $exe ($($answer.version)); the drover-agent service is running: Get-Service drover-agent"

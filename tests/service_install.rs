@@ -146,3 +146,34 @@ fn service_install_refuses_flags_that_run_would_refuse_and_writes_nothing() {
     assert!(out.contains("probation-timeout"), "{out}");
     assert!(!config.exists() && !units.exists());
 }
+
+/// PowerShell does not run here, so the Windows install script is read: the token may
+/// go into a request header (inside PowerShell) and the config file, never onto the
+/// command line of a program it starts, where any user could read it.
+#[test]
+fn install_ps1_never_puts_the_token_on_a_command_line() {
+    let script = std::fs::read_to_string("scripts/install.ps1").unwrap();
+    let uses: Vec<&str> = script
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#') && line.contains("$token"))
+        .collect();
+    assert!(
+        uses.iter()
+            .any(|l| l.starts_with("Add-Content -Path $config")),
+        "the token goes into the config file: {uses:#?}"
+    );
+    for line in &uses {
+        let allowed = line.starts_with("$token =")
+            || line.starts_with("if (-not $token)")
+            || line.contains("Authorization = \"Bearer $token\"")
+            || line.starts_with("Add-Content -Path $config");
+        assert!(
+            allowed,
+            "the token where a command line could show it: {line}"
+        );
+    }
+    for line in script.lines().filter(|l| l.contains("$flags")) {
+        assert!(!line.contains("enroll-token"), "{line}");
+    }
+}

@@ -26,10 +26,12 @@ pub(crate) fn lock_database(location: &Location) -> anyhow::Result<Option<File>>
             .with_context(|| format!("while creating {}", parent.display()))?;
     }
     let lock = lock_path(path);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    // Private like the database beside it (it holds nothing, but nobody else needs it).
+    let mut options = File::options();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
         .open(&lock)
         .with_context(|| format!("while opening {}", lock.display()))?;
     match file.try_lock() {

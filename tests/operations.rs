@@ -457,7 +457,12 @@ async fn a_fresh_server_keeps_its_data_private_and_refuses_guessable_tokens() {
     let _agent = ProtocolAgent::enroll(&server, "fp-private", "1.0.0").await;
     let data = dir.path().join("data");
     assert_eq!(mode_of(&data), 0o700);
-    for file in ["drover.db", "drover.db-wal", "drover.db-shm", "drover.db.lock"] {
+    for file in [
+        "drover.db",
+        "drover.db-wal",
+        "drover.db-shm",
+        "drover.db.lock",
+    ] {
         let path = data.join(file);
         if path.exists() {
             assert_eq!(mode_of(&path), 0o600, "{file}");

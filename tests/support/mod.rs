@@ -701,8 +701,12 @@ impl ProtocolAgent {
 }
 
 impl Agent {
-    /// SIGKILL to the supervisor and its worker together, as a power cut would.
+    /// SIGKILL to the supervisor and its worker together, as a power cut would. The
+    /// supervisor is stopped first, so it cannot see its worker die before it does.
     pub fn kill9_all(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status();
         if let Ok(pid) = std::fs::read_to_string(self.state_dir.join("worker.pid")) {
             let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }

@@ -108,6 +108,17 @@ async fn offered(api: &Api, version: &str) {
     .await;
 }
 
+/// Waits until a rollout of `version` has started.
+async fn rollout_started(api: &Api, version: &str) {
+    eventually(&format!("a rollout of {version}"), SOON, || async {
+        let (_, rollouts) = api
+            .get(&format!("/api/v1/rollouts?version={version}"))
+            .await;
+        (!rollouts.as_array()?.is_empty()).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn actions_on_one_node_reach_agents_on_the_other() {
     let Some(database) = Database::create("actions") else {
@@ -510,11 +521,7 @@ async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
     );
     offered(&a.api(), "1.1.0").await;
     offered(&b.api(), "1.1.0").await;
-    eventually("the build's rollout", SOON, || async {
-        let (_, rollouts) = a.api().get("/api/v1/rollouts?version=1.1.0").await;
-        (!rollouts.as_array()?.is_empty()).then_some(())
-    })
-    .await;
+    rollout_started(&a.api(), "1.1.0").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // No signal for the build itself (each node watches the downloads); one for each
@@ -632,11 +639,7 @@ async fn a_node_that_lost_the_others_rereads_only_the_agents_whose_change_it_mis
     let (a, b) = two_nodes(dir.path(), &database);
     publish(&a.downloads(), "1.1.0", Some("beta"), b"a beta build");
     offered(&b.api(), "1.1.0").await;
-    eventually("the build's rollout", SOON, || async {
-        let (_, rollouts) = b.api().get("/api/v1/rollouts?version=1.1.0").await;
-        (!rollouts.as_array()?.is_empty()).then_some(())
-    })
-    .await;
+    rollout_started(&b.api(), "1.1.0").await;
     let mut moved = ProtocolAgent::enroll(&b, "fp-moved", "1.0.0").await;
     let mut stayed = ProtocolAgent::enroll(&b, "fp-stayed", "1.0.0").await;
     stayed.heartbeat().await;

@@ -9,9 +9,10 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use server::store::{
     AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
-    FailureClass, HeartbeatRecord, LiveSince, MirrorCount, NewRollout, NewTask, PostgresStore,
-    Queries, Role, RolloutKind, RolloutTarget, SessionChange, SilentTasks, SqliteStore,
-    StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord, UpdateTask,
+    FailureClass, HeartbeatRecord, HierarchySetting, LiveSince, MirrorCount, NewRollout, NewTask,
+    PostgresStore, Queries, Role, RolloutKind, RolloutTarget, SessionChange, SilentTasks,
+    SqliteStore, StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord,
+    UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -2267,6 +2268,240 @@ async fn rollout_page_story(store: &dyn Store) {
         .unwrap();
     assert_eq!(stages(&first), [(ids[0].clone(), "queued".to_owned())]);
     assert_eq!(first[0].error.as_deref(), Some("network"));
+
+    counted_groups_follow_every_change(store, &ids).await;
+}
+
+/// One counted group of `rollout_target_groups`: wave, channel, paused, auto-update,
+/// task status and class, settled, window, and how many targets.
+type Group = (
+    usize,
+    String,
+    bool,
+    bool,
+    Option<TaskStatus>,
+    Option<FailureClass>,
+    bool,
+    Option<String>,
+    u64,
+);
+
+async fn groups(store: &dyn Store, settled_before: i64) -> Vec<Group> {
+    let mut groups: Vec<Group> = store
+        .rollout_target_groups("r-1", settled_before)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| {
+            assert_eq!((g.os.as_str(), g.arch.as_str()), ("linux", "amd64"));
+            (
+                g.wave,
+                g.channel,
+                g.paused,
+                g.auto_update,
+                g.status,
+                g.class,
+                g.settled,
+                g.window,
+                g.agents,
+            )
+        })
+        .collect();
+    groups.sort_by_key(|g| format!("{g:?}"));
+    groups
+}
+
+/// The counts read the facts each target keeps: a change of a task, an agent, its site
+/// or its client shows in them at once.
+async fn counted_groups_follow_every_change(store: &dyn Store, ids: &[String]) {
+    use FailureClass::{Build, Transient};
+    use TaskStatus::{Failed, Succeeded};
+    let stable = || "stable".to_owned();
+    let mut expected: Vec<Group> = vec![
+        (
+            0,
+            stable(),
+            false,
+            true,
+            Some(Failed),
+            Some(Transient),
+            false,
+            None,
+            1,
+        ),
+        (
+            0,
+            stable(),
+            false,
+            true,
+            Some(Failed),
+            Some(Build),
+            false,
+            None,
+            1,
+        ),
+        (
+            1,
+            stable(),
+            false,
+            true,
+            Some(Succeeded),
+            None,
+            false,
+            None,
+            1,
+        ),
+        (1, stable(), true, true, None, None, false, None, 1),
+        (1, stable(), false, true, None, None, false, None, 2),
+    ];
+    expected.sort_by_key(|g| format!("{g:?}"));
+    assert_eq!(groups(store, i64::MAX).await, expected);
+
+    // Settled: succeeded, and connected since before the cutoff.
+    store.node_beat("n-1", "10.0.0.1:1", 3_900).await.unwrap();
+    store
+        .record_sessions("n-1", &[claim(&ids[2], 3_900)])
+        .await
+        .unwrap();
+    let settled = groups(store, 5_000).await;
+    assert!(
+        settled.contains(&(
+            1,
+            stable(),
+            false,
+            true,
+            Some(Succeeded),
+            None,
+            true,
+            None,
+            1
+        )),
+        "{settled:?}"
+    );
+    assert!(
+        !groups(store, 3_850).await.iter().any(|g| g.6),
+        "not yet connected that long"
+    );
+
+    // The site moves to beta, its client gets a window; an agent's own channel and its
+    // pause win over them; the paused agent resumes.
+    let site = store.agent(&ids[0]).await.unwrap().site_id;
+    let client = store
+        .list_sites()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.id == site)
+        .unwrap()
+        .client_id;
+    store
+        .set_channel(ChannelScope::Site, &site, Some("beta"))
+        .await
+        .unwrap();
+    let window = r#"{"days":["sat"],"start":"02:00","duration":"2h","time_zone":"UTC"}"#;
+    store
+        .set_hierarchy_setting(
+            ChannelScope::Client,
+            &client,
+            HierarchySetting::MaintenanceWindow,
+            Some(window),
+        )
+        .await
+        .unwrap();
+    store
+        .set_channel(ChannelScope::Agent, &ids[4], Some("stable"))
+        .await
+        .unwrap();
+    store.set_paused(&ids[3], false).await.unwrap();
+    let beta = || "beta".to_owned();
+    let win = || Some(window.to_owned());
+    let mut expected: Vec<Group> = vec![
+        (
+            0,
+            beta(),
+            false,
+            true,
+            Some(Failed),
+            Some(Transient),
+            false,
+            win(),
+            1,
+        ),
+        (
+            0,
+            beta(),
+            false,
+            true,
+            Some(Failed),
+            Some(Build),
+            false,
+            win(),
+            1,
+        ),
+        (
+            1,
+            beta(),
+            false,
+            true,
+            Some(Succeeded),
+            None,
+            true,
+            win(),
+            1,
+        ),
+        (1, beta(), false, true, None, None, false, win(), 2),
+        (1, stable(), false, true, None, None, false, win(), 1),
+    ];
+    expected.sort_by_key(|g| format!("{g:?}"));
+    assert_eq!(groups(store, 5_000).await, expected);
+
+    // The client's channel shows once the site no longer sets one; a new task shows.
+    store
+        .set_channel(ChannelScope::Site, &site, None)
+        .await
+        .unwrap();
+    store
+        .set_channel(ChannelScope::Client, &client, Some("beta"))
+        .await
+        .unwrap();
+    store
+        .create_task(
+            &NewTask {
+                agent_id: &ids[5],
+                from_version: "1.0.0",
+                to_version: "2.0.0",
+                os: "linux",
+                arch: "amd64",
+                kind: TaskKind::Update,
+                status: TaskStatus::Dispatched,
+                rollout_id: Some("r-1"),
+                wave: Some(1),
+                mirror: None,
+            },
+            6_000,
+        )
+        .await
+        .unwrap();
+    let now = groups(store, 5_000).await;
+    assert!(
+        now.contains(&(
+            1,
+            beta(),
+            false,
+            true,
+            Some(TaskStatus::Dispatched),
+            None,
+            false,
+            win(),
+            1
+        )),
+        "{now:?}"
+    );
+    assert!(
+        now.contains(&(1, beta(), false, true, None, None, false, win(), 1)),
+        "{now:?}"
+    );
+    assert_eq!(now.iter().map(|g| g.8).sum::<u64>(), 6, "{now:?}");
 }
 
 #[tokio::test]

@@ -510,23 +510,22 @@ const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 /// A target's maintenance window: its site's, or else its client's.
 const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
 
-pub(super) fn target_groups_sql() -> String {
-    format!(
-        "SELECT t.wave AS t_wave, a.os AS a_os, a.arch AS a_arch, \
-             COALESCE(a.channel, s.channel, c.channel, 'stable') AS ch, \
-             a.paused AS is_paused, a.auto_update AS auto_upd, u.status AS st, \
-             u.failure_class AS cls, \
-             CAST(CASE WHEN u.status = 'succeeded' AND u.finished_at <= $2 \
-                 AND a.node_id IS NOT NULL AND a.connected_at <= $2 THEN 1 ELSE 0 END AS BIGINT) \
-                 AS settled, \
-             {WINDOW} AS win, COUNT(*) AS agents \
-         FROM rollout_targets t \
-         JOIN agents a ON a.id = t.agent_id JOIN sites s ON s.id = a.site_id \
-         JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
-         WHERE t.rollout_id = $1 \
-         GROUP BY t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, settled, win"
-    )
-}
+/// A rollout's targets grouped by what their stage and scope depend on, read from the
+/// copies of those facts each target keeps (migration 0015) in the order of the index
+/// `rollout_targets_facts`; only a succeeded target looks further, at its task and
+/// agent, to tell whether it settled.
+pub(super) const TARGET_GROUPS_SQL: &str = "SELECT t.wave AS t_wave, t.os AS a_os, t.arch AS a_arch, t.channel AS ch, \
+         t.paused AS is_paused, t.auto_update AS auto_upd, t.task_status AS st, \
+         t.task_class AS cls, \
+         CAST(CASE WHEN t.task_status = 'succeeded' AND EXISTS ( \
+             SELECT 1 FROM update_tasks u JOIN agents a ON a.id = u.agent_id \
+             WHERE u.id = t.task_id AND u.finished_at <= $2 \
+               AND a.node_id IS NOT NULL AND a.connected_at <= $2) \
+             THEN 1 ELSE 0 END AS BIGINT) AS settled, \
+         t.maintenance_window AS win, COUNT(*) AS agents \
+     FROM rollout_targets t \
+     WHERE t.rollout_id = $1 \
+     GROUP BY t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, settled, win";
 
 pub(super) const CLASS_ROWS_SQL: &str = "SELECT wave, failure_class, COUNT(*) AS tasks, \
          CAST(SUM(CASE WHEN finished_at >= $2 THEN 1 ELSE 0 END) AS BIGINT) AS recent \
@@ -935,7 +934,7 @@ macro_rules! impl_rollout_store {
                 settled_before_ms: i64,
             ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::TargetGroup>> {
                 use $crate::store::rollouts as r;
-                let rows: Vec<r::TargetGroupRow> = sqlx::query_as(&r::target_groups_sql())
+                let rows: Vec<r::TargetGroupRow> = sqlx::query_as(r::TARGET_GROUPS_SQL)
                     .bind(id)
                     .bind(settled_before_ms)
                     .fetch_all(&self.pool)

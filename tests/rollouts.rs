@@ -757,6 +757,24 @@ async fn the_gate_counts_only_beta_agents_that_succeeded() {
     let beta_rollout = rollout_of(&api, "1.1.0", "beta").await.unwrap();
     assert_eq!(beta_rollout["gate"]["pass"], false, "{beta_rollout}");
     assert_eq!(beta_rollout["targeted"], 3, "{beta_rollout}");
+    // The listing counts its rollouts together; each says what it says alone.
+    let (_, listed) = api.get("/api/v1/rollouts?version=1.1.0").await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(
+        listed.len(),
+        4,
+        "one beta and three targeted rollouts: {listed:?}"
+    );
+    for entry in listed {
+        let alone = rollout(&api, entry["id"].as_str().unwrap()).await;
+        for field in ["targeted", "succeeded", "in_progress", "waves", "gate"] {
+            assert!(
+                field == "gate" || !entry[field].is_null(),
+                "{field} of {entry}"
+            );
+            assert_eq!(entry[field], alone[field], "{field} of {entry}");
+        }
+    }
 
     // The three beta agents succeed: the gate opens.
     for (agent, task) in beta.iter().zip(&beta_tasks) {

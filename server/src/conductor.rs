@@ -312,48 +312,76 @@ pub(crate) struct Observed {
 }
 
 pub(crate) async fn observe(state: &AppState, rollout: &Rollout) -> StoreResult<Observed> {
-    let plan = parse_plan(rollout)?;
+    let mut observed = observe_all(state, std::slice::from_ref(rollout)).await?;
+    Ok(observed.remove(0))
+}
+
+/// What the health of each of `rollouts` is counted from, in their order: three queries
+/// whatever their number (a listing reads a page of them at once).
+pub(crate) async fn observe_all(
+    state: &AppState,
+    rollouts: &[Rollout],
+) -> StoreResult<Vec<Observed>> {
     let now = now_ms();
-    let wave_rows = state.store.rollout_waves(&rollout.id).await?;
-    let mut observed = Observed {
-        id: rollout.id.clone(),
-        kind: rollout.kind,
-        current_wave: usize::try_from(rollout.current_wave).unwrap_or(0),
-        plan,
-        summary: None,
-        groups: Vec::new(),
-        classes: Vec::new(),
-        wave_rows,
-        now,
-    };
-    // Its tasks may be pruned: the counts frozen before that are the record.
-    if let Some(summary) = &rollout.summary {
-        observed.summary = Some(serde_json::from_str(summary).map_err(|e| {
-            StoreError::Other(format!(
-                "the summary of rollout {} does not read: {e}",
-                rollout.id
-            ))
-        })?);
-        return Ok(observed);
-    }
-    let settled_before = now - duration_ms(state.settings.success_bake);
-    observed.groups = state
-        .store
-        .rollout_target_groups(&rollout.id, settled_before)
-        .await?;
-    observed.classes = state
-        .store
-        .rollout_class_rows(&rollout.id, rollout.resumed_at_ms)
-        .await?
-        .into_iter()
-        .map(|row| health::ClassGroup {
-            wave: row.wave,
-            class: row.class,
-            tasks: row.tasks,
-            recent: row.recent,
-        })
+    let ids: Vec<&str> = rollouts.iter().map(|r| r.id.as_str()).collect();
+    // Rollouts whose tasks may be pruned keep the counts frozen before that: the record.
+    let counted: Vec<&str> = rollouts
+        .iter()
+        .filter(|r| r.summary.is_none())
+        .map(|r| r.id.as_str())
         .collect();
+    let settled_before = now - duration_ms(state.settings.success_bake);
+    let mut wave_rows = by_rollout(state.store.rollout_waves(&ids).await?);
+    let mut groups = by_rollout(
+        state
+            .store
+            .rollout_target_groups(&counted, settled_before)
+            .await?,
+    );
+    let mut classes = by_rollout(state.store.rollout_class_rows(&counted).await?);
+    let mut observed = Vec::with_capacity(rollouts.len());
+    for rollout in rollouts {
+        let summary = match &rollout.summary {
+            Some(summary) => Some(serde_json::from_str(summary).map_err(|e| {
+                StoreError::Other(format!(
+                    "the summary of rollout {} does not read: {e}",
+                    rollout.id
+                ))
+            })?),
+            None => None,
+        };
+        observed.push(Observed {
+            id: rollout.id.clone(),
+            kind: rollout.kind,
+            current_wave: usize::try_from(rollout.current_wave).unwrap_or(0),
+            plan: parse_plan(rollout)?,
+            summary,
+            groups: groups.remove(&rollout.id).unwrap_or_default(),
+            classes: classes
+                .remove(&rollout.id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|row| health::ClassGroup {
+                    wave: row.wave,
+                    class: row.class,
+                    tasks: row.tasks,
+                    recent: row.recent,
+                })
+                .collect(),
+            wave_rows: wave_rows.remove(&rollout.id).unwrap_or_default(),
+            now,
+        });
+    }
     Ok(observed)
+}
+
+/// Rows tagged with their rollout's id, by rollout.
+fn by_rollout<T>(rows: Vec<(String, T)>) -> HashMap<String, Vec<T>> {
+    let mut by: HashMap<String, Vec<T>> = HashMap::new();
+    for (id, row) in rows {
+        by.entry(id).or_default().push(row);
+    }
+    by
 }
 
 impl Observed {

@@ -2288,11 +2288,12 @@ type Group = (
 
 async fn groups(store: &dyn Store, settled_before: i64) -> Vec<Group> {
     let mut groups: Vec<Group> = store
-        .rollout_target_groups("r-1", settled_before)
+        .rollout_target_groups(&["r-1", "no-such-rollout"], settled_before)
         .await
         .unwrap()
         .into_iter()
-        .map(|g| {
+        .map(|(rollout, g)| {
+            assert_eq!(rollout, "r-1");
             assert_eq!((g.os.as_str(), g.arch.as_str()), ("linux", "amd64"));
             (
                 g.wave,

@@ -193,9 +193,9 @@ async fn context(state: &AppState) -> Result<Context, ApiError> {
 async fn render(
     state: &AppState,
     rollout: Rollout,
+    observed: &conductor::Observed,
     context: &Context,
 ) -> Result<RolloutView, ApiError> {
-    let observed = conductor::observe(state, &rollout).await?;
     let health = observed.health(state, |_| true);
     let gate = if rollout.kind == RolloutKind::Beta {
         let platforms = rollout.platforms.clone();
@@ -204,7 +204,7 @@ async fn render(
                 state,
                 &rollout.version,
                 |os, arch| platforms.iter().any(|(o, a)| o == os && a == arch),
-                Some(&observed),
+                Some(observed),
             )
             .await?
             .into(),
@@ -299,7 +299,8 @@ fn view(
 }
 
 async fn one_view(state: &AppState, rollout: Rollout) -> Result<RolloutView, ApiError> {
-    render(state, rollout, &context(state).await?).await
+    let observed = conductor::observe(state, &rollout).await?;
+    render(state, rollout, &observed, &context(state).await?).await
 }
 
 /// Filters and paging of the rollout listing.
@@ -385,9 +386,10 @@ pub(crate) async fn list(
         })
         .await?;
     let context = context(&state).await?;
+    let observed = conductor::observe_all(&state, &rollouts).await?;
     let mut views = Vec::with_capacity(rollouts.len());
-    for rollout in rollouts {
-        views.push(render(&state, rollout, &context).await?);
+    for (rollout, observed) in rollouts.into_iter().zip(&observed) {
+        views.push(render(&state, rollout, observed, &context).await?);
     }
     Ok(Json(views))
 }

@@ -254,6 +254,7 @@ pub struct TargetGroup {
 
 #[derive(sqlx::FromRow)]
 pub(super) struct TargetGroupRow {
+    pub(super) rollout_id: String,
     pub(super) t_wave: i64,
     pub(super) a_os: String,
     pub(super) a_arch: String,
@@ -278,6 +279,7 @@ pub struct ClassRow {
 
 #[derive(sqlx::FromRow)]
 pub(super) struct ClassRowRaw {
+    pub(super) rollout_id: String,
     pub(super) wave: Option<i64>,
     pub(super) failure_class: String,
     pub(super) tasks: i64,
@@ -403,22 +405,24 @@ pub trait RolloutStore: Send + Sync {
     /// Notes when a wave met its thresholds; false when it was noted already.
     async fn mark_wave_passed(&self, id: &str, wave: usize, now_ms: i64) -> StoreResult<bool>;
 
-    async fn rollout_waves(&self, id: &str) -> StoreResult<Vec<WaveRow>>;
+    /// The wave rows of each rollout in `ids`, with its id.
+    async fn rollout_waves(&self, ids: &[&str]) -> StoreResult<Vec<(String, WaveRow)>>;
 
     /// Oldest first.
     async fn rollout_events(&self, id: &str) -> StoreResult<Vec<RolloutEvent>>;
 
-    /// The targets grouped for counting; a success counts as settled when it finished,
-    /// and the agent connected, no later than `settled_before_ms`.
+    /// The targets of each rollout in `ids` grouped for counting, with its id; a success
+    /// counts as settled when it finished, and the agent connected, no later than
+    /// `settled_before_ms`.
     async fn rollout_target_groups(
         &self,
-        id: &str,
+        ids: &[&str],
         settled_before_ms: i64,
-    ) -> StoreResult<Vec<TargetGroup>>;
+    ) -> StoreResult<Vec<(String, TargetGroup)>>;
 
-    /// Ended tasks by wave and failure class; `recent` counts those ended at or after
-    /// `since_ms`.
-    async fn rollout_class_rows(&self, id: &str, since_ms: i64) -> StoreResult<Vec<ClassRow>>;
+    /// Ended tasks of each rollout in `ids` by wave and failure class, with its id;
+    /// `recent` counts those ended since the rollout last resumed.
+    async fn rollout_class_rows(&self, ids: &[&str]) -> StoreResult<Vec<(String, ClassRow)>>;
 
     /// A page of targets with the task that says where each stands and its stage, by
     /// wave then agent id, and how many match before paging. Without a stage filter only
@@ -443,11 +447,11 @@ pub trait RolloutStore: Send + Sync {
 /// `INSERT` statements of targets hold this many rows each (3 parameters a row).
 pub(super) const TARGETS_PER_STATEMENT: usize = 1_000;
 
-impl TryFrom<TargetGroupRow> for TargetGroup {
+impl TryFrom<TargetGroupRow> for (String, TargetGroup) {
     type Error = StoreError;
 
-    fn try_from(row: TargetGroupRow) -> StoreResult<TargetGroup> {
-        Ok(TargetGroup {
+    fn try_from(row: TargetGroupRow) -> StoreResult<(String, TargetGroup)> {
+        let group = TargetGroup {
             wave: wave(row.t_wave),
             os: row.a_os,
             arch: row.a_arch,
@@ -459,21 +463,23 @@ impl TryFrom<TargetGroupRow> for TargetGroup {
             settled: row.settled != 0,
             window: row.win,
             agents: u64::try_from(row.agents).unwrap_or(0),
-        })
+        };
+        Ok((row.rollout_id, group))
     }
 }
 
-impl TryFrom<ClassRowRaw> for ClassRow {
+impl TryFrom<ClassRowRaw> for (String, ClassRow) {
     type Error = StoreError;
 
-    fn try_from(row: ClassRowRaw) -> StoreResult<ClassRow> {
-        Ok(ClassRow {
+    fn try_from(row: ClassRowRaw) -> StoreResult<(String, ClassRow)> {
+        let class = ClassRow {
             wave: wave(row.wave.unwrap_or(0)),
             class: FailureClass::parse(&row.failure_class)
                 .ok_or_else(|| corrupt("failure class", &row.failure_class))?,
             tasks: u64::try_from(row.tasks).unwrap_or(0),
             recent: u64::try_from(row.recent).unwrap_or(0),
-        })
+        };
+        Ok((row.rollout_id, class))
     }
 }
 
@@ -510,27 +516,59 @@ const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 /// A target's maintenance window: its site's, or else its client's.
 const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
 
-/// A rollout's targets grouped by what their stage and scope depend on, read from the
-/// copies of those facts each target keeps (migration 0015) in the order of the index
-/// `rollout_targets_facts`; only a succeeded target looks further, at its task and
-/// agent, to tell whether it settled.
-pub(super) const TARGET_GROUPS_SQL: &str = "SELECT t.wave AS t_wave, t.os AS a_os, t.arch AS a_arch, t.channel AS ch, \
-         t.paused AS is_paused, t.auto_update AS auto_upd, t.task_status AS st, \
-         t.task_class AS cls, \
-         CAST(CASE WHEN t.task_status = 'succeeded' AND EXISTS ( \
-             SELECT 1 FROM update_tasks u JOIN agents a ON a.id = u.agent_id \
-             WHERE u.id = t.task_id AND u.finished_at <= $2 \
-               AND a.node_id IS NOT NULL AND a.connected_at <= $2) \
-             THEN 1 ELSE 0 END AS BIGINT) AS settled, \
-         t.maintenance_window AS win, COUNT(*) AS agents \
-     FROM rollout_targets t \
-     WHERE t.rollout_id = $1 \
-     GROUP BY t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, settled, win";
+/// Some rollouts' targets grouped by what their stage and scope depend on, read from the
+/// copies of those facts each target keeps (migration 0015); only a succeeded target
+/// looks further, at its task and agent, to tell whether it settled. `$1` is the
+/// settled cutoff, the rollout ids follow.
+pub(super) fn target_groups_sql(rollouts: usize) -> String {
+    format!(
+        "SELECT t.rollout_id, t.wave AS t_wave, t.os AS a_os, t.arch AS a_arch, \
+             t.channel AS ch, t.paused AS is_paused, t.auto_update AS auto_upd, \
+             t.task_status AS st, t.task_class AS cls, \
+             CAST(CASE WHEN t.task_status = 'succeeded' AND EXISTS ( \
+                 SELECT 1 FROM update_tasks u JOIN agents a ON a.id = u.agent_id \
+                 WHERE u.id = t.task_id AND u.finished_at <= $1 \
+                   AND a.node_id IS NOT NULL AND a.connected_at <= $1) \
+                 THEN 1 ELSE 0 END AS BIGINT) AS settled, \
+             t.maintenance_window AS win, COUNT(*) AS agents \
+         FROM rollout_targets t \
+         WHERE t.rollout_id IN ({}) \
+         GROUP BY t.rollout_id, t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, \
+             settled, win",
+        placeholders(2, rollouts)
+    )
+}
 
-pub(super) const CLASS_ROWS_SQL: &str = "SELECT wave, failure_class, COUNT(*) AS tasks, \
-         CAST(SUM(CASE WHEN finished_at >= $2 THEN 1 ELSE 0 END) AS BIGINT) AS recent \
-     FROM update_tasks WHERE rollout_id = $1 AND failure_class IS NOT NULL \
-     GROUP BY wave, failure_class";
+/// Ended tasks of some rollouts by wave and class, and how many ended since their
+/// rollout last resumed.
+pub(super) fn class_rows_sql(rollouts: usize) -> String {
+    format!(
+        "SELECT u.rollout_id, u.wave, u.failure_class, COUNT(*) AS tasks, \
+             CAST(SUM(CASE WHEN u.finished_at >= r.resumed_at THEN 1 ELSE 0 END) AS BIGINT) \
+                 AS recent \
+         FROM update_tasks u JOIN rollouts r ON r.id = u.rollout_id \
+         WHERE u.rollout_id IN ({}) AND u.failure_class IS NOT NULL \
+         GROUP BY u.rollout_id, u.wave, u.failure_class",
+        placeholders(1, rollouts)
+    )
+}
+
+/// The wave rows of some rollouts.
+pub(super) fn waves_sql(rollouts: usize) -> String {
+    format!(
+        "SELECT rollout_id, wave, started_at, passed_at FROM rollout_waves \
+         WHERE rollout_id IN ({}) ORDER BY rollout_id, wave",
+        placeholders(1, rollouts)
+    )
+}
+
+/// `$first, $first+1, ...`: `count` placeholders.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The stage of a target as SQL, over the operands given as SQL expressions: its task's
 /// `status` and failure `class` (NULL without a task), the agent's `paused` and
@@ -904,15 +942,25 @@ macro_rules! impl_rollout_store {
 
             async fn rollout_waves(
                 &self,
-                id: &str,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::WaveRow>> {
-                Ok(sqlx::query_as(
-                    "SELECT wave, started_at, passed_at FROM rollout_waves \
-                     WHERE rollout_id = $1 ORDER BY wave",
-                )
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?)
+                ids: &[&str],
+            ) -> $crate::store::StoreResult<Vec<(String, $crate::store::rollouts::WaveRow)>> {
+                use $crate::store::rollouts as r;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let sql = r::waves_sql(ids.len());
+                let mut query = sqlx::query_as::<_, (String, i64, i64, Option<i64>)>(&sql);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                Ok(query
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(|(id, wave, started_at, passed_at)| {
+                        (id, r::WaveRow { wave, started_at, passed_at })
+                    })
+                    .collect())
             }
 
             async fn rollout_events(
@@ -930,30 +978,35 @@ macro_rules! impl_rollout_store {
 
             async fn rollout_target_groups(
                 &self,
-                id: &str,
+                ids: &[&str],
                 settled_before_ms: i64,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::TargetGroup>> {
+            ) -> $crate::store::StoreResult<Vec<(String, $crate::store::rollouts::TargetGroup)>> {
                 use $crate::store::rollouts as r;
-                let rows: Vec<r::TargetGroupRow> = sqlx::query_as(r::TARGET_GROUPS_SQL)
-                    .bind(id)
-                    .bind(settled_before_ms)
-                    .fetch_all(&self.pool)
-                    .await?;
-                r::convert(rows)
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let sql = r::target_groups_sql(ids.len());
+                let mut query = sqlx::query_as::<_, r::TargetGroupRow>(&sql).bind(settled_before_ms);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                r::convert(query.fetch_all(&self.pool).await?)
             }
 
             async fn rollout_class_rows(
                 &self,
-                id: &str,
-                since_ms: i64,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::rollouts::ClassRow>> {
+                ids: &[&str],
+            ) -> $crate::store::StoreResult<Vec<(String, $crate::store::rollouts::ClassRow)>> {
                 use $crate::store::rollouts as r;
-                let rows: Vec<r::ClassRowRaw> = sqlx::query_as(r::CLASS_ROWS_SQL)
-                    .bind(id)
-                    .bind(since_ms)
-                    .fetch_all(&self.pool)
-                    .await?;
-                r::convert(rows)
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let sql = r::class_rows_sql(ids.len());
+                let mut query = sqlx::query_as::<_, r::ClassRowRaw>(&sql);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                r::convert(query.fetch_all(&self.pool).await?)
             }
 
             async fn rollout_targets_page(

@@ -517,26 +517,71 @@ const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
 
 /// Some rollouts' targets grouped by what their stage and scope depend on, read from the
-/// copies of those facts each target keeps (migration 0015); only a succeeded target
-/// looks further, at its task and agent, to tell whether it settled. `$1` is the
-/// settled cutoff, the rollout ids follow.
+/// copies of those facts each target keeps (migration 0015), in the order of the index
+/// `rollout_targets_facts` that covers them (`settled` 0); then, in the same statement
+/// and so the same snapshot, how many of each group of successes settled (`settled` 1):
+/// only those look at their task and agent. `split_settled` makes one of the two. `$1`
+/// is the settled cutoff, the rollout ids follow.
 pub(super) fn target_groups_sql(rollouts: usize) -> String {
+    const GROUP: &str = "t.rollout_id, t.wave, t.os, t.arch, t.channel, t.paused, \
+         t.auto_update, t.task_status, t.task_class, t.maintenance_window";
+    const COLUMNS: &str = "t.rollout_id, t.wave AS t_wave, t.os AS a_os, t.arch AS a_arch, \
+         t.channel AS ch, t.paused AS is_paused, t.auto_update AS auto_upd, \
+         t.task_status AS st, t.task_class AS cls, t.maintenance_window AS win";
+    let ids = placeholders(2, rollouts);
     format!(
-        "SELECT t.rollout_id, t.wave AS t_wave, t.os AS a_os, t.arch AS a_arch, \
-             t.channel AS ch, t.paused AS is_paused, t.auto_update AS auto_upd, \
-             t.task_status AS st, t.task_class AS cls, \
-             CAST(CASE WHEN t.task_status = 'succeeded' AND EXISTS ( \
-                 SELECT 1 FROM update_tasks u JOIN agents a ON a.id = u.agent_id \
-                 WHERE u.id = t.task_id AND u.finished_at <= $1 \
-                   AND a.node_id IS NOT NULL AND a.connected_at <= $1) \
-                 THEN 1 ELSE 0 END AS BIGINT) AS settled, \
-             t.maintenance_window AS win, COUNT(*) AS agents \
-         FROM rollout_targets t \
-         WHERE t.rollout_id IN ({}) \
-         GROUP BY t.rollout_id, t_wave, a_os, a_arch, ch, is_paused, auto_upd, st, cls, \
-             settled, win",
-        placeholders(2, rollouts)
+        "SELECT {COLUMNS}, CAST(0 AS BIGINT) AS settled, COUNT(*) AS agents \
+         FROM rollout_targets t WHERE t.rollout_id IN ({ids}) GROUP BY {GROUP} \
+         UNION ALL \
+         SELECT {COLUMNS}, CAST(1 AS BIGINT) AS settled, COUNT(*) AS agents \
+         FROM rollout_targets t JOIN update_tasks u ON u.id = t.task_id \
+             JOIN agents a ON a.id = t.agent_id \
+         WHERE t.rollout_id IN ({ids}) AND t.task_status = 'succeeded' \
+             AND u.finished_at <= $1 AND a.node_id IS NOT NULL AND a.connected_at <= $1 \
+         GROUP BY {GROUP}"
     )
+}
+
+/// The groups of `target_groups_sql` as `TargetGroup`s: each count of settled successes
+/// moves that many targets out of their group into a settled one.
+pub(super) fn split_settled(rows: Vec<(String, TargetGroup)>) -> Vec<(String, TargetGroup)> {
+    /// What makes a group, but whether it settled and its count.
+    type Key<'a> = (
+        usize,
+        &'a str,
+        &'a str,
+        &'a str,
+        bool,
+        bool,
+        Option<TaskStatus>,
+        Option<FailureClass>,
+        Option<&'a str>,
+    );
+    fn key(g: &TargetGroup) -> Key<'_> {
+        (
+            g.wave,
+            &g.os,
+            &g.arch,
+            &g.channel,
+            g.paused,
+            g.auto_update,
+            g.status,
+            g.class,
+            g.window.as_deref(),
+        )
+    }
+    let (settled, mut groups): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, g)| g.settled);
+    for (rollout, part) in settled {
+        let whole = groups
+            .iter_mut()
+            .find(|(id, g)| *id == rollout && key(g) == key(&part));
+        if let Some((_, whole)) = whole {
+            whole.agents = whole.agents.saturating_sub(part.agents);
+        }
+        groups.push((rollout, part));
+    }
+    groups.retain(|(_, g)| g.agents > 0);
+    groups
 }
 
 /// Ended tasks of some rollouts by wave and class, and how many ended since their
@@ -990,7 +1035,7 @@ macro_rules! impl_rollout_store {
                 for id in ids {
                     query = query.bind(*id);
                 }
-                r::convert(query.fetch_all(&self.pool).await?)
+                Ok(r::split_settled(r::convert(query.fetch_all(&self.pool).await?)?))
             }
 
             async fn rollout_class_rows(

@@ -1835,15 +1835,24 @@ macro_rules! impl_queries {
 
                 async fn fleet_counts(&self, live_since_ms: i64) -> StoreResult<Vec<FleetCount>> {
                     Ok(sqlx::query_as(
-                        "SELECT a.os, a.arch, a.version, COUNT(*) AS agents, \
-                           SUM(CASE WHEN n.last_beat >= $1 THEN 1 ELSE 0 END) AS online, \
-                           SUM(CASE WHEN a.paused THEN 1 ELSE 0 END) AS paused, \
-                           SUM(CASE WHEN COALESCE(a.channel, s.channel, c.channel) = 'beta' \
-                               THEN 1 ELSE 0 END) AS beta \
-                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                        // Agents grouped first by all the counts depend on (from the
+                        // index `agents_fleet`, in its order), then the few groups
+                        // joined to their site, client and node.
+                        "SELECT g.os, g.arch, g.version, \
+                           CAST(SUM(g.n) AS BIGINT) AS agents, \
+                           CAST(SUM(CASE WHEN nd.last_beat >= $1 THEN g.n ELSE 0 END) AS BIGINT) \
+                               AS online, \
+                           CAST(SUM(CASE WHEN g.paused THEN g.n ELSE 0 END) AS BIGINT) AS paused, \
+                           CAST(SUM(CASE WHEN COALESCE(g.channel, s.channel, c.channel) = 'beta' \
+                               THEN g.n ELSE 0 END) AS BIGINT) AS beta \
+                         FROM (SELECT os, arch, version, site_id, channel, paused, node_id, \
+                                   COUNT(*) AS n \
+                               FROM agents \
+                               GROUP BY os, arch, version, site_id, channel, paused, node_id) g \
+                           JOIN sites s ON s.id = g.site_id \
                            JOIN clients c ON c.id = s.client_id \
-                           LEFT JOIN nodes n ON n.id = a.node_id \
-                         GROUP BY a.os, a.arch, a.version",
+                           LEFT JOIN nodes nd ON nd.id = g.node_id \
+                         GROUP BY g.os, g.arch, g.version",
                     )
                     .bind(live_since_ms)
                     .fetch_all(&self.pool)

@@ -186,11 +186,23 @@ async fn a_closed_rollout_keeps_its_counts_after_its_tasks_are_pruned() {
     let id = completed["id"].as_str().unwrap();
 
     // Two seconds after it closed, its tasks and targets are pruned; its counts stay.
-    eventually("the tasks to be pruned", SOON, || async {
+    // The agents keep heartbeating meanwhile: a silent one's session would close, and
+    // its success would no longer count as settled when the counts are frozen.
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        for agent in &mut agents {
+            agent.heartbeat().await;
+        }
         let (_, detail) = api.get(&format!("/api/v1/agents/{}", agents[0].id)).await;
-        detail["tasks"].as_array()?.is_empty().then_some(())
-    })
-    .await;
+        if detail["tasks"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tasks were not pruned: {detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let (_, listed) = api.get(&format!("/api/v1/rollouts/{id}/agents")).await;
     assert_eq!(listed["agents"], json!([]), "{listed}");
     let (_, after) = api.get(&format!("/api/v1/rollouts/{id}")).await;

@@ -675,9 +675,6 @@ pub(crate) fn session_ended(state: &AppState, live: &mut LiveAgent) {
     leave_line(state, &live.id);
 }
 
-/// A task that saw no progress for too long: whose fault, and what to say. Silence after
-/// the agent began starting the new build means the build did not come up (nor did the
-/// supervisor bring the old one back to say so); silence before it is the network's.
 /// How long a task has been silent, and where its agent is.
 #[derive(Debug, Clone, Copy)]
 enum Silence {
@@ -687,7 +684,9 @@ enum Silence {
     Offline { patience_ms: i64 },
 }
 
-/// How a task that went silent in `status` ends: its failure class and its error.
+/// A task that saw no progress for too long: whose fault, and what to say. Silence after
+/// the agent began starting the new build means the build did not come up (nor did the
+/// supervisor bring the old one back to say so); silence before it is the network's.
 fn timeout_of(status: TaskStatus, silence: Silence) -> (FailureClass, String) {
     let class = match status {
         TaskStatus::Installing | TaskStatus::Restarting => FailureClass::Build,

@@ -5,10 +5,9 @@
 //! (PostgreSQL LISTEN/NOTIFY; nothing with SQLite's single node), carry only ids, and
 //! the receiving node re-reads state from the database.
 
-use std::time::Duration;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -252,13 +251,18 @@ async fn act(state: &AppState, signal: Signal) {
             }
         }
         Signal::CheckAll => {
-            if let Err(err) = state.reload_shared_state().await {
-                tracing::warn!(%err, "could not re-read state another node changed");
-            }
-            state.releases.rescan().await;
+            reread_shared_state(state).await;
             state.registry.broadcast_here(|| Outbound::Check);
         }
     }
+}
+
+/// Re-reads what every node shares (blocks, halts, the update switch, the builds).
+async fn reread_shared_state(state: &AppState) {
+    if let Err(err) = state.reload_shared_state().await {
+        tracing::warn!(%err, "could not re-read state another node changed");
+    }
+    state.releases.rescan().await;
 }
 
 /// Whatever the other nodes said while this node could not hear them is lost. Re-read
@@ -267,10 +271,7 @@ async fn act(state: &AppState, signal: Signal) {
 /// from what the session holds (`dispatch::stamp`): two queries for the node rather
 /// than three for each of its sessions.
 async fn recheck_after_loss(state: &AppState) {
-    if let Err(err) = state.reload_shared_state().await {
-        tracing::warn!(%err, "could not re-read state another node changed");
-    }
-    state.releases.rescan().await;
+    reread_shared_state(state).await;
     crate::metrics::Counters::bump(&crate::metrics::COUNTERS.fleet_checks);
     let (agents, tasks) = match state.store.held_by(&state.node_id).await {
         Ok(held) => held,

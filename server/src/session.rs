@@ -645,8 +645,6 @@ async fn decide(state: &AppState, live: &mut LiveAgent, trigger: Trigger) -> Opt
         })
 }
 
-/// Re-reads the agent after an operator action. A task replaced meanwhile is cancelled
-/// on the agent.
 /// A verification as what it calls for: a check when the session holds what the
 /// database says, else a refresh.
 fn verified(live: &LiveAgent, outbound: Outbound) -> Outbound {
@@ -663,6 +661,8 @@ fn verified(live: &LiveAgent, outbound: Outbound) -> Outbound {
     }
 }
 
+/// Re-reads the agent after an operator action. A task replaced meanwhile is cancelled
+/// on the agent.
 async fn refresh(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage> {
     let previous = live.active.as_ref().map(|t| t.id.clone());
     match LiveAgent::load(state, &live.id, &live.position.version).await {

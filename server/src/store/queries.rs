@@ -411,6 +411,14 @@ pub(super) const TASK_COLUMNS: &str = "id, agent_id, from_version, to_version, o
      finished_at AS finished_at_ms, mirror, transfer_source, transfer_fallback, transfer_error, \
      transfer_kind, transfer_bytes";
 
+/// `$first, $first+1, ...`: `count` placeholders, for a list bound at run time.
+pub(super) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// At most this many tasks in one statement of `time_out_tasks`.
 pub(super) const TIME_OUT_BATCH: usize = 500;
 
@@ -1373,10 +1381,7 @@ macro_rules! impl_queries {
                     for group in groups {
                         let before = ended.len();
                         for ids in group.task_ids.chunks(TIME_OUT_BATCH) {
-                            let list = (0..ids.len())
-                                .map(|n| format!("${}", n + 6))
-                                .collect::<Vec<_>>()
-                                .join(", ");
+                            let list = placeholders(6, ids.len());
                             let sql = format!(
                                 "UPDATE update_tasks SET status = 'timed_out', failure_class = $1, \
                                      error = $2, updated_at = $3, finished_at = $3 \

@@ -4,6 +4,7 @@
 
 use async_trait::async_trait;
 
+use super::queries::placeholders;
 use super::{FailureClass, StoreError, StoreResult, TaskStatus};
 
 /// What a rollout does.
@@ -605,14 +606,6 @@ pub(super) fn waves_sql(rollouts: usize) -> String {
          WHERE rollout_id IN ({}) ORDER BY rollout_id, wave",
         placeholders(1, rollouts)
     )
-}
-
-/// `$first, $first+1, ...`: `count` placeholders.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The stage of a target as SQL, over the operands given as SQL expressions: its task's

@@ -514,8 +514,9 @@ pub(super) fn convert<R, T: TryFrom<R, Error = StoreError>>(rows: Vec<R>) -> Sto
 /// target's build failure in the rollout if it has one, else its newest task).
 const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 
-/// A target's maintenance window: its site's, or else its client's.
-const WINDOW: &str = "COALESCE(s.maintenance_window, c.maintenance_window)";
+/// A target with the facts it keeps (migration 0015): what its stage is read from.
+const TARGET_FACTS: &str = "rollout_id, agent_id, wave, task_id, task_status, task_class, \
+     paused, auto_update, maintenance_window";
 
 /// Some rollouts' targets grouped by what their stage and scope depend on, read from the
 /// copies of those facts each target keeps (migration 0015), in the order of the index
@@ -652,23 +653,24 @@ pub(super) fn targets_page_sql(closed_windows: usize, stage_filter: bool) -> (St
         "FALSE".to_owned()
     } else {
         let list: Vec<String> = (0..closed_windows).map(|_| next()).collect();
-        format!("{WINDOW} IN ({})", list.join(", "))
+        format!("t.maintenance_window IN ({})", list.join(", "))
     };
+    // Placed from the facts the target keeps, the ones its counts are grouped by.
     let stage = stage_sql(
-        "u.status",
-        "u.failure_class",
-        "a.paused",
-        "a.auto_update",
+        "t.task_status",
+        "t.task_class",
+        "t.paused",
+        "t.auto_update",
         "$3",
         "t.wave <= $4",
         &outside,
     );
     let rows = |targets: &str| {
         format!(
-            "SELECT t.agent_id, a.hostname, a.version, t.wave, a.paused, a.auto_update, \
-                 u.id AS task_id, u.status, u.failure_class, u.error, {stage} AS stage \
-             FROM {targets} t JOIN agents a ON a.id = t.agent_id \
-             JOIN sites s ON s.id = a.site_id JOIN clients c ON c.id = s.client_id {NEWEST_TASK} \
+            "SELECT t.agent_id, a.hostname, a.version, t.wave, t.paused, t.auto_update, \
+                 u.id AS task_id, t.task_status AS status, t.task_class AS failure_class, \
+                 u.error, {stage} AS stage \
+             FROM {targets} t JOIN agents a ON a.id = t.agent_id {NEWEST_TASK} \
              WHERE t.rollout_id = $1 AND ($2 IS NULL OR t.wave = $2)"
         )
     };
@@ -687,7 +689,7 @@ pub(super) fn targets_page_sql(closed_windows: usize, stage_filter: bool) -> (St
         let (limit, offset) = (next(), next());
         // Only the page's targets are joined with their tasks.
         let page = format!(
-            "(SELECT rollout_id, agent_id, wave, task_id FROM rollout_targets \
+            "(SELECT {TARGET_FACTS} FROM rollout_targets \
               WHERE rollout_id = $1 AND ($2 IS NULL OR wave = $2) \
               ORDER BY wave, agent_id LIMIT {limit} OFFSET {offset})"
         );

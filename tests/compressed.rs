@@ -1,7 +1,8 @@
-//! End-to-end: compressed transfer. The server makes a zstd copy of each build once;
-//! real agents download it instead of the build, resume it after a cut, verify what it
-//! decompresses to, and fall back to the build itself when the copy is bad, without
-//! failing the update.
+//! End-to-end: compressed and delta transfer. The server makes a zstd copy of each build
+//! once, and deltas to the newest builds from the versions its agents run; real agents
+//! download a delta or the copy instead of the build, resume it after a cut, verify what
+//! it rebuilds, and fall back (delta, then copy, then the build itself) when one is bad,
+//! without failing the update.
 
 mod support;
 
@@ -226,4 +227,189 @@ async fn the_copy_is_offered_and_admitted_like_the_build() {
         .await
         .unwrap();
     assert_eq!(blocked.status(), 403);
+}
+
+/// Waits until the build of `version` is offered with its delta from `base` made;
+/// answers the release and the delta's size.
+async fn delta_release(server: &Server, version: &str, base: &str) -> (Value, u64) {
+    eventually(
+        &format!("a delta from {base} to {version}"),
+        Duration::from_secs(60),
+        || async {
+            let (_, releases) = server.api().get("/api/v1/releases").await;
+            let release = releases
+                .as_array()?
+                .iter()
+                .find(|r| r["version"] == version)?
+                .clone();
+            let size = release["deltas"]
+                .as_array()?
+                .iter()
+                .find(|d| d["from_version"] == base)?["size"]
+                .as_u64()?;
+            Some((release, size))
+        },
+    )
+    .await
+}
+
+/// An agent that runs the published 1.0.0 build, online; 1.0.1 on beta with its delta
+/// from 1.0.0 made. Answers the agent, its id, 1.0.1's release and the delta's size.
+async fn running_base_with_delta(
+    server: &Server,
+    dir: &std::path::Path,
+    name: &str,
+) -> (Agent, String, Value, u64) {
+    publish_agent(server, dir, "1.0.0", "stable");
+    let exe = install_agent(dir);
+    assert!(
+        std::fs::read(&exe).unwrap() == std::fs::read(dir.join("build-1.0.0")).unwrap(),
+        "the installed agent is the published 1.0.0 build"
+    );
+    let agent = Agent::start_installed_enrolling(server, &exe, dir, name, &[]);
+    let id = enrolled_id(server, name).await;
+    // The fleet now runs 1.0.0: a new build gets a delta from it.
+    publish_agent(server, dir, "1.0.1", "beta");
+    let (release, delta) = delta_release(server, "1.0.1", "1.0.0").await;
+    (agent, id, release, delta)
+}
+
+async fn move_to_beta(server: &Server, id: &str) {
+    let (status, body) = server
+        .api()
+        .put(
+            &format!("/api/v1/agents/{id}/channel"),
+            serde_json::json!({"channel": "beta"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_release_is_delivered_as_a_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    let (_agent, id, release, delta) =
+        running_base_with_delta(&server, dir.path(), "uniform").await;
+    let compressed = compressed_release(&server, "1.0.1").await["compressed_size"]
+        .as_u64()
+        .unwrap();
+    let size = release["size"].as_u64().unwrap();
+    assert!(
+        delta * 10 <= compressed,
+        "a patch release's delta is at most a tenth of the compressed build: {delta} of {compressed}"
+    );
+
+    move_to_beta(&server, &id).await;
+    let task = task_reaches(&server, &id, "succeeded").await;
+    let exe = dir.path().join("bin/drover-agent");
+    installed(&exe, "1.0.1").await;
+    assert_eq!(task["transfer"]["kind"], "delta", "{task}");
+    assert_eq!(task["transfer"]["source"], "server", "{task}");
+    assert_eq!(task["transfer"]["bytes"], delta, "{task}");
+    assert!(delta < size);
+    assert!(
+        std::fs::read(&exe).unwrap() == std::fs::read(dir.path().join("build-1.0.1")).unwrap(),
+        "the installed executable is the build, byte for byte"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_delta_falls_back_and_the_update_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    let (agent, id, release, _) = running_base_with_delta(&server, dir.path(), "victor").await;
+    let compressed = compressed_release(&server, "1.0.1").await["compressed_size"]
+        .as_u64()
+        .unwrap();
+    // The delta on disk goes bad after it was made (same size, other bytes): the server
+    // still offers it, with the digest it was made with.
+    let deltas: Vec<_> = std::fs::read_dir(dir.path().join("data/deltas"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(release["sha256"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(deltas.len(), 1, "{deltas:?}");
+    let len = std::fs::metadata(&deltas[0]).unwrap().len();
+    std::fs::write(&deltas[0], vec![0x5a; len as usize]).unwrap();
+
+    move_to_beta(&server, &id).await;
+    let task = task_reaches(&server, &id, "succeeded").await;
+    installed(&dir.path().join("bin/drover-agent"), "1.0.1").await;
+    assert_eq!(task["transfer"]["kind"], "compressed", "{task}");
+    assert_eq!(task["transfer"]["bytes"], compressed, "{task}");
+    assert_eq!(
+        task["attempts"], 1,
+        "one task, not failed and retried: {task}"
+    );
+    assert!(agent.log().contains("the delta failed"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delta_is_offered_only_to_an_agent_that_runs_its_base() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    // Builds that compress poorly, so only a delta makes them small.
+    let base: Vec<u8> = (0..1 << 20).map(|_| rand::random::<u8>()).collect();
+    let mut next = base.clone();
+    next[4096..4104].copy_from_slice(b"v1.0.1!!");
+    publish(&server.downloads(), "1.0.0", Some("stable"), &base);
+    let mut on_base = ProtocolAgent::enroll(&server, "fp-on-base", "1.0.0").await;
+    let mut on_other = ProtocolAgent::enroll(&server, "fp-on-other", "0.9.0").await;
+    let file = publish(&server.downloads(), "1.0.1", Some("beta"), &next);
+    let (_, size) = delta_release(&server, "1.0.1", "1.0.0").await;
+    move_to_beta(&server, &on_base.id).await;
+    move_to_beta(&server, &on_other.id).await;
+
+    let update = on_base
+        .next_update(Duration::from_secs(30))
+        .await
+        .expect("an update");
+    let delta = update.delta.clone().expect("the update offers the delta");
+    assert_eq!(delta.encoding, "zstd-patch");
+    assert_eq!(delta.base_version, "1.0.0");
+    assert_eq!(delta.base_sha256, hex::encode(sha2::Sha256::digest(&base)));
+    assert_eq!(delta.size, size);
+    assert!(
+        delta
+            .url
+            .contains(&format!("/downloads/{file}.delta-from-1.0.0?task=")),
+        "{}",
+        delta.url
+    );
+    // The update's grant opens the delta; with the base it rebuilds the build.
+    let bytes = reqwest::get(&delta.url)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), delta.sha256);
+    let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(&bytes[..], &base[..]).unwrap();
+    decoder.window_log_max(30).unwrap();
+    let mut rebuilt = Vec::new();
+    std::io::copy(&mut decoder, &mut rebuilt).unwrap();
+    assert!(rebuilt == next);
+    // A grant is for the name it was made for: the build's does not open the delta.
+    let (_, build_grant) = update.url.split_once('?').unwrap();
+    let swapped = reqwest::get(format!(
+        "{}/downloads/{file}.delta-from-1.0.0?{build_grant}",
+        server.url
+    ))
+    .await
+    .unwrap();
+    assert_eq!(swapped.status(), 403);
+
+    // An agent on a version with no build here gets no delta.
+    let update = on_other
+        .next_update(Duration::from_secs(30))
+        .await
+        .expect("an update");
+    assert_eq!(update.delta, None, "{update:?}");
 }

@@ -186,7 +186,7 @@ async fn actions_on_one_node_reach_agents_on_the_other() {
             .await
             .expect("the request reaches A's agent")
         {
-            ServerMessage::Update(update) => break update,
+            ServerMessage::Update(update) => break *update,
             _ => continue,
         }
     };
@@ -202,7 +202,7 @@ async fn actions_on_one_node_reach_agents_on_the_other() {
             .await
             .expect("the rollback reaches the agent")
         {
-            ServerMessage::Update(update) => break update,
+            ServerMessage::Update(update) => break *update,
             _ => continue,
         }
     };

@@ -104,7 +104,7 @@ impl Kept {
 
     async fn update(&mut self, within: Duration) -> Update {
         match self.next(within).await {
-            Some(ServerMessage::Update(update)) => update,
+            Some(ServerMessage::Update(update)) => *update,
             Some(other) => panic!("{}: expected an update, got {other:?}", self.name),
             None => panic!("{}: no update within {within:?}", self.name),
         }

@@ -949,3 +949,58 @@ async fn simulated_agents_take_the_compressed_copy_and_count_its_bytes() {
         "only the copy crossed the wire: {report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_agents_take_a_delta_from_the_build_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", "3"]);
+    let api = server.api();
+    let base: Vec<u8> = (0..256 * 1024).map(|_| rand::random::<u8>()).collect();
+    let mut next = base.clone();
+    next[1000..1008].copy_from_slice(b"v1.1.0!!");
+    publish(&server.downloads(), "1.0.0", Some("stable"), &base);
+    let running = dir.path().join("running-build");
+    std::fs::write(&running, &base).unwrap();
+    let sim = Sim::start(
+        &server,
+        dir.path(),
+        FLEET,
+        &["--running-build", running.to_str().unwrap()],
+    );
+    all_online(&api, FLEET).await;
+    // The fleet runs 1.0.0: the new build gets a delta from it.
+    publish(&server.downloads(), "1.1.0", Some("beta"), &next);
+    let delta = eventually("the delta to be made", Duration::from_secs(30), || async {
+        let (_, releases) = api.get("/api/v1/releases").await;
+        let release = releases
+            .as_array()?
+            .iter()
+            .find(|r| r["version"] == "1.1.0")?
+            .clone();
+        release["deltas"].as_array()?.first()?["size"].as_u64()
+    })
+    .await;
+    assert!(delta < 1000, "{delta}");
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(serde_json::json!({ "force": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    let done = format!("updates {FLEET}/{FLEET}");
+    eventually(
+        "the simulator to count every update",
+        Duration::from_secs(60),
+        || async { sim.last_progress().contains(&done).then_some(()) },
+    )
+    .await;
+    let report = sim.stop();
+    assert_eq!(report["updates_verified"], FLEET, "report: {report}");
+    assert_eq!(report["errors_total"], 0, "report: {report}");
+    assert_eq!(
+        report["download_bytes"],
+        FLEET as u64 * delta,
+        "only the delta crossed the wire: {report}"
+    );
+}

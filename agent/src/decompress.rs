@@ -1,6 +1,7 @@
-//! Turning a downloaded compressed copy back into the build: streaming, in bounded
-//! memory, and never beyond the build's declared size, so a copy that inflates without
-//! end (a decompression bomb) fails instead of filling the disk.
+//! Turning a downloaded compressed copy, or a delta with the build it starts from, back
+//! into the build: streaming, in bounded memory, and never beyond the build's declared
+//! size, so a copy that inflates without end (a decompression bomb) fails instead of
+//! filling the disk.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -30,18 +31,46 @@ pub(crate) enum DecompressError {
 /// Decompresses the zstd stream in `src` into `dst` (created or truncated), which then
 /// holds exactly `size` bytes, flushed to disk. On any error `dst` is removed.
 pub(crate) fn decompress_limited(src: &Path, dst: &Path, size: u64) -> Result<(), DecompressError> {
-    let result = decompress_into(src, dst, size);
+    limited(src, None, dst, size)
+}
+
+/// Rebuilds a build from the `zstd-patch` delta in `src` and the bytes of the build it
+/// starts from (`base`), into `dst` as `decompress_limited` does. The window the delta
+/// may use follows from the two sizes (`protocol::delta_window_log`).
+pub(crate) fn patch_limited(
+    src: &Path,
+    base: &[u8],
+    dst: &Path,
+    size: u64,
+) -> Result<(), DecompressError> {
+    limited(src, Some(base), dst, size)
+}
+
+fn limited(src: &Path, base: Option<&[u8]>, dst: &Path, size: u64) -> Result<(), DecompressError> {
+    let result = decompress_into(src, base, dst, size);
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
     result
 }
 
-fn decompress_into(src: &Path, dst: &Path, size: u64) -> Result<(), DecompressError> {
-    let input = std::fs::File::open(src).map_err(DecompressError::Io)?;
-    let mut decoder = zstd::stream::read::Decoder::new(input)
-        .and_then(|mut decoder| {
-            decoder.window_log_max(WINDOW_LOG_MAX)?;
+fn decompress_into(
+    src: &Path,
+    base: Option<&[u8]>,
+    dst: &Path,
+    size: u64,
+) -> Result<(), DecompressError> {
+    let input = std::io::BufReader::new(std::fs::File::open(src).map_err(DecompressError::Io)?);
+    let decoder = match base {
+        None => {
+            zstd::stream::read::Decoder::with_buffer(input).map(|decoder| (decoder, WINDOW_LOG_MAX))
+        }
+        Some(base) => zstd::stream::read::Decoder::with_ref_prefix(input, base)
+            .map(|decoder| (decoder, protocol::delta_window_log(base.len() as u64, size))),
+    };
+    let mut decoder = decoder
+        .and_then(|(mut decoder, window_log)| {
+            decoder.window_log_max(window_log)?;
             Ok(decoder)
         })
         .map_err(DecompressError::Io)?;
@@ -145,6 +174,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_delta_rebuilds_the_build_only_from_its_own_base() {
+        // Incompressible on its own: only the base can supply its bytes.
+        let base: Vec<u8> = (0..300_000).map(|_| rand::random::<u8>()).collect();
+        let mut next = base.clone();
+        next[5000..5008].copy_from_slice(b"1.0.1 ok");
+        let size = next.len() as u64;
+        let mut encoder = zstd::stream::Encoder::with_ref_prefix(Vec::new(), 3, &base).unwrap();
+        encoder
+            .window_log(protocol::delta_window_log(base.len() as u64, size))
+            .unwrap();
+        std::io::Write::write_all(&mut encoder, &next).unwrap();
+        let delta = encoder.finish().unwrap();
+        assert!(delta.len() < 200, "{} bytes", delta.len());
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("delta"), dir.path().join("build.part"));
+        std::fs::write(&src, &delta).unwrap();
+        patch_limited(&src, &base, &dst, size).unwrap();
+        assert!(std::fs::read(&dst).unwrap() == next);
+
+        // Another base rebuilds other bytes (or none); the build's digest decides after.
+        let mut other = base.clone();
+        other[100] ^= 0xff;
+        match patch_limited(&src, &other, &dst, size) {
+            Ok(()) => assert!(std::fs::read(&dst).unwrap() != next),
+            Err(DecompressError::Corrupt(_)) => assert!(!dst.exists()),
+            Err(err) => panic!("{err}"),
+        }
+        // A shorter base cannot hold what the delta refers to.
+        let err = patch_limited(&src, &base[..1000], &dst, size).unwrap_err();
+        assert!(matches!(err, DecompressError::Corrupt(_)), "{err}");
+        assert!(!dst.exists());
+        // A delta that claims more than the build is refused as it inflates.
+        let err = patch_limited(&src, &base, &dst, size - 1).unwrap_err();
+        assert!(matches!(err, DecompressError::TooLarge(_)), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use protocol::{CompressedBuild, FailureClass, Transfer};
+use protocol::{CompressedBuild, DeltaBuild, FailureClass, Transfer};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "update.json";
@@ -50,14 +50,19 @@ pub(crate) struct Journal {
     pub(crate) mirror_url: Option<String>,
     /// How the build reaches the agent: unknown while the mirror is being tried; the
     /// server (with why the mirror was given up) or the mirror once decided. From the
-    /// server, `kind` says whether the compressed copy is being fetched (resumed at
-    /// `staging/<task>.zst.part`) or, once it was given up on, the build.
+    /// server, `kind` says whether the delta (resumed at `staging/<task>.delta.part`),
+    /// the compressed copy (at `staging/<task>.zst.part`) or, once those were given up
+    /// on, the build is being fetched.
     #[serde(default)]
     pub(crate) transfer: Option<Transfer>,
     /// The server's compressed copy of the build, when the update offered one this
     /// agent reads and no mirror.
     #[serde(default)]
     pub(crate) compressed: Option<CompressedBuild>,
+    /// A delta from the build this agent runs, when the update offered one this agent
+    /// reads and no mirror.
+    #[serde(default)]
+    pub(crate) delta: Option<DeltaBuild>,
     pub(crate) sha256: String,
     pub(crate) size: u64,
     #[serde(default)]
@@ -114,6 +119,11 @@ pub(crate) fn partial_path(state_dir: &Path, task_id: &str) -> PathBuf {
 /// `partial_path`.
 pub(crate) fn compressed_path(state_dir: &Path, task_id: &str) -> PathBuf {
     staging_dir(state_dir).join(format!("{}.zst.part", file_safe(task_id)))
+}
+
+/// Where the delta is downloaded to, before it is applied into the `partial_path`.
+pub(crate) fn delta_path(state_dir: &Path, task_id: &str) -> PathBuf {
+    staging_dir(state_dir).join(format!("{}.delta.part", file_safe(task_id)))
 }
 
 pub(crate) fn verified_path(state_dir: &Path, task_id: &str) -> PathBuf {
@@ -219,6 +229,7 @@ pub(crate) fn sample(step: Step) -> Journal {
         mirror_url: None,
         transfer: None,
         compressed: None,
+        delta: None,
         sha256: "00".repeat(32),
         size: 3,
         signature: None,

@@ -331,7 +331,7 @@ impl Worker {
                                 return Ended::AfterWelcome(format!("server ended the session ({:?}): {}", reject.code, reject.message));
                             }
                             Ok(ServerMessage::Update(update)) => {
-                                if let Some(refusal) = self.take_update(update) {
+                                if let Some(refusal) = self.take_update(*update) {
                                     status::result(&state_dir, &refusal);
                                     if let Err(err) = send(socket, AgentMessage::UpdateResult(refusal)).await {
                                         return Ended::AfterWelcome(err);
@@ -651,7 +651,7 @@ mod tests {
         )
             .prop_map(
                 |(task_id, version, url, sha256, size, signature, rollback, sent_at_ms)| {
-                    ServerMessage::Update(Update {
+                    ServerMessage::Update(Box::new(Update {
                         task_id,
                         version,
                         url,
@@ -662,7 +662,8 @@ mod tests {
                         sent_at_ms,
                         mirror_url: None,
                         compressed: None,
-                    })
+                        delta: None,
+                    }))
                 },
             );
         let message = prop_oneof![

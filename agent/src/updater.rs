@@ -2,10 +2,12 @@
 //! offered mirror while it serves the right bytes, else from the server), verify,
 //! install, then hand over to the supervisor for the restart into the new version. The
 //! installed executable is untouched until the build is verified. Without a mirror, the
-//! server's compressed copy is fetched when offered, checked, decompressed and verified
-//! as the build. A refusal or failure is an `UpdateError`, whose kind decides the
-//! failure class reported to the server; a mirror's failure, or the compressed copy's,
-//! is none: the server's build is fetched instead.
+//! server's delta from the running build, or else its compressed copy, is fetched when
+//! offered, checked, applied or decompressed, and verified as the build. A refusal or
+//! failure is an `UpdateError`, whose kind decides the failure class reported to the
+//! server; a mirror's failure, or the delta's or the compressed copy's, is none: the
+//! next form of the build (the compressed copy, then the build itself) is fetched
+//! instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use protocol::{
-    CompressedBuild, FailureClass, MirrorFailure, Transfer, TransferKind, TransferSource, Update,
-    UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
+    CompressedBuild, DeltaBuild, FailureClass, MirrorFailure, Transfer, TransferKind,
+    TransferSource, Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
 };
 use tokio::sync::mpsc;
 
@@ -144,8 +146,7 @@ fn usable_compressed(update: &Update) -> Option<CompressedBuild> {
         && is_http_url(&offer.url)
         && offer.size > 0
         && offer.size <= MAX_BUILD_BYTES
-        && offer.sha256.len() == 64
-        && offer.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        && is_sha256(&offer.sha256);
     if !usable {
         tracing::warn!(task = %update.task_id, "the update's compressed copy is not one this agent reads; downloading the build");
         return None;
@@ -154,6 +155,39 @@ fn usable_compressed(update: &Update) -> Option<CompressedBuild> {
         sha256: offer.sha256.to_ascii_lowercase(),
         ..offer.clone()
     })
+}
+
+/// Lower-case hex SHA-256 text.
+fn is_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The update's delta, if it offers one this agent reads; a delta out of bounds is
+/// passed over for the compressed copy or the build.
+fn usable_delta(update: &Update) -> Option<DeltaBuild> {
+    let offer = update.delta.as_ref()?;
+    let usable = offer.encoding == protocol::ENCODING_ZSTD_PATCH
+        && is_http_url(&offer.url)
+        && offer.size > 0
+        && offer.size <= MAX_BUILD_BYTES
+        && is_sha256(&offer.sha256)
+        && is_sha256(&offer.base_sha256);
+    if !usable {
+        tracing::warn!(task = %update.task_id, "the update's delta is not one this agent reads; downloading the build");
+        return None;
+    }
+    Some(DeltaBuild {
+        sha256: offer.sha256.to_ascii_lowercase(),
+        base_sha256: offer.base_sha256.to_ascii_lowercase(),
+        ..offer.clone()
+    })
+}
+
+/// A form of the build the server offers besides the build itself, which the agent
+/// turns back into the build.
+enum Form {
+    Compressed(CompressedBuild),
+    Delta(DeltaBuild),
 }
 
 /// The transfer of a build from the server: its compressed copy or the build itself.
@@ -167,7 +201,7 @@ fn from_server(kind: TransferKind, bytes: u64) -> Transfer {
     }
 }
 
-/// Why the compressed copy was given up on; the build is fetched instead.
+/// Why a delta or compressed copy was given up on; the next form is fetched instead.
 struct CopyFailed(String);
 
 impl Updater {
@@ -194,11 +228,12 @@ impl Updater {
             None => None,
         };
         let mirror = usable_mirror(update);
-        // A mirror keeps to the build itself: it holds no compressed copies.
+        // A mirror keeps to the build itself: it holds no compressed copies or deltas.
         let compressed = mirror
             .is_none()
             .then(|| usable_compressed(update))
             .flatten();
+        let delta = mirror.is_none().then(|| usable_delta(update)).flatten();
         let journal = Journal {
             task_id: update.task_id.clone(),
             version: update.version.clone(),
@@ -207,11 +242,13 @@ impl Updater {
             mirror_url: mirror.clone(),
             // Without a mirror the source is known now; with one, once it served the
             // build or was given up on.
-            transfer: mirror.is_none().then(|| match &compressed {
-                Some(copy) => from_server(TransferKind::Compressed, copy.size),
-                None => from_server(TransferKind::Full, update.size),
+            transfer: mirror.is_none().then(|| match (&delta, &compressed) {
+                (Some(delta), _) => from_server(TransferKind::Delta, delta.size),
+                (None, Some(copy)) => from_server(TransferKind::Compressed, copy.size),
+                (None, None) => from_server(TransferKind::Full, update.size),
             }),
             compressed,
+            delta,
             sha256: update.sha256.to_ascii_lowercase(),
             size: update.size,
             signature: update.signature.clone(),
@@ -371,15 +408,20 @@ impl Updater {
             };
             self.fall_back(journal, events, part, failure)?;
         }
-        if let Some(copy) = journal.compressed.clone()
-            && journal
-                .transfer
-                .as_ref()
-                .is_some_and(|t| t.kind == TransferKind::Compressed)
-        {
-            match self.fetch_compressed(journal, events, &copy, part).await? {
+        // The delta, then the compressed copy, each while the journal says it is the one
+        // being fetched; a failed one hands over to the next.
+        loop {
+            let kind = journal.transfer.as_ref().map(|t| t.kind);
+            let form = match (kind, &journal.delta, &journal.compressed) {
+                (Some(TransferKind::Delta), Some(delta), _) => Form::Delta(delta.clone()),
+                (Some(TransferKind::Compressed), _, Some(copy)) => Form::Compressed(copy.clone()),
+                _ => break,
+            };
+            match self.fetch_form(journal, events, &form, part).await? {
                 Ok(digest) => return Ok(digest),
-                Err(CopyFailed(reason)) => self.give_up_copy(journal, events, part, &reason)?,
+                Err(CopyFailed(reason)) => {
+                    self.give_up_form(journal, events, &form, part, &reason)?
+                }
             }
         }
         self.fetch_from(
@@ -394,55 +436,65 @@ impl Updater {
         self.check_digest(journal, events, part).await
     }
 
-    /// Brings the build into `part` from the server's compressed copy and answers its
-    /// digest, checked. The outer error fails the update (this machine's trouble, or a
-    /// signature that does not hold); a `CopyFailed` says why the copy is not to be
-    /// trusted or could not be had, and the build itself is fetched instead.
-    async fn fetch_compressed(
+    /// Brings the build into `part` from the server's compressed copy, or its delta and
+    /// this agent's executable, and answers its digest, checked. The outer error fails
+    /// the update (this machine's trouble, or a signature that does not hold); a
+    /// `CopyFailed` says why the form is not to be trusted or could not be had, and the
+    /// next form is fetched instead.
+    async fn fetch_form(
         &self,
         journal: &Journal,
         events: &mpsc::Sender<Event>,
-        copy: &CompressedBuild,
+        form: &Form,
         part: &std::path::Path,
     ) -> Result<Result<String, CopyFailed>, UpdateError> {
-        let zst = journal::compressed_path(&self.state_dir, &journal.task_id);
-        let fetched = self
-            .fetch_from(
+        let (url, size, sha256, staged) = match form {
+            Form::Compressed(copy) => (
                 &copy.url,
-                download::SERVER,
-                journal,
                 copy.size,
-                events,
-                &zst,
-            )
+                &copy.sha256,
+                journal::compressed_path(&self.state_dir, &journal.task_id),
+            ),
+            Form::Delta(delta) => (
+                &delta.url,
+                delta.size,
+                &delta.sha256,
+                journal::delta_path(&self.state_dir, &journal.task_id),
+            ),
+        };
+        let fetched = self
+            .fetch_from(url, download::SERVER, journal, size, events, &staged)
             .await;
         match fetched {
             Ok(()) => {}
             Err(err) if err.class() == FailureClass::Environment => return Err(err.into()),
             Err(err) => return Ok(Err(CopyFailed(err.to_string()))),
         }
-        progress(
-            events,
-            journal,
-            UpdateStage::Verifying,
-            copy.size,
-            copy.size,
-        );
-        let digest = hash_file(&zst).await?;
-        if digest != copy.sha256 {
+        progress(events, journal, UpdateStage::Verifying, size, size);
+        let digest = hash_file(&staged).await?;
+        if digest != *sha256 {
             return Ok(Err(CopyFailed(format!(
-                "the compressed copy hashes to {digest}, not {}",
-                copy.sha256
+                "the download hashes to {digest}, not {sha256}"
             ))));
         }
-        // Room for the build and its installed copy, beside the compressed one.
+        // The delta starts from the build this agent runs, byte for byte.
+        let base = match form {
+            Form::Compressed(_) => None,
+            Form::Delta(delta) => match self.running_build(&delta.base_sha256).await? {
+                Ok(base) => Some(base),
+                Err(failed) => return Ok(Err(failed)),
+            },
+        };
+        // Room for the build and its installed copy, beside the download.
         download::check_space(part, journal.size, 0)?;
-        let (from, to, size) = (zst.clone(), part.to_owned(), journal.size);
-        let decompressed =
-            tokio::task::spawn_blocking(move || decompress::decompress_limited(&from, &to, size))
-                .await
-                .map_err(|e| UpdateError::State(e.into()))?;
-        match decompressed {
+        let (from, to, size) = (staged.clone(), part.to_owned(), journal.size);
+        let rebuilt = tokio::task::spawn_blocking(move || match base {
+            None => decompress::decompress_limited(&from, &to, size),
+            Some(base) => decompress::patch_limited(&from, &base, &to, size),
+        })
+        .await
+        .map_err(|e| UpdateError::State(e.into()))?;
+        match rebuilt {
             Ok(()) => {}
             Err(DecompressError::Io(err)) => {
                 return Err(UpdateError::State(
@@ -453,46 +505,89 @@ impl Updater {
         }
         match self.check_digest(journal, events, part).await {
             Ok(digest) => {
-                let _ = std::fs::remove_file(&zst);
+                let _ = std::fs::remove_file(&staged);
                 Ok(Ok(digest))
             }
-            // The copy is not of the build the update names: the build itself decides.
+            // The form is not of the build the update names: the build itself decides.
             Err(UpdateError::Verify(err)) => Ok(Err(CopyFailed(err.to_string()))),
             Err(err) => Err(err),
         }
     }
 
-    /// Gives up on the compressed copy: its bytes and anything decompressed from them
-    /// go, then the journal says the build itself is fetched from now on (in that order,
-    /// so nothing of the copy's is ever resumed as the build).
-    fn give_up_copy(
+    /// The bytes of this agent's executable, if they hash to `sha256`: the build a
+    /// delta starts from.
+    async fn running_build(
+        &self,
+        sha256: &str,
+    ) -> Result<Result<Vec<u8>, CopyFailed>, UpdateError> {
+        let exe = self.exe.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read(exe))
+            .await
+            .map_err(|e| UpdateError::State(e.into()))?;
+        let bytes = match read {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                return Ok(Err(CopyFailed(format!(
+                    "cannot read this agent's executable {}: {err}",
+                    self.exe.display()
+                ))));
+            }
+        };
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if digest != sha256 {
+            return Ok(Err(CopyFailed(format!(
+                "this agent's executable hashes to {digest}, not to the delta's base {sha256}"
+            ))));
+        }
+        Ok(Ok(bytes))
+    }
+
+    /// Gives up on a form of the build: its bytes and anything rebuilt from them go,
+    /// then the journal says the next form (after a delta, the compressed copy if
+    /// offered; else the build itself) is fetched from now on, in that order, so nothing
+    /// of the form's is ever resumed as the build.
+    fn give_up_form(
         &self,
         journal: &mut Journal,
         events: &mpsc::Sender<Event>,
+        form: &Form,
         part: &std::path::Path,
         reason: &str,
     ) -> Result<(), UpdateError> {
-        tracing::warn!(task = %journal.task_id, %reason, "the compressed copy failed; downloading the build itself");
-        for file in [
-            journal::compressed_path(&self.state_dir, &journal.task_id),
-            part.to_owned(),
-        ] {
+        let (staged, next) = match form {
+            Form::Delta(_) => {
+                tracing::warn!(task = %journal.task_id, %reason, "the delta failed; downloading the build in full");
+                let next = match &journal.compressed {
+                    Some(copy) => from_server(TransferKind::Compressed, copy.size),
+                    None => from_server(TransferKind::Full, journal.size),
+                };
+                (journal::delta_path(&self.state_dir, &journal.task_id), next)
+            }
+            Form::Compressed(_) => {
+                tracing::warn!(task = %journal.task_id, %reason, "the compressed copy failed; downloading the build itself");
+                (
+                    journal::compressed_path(&self.state_dir, &journal.task_id),
+                    from_server(TransferKind::Full, journal.size),
+                )
+            }
+        };
+        for file in [staged, part.to_owned()] {
             match std::fs::remove_file(&file) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
                     return Err(UpdateError::State(
-                        anyhow::Error::from(err)
-                            .context("could not remove the compressed download"),
+                        anyhow::Error::from(err).context("could not remove the given-up download"),
                     ));
                 }
             }
         }
-        journal.transfer = Some(from_server(TransferKind::Full, journal.size));
+        let total = next.bytes.unwrap_or(journal.size);
+        journal.transfer = Some(next);
         journal
             .advance(&self.state_dir, Step::Downloading)
             .map_err(|e| UpdateError::State(e.context("cannot journal the fallback")))?;
-        progress(events, journal, UpdateStage::Downloading, 0, journal.size);
+        progress(events, journal, UpdateStage::Downloading, 0, total);
         Ok(())
     }
 
@@ -646,6 +741,7 @@ mod tests {
             sent_at_ms: 0,
             mirror_url: None,
             compressed: None,
+            delta: None,
         }
     }
 
@@ -849,6 +945,16 @@ mod tests {
                 prop_oneof![any::<u64>(), Just(MAX_BUILD_BYTES + 1), 0u64..10],
                 prop_oneof![Just(DIGEST.to_owned()), "[0-9a-fA-F]{0,70}"],
             )),
+            proptest::option::of((
+                prop_oneof![Just("zstd-patch".to_owned()), ".{0,10}"],
+                prop_oneof![
+                    Just("http://127.0.0.1:1/downloads/build.delta-from-1.0.0".to_owned()),
+                    ".{0,80}"
+                ],
+                prop_oneof![any::<u64>(), Just(MAX_BUILD_BYTES + 1), 0u64..10],
+                prop_oneof![Just(DIGEST.to_owned()), "[0-9a-fA-F]{0,70}"],
+                prop_oneof![Just(DIGEST.to_owned()), ".{0,70}"],
+            )),
         )
             .prop_map(
                 |(
@@ -862,6 +968,7 @@ mod tests {
                     sent_at_ms,
                     mirror_url,
                     compressed,
+                    delta,
                 )| {
                     Update {
                         task_id,
@@ -880,6 +987,14 @@ mod tests {
                                 size,
                                 sha256,
                             }
+                        }),
+                        delta: delta.map(|(encoding, url, size, sha256, base_sha256)| DeltaBuild {
+                            encoding,
+                            base_version: "1.0.0".into(),
+                            base_sha256,
+                            url,
+                            size,
+                            sha256,
                         }),
                     }
                 },
@@ -906,10 +1021,18 @@ mod tests {
                     prop_assert!(journal::partial_path(dir.path(), &journal.task_id).starts_with(&staging));
                     prop_assert!(journal::verified_path(dir.path(), &journal.task_id).starts_with(&staging));
                     prop_assert!(journal::compressed_path(dir.path(), &journal.task_id).starts_with(&staging));
+                    prop_assert!(journal::delta_path(dir.path(), &journal.task_id).starts_with(&staging));
                     if let Some(copy) = &journal.compressed {
                         prop_assert!(copy.size > 0 && copy.size <= MAX_BUILD_BYTES);
                         prop_assert_eq!(copy.sha256.len(), 64);
                         prop_assert!(journal.mirror_url.is_none());
+                    }
+                    if let Some(delta) = &journal.delta {
+                        prop_assert!(delta.size > 0 && delta.size <= MAX_BUILD_BYTES);
+                        prop_assert_eq!(delta.sha256.len(), 64);
+                        prop_assert_eq!(delta.base_sha256.len(), 64);
+                        prop_assert!(journal.mirror_url.is_none());
+                        prop_assert_eq!(journal.transfer.as_ref().map(|t| t.kind), Some(TransferKind::Delta));
                     }
                 }
                 Err(err) => prop_assert!(!err.to_string().trim().is_empty()),

@@ -62,8 +62,8 @@ pub enum AgentMessage {
 pub enum ServerMessage {
     /// Answer to an accepted hello. Since version 1.
     Welcome(Welcome),
-    /// Install a build. Since version 1.
-    Update(Update),
+    /// Install a build. Since version 1. Boxed: by far the largest message.
+    Update(Box<Update>),
     /// Stop working on a task. Since version 1.
     Cancel(Cancel),
     /// The session is refused or ended; the server closes the socket after it. Since version 1.
@@ -265,12 +265,13 @@ pub struct Transfer {
     /// What went wrong with the mirror, for people (at most `TRANSFER_ERROR_LIMIT` bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_error: Option<String>,
-    /// What crosses the wire: the build itself, or its compressed copy (`compressed`).
-    /// Since version 1 (optional; absent means `full`).
+    /// What crosses the wire: the build itself, its compressed copy (`compressed`), or a
+    /// delta from the build the agent ran (`delta`). Since version 1 (optional; absent
+    /// means `full`).
     #[serde(default, skip_serializing_if = "TransferKind::is_full")]
     pub kind: TransferKind,
-    /// Bytes of what crosses the wire (the compressed copy's size, or the build's).
-    /// Since version 1 (optional).
+    /// Bytes of what crosses the wire (the compressed copy's size, the delta's, or the
+    /// build's). Since version 1 (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
 }
@@ -284,6 +285,8 @@ pub enum TransferKind {
     Full,
     /// The `update`'s `compressed` copy, decompressed by the agent.
     Compressed,
+    /// The `update`'s `delta`, applied by the agent to the build it runs.
+    Delta,
     #[serde(other)]
     Unknown,
 }
@@ -297,6 +300,7 @@ impl TransferKind {
         match self {
             TransferKind::Full | TransferKind::Unknown => "full",
             TransferKind::Compressed => "compressed",
+            TransferKind::Delta => "delta",
         }
     }
 }
@@ -429,6 +433,13 @@ pub struct Update {
     /// fetches `url`. Since version 1 (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compressed: Option<CompressedBuild>,
+    /// A delta from the build the agent runs to this one, which an agent whose
+    /// executable hashes to `base_sha256` may fetch and apply instead of `url` (never
+    /// instead of a mirror). Only the rebuilt build's `sha256` and signature decide, as
+    /// for `url`; on any failure of the delta the agent fetches `compressed` or `url`.
+    /// Since version 1 (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaBuild>,
 }
 
 /// A compressed copy of a build, offered in an `update`. Since version 1 (optional).
@@ -447,6 +458,36 @@ pub struct CompressedBuild {
 
 /// The encoding of a `CompressedBuild` this version knows.
 pub const ENCODING_ZSTD: &str = "zstd";
+
+/// A delta from one build to another, offered in an `update`. Since version 1 (optional).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaBuild {
+    /// How the delta rebuilds the build; `zstd-patch` (zstd frames made with the base
+    /// build as their reference prefix) is the only one there is. An agent ignores an
+    /// encoding it does not know.
+    pub encoding: String,
+    /// The version of the build the delta starts from.
+    pub base_version: String,
+    /// Lower-case hex SHA-256 of that build: the agent's own executable must hash to it.
+    pub base_sha256: String,
+    /// Absolute URL of the delta on the server, with the same grant as the `url`.
+    pub url: String,
+    /// Size of the delta in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the delta (not of the build).
+    pub sha256: String,
+}
+
+/// The encoding of a `DeltaBuild` this version knows.
+pub const ENCODING_ZSTD_PATCH: &str = "zstd-patch";
+
+/// The zstd window (its log) a `zstd-patch` delta from a base of `base` bytes to a build
+/// of `build` bytes is made with, and the largest its reader accepts: a power of two at
+/// least twice the larger of the two, so a match reaches anywhere in the base, within
+/// zstd's portable limit (1 GiB).
+pub fn delta_window_log(base: u64, build: u64) -> u32 {
+    (65 - base.max(build).leading_zeros()).clamp(10, 30)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cancel {
@@ -597,6 +638,24 @@ fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_window_reaches_across_the_base_and_the_build() {
+        for (base, build) in [
+            (1u64, 1u64),
+            (1000, 3000),
+            (7 << 20, 8 << 20),
+            (45 << 20, 1),
+        ] {
+            let window = 1u64 << delta_window_log(base, build);
+            assert!(window >= base + build, "{base} + {build}: {window}");
+            assert!(
+                window <= 4 * base.max(build).max(256),
+                "{base}, {build}: {window}"
+            );
+        }
+        assert_eq!(delta_window_log(u64::MAX, 1), 30, "zstd's portable limit");
+    }
 
     #[test]
     fn a_peer_of_another_version_hears_so_whatever_its_frame_holds() {

@@ -148,7 +148,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
         ),
         (
             "update",
-            Server(ServerMessage::Update(Update {
+            Server(ServerMessage::Update(Box::new(Update {
                 task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
                 version: "1.1.0".into(),
                 url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0".into(),
@@ -159,11 +159,12 @@ fn samples() -> Vec<(&'static str, Sample)> {
                 sent_at_ms: 1_764_072_000_000,
                 mirror_url: None,
                 compressed: None,
-            })),
+                delta: None,
+            }))),
         ),
         (
             "update-mirror",
-            Server(ServerMessage::Update(Update {
+            Server(ServerMessage::Update(Box::new(Update {
                 task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
                 version: "1.1.0".into(),
                 url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0".into(),
@@ -176,11 +177,12 @@ fn samples() -> Vec<(&'static str, Sample)> {
                     "http://mirror.branch.example/drover/drover-agent-linux-amd64-1.1.0".into(),
                 ),
                 compressed: None,
-            })),
+                delta: None,
+            }))),
         ),
         (
             "update-compressed",
-            Server(ServerMessage::Update(Update {
+            Server(ServerMessage::Update(Box::new(Update {
                 task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
                 version: "1.1.0".into(),
                 url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0?task=7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11&grant=00112233445566778899aabbccddeeff".into(),
@@ -195,6 +197,47 @@ fn samples() -> Vec<(&'static str, Sample)> {
                     url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0.zst?task=7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11&grant=8899aabbccddeeff0011223344556677".into(),
                     size: 20_971_520,
                     sha256: "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752".into(),
+                }),
+                delta: None,
+            }))),
+        ),
+        (
+            "update-delta",
+            Server(ServerMessage::Update(Box::new(Update {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                version: "1.1.0".into(),
+                url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0?task=7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11&grant=00112233445566778899aabbccddeeff".into(),
+                sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                size: 52_428_800,
+                signature: None,
+                rollback: false,
+                sent_at_ms: 1_764_072_000_000,
+                mirror_url: None,
+                compressed: None,
+                delta: Some(DeltaBuild {
+                    encoding: ENCODING_ZSTD_PATCH.into(),
+                    base_version: "1.0.0".into(),
+                    base_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae".into(),
+                    url: "https://updates.example.com/downloads/drover-agent-linux-amd64-1.1.0.delta-from-1.0.0?task=7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11&grant=44556677889900112233aabbccddeeff".into(),
+                    size: 1_048_576,
+                    sha256: "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9".into(),
+                }),
+            }))),
+        ),
+        (
+            "update-result-delta",
+            Agent(AgentMessage::UpdateResult(UpdateResult {
+                task_id: "7d1f0c7a-3b1e-4e57-8f55-1b9a7f0b2c11".into(),
+                outcome: UpdateOutcome::Succeeded,
+                version: "1.1.0".into(),
+                error: None,
+                failure_class: None,
+                transfer: Some(Transfer {
+                    source: TransferSource::Server,
+                    fallback: None,
+                    fallback_error: None,
+                    kind: TransferKind::Delta,
+                    bytes: Some(1_048_576),
                 }),
             })),
         ),

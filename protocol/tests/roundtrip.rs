@@ -71,17 +71,18 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         );
     let heartbeat = (any::<u64>(), text())
         .prop_map(|(seq, version)| AgentMessage::Heartbeat(Heartbeat { seq, version }));
-    let transfer = proptest::option::of((any::<bool>(), proptest::option::of(any::<u64>())))
-        .prop_map(|transfer| {
-            transfer.map(|(compressed, bytes)| Transfer {
+    let kind = prop_oneof![
+        Just(TransferKind::Full),
+        Just(TransferKind::Compressed),
+        Just(TransferKind::Delta),
+    ];
+    let transfer =
+        proptest::option::of((kind, proptest::option::of(any::<u64>()))).prop_map(|transfer| {
+            transfer.map(|(kind, bytes)| Transfer {
                 source: TransferSource::Server,
                 fallback: None,
                 fallback_error: None,
-                kind: if compressed {
-                    TransferKind::Compressed
-                } else {
-                    TransferKind::Full
-                },
+                kind,
                 bytes,
             })
         });
@@ -150,14 +151,16 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             any::<u64>(),
         ),
         proptest::option::of((text(), text(), any::<u64>(), text())),
+        proptest::option::of(((text(), text(), text()), (text(), any::<u64>(), text()))),
     )
         .prop_map(
             |(
                 (task_id, version, url, sha256),
                 (size, signature, rollback, sent_at_ms),
                 compressed,
+                delta,
             )| {
-                ServerMessage::Update(Update {
+                ServerMessage::Update(Box::new(Update {
                     task_id,
                     version,
                     url,
@@ -173,7 +176,17 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                         size,
                         sha256,
                     }),
-                })
+                    delta: delta.map(
+                        |((encoding, base_version, base_sha256), (url, size, sha256))| DeltaBuild {
+                            encoding,
+                            base_version,
+                            base_sha256,
+                            url,
+                            size,
+                            sha256,
+                        },
+                    ),
+                }))
             },
         );
     let cancel = (text(), text())

@@ -3,7 +3,8 @@
 //! by `downloads` beside the build. A copy is written to a temporary file and renamed,
 //! so a killed server never leaves half a copy to serve; one found at start is checked
 //! (decompressed and hashed) before it is offered. A build is offered compressed only
-//! once its copy is ready, and only when the copy is smaller.
+//! once its copy is ready, and only when the copy is smaller. `Job` also makes the
+//! deltas `deltas` plans: the same zstd stream with an older build as its prefix.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -107,6 +108,7 @@ impl Compressed {
                 build: downloads.join(&release.file),
                 sha256: release.sha256.clone(),
                 size: release.size,
+                base: None,
                 stop: shutdown.clone(),
             };
             let file = release.file.clone();
@@ -129,25 +131,63 @@ impl Compressed {
     }
 }
 
-/// One build to find or make a copy of.
-struct Job {
-    dir: PathBuf,
-    level: i32,
-    build: PathBuf,
-    sha256: String,
-    size: u64,
+/// One build to find or make a copy of, or a delta to it.
+pub(crate) struct Job {
+    pub(crate) dir: PathBuf,
+    pub(crate) level: i32,
+    pub(crate) build: PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
+    /// For a delta, the build it starts from: the zstd prefix both sides hold.
+    pub(crate) base: Option<Base>,
     /// A server shutting down does not wait for a copy: the temporary file is dropped.
-    stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
+}
+
+/// The build a delta starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Base {
+    pub(crate) path: PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
+}
+
+impl Base {
+    /// The build's bytes, if they are still what was scanned.
+    fn read(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let bytes = std::fs::read(&self.path)?;
+        let same =
+            bytes.len() as u64 == self.size && hex::encode(Sha256::digest(&bytes)) == self.sha256;
+        Ok(same.then_some(bytes))
+    }
 }
 
 impl Job {
+    /// Where the copy (or the delta) is kept: named by the digests it joins.
+    pub(crate) fn path(&self) -> PathBuf {
+        match &self.base {
+            None => self.dir.join(format!("{}.zst", self.sha256)),
+            Some(base) => self
+                .dir
+                .join(format!("{}.from-{}.zst", self.sha256, base.sha256)),
+        }
+    }
+
     /// The copy: the one on disk if it still decompresses to the build, else a new one.
-    /// `None` when compressing saves nothing or the build changed since it was scanned.
-    fn run(&self) -> anyhow::Result<Option<Copy>> {
+    /// `None` when compressing saves nothing, or the build (or the base) changed since
+    /// it was scanned.
+    pub(crate) fn run(&self) -> anyhow::Result<Option<Copy>> {
         std::fs::create_dir_all(&self.dir)?;
-        let path = self.dir.join(format!("{}.zst", self.sha256));
+        let prefix = match &self.base {
+            Some(base) => match base.read()? {
+                Some(bytes) => Some(bytes),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let path = self.path();
         if path.exists() {
-            match check(&path, &self.sha256, self.size) {
+            match check(&path, &self.sha256, self.size, prefix.as_deref()) {
                 Ok(copy) => return Ok(Some(copy)),
                 Err(err) => {
                     tracing::warn!(copy = %path.display(), error = %format!("{err:#}"), "the compressed copy is not the build's; making it again");
@@ -162,7 +202,17 @@ impl Job {
             .suffix(".zst.tmp")
             .tempfile_in(&self.dir)?;
         let mut hashed = Hashing::new(temp.as_file_mut());
-        let mut encoder = zstd::stream::write::Encoder::new(&mut hashed, self.level)?;
+        let mut encoder = match &prefix {
+            None => zstd::stream::write::Encoder::new(&mut hashed, self.level)?,
+            Some(prefix) => {
+                let mut encoder =
+                    zstd::stream::write::Encoder::with_ref_prefix(&mut hashed, self.level, prefix)?;
+                // Matches as far back as the base's start, found across its length.
+                encoder.window_log(protocol::delta_window_log(prefix.len() as u64, self.size))?;
+                encoder.long_distance_matching(true)?;
+                encoder
+            }
+        };
         encoder.include_contentsize(true)?;
         encoder.set_pledged_src_size(Some(self.size))?;
         let mut build_digest = Sha256::new();
@@ -198,24 +248,43 @@ impl Job {
         sync_dir(&self.dir)?;
         tracing::info!(
             build = %self.build.display(),
+            base = self.base.as_ref().map(|b| b.path.display().to_string()),
             size = self.size,
             compressed = size,
             level = self.level,
             ms = started.elapsed().as_millis() as u64,
-            "compressed copy made"
+            "{} made",
+            if self.base.is_some() { "delta" } else { "compressed copy" }
         );
         Ok(Some(Copy { path, size, sha256 }))
     }
 }
 
-/// A copy found on disk, if it decompresses to exactly the build's bytes.
-fn check(path: &Path, build_sha256: &str, build_size: u64) -> anyhow::Result<Copy> {
+/// A copy (or with its base's bytes as `prefix`, a delta) found on disk, if it
+/// decompresses to exactly the build's bytes.
+fn check(
+    path: &Path,
+    build_sha256: &str,
+    build_size: u64,
+    prefix: Option<&[u8]>,
+) -> anyhow::Result<Copy> {
     let file = std::fs::File::open(path)?;
     let mut reader = Hashing::new(file);
     let mut decoded = Sha256::new();
     let mut total = 0u64;
     {
-        let mut decoder = zstd::stream::read::Decoder::new(&mut reader)?;
+        let mut decoder = match prefix {
+            None => zstd::stream::read::Decoder::new(&mut reader)?,
+            Some(prefix) => {
+                let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(
+                    std::io::BufReader::new(&mut reader),
+                    prefix,
+                )?;
+                decoder
+                    .window_log_max(protocol::delta_window_log(prefix.len() as u64, build_size))?;
+                decoder
+            }
+        };
         let mut buffer = vec![0; CHUNK];
         loop {
             let n = decoder.read(&mut buffer)?;
@@ -243,14 +312,20 @@ fn check(path: &Path, build_sha256: &str, build_size: u64) -> anyhow::Result<Cop
 
 /// Removes copies of builds no longer offered, and temporary files a killed server left.
 fn prune(dir: &Path, wanted: &HashSet<String>) {
+    prune_but(dir, |name| {
+        name.strip_suffix(".zst")
+            .is_some_and(|sha256| wanted.contains(sha256))
+    });
+}
+
+/// Removes every file in `dir` whose name `keep` does not want.
+pub(crate) fn prune_but(dir: &Path, keep: impl Fn(&str) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let keep = name
-            .strip_suffix(".zst")
-            .is_some_and(|sha256| wanted.contains(sha256));
+        let keep = keep(&name);
         if !keep && let Err(err) = std::fs::remove_file(entry.path()) {
             tracing::warn!(file = %name, %err, "could not remove an old compressed copy");
         }
@@ -320,6 +395,7 @@ mod tests {
             build: path,
             sha256: hex::encode(Sha256::digest(build)),
             size: build.len() as u64,
+            base: None,
             stop: CancellationToken::new(),
         }
     }
@@ -355,6 +431,43 @@ mod tests {
         assert_eq!(job.run().unwrap().unwrap(), copy);
         std::fs::write(&copy.path, b"garbage").unwrap();
         assert_eq!(job.run().unwrap().unwrap(), copy);
+    }
+
+    #[test]
+    fn a_delta_rebuilds_the_build_from_its_base_and_is_checked_when_found() {
+        let dir = tempfile::tempdir().unwrap();
+        // A build that compresses poorly, and its next version: a few bytes changed.
+        let base: Vec<u8> = (0..400_000).map(|_| rand::random::<u8>()).collect();
+        let mut build = base.clone();
+        build[1000..1016].copy_from_slice(b"version 1.0.1...");
+        build.extend_from_slice(b"and a little more code");
+        let base_path = dir.path().join("drover-agent-linux-amd64-0.9.0");
+        std::fs::write(&base_path, &base).unwrap();
+        let mut job = job(dir.path(), &build);
+        job.base = Some(Base {
+            path: base_path.clone(),
+            sha256: hex::encode(Sha256::digest(&base)),
+            size: base.len() as u64,
+        });
+        let delta = job.run().unwrap().unwrap();
+        assert!(delta.size < 1000, "{delta:?}");
+        assert_eq!(job.path(), delta.path);
+        let bytes = std::fs::read(&delta.path).unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), delta.sha256);
+        let mut rebuilt = Vec::new();
+        let mut decoder =
+            zstd::stream::read::Decoder::with_ref_prefix(&bytes[..], &base[..]).unwrap();
+        decoder.window_log_max(30).unwrap();
+        std::io::copy(&mut decoder, &mut rebuilt).unwrap();
+        assert_eq!(rebuilt, build);
+        // Found again: the same delta, checked against the base.
+        assert_eq!(job.run().unwrap().unwrap(), delta);
+        // A delta that does not rebuild the build is made again.
+        std::fs::write(&delta.path, b"garbage").unwrap();
+        assert_eq!(job.run().unwrap().unwrap(), delta);
+        // A base that changed since the scan gives no delta.
+        std::fs::write(&base_path, &build).unwrap();
+        assert_eq!(job.run().unwrap(), None);
     }
 
     #[test]

@@ -106,6 +106,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_COMPRESSION_LEVEL", default_value_t = crate::DEFAULT_COMPRESSION_LEVEL, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compression_level: i32,
 
+    /// Deltas to each new build start from this many of the versions most agents run
+    /// (per os/arch), made at --compression-level; 0 (or compression level 0) makes none
+    #[arg(long, env = "DROVER_DELTA_BASES", default_value_t = crate::DEFAULT_DELTA_BASES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=16))]
+    pub delta_bases: usize,
+
     /// Downloads one source address (IPv6: its /64) may hold at once; default three
     /// quarters of --max-concurrent-downloads, rounded up
     #[arg(long, env = "DROVER_MAX_DOWNLOADS_PER_ADDRESS")]

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use protocol::{
-    Cancel, CompressedBuild, MirrorFailure, ServerMessage, Transfer, TransferSource, Update,
-    UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
+    Cancel, CompressedBuild, DeltaBuild, MirrorFailure, ServerMessage, Transfer, TransferSource,
+    Update, UpdateOutcome, UpdateProgress, UpdateResult, UpdateStage,
 };
 
 use crate::AppState;
@@ -994,7 +994,28 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
             size: copy.size,
             sha256: copy.sha256,
         });
-    Some(ServerMessage::Update(Update {
+    // Offered to an agent that runs a build the delta starts from, when smaller than
+    // what it would fetch otherwise; an agent with a mirror ignores it.
+    let delta = semver::Version::parse(&task.from_version)
+        .ok()
+        .and_then(|from| index.find(&from, &task.os, &task.arch))
+        .and_then(|base| {
+            let delta = state.deltas.delta(&release.sha256, &base.sha256)?;
+            let instead = compressed.as_ref().map_or(release.size, |copy| copy.size);
+            (delta.copy.size < instead).then(|| DeltaBuild {
+                encoding: protocol::ENCODING_ZSTD_PATCH.to_owned(),
+                base_version: base.version.to_string(),
+                base_sha256: base.sha256.clone(),
+                url: downloads::server_url(
+                    state,
+                    &downloads::delta_name(&release.file, &base.version),
+                    &task.id,
+                ),
+                size: delta.copy.size,
+                sha256: delta.copy.sha256,
+            })
+        });
+    Some(ServerMessage::Update(Box::new(Update {
         task_id: task.id.clone(),
         version: task.to_version.clone(),
         url: downloads::server_url(state, &release.file, &task.id),
@@ -1008,7 +1029,8 @@ fn update_message(state: &AppState, task: &UpdateTask) -> Option<ServerMessage> 
         rollback: task.kind == TaskKind::Rollback,
         sent_at_ms: u64::try_from(now_ms()).unwrap_or(0),
         compressed,
-    }))
+        delta,
+    })))
 }
 
 /// Ends the stale tasks `timed_out` in one transaction, grouped by status, each as

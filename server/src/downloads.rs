@@ -4,8 +4,9 @@
 //! directory; and only to a caller with a grant: the URL of an `update` message (its
 //! task, while unfinished), of the install endpoint (for an hour), or an API token.
 //! `server_url` and `install_url` are the one place such URLs are made. A build's
-//! compressed copy (`compressed`) is served at the build's name plus `.zst`, admitted by
-//! the same `admit`, with a grant of its own name.
+//! compressed copy (`compressed`) is served at the build's name plus `.zst`, and a delta
+//! to it (`deltas`) at the build's name plus `.delta-from-` and the base's version, each
+//! admitted by the same `admit`, with a grant of its own name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use crate::auth::hash_secret;
 use crate::compressed;
 use crate::file_body;
 use crate::metrics::{COUNTERS, Counters};
-use crate::releases::Release;
+use crate::releases::{Release, ReleaseIndex};
 use crate::store::{Store, StoreError, StoreResult};
 
 /// Seconds an agent is asked to wait when every download slot is taken.
@@ -215,10 +216,53 @@ pub(crate) fn compressed_name(file: &str) -> String {
 
 const COMPRESSED_SUFFIX: &str = ".zst";
 
-/// What a name under `/downloads` serves: an offered build, or its compressed copy.
+/// The name of a delta to a build from the build of `base` (same os and arch) under
+/// `/downloads`.
+pub(crate) fn delta_name(file: &str, base: &semver::Version) -> String {
+    format!("{file}{DELTA_INFIX}{base}")
+}
+
+const DELTA_INFIX: &str = ".delta-from-";
+
+/// What a name under `/downloads` serves: an offered build, its compressed copy, or a
+/// delta to it from the build with SHA-256 `base`.
 enum Served {
     Build,
     Compressed(compressed::Copy),
+    Delta {
+        copy: compressed::Copy,
+        base: String,
+    },
+}
+
+/// The build a name under `/downloads` is of, and what of it that name serves, if the
+/// index offers it and it is ready.
+fn served_by(state: &AppState, index: &ReleaseIndex, file: &str) -> Option<(Release, Served)> {
+    if let Some(release) = index.by_file(file) {
+        return Some((release.clone(), Served::Build));
+    }
+    if let Some(release) = file
+        .strip_suffix(COMPRESSED_SUFFIX)
+        .and_then(|build| index.by_file(build))
+    {
+        let copy = state.compressed.copy_of(&release.sha256)?;
+        return Some((release.clone(), Served::Compressed(copy)));
+    }
+    let (build, base) = file.split_once(DELTA_INFIX)?;
+    let release = index.by_file(build)?;
+    let base = index.find(
+        &semver::Version::parse(base).ok()?,
+        &release.os,
+        &release.arch,
+    )?;
+    let delta = state.deltas.delta(&release.sha256, &base.sha256)?;
+    Some((
+        release.clone(),
+        Served::Delta {
+            copy: delta.copy,
+            base: base.sha256.clone(),
+        },
+    ))
 }
 
 /// A download let through: the build, what of it is served, and the slots it holds
@@ -252,23 +296,12 @@ async fn admit(
             "downloads are switched off on this server".into(),
         ));
     }
-    // The name must be one the scanner offers (or its compressed copy's): that alone
-    // rules out `..`, absolute paths, sidecars and stray files; the check above only
-    // answers such names sooner.
+    // The name must be one the scanner offers (or its compressed copy's, or a delta's):
+    // that alone rules out `..`, absolute paths, sidecars and stray files; the check
+    // above only answers such names sooner.
     let index = state.releases.current();
-    let (release, served) = match index.by_file(file) {
-        Some(release) => (release.clone(), Served::Build),
-        None => {
-            let copy = file
-                .strip_suffix(COMPRESSED_SUFFIX)
-                .and_then(|build| index.by_file(build))
-                .and_then(|release| {
-                    let copy = state.compressed.copy_of(&release.sha256)?;
-                    Some((release.clone(), Served::Compressed(copy)))
-                });
-            copy.ok_or_else(|| ApiError::NotFound(format!("no offered build named {file:?}")))?
-        }
-    };
+    let (release, served) = served_by(state, &index, file)
+        .ok_or_else(|| ApiError::NotFound(format!("no offered build named {file:?}")))?;
     // A rolled-back build is never served, also to an agent that was sent it before.
     if state
         .blocked_versions()
@@ -372,6 +405,12 @@ async fn send(
             copy.sha256.as_str(),
             compressed_name(&release.file),
         ),
+        Served::Delta { copy, .. } => (
+            copy.path.clone(),
+            copy.size,
+            copy.sha256.as_str(),
+            format!("a delta to {}", release.file),
+        ),
     };
     let opened = match file_body::open(&path, size) {
         Ok(Some(opened)) => Ok(opened),
@@ -393,6 +432,7 @@ async fn send(
                     state.releases.rescan().await;
                 }
                 Served::Compressed(_) => state.compressed.forget(&release.sha256),
+                Served::Delta { base, .. } => state.deltas.forget(&release.sha256, base),
             }
             Err(ApiError::NotFound(why))
         }

@@ -13,6 +13,7 @@ mod compressed;
 mod conductor;
 pub mod config;
 mod dashboard;
+mod deltas;
 mod dispatch;
 mod downloads;
 mod engine;
@@ -119,8 +120,12 @@ pub struct Settings {
     /// Where the compressed copies of builds are kept (`compressed`); `None` offers
     /// builds only as they are.
     pub compressed_dir: Option<PathBuf>,
-    /// The zstd level copies are made at.
+    /// The zstd level copies (and deltas) are made at.
     pub compression_level: i32,
+    /// Where the deltas between builds are kept (`deltas`); `None` offers none.
+    pub deltas_dir: Option<PathBuf>,
+    /// Per os/arch, deltas start from this many of the versions most agents run.
+    pub delta_bases: usize,
 }
 
 impl Settings {
@@ -156,6 +161,8 @@ impl Settings {
             connections: listen::ConnectionLimits::default(),
             compressed_dir: None,
             compression_level: DEFAULT_COMPRESSION_LEVEL,
+            deltas_dir: None,
+            delta_bases: DEFAULT_DELTA_BASES,
         }
     }
 
@@ -183,6 +190,11 @@ impl Settings {
 /// core (level 9: 2.49 MB in 0.4 s) and a 42 MB binary 11% smaller than level 9 in
 /// 126 s; see BENCHMARKS.md.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 19;
+
+/// Per os/arch, the versions most agents run that deltas are made from, to the newest
+/// stable and beta builds: a few cover nearly every agent of a fleet that keeps up, and
+/// each costs one delta per build.
+pub const DEFAULT_DELTA_BASES: usize = 3;
 
 /// The settings key of the server-wide update switch.
 const UPDATES_ENABLED: &str = "updates_enabled";
@@ -213,6 +225,8 @@ pub struct AppState {
     url_signer: downloads::UrlSigner,
     /// The builds' compressed copies that are ready.
     compressed: compressed::Compressed,
+    /// The deltas between builds that are ready.
+    deltas: deltas::Deltas,
     /// Updates pushed by this node's sessions and not yet downloaded, and who waits.
     admission: Arc<admission::Admission>,
     /// This server process, as the `nodes` table knows it.
@@ -382,6 +396,7 @@ pub async fn run(
         downloads_per_source: Arc::new(limits::PerSource::new(settings.downloads_per_address())),
         url_signer,
         compressed,
+        deltas: deltas::Deltas::default(),
         admission: Arc::new(admission::Admission::new(settings.max_concurrent_downloads)),
         enrollments: Arc::new(limits::EnrollmentLimiter::new(settings.enrollment_limits)),
         logins: Arc::new(limits::EnrollmentLimiter::of("login", limits::LOGIN_LIMITS)),
@@ -394,6 +409,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     state.reload_shared_state().await?;
+    if let Some(dir) = &state.settings.deltas_dir {
+        deltas::Deltas::start(state.clone(), dir.clone());
+    }
     nodes::start(state.clone()).await?;
     record_first_seen(&state).await;
     conductor::start_rollouts_of_new_builds(&state).await;
@@ -659,6 +677,9 @@ async fn serve_from_args(args: config::Args) -> anyhow::Result<()> {
         max_downloads_per_address: args.max_downloads_per_address,
         compressed_dir: (args.compression_level > 0).then(|| args.data_dir.join("compressed")),
         compression_level: args.compression_level,
+        deltas_dir: (args.compression_level > 0 && args.delta_bases > 0)
+            .then(|| args.data_dir.join("deltas")),
+        delta_bases: args.delta_bases,
         connections: listen::ConnectionLimits {
             header_timeout: args.header_timeout,
             write_timeout: args.write_timeout,

@@ -54,6 +54,15 @@ pub(crate) struct Fleet {
     pub(crate) failures: FailurePlan,
     /// One HTTP client per source address, so downloads are spread like sessions.
     pub(crate) http: Vec<reqwest::Client>,
+    /// The build the agents start on, which deltas start from.
+    pub(crate) running_build: Option<RunningBuild>,
+}
+
+/// The build the agents start on (`--running-build`): its version, SHA-256 and bytes.
+pub(crate) struct RunningBuild {
+    pub(crate) version: String,
+    pub(crate) sha256: String,
+    pub(crate) bytes: Arc<[u8]>,
 }
 
 /// Builds that fail on purpose, as a build failing its probation would: the agent
@@ -291,7 +300,7 @@ impl SimAgent {
                         }
                         Some(Ok(Message::Binary(bytes))) => match ServerMessage::decode(&bytes) {
                             Ok(ServerMessage::Update(update)) => {
-                                if let Err(kind) = self.take_update(&mut socket, &mut working, update).await {
+                                if let Err(kind) = self.take_update(&mut socket, &mut working, *update).await {
                                     return lost(kind, true);
                                 }
                             }
@@ -487,6 +496,17 @@ impl SimAgent {
                 .compressed
                 .filter(|c| c.encoding == protocol::ENCODING_ZSTD),
             copy_failed: Default::default(),
+            // Only while the agent runs the build it started on, which alone it has.
+            delta: update
+                .delta
+                .filter(|d| d.encoding == protocol::ENCODING_ZSTD_PATCH)
+                .and_then(|d| {
+                    let build = self.fleet.running_build.as_ref()?;
+                    (self.version == build.version
+                        && d.base_sha256.eq_ignore_ascii_case(&build.sha256))
+                    .then(|| (d, build.bytes.clone()))
+                }),
+            delta_failed: Default::default(),
             limit: self.fleet.downloads.clone(),
             stats: stats.clone(),
         };

@@ -1,16 +1,18 @@
 //! Fetching a pushed build for real: streamed through SHA-256 and discarded, so a
 //! simulated agent costs the server a full download but costs the simulator no disk.
-//! An offered compressed copy is fetched instead, its digest checked and decompressed
-//! (streaming, never beyond the build's size) through the build's digest; a copy that
-//! fails is given up for the build, as the agent does. Each `Failure` carries the
-//! failure class a real agent would report for it.
+//! An offered delta from the build the agents start on (`--running-build`), else an
+//! offered compressed copy, is fetched instead, its digest checked and decompressed
+//! (streaming, never beyond the build's size; a delta with the starting build as its
+//! prefix) through the build's digest; one that fails is given up for the next (the
+//! copy, then the build), as the agent does. Each `Failure` carries the failure class a
+//! real agent would report for it.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use protocol::{CompressedBuild, FailureClass};
+use protocol::{CompressedBuild, DeltaBuild, FailureClass};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -47,6 +49,10 @@ pub(crate) struct Fetch {
     /// The update's compressed copy, fetched instead while it has not failed.
     pub(crate) compressed: Option<CompressedBuild>,
     pub(crate) copy_failed: AtomicBool,
+    /// The update's delta and the bytes of its base, fetched first while it has not
+    /// failed.
+    pub(crate) delta: Option<(DeltaBuild, Arc<[u8]>)>,
+    pub(crate) delta_failed: AtomicBool,
     pub(crate) limit: Option<Arc<Semaphore>>,
     pub(crate) stats: Arc<Stats>,
 }
@@ -122,16 +128,37 @@ impl Fetch {
         }
     }
 
-    /// The compressed copy, while it is offered and has not failed.
-    fn copy(&self) -> Option<&CompressedBuild> {
+    /// What to fetch now: the delta, then the compressed copy, while offered and not
+    /// failed; else the build.
+    fn form(&self) -> Option<Form<'_>> {
+        if let Some((delta, base)) = &self.delta
+            && !self.delta_failed.load(Ordering::Relaxed)
+        {
+            return Some(Form {
+                url: &delta.url,
+                size: delta.size,
+                sha256: &delta.sha256,
+                base: Some(base),
+                failed: &self.delta_failed,
+                name: "delta",
+            });
+        }
         self.compressed
             .as_ref()
             .filter(|_| !self.copy_failed.load(Ordering::Relaxed))
+            .map(|copy| Form {
+                url: &copy.url,
+                size: copy.size,
+                sha256: &copy.sha256,
+                base: None,
+                failed: &self.copy_failed,
+                name: "compressed_copy",
+            })
     }
 
     async fn attempt(&self) -> Attempt {
-        let copy = self.copy();
-        let url = copy.map_or(self.url.as_str(), |c| c.url.as_str());
+        let copy = self.form();
+        let url = copy.as_ref().map_or(self.url.as_str(), |c| c.url);
         let mut response = match self.client.get(url).send().await {
             Ok(response) => response,
             Err(err) => return Attempt::Network(err.to_string()),
@@ -154,7 +181,9 @@ impl Fetch {
                     "downloads are switched off (403)",
                 )));
             }
-            _ if copy.is_some() => return self.give_up_copy("an error status"),
+            _ if copy.is_some() => {
+                return self.give_up(copy.as_ref().unwrap(), "an error status");
+            }
             status => {
                 return Attempt::Done(Err(failure(
                     "download_status",
@@ -164,7 +193,7 @@ impl Fetch {
             }
         }
         if let Some(copy) = copy {
-            return self.receive_copy(response, copy).await;
+            return self.receive_form(response, &copy).await;
         }
         let mut hasher = Sha256::new();
         let mut received = 0u64;
@@ -206,20 +235,26 @@ impl Fetch {
         Attempt::Done(Ok(()))
     }
 
-    async fn receive_copy(
-        &self,
-        mut response: reqwest::Response,
-        copy: &CompressedBuild,
-    ) -> Attempt {
+    async fn receive_form(&self, mut response: reqwest::Response, copy: &Form<'_>) -> Attempt {
         let mut wire = Sha256::new();
         let mut received = 0u64;
-        let mut decoder = match zstd::stream::write::Decoder::new(BuildSink {
+        let raw = match copy.base {
+            None => zstd::stream::raw::Decoder::new(),
+            Some(base) => zstd::stream::raw::Decoder::with_ref_prefix(base).and_then(|mut raw| {
+                raw.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+                    protocol::delta_window_log(base.len() as u64, self.size),
+                ))?;
+                Ok(raw)
+            }),
+        };
+        let sink = BuildSink {
             hasher: Sha256::new(),
             written: 0,
             size: self.size,
-        }) {
-            Ok(decoder) => decoder,
-            Err(_) => return self.give_up_copy("no decoder"),
+        };
+        let mut decoder = match raw {
+            Ok(raw) => zstd::stream::write::Decoder::with_decoder(sink, raw),
+            Err(_) => return self.give_up(copy, "no decoder"),
         };
         loop {
             match response.chunk().await {
@@ -229,11 +264,12 @@ impl Fetch {
                         .download_bytes
                         .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     if received > copy.size {
-                        return self.give_up_copy("more bytes than the copy has");
+                        return self.give_up(copy, "more bytes than offered");
                     }
                     wire.update(&chunk);
                     if decoder.write_all(&chunk).is_err() {
-                        return self.give_up_copy("it does not decompress within the build's size");
+                        return self
+                            .give_up(copy, "it does not decompress within the build's size");
                     }
                 }
                 Ok(None) => break,
@@ -242,26 +278,39 @@ impl Fetch {
         }
         if received != copy.size || hex::encode(wire.finalize()) != copy.sha256.to_ascii_lowercase()
         {
-            return self.give_up_copy("the copy's digest does not match");
+            return self.give_up(copy, "its digest does not match");
         }
         if decoder.flush().is_err() {
-            return self.give_up_copy("it does not decompress");
+            return self.give_up(copy, "it does not decompress");
         }
         let sink = decoder.into_inner();
         if sink.written != self.size
             || !hex::encode(sink.hasher.finalize()).eq_ignore_ascii_case(self.sha256.trim())
         {
-            return self.give_up_copy("it does not decompress to the build");
+            return self.give_up(copy, "it does not decompress to the build");
         }
         Attempt::Done(Ok(()))
     }
 
-    /// The copy failed: the build itself is fetched from now on.
-    fn give_up_copy(&self, why: &str) -> Attempt {
-        self.copy_failed.store(true, Ordering::Relaxed);
-        self.stats.error(&format!("compressed_copy_failed: {why}"));
-        Attempt::Network(format!("the compressed copy failed: {why}"))
+    /// The form failed: the next is fetched from now on.
+    fn give_up(&self, form: &Form<'_>, why: &str) -> Attempt {
+        form.failed.store(true, Ordering::Relaxed);
+        self.stats.error(&format!("{}_failed: {why}", form.name));
+        Attempt::Network(format!("the {} failed: {why}", form.name))
     }
+}
+
+/// A form of the build other than itself: the delta or the compressed copy.
+struct Form<'a> {
+    url: &'a str,
+    size: u64,
+    sha256: &'a str,
+    /// A delta's base: the bytes the agents start on.
+    base: Option<&'a [u8]>,
+    /// Set when this form is given up on.
+    failed: &'a AtomicBool,
+    /// For errors: `delta` or `compressed_copy`.
+    name: &'static str,
 }
 
 enum Attempt {

@@ -95,6 +95,10 @@ struct Args {
     /// Print the final report as one JSON object on stdout
     #[arg(long)]
     json: bool,
+    /// The build the agents start on (--agent-version): an offered delta from it is
+    /// fetched and applied instead of the compressed copy or the build
+    #[arg(long, value_name = "FILE")]
+    running_build: Option<PathBuf>,
 }
 
 // Other things to simulate than a Drover fleet; without one, the flags of `Args` apply.
@@ -203,6 +207,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             rate: args.fail_rate,
         },
         http,
+        running_build: match &args.running_build {
+            Some(path) => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("while reading --running-build {}", path.display()))?;
+                Some(agent::RunningBuild {
+                    version: args.agent_version.clone(),
+                    sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+                    bytes: bytes.into(),
+                })
+            }
+            None => None,
+        },
     });
 
     let (stop, stopped) = watch::channel(false);

@@ -694,7 +694,7 @@ impl ProtocolAgent {
     pub async fn next_update(&mut self, within: Duration) -> Option<protocol::Update> {
         match self.next_message(within).await {
             None => None,
-            Some(ServerMessage::Update(update)) => Some(update),
+            Some(ServerMessage::Update(update)) => Some(*update),
             Some(other) => panic!("expected an update, got {other:?}"),
         }
     }

@@ -139,11 +139,12 @@ pub(crate) struct TaskView {
 /// How a task's build reaches its agent, as the agent reported it.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct TransferView {
-    /// What was sent: `full` (the build itself) or `compressed` (the server's
-    /// compressed copy, which the agent decompressed and verified).
+    /// What was sent: `full` (the build itself), `compressed` (the server's compressed
+    /// copy, which the agent decompressed and verified) or `delta` (a delta from the
+    /// build the agent ran, which it applied and verified as the build).
     #[schema(example = "compressed")]
     kind: &'static str,
-    /// Bytes of what was sent: the compressed copy's size, or the build's.
+    /// Bytes of what was sent: the compressed copy's size, the delta's, or the build's.
     bytes: i64,
     /// `mirror` (the mirror served verified bytes) or `server`.
     #[schema(example = "mirror")]
@@ -163,6 +164,7 @@ impl TransferView {
         Some(TransferView {
             kind: match task.transfer_kind.as_deref() {
                 Some("compressed") => "compressed",
+                Some("delta") => "delta",
                 _ => "full",
             },
             bytes: task.transfer_bytes.unwrap_or(task.bytes_total),

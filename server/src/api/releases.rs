@@ -37,6 +37,19 @@ pub(crate) struct ReleaseView {
     /// Size of its compressed copy, which agents download instead; null until the copy
     /// is made, or when compressing does not make it smaller or is switched off.
     compressed_size: Option<u64>,
+    /// The deltas to it that are ready, which agents running their base version
+    /// download instead, oldest base first.
+    deltas: Vec<DeltaView>,
+}
+
+/// A delta to a build, from the build of another version.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ReleaseDelta)]
+pub(crate) struct DeltaView {
+    /// The version whose build the delta starts from.
+    from_version: String,
+    /// Size of the delta in bytes.
+    size: u64,
 }
 
 /// A file in the downloads directory that is not offered.
@@ -90,6 +103,15 @@ fn releases(state: &AppState, index: &ReleaseIndex) -> Vec<ReleaseView> {
             blocked: blocked.contains(&r.version.to_string()),
             signed: r.signature.is_some(),
             compressed_size: state.compressed.copy_of(&r.sha256).map(|copy| copy.size),
+            deltas: state
+                .deltas
+                .to_build(&r.sha256)
+                .into_iter()
+                .map(|delta| DeltaView {
+                    from_version: delta.base_version.to_string(),
+                    size: delta.copy.size,
+                })
+                .collect(),
         })
         .collect()
 }

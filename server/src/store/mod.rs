@@ -436,7 +436,7 @@ pub struct UpdateTask {
     /// Why the agent gave up on the mirror (`MirrorFailure`), and what it saw.
     pub transfer_fallback: Option<String>,
     pub transfer_error: Option<String>,
-    /// What crossed the wire, as the agent reported: `full` or `compressed`; unknown
+    /// What crossed the wire, as the agent reported: `full`, `compressed` or `delta`; unknown
     /// (read as `full`) until the agent says, and from agents that do not.
     pub transfer_kind: Option<String>,
     /// Bytes of what crossed the wire, as the agent reported.
@@ -516,7 +516,7 @@ pub struct TransferRecord<'a> {
     pub source: &'a str,
     pub fallback: Option<&'a str>,
     pub error: Option<&'a str>,
-    /// `full` or `compressed`.
+    /// `full`, `compressed` or `delta`.
     pub kind: &'a str,
     /// Bytes of what crosses the wire, when the agent said.
     pub bytes: Option<i64>,

@@ -351,6 +351,51 @@ async fn a_corrupt_delta_falls_back_and_the_update_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_does_not_run_the_base_skips_the_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    let (agent, id, _, _) = running_base_with_delta(&server, dir.path(), "whiskey").await;
+    // The installed executable is changed behind the agent's back (it still runs): it
+    // is no longer the 1.0.0 build the delta starts from.
+    let exe = dir.path().join("bin/drover-agent");
+    let changed = dir.path().join("bin/drover-agent.changed");
+    std::fs::copy(&exe, &changed).unwrap();
+    std::io::Write::write_all(
+        &mut std::fs::OpenOptions::new()
+            .append(true)
+            .open(&changed)
+            .unwrap(),
+        b"\0",
+    )
+    .unwrap();
+    std::fs::rename(&changed, &exe).unwrap();
+
+    move_to_beta(&server, &id).await;
+    let task = task_reaches(&server, &id, "succeeded").await;
+    installed(&exe, "1.0.1").await;
+    assert_eq!(task["transfer"]["kind"], "compressed", "{task}");
+    assert_eq!(task["attempts"], 1, "{task}");
+    let log = agent.log();
+    assert!(
+        log.contains("the delta failed") && log.contains("not to the delta's base"),
+        "{log}"
+    );
+    // The base was checked first: the copy is the only download the server began.
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "drover_downloads_served_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delta_is_offered_only_to_an_agent_that_runs_its_base() {
     use sha2::Digest;
     let dir = tempfile::tempdir().unwrap();

@@ -462,6 +462,12 @@ impl Updater {
                 journal::delta_path(&self.state_dir, &journal.task_id),
             ),
         };
+        // A delta for another build than this agent's is not worth a byte.
+        if let Form::Delta(delta) = form
+            && let Err(failed) = self.running_build(&delta.base_sha256).await?
+        {
+            return Ok(Err(failed));
+        }
         let fetched = self
             .fetch_from(url, download::SERVER, journal, size, events, &staged)
             .await;
@@ -477,7 +483,8 @@ impl Updater {
                 "the download hashes to {digest}, not {sha256}"
             ))));
         }
-        // The delta starts from the build this agent runs, byte for byte.
+        // The delta starts from the build this agent runs, byte for byte (read again: it
+        // is not held in memory during the download).
         let base = match form {
             Form::Compressed(_) => None,
             Form::Delta(delta) => match self.running_build(&delta.base_sha256).await? {

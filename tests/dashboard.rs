@@ -3355,3 +3355,52 @@ async fn enrollment_tokens_are_revoked_from_the_page_and_a_fingerprint_conflict_
     drop(fleet);
     browser.close().await;
 }
+
+/// A task whose build came as a delta says so on the agent's page, with the bytes that
+/// crossed instead of the build's.
+#[tokio::test]
+async fn the_agent_page_says_a_build_came_as_a_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut agent = ProtocolAgent::enroll(&server, "fp-delta", "1.0.0").await;
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"the next build",
+    );
+    let update = agent
+        .next_update(Duration::from_secs(20))
+        .await
+        .expect("an update");
+    agent
+        .report(AgentMessage::UpdateProgress(UpdateProgress {
+            task_id: update.task_id,
+            stage: UpdateStage::Downloading,
+            bytes_done: 0,
+            bytes_total: 2256,
+            transfer: Some(Transfer {
+                source: TransferSource::Server,
+                fallback: None,
+                fallback_error: None,
+                kind: TransferKind::Delta,
+                bytes: Some(2256),
+            }),
+        }))
+        .await;
+    let id = agent.id.clone();
+    let keeper = keep_online(vec![agent]);
+    let Some(browser) = Browser::start(&server).await else {
+        keeper.abort();
+        return;
+    };
+    browser.log_in(ADMIN_TOKEN).await;
+    browser.show(&format!("#/agents/{id}")).await;
+    let note = browser
+        .wait_for_text("#tasks .transfer", |t| t.contains("delta"))
+        .await;
+    assert_eq!(note, "from the server, as a delta (2.2 KiB)");
+    assert_eq!(browser.errors().await, json!([]), "errors in the page");
+    keeper.abort();
+    browser.close().await;
+}

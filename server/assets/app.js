@@ -512,13 +512,14 @@ function mirrorSection(list) {
 }
 
 // How a task's build reached the agent: from its mirror, or from the server and why,
-// and whether as its compressed copy.
+// and whether as its compressed copy or a delta (with the bytes that crossed).
 function transferNote(t) {
   if (!t.transfer) return null;
   const { source, fallback, kind } = t.transfer;
   const text = (source === 'mirror' ? 'from the mirror'
     : (fallback ? `from the server (mirror ${fallback.replace('_', ' ')})` : 'from the server'))
-    + (kind === 'compressed' ? ', compressed' : '');
+    + (kind === 'compressed' ? ', compressed' : kind === 'delta' ? ', as a delta' : '')
+    + (kind && kind !== 'full' && t.transfer.bytes ? ` (${bytes(t.transfer.bytes)})` : '');
   return h('small', { class: 'muted transfer', title: t.transfer.fallback_error || t.transfer.mirror || '' }, text);
 }
 

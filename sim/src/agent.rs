@@ -34,7 +34,10 @@ const MAX_PINGS_IN_FLIGHT: usize = 64;
 
 /// What every agent shares.
 pub(crate) struct Fleet {
-    pub(crate) endpoint: Endpoint,
+    /// The server's nodes; an agent moves to the next when its session is lost.
+    pub(crate) endpoints: Vec<Endpoint>,
+    /// The first agent's number in its name (`sim-N`).
+    pub(crate) first_index: usize,
     pub(crate) enroll_token: String,
     pub(crate) os: String,
     pub(crate) arch: String,
@@ -143,12 +146,15 @@ pub(crate) struct SimAgent {
     welcomed_once: bool,
     /// The stored credentials were refused; enroll again (the fingerprint re-binds).
     reenroll: bool,
+    /// Which of the fleet's endpoints this agent connects to.
+    node: usize,
 }
 
 impl SimAgent {
     pub(crate) fn new(index: usize, fleet: Arc<Fleet>, version: String) -> SimAgent {
         SimAgent {
             index,
+            node: index % fleet.endpoints.len().max(1),
             fleet,
             version,
             owed: None,
@@ -178,6 +184,8 @@ impl SimAgent {
                 } => {
                     self.fleet.stats.error(&kind);
                     self.fleet.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    // Another node of the fleet may hold the session instead.
+                    self.node = (self.node + 1) % self.fleet.endpoints.len();
                     if welcomed {
                         attempt = 0;
                     }
@@ -378,9 +386,9 @@ impl SimAgent {
     /// TCP and WebSocket connect, hello, and the server's answer.
     async fn handshake(&mut self) -> Result<(Socket, protocol::Welcome), Ended> {
         let fleet = &self.fleet;
-        let mut socket = fleet
-            .endpoint
-            .connect(fleet.endpoint.next_source())
+        let endpoint = &fleet.endpoints[self.node];
+        let mut socket = endpoint
+            .connect(endpoint.next_source())
             .await
             .map_err(|err| {
                 tracing::debug!(agent = self.index, %err, "connect failed");
@@ -395,7 +403,7 @@ impl SimAgent {
                 }
             })?;
         let identity = fleet.identities.get(self.index).filter(|_| !self.reenroll);
-        let name = format!("sim-{}", self.index);
+        let name = format!("sim-{}", fleet.first_index + self.index);
         let hello = AgentMessage::Hello(Hello {
             agent_id: identity.as_ref().map(|i| i.agent_id.clone()),
             secret: identity.as_ref().map(|i| i.secret.clone()),

@@ -30,9 +30,15 @@ use crate::stats::Stats;
     subcommand_negates_reqs = true
 )]
 struct Args {
-    /// Server base URL, e.g. http://127.0.0.1:8080
-    #[arg(long, env = "DROVER_SERVER")]
-    server: String,
+    /// Server base URL, e.g. http://127.0.0.1:8080; several nodes of one fleet,
+    /// comma-separated: each agent starts on one of them (round-robin) and moves to the
+    /// next whenever its session is lost
+    #[arg(long, env = "DROVER_SERVER", value_delimiter = ',', required = true)]
+    server: Vec<String>,
+    /// Number the agents from this (their fingerprints and hostnames are `sim-N`), so
+    /// several simulators can hold one fleet without sharing a name
+    #[arg(long, default_value_t = 0)]
+    first_index: usize,
     /// Site enrollment token
     #[arg(long, env = "DROVER_ENROLL_TOKEN")]
     enroll_token: String,
@@ -95,6 +101,10 @@ struct Args {
     /// Print the final report as one JSON object on stdout
     #[arg(long)]
     json: bool,
+    /// Write when each agent first held each update (Unix milliseconds, one a line) to
+    /// this file at the end, so several simulators' times can be merged exactly
+    #[arg(long, value_name = "FILE")]
+    update_times: Option<PathBuf>,
     /// The build the agents start on (--agent-version): an offered delta from it is
     /// fetched and applied instead of the compressed copy or the build
     #[arg(long, value_name = "FILE")]
@@ -164,7 +174,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(spec) => net::parse_source_ips(spec)?,
         None => Vec::new(),
     };
-    let endpoint = Endpoint::resolve(&args.server, sources.clone()).await?;
+    let mut endpoints = Vec::new();
+    for server in &args.server {
+        endpoints.push(Endpoint::resolve(server, sources.clone()).await?);
+    }
     let mut http = Vec::new();
     for source in sources.iter().copied().map(Some).chain(
         // No source addresses: one client, and the kernel picks.
@@ -183,7 +196,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs_f64(args.warmup.max(0.0)),
     ));
     let fleet = Arc::new(Fleet {
-        endpoint,
+        endpoints,
+        first_index: args.first_index,
         enroll_token: args.enroll_token.clone(),
         os: args.os.clone(),
         arch: args.arch.clone(),
@@ -243,6 +257,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let report = stats.report();
     stop_all(&stop, progress, &mut agents).await;
     fleet.identities.save()?;
+    if let Some(path) = &args.update_times {
+        let lines: String = stats
+            .update_received_times()
+            .iter()
+            .map(|ms| format!("{ms}\n"))
+            .collect();
+        std::fs::write(path, lines).with_context(|| format!("while writing {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -141,6 +141,11 @@ impl Stats {
         lock(&self.update_received_at).push(unix_ms());
     }
 
+    /// When each update was first held, Unix milliseconds, in the order they came.
+    pub(crate) fn update_received_times(&self) -> Vec<u64> {
+        lock(&self.update_received_at).clone()
+    }
+
     pub(crate) fn report(&self) -> Report {
         let elapsed = self.started.elapsed();
         let all_connected = self.all_connected_at.get().copied();

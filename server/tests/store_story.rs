@@ -1374,6 +1374,65 @@ async fn postgres_story() {
     .await;
 }
 
+/// A heartbeat batch does not wait for a transaction that references its agents (a
+/// rollout's targets being written, a task being created): it locks their rows only
+/// against other writers of the same rows, never against the key share those references
+/// take. Locking them harder made a 50,000-agent rollback deadlock with the heartbeats.
+#[tokio::test]
+async fn postgres_heartbeats_do_not_wait_for_references_to_their_agents() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        store
+            .bootstrap(&Bootstrap {
+                admin_token_hash: Some("admin-hash".into()),
+                enroll_token_hash: Some("enroll-hash".into()),
+                enroll_token_expires_at_ms: None,
+            })
+            .await
+            .unwrap();
+        let agent = store
+            .enroll(
+                "enroll-hash",
+                &facts("fp-1", "one", "1.0.0"),
+                "s1",
+                1_000,
+                NONE_LIVE,
+            )
+            .await
+            .map(enrolled)
+            .unwrap()
+            .agent_id;
+        // What a foreign key check takes on the referenced row, held by an open
+        // transaction as while a rollout's targets are inserted.
+        let mut referencing = PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN")
+            .execute(&mut referencing)
+            .await
+            .unwrap();
+        sqlx::query("SELECT 1 FROM agents WHERE id = $1 FOR KEY SHARE")
+            .bind(&agent)
+            .execute(&mut referencing)
+            .await
+            .unwrap();
+        let beat = HeartbeatRecord {
+            agent_id: agent.clone(),
+            version: "1.0.1".into(),
+            at_ms: 5_000,
+        };
+        tokio::time::timeout(Duration::from_secs(5), store.record_heartbeats(&[beat]))
+            .await
+            .expect("the heartbeat batch waited for the referencing transaction")
+            .unwrap();
+        sqlx::query("ROLLBACK")
+            .execute(&mut referencing)
+            .await
+            .unwrap();
+        let row = store.list_agents().await.unwrap();
+        assert_eq!(row[0].version, "1.0.1");
+    })
+    .await;
+}
+
 /// Two server nodes on one database: whatever they race for happens once.
 #[tokio::test]
 async fn postgres_two_nodes_never_double_dispatch() {

@@ -176,9 +176,9 @@ impl Store for PostgresStore {
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         // Locked so a re-enrollment on another node cannot replace the secret between the
-        // check and the write.
+        // check and the write (`NO KEY UPDATE`: references to the row do not wait).
         let stored: String =
-            sqlx::query_scalar("SELECT secret_hash FROM agents WHERE id = $1 FOR UPDATE")
+            sqlx::query_scalar("SELECT secret_hash FROM agents WHERE id = $1 FOR NO KEY UPDATE")
                 .bind(agent_id)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -215,8 +215,10 @@ impl Store for PostgresStore {
             .collect();
         let mut tx = self.pool.begin().await?;
         // Rows are locked in id order so two nodes writing overlapping batches wait for
-        // each other instead of deadlocking.
-        sqlx::query("SELECT id FROM agents WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        // each other instead of deadlocking; `NO KEY UPDATE`, what the update itself
+        // takes, so rows referenced meanwhile (a rollout's targets, tasks being
+        // created, each holding a key share) neither wait for a batch nor block one.
+        sqlx::query("SELECT id FROM agents WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
             .bind(&ids)
             .execute(&mut *tx)
             .await?;

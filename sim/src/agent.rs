@@ -184,8 +184,12 @@ impl SimAgent {
                 } => {
                     self.fleet.stats.error(&kind);
                     self.fleet.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    // Another node of the fleet may hold the session instead.
-                    self.node = (self.node + 1) % self.fleet.endpoints.len();
+                    // Another node of the fleet may hold the session instead: any other,
+                    // so the agents of a node that went away spread over the rest.
+                    let nodes = self.fleet.endpoints.len();
+                    if nodes > 1 {
+                        self.node = (self.node + rand::rng().random_range(1..nodes)) % nodes;
+                    }
                     if welcomed {
                         attempt = 0;
                     }

@@ -31,8 +31,8 @@ use crate::stats::Stats;
 )]
 struct Args {
     /// Server base URL, e.g. http://127.0.0.1:8080; several nodes of one fleet,
-    /// comma-separated: each agent starts on one of them (round-robin) and moves to the
-    /// next whenever its session is lost
+    /// comma-separated: each agent starts on one of them (round-robin) and moves to
+    /// another (at random) whenever its session is lost
     #[arg(long, env = "DROVER_SERVER", value_delimiter = ',', required = true)]
     server: Vec<String>,
     /// Number the agents from this (their fingerprints and hostnames are `sim-N`), so

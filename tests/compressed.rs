@@ -381,12 +381,7 @@ async fn an_agent_that_does_not_run_the_base_skips_the_delta() {
         "{log}"
     );
     // The base was checked first: the copy is the only download the server began.
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics
             .lines()

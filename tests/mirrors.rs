@@ -125,12 +125,7 @@ async fn publish_quietly(server: &Server, dir: &Path) -> String {
 /// A metric's value in the server's `/metrics` (the first sample whose line starts
 /// with `series`).
 async fn metric(server: &Server, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     text.lines()
         .find(|line| line.starts_with(series))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())

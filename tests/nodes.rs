@@ -484,12 +484,7 @@ async fn a_pg_dump_restored_into_a_fresh_database_serves_every_agent_as_itself()
 
 /// A counter's value in a node's `/metrics`: the sample named exactly `sample`.
 async fn counter(server: &Server, sample: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     text.lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("{sample} missing from /metrics:\n{text}"))

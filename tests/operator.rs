@@ -378,12 +378,7 @@ async fn a_build_that_reverts_everywhere_halts_its_rollout() {
         server.log()
     );
 
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("drover_rollout_halted{version=\"1.2.0\",os=\"linux\",arch=\"amd64\"} 1"),
         "{metrics}"
@@ -422,12 +417,7 @@ async fn a_stale_beta_is_reported_in_the_listing_and_in_metrics() {
         rollout(&api, "1.0.0", "promote").await["stale_stable"],
         false
     );
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("drover_stable_lag_seconds{os=\"linux\",arch=\"amd64\",beta=\"1.1.0\"}"),
         "{metrics}"

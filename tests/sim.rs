@@ -926,6 +926,17 @@ async fn simulated_agents_take_the_compressed_copy_and_count_its_bytes() {
     assert!(copy < build.len() as u64 / 4, "{copy}");
     let sim = Sim::start(&server, dir.path(), FLEET, &["--max-downloads", "32"]);
     all_online(&api, FLEET).await;
+    let report = promote_to_every_agent(&api, sim).await;
+    assert_eq!(
+        report["download_bytes"],
+        FLEET as u64 * copy,
+        "only the copy crossed the wire: {report}"
+    );
+}
+
+/// Promotes 1.1.0 to the whole simulated fleet and waits until every agent verified it
+/// without an error; answers the simulator's report.
+async fn promote_to_every_agent(api: &Api, sim: Sim) -> Value {
     let (status, promoted) = api
         .post(
             "/api/v1/rollouts/1.1.0/promote",
@@ -943,11 +954,7 @@ async fn simulated_agents_take_the_compressed_copy_and_count_its_bytes() {
     let report = sim.stop();
     assert_eq!(report["updates_verified"], FLEET, "report: {report}");
     assert_eq!(report["errors_total"], 0, "report: {report}");
-    assert_eq!(
-        report["download_bytes"],
-        FLEET as u64 * copy,
-        "only the copy crossed the wire: {report}"
-    );
+    report
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -981,23 +988,7 @@ async fn simulated_agents_take_a_delta_from_the_build_they_run() {
     })
     .await;
     assert!(delta < 1000, "{delta}");
-    let (status, promoted) = api
-        .post(
-            "/api/v1/rollouts/1.1.0/promote",
-            Some(serde_json::json!({ "force": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{promoted}");
-    let done = format!("updates {FLEET}/{FLEET}");
-    eventually(
-        "the simulator to count every update",
-        Duration::from_secs(60),
-        || async { sim.last_progress().contains(&done).then_some(()) },
-    )
-    .await;
-    let report = sim.stop();
-    assert_eq!(report["updates_verified"], FLEET, "report: {report}");
-    assert_eq!(report["errors_total"], 0, "report: {report}");
+    let report = promote_to_every_agent(&api, sim).await;
     assert_eq!(
         report["download_bytes"],
         FLEET as u64 * delta,

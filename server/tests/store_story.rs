@@ -45,6 +45,34 @@ fn facts(fingerprint: &str, hostname: &str, version: &str) -> AgentFacts {
     }
 }
 
+/// Bootstraps `store` with the enrollment token whose hash is `enroll-hash`.
+async fn bootstrapped(store: &dyn Store) {
+    store
+        .bootstrap(&Bootstrap {
+            admin_token_hash: Some("admin-hash".into()),
+            enroll_token_hash: Some("enroll-hash".into()),
+            enroll_token_expires_at_ms: None,
+        })
+        .await
+        .unwrap();
+}
+
+/// Enrolls an agent on 1.0.0 with secret `s1` at `at_ms`; answers its id.
+async fn enroll_one(store: &dyn Store, fingerprint: &str, hostname: &str, at_ms: i64) -> String {
+    store
+        .enroll(
+            "enroll-hash",
+            &facts(fingerprint, hostname, "1.0.0"),
+            "s1",
+            at_ms,
+            NONE_LIVE,
+        )
+        .await
+        .map(enrolled)
+        .unwrap()
+        .agent_id
+}
+
 async fn story(store: &dyn Store) {
     // First start creates what is missing, once.
     let state = store.bootstrap_state().await.unwrap();
@@ -1382,26 +1410,8 @@ async fn postgres_story() {
 async fn postgres_heartbeats_do_not_wait_for_references_to_their_agents() {
     with_postgres(|url| async move {
         let store = PostgresStore::open(&url).await.unwrap();
-        store
-            .bootstrap(&Bootstrap {
-                admin_token_hash: Some("admin-hash".into()),
-                enroll_token_hash: Some("enroll-hash".into()),
-                enroll_token_expires_at_ms: None,
-            })
-            .await
-            .unwrap();
-        let agent = store
-            .enroll(
-                "enroll-hash",
-                &facts("fp-1", "one", "1.0.0"),
-                "s1",
-                1_000,
-                NONE_LIVE,
-            )
-            .await
-            .map(enrolled)
-            .unwrap()
-            .agent_id;
+        bootstrapped(&store).await;
+        let agent = enroll_one(&store, "fp-1", "one", 1_000).await;
         // What a foreign key check takes on the referenced row, held by an open
         // transaction as while a rollout's targets are inserted.
         let mut referencing = PgConnection::connect(&url).await.unwrap();
@@ -1734,26 +1744,8 @@ async fn a_postgres_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_on
 
 /// Old rows go in batches; build failures, unfinished tasks and recent rows stay.
 async fn retention_story(store: &dyn Store) {
-    store
-        .bootstrap(&Bootstrap {
-            admin_token_hash: Some("admin-hash".into()),
-            enroll_token_hash: Some("enroll-hash".into()),
-            enroll_token_expires_at_ms: None,
-        })
-        .await
-        .unwrap();
-    let agent = store
-        .enroll(
-            "enroll-hash",
-            &facts("fp-old", "old", "1.0.0"),
-            "s1",
-            1,
-            NONE_LIVE,
-        )
-        .await
-        .map(enrolled)
-        .unwrap()
-        .agent_id;
+    bootstrapped(store).await;
+    let agent = enroll_one(store, "fp-old", "old", 1).await;
     // Finished long ago: a success, a transient failure, two build failures; then one
     // finished recently and one still under way.
     let ended = [
@@ -1946,14 +1938,7 @@ async fn older_in_page(store: &dyn Store, limit: &str) -> Vec<String> {
 /// Versions compared in the database (`older_than`, sorting by version) follow semver
 /// precedence, pre-releases included, whichever statement wrote the version.
 async fn version_key_story(store: &dyn Store) {
-    store
-        .bootstrap(&Bootstrap {
-            admin_token_hash: Some("admin-hash".into()),
-            enroll_token_hash: Some("enroll-hash".into()),
-            enroll_token_expires_at_ms: None,
-        })
-        .await
-        .unwrap();
+    bootstrapped(store).await;
     let versions = [
         "1.10.0",
         "1.2.0",
@@ -2105,14 +2090,7 @@ async fn postgres_compares_versions_by_semver_precedence() {
 
 /// A page of a rollout's agents is counted, placed in stages and paged in the database.
 async fn rollout_page_story(store: &dyn Store) {
-    store
-        .bootstrap(&Bootstrap {
-            admin_token_hash: Some("admin-hash".into()),
-            enroll_token_hash: Some("enroll-hash".into()),
-            enroll_token_expires_at_ms: None,
-        })
-        .await
-        .unwrap();
+    bootstrapped(store).await;
     let mut ids = Vec::new();
     for i in 0..6 {
         let agent = store

@@ -158,6 +158,16 @@ impl Server {
         format!("ws://127.0.0.1:{}/api/v1/agent/ws", self.port)
     }
 
+    /// The text of the server's `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn api(&self) -> Api {
         match &self.ca_file {
             None => Api::new(&self.url, ADMIN_TOKEN),

@@ -23,6 +23,9 @@ pub(crate) enum DecompressError {
     TooLarge(u64),
     #[error("the compressed copy holds {got} of the build's {size} bytes")]
     Short { got: u64, size: u64 },
+    /// A delta's base (the agent's own executable) could not be read.
+    #[error("cannot read the delta's base {0}")]
+    Base(String),
     /// This machine: the copy could not be read or the build not written (a full disk).
     #[error("{0}")]
     Io(std::io::Error),
@@ -34,16 +37,19 @@ pub(crate) fn decompress_limited(src: &Path, dst: &Path, size: u64) -> Result<()
     limited(src, None, dst, size)
 }
 
-/// Rebuilds a build from the `zstd-patch` delta in `src` and the bytes of the build it
-/// starts from (`base`), into `dst` as `decompress_limited` does. The window the delta
-/// may use follows from the two sizes (`protocol::delta_window_log`).
+/// Rebuilds a build from the `zstd-patch` delta in `src` and the build it starts from
+/// (the file `base`, read whole: the delta refers into it anywhere), into `dst` as
+/// `decompress_limited` does. The window the delta may use follows from the two sizes
+/// (`protocol::delta_window_log`).
 pub(crate) fn patch_limited(
     src: &Path,
-    base: &[u8],
+    base: &Path,
     dst: &Path,
     size: u64,
 ) -> Result<(), DecompressError> {
-    limited(src, Some(base), dst, size)
+    let base = std::fs::read(base)
+        .map_err(|err| DecompressError::Base(format!("{}: {err}", base.display())))?;
+    limited(src, Some(&base), dst, size)
 }
 
 fn limited(src: &Path, base: Option<&[u8]>, dst: &Path, size: u64) -> Result<(), DecompressError> {
@@ -156,7 +162,9 @@ mod tests {
                 Err(DecompressError::TooLarge(_)) => "too large",
                 Err(DecompressError::Short { .. }) => "short",
                 Err(DecompressError::Corrupt(_)) => "corrupt",
-                Err(DecompressError::Io(err)) => panic!("{what}: {err}"),
+                Err(err @ (DecompressError::Io(_) | DecompressError::Base(_))) => {
+                    panic!("{what}: {err}")
+                }
             };
             // A flipped byte inside a block may decode to wrong bytes of the right length;
             // the build's digest is checked after, so either is a refusal in the end.
@@ -193,24 +201,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, dst) = (dir.path().join("delta"), dir.path().join("build.part"));
         std::fs::write(&src, &delta).unwrap();
-        patch_limited(&src, &base, &dst, size).unwrap();
+        // The base as a file, as the agent's executable is.
+        let base_file = |bytes: &[u8]| {
+            let path = dir.path().join("base");
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        patch_limited(&src, &base_file(&base), &dst, size).unwrap();
         assert!(std::fs::read(&dst).unwrap() == next);
 
         // Another base rebuilds other bytes (or none); the build's digest decides after.
         let mut other = base.clone();
         other[100] ^= 0xff;
-        match patch_limited(&src, &other, &dst, size) {
+        match patch_limited(&src, &base_file(&other), &dst, size) {
             Ok(()) => assert!(std::fs::read(&dst).unwrap() != next),
             Err(DecompressError::Corrupt(_)) => assert!(!dst.exists()),
             Err(err) => panic!("{err}"),
         }
         // A shorter base cannot hold what the delta refers to.
-        let err = patch_limited(&src, &base[..1000], &dst, size).unwrap_err();
+        let err = patch_limited(&src, &base_file(&base[..1000]), &dst, size).unwrap_err();
         assert!(matches!(err, DecompressError::Corrupt(_)), "{err}");
         assert!(!dst.exists());
         // A delta that claims more than the build is refused as it inflates.
-        let err = patch_limited(&src, &base, &dst, size - 1).unwrap_err();
+        let err = patch_limited(&src, &base_file(&base), &dst, size - 1).unwrap_err();
         assert!(matches!(err, DecompressError::TooLarge(_)), "{err}");
+        // A base that cannot be read is the delta's failure, not this machine's.
+        let err = patch_limited(&src, &dir.path().join("none"), &dst, size).unwrap_err();
+        assert!(matches!(err, DecompressError::Base(_)), "{err}");
     }
 
     #[test]

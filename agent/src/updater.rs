@@ -110,7 +110,7 @@ fn check_bounds(update: &Update) -> Result<(), String> {
             update.size
         ));
     }
-    if update.sha256.len() != 64 || !update.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_sha256(&update.sha256) {
         return Err("the update's sha256 is not 64 hex digits".into());
     }
     if !is_http_url(&update.url) {
@@ -143,10 +143,7 @@ fn usable_mirror(update: &Update) -> Option<String> {
 fn usable_compressed(update: &Update) -> Option<CompressedBuild> {
     let offer = update.compressed.as_ref()?;
     let usable = offer.encoding == protocol::ENCODING_ZSTD
-        && is_http_url(&offer.url)
-        && offer.size > 0
-        && offer.size <= MAX_BUILD_BYTES
-        && is_sha256(&offer.sha256);
+        && fetchable(&offer.url, offer.size, &offer.sha256);
     if !usable {
         tracing::warn!(task = %update.task_id, "the update's compressed copy is not one this agent reads; downloading the build");
         return None;
@@ -157,9 +154,15 @@ fn usable_compressed(update: &Update) -> Option<CompressedBuild> {
     })
 }
 
-/// Lower-case hex SHA-256 text.
+/// SHA-256 as 64 hex digits (either case).
 fn is_sha256(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A download offered beside the build (a compressed copy, a delta) within what the
+/// agent fetches: an http(s) URL, 1 byte to `MAX_BUILD_BYTES`, a SHA-256 to check.
+fn fetchable(url: &str, size: u64, sha256: &str) -> bool {
+    is_http_url(url) && size > 0 && size <= MAX_BUILD_BYTES && is_sha256(sha256)
 }
 
 /// The update's delta, if it offers one this agent reads; a delta out of bounds is
@@ -167,10 +170,7 @@ fn is_sha256(text: &str) -> bool {
 fn usable_delta(update: &Update) -> Option<DeltaBuild> {
     let offer = update.delta.as_ref()?;
     let usable = offer.encoding == protocol::ENCODING_ZSTD_PATCH
-        && is_http_url(&offer.url)
-        && offer.size > 0
-        && offer.size <= MAX_BUILD_BYTES
-        && is_sha256(&offer.sha256)
+        && fetchable(&offer.url, offer.size, &offer.sha256)
         && is_sha256(&offer.base_sha256);
     if !usable {
         tracing::warn!(task = %update.task_id, "the update's delta is not one this agent reads; downloading the build");
@@ -188,6 +188,24 @@ fn usable_delta(update: &Update) -> Option<DeltaBuild> {
 enum Form {
     Compressed(CompressedBuild),
     Delta(DeltaBuild),
+}
+
+impl Form {
+    /// Its URL, size and SHA-256.
+    fn offer(&self) -> (&str, u64, &str) {
+        match self {
+            Form::Compressed(copy) => (&copy.url, copy.size, &copy.sha256),
+            Form::Delta(delta) => (&delta.url, delta.size, &delta.sha256),
+        }
+    }
+
+    /// Where it is downloaded to, before it is turned into the build's `.part`.
+    fn staged(&self, state_dir: &std::path::Path, task_id: &str) -> PathBuf {
+        match self {
+            Form::Compressed(_) => journal::compressed_path(state_dir, task_id),
+            Form::Delta(_) => journal::delta_path(state_dir, task_id),
+        }
+    }
 }
 
 /// The transfer of a build from the server: its compressed copy or the build itself.
@@ -448,23 +466,11 @@ impl Updater {
         form: &Form,
         part: &std::path::Path,
     ) -> Result<Result<String, CopyFailed>, UpdateError> {
-        let (url, size, sha256, staged) = match form {
-            Form::Compressed(copy) => (
-                &copy.url,
-                copy.size,
-                &copy.sha256,
-                journal::compressed_path(&self.state_dir, &journal.task_id),
-            ),
-            Form::Delta(delta) => (
-                &delta.url,
-                delta.size,
-                &delta.sha256,
-                journal::delta_path(&self.state_dir, &journal.task_id),
-            ),
-        };
+        let (url, size, sha256) = form.offer();
+        let staged = form.staged(&self.state_dir, &journal.task_id);
         // A delta for another build than this agent's is not worth a byte.
         if let Form::Delta(delta) = form
-            && let Err(failed) = self.running_build(&delta.base_sha256).await?
+            && let Err(failed) = self.runs_base(&delta.base_sha256).await?
         {
             return Ok(Err(failed));
         }
@@ -478,26 +484,20 @@ impl Updater {
         }
         progress(events, journal, UpdateStage::Verifying, size, size);
         let digest = hash_file(&staged).await?;
-        if digest != *sha256 {
+        if digest != sha256 {
             return Ok(Err(CopyFailed(format!(
                 "the download hashes to {digest}, not {sha256}"
             ))));
         }
-        // The delta starts from the build this agent runs, byte for byte (read again: it
-        // is not held in memory during the download).
-        let base = match form {
-            Form::Compressed(_) => None,
-            Form::Delta(delta) => match self.running_build(&delta.base_sha256).await? {
-                Ok(base) => Some(base),
-                Err(failed) => return Ok(Err(failed)),
-            },
-        };
         // Room for the build and its installed copy, beside the download.
         download::check_space(part, journal.size, 0)?;
         let (from, to, size) = (staged.clone(), part.to_owned(), journal.size);
-        let rebuilt = tokio::task::spawn_blocking(move || match base {
+        // The executable was checked to be the delta's base before the download; if it
+        // changed since, the rebuilt build's digest below says so.
+        let exe = matches!(form, Form::Delta(_)).then(|| self.exe.clone());
+        let rebuilt = tokio::task::spawn_blocking(move || match exe {
             None => decompress::decompress_limited(&from, &to, size),
-            Some(base) => decompress::patch_limited(&from, &base, &to, size),
+            Some(exe) => decompress::patch_limited(&from, &exe, &to, size),
         })
         .await
         .map_err(|e| UpdateError::State(e.into()))?;
@@ -521,38 +521,26 @@ impl Updater {
         }
     }
 
-    /// The bytes of this agent's executable, if they hash to `sha256`: the build a
-    /// delta starts from.
-    async fn running_build(
-        &self,
-        sha256: &str,
-    ) -> Result<Result<Vec<u8>, CopyFailed>, UpdateError> {
+    /// Whether this agent's executable hashes to `sha256`, the build a delta starts
+    /// from; why not, if not.
+    async fn runs_base(&self, sha256: &str) -> Result<Result<(), CopyFailed>, UpdateError> {
         let exe = self.exe.clone();
-        let read = tokio::task::spawn_blocking(move || std::fs::read(exe))
+        let hashed = tokio::task::spawn_blocking(move || install::sha256_file(&exe))
             .await
             .map_err(|e| UpdateError::State(e.into()))?;
-        let bytes = match read {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                return Ok(Err(CopyFailed(format!(
-                    "cannot read this agent's executable {}: {err}",
-                    self.exe.display()
-                ))));
-            }
-        };
-        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if digest != sha256 {
-            return Ok(Err(CopyFailed(format!(
+        Ok(match hashed {
+            Ok(digest) if digest == sha256 => Ok(()),
+            Ok(digest) => Err(CopyFailed(format!(
                 "this agent's executable hashes to {digest}, not to the delta's base {sha256}"
-            ))));
-        }
-        Ok(Ok(bytes))
+            ))),
+            Err(err) => Err(CopyFailed(format!(
+                "cannot read this agent's executable: {err:#}"
+            ))),
+        })
     }
 
-    /// Gives up on a form of the build: its bytes and anything rebuilt from them go,
-    /// then the journal says the next form (after a delta, the compressed copy if
-    /// offered; else the build itself) is fetched from now on, in that order, so nothing
-    /// of the form's is ever resumed as the build.
+    /// Gives up on a form of the build: after a delta, the compressed copy if offered is
+    /// fetched from now on; else the build itself.
     fn give_up_form(
         &self,
         journal: &mut Journal,
@@ -561,25 +549,55 @@ impl Updater {
         part: &std::path::Path,
         reason: &str,
     ) -> Result<(), UpdateError> {
-        let (staged, next) = match form {
-            Form::Delta(_) => {
-                tracing::warn!(task = %journal.task_id, %reason, "the delta failed; downloading the build in full");
-                let next = match &journal.compressed {
-                    Some(copy) => from_server(TransferKind::Compressed, copy.size),
-                    None => from_server(TransferKind::Full, journal.size),
-                };
-                (journal::delta_path(&self.state_dir, &journal.task_id), next)
+        let next = match (form, &journal.compressed) {
+            (Form::Delta(_), Some(copy)) => {
+                tracing::warn!(task = %journal.task_id, %reason, "the delta failed; downloading the compressed copy");
+                from_server(TransferKind::Compressed, copy.size)
             }
-            Form::Compressed(_) => {
+            (Form::Delta(_), None) => {
+                tracing::warn!(task = %journal.task_id, %reason, "the delta failed; downloading the build itself");
+                from_server(TransferKind::Full, journal.size)
+            }
+            (Form::Compressed(_), _) => {
                 tracing::warn!(task = %journal.task_id, %reason, "the compressed copy failed; downloading the build itself");
-                (
-                    journal::compressed_path(&self.state_dir, &journal.task_id),
-                    from_server(TransferKind::Full, journal.size),
-                )
+                from_server(TransferKind::Full, journal.size)
             }
         };
-        for file in [staged, part.to_owned()] {
-            match std::fs::remove_file(&file) {
+        let staged = form.staged(&self.state_dir, &journal.task_id);
+        self.download_instead(journal, events, &[&staged, part], next)
+    }
+
+    /// Gives up on the mirror: the server is the source from now on.
+    fn fall_back(
+        &self,
+        journal: &mut Journal,
+        events: &mpsc::Sender<Event>,
+        part: &std::path::Path,
+        (failure, error): (MirrorFailure, String),
+    ) -> Result<(), UpdateError> {
+        tracing::warn!(task = %journal.task_id, mirror = journal.mirror_url.as_deref().unwrap_or(""), reason = failure.as_str(), %error, "the mirror failed; downloading from the server");
+        let next = Transfer {
+            source: TransferSource::Server,
+            fallback: Some(failure),
+            fallback_error: Some(error),
+            kind: TransferKind::Full,
+            bytes: Some(journal.size),
+        };
+        self.download_instead(journal, events, &[part], next)
+    }
+
+    /// Starts a download over as `next` says: the given-up download's files go, then the
+    /// journal records `next` (in that order, so nothing of theirs is ever resumed as
+    /// what comes next).
+    fn download_instead(
+        &self,
+        journal: &mut Journal,
+        events: &mpsc::Sender<Event>,
+        given_up: &[&std::path::Path],
+        next: Transfer,
+    ) -> Result<(), UpdateError> {
+        for file in given_up {
+            match std::fs::remove_file(file) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
@@ -595,39 +613,6 @@ impl Updater {
             .advance(&self.state_dir, Step::Downloading)
             .map_err(|e| UpdateError::State(e.context("cannot journal the fallback")))?;
         progress(events, journal, UpdateStage::Downloading, 0, total);
-        Ok(())
-    }
-
-    /// Gives up on the mirror: its bytes go, then the journal says the server is the
-    /// source from now on (in that order, so nothing of the mirror's is ever resumed).
-    fn fall_back(
-        &self,
-        journal: &mut Journal,
-        events: &mpsc::Sender<Event>,
-        part: &std::path::Path,
-        (failure, error): (MirrorFailure, String),
-    ) -> Result<(), UpdateError> {
-        tracing::warn!(task = %journal.task_id, mirror = journal.mirror_url.as_deref().unwrap_or(""), reason = failure.as_str(), %error, "the mirror failed; downloading from the server");
-        match std::fs::remove_file(part) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(UpdateError::State(
-                    anyhow::Error::from(err).context("could not remove the mirror's download"),
-                ));
-            }
-        }
-        journal.transfer = Some(Transfer {
-            source: TransferSource::Server,
-            fallback: Some(failure),
-            fallback_error: Some(error),
-            kind: TransferKind::Full,
-            bytes: Some(journal.size),
-        });
-        journal
-            .advance(&self.state_dir, Step::Downloading)
-            .map_err(|e| UpdateError::State(e.context("cannot journal the fallback")))?;
-        progress(events, journal, UpdateStage::Downloading, 0, journal.size);
         Ok(())
     }
 

@@ -303,6 +303,14 @@ impl TransferKind {
             TransferKind::Delta => "delta",
         }
     }
+
+    /// The kind `as_str` names; anything else (absent, unknown) is `Full`.
+    pub fn parse(text: &str) -> TransferKind {
+        [TransferKind::Compressed, TransferKind::Delta]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .unwrap_or(TransferKind::Full)
+    }
 }
 
 /// The most bytes of `Transfer::fallback_error` a peer sends or keeps.
@@ -638,6 +646,19 @@ fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transfer_kind_reads_back_what_it_writes() {
+        for kind in [
+            TransferKind::Full,
+            TransferKind::Compressed,
+            TransferKind::Delta,
+        ] {
+            assert_eq!(TransferKind::parse(kind.as_str()), kind);
+        }
+        assert_eq!(TransferKind::parse("bsdiff"), TransferKind::Full);
+        assert_eq!(TransferKind::parse(""), TransferKind::Full);
+    }
 
     #[test]
     fn a_delta_window_reaches_across_the_base_and_the_build() {

@@ -144,6 +144,12 @@ pub(crate) struct Job {
     pub(crate) stop: CancellationToken,
 }
 
+/// The file a delta to the build with SHA-256 `build` from the one with `base` is kept
+/// in: named by the digests it joins.
+pub(crate) fn delta_file(build: &str, base: &str) -> String {
+    format!("{build}.from-{base}.zst")
+}
+
 /// The build a delta starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Base {
@@ -167,9 +173,7 @@ impl Job {
     pub(crate) fn path(&self) -> PathBuf {
         match &self.base {
             None => self.dir.join(format!("{}.zst", self.sha256)),
-            Some(base) => self
-                .dir
-                .join(format!("{}.from-{}.zst", self.sha256, base.sha256)),
+            Some(base) => self.dir.join(delta_file(&self.sha256, &base.sha256)),
         }
     }
 

@@ -154,7 +154,7 @@ impl Deltas {
         }
         let names: HashSet<String> = wanted
             .iter()
-            .map(|(build, base)| file_name(build, base))
+            .map(|(build, base)| compressed::delta_file(build, base))
             .collect();
         let dir = dir.to_owned();
         let _ = tokio::task::spawn_blocking(move || {
@@ -162,11 +162,6 @@ impl Deltas {
         })
         .await;
     }
-}
-
-/// The file a delta is kept in, named by the digests it joins (as `Job::path`).
-fn file_name(build: &str, base: &str) -> String {
-    format!("{build}.from-{base}.zst")
 }
 
 /// The (build, base) pairs to have deltas for. Per os/arch, the builds are the newest

@@ -162,11 +162,8 @@ impl TransferView {
     fn of(task: &UpdateTask) -> Option<TransferView> {
         let source = task.transfer_source.clone()?;
         Some(TransferView {
-            kind: match task.transfer_kind.as_deref() {
-                Some("compressed") => "compressed",
-                Some("delta") => "delta",
-                _ => "full",
-            },
+            kind: protocol::TransferKind::parse(task.transfer_kind.as_deref().unwrap_or(""))
+                .as_str(),
             bytes: task.transfer_bytes.unwrap_or(task.bytes_total),
             source,
             mirror: task.mirror.clone(),

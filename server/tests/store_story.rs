@@ -2540,6 +2540,19 @@ async fn counted_groups_follow_every_change(store: &dyn Store, ids: &[String]) {
         "{now:?}"
     );
     assert_eq!(now.iter().map(|g| g.8).sum::<u64>(), 6, "{now:?}");
+
+    // An agent that joins the rollout late starts out with its facts; joining twice
+    // changes nothing.
+    let late = enroll_one(store, "fp-late", "late", 6_500).await;
+    for _ in 0..2 {
+        store.add_rollout_target("r-1", &late, 1).await.unwrap();
+        let joined = groups(store, 5_000).await;
+        assert!(
+            joined.contains(&(1, beta(), false, true, None, None, false, win(), 2)),
+            "{joined:?}"
+        );
+        assert_eq!(joined.iter().map(|g| g.8).sum::<u64>(), 7, "{joined:?}");
+    }
 }
 
 #[tokio::test]

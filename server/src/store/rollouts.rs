@@ -448,6 +448,20 @@ pub trait RolloutStore: Send + Sync {
 /// `INSERT` statements of targets hold this many rows each (3 parameters a row).
 pub(super) const TARGETS_PER_STATEMENT: usize = 1_000;
 
+/// The one statement that adds targets, around a `VALUES` list of (rollout id, agent
+/// id, wave): it writes each target with the facts of its agent that it keeps (migration
+/// 0015), so the row is written once (migration 0017). A target that is there already
+/// stays as it is. (`WHERE TRUE` keeps SQLite from reading `ON CONFLICT` as the join's.)
+pub(super) const INSERT_TARGETS: (&str, &str) = (
+    "INSERT INTO rollout_targets (rollout_id, agent_id, wave, os, arch, channel, paused, \
+         auto_update, maintenance_window) \
+     SELECT v.column1, v.column2, v.column3, f.os, f.arch, f.channel, f.paused, \
+         f.auto_update, f.maintenance_window \
+     FROM (",
+    ") AS v JOIN rollout_target_agents f ON f.agent_id = v.column2 WHERE TRUE \
+     ON CONFLICT DO NOTHING",
+);
+
 impl TryFrom<TargetGroupRow> for (String, TargetGroup) {
     type Error = StoreError;
 
@@ -731,14 +745,13 @@ macro_rules! impl_rollout_store {
                 .execute(&mut *tx)
                 .await?;
                 for chunk in new.targets.chunks(r::TARGETS_PER_STATEMENT) {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO rollout_targets (rollout_id, agent_id, wave) ",
-                    );
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(r::INSERT_TARGETS.0);
                     insert.push_values(chunk, |mut row, (agent, wave)| {
                         row.push_bind(new.id)
                             .push_bind(agent.as_str())
                             .push_bind(i64::try_from(*wave).unwrap_or(i64::MAX));
                     });
+                    insert.push(r::INSERT_TARGETS.1);
                     insert.build().execute(&mut *tx).await?;
                 }
                 sqlx::query(
@@ -865,10 +878,12 @@ macro_rules! impl_rollout_store {
                 agent_id: &str,
                 wave: usize,
             ) -> $crate::store::StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO rollout_targets (rollout_id, agent_id, wave) \
-                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                )
+                use $crate::store::rollouts as r;
+                sqlx::query(&format!(
+                    "{}VALUES ($1, $2, $3){}",
+                    r::INSERT_TARGETS.0,
+                    r::INSERT_TARGETS.1
+                ))
                 .bind(rollout_id)
                 .bind(agent_id)
                 .bind(i64::try_from(wave).unwrap_or(i64::MAX))

@@ -1566,6 +1566,61 @@ async fn postgres_two_nodes_never_double_dispatch() {
     .await;
 }
 
+/// A rollout's targets written on one node while another node moves their agents
+/// between channels: every target ends with its agent's channel, whichever commits first.
+#[tokio::test]
+async fn postgres_targets_never_miss_a_change_of_their_agents() {
+    with_postgres(|url| async move {
+        let (one, two) = (
+            PostgresStore::open(&url).await.unwrap(),
+            PostgresStore::open(&url).await.unwrap(),
+        );
+        let (a, b): (&dyn Store, &dyn Store) = (&one, &two);
+        bootstrapped(a).await;
+        let mut agents = Vec::new();
+        for i in 0..40 {
+            agents.push(enroll_one(a, &format!("fp-{i}"), &format!("host-{i}"), 1_000).await);
+        }
+        let platforms = [("linux".to_owned(), "amd64".to_owned())];
+        let targets: Vec<(String, usize)> = agents.iter().map(|id| (id.clone(), 0)).collect();
+        for round in 0..15 {
+            let id = format!("r-{round}");
+            let channel = if round % 2 == 0 { "beta" } else { "stable" };
+            let rollout = NewRollout {
+                id: &id,
+                version: "2.0.0",
+                kind: RolloutKind::Targeted,
+                platforms: &platforms,
+                plan: "{}",
+                started_by: "test",
+                detail: "started",
+                targets: &targets,
+                supersedes: &[],
+            };
+            let start = a.create_rollout(&rollout, 2_000 + round);
+            let moves = async {
+                for agent in &agents {
+                    b.set_channel(ChannelScope::Agent, agent, Some(channel))
+                        .await
+                        .unwrap();
+                }
+            };
+            let (started, ()) = tokio::join!(start, moves);
+            started.unwrap();
+            let mut on_channel = std::collections::BTreeMap::new();
+            for (_, group) in a.rollout_target_groups(&[&id], 0).await.unwrap() {
+                *on_channel.entry(group.channel).or_insert(0) += group.agents;
+            }
+            assert_eq!(
+                on_channel,
+                std::collections::BTreeMap::from([(channel.to_owned(), 40)]),
+                "round {round}"
+            );
+        }
+    })
+    .await;
+}
+
 /// Every migration exists for both backends under the same name.
 #[test]
 fn migrations_are_kept_in_step() {
@@ -2541,14 +2596,42 @@ async fn counted_groups_follow_every_change(store: &dyn Store, ids: &[String]) {
     );
     assert_eq!(now.iter().map(|g| g.8).sum::<u64>(), 6, "{now:?}");
 
-    // An agent that joins the rollout late starts out with its facts; joining twice
-    // changes nothing.
+    // An agent that joins the rollout after its task was made starts out with its
+    // facts and its task; joining twice changes nothing.
     let late = enroll_one(store, "fp-late", "late", 6_500).await;
+    store
+        .create_task(
+            &NewTask {
+                agent_id: &late,
+                from_version: "1.0.0",
+                to_version: "2.0.0",
+                os: "linux",
+                arch: "amd64",
+                kind: TaskKind::Update,
+                status: TaskStatus::Dispatched,
+                rollout_id: Some("r-1"),
+                wave: Some(1),
+                mirror: None,
+            },
+            6_600,
+        )
+        .await
+        .unwrap();
     for _ in 0..2 {
         store.add_rollout_target("r-1", &late, 1).await.unwrap();
         let joined = groups(store, 5_000).await;
         assert!(
-            joined.contains(&(1, beta(), false, true, None, None, false, win(), 2)),
+            joined.contains(&(
+                1,
+                beta(),
+                false,
+                true,
+                Some(TaskStatus::Dispatched),
+                None,
+                false,
+                win(),
+                2
+            )),
             "{joined:?}"
         );
         assert_eq!(joined.iter().map(|g| g.8).sum::<u64>(), 7, "{joined:?}");

@@ -137,6 +137,10 @@ impl Dialect for PostgresStore {
     // the block and makes no task.
     const TASK_INSERTS_LOCK: Option<&'static str> =
         Some("LOCK TABLE update_tasks IN SHARE ROW EXCLUSIVE MODE");
+    // The lock every refresh of targets' facts takes (migration 0015). Its own
+    // statement: the insert after it takes its snapshot once the lock is held, so it
+    // reads every change of an agent, site or client committed before.
+    const TARGET_FACTS_LOCK: Option<&'static str> = Some("SELECT rollout_targets_facts_lock()");
 }
 
 impl_queries!(PostgresStore);

@@ -21,6 +21,10 @@ pub(super) trait Dialect {
     /// Taken by a block before it commits: waits for task inserts under way and holds
     /// new ones until the block is visible to them.
     const TASK_INSERTS_LOCK: Option<&'static str>;
+    /// Run in a transaction that adds rollout targets, before the insert reads their
+    /// agents' facts: orders it after any change of those facts under way, and holds
+    /// new ones until the targets are visible to them (migration 0017).
+    const TARGET_FACTS_LOCK: Option<&'static str>;
 }
 
 /// The operations whose SQL both backends accept.

@@ -450,8 +450,9 @@ pub(super) const TARGETS_PER_STATEMENT: usize = 1_000;
 
 /// The one statement that adds targets, around a `VALUES` list of (rollout id, agent
 /// id, wave): it writes each target with the facts of its agent that it keeps (migration
-/// 0015), so the row is written once (migration 0017). A target that is there already
-/// stays as it is. (`WHERE TRUE` keeps SQLite from reading `ON CONFLICT` as the join's.)
+/// 0015), so the row is written once (migration 0017), after the backend's
+/// `TARGET_FACTS_LOCK` in the same transaction. A target that is there already stays as
+/// it is. (`WHERE TRUE` keeps SQLite from reading `ON CONFLICT` as the join's.)
 pub(super) const INSERT_TARGETS: (&str, &str) = (
     "INSERT INTO rollout_targets (rollout_id, agent_id, wave, os, arch, channel, paused, \
          auto_update, maintenance_window) \
@@ -744,6 +745,9 @@ macro_rules! impl_rollout_store {
                 .bind(new.started_by)
                 .execute(&mut *tx)
                 .await?;
+                if let Some(lock) = <$store as $crate::store::queries::Dialect>::TARGET_FACTS_LOCK {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
                 for chunk in new.targets.chunks(r::TARGETS_PER_STATEMENT) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(r::INSERT_TARGETS.0);
                     insert.push_values(chunk, |mut row, (agent, wave)| {
@@ -879,6 +883,10 @@ macro_rules! impl_rollout_store {
                 wave: usize,
             ) -> $crate::store::StoreResult<()> {
                 use $crate::store::rollouts as r;
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = <$store as $crate::store::queries::Dialect>::TARGET_FACTS_LOCK {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
                 sqlx::query(&format!(
                     "{}VALUES ($1, $2, $3){}",
                     r::INSERT_TARGETS.0,
@@ -887,8 +895,9 @@ macro_rules! impl_rollout_store {
                 .bind(rollout_id)
                 .bind(agent_id)
                 .bind(i64::try_from(wave).unwrap_or(i64::MAX))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 Ok(())
             }
 

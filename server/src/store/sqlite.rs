@@ -82,6 +82,8 @@ impl Dialect for SqliteStore {
     const BOOTSTRAP_LOCK: Option<&'static str> = None;
     // SQLite runs one write at a time, and each task insert is one statement.
     const TASK_INSERTS_LOCK: Option<&'static str> = None;
+    // SQLite runs one write at a time.
+    const TARGET_FACTS_LOCK: Option<&'static str> = None;
 }
 
 impl_queries!(SqliteStore);

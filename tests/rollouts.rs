@@ -711,6 +711,60 @@ async fn beta_fleet(server: &Server, prefix: &str, count: usize) -> Vec<Kept> {
     fleet
 }
 
+/// Builds that land together (here: found at a start, as after an upgrade or on a
+/// downloads directory filled while the server was down) start their rollouts oldest
+/// first: the newest of each kind is the one under way, the older ones superseded by it.
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_that_land_together_leave_the_newest_rollout_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    drop(enroll_fleet(&server, "fp-together-stable", 1, "1.0.0").await);
+    drop(beta_fleet(&server, "fp-together-beta", 1).await);
+    server.terminate();
+    for version in ["1.1.0", "1.3.0", "1.2.0"] {
+        publish(
+            &server.downloads(),
+            version,
+            Some("beta"),
+            version.as_bytes(),
+        );
+    }
+    for version in ["2.1.0", "2.0.0"] {
+        publish(
+            &server.downloads(),
+            version,
+            Some("stable"),
+            version.as_bytes(),
+        );
+    }
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let state = |rollout: Option<Value>| rollout.map(|r| r["state"].as_str().unwrap().to_owned());
+    let superseded = Some("superseded".to_owned());
+    eventually("every build's rollout", SOON, || async {
+        let (beta, promote) = (
+            state(rollout_of(&api, "1.3.0", "beta").await),
+            state(rollout_of(&api, "2.1.0", "promote").await),
+        );
+        (beta.is_some() && promote.is_some()).then_some(())
+    })
+    .await;
+    for (version, kind) in [("1.1.0", "beta"), ("1.2.0", "beta"), ("2.0.0", "promote")] {
+        assert_eq!(
+            state(rollout_of(&api, version, kind).await),
+            superseded,
+            "{version}"
+        );
+    }
+    for (version, kind) in [("1.3.0", "beta"), ("2.1.0", "promote")] {
+        let under_way = state(rollout_of(&api, version, kind).await);
+        assert!(
+            matches!(under_way.as_deref(), Some("running" | "waiting")),
+            "{version}: {under_way:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gate_counts_only_beta_agents_that_succeeded() {
     let dir = tempfile::tempdir().unwrap();

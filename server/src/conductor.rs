@@ -51,6 +51,13 @@ pub(crate) struct Start {
 /// Starts a rollout: places its targets in waves, supersedes the open rollouts of the
 /// same kind on its platforms (of other versions), and tells every node.
 pub(crate) async fn start(state: &AppState, start: Start) -> StoreResult<Rollout> {
+    let rollout = record_start(state, start).await?;
+    changed(state, &rollout.id).await;
+    Ok(rollout)
+}
+
+/// Writes a rollout's start (as `start` does) without telling anyone yet.
+async fn record_start(state: &AppState, start: Start) -> StoreResult<Rollout> {
     let id = start
         .id
         .clone()
@@ -94,7 +101,6 @@ pub(crate) async fn start(state: &AppState, start: Start) -> StoreResult<Rollout
         )
         .await?;
     tracing::info!(rollout = %rollout.id, version = %rollout.version, kind = rollout.kind.as_str(), targets = targets.len(), by = %rollout.started_by, "rollout started");
-    changed(state, &rollout.id).await;
     Ok(rollout)
 }
 
@@ -127,10 +133,22 @@ pub(crate) fn promoted_already(
 
 /// After a rollout changed: every node re-reads the book and checks its agents.
 async fn changed(state: &AppState, rollout_id: &str) {
+    reread_book(state).await;
+    announce(state, &[rollout_id]);
+}
+
+async fn reread_book(state: &AppState) {
     if let Err(err) = state.reload_rollout_state().await {
         tracing::warn!(%err, "could not re-read the rollouts");
     }
-    state.events.rollout(Some(rollout_id));
+}
+
+/// Tells the dashboards about changed rollouts, and every node to check its agents
+/// (once, however many changed).
+fn announce(state: &AppState, rollout_ids: &[&str]) {
+    for id in rollout_ids {
+        state.events.rollout(Some(id));
+    }
     state.registry.broadcast(|| Outbound::Check);
 }
 
@@ -175,11 +193,17 @@ fn duration_ms(d: Duration) -> i64 {
 
 /// Every offered build has a rollout: a build that lands on beta starts a `beta`
 /// rollout over beta agents, one that lands on stable a `promote` rollout with the
-/// default plan. Ids are fixed per build, so two nodes seeing it start one.
+/// default plan. Ids are fixed per build, so two nodes seeing it start one. Builds that
+/// land together (several published at once, or found at a first start) start oldest
+/// first, so each supersedes the older ones and the newest is the one under way; the
+/// nodes are told once.
 pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
     let index = state.releases.current();
+    let mut oldest_first: Vec<&Release> = index.releases.iter().collect();
+    oldest_first.sort_by(|a, b| a.version.cmp(&b.version));
     let mut agents: Option<Vec<AgentRecord>> = None;
-    for release in &index.releases {
+    let mut started = Vec::new();
+    for release in oldest_first {
         let kind = match release.channel {
             Channel::Beta => RolloutKind::Beta,
             Channel::Stable => RolloutKind::Promote,
@@ -259,12 +283,21 @@ pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
             started_by: "drover".into(),
             detail: format!("{} landed on {}", release.file, release.channel.as_str()),
         };
-        match start(state, start_request).await {
-            Ok(_) | Err(StoreError::Conflict(_)) => {}
+        match record_start(state, start_request).await {
+            Ok(rollout) => {
+                // The next build's start supersedes this one from the book.
+                reread_book(state).await;
+                started.push(rollout.id);
+            }
+            Err(StoreError::Conflict(_)) => {}
             Err(err) => {
                 tracing::warn!(%err, file = %release.file, "could not start the rollout of a new build")
             }
         }
+    }
+    if !started.is_empty() {
+        let ids: Vec<&str> = started.iter().map(String::as_str).collect();
+        announce(state, &ids);
     }
 }
 

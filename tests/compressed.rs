@@ -253,8 +253,10 @@ async fn delta_release(server: &Server, version: &str, base: &str) -> (Value, u6
     .await
 }
 
-/// An agent that runs the published 1.0.0 build, online; 1.0.1 on beta with its delta
-/// from 1.0.0 made. Answers the agent, its id, 1.0.1's release and the delta's size.
+/// An agent that runs the published 1.0.0 build, online; 1.0.1 on beta with its
+/// compressed copy and its delta from 1.0.0 made (each in its own time: a delta that
+/// fails falls back to the copy). Answers the agent, its id, 1.0.1's release and the
+/// delta's size.
 async fn running_base_with_delta(
     server: &Server,
     dir: &std::path::Path,
@@ -270,6 +272,7 @@ async fn running_base_with_delta(
     let id = enrolled_id(server, name).await;
     // The fleet now runs 1.0.0: a new build gets a delta from it.
     publish_agent(server, dir, "1.0.1", "beta");
+    compressed_release(server, "1.0.1").await;
     let (release, delta) = delta_release(server, "1.0.1", "1.0.0").await;
     (agent, id, release, delta)
 }

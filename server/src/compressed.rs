@@ -29,11 +29,12 @@ pub(crate) struct Copy {
     pub(crate) sha256: String,
 }
 
-/// The ready copies, by the build's SHA-256. Cheap to clone; empty when compressed
-/// transfer is off.
+/// The builds whose copy was made, by SHA-256: the ready copy, or `None` when
+/// compressing made the build no smaller (so it is not compressed again at every change
+/// of the index). Cheap to clone; empty when compressed transfer is off.
 #[derive(Clone, Default)]
 pub(crate) struct Compressed {
-    ready: Arc<RwLock<HashMap<String, Copy>>>,
+    ready: Arc<RwLock<HashMap<String, Option<Copy>>>>,
 }
 
 impl Compressed {
@@ -44,6 +45,15 @@ impl Compressed {
             .unwrap_or_else(PoisonError::into_inner)
             .get(sha256)
             .cloned()
+            .flatten()
+    }
+
+    /// Whether the build's copy was made, or found not worth making.
+    fn done(&self, sha256: &str) -> bool {
+        self.ready
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(sha256)
     }
 
     /// Stops offering a copy (it changed on disk since it was made); the next change
@@ -96,7 +106,7 @@ impl Compressed {
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|sha256, _| wanted.contains(sha256));
         for release in releases {
-            if self.copy_of(&release.sha256).is_some() {
+            if self.done(&release.sha256) {
                 continue;
             }
             if shutdown.is_cancelled() {
@@ -112,23 +122,30 @@ impl Compressed {
                 stop: shutdown.clone(),
             };
             let file = release.file.clone();
-            match tokio::task::spawn_blocking(move || job.run()).await {
-                Ok(Ok(Some(copy))) => {
+            match in_background(job).await {
+                // A job stopped by the shutdown made nothing.
+                Ok(_) if shutdown.is_cancelled() => return,
+                Ok(copy) => {
                     self.ready
                         .write()
                         .unwrap_or_else(PoisonError::into_inner)
                         .insert(release.sha256.clone(), copy);
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(err)) => {
+                Err(err) => {
                     tracing::warn!(%file, error = %format!("{err:#}"), "could not make the compressed copy; the build is served as it is");
                 }
-                Err(err) => tracing::warn!(%file, %err, "compressing the build failed"),
             }
         }
         let dir = dir.to_owned();
         let _ = tokio::task::spawn_blocking(move || prune(&dir, &wanted)).await;
     }
+}
+
+/// Runs `job` off the async runtime.
+pub(crate) async fn in_background(job: Job) -> anyhow::Result<Option<Copy>> {
+    tokio::task::spawn_blocking(move || job.run())
+        .await
+        .map_err(|err| anyhow::anyhow!("compressing stopped: {err}"))?
 }
 
 /// One build to find or make a copy of, or a delta to it.
@@ -178,8 +195,8 @@ impl Job {
     }
 
     /// The copy: the one on disk if it still decompresses to the build, else a new one.
-    /// `None` when compressing saves nothing, or the build (or the base) changed since
-    /// it was scanned.
+    /// `None` when compressing saves nothing, the build (or the base) changed since it
+    /// was scanned (it has another SHA-256 now), or the server is stopping.
     pub(crate) fn run(&self) -> anyhow::Result<Option<Copy>> {
         std::fs::create_dir_all(&self.dir)?;
         let prefix = match &self.base {
@@ -481,6 +498,44 @@ mod tests {
         job.stop.cancel();
         assert_eq!(job.run().unwrap(), None);
         assert!(std::fs::read_dir(&job.dir).unwrap().next().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_build_that_does_not_compress_is_tried_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = |file: &str, bytes: &[u8]| {
+            std::fs::write(dir.path().join(file), bytes).unwrap();
+            Release {
+                version: semver::Version::new(1, 0, 0),
+                os: "linux".into(),
+                arch: "amd64".into(),
+                channel: crate::releases::Channel::Stable,
+                sha256: hex::encode(Sha256::digest(bytes)),
+                size: bytes.len() as u64,
+                file: file.into(),
+                signature: None,
+            }
+        };
+        let noise: Vec<u8> = (0..50_000).map(|_| rand::random::<u8>()).collect();
+        let releases = [
+            release("drover-agent-linux-amd64-1.0.0", &noise),
+            release("drover-agent-linux-arm64-1.0.0", &[7; 100_000]),
+        ];
+        let compressed = Compressed::default();
+        let stop = CancellationToken::new();
+        let copies = dir.path().join("compressed");
+        compressed
+            .make_missing(&copies, 3, dir.path(), &releases, &stop)
+            .await;
+        let (noise_sha, zeros_sha) = (&releases[0].sha256, &releases[1].sha256);
+        assert!(compressed.copy_of(zeros_sha).is_some());
+        assert_eq!(compressed.copy_of(noise_sha), None, "served as it is");
+        assert!(
+            compressed.done(noise_sha),
+            "not compressed again at the next change"
+        );
+        compressed.forget(zeros_sha);
+        assert!(!compressed.done(zeros_sha), "made again at the next change");
     }
 
     #[test]

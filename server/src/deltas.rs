@@ -27,11 +27,15 @@ pub(crate) struct Delta {
     pub(crate) base_version: semver::Version,
 }
 
-/// The ready deltas, by (the build's SHA-256, the base's). Cheap to clone; empty when
-/// deltas are off.
+/// (The build's SHA-256, the base's.)
+type Pair = (String, String);
+
+/// The deltas made, by pair: the ready delta, or `None` when it was no smaller than the
+/// build (so it is not made again at every plan). Cheap to clone; empty when deltas are
+/// off.
 #[derive(Clone, Default)]
 pub(crate) struct Deltas {
-    ready: Arc<RwLock<HashMap<(String, String), Delta>>>,
+    ready: Arc<RwLock<HashMap<Pair, Option<Delta>>>>,
 }
 
 impl Deltas {
@@ -42,6 +46,7 @@ impl Deltas {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&(build.to_owned(), base.to_owned()))
             .cloned()
+            .flatten()
     }
 
     /// The ready deltas to the build with SHA-256 `build`, oldest base first.
@@ -52,7 +57,7 @@ impl Deltas {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter(|((to, _), _)| to == build)
-            .map(|(_, delta)| delta.clone())
+            .filter_map(|(_, delta)| delta.clone())
             .collect();
         deltas.sort_by(|a, b| a.base_version.cmp(&b.base_version));
         deltas
@@ -103,7 +108,7 @@ impl Deltas {
             .map(|(build, base)| (build.clone(), base.clone()))
             .collect()
         };
-        let wanted: HashSet<(String, String)> = pairs
+        let wanted: HashSet<Pair> = pairs
             .iter()
             .map(|(build, base)| (build.sha256.clone(), base.sha256.clone()))
             .collect();
@@ -112,7 +117,13 @@ impl Deltas {
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|pair, _| wanted.contains(pair));
         for (build, base) in pairs {
-            if self.delta(&build.sha256, &base.sha256).is_some() {
+            let pair = (build.sha256.clone(), base.sha256.clone());
+            if self
+                .ready
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&pair)
+            {
                 continue;
             }
             if state.shutdown.is_cancelled() {
@@ -132,24 +143,22 @@ impl Deltas {
                 }),
                 stop: state.shutdown.clone(),
             };
-            match tokio::task::spawn_blocking(move || job.run()).await {
-                Ok(Ok(Some(copy))) => {
+            match compressed::in_background(job).await {
+                // A job stopped by the shutdown made nothing.
+                Ok(_) if state.shutdown.is_cancelled() => return,
+                Ok(copy) => {
+                    let delta = copy.map(|copy| Delta {
+                        copy,
+                        base_version: base.version.clone(),
+                    });
                     self.ready
                         .write()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .insert(
-                            (build.sha256.clone(), base.sha256.clone()),
-                            Delta {
-                                copy,
-                                base_version: base.version.clone(),
-                            },
-                        );
+                        .insert(pair, delta);
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(err)) => {
+                Err(err) => {
                     tracing::warn!(build = %build.file, base = %base.file, error = %format!("{err:#}"), "could not make the delta; agents download the build");
                 }
-                Err(err) => tracing::warn!(build = %build.file, %err, "making the delta failed"),
             }
         }
         let names: HashSet<String> = wanted

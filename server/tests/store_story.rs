@@ -2144,6 +2144,22 @@ async fn postgres_compares_versions_by_semver_precedence() {
 }
 
 /// A page of a rollout's agents is counted, placed in stages and paged in the database.
+/// A dispatched task of rollout `r-1` from 1.0.0 to 2.0.0 in `wave`.
+fn task(agent_id: &str, wave: usize) -> NewTask<'_> {
+    NewTask {
+        agent_id,
+        from_version: "1.0.0",
+        to_version: "2.0.0",
+        os: "linux",
+        arch: "amd64",
+        kind: TaskKind::Update,
+        status: TaskStatus::Dispatched,
+        rollout_id: Some("r-1"),
+        wave: Some(wave),
+        mirror: None,
+    }
+}
+
 async fn rollout_page_story(store: &dyn Store) {
     bootstrapped(store).await;
     let mut ids = Vec::new();
@@ -2186,20 +2202,6 @@ async fn rollout_page_story(store: &dyn Store) {
         )
         .await
         .unwrap();
-    fn task(agent_id: &str, wave: usize) -> NewTask<'_> {
-        NewTask {
-            agent_id,
-            from_version: "1.0.0",
-            to_version: "2.0.0",
-            os: "linux",
-            arch: "amd64",
-            kind: TaskKind::Update,
-            status: TaskStatus::Dispatched,
-            rollout_id: Some("r-1"),
-            wave: Some(wave),
-            mirror: None,
-        }
-    }
     // ids[0]: downloading; ids[1]: failed its build, then a newer task was cancelled
     // (the build failure still says where it stands); ids[2]: succeeded; ids[3]: paused,
     // with no task; ids[4] and ids[5]: nothing yet.
@@ -2557,24 +2559,7 @@ async fn counted_groups_follow_every_change(store: &dyn Store, ids: &[String]) {
         .set_channel(ChannelScope::Client, &client, Some("beta"))
         .await
         .unwrap();
-    store
-        .create_task(
-            &NewTask {
-                agent_id: &ids[5],
-                from_version: "1.0.0",
-                to_version: "2.0.0",
-                os: "linux",
-                arch: "amd64",
-                kind: TaskKind::Update,
-                status: TaskStatus::Dispatched,
-                rollout_id: Some("r-1"),
-                wave: Some(1),
-                mirror: None,
-            },
-            6_000,
-        )
-        .await
-        .unwrap();
+    store.create_task(&task(&ids[5], 1), 6_000).await.unwrap();
     let now = groups(store, 5_000).await;
     assert!(
         now.contains(&(
@@ -2599,24 +2584,7 @@ async fn counted_groups_follow_every_change(store: &dyn Store, ids: &[String]) {
     // An agent that joins the rollout after its task was made starts out with its
     // facts and its task; joining twice changes nothing.
     let late = enroll_one(store, "fp-late", "late", 6_500).await;
-    store
-        .create_task(
-            &NewTask {
-                agent_id: &late,
-                from_version: "1.0.0",
-                to_version: "2.0.0",
-                os: "linux",
-                arch: "amd64",
-                kind: TaskKind::Update,
-                status: TaskStatus::Dispatched,
-                rollout_id: Some("r-1"),
-                wave: Some(1),
-                mirror: None,
-            },
-            6_600,
-        )
-        .await
-        .unwrap();
+    store.create_task(&task(&late, 1), 6_600).await.unwrap();
     for _ in 0..2 {
         store.add_rollout_target("r-1", &late, 1).await.unwrap();
         let joined = groups(store, 5_000).await;

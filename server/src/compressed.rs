@@ -123,8 +123,6 @@ impl Compressed {
             };
             let file = release.file.clone();
             match in_background(job).await {
-                // A job stopped by the shutdown made nothing.
-                Ok(_) if shutdown.is_cancelled() => return,
                 Ok(copy) => {
                     self.ready
                         .write()

@@ -49,6 +49,14 @@ impl Deltas {
             .flatten()
     }
 
+    /// Whether the pair's delta was made, or found no smaller than the build.
+    fn done(&self, pair: &Pair) -> bool {
+        self.ready
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(pair)
+    }
+
     /// The ready deltas to the build with SHA-256 `build`, oldest base first.
     pub(crate) fn to_build(&self, build: &str) -> Vec<Delta> {
         let mut deltas: Vec<Delta> = self
@@ -118,12 +126,7 @@ impl Deltas {
             .retain(|pair, _| wanted.contains(pair));
         for (build, base) in pairs {
             let pair = (build.sha256.clone(), base.sha256.clone());
-            if self
-                .ready
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains_key(&pair)
-            {
+            if self.done(&pair) {
                 continue;
             }
             if state.shutdown.is_cancelled() {
@@ -144,8 +147,6 @@ impl Deltas {
                 stop: state.shutdown.clone(),
             };
             match compressed::in_background(job).await {
-                // A job stopped by the shutdown made nothing.
-                Ok(_) if state.shutdown.is_cancelled() => return,
                 Ok(copy) => {
                     let delta = copy.map(|copy| Delta {
                         copy,

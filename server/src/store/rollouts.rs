@@ -525,8 +525,9 @@ pub(super) fn convert<R, T: TryFrom<R, Error = StoreError>>(rows: Vec<R>) -> Sto
 }
 
 /// The task that says where a target of a rollout stands, kept on the target by the
-/// triggers of migration 0013 from its one rule (the view `rollout_target_tasks`: the
-/// target's build failure in the rollout if it has one, else its newest task).
+/// triggers of migrations 0013 and 0017 from its one rule (the view
+/// `rollout_target_tasks`: the target's build failure in the rollout if it has one, else
+/// its newest task).
 const NEWEST_TASK: &str = "LEFT JOIN update_tasks u ON u.id = t.task_id";
 
 /// A target with the facts it keeps (migration 0015): what its stage is read from.

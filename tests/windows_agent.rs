@@ -19,6 +19,7 @@ use support::*;
 const TARGET: &str = "x86_64-pc-windows-gnu";
 
 /// What the tests need to run Windows programs.
+#[derive(Clone)]
 struct Wine {
     program: PathBuf,
     prefix: PathBuf,
@@ -359,6 +360,121 @@ async fn a_windows_agent_enrolls_updates_through_probation_and_reverts_a_build_t
     drop(agent);
 }
 
+/// A build whose supervisor cannot start: `service-main` (and `run`) exit with status 3
+/// at once, while `worker` runs `worker`, a real agent whose probation would pass.
+fn broken_supervisor_build(dir: &Path, worker: &Path) -> PathBuf {
+    let source = dir.join("broken-supervisor.c");
+    let exe = dir.join("broken-supervisor.exe");
+    let worker = windows_path(worker).replace('\\', "\\\\");
+    std::fs::write(
+        &source,
+        format!(
+            "#include <process.h>\n#include <string.h>\n\
+             int main(int argc, char **argv) {{\n\
+                 if (argc > 1 && strcmp(argv[1], \"worker\") == 0) {{\n\
+                     argv[0] = \"{worker}\";\n\
+                     return (int)_spawnv(_P_WAIT, argv[0], (const char *const *)argv);\n\
+                 }}\n\
+                 return 3;\n\
+             }}\n"
+        ),
+    )
+    .unwrap();
+    let status = Command::new("x86_64-w64-mingw32-gcc")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    exe
+}
+
+/// What the running supervisor wrote about itself: its PID and version.
+fn supervisor(state_dir: &Path) -> Option<(u64, String)> {
+    let text = std::fs::read_to_string(state_dir.join("supervisor.json")).ok()?;
+    let about: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((
+        about["pid"].as_u64()?,
+        about["version"].as_str()?.to_owned(),
+    ))
+}
+
+/// An ordinary Wine process that sleeps until dropped. Wine ends its session, services
+/// included, when the last ordinary process exits, and treats a service's own process as
+/// a system one: without this, the session would end when a service's worker exits to
+/// restart (Windows has no such rule).
+struct WineSession {
+    child: Child,
+}
+
+impl WineSession {
+    fn keep(wine: &Wine, dir: &Path) -> WineSession {
+        let source = dir.join("sleeper.c");
+        let exe = dir.join("sleeper.exe");
+        std::fs::write(
+            &source,
+            "#include <windows.h>\nint main(void) { Sleep(INFINITE); return 0; }\n",
+        )
+        .unwrap();
+        let status = Command::new("x86_64-w64-mingw32-gcc")
+            .arg("-o")
+            .arg(&exe)
+            .arg(&source)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let child = wine
+            .command(&exe)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        WineSession { child }
+    }
+}
+
+impl Drop for WineSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A new Wine prefix at `dir`, made by scripts/wine-prefix.
+fn own_prefix(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(root.join("scripts/wine-prefix"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "scripts/wine-prefix failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Ends every Wine process of a prefix when dropped (`wineserver -k`).
+struct EndSession(Wine);
+
+impl Drop for EndSession {
+    fn drop(&mut self) {
+        let server = self.0.program.with_file_name("wineserver");
+        let server = if server.exists() {
+            server
+        } else {
+            PathBuf::from("wineserver")
+        };
+        let _ = Command::new(server)
+            .arg("-k")
+            .env("WINEPREFIX", &self.0.prefix)
+            .status();
+    }
+}
+
 /// Removes the test's service from the Wine prefix, however the test ends.
 struct InstalledService<'a> {
     wine: &'a Wine,
@@ -371,15 +487,24 @@ impl Drop for InstalledService<'_> {
     }
 }
 
+/// One story, as the service is one per Wine prefix: installed, the service runs the
+/// agent; a new build's supervisor takes over by a service restart; a build whose
+/// supervisor cannot start is reverted by the old one; uninstall removes the service.
 #[tokio::test(flavor = "multi_thread")]
-async fn service_install_runs_the_windows_agent_under_the_service_control_manager() {
+async fn the_windows_service_runs_the_agent_and_its_supervisor_updates_itself() {
     let Some(wine) = wine() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let exe = dir.path().join("Drover/drover-agent.exe");
     wine.stamp("1.0.0", &exe);
-    // Left over from an interrupted run, perhaps.
-    let _ = wine.run(&exe, &["service", "uninstall"]);
+    // A prefix of its own, made for this run: its service manager knows no service from
+    // an earlier run, and its session ends with the test.
+    let wine = &Wine {
+        prefix: own_prefix(&dir.path().join("prefix")),
+        ..wine.clone()
+    };
+    let _prefix = EndSession(wine.clone());
+    let session = WineSession::keep(wine, dir.path());
 
     let config = windows_path(&dir.path().join("Drover/agent.conf"));
     let state = windows_path(&dir.path().join("state"));
@@ -421,9 +546,94 @@ async fn service_install_runs_the_windows_agent_under_the_service_control_manage
         dir.path().join("state/identity.json").exists(),
         "the service keeps its identity in the configured state directory"
     );
+    let state_dir = dir.path().join("state");
+    let id = listed["id"].as_str().unwrap().to_owned();
+    let (first_pid, version) = supervisor(&state_dir).unwrap();
+    assert_eq!(version, "1.0.0");
+    // The program the service starts, from `service status`.
+    let started_program = || {
+        let (ok, out) = wine.run(&exe, &["service", "status"]);
+        assert!(ok, "{out}");
+        let line = out.lines().find_map(|l| l.strip_prefix("starts: "));
+        let line = line.unwrap_or_else(|| panic!("no program in {out}"));
+        match line.strip_prefix('"') {
+            Some(quoted) => quoted.split('"').next().unwrap().to_owned(),
+            None => line.split(' ').next().unwrap().to_owned(),
+        }
+    };
+    let installed = windows_path(&exe);
+    assert_eq!(started_program(), installed);
 
-    // Not `service stop` on its own: Wine 8.0's service manager starts the service
-    // again a second after it reports itself stopped. Uninstall stops it for good.
+    // 1.1.0 passes probation; the service restarts into its supervisor, which takes
+    // over: the supervisor itself runs 1.1.0, and the service starts `<exe>` again.
+    let build = dir.path().join("build-1.1.0.exe");
+    wine.stamp("1.1.0", &build);
+    publish_windows(&server, "1.1.0", &build);
+    let (pid, _) = eventually("the supervisor to run 1.1.0", UPDATE_WAIT, || async {
+        supervisor(&state_dir).filter(|(_, version)| version == "1.1.0")
+    })
+    .await;
+    assert_ne!(
+        pid, first_pid,
+        "a new supervisor process, started by the service"
+    );
+    let task = task_reaches(&server, &id, "succeeded").await;
+    assert_eq!(task["to_version"], "1.1.0");
+    eventually("the executable to be 1.1.0", UPDATE_WAIT, || async {
+        (wine.version_of(&exe) == "1.1.0").then_some(())
+    })
+    .await;
+    assert_eq!(
+        wine.version_of(&exe.with_file_name("drover-agent.exe.prev")),
+        "1.0.0"
+    );
+    assert_eq!(started_program(), installed, "pointed back at <exe>");
+    assert!(!exe.with_file_name("drover-agent.exe.next").exists());
+    eventually("1.1.0 online", UPDATE_WAIT, || async {
+        let agent = agent_view(&server, "win-svc").await?;
+        (agent["online"] == true && agent["version"] == "1.1.0").then_some(())
+    })
+    .await;
+
+    // 1.2.0's worker would pass probation, but its supervisor exits at once: the
+    // watcher the old supervisor left starts 1.1.0 again, which reverts the build.
+    let worker = dir.path().join("worker-1.2.0.exe");
+    wine.stamp("1.2.0", &worker);
+    publish_windows(
+        &server,
+        "1.2.0",
+        &broken_supervisor_build(dir.path(), &worker),
+    );
+    let wait = UPDATE_WAIT * 3;
+    let failed = eventually("1.2.0 to end as a build failure", wait, || async {
+        // The success its worker reported taken back, or a new offer refused.
+        tasks_of(&server, &id).await.into_iter().find(|t| {
+            t["to_version"] == "1.2.0" && (t["status"] == "rolled_back" || t["status"] == "failed")
+        })
+    })
+    .await;
+    assert_eq!(failed["failure_class"], "build", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("supervisor did not take over"),
+        "{failed}"
+    );
+    eventually("1.1.0 back online", wait, || async {
+        let agent = agent_view(&server, "win-svc").await?;
+        (agent["online"] == true && agent["version"] == "1.1.0").then_some(())
+    })
+    .await;
+    assert_eq!(supervisor(&state_dir).unwrap().1, "1.1.0");
+    assert_eq!(wine.version_of(&exe), "1.1.0");
+    assert_eq!(started_program(), installed, "pointed back at <exe>");
+    assert!(!exe.with_file_name("drover-agent.exe.next").exists());
+    let log = std::fs::read_to_string(state_dir.join("hand-over.log")).unwrap_or_default();
+    assert!(log.contains("did not take over"), "{log}");
+
+    // Uninstall stops the service for good (no failure actions left to restart it),
+    // then removes it.
     let (ok, out) = wine.run(&exe, &["service", "uninstall"]);
     assert!(ok, "{out}");
     eventually("the service's agent offline", UPDATE_WAIT, || async {
@@ -431,7 +641,16 @@ async fn service_install_runs_the_windows_agent_under_the_service_control_manage
         (agent["online"] == false).then_some(())
     })
     .await;
+    // Deleted: gone, or (Wine) kept stopped until its service manager lets it go; not
+    // started again either way.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let (ok, out) = wine.run(&exe, &["service", "status"]);
-    assert!(!ok, "the service is gone: {out}");
+    assert!(
+        !ok && out.contains("not installed") || ok && out.contains("Stopped"),
+        "the service is gone: {out}"
+    );
+    let listed = agent_view(&server, "win-svc").await.unwrap();
+    assert_eq!(listed["online"], false, "not started again");
+    drop(session);
     drop(service);
 }

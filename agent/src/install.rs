@@ -4,7 +4,9 @@
 //! build waits as `<exe>.next` and runs from there. Only once it has proved itself is it
 //! promoted over `<exe>` (`platform::durable::replace_running_executable`), the previous
 //! one kept as `<exe>.prev`. A power cut at any moment therefore boots the old, proven
-//! supervisor, which resumes the probation.
+//! supervisor, which resumes the probation. Where replacing `<exe>` leaves a moment
+//! without one (Windows), the service manager is pointed at `<exe>.next` for that time
+//! (`service::start_from`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,20 @@ pub(crate) fn previous_path(exe: &Path) -> PathBuf {
 /// Where a new build runs from during its probation.
 pub(crate) fn next_path(exe: &Path) -> PathBuf {
     with_suffix(exe, ".next")
+}
+
+/// Where `<exe>.next` goes once promoted, on Windows, where it may still be running.
+fn retired_path(exe: &Path) -> PathBuf {
+    with_suffix(exe, ".retired")
+}
+
+/// The installed executable for the one running: the new supervisor a service manager
+/// started from `<exe>.next` (Windows, handed over to) installs itself as `<exe>`.
+pub(crate) fn installed_path(running: PathBuf) -> PathBuf {
+    match running.to_str().and_then(|path| path.strip_suffix(".next")) {
+        Some(installed) => PathBuf::from(installed),
+        None => running,
+    }
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -75,14 +91,28 @@ fn copy_durably(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Makes the proven `<exe>.next` the executable, keeping the current one as
 /// `<exe>.prev`. Idempotent: after a completed promotion there is no `<exe>.next`.
+/// Meanwhile the service manager, if it starts this agent, starts `<exe>.next`, which
+/// exists until `<exe>` holds the same build.
 pub(crate) fn promote(exe: &Path) -> anyhow::Result<()> {
     let next = next_path(exe);
     if !next.exists() {
         return Ok(());
     }
+    let pointed = crate::service::start_from(&next)?;
     durable::replace_running_executable(&next, exe, &previous_path(exe))
         .with_context(|| format!("while installing {}", exe.display()))?;
+    sync_dir(parent(exe))?;
+    if pointed {
+        crate::service::start_from(exe)?;
+    }
+    durable::finish_replacing(&next, &retired_path(exe))
+        .with_context(|| format!("while retiring {}", next.display()))?;
     sync_dir(parent(exe))
+}
+
+/// Removes what an earlier promotion left because it was running then.
+pub(crate) fn sweep(exe: &Path) {
+    let _ = std::fs::remove_file(retired_path(exe));
 }
 
 /// Drops a build that failed its probation; the executable was never touched.
@@ -164,6 +194,45 @@ mod tests {
         discard(&exe).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"old");
         assert!(!next_path(&exe).exists());
+    }
+
+    #[test]
+    fn a_supervisor_started_from_the_next_build_installs_itself_as_the_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["drover-agent.exe", "drover-agent"] {
+            let exe = dir.path().join(name);
+            assert_eq!(installed_path(next_path(&exe)), exe);
+            assert_eq!(installed_path(exe.clone()), exe);
+        }
+    }
+
+    /// Windows replaces the running executable with a copy; a kill between its two
+    /// moves leaves no executable, and promoting again completes it, keeping the old
+    /// build as the previous one.
+    #[test]
+    fn a_promotion_interrupted_between_its_moves_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("drover-agent");
+        std::fs::write(previous_path(&exe), b"old").unwrap();
+        std::fs::write(next_path(&exe), b"new").unwrap();
+        if cfg!(windows) {
+            // The first move done, the copy written, the second move not.
+            std::fs::write(with_suffix(&exe, ".incoming"), b"new").unwrap();
+        } else {
+            // Unix never leaves this state (one rename), but recovers from it alike.
+            std::fs::write(&exe, b"old").unwrap();
+        }
+        promote(&exe).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), b"new");
+        assert_eq!(std::fs::read(previous_path(&exe)).unwrap(), b"old");
+        assert!(!next_path(&exe).exists());
+        sweep(&exe);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["drover-agent", "drover-agent.prev"]);
     }
 
     #[test]

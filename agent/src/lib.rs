@@ -197,6 +197,10 @@ pub struct AgentConfig {
 /// The `drover-agent` binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
+    if let Command::ServiceMain(args) = &cli.command {
+        // A service has no terminal: its lines (and its workers') go to a file.
+        service::log_to_file(&args.state_dir);
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -338,7 +342,9 @@ fn config_from(args: &RunArgs) -> anyhow::Result<AgentConfig> {
     };
     let exe = match std::env::var_os(supervisor::EXE_ENV) {
         Some(path) => PathBuf::from(path),
-        None => std::env::current_exe().context("cannot find this agent's executable")?,
+        None => install::installed_path(
+            std::env::current_exe().context("cannot find this agent's executable")?,
+        ),
     };
     let public_key = release_keys(args.public_key.as_deref(), args.public_key_2.as_deref())?;
     let pinned_tls = args.ca_file.as_deref().map(tls::pinned).transpose()?;

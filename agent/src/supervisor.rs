@@ -3,9 +3,10 @@
 //! and watches a new build through its probation. The new build runs from `<exe>.next`;
 //! one whose worker crashes or cannot reach the server is discarded. Once its worker has
 //! connected and heartbeated, the supervisor hands over to the new build's supervisor
-//! (exec in place on Unix, keeping the PID): that one must take over (read the journal,
-//! promote itself to `<exe>`, start its worker), or the old supervisor, started again
-//! from the untouched `<exe>` by the service manager, reverts the build.
+//! (exec in place on Unix, keeping the PID; a service restart into `<exe>.next` on
+//! Windows): that one must take over (read the journal, promote itself to `<exe>`, start
+//! its worker), or the old supervisor, started again from the untouched `<exe>` by the
+//! service manager (on Windows by the hand-over's watcher), reverts the build.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,6 +31,8 @@ const WORKER_PID_FILE: &str = "worker.pid";
 /// `{"pid": ..., "version": ...}` of the running supervisor, for tooling and tests.
 const SUPERVISOR_FILE: &str = "supervisor.json";
 const PROBATION_POLL: Duration = Duration::from_millis(100);
+/// Held locked by the running supervisor: one supervisor a state directory.
+const LOCK_FILE: &str = "supervisor.lock";
 
 pub(crate) struct Supervisor {
     pub(crate) state_dir: PathBuf,
@@ -55,6 +58,15 @@ pub(crate) enum Recovered {
     HandOver(Journal),
 }
 
+/// How a hand-over ended for this supervisor.
+enum HandedOver {
+    /// This process goes on supervising: the new build is promoted in place, or was
+    /// reverted.
+    Continue,
+    /// The service restarts into the new supervisor: this one stops.
+    Stop,
+}
+
 impl Supervisor {
     pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let version = crate::version::current();
@@ -65,20 +77,22 @@ impl Supervisor {
                 self.state_dir.display()
             )
         })?;
+        let _lock = lock(&self.state_dir)?;
         let about = serde_json::json!({"pid": std::process::id(), "version": version});
         let _ = crate::atomic_file::write(
             &self.state_dir.join(SUPERVISOR_FILE),
             about.to_string().as_bytes(),
         );
+        install::sweep(&self.exe);
         let mut crashes = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             let on_probation = match recover(&self.state_dir, &self.exe, version)? {
                 Recovered::Start => None,
                 Recovered::Probation(journal) => Some(journal),
-                Recovered::HandOver(journal) => {
-                    self.hand_over(journal)?;
-                    continue;
-                }
+                Recovered::HandOver(journal) => match self.hand_over(journal)? {
+                    HandedOver::Continue => continue,
+                    HandedOver::Stop => return Ok(()),
+                },
             };
             let program = match on_probation {
                 Some(_) => install::next_path(&self.exe),
@@ -103,8 +117,10 @@ impl Supervisor {
                             tracing::info!(version = %journal.version, "new version passed probation; handing over to its supervisor");
                             // The new supervisor starts its own worker.
                             let _ = worker.kill().await;
-                            self.hand_over(committed)?;
-                            continue;
+                            match self.hand_over(committed)? {
+                                HandedOver::Continue => continue,
+                                HandedOver::Stop => return Ok(()),
+                            }
                         }
                         None => {
                             // A build from before the hand-over reported and cleared its
@@ -166,25 +182,44 @@ impl Supervisor {
     /// this process, keeping the PID the service manager watches; that supervisor takes
     /// over in `recover` (promotes itself, starts its worker), and if it stops first, this
     /// old one, started again from the untouched `<exe>`, reverts the build. Returns only
-    /// if the exec fails, after reverting. On Windows the new executable is promoted in
-    /// place, and its supervisor runs from the next service start.
-    fn hand_over(&self, mut journal: Journal) -> anyhow::Result<()> {
-        if !crate::platform::process::CAN_REPLACE_ITSELF {
-            signing::record_installed(&self.state_dir, journal.counter);
-            install::promote(&self.exe)?;
-            journal.advance(&self.state_dir, Step::Promoted)?;
-            tracing::info!(version = %journal.version, "new version installed");
-            return Ok(());
-        }
-        journal.advance(&self.state_dir, Step::HandOver)?;
-        let mut args = vec!["run".to_owned()];
-        args.extend(self.worker_args.iter().cloned());
+    /// if the exec fails, after reverting. A Windows service restarts into `<exe>.next`
+    /// instead (`service::restart_into`), and this supervisor stops. Run in a Windows
+    /// console, where no service manager restarts anything, the new executable is
+    /// promoted in place and its supervisor runs from the next start.
+    fn hand_over(&self, mut journal: Journal) -> anyhow::Result<HandedOver> {
         let next = install::next_path(&self.exe);
-        let err = crate::platform::process::replace_self(&next, &args, (EXE_ENV, &self.exe));
-        self.revert(
-            journal,
-            &format!("the new version's supervisor could not start: {err}"),
-        )
+        if crate::platform::process::CAN_REPLACE_ITSELF {
+            journal.advance(&self.state_dir, Step::HandOver)?;
+            let mut args = vec!["run".to_owned()];
+            args.extend(self.worker_args.iter().cloned());
+            let err = crate::platform::process::replace_self(&next, &args, (EXE_ENV, &self.exe));
+            self.revert(
+                journal,
+                &format!("the new version's supervisor could not start: {err}"),
+            )?;
+            return Ok(HandedOver::Continue);
+        }
+        if crate::service::running_as_service() {
+            journal.advance(&self.state_dir, Step::HandOver)?;
+            return match crate::service::restart_into(&next, &self.exe, &self.state_dir) {
+                Ok(()) => {
+                    tracing::info!(version = %journal.version, "the service restarts into the new version's supervisor");
+                    Ok(HandedOver::Stop)
+                }
+                Err(err) => {
+                    self.revert(
+                        journal,
+                        &format!("the new version's supervisor could not start: {err:#}"),
+                    )?;
+                    Ok(HandedOver::Continue)
+                }
+            };
+        }
+        signing::record_installed(&self.state_dir, journal.counter);
+        install::promote(&self.exe)?;
+        journal.advance(&self.state_dir, Step::Promoted)?;
+        tracing::info!(version = %journal.version, "new version installed");
+        Ok(HandedOver::Continue)
     }
 
     fn revert(&self, mut journal: Journal, reason: &str) -> anyhow::Result<()> {
@@ -230,6 +265,34 @@ impl Supervisor {
                 () = tokio::time::sleep(PROBATION_POLL) => {}
                 () = shutdown.cancelled() => return None,
             }
+        }
+    }
+}
+
+/// Locks the state directory for this supervisor until the returned file closes (at
+/// exit, or at the exec of a hand-over: the file does not survive it). A second
+/// supervisor (a `run` by hand beside the service, a service manager starting one
+/// twice) is refused rather than run a second session with the same identity.
+fn lock(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = state_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("while opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let running =
+                std::fs::read_to_string(state_dir.join(SUPERVISOR_FILE)).unwrap_or_default();
+            anyhow::bail!(
+                "another supervisor runs with the state directory {} ({running}); stop it first",
+                state_dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(err)) => {
+            Err(err).with_context(|| format!("while locking {}", path.display()))
         }
     }
 }
@@ -504,6 +567,16 @@ mod tests {
         let (_dir, state, exe) = killed_at(Step::HandOver, Some(NEW), false);
         recover(&state, &exe, NEW_VERSION).unwrap();
         assert!(!journal::is_rejected(&state, &sha256));
+    }
+
+    #[test]
+    fn one_supervisor_a_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        let err = format!("{:#}", lock(dir.path()).unwrap_err());
+        assert!(err.contains("another supervisor runs"), "{err}");
+        drop(held);
+        lock(dir.path()).unwrap();
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::io;
 use std::path::Path;
 
-pub(crate) use imp::{rename, replace_running_executable, sync_dir};
+pub(crate) use imp::{finish_replacing, rename, replace_running_executable, sync_dir};
 
 /// Flushes a file's contents to disk. Opened for writing: `FlushFileBuffers` refuses a
 /// read-only handle.
@@ -57,6 +57,11 @@ mod imp {
         std::fs::rename(&staging, previous)?;
         std::fs::rename(new, exe)
     }
+
+    /// Nothing is left: the rename consumed `new`.
+    pub(crate) fn finish_replacing(_new: &Path, _retired: &Path) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(windows)]
@@ -98,22 +103,52 @@ mod imp {
         Ok(())
     }
 
-    /// Puts `new` in the place of the running executable `exe`. Windows cannot replace
-    /// or delete a running image, but it can rename it: the running `exe` moves aside to
-    /// `previous` (replacing the copy already kept there), then `new` moves in, both
-    /// write-through. A kill between the two moves leaves no `exe` but both builds
-    /// (`previous`, and `new` at `<exe>.next`); see SECURITY.md.
+    /// Puts a copy of `new` in the place of the running executable `exe`. Windows cannot
+    /// replace or delete a running image, but it can rename it: the copy is written and
+    /// flushed beside `exe`, the running `exe` moves aside to `previous` (replacing the
+    /// copy kept there), then the copy moves in, both moves write-through. `new` stays
+    /// until `finish_replacing`, so that whatever the service manager starts meanwhile
+    /// (`service::start_from`) exists at every moment. Idempotent: when `exe` already
+    /// holds `new`'s bytes nothing moves, and when a kill left no `exe` between the two
+    /// moves, `previous` is kept and the copy moves in.
     pub(crate) fn replace_running_executable(
         new: &Path,
         exe: &Path,
         previous: &Path,
     ) -> io::Result<()> {
-        rename(exe, previous)?;
-        if let Err(err) = rename(new, exe) {
+        let digest = |path: &Path| crate::install::sha256_file(path).ok();
+        if exe.exists() && digest(exe).is_some_and(|held| Some(held) == digest(new)) {
+            return Ok(());
+        }
+        let mut incoming = exe.as_os_str().to_owned();
+        incoming.push(".incoming");
+        let incoming = std::path::PathBuf::from(incoming);
+        let copied = std::fs::copy(new, &incoming).and_then(|_| super::sync_file(&incoming));
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&incoming);
+        }
+        copied?;
+        if exe.exists() {
+            rename(exe, previous)?;
+        }
+        if let Err(err) = rename(&incoming, exe) {
             // Put the old executable back rather than leave none.
             let _ = rename(previous, exe);
             return Err(err);
         }
+        Ok(())
+    }
+
+    /// Moves `new` (which may be running: the new supervisor starts from it) out of the
+    /// way to `retired`, and removes that if nothing runs it; the supervisor removes it
+    /// at its next start otherwise.
+    pub(crate) fn finish_replacing(new: &Path, retired: &Path) -> io::Result<()> {
+        match rename(new, retired) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(err),
+        }
+        let _ = std::fs::remove_file(retired);
         Ok(())
     }
 }

@@ -42,6 +42,17 @@ pub(crate) enum ServiceCommand {
     Stop,
     /// Show what the service manager says about the service
     Status,
+    /// Windows: watch a hand-over to a new build's supervisor (the old supervisor starts
+    /// it; not for direct use)
+    #[command(hide = true)]
+    WatchTakeOver {
+        /// The agent's state directory
+        #[arg(long, conflicts_with = "config")]
+        state_dir: Option<PathBuf>,
+        /// Or the config file naming it (the service's failure action passes this)
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +111,82 @@ pub(crate) fn run(command: ServiceCommand) -> anyhow::Result<()> {
         ServiceCommand::Start => manager::start(),
         ServiceCommand::Stop => manager::stop(),
         ServiceCommand::Status => manager::status(),
+        ServiceCommand::WatchTakeOver { state_dir, config } => {
+            let state_dir = match state_dir {
+                Some(dir) => dir,
+                None => state_dir_of(config.as_deref())?,
+            };
+            watch_take_over(&state_dir)
+        }
+    }
+}
+
+// How a supervisor hands over to a new build's supervisor where it cannot exec in place
+// (Windows): a service restart (see `scm`). Elsewhere the service is never re-pointed.
+#[cfg(windows)]
+pub(crate) use scm::{log_to_file, restart_into, running_as_service, start_from, watch_take_over};
+
+/// Where a service without a terminal (Windows) writes its log lines: `agent.log` in the
+/// state directory, the one before kept as `agent.log.1` once it passes this size.
+#[cfg_attr(not(windows), allow(dead_code))]
+const LOG_FILE: &str = "agent.log";
+#[cfg_attr(not(windows), allow(dead_code))]
+const LOG_ROTATE_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Opens the service's log file for appending, rotating it first if it grew too large.
+#[cfg_attr(not(windows), allow(dead_code))]
+fn open_log(state_dir: &Path) -> std::io::Result<std::fs::File> {
+    crate::platform::permissions::create_private_dir(state_dir)?;
+    let path = state_dir.join(LOG_FILE);
+    if std::fs::metadata(&path).is_ok_and(|meta| meta.len() > LOG_ROTATE_BYTES) {
+        let mut old = path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&path, old)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// A service under systemd or launchd logs to standard error, which they keep.
+#[cfg(not(windows))]
+pub(crate) fn log_to_file(_state_dir: &Path) {}
+
+/// Whether the service manager started this process; only then can a hand-over restart
+/// the service.
+#[cfg(not(windows))]
+pub(crate) fn running_as_service() -> bool {
+    false
+}
+
+/// Makes the service start `program` from now on; `false`: nothing to do here (the
+/// executable is replaced by one atomic rename, so it is never missing).
+#[cfg(not(windows))]
+pub(crate) fn start_from(_program: &Path) -> anyhow::Result<bool> {
+    Ok(false)
+}
+
+#[cfg(not(windows))]
+pub(crate) fn restart_into(_next: &Path, _exe: &Path, _state_dir: &Path) -> anyhow::Result<()> {
+    bail!("a hand-over by service restart is for Windows; Unix supervisors exec in place")
+}
+
+#[cfg(not(windows))]
+fn watch_take_over(_state_dir: &Path) -> anyhow::Result<()> {
+    bail!("a hand-over by service restart is for Windows; Unix supervisors exec in place")
+}
+
+/// The state directory `drover-agent run --config FILE` uses.
+fn state_dir_of(config: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let mut command = vec![OsString::from("drover-agent"), OsString::from("run")];
+    if let Some(config) = config {
+        command.extend([OsString::from("--config"), config.as_os_str().to_owned()]);
+    }
+    let command = crate::config_file::expand(command)?;
+    match crate::Cli::try_parse_from(command)?.command {
+        crate::Command::Run(args) => Ok(args.state_dir),
+        _ => bail!("not the run command"),
     }
 }
 
@@ -186,6 +273,22 @@ mod tests {
 
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_state_directory_is_read_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("agent.conf");
+        let state = dir.path().join("state");
+        std::fs::write(
+            &config,
+            format!(
+                "server = http://127.0.0.1:1\nstate-dir = {}\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        assert_eq!(state_dir_of(Some(&config)).unwrap(), state);
     }
 
     #[test]

@@ -1839,31 +1839,41 @@ async fn progress_and_funnel_numbers_are_the_apis_and_an_installed_version_is_no
     browser.client.set_window_size(1280, 900).await.unwrap();
     browser.log_in(ADMIN_TOKEN).await;
     browser.show("#/rollouts").await;
-    for r in &rollouts {
-        let row = format!("tr[data-rollout='{}']", r["id"].as_str().unwrap());
+    for listed in &rollouts {
+        let id = listed["id"].as_str().unwrap();
+        let row = format!("tr[data-rollout='{id}']");
         browser.wait_for_text(&row, |_| true).await;
+        // The API's numbers and the screen's, read together until they agree: an agent
+        // may move on between one reading and the other, and the page follows it live.
+        let (r, sum) = eventually(
+            "the funnel to show the API's numbers",
+            PAGE_WAIT,
+            || async {
+                let (_, now) = api.get(&format!("/api/v1/rollouts/{id}")).await;
+                let mut sum = 0;
+                for stage in [
+                    "waiting",
+                    "queued",
+                    "downloading",
+                    "installing",
+                    "succeeded",
+                ] {
+                    let shown = browser
+                        .run(
+                            "return document.querySelector(arguments[0]).dataset.count;",
+                            vec![json!(format!("{row} .funnel [data-stage={stage}]"))],
+                        )
+                        .await;
+                    if shown.as_str()?.parse::<u64>().ok() != now[stage].as_u64() {
+                        return None;
+                    }
+                    sum += now[stage].as_u64()?;
+                }
+                Some((now, sum))
+            },
+        )
+        .await;
         let targeted = r["targeted"].as_u64().unwrap();
-        let mut sum = 0;
-        for stage in [
-            "waiting",
-            "queued",
-            "downloading",
-            "installing",
-            "succeeded",
-        ] {
-            let shown = browser
-                .run(
-                    "return document.querySelector(arguments[0]).dataset.count;",
-                    vec![json!(format!("{row} .funnel [data-stage={stage}]"))],
-                )
-                .await;
-            assert_eq!(
-                shown.as_str().unwrap(),
-                r[stage].to_string(),
-                "{stage}: {r}"
-            );
-            sum += r[stage].as_u64().unwrap();
-        }
         assert!(sum <= targeted, "{r}");
         let label = browser
             .text(&format!("{row} .progress-cell small"))

@@ -1,11 +1,13 @@
 //! End-to-end: several server nodes on one PostgreSQL database and one downloads
 //! directory. Actions on one node reach agents connected to another, and a node that
-//! dies hands its agents to the others. Each test gets a database of its own; without
+//! dies hands its agents to the others, and nodes upgraded one at a time from 0.1.0 keep
+//! the fleet connected and every task. Each test gets a database of its own; without
 //! PostgreSQL these tests skip, except under CI, where they must run.
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use protocol::ServerMessage;
@@ -694,4 +696,273 @@ async fn a_node_that_lost_the_others_rereads_only_the_agents_whose_change_it_mis
         stayed.next_message(Duration::from_secs(1)).await.is_none(),
         "the unchanged stable agent is offered nothing"
     );
+}
+
+/// Drover 0.1.0: the schema before rollout records (server/tests/data/0.1.0).
+const RELEASE_0_1_0: &str = "1823189";
+
+/// The 0.1.0 `drover-server`: `DROVER_0_1_0_BIN` (its target/debug directory), or built
+/// once from this repository's history into `target/drover-0.1.0`. `None`, with the
+/// reason printed, where the history does not hold it (a shallow clone).
+fn server_0_1_0() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DROVER_0_1_0_BIN") {
+        return Some(PathBuf::from(dir).join("drover-server"));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = root.join("target/drover-0.1.0");
+    let bin = source.join("target/debug/drover-server");
+    if !source.join("Cargo.toml").exists() {
+        let archive = Command::new("git")
+            .args(["archive", "--format=tar", RELEASE_0_1_0])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        if !archive.status.success() {
+            eprintln!(
+                "skipping the rolling upgrade from 0.1.0: this clone's history lacks {RELEASE_0_1_0} ({})",
+                String::from_utf8_lossy(&archive.stderr).trim()
+            );
+            return None;
+        }
+        std::fs::create_dir_all(&source).unwrap();
+        let mut untar = Command::new("tar")
+            .arg("-x")
+            .current_dir(&source)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(untar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
+        assert!(untar.wait().unwrap().success());
+    }
+    let built = Command::new(env!("CARGO"))
+        .args(["build", "-p", "drover", "--bin", "drover-server"])
+        .env("CARGO_TARGET_DIR", source.join("target"))
+        .current_dir(&source)
+        .status()
+        .unwrap();
+    assert!(built.success(), "building drover-server 0.1.0 failed");
+    Some(bin)
+}
+
+/// A free port on loopback, for a node whose successor must take the same one.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A 0.1.0 node, stopped with SIGTERM (as an upgrade stops it) when dropped.
+struct OldNode {
+    child: Child,
+    url: String,
+}
+
+impl OldNode {
+    fn start(bin: &Path, dir: &Path, port: u16, database: &Database, downloads: &Path) -> OldNode {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = dir.join("server.out");
+        let child = Command::new(bin)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database", &database.url])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--downloads")
+            .arg(downloads)
+            .args(["--heartbeat-interval", "1"])
+            .env("DROVER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("DROVER_ENROLL_TOKEN", ENROLL_TOKEN)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("start an agent")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "drover-server 0.1.0 did not start: {}",
+                std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        OldNode {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for OldNode {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for a progress line of drover-sim, written after this call, that has all
+/// `count` agents connected.
+async fn sim_reports_connected(log: &Path, count: usize) {
+    let lines = || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let seen = lines().len();
+    let all = format!("connected {count}/{count} ");
+    eventually("the fleet to be connected", SOON * 3, || async {
+        lines()
+            .get(seen..)?
+            .iter()
+            .any(|line| line.contains(&all))
+            .then_some(())
+    })
+    .await;
+}
+
+/// Every task in the database, as `id status`, sorted.
+fn tasks_in(database: &Database) -> Vec<String> {
+    let output = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            &database.name,
+            "-At",
+        ])
+        .args([
+            "-c",
+            "SELECT id || ' ' || status FROM update_tasks ORDER BY id",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_upgrade_from_0_1_0_keeps_every_agent_connected_and_every_task() {
+    const FLEET: usize = 20;
+    let Some(database) = Database::create("rolling_upgrade") else {
+        return;
+    };
+    let Some(old_bin) = server_0_1_0() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    publish(&downloads, "1.0.0", Some("stable"), b"build 1.0.0");
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut node_a = Some(OldNode::start(
+        &old_bin,
+        &dir.path().join("a"),
+        port_a,
+        &database,
+        &downloads,
+    ));
+    let node_b = OldNode::start(
+        &old_bin,
+        &dir.path().join("b"),
+        port_b,
+        &database,
+        &downloads,
+    );
+    let old_api = Api::new(&node_b.url, ADMIN_TOKEN);
+
+    // A fleet on both 0.1.0 nodes; each agent moves to the other node when its own goes.
+    let sim_log = dir.path().join("sim.log");
+    let _sim = Killed(
+        Command::new(sim_bin())
+            .args([
+                "--server",
+                &format!("{},{}", node_b.url, node_a.as_ref().unwrap().url),
+            ])
+            .args([
+                "--enroll-token",
+                ENROLL_TOKEN,
+                "--agents",
+                &FLEET.to_string(),
+            ])
+            .arg("--identities")
+            .arg(dir.path().join("identities.json"))
+            .args(["--report-every", "0.5"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&sim_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    all_online(&old_api, FLEET).await;
+    // 0.1.0 updates them all to 1.1.0: tasks the upgrade must keep.
+    publish(&downloads, "1.1.0", Some("stable"), b"build 1.1.0");
+    let before = eventually("0.1.0 to update every agent", UPDATE_WAIT, || async {
+        let tasks = tasks_in(&database);
+        (tasks.len() == FLEET && tasks.iter().all(|t| t.ends_with(" succeeded"))).then_some(tasks)
+    })
+    .await;
+
+    // Node A first: stopped, and started again as this version on its port. It migrates
+    // the database while node B still runs 0.1.0 on it.
+    drop(node_a.take());
+    let new_a_dir = dir.path().join("new-a");
+    std::fs::create_dir_all(&new_a_dir).unwrap();
+    let shared = downloads.to_str().unwrap();
+    let new_a = Server::start_on_port(
+        &new_a_dir,
+        port_a,
+        &["--database", &database.url, "--downloads", shared],
+    );
+    // Connected, as the fleet sees it: the 0.1.0 node's own claims can read as offline
+    // (its release of an agent's old session may undo the claim of its new one, a bug
+    // this version fixed), which is not the upgrade's doing.
+    sim_reports_connected(&sim_log, FLEET).await;
+    let agents = new_a.api().agents().await.unwrap();
+    assert_eq!(agents.len(), FLEET, "no agent enrolled again");
+    assert_eq!(tasks_in(&database), before, "every task kept, as it was");
+    let (status, _) = old_api.get("/api/v1/agents").await;
+    assert_eq!(status, 200, "the 0.1.0 node still serves");
+
+    // Then node B.
+    drop(node_b);
+    let new_b_dir = dir.path().join("new-b");
+    std::fs::create_dir_all(&new_b_dir).unwrap();
+    let new_b = Server::start_on_port(
+        &new_b_dir,
+        port_b,
+        &["--database", &database.url, "--downloads", shared],
+    );
+    sim_reports_connected(&sim_log, FLEET).await;
+    let listed = all_online(&new_b.api(), FLEET).await;
+    assert_eq!(listed.len(), FLEET);
+    assert_eq!(tasks_in(&database), before);
+
+    // The upgraded nodes roll out the next build to everyone.
+    publish(&downloads, "1.2.0", Some("stable"), b"build 1.2.0");
+    eventually("every agent on 1.2.0", UPDATE_WAIT, || async {
+        let agents = new_a.api().agents().await?;
+        (agents.len() == FLEET && agents.iter().all(|a| a["version"] == "1.2.0")).then_some(())
+    })
+    .await;
+    let after = tasks_in(&database);
+    assert!(
+        before.iter().all(|task| after.contains(task)),
+        "no task lost"
+    );
+    assert_eq!(after.len(), FLEET * 2);
 }

@@ -7,31 +7,12 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
 
 const FLEET: usize = 200;
-
-/// The simulator lives in another package, so Cargo does not build it for these tests;
-/// build it here (a no-op when it is fresh) next to the other binaries.
-fn sim_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let agent = Path::new(AGENT_BIN);
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "sim", "--bin", "drover-sim"]);
-        if agent.parent().is_some_and(|dir| dir.ends_with("release")) {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building drover-sim failed");
-        agent.with_file_name("drover-sim")
-    })
-    .clone()
-}
 
 /// A running `drover-sim --json`. Killed when dropped; `stop` ends it politely.
 struct Sim {

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -80,13 +81,31 @@ impl Server {
         )
     }
 
+    /// Starts a server on `port` (where another build of it ran: its agents look for it
+    /// there), with the test tokens and extra flags.
+    pub fn start_on_port(dir: &Path, port: u16, args: &[&str]) -> Server {
+        Server::launch(
+            dir,
+            port,
+            &[
+                ("DROVER_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("DROVER_ENROLL_TOKEN", ENROLL_TOKEN),
+            ],
+            args,
+        )
+    }
+
     fn start_with(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::launch(dir, 0, env, args)
+    }
+
+    fn launch(dir: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Server {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, port) = spawn_server(dir, 0, &env, &args);
+        let (child, port) = spawn_server(dir, port, &env, &args);
         Server {
             child,
             port,
@@ -975,4 +994,22 @@ impl Agent {
         args.extend_from_slice(extra);
         Agent::start_installed(server, exe, dir, name, &args)
     }
+}
+
+/// The simulator lives in another package, so Cargo does not build it for these tests;
+/// build it here (a no-op when it is fresh) next to the other binaries.
+pub fn sim_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let agent = Path::new(AGENT_BIN);
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "sim", "--bin", "drover-sim"]);
+        if agent.parent().is_some_and(|dir| dir.ends_with("release")) {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building drover-sim failed");
+        agent.with_file_name("drover-sim")
+    })
+    .clone()
 }

@@ -71,9 +71,7 @@ impl PostgresStore {
             .ok()
             .flatten();
         refuse_newer_schema(applied, &MIGRATOR, &shown)?;
-        // The migrator holds an advisory lock, so nodes starting together migrate once.
-        MIGRATOR
-            .run(&pool)
+        migrate(&pool)
             .await
             .with_context(|| format!("while migrating the database {shown}"))?;
         let store = PostgresStore { pool };
@@ -83,6 +81,38 @@ impl PostgresStore {
             .with_context(|| format!("while keying the versions in {shown}"))?;
         Ok(store)
     }
+}
+
+/// How often a migration that lost a lock conflict is tried again.
+const MIGRATION_ATTEMPTS: u32 = 5;
+
+/// Applies the pending migrations. The migrator holds an advisory lock, so nodes
+/// starting together migrate once. Nodes of the previous version may still be running
+/// on the database (a rolling upgrade): a migration that loses a deadlock or a lock
+/// wait to one of their transactions is rolled back whole, and is tried again.
+async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut attempt = 1;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Err(err) if attempt < MIGRATION_ATTEMPTS && lost_a_lock_conflict(&err) => {
+                tracing::warn!(%err, attempt, "a migration lost a lock conflict; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Deadlock detected, lock not available, or a serialization failure.
+fn lost_a_lock_conflict(err: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let (MigrateError::Execute(err) | MigrateError::ExecuteMigration(err, _)) = err else {
+        return false;
+    };
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| matches!(code.as_ref(), "40P01" | "55P03" | "40001"))
 }
 
 /// `url` with the password (in the user info or a `password` parameter) replaced, so it

@@ -246,19 +246,27 @@ fn publish_windows(server: &Server, version: &str, file: &Path) {
     );
 }
 
-/// A Windows program that exits with status 3 at once: a broken build.
-fn broken_build(dir: &Path) -> PathBuf {
-    let source = dir.join("broken.c");
-    let exe = dir.join("broken.exe");
-    std::fs::write(&source, "int main(void) { return 3; }\n").unwrap();
+/// A Windows program made by mingw-w64 from C `source`, as `dir/name.exe`.
+fn compile_c(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let file = dir.join(format!("{name}.c"));
+    let exe = dir.join(format!("{name}.exe"));
+    std::fs::write(&file, source).unwrap();
     let status = Command::new("x86_64-w64-mingw32-gcc")
         .arg("-o")
         .arg(&exe)
-        .arg(&source)
+        .arg(&file)
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(
+        status.success(),
+        "x86_64-w64-mingw32-gcc failed on {name}.c"
+    );
     exe
+}
+
+/// A Windows program that exits with status 3 at once: a broken build.
+fn broken_build(dir: &Path) -> PathBuf {
+    compile_c(dir, "broken", "int main(void) { return 3; }\n")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -363,12 +371,11 @@ async fn a_windows_agent_enrolls_updates_through_probation_and_reverts_a_build_t
 /// A build whose supervisor cannot start: `service-main` (and `run`) exit with status 3
 /// at once, while `worker` runs `worker`, a real agent whose probation would pass.
 fn broken_supervisor_build(dir: &Path, worker: &Path) -> PathBuf {
-    let source = dir.join("broken-supervisor.c");
-    let exe = dir.join("broken-supervisor.exe");
     let worker = windows_path(worker).replace('\\', "\\\\");
-    std::fs::write(
-        &source,
-        format!(
+    compile_c(
+        dir,
+        "broken-supervisor",
+        &format!(
             "#include <process.h>\n#include <string.h>\n\
              int main(int argc, char **argv) {{\n\
                  if (argc > 1 && strcmp(argv[1], \"worker\") == 0) {{\n\
@@ -379,15 +386,6 @@ fn broken_supervisor_build(dir: &Path, worker: &Path) -> PathBuf {
              }}\n"
         ),
     )
-    .unwrap();
-    let status = Command::new("x86_64-w64-mingw32-gcc")
-        .arg("-o")
-        .arg(&exe)
-        .arg(&source)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    exe
 }
 
 /// What the running supervisor wrote about itself: its PID and version.
@@ -410,20 +408,11 @@ struct WineSession {
 
 impl WineSession {
     fn keep(wine: &Wine, dir: &Path) -> WineSession {
-        let source = dir.join("sleeper.c");
-        let exe = dir.join("sleeper.exe");
-        std::fs::write(
-            &source,
+        let exe = compile_c(
+            dir,
+            "sleeper",
             "#include <windows.h>\nint main(void) { Sleep(INFINITE); return 0; }\n",
-        )
-        .unwrap();
-        let status = Command::new("x86_64-w64-mingw32-gcc")
-            .arg("-o")
-            .arg(&exe)
-            .arg(&source)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        );
         let child = wine
             .command(&exe)
             .stdin(Stdio::null())

@@ -25,20 +25,7 @@ struct Database {
 impl Database {
     fn create(test: &str) -> Option<Database> {
         let name = format!("drover_e2e_{test}_{}", std::process::id());
-        let psql = |sql: &str| {
-            std::process::Command::new("psql")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-qc",
-                    sql,
-                ])
-                .output()
-        };
+        let psql = |sql: &str| psql("postgres", sql);
         let created = psql(&format!("DROP DATABASE IF EXISTS {name}"))
             .and_then(|_| psql(&format!("CREATE DATABASE {name}")));
         match created {
@@ -67,13 +54,32 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .output();
+        let _ = psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// Runs one SQL statement with psql against `database` on the test PostgreSQL; the rows
+/// come out unaligned, one a line.
+fn psql(database: &str, sql: &str) -> std::io::Result<std::process::Output> {
+    std::process::Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", database])
+        .args(["-qtAc", sql])
+        .output()
+}
+
+impl Database {
+    /// What `sql` returns, trimmed; panics with psql's error if it fails.
+    fn query(&self, sql: &str) -> String {
+        let out = psql(&self.name, sql).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
 
@@ -642,19 +648,7 @@ async fn a_node_that_lost_the_others_rereads_only_the_agents_whose_change_it_mis
     stayed.heartbeat().await;
 
     // A change no node hears of: B's session keeps the agent on stable.
-    let psql = |sql: &str| {
-        let out = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", &database.name])
-            .args(["-tAc", sql])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let psql = |sql: &str| database.query(sql);
     psql(&format!(
         "UPDATE agents SET channel = 'beta' WHERE id = '{}'",
         moved.id
@@ -829,28 +823,8 @@ async fn sim_reports_connected(log: &Path, count: usize) {
 
 /// Every task in the database, as `id status`, sorted.
 fn tasks_in(database: &Database) -> Vec<String> {
-    let output = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            &database.name,
-            "-At",
-        ])
-        .args([
-            "-c",
-            "SELECT id || ' ' || status FROM update_tasks ORDER BY id",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
+    database
+        .query("SELECT id || ' ' || status FROM update_tasks ORDER BY id")
         .lines()
         .map(str::to_owned)
         .collect()

@@ -8,18 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::*;
-
-/// What the running supervisor wrote about itself: its PID and version.
-fn supervisor(state_dir: &Path) -> Option<(u64, String)> {
-    let text = std::fs::read_to_string(state_dir.join("supervisor.json")).ok()?;
-    let about: Value = serde_json::from_str(&text).ok()?;
-    Some((
-        about["pid"].as_u64()?,
-        about["version"].as_str()?.to_owned(),
-    ))
-}
 
 /// The installed agent, enrolling; a probation long enough for a loaded machine.
 fn start(server: &Server, exe: &Path, dir: &Path, name: &str) -> Agent {
@@ -33,7 +22,7 @@ async fn a_good_build_hands_over_and_the_supervisor_runs_the_new_version_in_the_
     let exe = install_agent(dir.path());
     let agent = start(&server, &exe, dir.path(), "oscar");
     let id = enrolled_id(&server, "oscar").await;
-    let (pid, version) = supervisor(&agent.state_dir).unwrap();
+    let (pid, version) = supervisor_of(&agent.state_dir).unwrap();
     assert_eq!(version, "1.0.0");
 
     publish_agent(&server, dir.path(), "1.1.0", "stable");
@@ -42,7 +31,7 @@ async fn a_good_build_hands_over_and_the_supervisor_runs_the_new_version_in_the_
     let after = eventually(
         "the supervisor to run 1.1.0",
         Duration::from_secs(20),
-        || async { supervisor(&agent.state_dir).filter(|(_, version)| version == "1.1.0") },
+        || async { supervisor_of(&agent.state_dir).filter(|(_, version)| version == "1.1.0") },
     )
     .await;
     assert_eq!(
@@ -112,7 +101,7 @@ async fn a_build_whose_supervisor_cannot_start_is_reverted_and_the_old_one_keeps
     })
     .await;
     assert_eq!(version_of(&exe), "1.0.0");
-    assert_eq!(supervisor(&agent.state_dir).unwrap().1, "1.0.0");
+    assert_eq!(supervisor_of(&agent.state_dir).unwrap().1, "1.0.0");
 
     // The build ends as a build failure on this agent, whichever way the server learns
     // it: the success taken back (`rolled_back`) or a new offer refused (`failed`).
@@ -158,7 +147,7 @@ async fn a_build_that_is_not_a_program_fails_its_probation_and_the_supervisor_ca
     let exe = install_agent(dir.path());
     let agent = start(&server, &exe, dir.path(), "quebec");
     let id = enrolled_id(&server, "quebec").await;
-    let (pid, _) = supervisor(&agent.state_dir).unwrap();
+    let (pid, _) = supervisor_of(&agent.state_dir).unwrap();
 
     // Not an executable format: the system refuses to start it at all.
     publish(
@@ -182,7 +171,7 @@ async fn a_build_that_is_not_a_program_fails_its_probation_and_the_supervisor_ca
     .await;
     assert_eq!(listed["id"], id.as_str());
     assert_eq!(
-        supervisor(&agent.state_dir).unwrap(),
+        supervisor_of(&agent.state_dir).unwrap(),
         (pid, "1.0.0".to_owned()),
         "the same supervisor carried on"
     );

@@ -388,16 +388,6 @@ fn broken_supervisor_build(dir: &Path, worker: &Path) -> PathBuf {
     )
 }
 
-/// What the running supervisor wrote about itself: its PID and version.
-fn supervisor(state_dir: &Path) -> Option<(u64, String)> {
-    let text = std::fs::read_to_string(state_dir.join("supervisor.json")).ok()?;
-    let about: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some((
-        about["pid"].as_u64()?,
-        about["version"].as_str()?.to_owned(),
-    ))
-}
-
 /// An ordinary Wine process that sleeps until dropped. Wine ends its session, services
 /// included, when the last ordinary process exits, and treats a service's own process as
 /// a system one: without this, the session would end when a service's worker exits to
@@ -537,7 +527,7 @@ async fn the_windows_service_runs_the_agent_and_its_supervisor_updates_itself() 
     );
     let state_dir = dir.path().join("state");
     let id = listed["id"].as_str().unwrap().to_owned();
-    let (first_pid, version) = supervisor(&state_dir).unwrap();
+    let (first_pid, version) = supervisor_of(&state_dir).unwrap();
     assert_eq!(version, "1.0.0");
     // The program the service starts, from `service status`.
     let started_program = || {
@@ -559,7 +549,7 @@ async fn the_windows_service_runs_the_agent_and_its_supervisor_updates_itself() 
     wine.stamp("1.1.0", &build);
     publish_windows(&server, "1.1.0", &build);
     let (pid, _) = eventually("the supervisor to run 1.1.0", UPDATE_WAIT, || async {
-        supervisor(&state_dir).filter(|(_, version)| version == "1.1.0")
+        supervisor_of(&state_dir).filter(|(_, version)| version == "1.1.0")
     })
     .await;
     assert_ne!(
@@ -614,7 +604,7 @@ async fn the_windows_service_runs_the_agent_and_its_supervisor_updates_itself() 
         (agent["online"] == true && agent["version"] == "1.1.0").then_some(())
     })
     .await;
-    assert_eq!(supervisor(&state_dir).unwrap().1, "1.1.0");
+    assert_eq!(supervisor_of(&state_dir).unwrap().1, "1.1.0");
     assert_eq!(wine.version_of(&exe), "1.1.0");
     assert_eq!(started_program(), installed, "pointed back at <exe>");
     assert!(!exe.with_file_name("drover-agent.exe.next").exists());

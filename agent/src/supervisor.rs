@@ -113,14 +113,12 @@ impl Supervisor {
                 match self.watch_probation(&mut worker, &shutdown).await {
                     None => return stop(worker).await,
                     Some(Probation::Passed) => match journal::load(&self.state_dir)? {
-                        Some(committed) => {
+                        Some(_) => {
                             tracing::info!(version = %journal.version, "new version passed probation; handing over to its supervisor");
-                            // The new supervisor starts its own worker.
+                            // The new supervisor starts its own worker; `recover` finds the
+                            // committed journal and hands over, as after a restart here.
                             let _ = worker.kill().await;
-                            match self.hand_over(committed)? {
-                                HandedOver::Continue => continue,
-                                HandedOver::Stop => return Ok(()),
-                            }
+                            continue;
                         }
                         None => {
                             // A build from before the hand-over reported and cleared its

@@ -1013,3 +1013,14 @@ pub fn sim_bin() -> PathBuf {
     })
     .clone()
 }
+
+/// What the running supervisor wrote about itself (`supervisor.json` in its state
+/// directory): its PID and version.
+pub fn supervisor_of(state_dir: &Path) -> Option<(u64, String)> {
+    let text = std::fs::read_to_string(state_dir.join("supervisor.json")).ok()?;
+    let about: Value = serde_json::from_str(&text).ok()?;
+    Some((
+        about["pid"].as_u64()?,
+        about["version"].as_str()?.to_owned(),
+    ))
+}

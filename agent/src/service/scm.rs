@@ -158,11 +158,13 @@ pub(crate) fn stop() -> anyhow::Result<()> {
 
 pub(crate) fn status() -> anyhow::Result<()> {
     let manager = manager(ServiceManagerAccess::CONNECT)?;
-    let status = manager
-        .open_service(NAME, ServiceAccess::QUERY_STATUS)
-        .context("the drover-agent service is not installed (or is being removed)")?
-        .query_status()?;
-    let service = manager.open_service(NAME, ServiceAccess::QUERY_CONFIG)?;
+    let service = manager
+        .open_service(
+            NAME,
+            ServiceAccess::QUERY_STATUS | ServiceAccess::QUERY_CONFIG,
+        )
+        .context("the drover-agent service is not installed (or is being removed)")?;
+    let status = service.query_status()?;
     println!(
         "{NAME}: {:?}{}\nstarts: {}",
         status.current_state,

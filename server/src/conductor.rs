@@ -831,17 +831,7 @@ pub(crate) async fn rollback(
                     && r.record.state.is_open()
             })
             .map(|r| r.record.clone());
-        let runs_it = || async {
-            StoreResult::Ok(
-                state
-                    .store
-                    .list_agents()
-                    .await?
-                    .iter()
-                    .any(|a| a.version == version),
-            )
-        };
-        if open.is_some() || !runs_it().await? {
+        if open.is_some() || state.store.agents_running(version).await?.is_empty() {
             return Ok(RollbackOutcome {
                 rollout: open,
                 targeted: 0,
@@ -899,7 +889,7 @@ pub(crate) async fn rollback(
         )
         .await?;
     }
-    let agents = state.store.list_agents().await?;
+    let agents = state.store.agents_running(version).await?;
     let index = state.releases.current();
     let blocked = state.blocked_versions().clone();
     let mut outcome = RollbackOutcome {
@@ -915,7 +905,7 @@ pub(crate) async fn rollback(
     };
     let mut candidates = Vec::new();
     let mut platforms: Vec<(String, String)> = Vec::new();
-    for agent in agents.iter().filter(|a| a.version == version) {
+    for agent in &agents {
         let position = AgentPosition {
             version: agent.version.clone(),
             os: agent.os.clone(),

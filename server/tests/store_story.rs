@@ -211,6 +211,13 @@ async fn story(store: &dyn Store) {
     assert_eq!(by_id(&one.agent_id).last_seen_ms, 5_000);
     assert_eq!(by_id(&two.agent_id).last_seen_ms, 1_000);
     assert_eq!(by_id(&two.agent_id).site_id, by_id(&one.agent_id).site_id);
+    let running = |version: &'static str| async move {
+        let agents = store.agents_running(version).await.unwrap();
+        agents.into_iter().map(|a| a.id).collect::<Vec<_>>()
+    };
+    assert_eq!(running("1.2.0").await, vec![one.agent_id.clone()]);
+    assert_eq!(running("1.0.0").await, vec![two.agent_id.clone()]);
+    assert!(running("1.1.0").await.is_empty());
     assert!(matches!(
         store.agent("missing").await,
         Err(StoreError::NotFound)

@@ -119,6 +119,9 @@ pub trait Queries: Send + Sync {
 
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
 
+    /// The agents that run `version`, in the order of `list_agents`.
+    async fn agents_running(&self, version: &str) -> StoreResult<Vec<AgentRecord>>;
+
     /// Writes the `version_key` of agents written before it existed; how many. Each is
     /// written only if its version is still the one the key was computed from.
     async fn fill_version_keys(&self) -> StoreResult<u64>;
@@ -530,6 +533,13 @@ pub(super) const CONFLICT_SPELL_MS: i64 = 24 * 60 * 60 * 1000;
 
 pub(super) fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+/// A task's id: ordered by creation within this process (UUID version 7), so the
+/// thousands of tasks a fan-out writes go to the end of the id index instead of to
+/// random places in it.
+pub(super) fn new_task_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// `NotFound` when a statement that must change a row changed none.
@@ -1060,6 +1070,17 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
+                async fn agents_running(&self, version: &str) -> StoreResult<Vec<AgentRecord>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "{SELECT_AGENTS} WHERE a.version = $1 \
+                         ORDER BY a.hostname{bytes}, a.id{bytes}"
+                    ))
+                    .bind(version)
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
                 async fn held_by(
                     &self,
                     node_id: &str,
@@ -1270,7 +1291,7 @@ macro_rules! impl_queries {
                     // unfinished tasks turns a second one for an agent into no row. Only
                     // the ids of the rows made come back (in any order); the rest of each
                     // row is what was written.
-                    let ids: Vec<String> = tasks.iter().map(|_| new_id()).collect();
+                    let ids: Vec<String> = tasks.iter().map(|_| new_task_id()).collect();
                     let mut made = std::collections::HashSet::with_capacity(tasks.len());
                     let mut tx = self.pool.begin().await?;
                     for chunk in tasks

@@ -22,6 +22,10 @@ use crate::store::{SessionChange, Store};
 const QUEUE_CAPACITY: usize = 65_536;
 /// At most this many changes in one transaction.
 const MAX_BATCH: usize = 2_000;
+/// A batch that fails (a lost connection, a deadlock the database broke) is written
+/// again, up to this many times in all, waiting 0.2, 0.4, 0.8 s... between: a claim
+/// left unwritten would show a connected agent offline until it reconnects.
+const ATTEMPTS: u32 = 5;
 
 enum Request {
     /// A change, and who waits until it is written.
@@ -123,9 +127,7 @@ async fn write(
             }
         }
         if !changes.is_empty() {
-            if let Err(err) = store.record_sessions(&node_id, &changes).await {
-                tracing::warn!(%err, changes = changes.len(), "could not record the sessions");
-            }
+            record(store.as_ref(), &node_id, &changes).await;
             let mut claimed = Vec::new();
             for change in changes.drain(..) {
                 match change {
@@ -143,5 +145,19 @@ async fn write(
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+    }
+}
+
+async fn record(store: &dyn Store, node_id: &str, changes: &[SessionChange]) {
+    for attempt in 1..=ATTEMPTS {
+        let Err(err) = store.record_sessions(node_id, changes).await else {
+            return;
+        };
+        if attempt == ATTEMPTS {
+            tracing::warn!(%err, changes = changes.len(), "could not record the sessions");
+            return;
+        }
+        tracing::warn!(%err, changes = changes.len(), attempt, "could not record the sessions; trying again");
+        tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
     }
 }

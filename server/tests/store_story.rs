@@ -1450,6 +1450,64 @@ async fn postgres_heartbeats_do_not_wait_for_references_to_their_agents() {
     .await;
 }
 
+/// Session changes are written in agent id order, the order in which a heartbeat batch
+/// locks its agents, so the two wait for each other and never deadlock. Written in the
+/// order they came, a node's sessions ending together deadlocked with its heartbeats
+/// (`bench-nodes`), and the claims of the losing batch were never written.
+#[tokio::test]
+async fn postgres_session_changes_and_heartbeats_never_deadlock() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        bootstrapped(&store).await;
+        let one = enroll_one(&store, "fp-1", "one", 1_000).await;
+        let two = enroll_one(&store, "fp-2", "two", 1_000).await;
+        store.node_beat("n-1", "10.0.0.9:1", 2_000).await.unwrap();
+        let (low, high) = if one.as_bytes() < two.as_bytes() {
+            (one, two)
+        } else {
+            (two, one)
+        };
+        // A heartbeat batch of both agents, locking them as it does: the lower id first.
+        let mut beats = PgConnection::connect(&url).await.unwrap();
+        let lock = "SELECT id FROM agents WHERE id = $1 FOR NO KEY UPDATE";
+        sqlx::query("BEGIN").execute(&mut beats).await.unwrap();
+        sqlx::query(lock)
+            .bind(&low)
+            .execute(&mut beats)
+            .await
+            .unwrap();
+        // Meanwhile the sessions' changes, the higher id's first.
+        let changes = [claim(&high, 3_000), claim(&low, 3_000)];
+        let writing = tokio::spawn(async move {
+            let writer = PostgresStore::open(&url).await.unwrap();
+            writer.record_sessions("n-1", &changes).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The heartbeat batch goes on to the higher id. Had the changes taken it first,
+        // each would now wait for the other, and the database would end one of them.
+        let locked = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::query(lock).bind(&high).execute(&mut beats),
+        )
+        .await
+        .expect("the heartbeat batch waited for the session changes");
+        locked.expect("the heartbeat batch was chosen to end a deadlock");
+        sqlx::query("COMMIT").execute(&mut beats).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), writing)
+            .await
+            .expect("the session changes never finished")
+            .unwrap()
+            .expect("the session changes were chosen to end a deadlock");
+        for agent in [&low, &high] {
+            assert_eq!(
+                store.agent(agent).await.unwrap().node_id.as_deref(),
+                Some("n-1")
+            );
+        }
+    })
+    .await;
+}
+
 /// Two server nodes on one database: whatever they race for happens once.
 #[tokio::test]
 async fn postgres_two_nodes_never_double_dispatch() {

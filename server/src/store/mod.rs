@@ -199,6 +199,16 @@ pub enum SessionChange {
     },
 }
 
+impl SessionChange {
+    pub fn agent_id(&self) -> &str {
+        match self {
+            SessionChange::Claim { agent_id, .. } | SessionChange::Release { agent_id, .. } => {
+                agent_id
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeartbeatRecord {
     pub agent_id: String,

@@ -248,14 +248,17 @@ impl Store for PostgresStore {
             .map(|v| super::version_key::version_key(v))
             .collect();
         let mut tx = self.pool.begin().await?;
-        // Rows are locked in id order so two nodes writing overlapping batches wait for
-        // each other instead of deadlocking; `NO KEY UPDATE`, what the update itself
+        // Rows are locked in id order (byte order: session changes are written in the
+        // same order) so two nodes writing overlapping batches, or a batch and the
+        // session changes, wait for each other instead of deadlocking; `NO KEY UPDATE`, what the update itself
         // takes, so rows referenced meanwhile (a rollout's targets, tasks being
         // created, each holding a key share) neither wait for a batch nor block one.
-        sqlx::query("SELECT id FROM agents WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "SELECT id FROM agents WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "UPDATE agents AS a SET version = b.version, version_key = b.version_key, \
                  last_seen = GREATEST(a.last_seen, b.at) \

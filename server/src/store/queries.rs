@@ -650,8 +650,14 @@ macro_rules! impl_queries {
                     node_id: &str,
                     changes: &[SessionChange],
                 ) -> StoreResult<()> {
+                    // Rows are changed in agent id order (byte order, as heartbeat
+                    // batches lock theirs), so this batch and a heartbeat batch or another
+                    // node's batch wait for each other instead of deadlocking; one agent's
+                    // changes keep their order (a stable sort).
+                    let mut ordered: Vec<&SessionChange> = changes.iter().collect();
+                    ordered.sort_by(|a, b| a.agent_id().cmp(b.agent_id()));
                     let mut tx = self.pool.begin().await?;
-                    for change in changes {
+                    for change in ordered {
                         let (sql, agent_id, at_ms) = match change {
                             SessionChange::Claim { agent_id, at_ms } => (CLAIM_SESSION, agent_id, at_ms),
                             SessionChange::Release { agent_id, claimed_at_ms } => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::AppState;
 use crate::clock::now_ms;
-use crate::engine::{AgentPosition, channel_admits, resolve_channel};
+use crate::engine::{AgentPosition, channel_admits, resolve_channel, resolve_channels};
 use crate::maintenance::closed_until;
 use crate::releases::{Channel, Release, ReleaseIndex};
 use crate::rollouts::book::{Book, LiveRollout};
@@ -17,8 +17,8 @@ use crate::rollouts::health::{self, Counts, GateVerdict, WaveVerdict};
 use crate::rollouts::plan::{self, Candidate, Plan};
 use crate::session::Outbound;
 use crate::store::{
-    AgentRecord, NewRollout, Rollout, RolloutFilter, RolloutKind, RolloutState, StateChange,
-    StoreError, StoreResult, WaveRow,
+    AgentRecord, CandidateRecord, NewRollout, Rollout, RolloutFilter, RolloutKind, RolloutState,
+    StateChange, StoreError, StoreResult, WaveRow,
 };
 
 /// What went wrong with an operator's request.
@@ -155,7 +155,7 @@ fn announce(state: &AppState, rollout_ids: &[&str]) {
 /// The agents a beta or promote rollout of `version` moves on `platforms`: those whose
 /// channel sees a build of `channel` and that run something older.
 pub(crate) fn candidates(
-    agents: &[AgentRecord],
+    agents: &[CandidateRecord],
     version: &semver::Version,
     platforms: &[(String, String)],
     audience: impl Fn(Channel) -> bool,
@@ -163,16 +163,25 @@ pub(crate) fn candidates(
     agents
         .iter()
         .filter(|a| platforms.iter().any(|(o, r)| *o == a.os && *r == a.arch))
-        .filter(|a| audience(resolve_channel(a).0))
+        .filter(|a| {
+            let channels = [&a.agent_channel, &a.site_channel, &a.client_channel];
+            let [agent, site, client] = channels.map(Option::as_deref);
+            audience(resolve_channels(agent, site, client).0)
+        })
         .filter(|a| semver::Version::parse(&a.version).is_ok_and(|v| v < *version))
-        .map(candidate)
+        .map(|a| candidate_of(&a.id, &a.site_id, &a.os, &a.arch))
         .collect()
 }
 
 pub(crate) fn candidate(agent: &AgentRecord) -> Candidate {
+    candidate_of(&agent.id, &agent.site_id, &agent.os, &agent.arch)
+}
+
+/// A candidate is placed in the waves within its group: its site and os/arch.
+fn candidate_of(id: &str, site_id: &str, os: &str, arch: &str) -> Candidate {
     Candidate {
-        agent_id: agent.id.clone(),
-        group: format!("{}/{}/{}", agent.site_id, agent.os, agent.arch),
+        agent_id: id.to_owned(),
+        group: format!("{site_id}/{os}/{arch}"),
     }
 }
 
@@ -201,7 +210,7 @@ pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
     let index = state.releases.current();
     let mut oldest_first: Vec<&Release> = index.releases.iter().collect();
     oldest_first.sort_by(|a, b| a.version.cmp(&b.version));
-    let mut agents: Option<Vec<AgentRecord>> = None;
+    let mut agents: Option<Vec<CandidateRecord>> = None;
     let mut started = Vec::new();
     for release in oldest_first {
         let kind = match release.channel {
@@ -254,7 +263,7 @@ pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
         }
         let agents = match &agents {
             Some(agents) => agents,
-            None => match state.store.list_agents().await {
+            None => match state.store.list_candidates().await {
                 Ok(list) => agents.insert(list),
                 Err(err) => {
                     tracing::warn!(%err, "could not read the agents for a new build's rollout");
@@ -999,7 +1008,7 @@ pub(crate) async fn unblock(state: &AppState, version: &str, actor: &str) -> Sto
         }
     }
     let index = state.releases.current();
-    let agents = state.store.list_agents().await?;
+    let agents = state.store.list_candidates().await?;
     for channel in [Channel::Beta, Channel::Stable] {
         let builds: Vec<&Release> = index
             .releases

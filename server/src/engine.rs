@@ -78,19 +78,23 @@ impl HoldReason {
 /// The channel an agent follows and where it comes from (`agent`, `site`, `client` or
 /// `default`): the most specific level that sets one.
 pub(crate) fn resolve_channel(agent: &AgentRecord) -> (Channel, &'static str) {
-    [
-        (&agent.agent_channel, "agent"),
-        (&agent.site_channel, "site"),
-        (&agent.client_channel, "client"),
-    ]
-    .into_iter()
-    .find_map(|(channel, source)| {
-        channel
-            .as_deref()
-            .and_then(Channel::parse)
-            .map(|c| (c, source))
-    })
-    .unwrap_or((Channel::Stable, "default"))
+    resolve_channels(
+        agent.agent_channel.as_deref(),
+        agent.site_channel.as_deref(),
+        agent.client_channel.as_deref(),
+    )
+}
+
+/// `resolve_channel` from the channels set on the agent, its site and its client.
+pub(crate) fn resolve_channels(
+    agent: Option<&str>,
+    site: Option<&str>,
+    client: Option<&str>,
+) -> (Channel, &'static str) {
+    [(agent, "agent"), (site, "site"), (client, "client")]
+        .into_iter()
+        .find_map(|(channel, source)| channel.and_then(Channel::parse).map(|c| (c, source)))
+        .unwrap_or((Channel::Stable, "default"))
 }
 
 /// Whether a build is visible to a channel: beta agents see beta and stable builds.

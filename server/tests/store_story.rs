@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
-    FailureClass, HeartbeatRecord, HierarchySetting, LiveSince, MirrorCount, NewRollout, NewTask,
-    PostgresStore, Queries, Role, RolloutKind, RolloutTarget, SessionChange, SilentTasks,
-    SqliteStore, StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord,
-    UpdateTask,
+    AgentFacts, AgentFilter, AgentRecord, AuditEntry, Bootstrap, ChannelScope, Enrolled,
+    Enrollment, FailureClass, HeartbeatRecord, HierarchySetting, LiveSince, MirrorCount,
+    NewRollout, NewTask, PostgresStore, Queries, Role, RolloutKind, RolloutTarget, SessionChange,
+    SilentTasks, SqliteStore, StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus,
+    TransferRecord, UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -218,6 +218,30 @@ async fn story(store: &dyn Store) {
     assert_eq!(running("1.2.0").await, vec![one.agent_id.clone()]);
     assert_eq!(running("1.0.0").await, vec![two.agent_id.clone()]);
     assert!(running("1.1.0").await.is_empty());
+    // What a rollout's start reads of every agent: the same agents, in the same order.
+    let candidates = store.list_candidates().await.unwrap();
+    let facts = |a: &AgentRecord| {
+        (
+            a.id.clone(),
+            a.site_id.clone(),
+            a.version.clone(),
+            a.os.clone(),
+            a.arch.clone(),
+        )
+    };
+    assert_eq!(
+        candidates
+            .iter()
+            .map(|c| (
+                c.id.clone(),
+                c.site_id.clone(),
+                c.version.clone(),
+                c.os.clone(),
+                c.arch.clone()
+            ))
+            .collect::<Vec<_>>(),
+        agents.iter().map(facts).collect::<Vec<_>>()
+    );
     assert!(matches!(
         store.agent("missing").await,
         Err(StoreError::NotFound)
@@ -289,6 +313,16 @@ async fn story_of_hierarchy(store: &dyn Store, one: &str, two: &str) {
             record.agent_channel.as_deref(),
             record.site_channel.as_deref(),
             record.client_channel.as_deref()
+        ),
+        (Some("canary"), Some("beta"), Some("stable"))
+    );
+    let candidates = store.list_candidates().await.unwrap();
+    let candidate = candidates.iter().find(|c| c.id == one).unwrap();
+    assert_eq!(
+        (
+            candidate.agent_channel.as_deref(),
+            candidate.site_channel.as_deref(),
+            candidate.client_channel.as_deref()
         ),
         (Some("canary"), Some("beta"), Some("stable"))
     );

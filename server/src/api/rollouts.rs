@@ -915,7 +915,7 @@ pub(crate) async fn promote(
             verdict.reason
         )));
     }
-    let agents = state.store.list_agents().await?;
+    let agents = state.store.list_candidates().await?;
     let forced = request.force && !verdict.pass;
     // The rollout exists before any build reads as stable, so no node mistakes the
     // promoted build for one that landed on stable by itself.

@@ -178,6 +178,20 @@ pub struct AgentRecord {
     pub conflict_hostname: Option<String>,
 }
 
+/// What starting a rollout needs to know of an agent (`Queries::list_candidates`): a
+/// fraction of an `AgentRecord`, read for the whole fleet at once.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CandidateRecord {
+    pub id: String,
+    pub site_id: String,
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    pub agent_channel: Option<String>,
+    pub site_channel: Option<String>,
+    pub client_channel: Option<String>,
+}
+
 /// Silent tasks in one status, ended alike (`Queries::time_out_tasks`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SilentTasks {

@@ -119,6 +119,9 @@ pub trait Queries: Send + Sync {
 
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
 
+    /// What starting a rollout needs of every agent, in the order of `list_agents`.
+    async fn list_candidates(&self) -> StoreResult<Vec<CandidateRecord>>;
+
     /// The agents that run `version`, in the order of `list_agents`.
     async fn agents_running(&self, version: &str) -> StoreResult<Vec<AgentRecord>>;
 
@@ -1071,6 +1074,20 @@ macro_rules! impl_queries {
                     let bytes = <$store as Dialect>::BYTE_ORDER;
                     Ok(sqlx::query_as(&format!(
                         "{SELECT_AGENTS} ORDER BY a.hostname{bytes}, a.id{bytes}"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?)
+                }
+
+                async fn list_candidates(&self) -> StoreResult<Vec<CandidateRecord>> {
+                    let bytes = <$store as Dialect>::BYTE_ORDER;
+                    Ok(sqlx::query_as(&format!(
+                        "SELECT a.id, a.site_id, a.version, a.os, a.arch, \
+                             a.channel AS agent_channel, s.channel AS site_channel, \
+                             c.channel AS client_channel \
+                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                         JOIN clients c ON c.id = s.client_id \
+                         ORDER BY a.hostname{bytes}, a.id{bytes}"
                     ))
                     .fetch_all(&self.pool)
                     .await?)

@@ -255,6 +255,26 @@ fn have(tool: &str) -> bool {
     found
 }
 
+/// Whether a 64-bit little-endian ELF executable names a dynamic loader (`PT_INTERP`):
+/// a dynamically linked one does, a static one does not.
+fn asks_for_a_loader(path: &std::path::Path) -> bool {
+    let elf = std::fs::read(path).unwrap();
+    assert_eq!(
+        &elf[..5],
+        b"\x7fELF\x02",
+        "{} is not a 64-bit ELF file",
+        path.display()
+    );
+    let word = |at: usize, len: usize| {
+        elf[at..at + len]
+            .iter()
+            .rev()
+            .fold(0usize, |n, b| n << 8 | usize::from(*b))
+    };
+    let (table, size, count) = (word(0x20, 8), word(0x36, 2), word(0x38, 2));
+    (0..count).any(|i| word(table + i * size, 4) == 3)
+}
+
 #[test]
 fn packages_hold_the_binaries_hardened_units_configs_and_maintainer_scripts() {
     let root_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -297,6 +317,12 @@ fn packages_hold_the_binaries_hardened_units_configs_and_maintainer_scripts() {
         let said = run(std::process::Command::new(at(binary)).arg("--version"));
         assert!(said.contains(version), "{binary}: {said}");
     }
+    // The agent runs on any Linux, whatever its C library: nothing to load at start.
+    assert!(
+        !asks_for_a_loader(&at("/usr/bin/drover-agent")),
+        "the packaged agent is dynamically linked"
+    );
+    assert!(asks_for_a_loader(&at("/usr/bin/drover-server")));
     assert_eq!(mode_of(&at("/etc/drover/server.conf")), 0o640);
     assert_eq!(mode_of(&at("/etc/drover-agent/agent.conf")), 0o600);
     let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap();

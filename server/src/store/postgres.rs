@@ -248,10 +248,10 @@ impl Store for PostgresStore {
             .map(|v| super::version_key::version_key(v))
             .collect();
         let mut tx = self.pool.begin().await?;
-        // Rows are locked in id order (byte order: session changes are written in the
-        // same order) so two nodes writing overlapping batches, or a batch and the
-        // session changes, wait for each other instead of deadlocking; `NO KEY UPDATE`, what the update itself
-        // takes, so rows referenced meanwhile (a rollout's targets, tasks being
+        // Rows are locked in id order (byte order, as session changes are written) so
+        // two nodes writing overlapping batches, or a batch and the session changes,
+        // wait for each other instead of deadlocking; `NO KEY UPDATE`, what the update
+        // itself takes, so rows referenced meanwhile (a rollout's targets, tasks being
         // created, each holding a key share) neither wait for a batch nor block one.
         sqlx::query(
             "SELECT id FROM agents WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR NO KEY UPDATE",

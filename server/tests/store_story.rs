@@ -1892,6 +1892,61 @@ async fn a_postgres_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_on
     .await;
 }
 
+/// A migration that loses a lock wait to another transaction (as to a node of the
+/// previous version during a rolling upgrade) is rolled back and tried again until it
+/// gets through; a failed attempt leaves no lock behind that the next one waits for.
+#[tokio::test]
+async fn postgres_a_migration_that_loses_a_lock_wait_is_tried_again() {
+    with_postgres(|url| async move {
+        let loaded = std::process::Command::new("psql")
+            .args([url.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(upgrade_data("postgres.sql"))
+            .output()
+            .expect("psql runs");
+        assert!(loaded.status.success());
+        let database = url.rsplit('/').next().unwrap().to_owned();
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        // Every lock wait of a new session gives up after 300 ms.
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{database}\" SET lock_timeout = '300ms'"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        // An old node reading the table migration 0006 renames, for 2.5 s.
+        let mut old_node = PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut old_node).await.unwrap();
+        sqlx::query("SELECT count(*) FROM rollouts")
+            .execute(&mut old_node)
+            .await
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            sqlx::query("COMMIT").execute(&mut old_node).await.unwrap();
+        });
+        let store = tokio::time::timeout(Duration::from_secs(30), PostgresStore::open(&url))
+            .await
+            .expect("the migration never finished")
+            .expect("the migration was not tried again");
+        reader.await.unwrap();
+        // No session still holds the migrator's lock: another node could migrate.
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(held, 0, "a failed attempt left the migration lock held");
+        sqlx::query(&format!("ALTER DATABASE \"{database}\" RESET lock_timeout"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        check_upgraded(&store).await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Retention
 // ---------------------------------------------------------------------------------------

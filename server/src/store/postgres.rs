@@ -90,10 +90,22 @@ const MIGRATION_ATTEMPTS: u32 = 5;
 /// starting together migrate once. Nodes of the previous version may still be running
 /// on the database (a rolling upgrade): a migration that loses a deadlock or a lock
 /// wait to one of their transactions is rolled back whole, and is tried again.
+///
+/// Each attempt runs on a connection of its own, closed after it: a migration that
+/// fails leaves the migrator's advisory lock held by its session, and on a connection
+/// that went back to the pool the next attempt (on another connection) would wait for
+/// that lock for ever, and so would every other node.
 async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     let mut attempt = 1;
     loop {
-        match MIGRATOR.run(pool).await {
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with((*pool.connect_options()).clone())
+            .await?;
+        let outcome = MIGRATOR.run(&own).await;
+        // Ends the session, and with it any lock the attempt left held.
+        own.close().await;
+        match outcome {
             Err(err) if attempt < MIGRATION_ATTEMPTS && lost_a_lock_conflict(&err) => {
                 tracing::warn!(%err, attempt, "a migration lost a lock conflict; trying again");
                 tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;

@@ -1864,19 +1864,24 @@ async fn a_sqlite_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_one_
     newer_refusal(SqliteStore::open(&path).await.err().expect("refused"));
 }
 
+/// Loads the PostgreSQL database Drover 0.1.0 made into the empty database at `url`.
+fn load_0_1_0(url: &str) {
+    let loaded = std::process::Command::new("psql")
+        .args([url, "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(upgrade_data("postgres.sql"))
+        .output()
+        .expect("psql runs");
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+}
+
 #[tokio::test]
 async fn a_postgres_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_one_is_refused() {
     with_postgres(|url| async move {
-        let loaded = std::process::Command::new("psql")
-            .args([url.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-f"])
-            .arg(upgrade_data("postgres.sql"))
-            .output()
-            .expect("psql runs");
-        assert!(
-            loaded.status.success(),
-            "{}",
-            String::from_utf8_lossy(&loaded.stderr)
-        );
+        load_0_1_0(&url);
         let store = PostgresStore::open(&url).await.unwrap();
         check_upgraded(&store).await;
         drop(store);
@@ -1898,12 +1903,7 @@ async fn a_postgres_database_made_by_0_1_0_migrates_with_its_data_and_a_newer_on
 #[tokio::test]
 async fn postgres_a_migration_that_loses_a_lock_wait_is_tried_again() {
     with_postgres(|url| async move {
-        let loaded = std::process::Command::new("psql")
-            .args([url.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-f"])
-            .arg(upgrade_data("postgres.sql"))
-            .output()
-            .expect("psql runs");
-        assert!(loaded.status.success());
+        load_0_1_0(&url);
         let database = url.rsplit('/').next().unwrap().to_owned();
         let mut admin = PgConnection::connect(&url).await.unwrap();
         // Every lock wait of a new session gives up after 300 ms.

@@ -255,6 +255,7 @@ impl Worker {
         }
         tracing::info!(agent = %welcome.agent_id, version = version::current(), "connected to {server}");
         status::connected(&self.config.state_dir, &server);
+        crate::supervisor::release_start_up_pages("worker");
         if let Some(channel) = &welcome.channel {
             status::channel(&self.config.state_dir, channel);
         }

@@ -108,6 +108,7 @@ impl Supervisor {
                 }
                 Err(err) => return Err(err),
             };
+            release_start_up_pages("supervisor");
             if let Some(journal) = on_probation {
                 tracing::info!(version = %journal.version, "new version on probation for {}s", self.probation.as_secs());
                 match self.watch_probation(&mut worker, &shutdown).await {
@@ -265,6 +266,17 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Past its start (here: its worker runs), `process` gives back the pages of the
+/// executable that only its start needed (`platform::memory`).
+pub(crate) fn release_start_up_pages(process: &str) {
+    let released = crate::platform::memory::release_start_up_pages();
+    tracing::debug!(
+        process,
+        released_kib = released / 1024,
+        "gave back the executable's start-up pages"
+    );
 }
 
 /// Locks the state directory for this supervisor until the returned file closes (at

@@ -5,6 +5,7 @@
 
 pub(crate) mod durable;
 pub(crate) mod machine_id;
+pub(crate) mod memory;
 pub(crate) mod paths;
 pub(crate) mod permissions;
 pub(crate) mod process;

@@ -485,17 +485,24 @@ async fn an_agent_with_several_servers_fails_over_to_one_that_answers() {
         .spawn()
         .unwrap();
     let listed = all_online(&server.api(), 1).await;
+    assert_eq!(listed[0]["hostname"], "uniform");
+    // The server shows the agent online before its welcome reaches the agent, which
+    // logs the connection once it has it.
+    let connected = format!("connected to {}", server.url);
+    let log = eventually(
+        "the agent to log its connection",
+        Duration::from_secs(10),
+        || async {
+            let log = std::fs::read_to_string(dir.path().join("uniform.log")).unwrap();
+            log.contains(&connected).then_some(log)
+        },
+    )
+    .await;
     let _ = agent.kill();
     let _ = agent.wait();
-    assert_eq!(listed[0]["hostname"], "uniform");
-    let log = std::fs::read_to_string(dir.path().join("uniform.log")).unwrap();
     assert!(
         log.contains("127.0.0.1:1"),
         "the first server was tried: {log}"
-    );
-    assert!(
-        log.contains(&format!("connected to {}", server.url)),
-        "{log}"
     );
 }
 

@@ -268,13 +268,14 @@ impl Supervisor {
     }
 }
 
-/// Past its start (here: its worker runs), `process` gives back the pages of the
-/// executable that only its start needed (`platform::memory`).
+/// A process past its start (the supervisor once its worker runs, the worker once
+/// welcomed) gives back the pages of the executable that only its start needed
+/// (`platform::memory`); `process` names it in the log line.
 pub(crate) fn release_start_up_pages(process: &str) {
-    let released = crate::platform::memory::release_start_up_pages();
+    let mappings = crate::platform::memory::release_start_up_pages();
     tracing::debug!(
         process,
-        released_kib = released / 1024,
+        mappings_kib = mappings / 1024,
         "gave back the executable's start-up pages"
     );
 }

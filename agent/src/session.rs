@@ -302,21 +302,9 @@ impl Worker {
         let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > silence_limit {
-                        return Ended::AfterWelcome(format!("nothing heard from the server for {}s", silence_limit.as_secs()));
-                    }
-                    seq += 1;
-                    let beat = AgentMessage::Heartbeat(Heartbeat { seq, version: version::current().to_owned() });
-                    if let Err(err) = send(socket, beat).await {
-                        return Ended::AfterWelcome(err);
-                    }
-                    // The pong tells us the server read the heartbeat: frames are handled
-                    // in order, and heartbeats themselves are not answered.
-                    if let Err(err) = socket.send(Message::Ping(Vec::new().into())).await {
-                        return Ended::AfterWelcome(format!("could not send ping: {err}"));
-                    }
-                }
+                // Frames first: one already received counts as heard, so a process that was
+                // not scheduled for a while does not take its own delay for a silent server.
+                biased;
                 frame = socket.next() => {
                     last_heard = tokio::time::Instant::now();
                     match frame {
@@ -370,6 +358,21 @@ impl Worker {
                     Event::Restart => {
                         let _ = socket.close(None).await;
                         return Ended::Restart;
+                    }
+                },
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return Ended::AfterWelcome(format!("nothing heard from the server for {}s", silence_limit.as_secs()));
+                    }
+                    seq += 1;
+                    let beat = AgentMessage::Heartbeat(Heartbeat { seq, version: version::current().to_owned() });
+                    if let Err(err) = send(socket, beat).await {
+                        return Ended::AfterWelcome(err);
+                    }
+                    // The pong tells us the server read the heartbeat: frames are handled
+                    // in order, and heartbeats themselves are not answered.
+                    if let Err(err) = socket.send(Message::Ping(Vec::new().into())).await {
+                        return Ended::AfterWelcome(format!("could not send ping: {err}"));
                     }
                 }
             }

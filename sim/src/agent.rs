@@ -264,27 +264,9 @@ impl SimAgent {
 
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(next_beat) => {
-                    if last_heard.elapsed() > silence_limit {
-                        return lost("server_silent", true);
-                    }
-                    seq += 1;
-                    let beat = AgentMessage::Heartbeat(Heartbeat { seq, version: self.version.clone() });
-                    if let Err(kind) = send(&mut socket, &beat).await {
-                        return lost(kind, true);
-                    }
-                    stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
-                    // The server handles a session's frames in order, so the pong to this
-                    // ping proves the heartbeat before it was handled.
-                    if socket.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await.is_err() {
-                        return lost("send", true);
-                    }
-                    if pings.len() == MAX_PINGS_IN_FLIGHT {
-                        pings.pop_front();
-                    }
-                    pings.push_back((seq, Instant::now()));
-                    next_beat += self.jittered(interval);
-                }
+                // Frames first: one already received counts as heard, so a process that was
+                // not scheduled for a while does not take its own delay for a silent server.
+                biased;
                 frame = socket.next() => {
                     last_heard = Instant::now();
                     match frame {
@@ -382,6 +364,27 @@ impl SimAgent {
                 _ = shutdown.changed() => {
                     let _ = socket.close(None).await;
                     return Ended::Shutdown;
+                }
+                _ = tokio::time::sleep_until(next_beat) => {
+                    if last_heard.elapsed() > silence_limit {
+                        return lost("server_silent", true);
+                    }
+                    seq += 1;
+                    let beat = AgentMessage::Heartbeat(Heartbeat { seq, version: self.version.clone() });
+                    if let Err(kind) = send(&mut socket, &beat).await {
+                        return lost(kind, true);
+                    }
+                    stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                    // The server handles a session's frames in order, so the pong to this
+                    // ping proves the heartbeat before it was handled.
+                    if socket.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await.is_err() {
+                        return lost("send", true);
+                    }
+                    if pings.len() == MAX_PINGS_IN_FLIGHT {
+                        pings.pop_front();
+                    }
+                    pings.push_back((seq, Instant::now()));
+                    next_beat += self.jittered(interval);
                 }
             }
         }

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-/// Replaces `path` with `contents` (mode 0600, as tempfile creates files).
+/// Replaces `path` with `contents`, readable by the agent only (mode 0600, as tempfile
+/// creates files; on Windows an ACL of its own, set before a byte is written).
 pub(crate) fn write(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let dir = parent(path);
     // Dropped on every error path, which removes the temporary file.
@@ -15,6 +16,8 @@ pub(crate) fn write(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .prefix(".tmp-")
         .tempfile_in(dir)
         .with_context(|| format!("while creating a file in {}", dir.display()))?;
+    crate::platform::permissions::restrict_file(file.path())
+        .with_context(|| format!("while restricting {}", file.path().display()))?;
     file.write_all(contents)
         .and_then(|()| file.as_file().sync_all())
         .with_context(|| format!("while writing {}", file.path().display()))?;

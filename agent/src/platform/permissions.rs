@@ -1,12 +1,42 @@
 //! Who may read what the agent keeps. The state directory holds the agent's secret:
 //! on Unix it is mode 0700 (files in it are created 0600); on Windows its ACL grants
-//! access to SYSTEM, Administrators and the directory's owner only, and files inherit
-//! it. New builds are made executable where that is a file mode.
+//! access to SYSTEM, Administrators and the directory's owner only, and each file the
+//! agent writes carries that ACL too. New builds are made executable where that is a
+//! file mode.
+//!
+//! A directory is restricted only when it is the agent's own: one it creates, or one
+//! that exists and is empty. An existing directory holding files (the agent's from an
+//! earlier start, or a mistyped `--state-dir C:\ProgramData`) is never re-permissioned,
+//! which could break everything else kept there. On Unix one every user may write in
+//! (`/tmp`) is refused, since anyone could plant files where the agent reads its
+//! identity, and one others may list gets a warning; on Windows each file the agent
+//! writes carries its own ACL.
 
 use std::io;
 use std::path::Path;
 
-pub(crate) use imp::{create_private_dir, make_executable, make_readable};
+pub(crate) use imp::{make_executable, make_readable, restrict_file};
+
+/// Creates `dir` (and its parents) readable by the agent only, or checks that an
+/// existing one may hold the agent's secret (see the module's rule).
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_none()) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => imp::create_restricted(dir),
+        Err(err) => Err(err),
+        Ok(true) => imp::restrict_dir(dir),
+        Ok(false) => imp::check_existing(dir),
+    }
+}
+
+/// Creates `dir` (and its parents) private when it is missing; an existing directory is
+/// left as it is. For a file that carries its own restriction (`restrict_file`), such as
+/// the config file, whose directory may be shared.
+pub(crate) fn create_dir_for_private_file(dir: &Path) -> io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    imp::create_restricted(dir)
+}
 
 #[cfg(unix)]
 mod imp {
@@ -14,12 +44,42 @@ mod imp {
 
     use super::*;
 
-    /// Creates `dir` (and its parents) readable by its owner only.
-    pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    pub(super) fn create_restricted(dir: &Path) -> io::Result<()> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
+    }
+
+    pub(super) fn restrict_dir(dir: &Path) -> io::Result<()> {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+
+    pub(super) fn check_existing(dir: &Path) -> io::Result<()> {
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o002 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} holds other files and every user may write in it; the agent keeps \
+                     its secret only in a directory of its own: give a new or empty one",
+                    dir.display()
+                ),
+            ));
+        }
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "other users may list the state directory (its files are readable by the agent only); chmod 700 it"
+            );
+        }
+        Ok(())
+    }
+
+    /// Files are created 0600 already (as `tempfile` makes them).
+    pub(crate) fn restrict_file(_path: &Path) -> io::Result<()> {
+        Ok(())
     }
 
     pub(crate) fn make_executable(path: &Path) -> io::Result<()> {
@@ -51,16 +111,36 @@ mod imp {
     /// Full control for SYSTEM, Administrators and the owner; inherited by files and
     /// folders below; nothing inherited from above.
     const PRIVATE_DIR_SDDL: &str = "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)";
+    /// The same for one file.
+    const PRIVATE_FILE_SDDL: &str = "D:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;FA;;;OW)";
 
     fn wide(text: &std::ffi::OsStr) -> Vec<u16> {
         text.encode_wide().chain(Some(0)).collect()
     }
 
-    /// Creates `dir` (and its parents) and restricts it to SYSTEM, Administrators and
-    /// its owner, also when it existed already.
-    pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    pub(super) fn create_restricted(dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let sddl = wide(PRIVATE_DIR_SDDL.as_ref());
+        restrict_dir(dir)
+    }
+
+    pub(super) fn restrict_dir(dir: &Path) -> io::Result<()> {
+        set_acl(dir, PRIVATE_DIR_SDDL)
+    }
+
+    /// An existing folder holding files keeps its ACL: stripping a shared folder's
+    /// inheritance could break everything else kept there. Each file the agent writes
+    /// carries its own private ACL (`restrict_file`) instead.
+    pub(super) fn check_existing(_dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub(crate) fn restrict_file(path: &Path) -> io::Result<()> {
+        set_acl(path, PRIVATE_FILE_SDDL)
+    }
+
+    /// Replaces the ACL of `path` with `sddl`'s, inheriting nothing from above.
+    fn set_acl(path: &Path, sddl: &str) -> io::Result<()> {
+        let sddl = wide(sddl.as_ref());
         let mut descriptor: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
         // SAFETY: `sddl` is NUL-terminated; the descriptor is freed below.
         let parsed = unsafe {
@@ -74,7 +154,7 @@ mod imp {
         if parsed == 0 {
             return Err(io::Error::last_os_error());
         }
-        let path = wide(dir.as_os_str());
+        let path = wide(path.as_os_str());
         // SAFETY: `path` is NUL-terminated and `descriptor` is a valid descriptor.
         let set = unsafe {
             SetFileSecurityW(
@@ -101,5 +181,73 @@ mod imp {
     /// Files inherit their directory's ACL; there is no mode to set.
     pub(crate) fn make_readable(_path: &Path) -> io::Result<()> {
         Ok(())
+    }
+}
+
+// What Wine keeps of an ACL cannot be read back, so the rule is tested where modes are.
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// A directory with a file in it that is not the agent's.
+    fn shared_dir(root: &Path) -> std::path::PathBuf {
+        let shared = root.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::write(shared.join("someone-else's"), b"kept").unwrap();
+        shared
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_new_or_empty_directory_is_made_private() {
+        let root = tempfile::tempdir().unwrap();
+        let new = root.path().join("a/b/state");
+        create_private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        set_mode(&empty, 0o755);
+        create_private_dir(&empty).unwrap();
+        assert_eq!(mode(&empty), 0o700);
+    }
+
+    #[test]
+    fn a_directory_holding_other_files_is_never_re_permissioned() {
+        let root = tempfile::tempdir().unwrap();
+        let shared = shared_dir(root.path());
+        set_mode(&shared, 0o755);
+        create_private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o755, "left as it was");
+
+        // Like /tmp: anyone could plant files where the secret would be kept.
+        set_mode(&shared, 0o1777);
+        let err = create_private_dir(&shared).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("every user may write"), "{err}");
+        assert!(err.to_string().contains("shared"), "{err}");
+        assert_eq!(mode(&shared), 0o777);
+        set_mode(&shared, 0o755);
+    }
+
+    #[test]
+    fn a_private_file_s_directory_is_created_private_or_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("etc/drover");
+        create_dir_for_private_file(&missing).unwrap();
+        assert_eq!(mode(&missing), 0o700);
+        let shared = shared_dir(root.path());
+        set_mode(&shared, 0o1777);
+        create_dir_for_private_file(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o777, "left as it was");
+        set_mode(&shared, 0o755);
     }
 }

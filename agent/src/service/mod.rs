@@ -227,10 +227,11 @@ fn config_lines(flags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     Ok(lines)
 }
 
-/// Writes the config file privately (it holds the enrollment token), atomically.
+/// Writes the config file privately (it holds the enrollment token), atomically. Its
+/// directory is made private only if it is created here: it may be a shared one.
 fn write_config(path: &Path, lines: &[(String, String)]) -> anyhow::Result<()> {
     let dir = crate::atomic_file::parent(path);
-    crate::platform::permissions::create_private_dir(dir)
+    crate::platform::permissions::create_dir_for_private_file(dir)
         .with_context(|| format!("while creating {}", dir.display()))?;
     let mut text =
         String::from("# Drover agent settings: keys are the long flags of `drover-agent run`.\n");

@@ -153,6 +153,56 @@ async fn simulated_fleet_connects_and_a_rerun_reuses_its_identities() {
     assert_eq!(api.agents().await.unwrap().len(), FLEET);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_full_of_sessions_still_answers_its_health_checks_and_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    // Forty connections: sessions may take twenty of them.
+    let server = Server::start_with_args(dir.path(), &["--max-connections", "40"]);
+    let api = server.api();
+    let sim = Sim::start(&server, dir.path(), 50, &[]);
+    eventually(
+        "twenty agents connected and the rest refused",
+        Duration::from_secs(30),
+        || async {
+            let refused = sessions_refused(&server).await;
+            let online = api
+                .agents()
+                .await?
+                .iter()
+                .filter(|a| a["online"] == true)
+                .count();
+            (online == 20 && refused > 0.0).then_some(())
+        },
+    )
+    .await;
+    // Full, and with agents knocking all along: every health check and operator request
+    // is answered, and the node never takes a twenty-first session.
+    for _ in 0..10 {
+        let health: Value = reqwest::get(format!("{}/healthz", server.url))
+            .await
+            .expect("a full node answers its health check")
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["agents_connected"], 20, "{health}");
+        let (status, fleet) = api.get("/api/v1/fleet").await;
+        assert_eq!(status, 200, "{fleet}");
+        assert_eq!(fleet["online"], 20, "{fleet}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let report = sim.stop();
+    assert_eq!(report["connected"], 20, "report: {report}");
+}
+
+/// How many sessions the server turned away because it held its most.
+async fn sessions_refused(server: &Server) -> f64 {
+    let text = server.metrics().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("drover_sessions_refused_total "))
+        .and_then(|value| value.parse().ok())
+        .expect("drover_sessions_refused_total in /metrics")
+}
+
 /// Runs `drover-server COMMAND FILE` on the server's data directory; its success and
 /// everything it printed.
 fn server_command(server: &Server, command: &str, file: &Path) -> (bool, String) {

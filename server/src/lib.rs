@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
@@ -52,6 +52,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::heartbeats::HeartbeatSink;
+use crate::metrics::{COUNTERS, Counters};
 use crate::releases::{Channel, Releases, ScanOptions, WatchOptions};
 use crate::session::{Outbound, Registry};
 use crate::store::Store;
@@ -219,6 +220,8 @@ pub struct AppState {
     /// The rollouts dispatch consults, re-read whenever one changes on any node.
     book: Arc<RwLock<Arc<rollouts::book::Book>>>,
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Agent sessions this node may still take (`ConnectionLimits::max_sessions`).
+    sessions: Arc<tokio::sync::Semaphore>,
     /// Downloads under way per source address.
     downloads_per_source: Arc<limits::PerSource>,
     /// Signs the grants in download URLs, with the key the nodes share.
@@ -394,6 +397,9 @@ pub async fn run(
             settings.max_concurrent_downloads,
         )),
         downloads_per_source: Arc::new(limits::PerSource::new(settings.downloads_per_address())),
+        sessions: Arc::new(tokio::sync::Semaphore::new(
+            connection_limits.max_sessions(),
+        )),
         url_signer,
         compressed,
         deltas: deltas::Deltas::default(),
@@ -515,6 +521,11 @@ async fn agent_socket(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
+    let Ok(place) = state.sessions.clone().try_acquire_owned() else {
+        Counters::bump(&COUNTERS.sessions_refused_full);
+        tracing::debug!(%peer, "session refused: the node holds its most sessions");
+        return node_full();
+    };
     // Small buffers: a server holds tens of thousands of mostly idle sessions, and the
     // library defaults (128 KiB each way) would cost far more than the session itself.
     upgrade
@@ -523,7 +534,22 @@ async fn agent_socket(
         .max_write_buffer_size(256 * 1024)
         .max_message_size(WS_MESSAGE_LIMIT)
         .max_frame_size(WS_MESSAGE_LIMIT)
-        .on_upgrade(move |socket| session::run(socket, state, peer))
+        .on_upgrade(move |socket| async move {
+            session::run(socket, state, peer).await;
+            drop(place);
+        })
+}
+
+/// 503 to an agent the node has no place for, with a spread-out `Retry-After`: the
+/// agent tries its next server, or this one again later.
+fn node_full() -> Response {
+    let retry_after = rand::random_range(5..=30u32);
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::RETRY_AFTER, retry_after.to_string())],
+        "this node holds its most agent sessions; try another node or later\n",
+    )
+        .into_response()
 }
 
 /// The `drover-server` binary.

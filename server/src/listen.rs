@@ -1,7 +1,8 @@
 //! The accept loop: how many connections are held at once (in all and per source
-//! address), how long a peer may take to send a request's headers or sit idle between
-//! requests, and how long it may refuse the bytes it is sent. hyper serves each
-//! connection; nothing else in the server sees a raw socket.
+//! address, and how many of them agent sessions may take), how long a peer may take to
+//! send a request's headers or sit idle between requests, and how long it may refuse
+//! the bytes it is sent. hyper serves each connection; nothing else in the server sees
+//! a raw socket.
 
 use std::future::Future;
 use std::io;
@@ -42,6 +43,10 @@ pub struct ConnectionLimits {
     pub write_timeout: Duration,
 }
 
+/// Connections agent sessions leave to everything else: the dashboard, the API, health
+/// checks, and downloads (twice the default download slots).
+const KEPT_FROM_SESSIONS: usize = 128;
+
 impl Default for ConnectionLimits {
     fn default() -> ConnectionLimits {
         ConnectionLimits::for_open_files(10_240, None, None)
@@ -69,6 +74,16 @@ impl ConnectionLimits {
             header_timeout: Duration::from_secs(15),
             write_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// How many agent sessions a node holds at once: `max_connections` less
+    /// `KEPT_FROM_SESSIONS`, but at least half of it. A node full of sessions still
+    /// answers its health checks, its operators and its agents' downloads; the agents it
+    /// turns away try another node.
+    pub fn max_sessions(&self) -> usize {
+        self.max_connections
+            .saturating_sub(KEPT_FROM_SESSIONS)
+            .max(self.max_connections.div_ceil(2))
     }
 }
 
@@ -306,6 +321,22 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn sessions_leave_room_for_operators_and_downloads_but_hold_half_at_least() {
+        let cases = [
+            // --max-connections, sessions
+            (19_716, 19_588),
+            (256, 128),
+            (200, 100),
+            (40, 20),
+            (17, 9),
+        ];
+        for (connections, sessions) in cases {
+            let limits = ConnectionLimits::for_open_files(20_000, Some(connections), None);
+            assert_eq!(limits.max_sessions(), sessions, "{connections} connections");
+        }
+    }
 
     #[test]
     fn connections_leave_room_for_files_and_one_address_gets_half() {

@@ -27,6 +27,8 @@ pub(crate) struct Counters {
     pub(crate) connections_refused_full: AtomicU64,
     /// Connections closed at accept because their source address held its maximum.
     pub(crate) connections_refused_address: AtomicU64,
+    /// Agent sessions answered 503 because the node held its most sessions.
+    pub(crate) sessions_refused_full: AtomicU64,
     /// Database statements that failed for a reason other than "not found" or a conflict.
     pub(crate) database_errors: AtomicU64,
     /// Milliseconds between the oldest heartbeat of the last written batch and the end
@@ -67,6 +69,7 @@ pub(crate) static COUNTERS: Counters = Counters {
     downloads_refused_address: AtomicU64::new(0),
     connections_refused_full: AtomicU64::new(0),
     connections_refused_address: AtomicU64::new(0),
+    sessions_refused_full: AtomicU64::new(0),
     database_errors: AtomicU64::new(0),
     heartbeat_write_lag_ms: AtomicU64::new(0),
     task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
@@ -232,6 +235,17 @@ pub(crate) async fn render(
             counter.load(Ordering::Relaxed)
         );
     }
+    metric(
+        &mut out,
+        "drover_sessions_refused_total",
+        "counter",
+        "Agent sessions answered 503 because the node held its most sessions (--max-connections less the connections kept for downloads, operators and health checks); those agents try another node.",
+    );
+    let _ = writeln!(
+        out,
+        "drover_sessions_refused_total {}",
+        c.sessions_refused_full.load(Ordering::Relaxed)
+    );
     metric(
         &mut out,
         "drover_task_endings_total",

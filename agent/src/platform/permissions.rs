@@ -4,8 +4,8 @@
 //! agent writes carries that ACL too. New builds are made executable where that is a
 //! file mode.
 //!
-//! A directory is restricted only when it is the agent's own: one it creates, or one
-//! that exists and is empty. An existing directory holding files (the agent's from an
+//! A directory is restricted only when it is the agent's own: one it creates, one that
+//! exists and is empty, or the default config directory, the agent's by its name. An existing directory holding files (the agent's from an
 //! earlier start, or a mistyped `--state-dir C:\ProgramData`) is never re-permissioned,
 //! which could break everything else kept there. On Unix one every user may write in
 //! (`/tmp`) is refused, since anyone could plant files where the agent reads its
@@ -26,6 +26,13 @@ pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
         Ok(true) => imp::restrict_dir(dir),
         Ok(false) => imp::check_existing(dir),
     }
+}
+
+/// Creates `dir` (and its parents) private, and restricts it even when it holds files:
+/// only for a directory the agent owns by its name (the default config directory).
+pub(crate) fn create_owned_dir(dir: &Path) -> io::Result<()> {
+    imp::create_restricted(dir)?;
+    imp::restrict_dir(dir)
 }
 
 /// Creates `dir` (and its parents) private when it is missing; an existing directory is
@@ -236,6 +243,18 @@ mod tests {
         assert!(err.to_string().contains("shared"), "{err}");
         assert_eq!(mode(&shared), 0o777);
         set_mode(&shared, 0o755);
+    }
+
+    #[test]
+    fn a_directory_owned_by_name_is_made_private_whatever_it_holds() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("Drover");
+        create_owned_dir(&missing).unwrap();
+        assert_eq!(mode(&missing), 0o700);
+        let installed = shared_dir(root.path());
+        set_mode(&installed, 0o755);
+        create_owned_dir(&installed).unwrap();
+        assert_eq!(mode(&installed), 0o700);
     }
 
     #[test]

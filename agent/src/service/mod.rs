@@ -227,12 +227,18 @@ fn config_lines(flags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     Ok(lines)
 }
 
-/// Writes the config file privately (it holds the enrollment token), atomically. Its
-/// directory is made private only if it is created here: it may be a shared one.
+/// Writes the config file privately (it holds the enrollment token), atomically. The
+/// default config directory is the agent's and made private; another is made private
+/// only if it is created here, since it may be a shared one (`C:\ProgramData`).
 fn write_config(path: &Path, lines: &[(String, String)]) -> anyhow::Result<()> {
     let dir = crate::atomic_file::parent(path);
-    crate::platform::permissions::create_dir_for_private_file(dir)
-        .with_context(|| format!("while creating {}", dir.display()))?;
+    let default = crate::platform::paths::config_file();
+    if default.parent() == Some(dir) {
+        crate::platform::permissions::create_owned_dir(dir)
+    } else {
+        crate::platform::permissions::create_dir_for_private_file(dir)
+    }
+    .with_context(|| format!("while creating {}", dir.display()))?;
     let mut text =
         String::from("# Drover agent settings: keys are the long flags of `drover-agent run`.\n");
     for (key, value) in lines {

@@ -606,6 +606,45 @@ async fn a_late_cleanup_of_an_old_session_leaves_the_new_one_online_across_two_n
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_claim_the_database_refuses_for_a_moment_is_written_again() {
+    let Some(database) = Database::create("claim_retry") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut agent = ProtocolAgent::enroll(&a, "fp-claim-retry", "1.0.0").await;
+    agent.heartbeat().await;
+    // From now on every claim fails (a lost connection, a broken deadlock would too),
+    // until the trigger is dropped a moment later.
+    database.query(
+        "CREATE FUNCTION refuse_claims() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'claims refused for a moment'; END $$; \
+         CREATE TRIGGER refuse_claims BEFORE UPDATE OF node_id ON agents FOR EACH ROW \
+         WHEN (NEW.node_id IS NOT NULL) EXECUTE FUNCTION refuse_claims()",
+    );
+    let drop_trigger = std::thread::spawn({
+        let name = database.name.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(700));
+            let dropped = psql(&name, "DROP TRIGGER refuse_claims ON agents").unwrap();
+            assert!(dropped.status.success());
+        }
+    });
+    // The agent moves to node b, whose claim is refused at first; node a releases its
+    // own session once the old socket closes.
+    agent.reconnect(&b, "1.0.1").await;
+    drop_trigger.join().unwrap();
+    assert!(
+        b.log().contains("could not record the sessions"),
+        "the first claim was refused"
+    );
+    // Node a knows where the agent is only from the row node b claimed.
+    let view = after_heartbeats(&mut agent, &a.api(), Duration::from_secs(3)).await;
+    assert_eq!(view["online"], true, "the claim was written again: {view}");
+    assert_eq!(view["version"], "1.0.1", "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_download_url_from_one_node_is_served_by_the_other() {
     let Some(database) = Database::create("download_grant") else {
         return;

@@ -456,3 +456,41 @@ async fn a_delta_is_offered_only_to_an_agent_that_runs_its_base() {
         .expect("an update");
     assert_eq!(update.delta, None, "{update:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_that_cannot_be_made_says_why_and_is_made_once_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the copies' directory goes: no copy can be written.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("compressed"), b"in the way").unwrap();
+    let server = Server::start_with_args(dir.path(), &["--compression-level", LEVEL]);
+    let build: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
+    publish(&server.downloads(), "1.1.0", Some("stable"), &build);
+    let failed = eventually(
+        "the failed copy to be reported",
+        Duration::from_secs(30),
+        || async {
+            let (_, releases) = server.api().get("/api/v1/releases").await;
+            releases.as_array()?.first()?["compressed_error"]
+                .as_str()
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(failed.contains("File exists"), "{failed}");
+    let (_, releases) = server.api().get("/api/v1/releases").await;
+    assert_eq!(releases[0]["compressed_size"], Value::Null, "{releases}");
+
+    // Once the way is clear, the next change of the downloads directory makes it.
+    std::fs::remove_file(data.join("compressed")).unwrap();
+    publish(
+        &server.downloads(),
+        "1.2.0",
+        Some("stable"),
+        &build[..100_000],
+    );
+    let release = compressed_release(&server, "1.1.0").await;
+    assert_eq!(release["compressed_error"], Value::Null, "{release}");
+    assert!(release["compressed_size"].as_u64().unwrap() < build.len() as u64);
+}

@@ -1197,9 +1197,11 @@ async fn the_story_in_the_browser() {
         .await;
     browser.screenshot("agent").await;
     browser.show("#/releases").await;
-    browser
+    // Compression is off in these stories: every build is sent as it is.
+    let sent = browser
         .wait_for_text("#main table", |t| t.contains("1.1.0"))
         .await;
+    assert!(sent.contains("as it is"), "{sent}");
     browser.screenshot("releases").await;
     browser.show("#/audit").await;
     browser

@@ -1121,6 +1121,20 @@ function agentActions(a, builds, updates) {
 
 // ---------------------------------------------------------------- releases
 
+// How a build crosses the wire: its compressed copy and deltas when ready, else as it is
+// (and why, when making the copy failed).
+function sentAs(r) {
+  if (r.compressed_size != null) {
+    const deltas = r.deltas.length
+      ? `; deltas from ${r.deltas.map((d) => `${d.from_version} (${bytes(d.size)})`).join(', ')}` : '';
+    return `compressed, ${bytes(r.compressed_size)}${deltas}`;
+  }
+  if (r.compressed_error) {
+    return h('span', { class: 'warn', title: r.compressed_error }, `as it is: the compressed copy failed (${r.compressed_error})`);
+  }
+  return h('span', { class: 'muted' }, 'as it is');
+}
+
 function releases(main) {
   const body = h('div');
   main.append(body);
@@ -1128,11 +1142,12 @@ function releases(main) {
     const listing = await get('/api/v1/releases?include=skipped');
     body.replaceChildren(
       h('h2', {}, 'Offered builds'),
-      table(['Version', 'Platform', 'Channel', 'Size', 'Signed', 'SHA-256', 'File'],
+      table(['Version', 'Platform', 'Channel', 'Size', 'Sent as', 'Signed', 'SHA-256', 'File'],
         listing.releases.map((r) => h('tr', {},
           h('td', {}, h('a', { href: `#/rollouts?version=${enc(r.version)}` }, r.version),
             r.blocked ? h('span', { class: 'marker blocked' }, 'blocked') : null),
           h('td', {}, platform(r)), h('td', {}, state(r.channel)), h('td', {}, bytes(r.size)),
+          h('td', { class: 'sent-as' }, sentAs(r)),
           h('td', {}, r.signed ? 'yes' : 'no'), h('td', { class: 'mono', title: r.sha256 }, r.sha256.slice(0, 12)),
           h('td', { class: 'mono' }, r.file))),
         'No build is offered.'),

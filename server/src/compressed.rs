@@ -3,7 +3,8 @@
 //! by `downloads` beside the build. A copy is written to a temporary file and renamed,
 //! so a killed server never leaves half a copy to serve; one found at start is checked
 //! (decompressed and hashed) before it is offered. A build is offered compressed only
-//! once its copy is ready, and only when the copy is smaller. `Job` also makes the
+//! once its copy is ready, and only when the copy is smaller; why a copy could not be
+//! made is kept for the releases API until a later attempt succeeds. `Job` also makes the
 //! deltas `deltas` plans: the same zstd stream with an older build as its prefix.
 
 use std::collections::{HashMap, HashSet};
@@ -29,31 +30,53 @@ pub(crate) struct Copy {
     pub(crate) sha256: String,
 }
 
-/// The builds whose copy was made, by SHA-256: the ready copy, or `None` when
-/// compressing made the build no smaller (so it is not compressed again at every change
-/// of the index). Cheap to clone; empty when compressed transfer is off.
+/// What became of a build's copy.
+#[derive(Debug, Clone)]
+enum Made {
+    Ready(Copy),
+    /// Compressing made the build no smaller (or it changed since it was scanned): it
+    /// is not compressed again at every change of the index.
+    NotSmaller,
+    /// Making it failed, for this reason; it is tried again at the next change of the
+    /// index (or start).
+    Failed(String),
+}
+
+/// What became of each build's copy, by SHA-256. Cheap to clone; empty when compressed
+/// transfer is off.
 #[derive(Clone, Default)]
 pub(crate) struct Compressed {
-    ready: Arc<RwLock<HashMap<String, Option<Copy>>>>,
+    ready: Arc<RwLock<HashMap<String, Made>>>,
 }
 
 impl Compressed {
-    /// The copy of the build with this SHA-256, once it is ready.
-    pub(crate) fn copy_of(&self, sha256: &str) -> Option<Copy> {
+    fn made(&self, sha256: &str) -> Option<Made> {
         self.ready
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(sha256)
             .cloned()
-            .flatten()
+    }
+
+    /// The copy of the build with this SHA-256, once it is ready.
+    pub(crate) fn copy_of(&self, sha256: &str) -> Option<Copy> {
+        match self.made(sha256)? {
+            Made::Ready(copy) => Some(copy),
+            Made::NotSmaller | Made::Failed(_) => None,
+        }
+    }
+
+    /// Why the last attempt at the build's copy failed, while it has none.
+    pub(crate) fn failure_of(&self, sha256: &str) -> Option<String> {
+        match self.made(sha256)? {
+            Made::Failed(reason) => Some(reason),
+            Made::Ready(_) | Made::NotSmaller => None,
+        }
     }
 
     /// Whether the build's copy was made, or found not worth making.
     fn done(&self, sha256: &str) -> bool {
-        self.ready
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(sha256)
+        matches!(self.made(sha256), Some(Made::Ready(_) | Made::NotSmaller))
     }
 
     /// Stops offering a copy (it changed on disk since it was made); the next change
@@ -122,17 +145,19 @@ impl Compressed {
                 stop: shutdown.clone(),
             };
             let file = release.file.clone();
-            match in_background(job).await {
-                Ok(copy) => {
-                    self.ready
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(release.sha256.clone(), copy);
-                }
+            let made = match in_background(job).await {
+                Ok(Some(copy)) => Made::Ready(copy),
+                Ok(None) => Made::NotSmaller,
                 Err(err) => {
-                    tracing::warn!(%file, error = %format!("{err:#}"), "could not make the compressed copy; the build is served as it is");
+                    let reason = format!("{err:#}");
+                    tracing::warn!(%file, error = %reason, "could not make the compressed copy; the build is served as it is");
+                    Made::Failed(reason)
                 }
-            }
+            };
+            self.ready
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(release.sha256.clone(), made);
         }
         let dir = dir.to_owned();
         let _ = tokio::task::spawn_blocking(move || prune(&dir, &wanted)).await;

@@ -37,6 +37,10 @@ pub(crate) struct ReleaseView {
     /// Size of its compressed copy, which agents download instead; null until the copy
     /// is made, or when compressing does not make it smaller or is switched off.
     compressed_size: Option<u64>,
+    /// Why making its compressed copy failed, while it has none (the build is served as
+    /// it is; the copy is tried again at the next change of the downloads directory, or
+    /// at the next start); null otherwise.
+    compressed_error: Option<String>,
     /// The deltas to it that are ready, which agents running their base version
     /// download instead, oldest base first.
     deltas: Vec<DeltaView>,
@@ -103,6 +107,7 @@ fn releases(state: &AppState, index: &ReleaseIndex) -> Vec<ReleaseView> {
             blocked: blocked.contains(&r.version.to_string()),
             signed: r.signature.is_some(),
             compressed_size: state.compressed.copy_of(&r.sha256).map(|copy| copy.size),
+            compressed_error: state.compressed.failure_of(&r.sha256),
             deltas: state
                 .deltas
                 .to_build(&r.sha256)

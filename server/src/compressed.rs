@@ -4,8 +4,8 @@
 //! so a killed server never leaves half a copy to serve; one found at start is checked
 //! (decompressed and hashed) before it is offered. A build is offered compressed only
 //! once its copy is ready, and only when the copy is smaller; why a copy could not be
-//! made is kept for the releases API until a later attempt succeeds. `Job` also makes the
-//! deltas `deltas` plans: the same zstd stream with an older build as its prefix.
+//! made is kept for the releases API until a later attempt succeeds. `Job` also makes
+//! the deltas `deltas` plans: the same zstd stream with an older build as its prefix.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

@@ -5,12 +5,12 @@
 //! file mode.
 //!
 //! A directory is restricted only when it is the agent's own: one it creates, one that
-//! exists and is empty, or the default config directory, the agent's by its name. An existing directory holding files (the agent's from an
-//! earlier start, or a mistyped `--state-dir C:\ProgramData`) is never re-permissioned,
-//! which could break everything else kept there. On Unix one every user may write in
-//! (`/tmp`) is refused, since anyone could plant files where the agent reads its
-//! identity, and one others may list gets a warning; on Windows each file the agent
-//! writes carries its own ACL.
+//! exists and is empty, or the default config directory, the agent's by its name. An
+//! existing directory holding files (the agent's from an earlier start, or a mistyped
+//! `--state-dir C:\ProgramData`) is never re-permissioned, which could break everything
+//! else kept there. On Unix one every user may write in (`/tmp`) is refused, since
+//! anyone could plant files where the agent reads its identity, and one others may list
+//! gets a warning; on Windows each file the agent writes carries its own ACL.
 
 use std::io;
 use std::path::Path;

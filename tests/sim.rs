@@ -194,6 +194,41 @@ async fn a_node_full_of_sessions_still_answers_its_health_checks_and_operators()
     assert_eq!(report["connected"], 20, "report: {report}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_a_full_node_turns_away_stays_away_as_long_as_it_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sixteen connections: sessions may take eight, and eight simulated agents hold them.
+    let server = Server::start_with_args(dir.path(), &["--max-connections", "16"]);
+    let api = server.api();
+    let sim = Sim::start(&server, dir.path(), 8, &[]);
+    all_online(&api, 8).await;
+    let agent = Agent::start(&server, dir.path(), "late");
+    // The node answers 503 with Retry-After (5 to 30 s); with one server, the agent
+    // waits at least that long rather than its first backoff of about a second.
+    let waited = eventually(
+        "the refused agent to back off",
+        Duration::from_secs(20),
+        || async {
+            let log = agent.log();
+            let refused = log.find("503")?;
+            let line = log[refused..]
+                .lines()
+                .find(|line| line.contains("reconnecting after backoff"))?;
+            let ms = line.split("delay_ms=").nth(1)?.split_whitespace().next()?;
+            ms.parse::<u64>().ok()
+        },
+    )
+    .await;
+    assert!((5_000..=30_000).contains(&waited), "waited {waited} ms");
+    // Once there is room, it comes in.
+    drop(sim);
+    eventually("the late agent online", Duration::from_secs(60), || async {
+        let agent = agent_view(&server, "late").await?;
+        (agent["online"] == true).then_some(())
+    })
+    .await;
+}
+
 /// How many sessions the server turned away because it held its most.
 async fn sessions_refused(server: &Server) -> f64 {
     let text = server.metrics().await;

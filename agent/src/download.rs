@@ -93,6 +93,15 @@ const MIN_BUSY_WAIT: Duration = Duration::from_secs(1);
 /// The most a `Retry-After` makes us wait: a value from the network never decides more
 /// (an absurd one could otherwise overflow, or park the update for ever).
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
+/// How long a busy server's `Retry-After` value makes us wait: its seconds, at most
+/// `MAX_BUSY_WAIT`; an HTTP date (which Drover never sends) or none waits the default.
+pub(crate) fn busy_wait(retry_after: Option<&str>) -> Duration {
+    retry_after
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_BUSY_WAIT, Duration::from_secs)
+        .min(MAX_BUSY_WAIT)
+}
+
 /// Headroom kept free besides the build's two copies (staged and installed).
 const DISK_MARGIN: u64 = 16 * 1024 * 1024;
 
@@ -271,14 +280,12 @@ async fn fetch_once(
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
             if patience.waits_when_busy && response.headers().contains_key(RETRY_AFTER) =>
         {
-            // Seconds; an HTTP date (which Drover never sends) waits the default.
-            let wait = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(DEFAULT_BUSY_WAIT, Duration::from_secs)
-                .min(MAX_BUSY_WAIT);
+            let wait = busy_wait(
+                response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()),
+            );
             return Err(Attempt::Busy(wait));
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {

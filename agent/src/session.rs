@@ -41,8 +41,9 @@ enum Ended {
     Restart,
     /// The session was accepted and later lost; reconnect soon.
     AfterWelcome(String),
-    /// The session never got going; back off further.
-    BeforeWelcome(String),
+    /// The session never got going; back off further (at least this long, when a full
+    /// node asked for it).
+    BeforeWelcome(String, Option<Duration>),
 }
 
 /// How the worker ended.
@@ -107,6 +108,7 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
     }
     worker.resume_interrupted_download();
     let mut backoff = Backoff::new(worker.config.reconnect_base, worker.config.reconnect_max);
+    let mut wait_at_least = None;
     loop {
         match worker.session(&shutdown).await {
             Ended::Shutdown => {
@@ -119,12 +121,19 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
                 status::disconnected(&worker.config.state_dir, &reason);
                 backoff.reset();
             }
-            Ended::BeforeWelcome(reason) => {
+            Ended::BeforeWelcome(reason, busy) => {
                 tracing::warn!(%reason, "could not start a session");
                 status::disconnected(&worker.config.state_dir, &reason);
+                // With several servers the next one is tried after the usual backoff;
+                // the only one is left alone as long as it asked.
+                if worker.config.servers.len() == 1 {
+                    wait_at_least = busy;
+                }
             }
         }
-        let delay = backoff.next_delay(&mut rand::rng());
+        let delay = backoff
+            .next_delay(&mut rand::rng())
+            .max(wait_at_least.take().unwrap_or_default());
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting after backoff"
@@ -191,7 +200,7 @@ impl Worker {
                 Err(err) => {
                     // The next attempt goes to the next server, if there are several.
                     self.next_server += 1;
-                    return Ended::BeforeWelcome(format!("{err:#}"));
+                    return Ended::BeforeWelcome(format!("{err:#}"), full_node_wait(&err));
                 }
             },
             () = shutdown.cancelled() => return Ended::Shutdown,
@@ -213,7 +222,7 @@ impl Worker {
             auto_update: config.auto_update,
         });
         if let Err(err) = send(&mut socket, hello).await {
-            return Ended::BeforeWelcome(err);
+            return Ended::BeforeWelcome(err, None);
         }
         let welcome = tokio::select! {
             welcome = await_welcome(&mut socket) => welcome,
@@ -231,9 +240,9 @@ impl Worker {
                     }
                     _ => {}
                 }
-                return Ended::BeforeWelcome(format!("rejected ({code:?}): {message}"));
+                return Ended::BeforeWelcome(format!("rejected ({code:?}): {message}"), None);
             }
-            Err(Refused::Other(reason)) => return Ended::BeforeWelcome(reason),
+            Err(Refused::Other(reason)) => return Ended::BeforeWelcome(reason, None),
         };
         if let Some(secret) = &welcome.secret {
             let enrolled = Identity {
@@ -545,6 +554,19 @@ async fn connect(url: &str, pinned: Option<Arc<ClientConfig>>) -> anyhow::Result
     Ok(socket)
 }
 
+/// How long a node that refused the session because it holds its most sessions (`503`
+/// with `Retry-After`) asked us to stay away.
+fn full_node_wait(err: &anyhow::Error) -> Option<Duration> {
+    let tokio_tungstenite::tungstenite::Error::Http(response) = err.downcast_ref()? else {
+        return None;
+    };
+    if response.status() != 503 {
+        return None;
+    }
+    let value = response.headers().get("retry-after")?.to_str().ok();
+    Some(crate::download::busy_wait(value))
+}
+
 /// The interval a welcome asks for, within 1 second and `MAX_HEARTBEAT_INTERVAL`.
 fn heartbeat_interval(secs: u32) -> Duration {
     Duration::from_secs(u64::from(secs)).clamp(Duration::from_secs(1), MAX_HEARTBEAT_INTERVAL)
@@ -554,6 +576,36 @@ fn heartbeat_interval(secs: u32) -> Duration {
 mod tests {
     use super::*;
     use crate::journal::sample;
+
+    fn refused(status: u16, retry_after: Option<&str>) -> anyhow::Error {
+        let mut response = tokio_tungstenite::tungstenite::http::Response::builder().status(status);
+        if let Some(value) = retry_after {
+            response = response.header("Retry-After", value);
+        }
+        let err =
+            tokio_tungstenite::tungstenite::Error::Http(Box::new(response.body(None).unwrap()));
+        anyhow::Error::from(err).context("could not connect to ws://node/api/v1/agent/ws")
+    }
+
+    #[test]
+    fn a_full_node_is_left_alone_as_long_as_it_asks_within_bounds() {
+        assert_eq!(
+            full_node_wait(&refused(503, Some("17"))),
+            Some(Duration::from_secs(17))
+        );
+        assert_eq!(
+            full_node_wait(&refused(503, Some("99999999999"))),
+            Some(Duration::from_secs(600)),
+            "a value from the network is capped"
+        );
+        assert_eq!(
+            full_node_wait(&refused(503, None)),
+            None,
+            "an outage, not a full node"
+        );
+        assert_eq!(full_node_wait(&refused(502, Some("17"))), None);
+        assert_eq!(full_node_wait(&anyhow::anyhow!("connection refused")), None);
+    }
 
     #[test]
     fn the_heartbeat_interval_stays_within_bounds() {

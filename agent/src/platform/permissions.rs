@@ -9,8 +9,9 @@
 //! existing directory holding files (the agent's from an earlier start, or a mistyped
 //! `--state-dir C:\ProgramData`) is never re-permissioned, which could break everything
 //! else kept there. On Unix one every user may write in (`/tmp`) is refused, since
-//! anyone could plant files where the agent reads its identity, and one others may list
-//! gets a warning; on Windows each file the agent writes carries its own ACL.
+//! anyone could plant files where the agent reads its identity, as is one another user
+//! owns, and one others may list gets a warning; on Windows each file the agent writes
+//! carries its own ACL.
 
 use std::io;
 use std::path::Path;
@@ -59,10 +60,33 @@ mod imp {
     }
 
     pub(super) fn restrict_dir(dir: &Path) -> io::Result<()> {
+        check_owner(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
     }
 
+    /// Refuses a directory another user owns: whatever mode the agent gives it, its
+    /// owner could open it up again and read the agent's secret.
+    fn check_owner(dir: &Path) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(dir)?.uid();
+        #[allow(unsafe_code)]
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let agent = unsafe { libc::geteuid() };
+        if owner == agent {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to user {owner}, not to the agent's user ({agent}), who could \
+                 open it up again: chown it, or give a directory of the agent's own",
+                dir.display()
+            ),
+        ))
+    }
+
     pub(super) fn check_existing(dir: &Path) -> io::Result<()> {
+        check_owner(dir)?;
         let mode = std::fs::metadata(dir)?.permissions().mode();
         if mode & 0o002 != 0 {
             return Err(io::Error::new(
@@ -243,6 +267,29 @@ mod tests {
         assert!(err.to_string().contains("shared"), "{err}");
         assert_eq!(mode(&shared), 0o777);
         set_mode(&shared, 0o755);
+    }
+
+    #[test]
+    fn a_directory_another_user_owns_is_refused_however_it_looks() {
+        #[allow(unsafe_code)]
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: only root can give a directory to another user");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let empty = root.path().join("theirs");
+        std::fs::create_dir(&empty).unwrap();
+        set_mode(&empty, 0o755);
+        std::os::unix::fs::chown(&empty, Some(65_534), None).unwrap();
+        let err = create_private_dir(&empty).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("belongs to user 65534"), "{err}");
+        assert_eq!(mode(&empty), 0o755, "left as it was");
+        let shared = shared_dir(root.path());
+        std::os::unix::fs::chown(&shared, Some(65_534), None).unwrap();
+        assert!(create_private_dir(&shared).is_err());
+        assert!(create_owned_dir(&shared).is_err());
     }
 
     #[test]

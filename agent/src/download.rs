@@ -93,6 +93,9 @@ const MIN_BUSY_WAIT: Duration = Duration::from_secs(1);
 /// The most a `Retry-After` makes us wait: a value from the network never decides more
 /// (an absurd one could otherwise overflow, or park the update for ever).
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
+/// Headroom kept free besides the build's two copies (staged and installed).
+const DISK_MARGIN: u64 = 16 * 1024 * 1024;
+
 /// How long a busy server's `Retry-After` value makes us wait: its seconds, at most
 /// `MAX_BUSY_WAIT`; an HTTP date (which Drover never sends) or none waits the default.
 pub(crate) fn busy_wait(retry_after: Option<&str>) -> Duration {
@@ -101,9 +104,6 @@ pub(crate) fn busy_wait(retry_after: Option<&str>) -> Duration {
         .map_or(DEFAULT_BUSY_WAIT, Duration::from_secs)
         .min(MAX_BUSY_WAIT)
 }
-
-/// Headroom kept free besides the build's two copies (staged and installed).
-const DISK_MARGIN: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FetchError {

@@ -108,9 +108,9 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
     }
     worker.resume_interrupted_download();
     let mut backoff = Backoff::new(worker.config.reconnect_base, worker.config.reconnect_max);
-    let mut wait_at_least = None;
     loop {
-        match worker.session(&shutdown).await {
+        // At least this long before the next attempt.
+        let floor = match worker.session(&shutdown).await {
             Ended::Shutdown => {
                 status::disconnected(&worker.config.state_dir, "the agent stopped");
                 return Ok(Exit::Shutdown);
@@ -120,20 +120,19 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
                 tracing::warn!(%reason, "session lost; reconnecting");
                 status::disconnected(&worker.config.state_dir, &reason);
                 backoff.reset();
+                None
             }
             Ended::BeforeWelcome(reason, busy) => {
                 tracing::warn!(%reason, "could not start a session");
                 status::disconnected(&worker.config.state_dir, &reason);
                 // With several servers the next one is tried after the usual backoff;
                 // the only one is left alone as long as it asked.
-                if worker.config.servers.len() == 1 {
-                    wait_at_least = busy;
-                }
+                busy.filter(|_| worker.config.servers.len() == 1)
             }
-        }
+        };
         let delay = backoff
             .next_delay(&mut rand::rng())
-            .max(wait_at_least.take().unwrap_or_default());
+            .max(floor.unwrap_or_default());
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting after backoff"

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -337,10 +337,7 @@ async fn admit(
 }
 
 fn busy(message: String) -> Response {
-    let mut busy = ApiError::Unavailable(message).into_response();
-    busy.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-    busy
+    ApiError::Unavailable(message).retry_after(RETRY_AFTER_SECS)
 }
 
 pub(crate) async fn serve(

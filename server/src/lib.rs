@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
@@ -543,13 +543,10 @@ async fn agent_socket(
 /// 503 to an agent the node has no place for, with a spread-out `Retry-After`: the
 /// agent tries its next server, or this one again later.
 fn node_full() -> Response {
-    let retry_after = rand::random_range(5..=30u32);
-    (
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        [(axum::http::header::RETRY_AFTER, retry_after.to_string())],
-        "this node holds its most agent sessions; try another node or later\n",
+    api::ApiError::Unavailable(
+        "this node holds its most agent sessions; try another node or later".into(),
     )
-        .into_response()
+    .retry_after(rand::random_range(5..=30))
 }
 
 /// The `drover-server` binary.

@@ -60,20 +60,22 @@ mod imp {
     }
 
     pub(super) fn restrict_dir(dir: &Path) -> io::Result<()> {
-        check_owner(dir)?;
+        owned(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
     }
 
-    /// Refuses a directory another user owns: whatever mode the agent gives it, its
-    /// owner could open it up again and read the agent's secret.
-    fn check_owner(dir: &Path) -> io::Result<()> {
+    /// The directory's metadata, when the agent's user owns it; one another user owns
+    /// is refused: whatever mode the agent gives it, its owner could open it up again
+    /// and read the agent's secret.
+    fn owned(dir: &Path) -> io::Result<std::fs::Metadata> {
         use std::os::unix::fs::MetadataExt;
-        let owner = std::fs::metadata(dir)?.uid();
+        let meta = std::fs::metadata(dir)?;
+        let owner = meta.uid();
         #[allow(unsafe_code)]
         // SAFETY: geteuid has no preconditions and cannot fail.
         let agent = unsafe { libc::geteuid() };
         if owner == agent {
-            return Ok(());
+            return Ok(meta);
         }
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -86,8 +88,7 @@ mod imp {
     }
 
     pub(super) fn check_existing(dir: &Path) -> io::Result<()> {
-        check_owner(dir)?;
-        let mode = std::fs::metadata(dir)?.permissions().mode();
+        let mode = owned(dir)?.permissions().mode();
         if mode & 0o002 != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,

@@ -198,6 +198,19 @@ pub(crate) struct ErrorBody {
     detail: Option<String>,
 }
 
+impl ApiError {
+    /// The error's answer, telling the caller to come back after `secs` seconds (a busy
+    /// download server, a node full of sessions).
+    pub(crate) fn retry_after(self, secs: u32) -> Response {
+        let mut answer = self.into_response();
+        answer.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs),
+        );
+        answer
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, detail) = match self {

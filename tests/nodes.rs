@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use protocol::ServerMessage;
+use protocol::{AgentMessage, ServerMessage};
 use serde_json::json;
 use support::*;
 
@@ -670,6 +670,141 @@ async fn a_download_url_from_one_node_is_served_by_the_other() {
     // A grant no node made is refused by both.
     let forged = on_b.replace("grant=", "grant=00");
     assert_eq!(reqwest::get(&forged).await.unwrap().status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_goes_out_before_its_task_is_written_and_its_download_waits_for_it() {
+    let Some(database) = Database::create("sent_first") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let mut agent = ProtocolAgent::enroll(&a, "fp-sent-first", "1.0.0").await;
+    agent.heartbeat().await;
+    // From now on each write of tasks takes three seconds (a busy database would too).
+    database.query(
+        "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
+    );
+    publish(
+        &a.downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a build sent first",
+    );
+    offered(&b.api(), "1.1.0").await;
+    let update = agent
+        .next_update(SOON)
+        .await
+        .expect("the update, while its task is being written");
+    let rows = format!(
+        "SELECT count(*) FROM update_tasks WHERE id = '{}'",
+        update.task_id
+    );
+    assert_eq!(database.query(&rows), "0", "the task is not written yet");
+
+    // Another node does not know the task yet: come back in a moment.
+    let on_b = update.url.replacen(&a.url, &b.url, 1);
+    let early = reqwest::get(&on_b).await.unwrap();
+    assert_eq!(early.status(), 503, "{}", early.text().await.unwrap());
+    assert_eq!(early.headers()["retry-after"], "1");
+    assert!(
+        b.metrics()
+            .await
+            .contains("drover_downloads_refused_total{reason=\"unwritten\"} 1")
+    );
+
+    // The node writing it holds the download until the task exists, then serves it.
+    let on_a = reqwest::get(update.url.as_str()).await.unwrap();
+    assert_eq!(on_a.status(), 200);
+    assert_eq!(database.query(&rows), "1", "the task was written first");
+    assert_eq!(on_a.bytes().await.unwrap().as_ref(), b"a build sent first");
+    let later = reqwest::get(&on_b).await.unwrap();
+    assert_eq!(later.status(), 200);
+
+    // The agent's reports on it are recorded as for any task.
+    agent
+        .report(AgentMessage::UpdateProgress(protocol::UpdateProgress {
+            task_id: update.task_id.clone(),
+            stage: protocol::UpdateStage::Downloading,
+            bytes_done: 6,
+            bytes_total: 18,
+            transfer: None,
+        }))
+        .await;
+    let status = format!(
+        "SELECT status FROM update_tasks WHERE id = '{}'",
+        update.task_id
+    );
+    eventually("the progress recorded", SOON, || async {
+        (database.query(&status) == "downloading").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_whose_task_cannot_be_written_is_taken_back() {
+    let Some(database) = Database::create("unwritten") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--database", &database.url]);
+    let mut agent = ProtocolAgent::enroll(&server, "fp-unwritten", "1.0.0").await;
+    agent.heartbeat().await;
+    database.query(
+        "CREATE FUNCTION refuse_tasks() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'tasks refused for a moment'; END $$; \
+         CREATE TRIGGER refuse_tasks BEFORE INSERT ON update_tasks \
+         FOR EACH STATEMENT EXECUTE FUNCTION refuse_tasks()",
+    );
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
+    let update = agent.next_update(SOON).await.expect("the update");
+    match agent.next_message(SOON).await {
+        Some(ServerMessage::Cancel(cancel)) => {
+            assert_eq!(cancel.task_id, update.task_id);
+            assert!(
+                cancel.reason.contains("could not record the task"),
+                "{}",
+                cancel.reason
+            );
+        }
+        other => panic!("expected the update taken back, got {other:?}"),
+    }
+    assert_eq!(
+        database.query("SELECT count(*) FROM update_tasks"),
+        "0",
+        "no task was written"
+    );
+
+    // Each check sends it again and takes it back while tasks cannot be written; once
+    // they can, the next one is written and its download served.
+    database.query("DROP TRIGGER refuse_tasks ON update_tasks");
+    let mut taken_back = vec![update.task_id];
+    loop {
+        match agent.next_message(SOON).await {
+            Some(ServerMessage::Update(again)) => {
+                assert!(!taken_back.contains(&again.task_id), "a task id used twice");
+                let download = reqwest::get(again.url.as_str()).await.unwrap();
+                if download.status() == 200 {
+                    assert_eq!(download.bytes().await.unwrap().as_ref(), b"a build");
+                    break;
+                }
+                // Sent before the trigger went: not written, and taken back next.
+                assert_eq!(download.status(), 503);
+                match agent.next_message(SOON).await {
+                    Some(ServerMessage::Cancel(cancel)) => {
+                        assert_eq!(cancel.task_id, again.task_id)
+                    }
+                    other => panic!("expected the update taken back, got {other:?}"),
+                }
+                taken_back.push(again.task_id);
+            }
+            other => panic!("expected the update again, got {other:?}"),
+        }
+    }
+    assert_eq!(database.query("SELECT count(*) FROM update_tasks"), "1");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,13 +23,13 @@ use crate::store::{
     AgentRecord, FailureClass, SilentTasks, StoreError, StoreResult, TaskKind, TaskStatus,
     TransferRecord, UpdateTask,
 };
-use crate::task_writer::TaskRequest;
+use crate::task_writer::{TaskRequest, Writing};
 
 /// Tasks read when an agent is loaded, for the retry delay and cancel reasons.
 const RECENT_TASKS: i64 = 20;
 
 /// What a session knows about its agent between database reads.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct LiveAgent {
     pub(crate) id: String,
     pub(crate) position: AgentPosition,
@@ -49,6 +49,9 @@ pub(crate) struct LiveAgent {
     pub(crate) mirror: Option<String>,
     /// `settings_stamp` of the record this was read from.
     pub(crate) settings: u64,
+    /// Its new task, whose update went out before the task was written; the session
+    /// waits for the write (`written`) before it reads more from the agent.
+    pub(crate) writing: Option<Box<Writing>>,
 }
 
 /// What prompted a check.
@@ -115,6 +118,7 @@ impl LiveAgent {
             window,
             mirror,
             settings,
+            writing: None,
         })
     }
 
@@ -468,7 +472,23 @@ pub(crate) async fn check(
         wave: Some(wave),
         mirror: live.mirror.clone(),
     };
-    let created = state.tasks.create(request).await;
+    // An update the agent downloads from this server goes out before its task is
+    // written: the download waits for the write, and the session reads nothing more
+    // from the agent until it ends (`written`). A fan-out then waits for no batch of
+    // rows. Written first: a queued task; one from a mirror (whose downloads the server
+    // does not see); and an operator's forced update, whose request writes the agent's
+    // task at the same moment (the session then picks that one up rather than sending
+    // an update it must take back).
+    let send_first = admitted && !from_mirror && kind != TaskKind::Forced;
+    let created = if send_first {
+        state.tasks.begin(request).await.map(|writing| {
+            let task = writing.task.clone();
+            live.writing = Some(Box::new(writing));
+            task
+        })
+    } else {
+        state.tasks.create(request).await
+    };
     if created.is_err() && !from_mirror {
         if admitted {
             give_back_slot(state);
@@ -487,9 +507,12 @@ pub(crate) async fn check(
         }
         Ok(task) => {
             tracing::info!(agent = %live.id, task = %task.id, from = %task.from_version, to = %task.to_version, rollout = task.rollout_id.as_deref().unwrap_or(""), "dispatching update");
-            state
-                .events
-                .task(&task.id, &live.id, task.rollout_id.as_deref());
+            // A task sent first is told to the dashboard once it is written.
+            if !send_first {
+                state
+                    .events
+                    .task(&task.id, &live.id, task.rollout_id.as_deref());
+            }
             let message = update_message(state, &task);
             live.holds_slot = downloads_here(task.mirror.as_deref(), &task);
             live.active = Some(Box::new(task));
@@ -503,6 +526,45 @@ pub(crate) async fn check(
         }
         Err(err) => Err(err),
     }
+}
+
+/// Waits for the write of the task whose update went out first (if there is one). A task
+/// that could not be written (the agent had an unfinished one meanwhile, from another
+/// session or an operator, or the database failed) is taken back from the agent with a
+/// `cancel`: it could not have downloaded anything for it yet.
+pub(crate) async fn written(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage> {
+    let writing = live.writing.take()?;
+    let task_id = writing.task.id.clone();
+    let err = match writing.written().await {
+        Ok(task) => {
+            state
+                .events
+                .task(&task.id, &live.id, task.rollout_id.as_deref());
+            // As written (its times are the batch's).
+            live.active = Some(Box::new(task));
+            return None;
+        }
+        Err(err) => err,
+    };
+    release_slot(state, live);
+    live.active = None;
+    let reason = match err {
+        StoreError::Conflict(_) => {
+            // Picked up at the next check, as when `create` finds one.
+            match state.store.active_task(&live.id).await {
+                Ok(active) => live.active = active.map(Box::new),
+                Err(err) => {
+                    tracing::warn!(agent = %live.id, %err, "could not read the agent's unfinished task")
+                }
+            }
+            "the agent already has an unfinished task".to_owned()
+        }
+        err => {
+            tracing::warn!(agent = %live.id, task = %task_id, %err, "could not record an update task that was sent; cancelling it");
+            format!("the server could not record the task: {err}")
+        }
+    };
+    Some(ServerMessage::Cancel(Cancel { task_id, reason }))
 }
 
 /// Cancels an unfinished task on the agent and in the store.

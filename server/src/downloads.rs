@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -144,14 +145,15 @@ pub(crate) struct GrantQuery {
 }
 
 /// Whether the caller may download `file` (the build `release` or its compressed copy):
-/// a valid grant for that name, or an API token.
+/// a valid grant for that name, or an API token. `Ok(Err(response))` asks the caller to
+/// come back (its task is still being written).
 async fn authorize(
     state: &AppState,
     release: &Release,
     file: &str,
     query: &GrantQuery,
     headers: &HeaderMap,
-) -> Result<(), ApiError> {
+) -> Result<Result<(), Response>, ApiError> {
     if let Some(code) = &query.grant {
         let grant = match (&query.task, query.until) {
             (Some(task), None) => Grant::Task(task.clone()),
@@ -170,25 +172,14 @@ async fn authorize(
         return match grant {
             Grant::Until(until) => {
                 if (crate::clock::now_ms().max(0) as u64 / 1000) < until {
-                    Ok(())
+                    Ok(Ok(()))
                 } else {
                     Err(ApiError::Forbidden(
                         "the download grant has expired; ask for a new one".into(),
                     ))
                 }
             }
-            Grant::Task(task) => match state.store.unfinished_task(&task).await? {
-                Some(t)
-                    if t.to_version == release.version.to_string()
-                        && t.os == release.os
-                        && t.arch == release.arch =>
-                {
-                    Ok(())
-                }
-                _ => Err(ApiError::Forbidden(format!(
-                    "task {task} is finished or not for this build"
-                ))),
-            },
+            Grant::Task(task) => task_allows(state, &task, release).await,
         };
     }
     let token = headers
@@ -203,9 +194,54 @@ async fn authorize(
         ));
     };
     match state.store.api_token(&hash_secret(token)).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(Ok(())),
         Err(StoreError::NotFound) => Err(ApiError::Unauthorized("unknown or revoked token")),
         Err(err) => Err(err.into()),
+    }
+}
+
+/// How long a download waits for its task's write on this node (see `task_writer`).
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// A task named this recently that no node has written is still being written (on
+/// another node behind the same address, or by a slow writer here): its download is
+/// asked to come back rather than refused.
+const UNWRITTEN_GRACE_MS: i64 = 60_000;
+
+/// `Retry-After` for a download whose task is not written yet: writes take moments.
+const UNWRITTEN_RETRY_SECS: u32 = 1;
+
+/// Whether a task's grant lets `release` through: the task unfinished and for this
+/// build. An update goes out before its task is written, so a download for a task this
+/// node is writing waits for the write, and one for a task named within the last minute
+/// that no node has written yet is answered 503 with `Retry-After`.
+async fn task_allows(
+    state: &AppState,
+    task: &str,
+    release: &Release,
+) -> Result<Result<(), Response>, ApiError> {
+    state.tasks.written(task, WRITE_WAIT).await;
+    match state.store.task(task).await? {
+        Some(t)
+            if t.status.is_active()
+                && t.to_version == release.version.to_string()
+                && t.os == release.os
+                && t.arch == release.arch =>
+        {
+            Ok(Ok(()))
+        }
+        None if crate::store::task_minted_ms(task)
+            .is_some_and(|at| crate::clock::now_ms().saturating_sub(at) < UNWRITTEN_GRACE_MS) =>
+        {
+            Counters::bump(&COUNTERS.downloads_refused_unwritten);
+            Ok(Err(ApiError::Unavailable(format!(
+                "task {task} is not recorded yet; retry in a moment"
+            ))
+            .retry_after(UNWRITTEN_RETRY_SECS)))
+        }
+        _ => Err(ApiError::Forbidden(format!(
+            "task {task} is finished or not for this build"
+        ))),
     }
 }
 
@@ -313,7 +349,9 @@ async fn admit(
             release.version
         )));
     }
-    authorize(state, &release, file, query, headers).await?;
+    if let Err(unwritten) = authorize(state, &release, file, query, headers).await? {
+        return Ok(Err(unwritten));
+    }
     let Some(source_slot) = state.downloads_per_source.try_take(peer.ip()) else {
         Counters::bump(&COUNTERS.downloads_refused_address);
         return Ok(Err(busy(format!(

@@ -387,7 +387,7 @@ pub async fn run(
         events.clone(),
     );
     let state = AppState {
-        tasks: task_writer::TaskWriter::start(store.clone()),
+        tasks: task_writer::TaskWriter::start(store.clone(), connection_limits.max_sessions()),
         store,
         registry: registry.clone(),
         heartbeats,

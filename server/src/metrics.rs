@@ -23,6 +23,8 @@ pub(crate) struct Counters {
     pub(crate) downloads_served: AtomicU64,
     /// Downloads answered 503 because their source address held its share of slots.
     pub(crate) downloads_refused_address: AtomicU64,
+    /// Downloads answered 503 because their task was not written yet.
+    pub(crate) downloads_refused_unwritten: AtomicU64,
     /// Connections closed at accept because the server held its maximum.
     pub(crate) connections_refused_full: AtomicU64,
     /// Connections closed at accept because their source address held its maximum.
@@ -67,6 +69,7 @@ pub(crate) static COUNTERS: Counters = Counters {
     downloads_refused_off: AtomicU64::new(0),
     downloads_served: AtomicU64::new(0),
     downloads_refused_address: AtomicU64::new(0),
+    downloads_refused_unwritten: AtomicU64::new(0),
     connections_refused_full: AtomicU64::new(0),
     connections_refused_address: AtomicU64::new(0),
     sessions_refused_full: AtomicU64::new(0),
@@ -205,12 +208,13 @@ pub(crate) async fn render(
         &mut out,
         "drover_downloads_refused_total",
         "counter",
-        "Build downloads refused: busy (503, every slot taken), address (503, the source address holds its share of slots) or off (updates off, downloads off, or the build rolled back).",
+        "Build downloads refused: busy (503, every slot taken), address (503, the source address holds its share of slots), unwritten (503, the task's update went out before its row was written and no node has written it yet) or off (updates off, downloads off, or the build rolled back).",
     );
     let c = &COUNTERS;
     for (reason, counter) in [
         ("busy", &c.downloads_refused_busy),
         ("address", &c.downloads_refused_address),
+        ("unwritten", &c.downloads_refused_unwritten),
         ("off", &c.downloads_refused_off),
     ] {
         let _ = writeln!(

@@ -566,6 +566,14 @@ async fn serve(
                 }
             }
         }
+        // An update that went out before its task was written: the agent's answers to it
+        // are read once the task exists.
+        if live.writing.is_some() {
+            if let Some(cancel) = Box::pin(dispatch::written(state, live)).await {
+                outgoing.push(encoded(cancel));
+            }
+            continue;
+        }
         tokio::select! {
             frame = tokio::time::timeout(silence_limit, socket.recv()) => {
                 let frame = frame.map_err(|_| Refusal::new(

@@ -2,21 +2,27 @@
 //! task and writes whatever has queued up meanwhile in one transaction. A promote
 //! nudges every connected agent at once; one commit per task would make the last of
 //! 19,000 agents wait for 18,999 commits, a batch makes it wait for a few.
+//!
+//! A session may also send its update before the task is written (`begin`): the task's
+//! id is made here, the session sends, then waits for the write before it reads
+//! anything more from its agent. Until the write ends the task is *being written*, and
+//! a download for it waits (`written`): the agent can do nothing with the update until
+//! its task exists, so the rollout's fan-out does not wait for thousands of rows.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::now_ms;
-use crate::store::{NewTask, Store, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask};
+use crate::store::{
+    NewTask, Store, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask, new_task_id,
+};
 
 /// At most this many tasks in one transaction, so no session waits behind an
 /// unbounded batch.
 const MAX_BATCH: usize = 2_000;
-
-/// Requests waiting beyond the batch being written: a session asking for a task while
-/// the queue is full waits its turn (each session has at most one request out).
-const QUEUE: usize = 2 * MAX_BATCH;
 
 /// A new task, owned, on its way to the writer.
 #[derive(Debug, Clone)]
@@ -52,59 +58,172 @@ impl TaskRequest {
 
 type Reply = oneshot::Sender<StoreResult<Option<UpdateTask>>>;
 
+/// A task on its way to the writer, with its id and whom to answer.
+struct Queued {
+    id: String,
+    request: TaskRequest,
+    reply: Reply,
+}
+
 #[derive(Clone)]
 pub(crate) struct TaskWriter {
-    queue: mpsc::Sender<(TaskRequest, Reply)>,
+    queue: mpsc::Sender<Queued>,
+    being_written: Arc<BeingWritten>,
+}
+
+/// The ids of tasks sent before they were written, until their batch's write ends; the
+/// watch's value changes after each such batch.
+#[derive(Default)]
+struct BeingWritten {
+    ids: Mutex<HashSet<String>>,
+    ended: watch::Sender<u64>,
+}
+
+impl BeingWritten {
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A task `begin` made: sent now, written soon.
+pub(crate) struct Writing {
+    /// The task as its row will be written.
+    pub(crate) task: UpdateTask,
+    answer: oneshot::Receiver<StoreResult<Option<UpdateTask>>>,
+}
+
+impl std::fmt::Debug for Writing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writing")
+            .field("task", &self.task.id)
+            .finish()
+    }
+}
+
+impl Writing {
+    /// The written task; `Conflict` when the agent already had an unfinished one.
+    pub(crate) async fn written(self) -> StoreResult<UpdateTask> {
+        let agent_id = self.task.agent_id;
+        created(agent_id, self.answer.await)
+    }
 }
 
 impl TaskWriter {
-    /// Starts the writer; it ends when every `TaskWriter` clone is gone.
-    pub(crate) fn start(store: Arc<dyn Store>) -> TaskWriter {
-        let (queue, requests) = mpsc::channel(QUEUE);
-        tokio::spawn(write_batches(store, requests));
-        TaskWriter { queue }
+    /// Starts the writer for a node of at most `sessions` sessions; it ends when every
+    /// `TaskWriter` clone is gone. A session has at most one task out (it waits for its
+    /// write before it reads on), so a queue of `sessions` never holds a session up: a
+    /// fan-out's updates do not wait for room behind the batches before them.
+    pub(crate) fn start(store: Arc<dyn Store>, sessions: usize) -> TaskWriter {
+        let (queue, requests) = mpsc::channel(sessions.max(MAX_BATCH));
+        let being_written = Arc::new(BeingWritten::default());
+        tokio::spawn(write_batches(store, requests, being_written.clone()));
+        TaskWriter {
+            queue,
+            being_written,
+        }
     }
 
     /// Creates the task; `Conflict` when the agent already has an unfinished one.
     pub(crate) async fn create(&self, request: TaskRequest) -> StoreResult<UpdateTask> {
         let agent_id = request.agent_id.clone();
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((request, reply))
-            .await
-            .map_err(|_| StoreError::Other("the task writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Other("the task writer has stopped".into()))??
-            .ok_or_else(|| {
-                StoreError::Conflict(format!("agent {agent_id} already has an unfinished task"))
-            })
+        self.enqueue(Queued {
+            id: new_task_id(),
+            request,
+            reply,
+        })
+        .await?;
+        created(agent_id, answer.await)
     }
+
+    /// Names the task and queues it for writing; the task is `being_written` until its
+    /// batch's write ends, and `Writing::written` answers how it ended.
+    pub(crate) async fn begin(&self, request: TaskRequest) -> StoreResult<Writing> {
+        let id = new_task_id();
+        let task = request.as_new().made(&id, now_ms());
+        let (reply, answer) = oneshot::channel();
+        self.being_written.ids().insert(id.clone());
+        let queued = self.enqueue(Queued { id, request, reply }).await;
+        if queued.is_err() {
+            self.being_written.ids().remove(&task.id);
+        }
+        queued.map(|()| Writing { task, answer })
+    }
+
+    async fn enqueue(&self, queued: Queued) -> StoreResult<()> {
+        self.queue
+            .send(queued)
+            .await
+            .map_err(|_| StoreError::Other("the task writer has stopped".into()))
+    }
+
+    /// Waits, at most `limit`, while the task `id` is being written; true if it was
+    /// (and its write has ended, or the limit passed).
+    pub(crate) async fn written(&self, id: &str, limit: Duration) -> bool {
+        let mut ended = self.being_written.ended.subscribe();
+        if !self.being_written.ids().contains(id) {
+            return false;
+        }
+        let wait = async {
+            while self.being_written.ids().contains(id) {
+                if ended.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+        true
+    }
+}
+
+/// A writer's answer as the created task or why there is none.
+fn created(
+    agent_id: String,
+    answer: Result<StoreResult<Option<UpdateTask>>, oneshot::error::RecvError>,
+) -> StoreResult<UpdateTask> {
+    answer
+        .map_err(|_| StoreError::Other("the task writer has stopped".into()))??
+        .ok_or_else(|| {
+            StoreError::Conflict(format!("agent {agent_id} already has an unfinished task"))
+        })
 }
 
 /// Writes the first request at once (an idle server adds no delay), and while that
 /// write runs, the next batch gathers in the queue.
-async fn write_batches(store: Arc<dyn Store>, mut requests: mpsc::Receiver<(TaskRequest, Reply)>) {
+async fn write_batches(
+    store: Arc<dyn Store>,
+    mut requests: mpsc::Receiver<Queued>,
+    being_written: Arc<BeingWritten>,
+) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // In agent order, the batch's rows land side by side in every index that starts
         // with the agent (and in the rollout's targets the triggers rewrite) rather than
         // on a random page each (BENCHMARKS.md, bench-promote).
-        batch.sort_unstable_by(|(a, _), (b, _)| a.agent_id.cmp(&b.agent_id));
-        let tasks: Vec<NewTask<'_>> = batch.iter().map(|(request, _)| request.as_new()).collect();
-        let result = store.create_tasks(&tasks, now_ms()).await;
+        batch.sort_unstable_by(|a, b| a.request.agent_id.cmp(&b.request.agent_id));
+        let tasks: Vec<NewTask<'_>> = batch.iter().map(|q| q.request.as_new()).collect();
+        let ids: Vec<String> = batch.iter().map(|q| q.id.clone()).collect();
+        let result = store.create_tasks_as(&tasks, &ids, now_ms()).await;
         drop(tasks);
+        // Ended, either way: a download waiting for one of these goes on to the store.
+        {
+            let mut being = being_written.ids();
+            for id in &ids {
+                being.remove(id);
+            }
+        }
+        being_written.ended.send_modify(|n| *n = n.wrapping_add(1));
         match result {
             Ok(created) => {
-                for ((_, reply), task) in batch.drain(..).zip(created) {
-                    let _ = reply.send(Ok(task));
+                for (queued, task) in batch.drain(..).zip(created) {
+                    let _ = queued.reply.send(Ok(task));
                 }
             }
             Err(err) => {
                 tracing::warn!(tasks = batch.len(), error = %err, "could not create update tasks");
                 let message = err.to_string();
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(StoreError::Other(message.clone())));
+                for queued in batch.drain(..) {
+                    let _ = queued.reply.send(Err(StoreError::Other(message.clone())));
                 }
             }
         }

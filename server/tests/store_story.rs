@@ -432,11 +432,8 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
     ));
     assert_eq!(store.active_task(one).await.unwrap(), Some(queued.clone()));
     assert_eq!(store.active_task(two).await.unwrap(), None);
-    assert_eq!(
-        store.unfinished_task(&queued.id).await.unwrap(),
-        Some(queued.clone())
-    );
-    assert_eq!(store.unfinished_task("no-such-task").await.unwrap(), None);
+    assert_eq!(store.task(&queued.id).await.unwrap(), Some(queued.clone()));
+    assert_eq!(store.task("no-such-task").await.unwrap(), None);
     assert!(
         store
             .stale_tasks(i64::MAX, i64::MAX)
@@ -746,7 +743,8 @@ async fn story_of_tasks(store: &dyn Store, one: &str, two: &str) {
             .is_empty()
     );
     assert_eq!(store.active_task(one).await.unwrap(), None);
-    assert_eq!(store.unfinished_task(&queued.id).await.unwrap(), None);
+    let ended = store.task(&queued.id).await.unwrap().expect("kept");
+    assert!(!ended.status.is_active(), "{ended:?}");
     assert!(matches!(
         store
             .create_task(&new(one, TaskStatus::Dispatched), 16_600)

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 
 pub use postgres::PostgresStore;
 pub use queries::Queries;
+pub(crate) use queries::{new_task_id, task_minted_ms};
 pub use rollouts::{
     ClassRow, NewRollout, Rollout, RolloutEvent, RolloutFilter, RolloutKind, RolloutState,
     RolloutStore, RolloutTarget, StageInputs, StateChange, TargetGroup, TargetPage, WaveRow,
@@ -501,7 +502,7 @@ pub struct NewTask<'a> {
 impl NewTask<'_> {
     /// The row `create_tasks` writes for this task: every column not set here starts at
     /// its default in the schema (no error, no bytes, no progress).
-    fn made(&self, id: &str, now_ms: i64) -> UpdateTask {
+    pub(crate) fn made(&self, id: &str, now_ms: i64) -> UpdateTask {
         let dispatched = self.status == TaskStatus::Dispatched;
         UpdateTask {
             id: id.to_owned(),

@@ -204,13 +204,25 @@ pub trait Queries: Send + Sync {
         &self,
         tasks: &[NewTask<'_>],
         now_ms: i64,
+    ) -> StoreResult<Vec<Option<UpdateTask>>> {
+        let ids: Vec<String> = tasks.iter().map(|_| new_task_id()).collect();
+        self.create_tasks_as(tasks, &ids, now_ms).await
+    }
+
+    /// `create_tasks` with the ids the tasks get (from `new_task_id`), one per task: a
+    /// session that sends an update before its task is written names the task first.
+    async fn create_tasks_as(
+        &self,
+        tasks: &[NewTask<'_>],
+        ids: &[String],
+        now_ms: i64,
     ) -> StoreResult<Vec<Option<UpdateTask>>>;
 
     /// The agent's unfinished task, if any.
     async fn active_task(&self, agent_id: &str) -> StoreResult<Option<UpdateTask>>;
 
-    /// The task with this id if it is unfinished.
-    async fn unfinished_task(&self, task_id: &str) -> StoreResult<Option<UpdateTask>>;
+    /// The task with this id, finished or not.
+    async fn task(&self, task_id: &str) -> StoreResult<Option<UpdateTask>>;
 
     /// Versions that failed on this agent because of the build (class `build`).
     async fn failed_versions(&self, agent_id: &str) -> StoreResult<Vec<String>>;
@@ -541,8 +553,18 @@ pub(super) fn new_id() -> String {
 /// A task's id: ordered by creation within this process (UUID version 7), so the
 /// thousands of tasks a fan-out writes go to the end of the id index instead of to
 /// random places in it.
-pub(super) fn new_task_id() -> String {
+pub(crate) fn new_task_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// When a task id from `new_task_id` was made (milliseconds since the epoch); `None`
+/// for any other string.
+pub(crate) fn task_minted_ms(id: &str) -> Option<i64> {
+    let (secs, nanos) = uuid::Uuid::parse_str(id).ok()?.get_timestamp()?.to_unix();
+    i64::try_from(secs)
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(i64::from(nanos / 1_000_000))
 }
 
 /// `NotFound` when a statement that must change a row changed none.
@@ -1303,9 +1325,10 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
-                async fn create_tasks(
+                async fn create_tasks_as(
                     &self,
                     tasks: &[NewTask<'_>],
+                    ids: &[String],
                     now_ms: i64,
                 ) -> StoreResult<Vec<Option<UpdateTask>>> {
                     // One transaction and one statement per chunk: a promote dispatches to
@@ -1314,12 +1337,18 @@ macro_rules! impl_queries {
                     // unfinished tasks turns a second one for an agent into no row. Only
                     // the ids of the rows made come back (in any order); the rest of each
                     // row is what was written.
-                    let ids: Vec<String> = tasks.iter().map(|_| new_task_id()).collect();
+                    if ids.len() != tasks.len() {
+                        return Err(StoreError::Other(format!(
+                            "{} task ids for {} tasks",
+                            ids.len(),
+                            tasks.len()
+                        )));
+                    }
                     let mut made = std::collections::HashSet::with_capacity(tasks.len());
                     let mut tx = self.pool.begin().await?;
                     for chunk in tasks
                         .iter()
-                        .zip(&ids)
+                        .zip(ids)
                         .collect::<Vec<_>>()
                         .chunks(TASKS_PER_STATEMENT)
                     {
@@ -1361,7 +1390,7 @@ macro_rules! impl_queries {
                     tx.commit().await?;
                     Ok(tasks
                         .iter()
-                        .zip(&ids)
+                        .zip(ids)
                         .map(|(task, id)| made.contains(id).then(|| task.made(id, now_ms)))
                         .collect())
                 }
@@ -1376,10 +1405,9 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
-                async fn unfinished_task(&self, task_id: &str) -> StoreResult<Option<UpdateTask>> {
+                async fn task(&self, task_id: &str) -> StoreResult<Option<UpdateTask>> {
                     Ok(sqlx::query_as(&format!(
-                        "SELECT {TASK_COLUMNS} FROM update_tasks \
-                         WHERE id = $1 AND status IN {ACTIVE_STATUSES}"
+                        "SELECT {TASK_COLUMNS} FROM update_tasks WHERE id = $1"
                     ))
                     .bind(task_id)
                     .fetch_optional(&self.pool)

@@ -686,6 +686,58 @@ async fn a_large_build_streams_under_the_concurrency_limit_with_flat_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_download_that_finds_every_slot_taken_waits_a_moment_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(
+        dir.path(),
+        &[
+            "--max-concurrent-downloads",
+            "1",
+            "--max-downloads-per-address",
+            "2",
+        ],
+    );
+    // Larger than what the sockets buffer, so the first download holds its slot until
+    // it is read.
+    let size = 48 * 1024 * 1024;
+    let contents: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let file = publish(&server.downloads(), "1.0.0", None, &contents);
+    drop(contents);
+    let url = format!("{}/downloads/{file}", server.url);
+    let http = operator_http();
+    eventually(
+        "the build to be offered",
+        Duration::from_secs(30),
+        || async {
+            let (_, listed) = server.api().get("/api/v1/releases").await;
+            (listed.as_array()?.len() == 1).then_some(())
+        },
+    )
+    .await;
+
+    let first = http.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    // The second waits for the slot rather than being sent away for ten seconds...
+    let second = tokio::spawn(http.get(&url).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "the second download was answered at once"
+    );
+    // ...and gets it when the first is done.
+    assert_eq!(first.bytes().await.unwrap().len(), size);
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.bytes().await.unwrap().len(), size);
+    assert!(
+        server
+            .metrics()
+            .await
+            .contains("drover_downloads_refused_total{reason=\"busy\"} 0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_download_limit_of_zero_serves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with_args(dir.path(), &["--max-concurrent-downloads", "0"]);

@@ -200,6 +200,9 @@ async fn authorize(
     }
 }
 
+/// How long a download waits for a free download slot before it is answered 503.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a download waits for its task's write on this node (see `task_writer`).
 const WRITE_WAIT: Duration = Duration::from_secs(10);
 
@@ -359,7 +362,11 @@ async fn admit(
             state.downloads_per_source.max()
         ))));
     };
-    let Ok(permit) = state.downloads.clone().try_acquire_owned() else {
+    // Every slot taken: wait a moment for one before sending the agent away for
+    // `RETRY_AFTER_SECS`. Admission pushes a few more agents than there are slots, so
+    // that a slot freed is taken at once, and a slot frees as soon as a body is sent.
+    let slot = tokio::time::timeout(SLOT_WAIT, state.downloads.clone().acquire_owned()).await;
+    let Ok(Ok(permit)) = slot else {
         Counters::bump(&COUNTERS.downloads_refused_busy);
         return Ok(Err(busy(format!(
             "all {} download slots are busy; retry later",

@@ -208,7 +208,7 @@ pub(crate) async fn render(
         &mut out,
         "drover_downloads_refused_total",
         "counter",
-        "Build downloads refused: busy (503, every slot taken), address (503, the source address holds its share of slots), unwritten (503, the task's update went out before its row was written and no node has written it yet) or off (updates off, downloads off, or the build rolled back).",
+        "Build downloads refused: busy (503, every slot still taken after 5 s), address (503, the source address holds its share of slots), unwritten (503, the task's update went out before its row was written and no node has written it yet) or off (updates off, downloads off, or the build rolled back).",
     );
     let c = &COUNTERS;
     for (reason, counter) in [

@@ -1626,6 +1626,7 @@ async fn postgres_two_nodes_never_double_dispatch() {
             facts("fp-2", "two", "1.0.0"),
             facts("fp-3", "three", "1.0.0"),
         );
+        let agents_before = a.count_agents().await.unwrap();
         let (on_a, on_b) = tokio::join!(
             a.enroll("once", &two, "s2", 2_000, NONE_LIVE),
             b.enroll("once", &three, "s3", 2_000, NONE_LIVE),
@@ -1637,6 +1638,8 @@ async fn postgres_two_nodes_never_double_dispatch() {
             ),
             "expected one enrollment and one NotFound, got {on_a:?} and {on_b:?}"
         );
+        // The refused one wrote no agent.
+        assert_eq!(a.count_agents().await.unwrap(), agents_before + 1);
 
         // Overlapping heartbeat batches in opposite orders neither deadlock nor move
         // last_seen backwards.

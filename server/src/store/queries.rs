@@ -953,19 +953,17 @@ macro_rules! impl_queries {
                     now_ms: i64,
                     live: LiveSince,
                 ) -> StoreResult<Enrollment> {
-                    let mut tx = self.pool.begin().await?;
-                    // Counting the use in the same statement that checks the limits keeps
-                    // two enrollments from both taking the last use: the second waits for
-                    // the first's lock (SQLite's database lock, PostgreSQL's row lock) and
-                    // then re-checks the limits against the counted use.
+                    // The token's site, read without a lock (a token's site never
+                    // changes); its use is counted, and its limits checked again, last.
                     let site_id: String = sqlx::query_scalar(&format!(
-                        "UPDATE enrollment_tokens SET uses = uses + 1 \
-                         WHERE token_hash = $1 AND {USABLE_TOKEN} RETURNING site_id"
+                        "SELECT site_id FROM enrollment_tokens \
+                         WHERE token_hash = $1 AND {USABLE_TOKEN}"
                     ))
                     .bind(enroll_token_hash)
                     .bind(now_ms)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&self.pool)
                     .await?;
+                    let mut tx = self.pool.begin().await?;
                     let candidate = new_id();
                     // The re-bind happens in the same statement that checks the record is
                     // not live, so two enrollments racing for one machine cannot both win.
@@ -1019,6 +1017,25 @@ macro_rules! impl_queries {
                         .await?;
                         return Ok(Enrollment::Conflict { agent_id, count });
                     };
+                    // Counting the use in the same statement that checks the limits keeps
+                    // two enrollments from both taking the last use: the second waits for
+                    // the first's lock (SQLite's database lock, PostgreSQL's row lock) and
+                    // then re-checks the limits against the counted use. Last, so every
+                    // enrollment with the token holds that lock only to its commit, not
+                    // while its agent is written too (they would all queue behind it).
+                    let counted = sqlx::query(&format!(
+                        "UPDATE enrollment_tokens SET uses = uses + 1 \
+                         WHERE token_hash = $1 AND {USABLE_TOKEN}"
+                    ))
+                    .bind(enroll_token_hash)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    if counted.rows_affected() == 0 {
+                        // Revoked, expired or used up since it was read: nothing enrolled.
+                        tx.rollback().await?;
+                        return Err(StoreError::NotFound);
+                    }
                     tx.commit().await?;
                     Ok(Enrollment::Enrolled(Enrolled {
                         rebound: agent_id != candidate,

@@ -155,6 +155,9 @@ async fn story(store: &dyn Store) {
         .unwrap();
     assert_eq!(again.agent_id, one.agent_id);
     assert!(again.rebound);
+    // A token without a limit counts each enrollment it made, re-binds included.
+    let bootstrap_token = store.bootstrap_state().await.unwrap().first_enroll_token;
+    assert_eq!(bootstrap_token.map(|t| t.uses), Some(3));
 
     // Authentication uses the newest secret only, and records the hello's facts.
     let hello = facts("fp-1", "one-again", "1.1.0");

@@ -538,9 +538,11 @@ pub(super) const COUNT_ADMIN_TOKENS: &str =
 
 pub(super) const COUNT_ENROLL_TOKENS: &str = "SELECT COUNT(*) FROM enrollment_tokens";
 
-/// The columns of an `EnrollmentToken`: never the hash.
+/// The columns of an `EnrollmentToken`: never the hash. Its uses are counted in its row
+/// when it has `max_uses`, else as rows of `enrollment_uses` (migration 0018).
 pub(super) const ENROLL_TOKEN_COLUMNS: &str = "id, site_id, created_at AS created_at_ms, \
-     expires_at AS expires_at_ms, max_uses, uses, revoked_at AS revoked_at_ms";
+     expires_at AS expires_at_ms, max_uses, uses + (SELECT COUNT(*) FROM enrollment_uses u \
+     WHERE u.token_id = enrollment_tokens.id) AS uses, revoked_at AS revoked_at_ms";
 
 /// How long a fingerprint conflict lasts: a refused enrollment this long after the
 /// previous one starts counting again.
@@ -955,8 +957,8 @@ macro_rules! impl_queries {
                 ) -> StoreResult<Enrollment> {
                     // The token's site, read without a lock (a token's site never
                     // changes); its use is counted, and its limits checked again, last.
-                    let site_id: String = sqlx::query_scalar(&format!(
-                        "SELECT site_id FROM enrollment_tokens \
+                    let (site_id, limited): (String, bool) = sqlx::query_as(&format!(
+                        "SELECT site_id, max_uses IS NOT NULL FROM enrollment_tokens \
                          WHERE token_hash = $1 AND {USABLE_TOKEN}"
                     ))
                     .bind(enroll_token_hash)
@@ -1017,20 +1019,30 @@ macro_rules! impl_queries {
                         .await?;
                         return Ok(Enrollment::Conflict { agent_id, count });
                     };
-                    // Counting the use in the same statement that checks the limits keeps
-                    // two enrollments from both taking the last use: the second waits for
-                    // the first's lock (SQLite's database lock, PostgreSQL's row lock) and
-                    // then re-checks the limits against the counted use. Last, so every
-                    // enrollment with the token holds that lock only to its commit, not
-                    // while its agent is written too (they would all queue behind it).
-                    let counted = sqlx::query(&format!(
-                        "UPDATE enrollment_tokens SET uses = uses + 1 \
-                         WHERE token_hash = $1 AND {USABLE_TOKEN}"
-                    ))
-                    .bind(enroll_token_hash)
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                    // The use is counted in the statement that checks the token is still
+                    // usable. A limited token counts it in its row, so two enrollments
+                    // cannot both take its last use: the second waits for the first's lock
+                    // (SQLite's database lock, PostgreSQL's row lock), then re-checks the
+                    // limits against the counted use. Any other token's use is a row of
+                    // its own, so enrollments with it do not queue on one row (migration
+                    // 0018).
+                    let count_use = if limited {
+                        format!(
+                            "UPDATE enrollment_tokens SET uses = uses + 1 \
+                             WHERE token_hash = $1 AND {USABLE_TOKEN}"
+                        )
+                    } else {
+                        format!(
+                            "INSERT INTO enrollment_uses (token_id, used_at) \
+                             SELECT id, $2 FROM enrollment_tokens \
+                             WHERE token_hash = $1 AND {USABLE_TOKEN}"
+                        )
+                    };
+                    let counted = sqlx::query(&count_use)
+                        .bind(enroll_token_hash)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
                     if counted.rows_affected() == 0 {
                         // Revoked, expired or used up since it was read: nothing enrolled.
                         tx.rollback().await?;

@@ -628,16 +628,12 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_large_build_streams_under_the_concurrency_limit_with_flat_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with_args(dir.path(), &["--max-concurrent-downloads", "1"]);
-    let size = 200 * 1024 * 1024;
+/// Publishes a build of `size` bytes as 1.0.0 and answers its download URL once it is
+/// offered.
+async fn offer_large_build(server: &Server, size: usize) -> String {
     let contents: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
     let file = publish(&server.downloads(), "1.0.0", None, &contents);
     drop(contents);
-    let url = format!("{}/downloads/{file}", server.url);
-    let http = operator_http();
     eventually(
         "the large build to be offered",
         Duration::from_secs(30),
@@ -647,6 +643,16 @@ async fn a_large_build_streams_under_the_concurrency_limit_with_flat_memory() {
         },
     )
     .await;
+    format!("{}/downloads/{file}", server.url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_build_streams_under_the_concurrency_limit_with_flat_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--max-concurrent-downloads", "1"]);
+    let size = 200 * 1024 * 1024;
+    let url = offer_large_build(&server, size).await;
+    let http = operator_http();
     let baseline = rss_kib(server.pid());
 
     let mut first = http.get(&url).send().await.unwrap();
@@ -700,20 +706,8 @@ async fn a_download_that_finds_every_slot_taken_waits_a_moment_for_one() {
     // Larger than what the sockets buffer, so the first download holds its slot until
     // it is read.
     let size = 48 * 1024 * 1024;
-    let contents: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let file = publish(&server.downloads(), "1.0.0", None, &contents);
-    drop(contents);
-    let url = format!("{}/downloads/{file}", server.url);
+    let url = offer_large_build(&server, size).await;
     let http = operator_http();
-    eventually(
-        "the build to be offered",
-        Duration::from_secs(30),
-        || async {
-            let (_, listed) = server.api().get("/api/v1/releases").await;
-            (listed.as_array()?.len() == 1).then_some(())
-        },
-    )
-    .await;
 
     let first = http.get(&url).send().await.unwrap();
     assert_eq!(first.status(), 200);

@@ -223,7 +223,7 @@ async fn task_allows(
     task: &str,
     release: &Release,
 ) -> Result<Result<(), Response>, ApiError> {
-    state.tasks.written(task, WRITE_WAIT).await;
+    state.tasks.until_written(task, WRITE_WAIT).await;
     match state.store.task(task).await? {
         Some(t)
             if t.status.is_active()

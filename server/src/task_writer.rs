@@ -6,7 +6,7 @@
 //! A session may also send its update before the task is written (`begin`): the task's
 //! id is made here, the session sends, then waits for the write before it reads
 //! anything more from its agent. Until the write ends the task is *being written*, and
-//! a download for it waits (`written`): the agent can do nothing with the update until
+//! a download for it waits (`until_written`): the agent can do nothing with the update until
 //! its task exists, so the rollout's fan-out does not wait for thousands of rows.
 
 use std::collections::HashSet;
@@ -157,13 +157,9 @@ impl TaskWriter {
             .map_err(|_| StoreError::Other("the task writer has stopped".into()))
     }
 
-    /// Waits, at most `limit`, while the task `id` is being written; true if it was
-    /// (and its write has ended, or the limit passed).
-    pub(crate) async fn written(&self, id: &str, limit: Duration) -> bool {
+    /// Waits, at most `limit`, while the task `id` is being written.
+    pub(crate) async fn until_written(&self, id: &str, limit: Duration) {
         let mut ended = self.being_written.ended.subscribe();
-        if !self.being_written.ids().contains(id) {
-            return false;
-        }
         let wait = async {
             while self.being_written.ids().contains(id) {
                 if ended.changed().await.is_err() {
@@ -172,7 +168,6 @@ impl TaskWriter {
             }
         };
         let _ = tokio::time::timeout(limit, wait).await;
-        true
     }
 }
 

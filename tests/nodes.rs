@@ -745,6 +745,43 @@ async fn an_update_goes_out_before_its_task_is_written_and_its_download_waits_fo
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_starts_while_its_agents_task_is_written_picks_the_task_up() {
+    let Some(database) = Database::create("sent_first_reconnect") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--database", &database.url]);
+    let mut agent = ProtocolAgent::enroll(&server, "fp-sent-first-again", "1.0.0").await;
+    agent.heartbeat().await;
+    database.query(
+        "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
+    );
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
+    let update = agent.next_update(SOON).await.expect("the update");
+    let status = format!(
+        "SELECT status FROM update_tasks WHERE id = '{}'",
+        update.task_id
+    );
+    assert_eq!(database.query(&status), "", "the task is not written yet");
+    // The agent comes back on the new version before the task is written: its new
+    // session reads the task once it is, and the task succeeds.
+    agent.reconnect(&server, "1.1.0").await;
+    let deadline = std::time::Instant::now() + SOON;
+    while database.query(&status) != "succeeded" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task is {:?}, not succeeded",
+            database.query(&status)
+        );
+        agent.heartbeat().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_update_whose_task_cannot_be_written_is_taken_back() {
     let Some(database) = Database::create("unwritten") else {
         return;

@@ -66,6 +66,8 @@ pub(crate) enum Trigger {
 impl LiveAgent {
     /// Reads the agent, its unfinished task, its failed versions and its recent tasks.
     pub(crate) async fn load(state: &AppState, id: &str, running: &str) -> StoreResult<LiveAgent> {
+        // A task an earlier session sent is read once it is written.
+        state.tasks.until_agent_written(id).await;
         let record = state.store.agent(id).await?;
         let active = state.store.active_task(id).await?.map(Box::new);
         let failed_versions: HashSet<String> =

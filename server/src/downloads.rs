@@ -203,9 +203,6 @@ async fn authorize(
 /// How long a download waits for a free download slot before it is answered 503.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a download waits for its task's write on this node (see `task_writer`).
-const WRITE_WAIT: Duration = Duration::from_secs(10);
-
 /// A task named this recently that no node has written is still being written (on
 /// another node behind the same address, or by a slow writer here): its download is
 /// asked to come back rather than refused.
@@ -223,7 +220,7 @@ async fn task_allows(
     task: &str,
     release: &Release,
 ) -> Result<Result<(), Response>, ApiError> {
-    state.tasks.until_written(task, WRITE_WAIT).await;
+    state.tasks.until_written(task).await;
     match state.store.task(task).await? {
         Some(t)
             if t.status.is_active()

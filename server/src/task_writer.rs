@@ -20,6 +20,9 @@ use crate::store::{
     NewTask, Store, StoreError, StoreResult, TaskKind, TaskStatus, UpdateTask, new_task_id,
 };
 
+/// How long anyone waits for a task being written before going on without it.
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+
 /// At most this many tasks in one transaction, so no session waits behind an
 /// unbounded batch.
 const MAX_BATCH: usize = 2_000;
@@ -63,6 +66,8 @@ struct Queued {
     id: String,
     request: TaskRequest,
     reply: Reply,
+    /// Its update went out before it was written (`begin`).
+    sent_first: bool,
 }
 
 #[derive(Clone)]
@@ -71,17 +76,25 @@ pub(crate) struct TaskWriter {
     being_written: Arc<BeingWritten>,
 }
 
-/// The ids of tasks sent before they were written, until their batch's write ends; the
-/// watch's value changes after each such batch.
+/// The tasks sent before they were written, and their agents, until their batch's
+/// write ends; the watch's value changes after each batch.
 #[derive(Default)]
 struct BeingWritten {
-    ids: Mutex<HashSet<String>>,
+    pending: Mutex<Pending>,
     ended: watch::Sender<u64>,
 }
 
+#[derive(Default)]
+struct Pending {
+    tasks: HashSet<String>,
+    /// A session has at most one task out, and a new session of its agent waits for it
+    /// (`until_agent_written`), so an agent is here for one task at a time.
+    agents: HashSet<String>,
+}
+
 impl BeingWritten {
-    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -131,6 +144,7 @@ impl TaskWriter {
             id: new_task_id(),
             request,
             reply,
+            sent_first: false,
         })
         .await?;
         created(agent_id, answer.await)
@@ -142,10 +156,23 @@ impl TaskWriter {
         let id = new_task_id();
         let task = request.as_new().made(&id, now_ms());
         let (reply, answer) = oneshot::channel();
-        self.being_written.ids().insert(id.clone());
-        let queued = self.enqueue(Queued { id, request, reply }).await;
+        {
+            let mut pending = self.being_written.pending();
+            pending.tasks.insert(id.clone());
+            pending.agents.insert(request.agent_id.clone());
+        }
+        let queued = self
+            .enqueue(Queued {
+                id,
+                request,
+                reply,
+                sent_first: true,
+            })
+            .await;
         if queued.is_err() {
-            self.being_written.ids().remove(&task.id);
+            let mut pending = self.being_written.pending();
+            pending.tasks.remove(&task.id);
+            pending.agents.remove(&task.agent_id);
         }
         queued.map(|()| Writing { task, answer })
     }
@@ -157,17 +184,28 @@ impl TaskWriter {
             .map_err(|_| StoreError::Other("the task writer has stopped".into()))
     }
 
-    /// Waits, at most `limit`, while the task `id` is being written.
-    pub(crate) async fn until_written(&self, id: &str, limit: Duration) {
+    /// Waits, at most `WRITE_WAIT`, while the task `id` is being written: a download for
+    /// it goes on once the task exists.
+    pub(crate) async fn until_written(&self, id: &str) {
+        self.until(|pending| pending.tasks.contains(id)).await;
+    }
+
+    /// Waits, at most `WRITE_WAIT`, while a task of `agent` is being written: a new
+    /// session of the agent reads its unfinished task once that one is there.
+    pub(crate) async fn until_agent_written(&self, agent: &str) {
+        self.until(|pending| pending.agents.contains(agent)).await;
+    }
+
+    async fn until(&self, being_written: impl Fn(&Pending) -> bool) {
         let mut ended = self.being_written.ended.subscribe();
         let wait = async {
-            while self.being_written.ids().contains(id) {
+            while being_written(&self.being_written.pending()) {
                 if ended.changed().await.is_err() {
                     return;
                 }
             }
         };
-        let _ = tokio::time::timeout(limit, wait).await;
+        let _ = tokio::time::timeout(WRITE_WAIT, wait).await;
     }
 }
 
@@ -200,11 +238,12 @@ async fn write_batches(
         let ids: Vec<String> = batch.iter().map(|q| q.id.clone()).collect();
         let result = store.create_tasks_as(&tasks, &ids, now_ms()).await;
         drop(tasks);
-        // Ended, either way: a download waiting for one of these goes on to the store.
+        // Ended, either way: whoever waits for one of these goes on to the store.
         {
-            let mut being = being_written.ids();
-            for id in &ids {
-                being.remove(id);
+            let mut pending = being_written.pending();
+            for queued in batch.iter().filter(|q| q.sent_first) {
+                pending.tasks.remove(&queued.id);
+                pending.agents.remove(&queued.request.agent_id);
             }
         }
         being_written.ended.send_modify(|n| *n = n.wrapping_add(1));

@@ -782,6 +782,69 @@ async fn a_session_that_starts_while_its_agents_task_is_written_picks_the_task_u
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_api_answers_after_the_tasks_of_updates_already_sent_are_written() {
+    let Some(database) = Database::create("sent_first_api") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(dir.path(), &["--database", &database.url]);
+    let api = server.api();
+    let mut first = ProtocolAgent::enroll(&server, "fp-sent-first-api", "1.0.0").await;
+    first.heartbeat().await;
+    database.query(
+        "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
+    );
+    let written = |task: &str| {
+        database.query(&format!(
+            "SELECT count(*) FROM update_tasks WHERE id = '{task}'"
+        ))
+    };
+    publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
+    let offered = first.next_update(SOON).await.expect("the update");
+    assert_eq!(
+        written(&offered.task_id),
+        "0",
+        "the task is not written yet"
+    );
+
+    // An operator's "update now" supersedes the task the agent holds, written or not
+    // (the agent heartbeats meanwhile).
+    let request = format!("/api/v1/agents/{}/update", first.id);
+    let ((status, body), cancel) = tokio::join!(api.post(&request, None), first.next_message(SOON));
+    assert_eq!(
+        (status, &body["task"]["kind"]),
+        (202, &json!("forced")),
+        "{body}"
+    );
+    match cancel {
+        Some(ServerMessage::Cancel(cancel)) => {
+            assert_eq!(cancel.task_id, offered.task_id, "{cancel:?}");
+            assert!(cancel.reason.contains("requested update"), "{cancel:?}");
+        }
+        other => panic!("expected the offered task to be cancelled, got {other:?}"),
+    }
+    let forced = first.next_update(SOON).await.expect("the requested update");
+    assert_eq!(forced.task_id, body["task"]["id"].as_str().unwrap());
+
+    // An agent that holds an update finds its task listed.
+    let mut second = ProtocolAgent::enroll(&server, "fp-sent-first-api-2", "1.0.0").await;
+    let update = second
+        .next_update(SOON)
+        .await
+        .expect("the update on connect");
+    assert_eq!(written(&update.task_id), "0", "the task is not written yet");
+    let listed = tasks_of(&server, &second.id).await;
+    assert_eq!(
+        listed.first().map(|task| &task["id"]),
+        Some(&json!(update.task_id)),
+        "{listed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_update_whose_task_cannot_be_written_is_taken_back() {
     let Some(database) = Database::create("unwritten") else {
         return;

@@ -503,7 +503,7 @@ pub fn router(state: AppState) -> Router {
         .merge(dashboard::routes())
         .nest(
             "/api/v1",
-            api::router().route("/agent/ws", get(agent_socket)),
+            api::router(state.clone()).route("/agent/ws", get(agent_socket)),
         )
         .with_state(state)
 }

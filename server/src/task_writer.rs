@@ -7,9 +7,11 @@
 //! id is made here, the session sends, then waits for the write before it reads
 //! anything more from its agent. Until the write ends the task is *being written*, and
 //! a download for it waits (`until_written`): the agent can do nothing with the update until
-//! its task exists, so the rollout's fan-out does not wait for thousands of rows.
+//! its task exists, so the rollout's fan-out does not wait for thousands of rows. An
+//! API request waits for every update sent before it (`until_sent_written`), so no
+//! answer of this node leaves out a task whose update an agent already holds.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -66,8 +68,9 @@ struct Queued {
     id: String,
     request: TaskRequest,
     reply: Reply,
-    /// Its update went out before it was written (`begin`).
-    sent_first: bool,
+    /// Its update went out before it was written (`begin`): its place in the order the
+    /// updates were sent.
+    sent_first: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -90,11 +93,37 @@ struct Pending {
     /// A session has at most one task out, and a new session of its agent waits for it
     /// (`until_agent_written`), so an agent is here for one task at a time.
     agents: HashSet<String>,
+    /// The places of these tasks in the order `begin` made them, and the next place.
+    order: BTreeSet<u64>,
+    next: u64,
 }
 
 impl BeingWritten {
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Pending {
+    /// Adds a task being written; answers its place in the order.
+    fn add(&mut self, id: &str, agent: &str) -> u64 {
+        let place = self.next;
+        self.next += 1;
+        self.tasks.insert(id.to_owned());
+        self.agents.insert(agent.to_owned());
+        self.order.insert(place);
+        place
+    }
+
+    fn remove(&mut self, id: &str, agent: &str, place: u64) {
+        self.tasks.remove(id);
+        self.agents.remove(agent);
+        self.order.remove(&place);
+    }
+
+    /// Whether a task made before place `next` is still being written.
+    fn any_before(&self, next: u64) -> bool {
+        self.order.first().is_some_and(|&first| first < next)
     }
 }
 
@@ -144,7 +173,7 @@ impl TaskWriter {
             id: new_task_id(),
             request,
             reply,
-            sent_first: false,
+            sent_first: None,
         })
         .await?;
         created(agent_id, answer.await)
@@ -156,23 +185,19 @@ impl TaskWriter {
         let id = new_task_id();
         let task = request.as_new().made(&id, now_ms());
         let (reply, answer) = oneshot::channel();
-        {
-            let mut pending = self.being_written.pending();
-            pending.tasks.insert(id.clone());
-            pending.agents.insert(request.agent_id.clone());
-        }
+        let place = self.being_written.pending().add(&id, &request.agent_id);
         let queued = self
             .enqueue(Queued {
                 id,
                 request,
                 reply,
-                sent_first: true,
+                sent_first: Some(place),
             })
             .await;
         if queued.is_err() {
-            let mut pending = self.being_written.pending();
-            pending.tasks.remove(&task.id);
-            pending.agents.remove(&task.agent_id);
+            self.being_written
+                .pending()
+                .remove(&task.id, &task.agent_id, place);
         }
         queued.map(|()| Writing { task, answer })
     }
@@ -194,6 +219,13 @@ impl TaskWriter {
     /// session of the agent reads its unfinished task once that one is there.
     pub(crate) async fn until_agent_written(&self, agent: &str) {
         self.until(|pending| pending.agents.contains(agent)).await;
+    }
+
+    /// Waits, at most `WRITE_WAIT`, while a task whose update went out before this call
+    /// is being written: an API answer then counts every update an agent holds.
+    pub(crate) async fn until_sent_written(&self) {
+        let next = self.being_written.pending().next;
+        self.until(|pending| pending.any_before(next)).await;
     }
 
     async fn until(&self, being_written: impl Fn(&Pending) -> bool) {
@@ -241,9 +273,10 @@ async fn write_batches(
         // Ended, either way: whoever waits for one of these goes on to the store.
         {
             let mut pending = being_written.pending();
-            for queued in batch.iter().filter(|q| q.sent_first) {
-                pending.tasks.remove(&queued.id);
-                pending.agents.remove(&queued.request.agent_id);
+            for queued in &batch {
+                if let Some(place) = queued.sent_first {
+                    pending.remove(&queued.id, &queued.request.agent_id, place);
+                }
             }
         }
         being_written.ended.send_modify(|n| *n = n.wrapping_add(1));

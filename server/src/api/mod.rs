@@ -33,13 +33,31 @@ use crate::store::{ApiToken, Role, StoreError};
 const BODY_LIMIT: usize = 256 * 1024;
 
 /// The API as served: the documented routes and a JSON 404 for everything else; every
-/// error, also those axum answers by itself, in the JSON error shape.
-pub(crate) fn router() -> Router<AppState> {
+/// error, also those axum answers by itself, in the JSON error shape. Every request
+/// waits for the tasks of the updates this node sent before it to be written.
+pub(crate) fn router(state: AppState) -> Router<AppState> {
     let (router, _) = routes().split_for_parts();
     router
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            after_sent_tasks,
+        ))
+}
+
+/// Lets a request through once the tasks of the updates this node has already sent are
+/// written (a batch, usually no wait at all): an update goes out before its task is
+/// written (`TaskWriter::begin`), and no answer may leave out, or fail to supersede, a
+/// task whose update an agent already holds.
+async fn after_sent_tasks(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    state.tasks.until_sent_written().await;
+    next.run(request).await
 }
 
 /// Gives the JSON error shape to error answers that axum makes by itself: a body over

@@ -2781,3 +2781,27 @@ async fn postgres_pages_a_rollouts_agents_by_stage() {
     })
     .await;
 }
+
+/// Transactions that read before they write, run side by side on SQLite, wait for each
+/// other rather than failing with "database is locked" when another committed first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_transactions_that_read_then_write_wait_for_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        SqliteStore::open(&dir.path().join("drover.db"))
+            .await
+            .unwrap(),
+    );
+    let client = store.create_client("side by side").await.unwrap();
+    let writers: Vec<_> = (0..64)
+        .map(|i| {
+            let (store, client) = (store.clone(), client.id.clone());
+            // Each reads its client first, then adds a site.
+            tokio::spawn(async move { store.create_site(&client, &format!("site {i}")).await })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap().expect("every site is added");
+    }
+    assert_eq!(store.list_sites().await.unwrap().len(), 64);
+}

@@ -183,6 +183,7 @@ impl Dialect for PostgresStore {
     // statement: the insert after it takes its snapshot once the lock is held, so it
     // reads every change of an agent, site or client committed before.
     const TARGET_FACTS_LOCK: Option<&'static str> = Some("SELECT rollout_targets_facts_lock()");
+    const BEGIN: &'static str = "BEGIN";
 }
 
 impl_queries!(PostgresStore);

@@ -10,6 +10,10 @@ use super::*;
 pub(super) trait Dialect {
     /// The database the backend's pool talks to.
     type Db: sqlx::Database;
+    /// Starts a transaction that may write. On SQLite it takes the write lock at once: a
+    /// transaction that read first and then wrote failed with "database is locked",
+    /// without waiting, whenever another write had committed since its read.
+    const BEGIN: &'static str;
     /// Follows a text sort key so it orders by bytes, exactly as on every other backend.
     const BYTE_ORDER: &'static str;
     /// The scalar function giving the largest of its arguments.
@@ -683,7 +687,7 @@ macro_rules! impl_queries {
                     // changes keep their order (a stable sort).
                     let mut ordered: Vec<&SessionChange> = changes.iter().collect();
                     ordered.sort_by(|a, b| a.agent_id().cmp(b.agent_id()));
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     for change in ordered {
                         let (sql, agent_id, at_ms) = match change {
                             SessionChange::Claim { agent_id, at_ms } => (CLAIM_SESSION, agent_id, at_ms),
@@ -725,7 +729,7 @@ macro_rules! impl_queries {
                 async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome> {
                     let now = $crate::clock::now_ms();
                     let mut outcome = BootstrapOutcome::default();
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     if let Some(lock) = <$store as Dialect>::BOOTSTRAP_LOCK {
                         sqlx::query(lock).execute(&mut *tx).await?;
                     }
@@ -850,7 +854,7 @@ macro_rules! impl_queries {
                 }
 
                 async fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     let done = sqlx::query(
                         "UPDATE api_tokens SET revoked_at = $1 \
                          WHERE id = $2 AND revoked_at IS NULL",
@@ -924,7 +928,7 @@ macro_rules! impl_queries {
                     expires_at_ms: Option<i64>,
                     max_uses: Option<i64>,
                 ) -> StoreResult<String> {
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     let _: String = sqlx::query_scalar("SELECT id FROM sites WHERE id = $1")
                         .bind(site_id)
                         .fetch_one(&mut *tx)
@@ -965,7 +969,7 @@ macro_rules! impl_queries {
                     .bind(now_ms)
                     .fetch_one(&self.pool)
                     .await?;
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     let candidate = new_id();
                     // The re-bind happens in the same statement that checks the record is
                     // not live, so two enrollments racing for one machine cannot both win.
@@ -1105,7 +1109,7 @@ macro_rules! impl_queries {
                     .fetch_all(&self.pool)
                     .await?;
                     let mut filled = 0;
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     for (id, version) in &missing {
                         filled += sqlx::query(
                             "UPDATE agents SET version_key = $1 WHERE id = $2 AND version = $3",
@@ -1212,7 +1216,7 @@ macro_rules! impl_queries {
                 }
 
                 async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site> {
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     let _: String = sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
                         .bind(client_id)
                         .fetch_one(&mut *tx)
@@ -1374,7 +1378,7 @@ macro_rules! impl_queries {
                         )));
                     }
                     let mut made = std::collections::HashSet::with_capacity(tasks.len());
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     for chunk in tasks
                         .iter()
                         .zip(ids)
@@ -1480,7 +1484,7 @@ macro_rules! impl_queries {
                     now_ms: i64,
                 ) -> StoreResult<Vec<UpdateTask>> {
                     let greatest = <$store as Dialect>::GREATEST;
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     let mut ended = Vec::new();
                     let mut counts = Vec::with_capacity(groups.len());
                     for group in groups {
@@ -1735,7 +1739,7 @@ macro_rules! impl_queries {
                     let mut builds: Vec<&(String, String, String)> = builds.iter().collect();
                     builds.sort();
                     builds.dedup();
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     for (version, os, arch) in builds {
                         sqlx::query(
                             "INSERT INTO builds (version, os, arch, first_seen) \
@@ -1779,7 +1783,7 @@ macro_rules! impl_queries {
                     cancel_reason: &str,
                     now_ms: i64,
                 ) -> StoreResult<Vec<String>> {
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
                     if let Some(lock) = <$store as Dialect>::TASK_INSERTS_LOCK {
                         sqlx::query(lock).execute(&mut *tx).await?;
                     }

@@ -89,6 +89,7 @@ impl Dialect for SqliteStore {
     const TASK_INSERTS_LOCK: Option<&'static str> = None;
     // SQLite runs one write at a time.
     const TARGET_FACTS_LOCK: Option<&'static str> = None;
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
 }
 
 impl_queries!(SqliteStore);
@@ -127,7 +128,7 @@ impl Store for SqliteStore {
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
         // One statement per few hundred agents rather than one per agent: a batch of
         // tens of thousands is a handful of statements.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(Self::BEGIN).await?;
         for chunk in batch.chunks(HEARTBEAT_CHUNK) {
             let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
             let statement = format!(

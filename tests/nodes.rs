@@ -71,6 +71,16 @@ fn psql(database: &str, sql: &str) -> std::io::Result<std::process::Output> {
 }
 
 impl Database {
+    /// From now on each write of tasks takes three seconds, as on a busy database.
+    fn slow_task_writes(&self) {
+        self.query(
+            "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+             CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
+             FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
+        );
+    }
+
     /// What `sql` returns, trimmed; panics with psql's error if it fails.
     fn query(&self, sql: &str) -> String {
         let out = psql(&self.name, sql).unwrap();
@@ -688,13 +698,7 @@ async fn an_update_goes_out_before_its_task_is_written_and_its_download_waits_fo
     let (a, b) = two_nodes(dir.path(), &database);
     let mut agent = ProtocolAgent::enroll(&a, "fp-sent-first", "1.0.0").await;
     agent.heartbeat().await;
-    // From now on each write of tasks takes three seconds (a busy database would too).
-    database.query(
-        "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
-         CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
-         FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
-    );
+    database.slow_task_writes();
     publish(
         &a.downloads(),
         "1.1.0",
@@ -760,12 +764,7 @@ async fn a_session_that_starts_while_its_agents_task_is_written_picks_the_task_u
     let server = Server::start_with_args(dir.path(), &["--database", &database.url]);
     let mut agent = ProtocolAgent::enroll(&server, "fp-sent-first-again", "1.0.0").await;
     agent.heartbeat().await;
-    database.query(
-        "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
-         CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
-         FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
-    );
+    database.slow_task_writes();
     publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
     let update = agent.next_update(SOON).await.expect("the update");
     let status = format!(
@@ -798,12 +797,7 @@ async fn the_api_answers_after_the_tasks_of_updates_already_sent_are_written() {
     let api = server.api();
     let mut first = ProtocolAgent::enroll(&server, "fp-sent-first-api", "1.0.0").await;
     first.heartbeat().await;
-    database.query(
-        "CREATE FUNCTION slow_tasks() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
-         CREATE TRIGGER slow_tasks BEFORE INSERT ON update_tasks \
-         FOR EACH STATEMENT EXECUTE FUNCTION slow_tasks()",
-    );
+    database.slow_task_writes();
     let written = |task: &str| {
         database.query(&format!(
             "SELECT count(*) FROM update_tasks WHERE id = '{task}'"

@@ -480,8 +480,10 @@ pub(crate) async fn check(
     // rows. Written first: a queued task; one from a mirror (whose downloads the server
     // does not see); and an operator's forced update, whose request writes the agent's
     // task at the same moment (the session then picks that one up rather than sending
-    // an update it must take back).
-    let send_first = admitted && !from_mirror && kind != TaskKind::Forced;
+    // an update it must take back). And written first while the last write of tasks
+    // failed, so a database refusing writes is not an update and a cancel each check.
+    let send_first =
+        admitted && !from_mirror && kind != TaskKind::Forced && state.tasks.sends_first();
     let created = if send_first {
         state.tasks.begin(request).await.map(|writing| {
             let task = writing.task.clone();

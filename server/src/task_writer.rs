@@ -12,6 +12,7 @@
 //! answer of this node leaves out a task whose update an agent already holds.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -77,6 +78,10 @@ struct Queued {
 pub(crate) struct TaskWriter {
     queue: mpsc::Sender<Queued>,
     being_written: Arc<BeingWritten>,
+    /// The last batch's write failed: until one succeeds, updates wait for their tasks
+    /// (`sends_first`), so a database refusing writes is not an update and a `cancel`
+    /// to the agent at every check.
+    failing: Arc<AtomicBool>,
 }
 
 /// The tasks sent before they were written, and their agents, until their batch's
@@ -158,11 +163,24 @@ impl TaskWriter {
     pub(crate) fn start(store: Arc<dyn Store>, sessions: usize) -> TaskWriter {
         let (queue, requests) = mpsc::channel(sessions.max(MAX_BATCH));
         let being_written = Arc::new(BeingWritten::default());
-        tokio::spawn(write_batches(store, requests, being_written.clone()));
+        let failing = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_batches(
+            store,
+            requests,
+            being_written.clone(),
+            failing.clone(),
+        ));
         TaskWriter {
             queue,
             being_written,
+            failing,
         }
+    }
+
+    /// Whether an update may go out before its task is written (`begin`): not while
+    /// the last write of tasks failed, so an update is sent only once it can be kept.
+    pub(crate) fn sends_first(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
     }
 
     /// Creates the task; `Conflict` when the agent already has an unfinished one.
@@ -259,6 +277,7 @@ async fn write_batches(
     store: Arc<dyn Store>,
     mut requests: mpsc::Receiver<Queued>,
     being_written: Arc<BeingWritten>,
+    failing: Arc<AtomicBool>,
 ) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -280,6 +299,7 @@ async fn write_batches(
             }
         }
         being_written.ended.send_modify(|n| *n = n.wrapping_add(1));
+        failing.store(result.is_err(), Ordering::Relaxed);
         match result {
             Ok(created) => {
                 for (queued, task) in batch.drain(..).zip(created) {

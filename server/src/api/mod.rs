@@ -13,9 +13,10 @@ mod releases;
 mod rollouts;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Serialize;
@@ -51,11 +52,7 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
 /// written (a batch, usually no wait at all): an update goes out before its task is
 /// written (`TaskWriter::begin`), and no answer may leave out, or fail to supersede, a
 /// task whose update an agent already holds.
-async fn after_sent_tasks(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn after_sent_tasks(State(state): State<AppState>, request: Request, next: Next) -> Response {
     state.tasks.until_sent_written().await;
     next.run(request).await
 }

@@ -78,10 +78,6 @@ struct Queued {
 pub(crate) struct TaskWriter {
     queue: mpsc::Sender<Queued>,
     being_written: Arc<BeingWritten>,
-    /// The last batch's write failed: until one succeeds, updates wait for their tasks
-    /// (`sends_first`), so a database refusing writes is not an update and a `cancel`
-    /// to the agent at every check.
-    failing: Arc<AtomicBool>,
 }
 
 /// The tasks sent before they were written, and their agents, until their batch's
@@ -90,6 +86,10 @@ pub(crate) struct TaskWriter {
 struct BeingWritten {
     pending: Mutex<Pending>,
     ended: watch::Sender<u64>,
+    /// The last batch's write failed: until one succeeds, updates wait for their tasks
+    /// (`sends_first`), so a database refusing writes is not an update and a `cancel`
+    /// to the agent at every check.
+    failing: AtomicBool,
 }
 
 #[derive(Default)]
@@ -163,24 +163,17 @@ impl TaskWriter {
     pub(crate) fn start(store: Arc<dyn Store>, sessions: usize) -> TaskWriter {
         let (queue, requests) = mpsc::channel(sessions.max(MAX_BATCH));
         let being_written = Arc::new(BeingWritten::default());
-        let failing = Arc::new(AtomicBool::new(false));
-        tokio::spawn(write_batches(
-            store,
-            requests,
-            being_written.clone(),
-            failing.clone(),
-        ));
+        tokio::spawn(write_batches(store, requests, being_written.clone()));
         TaskWriter {
             queue,
             being_written,
-            failing,
         }
     }
 
     /// Whether an update may go out before its task is written (`begin`): not while
     /// the last write of tasks failed, so an update is sent only once it can be kept.
     pub(crate) fn sends_first(&self) -> bool {
-        !self.failing.load(Ordering::Relaxed)
+        !self.being_written.failing.load(Ordering::Relaxed)
     }
 
     /// Creates the task; `Conflict` when the agent already has an unfinished one.
@@ -277,7 +270,6 @@ async fn write_batches(
     store: Arc<dyn Store>,
     mut requests: mpsc::Receiver<Queued>,
     being_written: Arc<BeingWritten>,
-    failing: Arc<AtomicBool>,
 ) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -299,7 +291,9 @@ async fn write_batches(
             }
         }
         being_written.ended.send_modify(|n| *n = n.wrapping_add(1));
-        failing.store(result.is_err(), Ordering::Relaxed);
+        being_written
+            .failing
+            .store(result.is_err(), Ordering::Relaxed);
         match result {
             Ok(created) => {
                 for (queued, task) in batch.drain(..).zip(created) {

@@ -81,6 +81,13 @@ impl Database {
         );
     }
 
+    /// The status of the task `id` as its row says; empty while it has no row.
+    fn task_status(&self, id: &str) -> String {
+        self.query(&format!(
+            "SELECT status FROM update_tasks WHERE id = '{id}'"
+        ))
+    }
+
     /// What `sql` returns, trimmed; panics with psql's error if it fails.
     fn query(&self, sql: &str) -> String {
         let out = psql(&self.name, sql).unwrap();
@@ -710,11 +717,11 @@ async fn an_update_goes_out_before_its_task_is_written_and_its_download_waits_fo
         .next_update(SOON)
         .await
         .expect("the update, while its task is being written");
-    let rows = format!(
-        "SELECT count(*) FROM update_tasks WHERE id = '{}'",
-        update.task_id
+    assert_eq!(
+        database.task_status(&update.task_id),
+        "",
+        "the task is not written yet"
     );
-    assert_eq!(database.query(&rows), "0", "the task is not written yet");
 
     // Another node does not know the task yet: come back in a moment.
     let on_b = update.url.replacen(&a.url, &b.url, 1);
@@ -730,7 +737,11 @@ async fn an_update_goes_out_before_its_task_is_written_and_its_download_waits_fo
     // The node writing it holds the download until the task exists, then serves it.
     let on_a = reqwest::get(update.url.as_str()).await.unwrap();
     assert_eq!(on_a.status(), 200);
-    assert_eq!(database.query(&rows), "1", "the task was written first");
+    assert_ne!(
+        database.task_status(&update.task_id),
+        "",
+        "the task was written first"
+    );
     assert_eq!(on_a.bytes().await.unwrap().as_ref(), b"a build sent first");
     let later = reqwest::get(&on_b).await.unwrap();
     assert_eq!(later.status(), 200);
@@ -745,12 +756,8 @@ async fn an_update_goes_out_before_its_task_is_written_and_its_download_waits_fo
             transfer: None,
         }))
         .await;
-    let status = format!(
-        "SELECT status FROM update_tasks WHERE id = '{}'",
-        update.task_id
-    );
     eventually("the progress recorded", SOON, || async {
-        (database.query(&status) == "downloading").then_some(())
+        (database.task_status(&update.task_id) == "downloading").then_some(())
     })
     .await;
 }
@@ -767,20 +774,20 @@ async fn a_session_that_starts_while_its_agents_task_is_written_picks_the_task_u
     database.slow_task_writes();
     publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
     let update = agent.next_update(SOON).await.expect("the update");
-    let status = format!(
-        "SELECT status FROM update_tasks WHERE id = '{}'",
-        update.task_id
+    assert_eq!(
+        database.task_status(&update.task_id),
+        "",
+        "the task is not written yet"
     );
-    assert_eq!(database.query(&status), "", "the task is not written yet");
     // The agent comes back on the new version before the task is written: its new
     // session reads the task once it is, and the task succeeds.
     agent.reconnect(&server, "1.1.0").await;
     let deadline = std::time::Instant::now() + SOON;
-    while database.query(&status) != "succeeded" {
+    while database.task_status(&update.task_id) != "succeeded" {
         assert!(
             std::time::Instant::now() < deadline,
             "the task is {:?}, not succeeded",
-            database.query(&status)
+            database.task_status(&update.task_id)
         );
         agent.heartbeat().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -798,16 +805,11 @@ async fn the_api_answers_after_the_tasks_of_updates_already_sent_are_written() {
     let mut first = ProtocolAgent::enroll(&server, "fp-sent-first-api", "1.0.0").await;
     first.heartbeat().await;
     database.slow_task_writes();
-    let written = |task: &str| {
-        database.query(&format!(
-            "SELECT count(*) FROM update_tasks WHERE id = '{task}'"
-        ))
-    };
     publish(&server.downloads(), "1.1.0", Some("stable"), b"a build");
     let offered = first.next_update(SOON).await.expect("the update");
     assert_eq!(
-        written(&offered.task_id),
-        "0",
+        database.task_status(&offered.task_id),
+        "",
         "the task is not written yet"
     );
 
@@ -836,7 +838,11 @@ async fn the_api_answers_after_the_tasks_of_updates_already_sent_are_written() {
         .next_update(SOON)
         .await
         .expect("the update on connect");
-    assert_eq!(written(&update.task_id), "0", "the task is not written yet");
+    assert_eq!(
+        database.task_status(&update.task_id),
+        "",
+        "the task is not written yet"
+    );
     let listed = tasks_of(&server, &second.id).await;
     assert_eq!(
         listed.first().map(|task| &task["id"]),
@@ -891,11 +897,11 @@ async fn an_update_whose_task_cannot_be_written_is_taken_back_and_the_next_waits
     database.query("DROP TRIGGER refuse_tasks ON update_tasks");
     let again = agent.next_update(SOON).await.expect("the update, written");
     assert_ne!(again.task_id, update.task_id, "a task id used twice");
-    let rows = format!(
-        "SELECT count(*) FROM update_tasks WHERE id = '{}'",
-        again.task_id
+    assert_ne!(
+        database.task_status(&again.task_id),
+        "",
+        "written before it was sent"
     );
-    assert_eq!(database.query(&rows), "1", "written before it was sent");
     let download = reqwest::get(again.url.as_str()).await.unwrap();
     assert_eq!(download.status(), 200);
     assert_eq!(download.bytes().await.unwrap().as_ref(), b"a build");

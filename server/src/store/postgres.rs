@@ -221,7 +221,7 @@ impl Store for PostgresStore {
         facts: &AgentFacts,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = super::queries::begin_write::<Self>(&self.pool).await?;
         // Locked so a re-enrollment on another node cannot replace the secret between the
         // check and the write (`NO KEY UPDATE`: references to the row do not wait).
         let stored: String =
@@ -260,7 +260,7 @@ impl Store for PostgresStore {
             .iter()
             .map(|v| super::version_key::version_key(v))
             .collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = super::queries::begin_write::<Self>(&self.pool).await?;
         // Rows are locked in id order (byte order, as session changes are written) so
         // two nodes writing overlapping batches, or a batch and the session changes,
         // wait for each other instead of deadlocking; `NO KEY UPDATE`, what the update

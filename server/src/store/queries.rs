@@ -31,6 +31,14 @@ pub(super) trait Dialect {
     const TARGET_FACTS_LOCK: Option<&'static str>;
 }
 
+/// Begins a store transaction, as the backend `D` begins one that may write
+/// (`Dialect::BEGIN`). Every transaction of the store begins here.
+pub(super) async fn begin_write<D: Dialect>(
+    pool: &sqlx::Pool<D::Db>,
+) -> sqlx::Result<sqlx::Transaction<'static, D::Db>> {
+    pool.begin_with(D::BEGIN).await
+}
+
 /// The operations whose SQL both backends accept.
 #[async_trait]
 pub trait Queries: Send + Sync {
@@ -537,6 +545,15 @@ pub(super) const TOKEN_COLUMNS: &str =
 pub(super) const USABLE_TOKEN: &str = "revoked_at IS NULL \
      AND (expires_at IS NULL OR expires_at > $2) AND (max_uses IS NULL OR uses < max_uses)";
 
+/// The site of a usable enrollment token (hash `$1`, now `$2`) and whether it limits its
+/// uses.
+pub(super) fn usable_token_site() -> String {
+    format!(
+        "SELECT site_id, max_uses IS NOT NULL FROM enrollment_tokens \
+         WHERE token_hash = $1 AND {USABLE_TOKEN}"
+    )
+}
+
 pub(super) const COUNT_ADMIN_TOKENS: &str =
     "SELECT COUNT(*) FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL";
 
@@ -687,7 +704,7 @@ macro_rules! impl_queries {
                     // changes keep their order (a stable sort).
                     let mut ordered: Vec<&SessionChange> = changes.iter().collect();
                     ordered.sort_by(|a, b| a.agent_id().cmp(b.agent_id()));
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     for change in ordered {
                         let (sql, agent_id, at_ms) = match change {
                             SessionChange::Claim { agent_id, at_ms } => (CLAIM_SESSION, agent_id, at_ms),
@@ -729,7 +746,7 @@ macro_rules! impl_queries {
                 async fn bootstrap(&self, pieces: &Bootstrap) -> StoreResult<BootstrapOutcome> {
                     let now = $crate::clock::now_ms();
                     let mut outcome = BootstrapOutcome::default();
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     if let Some(lock) = <$store as Dialect>::BOOTSTRAP_LOCK {
                         sqlx::query(lock).execute(&mut *tx).await?;
                     }
@@ -854,7 +871,7 @@ macro_rules! impl_queries {
                 }
 
                 async fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     let done = sqlx::query(
                         "UPDATE api_tokens SET revoked_at = $1 \
                          WHERE id = $2 AND revoked_at IS NULL",
@@ -928,7 +945,7 @@ macro_rules! impl_queries {
                     expires_at_ms: Option<i64>,
                     max_uses: Option<i64>,
                 ) -> StoreResult<String> {
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     let _: String = sqlx::query_scalar("SELECT id FROM sites WHERE id = $1")
                         .bind(site_id)
                         .fetch_one(&mut *tx)
@@ -961,15 +978,12 @@ macro_rules! impl_queries {
                 ) -> StoreResult<Enrollment> {
                     // The token's site, read without a lock (a token's site never
                     // changes); its use is counted, and its limits checked again, last.
-                    let (site_id, limited): (String, bool) = sqlx::query_as(&format!(
-                        "SELECT site_id, max_uses IS NOT NULL FROM enrollment_tokens \
-                         WHERE token_hash = $1 AND {USABLE_TOKEN}"
-                    ))
-                    .bind(enroll_token_hash)
-                    .bind(now_ms)
-                    .fetch_one(&self.pool)
-                    .await?;
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let (site_id, limited): (String, bool) = sqlx::query_as(&usable_token_site())
+                        .bind(enroll_token_hash)
+                        .bind(now_ms)
+                        .fetch_one(&self.pool)
+                        .await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     let candidate = new_id();
                     // The re-bind happens in the same statement that checks the record is
                     // not live, so two enrollments racing for one machine cannot both win.
@@ -1086,14 +1100,12 @@ macro_rules! impl_queries {
                 }
 
                 async fn enrollment_site(&self, enroll_token_hash: &str) -> StoreResult<String> {
-                    Ok(sqlx::query_scalar(&format!(
-                        "SELECT site_id FROM enrollment_tokens \
-                         WHERE token_hash = $1 AND {USABLE_TOKEN}"
-                    ))
-                    .bind(enroll_token_hash)
-                    .bind($crate::clock::now_ms())
-                    .fetch_one(&self.pool)
-                    .await?)
+                    let (site_id, _limited): (String, bool) = sqlx::query_as(&usable_token_site())
+                        .bind(enroll_token_hash)
+                        .bind($crate::clock::now_ms())
+                        .fetch_one(&self.pool)
+                        .await?;
+                    Ok(site_id)
                 }
 
                 async fn count_agents(&self) -> StoreResult<i64> {
@@ -1109,7 +1121,7 @@ macro_rules! impl_queries {
                     .fetch_all(&self.pool)
                     .await?;
                     let mut filled = 0;
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     for (id, version) in &missing {
                         filled += sqlx::query(
                             "UPDATE agents SET version_key = $1 WHERE id = $2 AND version = $3",
@@ -1216,7 +1228,7 @@ macro_rules! impl_queries {
                 }
 
                 async fn create_site(&self, client_id: &str, name: &str) -> StoreResult<Site> {
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     let _: String = sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
                         .bind(client_id)
                         .fetch_one(&mut *tx)
@@ -1378,7 +1390,7 @@ macro_rules! impl_queries {
                         )));
                     }
                     let mut made = std::collections::HashSet::with_capacity(tasks.len());
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     for chunk in tasks
                         .iter()
                         .zip(ids)
@@ -1484,7 +1496,7 @@ macro_rules! impl_queries {
                     now_ms: i64,
                 ) -> StoreResult<Vec<UpdateTask>> {
                     let greatest = <$store as Dialect>::GREATEST;
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     let mut ended = Vec::new();
                     let mut counts = Vec::with_capacity(groups.len());
                     for group in groups {
@@ -1739,7 +1751,7 @@ macro_rules! impl_queries {
                     let mut builds: Vec<&(String, String, String)> = builds.iter().collect();
                     builds.sort();
                     builds.dedup();
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     for (version, os, arch) in builds {
                         sqlx::query(
                             "INSERT INTO builds (version, os, arch, first_seen) \
@@ -1783,7 +1795,7 @@ macro_rules! impl_queries {
                     cancel_reason: &str,
                     now_ms: i64,
                 ) -> StoreResult<Vec<String>> {
-                    let mut tx = self.pool.begin_with(<$store as Dialect>::BEGIN).await?;
+                    let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                     if let Some(lock) = <$store as Dialect>::TASK_INSERTS_LOCK {
                         sqlx::query(lock).execute(&mut *tx).await?;
                     }

@@ -731,7 +731,7 @@ macro_rules! impl_rollout_store {
             ) -> $crate::store::StoreResult<$crate::store::rollouts::Rollout> {
                 use $crate::store::rollouts as r;
                 let platforms = r::render_platforms(new.platforms);
-                let mut tx = self.pool.begin_with(<$store as $crate::store::queries::Dialect>::BEGIN).await?;
+                let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                 sqlx::query(
                     "INSERT INTO rollouts (id, version, kind, platforms, state, plan, \
                          current_wave, resumed_at, started_by, created_at, updated_at) \
@@ -888,7 +888,7 @@ macro_rules! impl_rollout_store {
                 wave: usize,
             ) -> $crate::store::StoreResult<()> {
                 use $crate::store::rollouts as r;
-                let mut tx = self.pool.begin_with(<$store as $crate::store::queries::Dialect>::BEGIN).await?;
+                let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                 if let Some(lock) = <$store as $crate::store::queries::Dialect>::TARGET_FACTS_LOCK {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
@@ -913,7 +913,7 @@ macro_rules! impl_rollout_store {
             ) -> $crate::store::StoreResult<bool> {
                 let from: Vec<String> =
                     change.from.iter().map(|s| format!("'{}'", s.as_str())).collect();
-                let mut tx = self.pool.begin_with(<$store as $crate::store::queries::Dialect>::BEGIN).await?;
+                let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                 let changed = sqlx::query(&format!(
                     "UPDATE rollouts SET state = $1, reason = $2, updated_at = $3, \
                          resumed_at = CASE WHEN $4 THEN $3 ELSE resumed_at END \
@@ -953,7 +953,7 @@ macro_rules! impl_rollout_store {
                 now_ms: i64,
             ) -> $crate::store::StoreResult<bool> {
                 let next = i64::try_from(next).unwrap_or(i64::MAX);
-                let mut tx = self.pool.begin_with(<$store as $crate::store::queries::Dialect>::BEGIN).await?;
+                let mut tx = $crate::store::queries::begin_write::<$store>(&self.pool).await?;
                 let changed = sqlx::query(
                     "UPDATE rollouts SET current_wave = $1, state = 'running', updated_at = $2 \
                      WHERE id = $3 AND current_wave = $4 AND state IN ('running', 'waiting')",

@@ -128,7 +128,7 @@ impl Store for SqliteStore {
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
         // One statement per few hundred agents rather than one per agent: a batch of
         // tens of thousands is a handful of statements.
-        let mut tx = self.pool.begin_with(Self::BEGIN).await?;
+        let mut tx = super::queries::begin_write::<Self>(&self.pool).await?;
         for chunk in batch.chunks(HEARTBEAT_CHUNK) {
             let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
             let statement = format!(

@@ -514,14 +514,6 @@ async fn a_pg_dump_restored_into_a_fresh_database_serves_every_agent_as_itself()
     );
 }
 
-/// A counter's value in a node's `/metrics`: the sample named exactly `sample`.
-async fn counter(server: &Server, sample: &str) -> u64 {
-    let text = server.metrics().await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{sample} missing from /metrics:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
     let Some(database) = Database::create("checks") else {
@@ -534,10 +526,10 @@ async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
         agents.push(ProtocolAgent::enroll(node, &format!("fp-checked-{n}"), "1.0.0").await);
     }
     const CHECK_ALL: &str = "drover_node_signals_received_total{signal=\"check_all\"}";
-    let before = [counter(&a, CHECK_ALL).await, counter(&b, CHECK_ALL).await];
+    let before = [a.counter(CHECK_ALL).await, b.counter(CHECK_ALL).await];
     let checks_before = [
-        counter(&a, "drover_fleet_checks_total").await,
-        counter(&b, "drover_fleet_checks_total").await,
+        a.counter("drover_fleet_checks_total").await,
+        b.counter("drover_fleet_checks_total").await,
     ];
 
     publish(
@@ -566,11 +558,10 @@ async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
             .await;
         changes += detail["timeline"].as_array().unwrap().len() as u64;
     }
-    let signals =
-        counter(&a, CHECK_ALL).await - before[0] + counter(&b, CHECK_ALL).await - before[1];
+    let signals = a.counter(CHECK_ALL).await - before[0] + b.counter(CHECK_ALL).await - before[1];
     assert_eq!(signals, changes, "check_all signals between the two nodes");
     for (node, before) in [(&a, checks_before[0]), (&b, checks_before[1])] {
-        let checks = counter(node, "drover_fleet_checks_total").await - before;
+        let checks = node.counter("drover_fleet_checks_total").await - before;
         assert!(
             (1..=1 + changes).contains(&checks),
             "{checks} checks of one node's agents for 1 build and {changes} rollout changes"
@@ -935,7 +926,7 @@ async fn a_node_that_lost_the_others_rereads_only_the_agents_whose_change_it_mis
 
     const REFRESHED: &str = "drover_sessions_rechecked_total{outcome=\"refreshed\"}";
     const UNCHANGED: &str = "drover_sessions_rechecked_total{outcome=\"unchanged\"}";
-    let before = (counter(&b, REFRESHED).await, counter(&b, UNCHANGED).await);
+    let before = (b.counter(REFRESHED).await, b.counter(UNCHANGED).await);
     // The nodes' connection for signals drops, as a network blip or a PostgreSQL
     // restart would do: whatever was said meanwhile is lost.
     let dropped = psql(&format!(
@@ -952,7 +943,7 @@ async fn a_node_that_lost_the_others_rereads_only_the_agents_whose_change_it_mis
     assert_eq!(update.version, "1.1.0");
     assert_eq!(moved.channel.as_deref(), Some("beta"));
     let after = eventually("B's re-check", SOON, || async {
-        let after = (counter(&b, REFRESHED).await, counter(&b, UNCHANGED).await);
+        let after = (b.counter(REFRESHED).await, b.counter(UNCHANGED).await);
         (after.0 + after.1 >= before.0 + before.1 + 2).then_some(after)
     })
     .await;

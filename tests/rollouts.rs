@@ -932,6 +932,18 @@ async fn a_rollback_obeys_pauses_and_agents_that_decline_and_names_those_with_no
     for agent in fleet.iter_mut().chain([&mut lone]) {
         agent.heard_so_far();
     }
+    // The promote of 1.1.0 is paused, so that nothing but the rollback changes it: the
+    // rollback aborts it and starts its own, and the fleet hears of both at once.
+    let promote = rollout_of(&api, "1.1.0", "promote").await.unwrap();
+    let (status, body) = api
+        .post(
+            &format!("/api/v1/rollouts/{}/pause", promote["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(QUIET).await;
+    let checks_before = server.counter("drover_fleet_checks_total").await;
 
     let (status, answer) = api.post("/api/v1/rollouts/1.1.0/rollback", None).await;
     assert_eq!(status, 200, "{answer}");
@@ -956,6 +968,13 @@ async fn a_rollback_obeys_pauses_and_agents_that_decline_and_names_those_with_no
     for agent in fleet.iter_mut().chain([&mut lone]) {
         agent.assert_heard_nothing("after the rollback");
     }
+    assert_eq!(
+        server.counter("drover_fleet_checks_total").await - checks_before,
+        1,
+        "checks of the fleet for one rollback"
+    );
+    let promote = rollout(&api, promote["id"].as_str().unwrap()).await;
+    assert_eq!(promote["state"], "aborted", "{promote}");
 
     // The three go back; the paused and the declining one are counted as skipped.
     for agent in &fleet[2..] {
@@ -1094,6 +1113,52 @@ fn wave_states(rollout: &Value) -> Vec<String> {
         .iter()
         .map(|w| w["state"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// A promote tells a node's agents once its builds read stable, when they can move: no
+/// check of the whole fleet for nothing before, and each agent hears its update once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promote_checks_the_fleet_once_its_builds_read_stable() {
+    const CHECKS: &str = "drover_fleet_checks_total";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let api = server.api();
+    let mut fleet = enroll_fleet(&server, "fp-told", 3, "1.0.0").await;
+    publish(
+        &server.downloads(),
+        "1.1.0",
+        Some("beta"),
+        b"the build to promote",
+    );
+    offered(&api, &[("1.1.0", "amd64")]).await;
+    eventually("the beta rollout", SOON, || async {
+        rollout_of(&api, "1.1.0", "beta").await
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    let before = server.counter(CHECKS).await;
+
+    let (status, promoted) = api
+        .post(
+            "/api/v1/rollouts/1.1.0/promote",
+            Some(json!({"waves": ["100%"], "force": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{promoted}");
+    for agent in &mut fleet {
+        assert_eq!(agent.update(SOON).await.version, "1.1.0");
+    }
+    tokio::time::sleep(QUIET).await;
+    for agent in &mut fleet {
+        agent.assert_heard_nothing("after its update");
+    }
+    // The promote's own check, and at most the one the scanner makes when it sees the
+    // builds' new channel; a check before the builds read stable would be a third.
+    let checks = server.counter(CHECKS).await - before;
+    assert!(
+        (1..=2).contains(&checks),
+        "{checks} checks of the fleet for one promote"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

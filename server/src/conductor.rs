@@ -12,7 +12,7 @@ use crate::clock::now_ms;
 use crate::engine::{AgentPosition, channel_admits, resolve_channel, resolve_channels};
 use crate::maintenance::closed_until;
 use crate::releases::{Channel, Release, ReleaseIndex};
-use crate::rollouts::book::{Book, LiveRollout};
+use crate::rollouts::book::{Book, KnownTargets, LiveRollout};
 use crate::rollouts::health::{self, Counts, GateVerdict, WaveVerdict};
 use crate::rollouts::plan::{self, Candidate, Plan};
 use crate::session::Outbound;
@@ -51,13 +51,26 @@ pub(crate) struct Start {
 /// Starts a rollout: places its targets in waves, supersedes the open rollouts of the
 /// same kind on its platforms (of other versions), and tells every node.
 pub(crate) async fn start(state: &AppState, start: Start) -> StoreResult<Rollout> {
-    let rollout = record_start(state, start).await?;
-    changed(state, &rollout.id).await;
+    let rollout = start_untold(state, start).await?;
+    announce(state, &[&rollout.id]);
     Ok(rollout)
 }
 
-/// Writes a rollout's start (as `start` does) without telling anyone yet.
-async fn record_start(state: &AppState, start: Start) -> StoreResult<Rollout> {
+/// Starts a rollout as `start` does, and this node's book holds it, but no agent and no
+/// other node is told yet: the caller announces it once what else it changes is in place
+/// (a promote's builds read stable), so every agent checks once, when it can move.
+pub(crate) async fn start_untold(state: &AppState, start: Start) -> StoreResult<Rollout> {
+    let (rollout, targets) = record_start(state, start).await?;
+    reread_book_knowing(state, Some(KnownTargets::new(&rollout.id, targets))).await;
+    Ok(rollout)
+}
+
+/// Writes a rollout's start (as `start` does) without telling anyone yet; answers the
+/// rollout and the targets it wrote.
+async fn record_start(
+    state: &AppState,
+    start: Start,
+) -> StoreResult<(Rollout, Vec<(String, usize)>)> {
     let id = start
         .id
         .clone()
@@ -101,7 +114,7 @@ async fn record_start(state: &AppState, start: Start) -> StoreResult<Rollout> {
         )
         .await?;
     tracing::info!(rollout = %rollout.id, version = %rollout.version, kind = rollout.kind.as_str(), targets = targets.len(), by = %rollout.started_by, "rollout started");
-    Ok(rollout)
+    Ok((rollout, targets))
 }
 
 /// The promote rollout of `version` that a promote would only repeat: every build of the
@@ -138,14 +151,20 @@ async fn changed(state: &AppState, rollout_id: &str) {
 }
 
 async fn reread_book(state: &AppState) {
-    if let Err(err) = state.reload_rollout_state().await {
+    reread_book_knowing(state, None).await;
+}
+
+/// Re-reads the book, taking the targets of a rollout this node has just started from
+/// memory rather than reading them back.
+async fn reread_book_knowing(state: &AppState, known: Option<KnownTargets>) {
+    if let Err(err) = state.reload_rollout_state(known).await {
         tracing::warn!(%err, "could not re-read the rollouts");
     }
 }
 
 /// Tells the dashboards about changed rollouts, and every node to check its agents
 /// (once, however many changed).
-fn announce(state: &AppState, rollout_ids: &[&str]) {
+pub(crate) fn announce(state: &AppState, rollout_ids: &[&str]) {
     for id in rollout_ids {
         state.events.rollout(Some(id));
     }
@@ -293,9 +312,9 @@ pub(crate) async fn start_rollouts_of_new_builds(state: &AppState) {
             detail: format!("{} landed on {}", release.file, release.channel.as_str()),
         };
         match record_start(state, start_request).await {
-            Ok(rollout) => {
+            Ok((rollout, targets)) => {
                 // The next build's start supersedes this one from the book.
-                reread_book(state).await;
+                reread_book_knowing(state, Some(KnownTargets::new(&rollout.id, targets))).await;
                 started.push(rollout.id);
             }
             Err(StoreError::Conflict(_)) => {}
@@ -866,7 +885,7 @@ pub(crate) async fn rollback(
     // The block is in the store before anyone acts on it. This node sees it now; the
     // other nodes are told to re-read it before they hear of any single agent (signals
     // arrive in order), and a task insert on any of them refuses a blocked version.
-    state.reload_rollout_state().await?;
+    state.reload_blocked_versions().await?;
     state
         .registry
         .signal_other_nodes(crate::nodes::Signal::CheckAll);
@@ -874,29 +893,81 @@ pub(crate) async fn rollback(
         state.registry.send(agent, Outbound::Refresh);
         state.events.agent(agent);
     }
+    // Read from the store: another node may have started one this node has not heard of.
     let stop: Vec<Rollout> = state
-        .book()
-        .rollouts()
-        .filter(|r| r.record.version == version && r.record.state.is_open())
-        .filter(|r| r.record.kind != RolloutKind::Rollback)
-        .map(|r| r.record.clone())
+        .store
+        .list_rollouts(&RolloutFilter {
+            version: Some(version),
+            limit: i64::MAX,
+            ..RolloutFilter::default()
+        })
+        .await?
+        .into_iter()
+        .filter(|r| r.state.is_open() && r.kind != RolloutKind::Rollback)
         .collect();
-    for rollout in &stop {
-        transition(
-            state,
-            rollout,
-            &[
-                RolloutState::Running,
-                RolloutState::Waiting,
-                RolloutState::Paused,
-                RolloutState::Halted,
-            ],
-            RolloutState::Aborted,
-            Some(&format!("{version} was rolled back")),
-            actor,
-            None,
-        )
-        .await?;
+    // What changes is told once, when the rollback rollout exists (or could not be
+    // started): agents check when they can move, not once per step.
+    let mut aborted = Vec::new();
+    let moved = abort_and_move_back(
+        state,
+        version,
+        plan,
+        actor,
+        &stop,
+        &mut aborted,
+        cancelled_for.len() as u64,
+    )
+    .await;
+    let mut told: Vec<&str> = aborted.iter().map(String::as_str).collect();
+    match moved.as_ref().ok().and_then(|o| o.rollout.as_ref()) {
+        Some(rollout) => told.push(&rollout.id),
+        None => {
+            reread_book(state).await;
+            if told.is_empty() {
+                told.push(version);
+            }
+        }
+    }
+    announce(state, &told);
+    moved
+}
+
+/// The rollback's moves, untold: aborts the version's rollouts in `stop` (their ids go
+/// to `aborted`), then starts the rollback rollout over the agents that run it.
+async fn abort_and_move_back(
+    state: &AppState,
+    version: &str,
+    plan: Option<Plan>,
+    actor: &str,
+    stop: &[Rollout],
+    aborted: &mut Vec<String>,
+    cancelled: u64,
+) -> Conducted<RollbackOutcome> {
+    let now = now_ms();
+    for rollout in stop {
+        let applied = state
+            .store
+            .change_rollout_state(
+                &StateChange {
+                    id: &rollout.id,
+                    from: &[
+                        RolloutState::Running,
+                        RolloutState::Waiting,
+                        RolloutState::Paused,
+                        RolloutState::Halted,
+                    ],
+                    to: RolloutState::Aborted,
+                    reason: Some(&format!("{version} was rolled back")),
+                    actor,
+                    detail: None,
+                    resume: false,
+                },
+                now,
+            )
+            .await?;
+        if applied {
+            aborted.push(rollout.id.clone());
+        }
     }
     let agents = state.store.agents_running(version).await?;
     let index = state.releases.current();
@@ -909,7 +980,7 @@ pub(crate) async fn rollback(
         updates_off: !state.updates_enabled(),
         offline: 0,
         no_build: Vec::new(),
-        cancelled: cancelled_for.len() as u64,
+        cancelled,
         unchanged: false,
     };
     let mut candidates = Vec::new();
@@ -950,7 +1021,7 @@ pub(crate) async fn rollback(
             outcome.no_build.len()
         );
         outcome.rollout = Some(
-            start(
+            start_untold(
                 state,
                 Start {
                     id: None,
@@ -965,8 +1036,6 @@ pub(crate) async fn rollback(
             )
             .await?,
         );
-    } else {
-        changed(state, version).await;
     }
     Ok(outcome)
 }
@@ -978,7 +1047,7 @@ pub(crate) async fn unblock(state: &AppState, version: &str, actor: &str) -> Sto
     if !state.store.unblock_version(version).await? {
         return Ok(false);
     }
-    state.reload_rollout_state().await?;
+    state.reload_rollout_state(None).await?;
     // Nobody needs moving off the version any more.
     let rollbacks: Vec<Rollout> = state
         .book()
@@ -1135,8 +1204,12 @@ pub(crate) async fn stable_lags(
 }
 
 /// Builds the book dispatch reads from what the store holds.
-pub(crate) async fn load_book(state: &AppState) -> StoreResult<Book> {
-    let (rollouts, targets) = state.store.rollout_book().await?;
+pub(crate) async fn load_book(state: &AppState, known: Option<KnownTargets>) -> StoreResult<Book> {
+    let (rollouts, targets) = state
+        .store
+        .rollout_book(known.as_ref().map(|k| k.rollout_id.as_str()))
+        .await?;
+    let mut known = known;
     let mut by_rollout: HashMap<String, HashMap<String, usize>> = HashMap::new();
     for (rollout, agent, wave) in targets {
         by_rollout.entry(rollout).or_default().insert(agent, wave);
@@ -1150,7 +1223,10 @@ pub(crate) async fn load_book(state: &AppState) -> StoreResult<Book> {
                 continue;
             }
         };
-        let targets = by_rollout.remove(&record.id).unwrap_or_default();
+        let targets = match known.take_if(|k| k.rollout_id == record.id) {
+            Some(known) if record.state.is_open() => known.targets,
+            _ => by_rollout.remove(&record.id).unwrap_or_default(),
+        };
         live.push(LiveRollout::new(record, plan, targets));
     }
     Ok(Book::new(live))

@@ -275,21 +275,31 @@ impl AppState {
     async fn reload_shared_state(&self) -> store::StoreResult<()> {
         let enabled = self.store.setting(UPDATES_ENABLED).await?.as_deref() != Some("false");
         self.updates_enabled.store(enabled, Ordering::Relaxed);
-        self.reload_rollout_state().await?;
+        self.reload_rollout_state(None).await?;
         // Another node acted (or this one started): which rollout or setting is unknown.
         self.events.rollout(None);
         self.events.settings(None);
         Ok(())
     }
 
-    /// Re-reads blocks and rollouts from the database into memory.
-    async fn reload_rollout_state(&self) -> store::StoreResult<()> {
+    /// Re-reads the blocked versions from the database into memory.
+    async fn reload_blocked_versions(&self) -> store::StoreResult<()> {
         let blocked: HashSet<String> = self.store.blocked_versions().await?.into_iter().collect();
-        let book = conductor::load_book(self).await?;
         *self
             .blocked_versions
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = blocked;
+        Ok(())
+    }
+
+    /// Re-reads blocks and rollouts from the database into memory; `known` holds the
+    /// targets of a rollout this node has just written.
+    async fn reload_rollout_state(
+        &self,
+        known: Option<rollouts::book::KnownTargets>,
+    ) -> store::StoreResult<()> {
+        self.reload_blocked_versions().await?;
+        let book = conductor::load_book(self, known).await?;
         *self
             .book
             .write()

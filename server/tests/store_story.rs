@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use server::store::{
-    AgentFacts, AgentFilter, AgentRecord, AuditEntry, Bootstrap, ChannelScope, Enrolled,
-    Enrollment, FailureClass, HeartbeatRecord, HierarchySetting, LiveSince, MirrorCount,
-    NewRollout, NewTask, PostgresStore, Queries, Role, RolloutKind, RolloutTarget, SessionChange,
-    SilentTasks, SqliteStore, StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus,
-    TransferRecord, UpdateTask,
+    AgentFacts, AgentFilter, AuditEntry, Bootstrap, ChannelScope, Enrolled, Enrollment,
+    FailureClass, HeartbeatRecord, HierarchySetting, LiveSince, MirrorCount, NewRollout, NewTask,
+    PostgresStore, Queries, Role, RolloutKind, RolloutTarget, SessionChange, SilentTasks,
+    SqliteStore, StageInputs, Store, StoreError, TargetPage, TaskKind, TaskStatus, TransferRecord,
+    UpdateTask,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -221,30 +221,35 @@ async fn story(store: &dyn Store) {
     assert_eq!(running("1.2.0").await, vec![one.agent_id.clone()]);
     assert_eq!(running("1.0.0").await, vec![two.agent_id.clone()]);
     assert!(running("1.1.0").await.is_empty());
-    // What a rollout's start reads of every agent: the same agents, in the same order.
+    // What a rollout's start reads of every agent: the same agents (in no order).
     let candidates = store.list_candidates().await.unwrap();
-    let facts = |a: &AgentRecord| {
-        (
-            a.id.clone(),
-            a.site_id.clone(),
-            a.version.clone(),
-            a.os.clone(),
-            a.arch.clone(),
-        )
-    };
-    assert_eq!(
-        candidates
-            .iter()
-            .map(|c| (
+    let mut read: Vec<_> = candidates
+        .iter()
+        .map(|c| {
+            (
                 c.id.clone(),
                 c.site_id.clone(),
                 c.version.clone(),
                 c.os.clone(),
-                c.arch.clone()
-            ))
-            .collect::<Vec<_>>(),
-        agents.iter().map(facts).collect::<Vec<_>>()
-    );
+                c.arch.clone(),
+            )
+        })
+        .collect();
+    read.sort();
+    let mut expected: Vec<_> = agents
+        .iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                a.site_id.clone(),
+                a.version.clone(),
+                a.os.clone(),
+                a.arch.clone(),
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(read, expected);
     assert!(matches!(
         store.agent("missing").await,
         Err(StoreError::NotFound)

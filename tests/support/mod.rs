@@ -187,6 +187,14 @@ impl Server {
             .unwrap()
     }
 
+    /// A counter's value in the server's `/metrics`: the sample named exactly `sample`.
+    pub async fn counter(&self, sample: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{sample} missing from /metrics:\n{text}"))
+    }
+
     pub fn api(&self) -> Api {
         match &self.ca_file {
             None => Api::new(&self.url, ADMIN_TOKEN),

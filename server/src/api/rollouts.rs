@@ -918,8 +918,9 @@ pub(crate) async fn promote(
     let agents = state.store.list_candidates().await?;
     let forced = request.force && !verdict.pass;
     // The rollout exists before any build reads as stable, so no node mistakes the
-    // promoted build for one that landed on stable by itself.
-    let rollout = conductor::start(
+    // promoted build for one that landed on stable by itself; agents and the other nodes
+    // hear of it once the builds read stable, when they can move.
+    let rollout = conductor::start_untold(
         &state,
         conductor::Start {
             id: None,
@@ -937,15 +938,10 @@ pub(crate) async fn promote(
         },
     )
     .await?;
-    let mut promoted = Vec::new();
-    for build in builds.iter().filter(|b| b.channel != Channel::Stable) {
-        write_channel(&state.settings.downloads, &build.file, Channel::Stable)
-            .map_err(|e| ApiError::Internal(format!("while promoting {}: {e:#}", build.file)))?;
-        promoted.push(build.file.clone());
-    }
-    state.store.mark_promoted(&version, now_ms()).await?;
-    state.releases.rescan().await;
-    state.registry.broadcast(|| crate::session::Outbound::Check);
+    let made_stable = make_stable(&state, &version, &builds).await;
+    // Told even if a build could not be made stable: the rollout is under way.
+    conductor::announce(&state, &[&rollout.id]);
+    let promoted = made_stable?;
     state
         .audit(
             &caller.actor,
@@ -972,6 +968,24 @@ pub(crate) async fn promote(
         unchanged: false,
         rollout: one_view(&state, rollout).await?,
     }))
+}
+
+/// Puts a promoted version's builds on stable and re-reads them; answers the files
+/// whose channel changed.
+async fn make_stable(
+    state: &AppState,
+    version: &str,
+    builds: &[Release],
+) -> Result<Vec<String>, ApiError> {
+    let mut promoted = Vec::new();
+    for build in builds.iter().filter(|b| b.channel != Channel::Stable) {
+        write_channel(&state.settings.downloads, &build.file, Channel::Stable)
+            .map_err(|e| ApiError::Internal(format!("while promoting {}: {e:#}", build.file)))?;
+        promoted.push(build.file.clone());
+    }
+    state.store.mark_promoted(version, now_ms()).await?;
+    state.releases.rescan().await;
+    Ok(promoted)
 }
 
 /// Writes `<file>.channel` by rename, so the scanner never reads half of it.

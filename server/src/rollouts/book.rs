@@ -57,6 +57,23 @@ impl LiveRollout {
     }
 }
 
+/// The targets of a rollout its node has just written, handed to the book so that it
+/// need not read them back (a promote to the whole fleet writes thousands).
+#[derive(Debug)]
+pub(crate) struct KnownTargets {
+    pub(crate) rollout_id: String,
+    pub(crate) targets: HashMap<String, usize>,
+}
+
+impl KnownTargets {
+    pub(crate) fn new(rollout_id: &str, targets: Vec<(String, usize)>) -> KnownTargets {
+        KnownTargets {
+            rollout_id: rollout_id.to_owned(),
+            targets: targets.into_iter().collect(),
+        }
+    }
+}
+
 /// Every rollout that can matter to dispatch, newest first, indexed so that a heartbeat
 /// looks at the rollouts of one version and the open targeted ones only.
 #[derive(Debug, Default)]

@@ -131,7 +131,8 @@ pub trait Queries: Send + Sync {
 
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
 
-    /// What starting a rollout needs of every agent, in the order of `list_agents`.
+    /// What starting a rollout needs of every agent, in no order (a rollout places its
+    /// targets by `rollouts::plan::placement`).
     async fn list_candidates(&self) -> StoreResult<Vec<CandidateRecord>>;
 
     /// The agents that run `version`, in the order of `list_agents`.
@@ -1147,15 +1148,13 @@ macro_rules! impl_queries {
                 }
 
                 async fn list_candidates(&self) -> StoreResult<Vec<CandidateRecord>> {
-                    let bytes = <$store as Dialect>::BYTE_ORDER;
-                    Ok(sqlx::query_as(&format!(
+                    Ok(sqlx::query_as(
                         "SELECT a.id, a.site_id, a.version, a.os, a.arch, \
                              a.channel AS agent_channel, s.channel AS site_channel, \
                              c.channel AS client_channel \
                          FROM agents a JOIN sites s ON s.id = a.site_id \
-                         JOIN clients c ON c.id = s.client_id \
-                         ORDER BY a.hostname{bytes}, a.id{bytes}"
-                    ))
+                         JOIN clients c ON c.id = s.client_id",
+                    )
                     .fetch_all(&self.pool)
                     .await?)
                 }

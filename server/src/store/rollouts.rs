@@ -374,8 +374,12 @@ pub trait RolloutStore: Send + Sync {
     /// Newest first.
     async fn list_rollouts(&self, filter: &RolloutFilter<'_>) -> StoreResult<Vec<Rollout>>;
 
-    /// Every rollout, and the targets of the open ones (rollout id, agent id, wave).
-    async fn rollout_book(&self) -> StoreResult<(Vec<Rollout>, Vec<(String, String, usize)>)>;
+    /// Every rollout, and the targets of the open ones (rollout id, agent id, wave) but
+    /// those of `known`, which the caller holds already (it has just written them).
+    async fn rollout_book(
+        &self,
+        known: Option<&str>,
+    ) -> StoreResult<(Vec<Rollout>, Vec<(String, String, usize)>)>;
 
     /// Adds an agent that became a target after the start; nothing if it is one.
     async fn add_rollout_target(
@@ -854,6 +858,7 @@ macro_rules! impl_rollout_store {
 
             async fn rollout_book(
                 &self,
+                known: Option<&str>,
             ) -> $crate::store::StoreResult<(
                 Vec<$crate::store::rollouts::Rollout>,
                 Vec<(String, String, usize)>,
@@ -867,9 +872,11 @@ macro_rules! impl_rollout_store {
                 .await?;
                 let targets: Vec<(String, String, i64)> = sqlx::query_as(&format!(
                     "SELECT t.rollout_id, t.agent_id, t.wave FROM rollout_targets t \
-                     JOIN rollouts o ON o.id = t.rollout_id WHERE o.state IN {}",
+                     JOIN rollouts o ON o.id = t.rollout_id \
+                     WHERE o.state IN {} AND o.id <> $1",
                     r::OPEN_STATES
                 ))
+                .bind(known.unwrap_or(""))
                 .fetch_all(&self.pool)
                 .await?;
                 Ok((

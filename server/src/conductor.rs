@@ -632,7 +632,25 @@ async fn transition(
     actor: &str,
     detail: Option<&str>,
 ) -> StoreResult<bool> {
-    let applied = state
+    let applied = transition_untold(state, rollout, from, to, reason, actor, detail).await?;
+    if applied {
+        changed(state, &rollout.id).await;
+    }
+    Ok(applied)
+}
+
+/// Applies a state change if the rollout is in one of `from`; whether it was. Nobody is
+/// told: the caller does.
+async fn transition_untold(
+    state: &AppState,
+    rollout: &Rollout,
+    from: &[RolloutState],
+    to: RolloutState,
+    reason: Option<&str>,
+    actor: &str,
+    detail: Option<&str>,
+) -> StoreResult<bool> {
+    state
         .store
         .change_rollout_state(
             &StateChange {
@@ -646,11 +664,7 @@ async fn transition(
             },
             now_ms(),
         )
-        .await?;
-    if applied {
-        changed(state, &rollout.id).await;
-    }
-    Ok(applied)
+        .await
 }
 
 /// What an operator can do to a rollout.
@@ -943,33 +957,28 @@ async fn abort_and_move_back(
     aborted: &mut Vec<String>,
     cancelled: u64,
 ) -> Conducted<RollbackOutcome> {
-    let now = now_ms();
     for rollout in stop {
-        let applied = state
-            .store
-            .change_rollout_state(
-                &StateChange {
-                    id: &rollout.id,
-                    from: &[
-                        RolloutState::Running,
-                        RolloutState::Waiting,
-                        RolloutState::Paused,
-                        RolloutState::Halted,
-                    ],
-                    to: RolloutState::Aborted,
-                    reason: Some(&format!("{version} was rolled back")),
-                    actor,
-                    detail: None,
-                    resume: false,
-                },
-                now,
-            )
-            .await?;
+        let applied = transition_untold(
+            state,
+            rollout,
+            &[
+                RolloutState::Running,
+                RolloutState::Waiting,
+                RolloutState::Paused,
+                RolloutState::Halted,
+            ],
+            RolloutState::Aborted,
+            Some(&format!("{version} was rolled back")),
+            actor,
+            None,
+        )
+        .await?;
         if applied {
             aborted.push(rollout.id.clone());
         }
     }
     let agents = state.store.agents_running(version).await?;
+    let now = now_ms();
     let index = state.releases.current();
     let blocked = state.blocked_versions().clone();
     let mut outcome = RollbackOutcome {

@@ -223,33 +223,20 @@ async fn story(store: &dyn Store) {
     assert!(running("1.1.0").await.is_empty());
     // What a rollout's start reads of every agent: the same agents (in no order).
     let candidates = store.list_candidates().await.unwrap();
-    let mut read: Vec<_> = candidates
-        .iter()
-        .map(|c| {
+    let ids: std::collections::HashSet<&str> = candidates.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!((ids.len(), candidates.len()), (agents.len(), agents.len()));
+    for candidate in &candidates {
+        let agent = by_id(&candidate.id);
+        assert_eq!(
             (
-                c.id.clone(),
-                c.site_id.clone(),
-                c.version.clone(),
-                c.os.clone(),
-                c.arch.clone(),
-            )
-        })
-        .collect();
-    read.sort();
-    let mut expected: Vec<_> = agents
-        .iter()
-        .map(|a| {
-            (
-                a.id.clone(),
-                a.site_id.clone(),
-                a.version.clone(),
-                a.os.clone(),
-                a.arch.clone(),
-            )
-        })
-        .collect();
-    expected.sort();
-    assert_eq!(read, expected);
+                &candidate.site_id,
+                &candidate.version,
+                &candidate.os,
+                &candidate.arch
+            ),
+            (&agent.site_id, &agent.version, &agent.os, &agent.arch)
+        );
+    }
     assert!(matches!(
         store.agent("missing").await,
         Err(StoreError::NotFound)

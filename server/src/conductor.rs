@@ -550,12 +550,15 @@ pub(crate) async fn drive(state: &AppState, id: &str) -> StoreResult<()> {
             );
             transition(
                 state,
-                &rollout,
-                &[RolloutState::Running, RolloutState::Waiting],
-                RolloutState::Completed,
-                None,
-                "drover",
-                Some(&detail),
+                &StateChange {
+                    detail: Some(&detail),
+                    ..StateChange::new(
+                        id,
+                        &[RolloutState::Running, RolloutState::Waiting],
+                        RolloutState::Completed,
+                        "drover",
+                    )
+                },
             )
             .await?;
         }
@@ -584,12 +587,15 @@ pub(crate) async fn drive(state: &AppState, id: &str) -> StoreResult<()> {
         );
         transition(
             state,
-            &rollout,
-            &[RolloutState::Running],
-            RolloutState::Waiting,
-            None,
-            "drover",
-            Some(&detail),
+            &StateChange {
+                detail: Some(&detail),
+                ..StateChange::new(
+                    id,
+                    &[RolloutState::Running],
+                    RolloutState::Waiting,
+                    "drover",
+                )
+            },
         )
         .await?;
     }
@@ -599,12 +605,15 @@ pub(crate) async fn drive(state: &AppState, id: &str) -> StoreResult<()> {
 async fn halt(state: &AppState, rollout: &Rollout, reason: &str) -> StoreResult<()> {
     let halted = transition(
         state,
-        rollout,
-        &[RolloutState::Running, RolloutState::Waiting],
-        RolloutState::Halted,
-        Some(reason),
-        "drover",
-        None,
+        &StateChange {
+            reason: Some(reason),
+            ..StateChange::new(
+                &rollout.id,
+                &[RolloutState::Running, RolloutState::Waiting],
+                RolloutState::Halted,
+                "drover",
+            )
+        },
     )
     .await?;
     if halted {
@@ -622,49 +631,13 @@ async fn halt(state: &AppState, rollout: &Rollout, reason: &str) -> StoreResult<
     Ok(())
 }
 
-/// Applies a state change and, if it happened, tells every node.
-async fn transition(
-    state: &AppState,
-    rollout: &Rollout,
-    from: &[RolloutState],
-    to: RolloutState,
-    reason: Option<&str>,
-    actor: &str,
-    detail: Option<&str>,
-) -> StoreResult<bool> {
-    let applied = transition_untold(state, rollout, from, to, reason, actor, detail).await?;
+/// Applies a state change (`change_rollout_state`) and, if it happened, tells every node.
+async fn transition(state: &AppState, change: &StateChange<'_>) -> StoreResult<bool> {
+    let applied = state.store.change_rollout_state(change, now_ms()).await?;
     if applied {
-        changed(state, &rollout.id).await;
+        changed(state, change.id).await;
     }
     Ok(applied)
-}
-
-/// Applies a state change if the rollout is in one of `from`; whether it was. Nobody is
-/// told: the caller does.
-async fn transition_untold(
-    state: &AppState,
-    rollout: &Rollout,
-    from: &[RolloutState],
-    to: RolloutState,
-    reason: Option<&str>,
-    actor: &str,
-    detail: Option<&str>,
-) -> StoreResult<bool> {
-    state
-        .store
-        .change_rollout_state(
-            &StateChange {
-                id: &rollout.id,
-                from,
-                to,
-                reason,
-                actor,
-                detail,
-                resume: false,
-            },
-            now_ms(),
-        )
-        .await
 }
 
 /// What an operator can do to a rollout.
@@ -714,37 +687,20 @@ pub(crate) async fn act(
         Action::Pause => {
             transition(
                 state,
-                &rollout,
-                &[Running, Waiting],
-                Paused,
-                None,
-                actor,
-                None,
+                &StateChange::new(id, &[Running, Waiting], Paused, actor),
             )
             .await?
         }
         Action::Resume => {
-            let applied = state
-                .store
-                .change_rollout_state(
-                    &StateChange {
-                        id,
-                        from: &[Paused, Halted],
-                        to: Running,
-                        reason: None,
-                        actor,
-                        detail: Some(
-                            "resumed; earlier build failures no longer count toward a halt",
-                        ),
-                        resume: true,
-                    },
-                    now,
-                )
-                .await?;
-            if applied {
-                changed(state, id).await;
-            }
-            applied
+            transition(
+                state,
+                &StateChange {
+                    detail: Some("resumed; earlier build failures no longer count toward a halt"),
+                    resume: true,
+                    ..StateChange::new(id, &[Paused, Halted], Running, actor)
+                },
+            )
+            .await?
         }
         Action::Advance => {
             let plan = parse_plan(&rollout)?;
@@ -766,12 +722,10 @@ pub(crate) async fn act(
         Action::Abort => {
             let applied = transition(
                 state,
-                &rollout,
-                &[Running, Waiting, Paused, Halted],
-                Aborted,
-                Some(&format!("aborted by {actor}")),
-                actor,
-                None,
+                &StateChange {
+                    reason: Some(&format!("aborted by {actor}")),
+                    ..StateChange::new(id, &RolloutState::OPEN, Aborted, actor)
+                },
             )
             .await?;
             if applied {
@@ -958,21 +912,21 @@ async fn abort_and_move_back(
     cancelled: u64,
 ) -> Conducted<RollbackOutcome> {
     for rollout in stop {
-        let applied = transition_untold(
-            state,
-            rollout,
-            &[
-                RolloutState::Running,
-                RolloutState::Waiting,
-                RolloutState::Paused,
-                RolloutState::Halted,
-            ],
-            RolloutState::Aborted,
-            Some(&format!("{version} was rolled back")),
-            actor,
-            None,
-        )
-        .await?;
+        let applied = state
+            .store
+            .change_rollout_state(
+                &StateChange {
+                    reason: Some(&format!("{version} was rolled back")),
+                    ..StateChange::new(
+                        &rollout.id,
+                        &RolloutState::OPEN,
+                        RolloutState::Aborted,
+                        actor,
+                    )
+                },
+                now_ms(),
+            )
+            .await?;
         if applied {
             aborted.push(rollout.id.clone());
         }
@@ -1068,17 +1022,15 @@ pub(crate) async fn unblock(state: &AppState, version: &str, actor: &str) -> Sto
     for rollback in &rollbacks {
         if transition(
             state,
-            rollback,
-            &[
-                RolloutState::Running,
-                RolloutState::Waiting,
-                RolloutState::Paused,
-                RolloutState::Halted,
-            ],
-            RolloutState::Aborted,
-            Some(&format!("{version} was unblocked")),
-            actor,
-            None,
+            &StateChange {
+                reason: Some(&format!("{version} was unblocked")),
+                ..StateChange::new(
+                    &rollback.id,
+                    &RolloutState::OPEN,
+                    RolloutState::Aborted,
+                    actor,
+                )
+            },
         )
         .await?
         {

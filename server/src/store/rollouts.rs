@@ -86,15 +86,17 @@ impl RolloutState {
         RolloutState::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
+    /// The states that are not finished (`OPEN_STATES` in SQL).
+    pub const OPEN: [RolloutState; 4] = [
+        RolloutState::Running,
+        RolloutState::Waiting,
+        RolloutState::Paused,
+        RolloutState::Halted,
+    ];
+
     /// Not finished: it may still start agents, now or after an operator acts.
     pub fn is_open(self) -> bool {
-        matches!(
-            self,
-            RolloutState::Running
-                | RolloutState::Waiting
-                | RolloutState::Paused
-                | RolloutState::Halted
-        )
+        RolloutState::OPEN.contains(&self)
     }
 }
 
@@ -213,6 +215,26 @@ pub struct StateChange<'a> {
     pub detail: Option<&'a str>,
     /// Build failures before now no longer count toward a halt.
     pub resume: bool,
+}
+
+impl<'a> StateChange<'a> {
+    /// A change from one of `from` to `to`, with no reason, detail or resume.
+    pub fn new(
+        id: &'a str,
+        from: &'a [RolloutState],
+        to: RolloutState,
+        actor: &'a str,
+    ) -> StateChange<'a> {
+        StateChange {
+            id,
+            from,
+            to,
+            reason: None,
+            actor,
+            detail: None,
+            resume: false,
+        }
+    }
 }
 
 /// When a wave started and when it passed its thresholds.

@@ -66,6 +66,39 @@ async fn fleet_at(api: &Api, expected: &[(&str, &str)]) {
     .await;
 }
 
+/// Waits until the agents of `fleet` named in `names` are through their hand-over to
+/// `version`: its supervisor runs and its worker reported the update (the journal is
+/// cleared). The server counts a success at the first heartbeat of the build on
+/// probation, whose worker the hand-over then replaces; until that worker is back, its
+/// agent is between sessions and its success is not settled, so the gate can read one
+/// settled success fewer for a moment.
+async fn handed_over(fleet: &[(Agent, PathBuf)], names: &[&str], version: &str) {
+    let agents: Vec<&Agent> = fleet
+        .iter()
+        .map(|(agent, _)| agent)
+        .filter(|agent| {
+            let name = agent.state_dir.file_name().and_then(|n| n.to_str());
+            name.is_some_and(|name| names.contains(&name))
+        })
+        .collect();
+    assert_eq!(agents.len(), names.len(), "{names:?} in the fleet");
+    eventually(
+        &format!("{names:?} handed over to {version}"),
+        WAIT,
+        || async {
+            agents
+                .iter()
+                .all(|agent| {
+                    let running = supervisor_of(&agent.state_dir).map(|(_, v)| v);
+                    running.as_deref() == Some(version)
+                        && !agent.state_dir.join("update.json").exists()
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// The newest rollout of `version` of this kind.
 async fn find_rollout(api: &Api, version: &str, kind: &str) -> Option<Value> {
     let (status, rollouts) = api
@@ -140,7 +173,7 @@ async fn the_full_story_beta_promote_and_rollback() {
     );
     let api = server.api();
     publish_agent(&server, dir.path(), "1.0.0", "stable");
-    let _fleet = start_fleet(&server, dir.path(), &["s1", "s2", "s3", "b1", "b2"]);
+    let fleet = start_fleet(&server, dir.path(), &["s1", "s2", "s3", "b1", "b2"]);
     fleet_at(
         &api,
         &[
@@ -195,6 +228,7 @@ async fn the_full_story_beta_promote_and_rollback() {
         ],
     )
     .await;
+    handed_over(&fleet, &["b1", "b2"], "1.1.0").await;
     let record = eventually("two beta successes", WAIT, || async {
         let record = find_rollout(&api, "1.1.0", "beta").await?;
         (record["succeeded"] == 2 && record["gate"]["pass"] == true).then_some(record)

@@ -569,6 +569,74 @@ async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_is_one_check_of_the_other_nodes_agents() {
+    let Some(database) = Database::create("rollback_checks") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path(), &database);
+    let shared = a.downloads();
+    publish(&shared, "1.0.0", Some("stable"), b"the build to go back to");
+    publish(&shared, "1.1.0", Some("stable"), b"the build to roll back");
+    for node in [&a, &b] {
+        offered(&node.api(), "1.0.0").await;
+        offered(&node.api(), "1.1.0").await;
+    }
+    let mut agents = Vec::new();
+    for (n, node) in [&a, &b].into_iter().enumerate() {
+        agents.push(ProtocolAgent::enroll(node, &format!("fp-back-{n}"), "1.1.0").await);
+    }
+    rollout_started(&a.api(), "1.1.0").await;
+    // Whatever the builds' rollouts signalled has arrived.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    const CHECK_ALL: &str = "drover_node_signals_received_total{signal=\"check_all\"}";
+    const BLOCKED: &str = "drover_node_signals_received_total{signal=\"blocked\"}";
+    const FLEET_CHECKS: &str = "drover_fleet_checks_total";
+    let before = [
+        b.counter(CHECK_ALL).await,
+        b.counter(BLOCKED).await,
+        b.counter(FLEET_CHECKS).await,
+    ];
+
+    let (status, body) = a.api().post("/api/v1/rollouts/1.1.0/rollback", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["targeted"], 2, "{body}");
+    // Both agents, the one on B too, are moved back.
+    let mut moved = [false; 2];
+    let deadline = tokio::time::Instant::now() + SOON;
+    while moved.iter().any(|m| !m) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every agent was sent 1.0.0: {moved:?}"
+        );
+        for (i, message) in listen(&mut agents, Duration::from_millis(300)).await {
+            if let ServerMessage::Update(update) = message {
+                assert_eq!(update.version, "1.0.0", "agent {i}: {update:?}");
+                moved[i] = true;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = [
+        b.counter(CHECK_ALL).await,
+        b.counter(BLOCKED).await,
+        b.counter(FLEET_CHECKS).await,
+    ];
+    // The block, then one check when the rollback's rollout is written. It was a check
+    // for the block as well, while the rollout's targets were still being written.
+    assert_eq!(
+        [after[0] - before[0], after[1] - before[1]],
+        [1, 1],
+        "check_all and blocked signals B received for one rollback"
+    );
+    assert_eq!(
+        after[2] - before[2],
+        1,
+        "checks of B's agents for one rollback"
+    );
+}
+
 /// Keeps `agent` heartbeating for `period`, then reads it on `api`.
 async fn after_heartbeats(
     agent: &mut ProtocolAgent,

@@ -851,12 +851,13 @@ pub(crate) async fn rollback(
         )
         .await?;
     // The block is in the store before anyone acts on it. This node sees it now; the
-    // other nodes are told to re-read it before they hear of any single agent (signals
-    // arrive in order), and a task insert on any of them refuses a blocked version.
+    // other nodes are told to re-read it (only it: they check their agents once, when
+    // the rollback is announced) before they hear of any single agent (signals arrive in
+    // order), and a task insert on any of them refuses a blocked version.
     state.reload_blocked_versions().await?;
     state
         .registry
-        .signal_other_nodes(crate::nodes::Signal::CheckAll);
+        .signal_other_nodes(crate::nodes::Signal::Blocked);
     for agent in &cancelled_for {
         state.registry.send(agent, Outbound::Refresh);
         state.events.agent(agent);

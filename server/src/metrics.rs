@@ -49,7 +49,7 @@ pub(crate) struct Counters {
 }
 
 /// The kinds of signal between nodes.
-pub(crate) const SIGNALS: [&str; 3] = ["refresh", "check_all", "claimed"];
+pub(crate) const SIGNALS: [&str; 4] = ["refresh", "check_all", "blocked", "claimed"];
 
 /// The (status, class) pairs a task ends with.
 const TASK_ENDINGS: [(&str, &str); 9] = [
@@ -278,7 +278,7 @@ pub(crate) async fn render(
         &mut out,
         "drover_node_signals_received_total",
         "counter",
-        "What other nodes asked of this one: refresh (an agent), check_all, claimed (an agent's session moved).",
+        "What other nodes asked of this one: refresh (an agent), check_all, blocked (re-read the blocked versions), claimed (an agent's session moved).",
     );
     for (kind, counter) in SIGNALS.iter().zip(&c.signals_received) {
         let _ = writeln!(

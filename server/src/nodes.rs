@@ -32,6 +32,9 @@ pub(crate) enum Signal {
     Refresh(Vec<String>),
     /// Re-read blocks, halts, the update switch and the builds, and check every agent.
     CheckAll,
+    /// Re-read the blocked versions only: a rollback blocked one, and tells what it
+    /// moves with one `CheckAll` once its rollout is written.
+    Blocked,
     /// These agents' sessions are now held by the sending node; close any other.
     Claimed(Vec<String>),
 }
@@ -41,6 +44,7 @@ impl Signal {
         match self {
             Signal::Refresh(agents) => format!("{node} refresh {}", agents.join(",")),
             Signal::CheckAll => format!("{node} check"),
+            Signal::Blocked => format!("{node} blocked"),
             Signal::Claimed(agents) => format!("{node} claimed {}", agents.join(",")),
         }
     }
@@ -53,6 +57,7 @@ impl Signal {
         let signal = match (parts.next()?, parts.next(), parts.next()) {
             ("refresh", Some(agents), None) => Signal::Refresh(list(agents)),
             ("check", None, None) => Signal::CheckAll,
+            ("blocked", None, None) => Signal::Blocked,
             ("claimed", Some(agents), None) => Signal::Claimed(list(agents)),
             _ => return None,
         };
@@ -63,13 +68,15 @@ impl Signal {
         match self {
             Signal::Refresh(_) => "refresh",
             Signal::CheckAll => "check_all",
+            Signal::Blocked => "blocked",
             Signal::Claimed(_) => "claimed",
         }
     }
 }
 
-/// Signals waiting to go out, folded as they are posted: one `CheckAll`, and each agent
-/// once per kind, in the order first posted. The queue so never holds more than the
+/// Signals waiting to go out, folded as they are posted: one `CheckAll` (or, without
+/// one, one `Blocked`: a `CheckAll` re-reads the blocks too), ahead of each agent once
+/// per kind, in the order first posted. The queue so never holds more than the
 /// fleet's agents twice over, however fast signals come (a connect storm claims
 /// thousands of sessions at once), and posting never waits.
 #[derive(Default)]
@@ -81,6 +88,7 @@ pub(crate) struct Outbox {
 #[derive(Default)]
 struct Pending {
     check_all: bool,
+    blocked: bool,
     refresh: Folded,
     claimed: Folded,
 }
@@ -119,6 +127,7 @@ impl Outbox {
                 Signal::Refresh(agents) => pending.refresh.extend(agents),
                 Signal::Claimed(agents) => pending.claimed.extend(agents),
                 Signal::CheckAll => pending.check_all = true,
+                Signal::Blocked => pending.blocked = true,
             }
         }
         self.posted.notify_one();
@@ -138,10 +147,12 @@ impl Outbox {
 
     fn take(&self) -> Vec<Signal> {
         let mut pending = self.lock();
-        let mut out: Vec<Signal> = std::mem::take(&mut pending.check_all)
-            .then_some(Signal::CheckAll)
-            .into_iter()
-            .collect();
+        let blocked = std::mem::take(&mut pending.blocked);
+        let first = match std::mem::take(&mut pending.check_all) {
+            true => Some(Signal::CheckAll),
+            false => blocked.then_some(Signal::Blocked),
+        };
+        let mut out: Vec<Signal> = first.into_iter().collect();
         out.extend(pending.refresh.take(Signal::Refresh));
         out.extend(pending.claimed.take(Signal::Claimed));
         out
@@ -226,7 +237,7 @@ pub(crate) async fn start(state: AppState) -> StoreResult<()> {
 async fn act(state: &AppState, signal: Signal) {
     let items = match &signal {
         Signal::Refresh(agents) | Signal::Claimed(agents) => agents.len(),
-        Signal::CheckAll => 1,
+        Signal::CheckAll | Signal::Blocked => 1,
     };
     crate::metrics::COUNTERS.signal_received(signal.kind(), items);
     match signal {
@@ -253,6 +264,11 @@ async fn act(state: &AppState, signal: Signal) {
         Signal::CheckAll => {
             reread_shared_state(state).await;
             state.registry.broadcast_here(|| Outbound::Check);
+        }
+        Signal::Blocked => {
+            if let Err(err) = state.reload_blocked_versions().await {
+                tracing::warn!(%err, "could not re-read the versions another node blocked");
+            }
         }
     }
 }
@@ -330,6 +346,7 @@ mod tests {
         for signal in [
             Signal::Refresh(vec!["a-1".into()]),
             Signal::CheckAll,
+            Signal::Blocked,
             Signal::Claimed(vec!["a-2".into(), "a-3".into()]),
         ] {
             let message = signal.encode("node-1");
@@ -349,6 +366,7 @@ mod tests {
             .map(|id| Signal::Claimed(vec![id.clone()]))
             .collect();
         queued.insert(10, Signal::CheckAll);
+        queued.insert(15, Signal::Blocked);
         queued.insert(20, Signal::Refresh(vec!["r-1".into()]));
         queued.push(Signal::CheckAll);
         queued.push(Signal::Claimed(ids[..5].to_vec()));
@@ -372,6 +390,14 @@ mod tests {
             assert!(signal.encode(&"n".repeat(36)).len() < 8_000);
         }
         assert!(outbox.take().is_empty(), "what went out is gone");
+        // Without a `CheckAll` to re-read them, the blocks go ahead of the agents.
+        outbox.post(Signal::Refresh(vec!["r-2".into()]));
+        outbox.post(Signal::Blocked);
+        outbox.post(Signal::Blocked);
+        assert_eq!(
+            outbox.take(),
+            [Signal::Blocked, Signal::Refresh(vec!["r-2".into()])]
+        );
         outbox.post(Signal::Claimed(ids[..1].to_vec()));
         assert_eq!(
             outbox.take(),

@@ -2774,6 +2774,102 @@ async fn postgres_pages_a_rollouts_agents_by_stage() {
     .await;
 }
 
+/// More targets than one insert statement holds (`TARGETS_PER_STATEMENT`, 10,000 rows of
+/// 3 parameters), and more than SQLite takes in one (32,766 parameters): a statement of
+/// more rows than that limit allows fails here, however the targets are split.
+const MANY_TARGETS: usize = 25_000;
+
+/// Adds `MANY_TARGETS` agents to the default site in one statement, which both backends
+/// read alike.
+fn insert_many_agents() -> String {
+    format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {MANY_TARGETS}) \
+         INSERT INTO agents (id, site_id, fingerprint, secret_hash, hostname, version, os, \
+             arch, enrolled_at, last_seen) \
+         SELECT 'many-' || i, (SELECT site_id FROM agents LIMIT 1), 'fp-many-' || i, 'x', \
+             'many-' || i, '1.0.0', 'linux', 'amd64', 0, 0 FROM n"
+    )
+}
+
+/// A rollout of more targets than one statement holds starts with every one of them, in
+/// its wave, on either backend: its statements stay within the backend's limit of
+/// parameters. `insert_agents` adds the `MANY_TARGETS` agents (`insert_many_agents`).
+async fn many_targets_story<F, Fut>(store: &dyn Store, insert_agents: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    // The default site exists once an agent enrolled.
+    bootstrapped(store).await;
+    enroll_one(store, "fp-first", "first", 1_000).await;
+    insert_agents().await;
+    let targets: Vec<(String, usize)> = (1..=MANY_TARGETS)
+        .map(|i| (format!("many-{i}"), usize::from(i % 2 == 0)))
+        .collect();
+    let platforms = [("linux".to_owned(), "amd64".to_owned())];
+    store
+        .create_rollout(
+            &NewRollout {
+                id: "r-many",
+                version: "2.0.0",
+                kind: RolloutKind::Targeted,
+                platforms: &platforms,
+                plan: "{}",
+                started_by: "test",
+                detail: "started",
+                targets: &targets,
+                supersedes: &[],
+            },
+            2_000,
+        )
+        .await
+        .unwrap();
+    let (_, book) = store.rollout_book(None).await.unwrap();
+    let mut written: Vec<(String, usize)> = book
+        .into_iter()
+        .filter(|(rollout, _, _)| rollout == "r-many")
+        .map(|(_, agent, wave)| (agent, wave))
+        .collect();
+    written.sort();
+    let mut expected = targets.clone();
+    expected.sort();
+    assert_eq!(written.len(), MANY_TARGETS);
+    assert!(written == expected, "every target once, in its wave");
+}
+
+#[tokio::test]
+async fn sqlite_starts_a_rollout_of_more_targets_than_one_statement_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    many_targets_story(&store, || async {
+        let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(&insert_many_agents())
+            .execute(&mut raw)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_starts_a_rollout_of_more_targets_than_one_statement_holds() {
+    with_postgres(|url| async move {
+        let store = PostgresStore::open(&url).await.unwrap();
+        many_targets_story(&store, || async {
+            let mut raw = PgConnection::connect(&url).await.unwrap();
+            sqlx::query(&insert_many_agents())
+                .execute(&mut raw)
+                .await
+                .unwrap();
+        })
+        .await;
+    })
+    .await;
+}
+
 /// Transactions that read before they write, run side by side on SQLite, wait for each
 /// other rather than failing with "database is locked" when another committed first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -471,8 +471,11 @@ pub trait RolloutStore: Send + Sync {
     async fn prune_rollout_targets(&self, batch: i64) -> StoreResult<u64>;
 }
 
-/// `INSERT` statements of targets hold this many rows each (3 parameters a row).
-pub(super) const TARGETS_PER_STATEMENT: usize = 1_000;
+/// `INSERT` statements of targets hold this many rows each: 3 parameters a row, within
+/// SQLite's limit of 32,766 a statement (PostgreSQL's is 65,535). Each statement joins
+/// its rows to the agents, which PostgreSQL does by reading them all, so fewer, larger
+/// statements read the fleet fewer times (BENCHMARKS.md, bench-nodes).
+pub(super) const TARGETS_PER_STATEMENT: usize = 10_000;
 
 /// The one statement that adds targets, around a `VALUES` list of (rollout id, agent
 /// id, wave): it writes each target with the facts of its agent that it keeps (migration

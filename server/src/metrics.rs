@@ -88,7 +88,7 @@ impl Counters {
     }
 
     /// A signal of `kind` (one of `SIGNALS`) arrived from another node, naming `items`
-    /// agents (1 for a `check_all`).
+    /// agents (1 for a `check_all` or a `blocked`).
     pub(crate) fn signal_received(&self, kind: &str, items: usize) {
         if let Some(index) = SIGNALS.iter().position(|k| *k == kind) {
             self.signals_received[index].fetch_add(items as u64, Ordering::Relaxed);

@@ -1676,23 +1676,11 @@ async fn postgres_targets_never_miss_a_change_of_their_agents() {
         for i in 0..40 {
             agents.push(enroll_one(a, &format!("fp-{i}"), &format!("host-{i}"), 1_000).await);
         }
-        let platforms = [("linux".to_owned(), "amd64".to_owned())];
         let targets: Vec<(String, usize)> = agents.iter().map(|id| (id.clone(), 0)).collect();
         for round in 0..15 {
             let id = format!("r-{round}");
             let channel = if round % 2 == 0 { "beta" } else { "stable" };
-            let rollout = NewRollout {
-                id: &id,
-                version: "2.0.0",
-                kind: RolloutKind::Targeted,
-                platforms: &platforms,
-                plan: "{}",
-                started_by: "test",
-                detail: "started",
-                targets: &targets,
-                supersedes: &[],
-            };
-            let start = a.create_rollout(&rollout, 2_000 + round);
+            let start = start_targeted(a, &id, &targets, 2_000 + round);
             let moves = async {
                 for agent in &agents {
                     b.set_channel(ChannelScope::Agent, agent, Some(channel))
@@ -1700,8 +1688,7 @@ async fn postgres_targets_never_miss_a_change_of_their_agents() {
                         .unwrap();
                 }
             };
-            let (started, ()) = tokio::join!(start, moves);
-            started.unwrap();
+            tokio::join!(start, moves);
             let mut on_channel = std::collections::BTreeMap::new();
             for (_, group) in a.rollout_target_groups(&[&id], 0).await.unwrap() {
                 *on_channel.entry(group.channel).or_insert(0) += group.agents;
@@ -2310,6 +2297,28 @@ fn task(agent_id: &str, wave: usize) -> NewTask<'_> {
     }
 }
 
+/// Starts targeted rollout `id` of 2.0.0 on linux/amd64 over `targets` at `at_ms`.
+async fn start_targeted(store: &dyn Store, id: &str, targets: &[(String, usize)], at_ms: i64) {
+    let platforms = [("linux".to_owned(), "amd64".to_owned())];
+    store
+        .create_rollout(
+            &NewRollout {
+                id,
+                version: "2.0.0",
+                kind: RolloutKind::Targeted,
+                platforms: &platforms,
+                plan: "{}",
+                started_by: "test",
+                detail: "started",
+                targets,
+                supersedes: &[],
+            },
+            at_ms,
+        )
+        .await
+        .unwrap();
+}
+
 async fn rollout_page_story(store: &dyn Store) {
     bootstrapped(store).await;
     let mut ids = Vec::new();
@@ -2334,24 +2343,7 @@ async fn rollout_page_story(store: &dyn Store) {
         .enumerate()
         .map(|(i, id)| (id.clone(), usize::from(i >= 2)))
         .collect();
-    let platforms = [("linux".to_owned(), "amd64".to_owned())];
-    store
-        .create_rollout(
-            &NewRollout {
-                id: "r-1",
-                version: "2.0.0",
-                kind: RolloutKind::Targeted,
-                platforms: &platforms,
-                plan: "{}",
-                started_by: "test",
-                detail: "started",
-                targets: &targets,
-                supersedes: &[],
-            },
-            2_000,
-        )
-        .await
-        .unwrap();
+    start_targeted(store, "r-1", &targets, 2_000).await;
     // ids[0]: downloading; ids[1]: failed its build, then a newer task was cancelled
     // (the build failure still says where it stands); ids[2]: succeeded; ids[3]: paused,
     // with no task; ids[4] and ids[5]: nothing yet.
@@ -2806,24 +2798,7 @@ where
     let targets: Vec<(String, usize)> = (1..=MANY_TARGETS)
         .map(|i| (format!("many-{i}"), usize::from(i % 2 == 0)))
         .collect();
-    let platforms = [("linux".to_owned(), "amd64".to_owned())];
-    store
-        .create_rollout(
-            &NewRollout {
-                id: "r-many",
-                version: "2.0.0",
-                kind: RolloutKind::Targeted,
-                platforms: &platforms,
-                plan: "{}",
-                started_by: "test",
-                detail: "started",
-                targets: &targets,
-                supersedes: &[],
-            },
-            2_000,
-        )
-        .await
-        .unwrap();
+    start_targeted(store, "r-many", &targets, 2_000).await;
     let (_, book) = store.rollout_book(None).await.unwrap();
     let mut written: Vec<(String, usize)> = book
         .into_iter()

@@ -144,6 +144,29 @@ async fn rollout_started(api: &Api, version: &str) {
     .await;
 }
 
+/// Listens to `agents` until `awaited` has answered true for a message of each (it is
+/// given every message with its agent's index); panics after `SOON` saying which agents
+/// never heard `what`.
+async fn until_each(
+    agents: &mut [ProtocolAgent],
+    what: &str,
+    mut awaited: impl FnMut(usize, ServerMessage) -> bool,
+) {
+    let mut heard = vec![false; agents.len()];
+    let deadline = tokio::time::Instant::now() + SOON;
+    while heard.contains(&false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not by every agent: {heard:?}"
+        );
+        for (i, message) in listen(agents, Duration::from_millis(300)).await {
+            if awaited(i, message) {
+                heard[i] = true;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn actions_on_one_node_reach_agents_on_the_other() {
     let Some(database) = Database::create("actions") else {
@@ -371,20 +394,18 @@ async fn a_rollback_on_one_node_reaches_downloads_under_way_on_the_other_every_t
 
         // Every agent is sent the build and starts downloading it.
         let mut tasks: Vec<Option<String>> = vec![None; agents.len()];
-        let deadline = tokio::time::Instant::now() + SOON;
-        while tasks.iter().any(Option::is_none) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "round {round}: not every agent was sent {version}: {tasks:?}"
-            );
-            for (i, message) in listen(&mut agents, Duration::from_millis(300)).await {
-                if let ServerMessage::Update(update) = message
-                    && update.version == version
-                {
+        until_each(
+            &mut agents,
+            &format!("round {round}: every agent sent {version}"),
+            |i, message| match message {
+                ServerMessage::Update(update) if update.version == version => {
                     tasks[i] = Some(update.task_id);
+                    true
                 }
-            }
-        }
+                _ => false,
+            },
+        )
+        .await;
         for (agent, task) in agents.iter_mut().zip(&tasks) {
             agent
                 .report(protocol::AgentMessage::UpdateProgress(
@@ -406,27 +427,22 @@ async fn a_rollback_on_one_node_reaches_downloads_under_way_on_the_other_every_t
             .post(&format!("/api/v1/rollouts/{version}/rollback"), None)
             .await;
         assert_eq!(status, 200, "round {round}: {body}");
-        let mut cancelled = vec![false; agents.len()];
-        let deadline = tokio::time::Instant::now() + SOON;
-        while cancelled.iter().any(|c| !c) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "round {round}: not every download of {version} was cancelled: {cancelled:?}"
-            );
-            for (i, message) in listen(&mut agents, Duration::from_millis(300)).await {
-                match message {
-                    ServerMessage::Cancel(cancel) if Some(&cancel.task_id) == tasks[i].as_ref() => {
-                        assert!(cancel.reason.contains(&version), "{cancel:?}");
-                        cancelled[i] = true;
-                    }
-                    ServerMessage::Update(update) => panic!(
-                        "round {round}: agent {i} was sent {} after {version} was rolled back",
-                        update.version
-                    ),
-                    _ => {}
+        until_each(
+            &mut agents,
+            &format!("round {round}: every download of {version} cancelled"),
+            |i, message| match message {
+                ServerMessage::Cancel(cancel) if Some(&cancel.task_id) == tasks[i].as_ref() => {
+                    assert!(cancel.reason.contains(&version), "{cancel:?}");
+                    true
                 }
-            }
-        }
+                ServerMessage::Update(update) => panic!(
+                    "round {round}: agent {i} was sent {} after {version} was rolled back",
+                    update.version
+                ),
+                _ => false,
+            },
+        )
+        .await;
         for (i, message) in listen(&mut agents, Duration::from_millis(600)).await {
             assert!(
                 !matches!(message, ServerMessage::Update(_)),
@@ -603,20 +619,18 @@ async fn a_rollback_is_one_check_of_the_other_nodes_agents() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["targeted"], 2, "{body}");
     // Both agents, the one on B too, are moved back.
-    let mut moved = [false; 2];
-    let deadline = tokio::time::Instant::now() + SOON;
-    while moved.iter().any(|m| !m) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not every agent was sent 1.0.0: {moved:?}"
-        );
-        for (i, message) in listen(&mut agents, Duration::from_millis(300)).await {
-            if let ServerMessage::Update(update) = message {
+    until_each(
+        &mut agents,
+        "every agent sent 1.0.0",
+        |i, message| match message {
+            ServerMessage::Update(update) => {
                 assert_eq!(update.version, "1.0.0", "agent {i}: {update:?}");
-                moved[i] = true;
+                true
             }
-        }
-    }
+            _ => false,
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = [
         b.counter(CHECK_ALL).await,

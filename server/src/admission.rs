@@ -4,7 +4,7 @@
 //! anything else. A slot is held from the push until the agent has the bytes (it reports
 //! verifying or later), its task ends, or its session does.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[derive(Debug)]
@@ -13,11 +13,39 @@ pub(crate) struct Admission {
     state: Mutex<Slots>,
 }
 
+/// Each operation costs O(log n) in the agents waiting: the line is as long as the
+/// fleet during a rollout, and every check of a waiting agent asks for a slot.
 #[derive(Debug, Default)]
 struct Slots {
     held: usize,
-    /// Agents with a queued task, first come first served.
-    waiting: VecDeque<String>,
+    /// Agents with a queued task, by their turn: first come first served.
+    line: BTreeMap<u64, String>,
+    /// Each agent in line, to its turn.
+    turns: HashMap<String, u64>,
+    next_turn: u64,
+}
+
+impl Slots {
+    fn join(&mut self, agent: &str) {
+        if !self.turns.contains_key(agent) {
+            let turn = self.next_turn;
+            self.next_turn += 1;
+            self.turns.insert(agent.to_owned(), turn);
+            self.line.insert(turn, agent.to_owned());
+        }
+    }
+
+    fn remove(&mut self, agent: &str) {
+        if let Some(turn) = self.turns.remove(agent) {
+            self.line.remove(&turn);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<String> {
+        let (_, agent) = self.line.pop_first()?;
+        self.turns.remove(&agent);
+        Some(agent)
+    }
 }
 
 impl Admission {
@@ -41,12 +69,10 @@ impl Admission {
         let mut slots = self.slots();
         if slots.held < self.limit {
             slots.held += 1;
-            slots.waiting.retain(|a| a != agent);
+            slots.remove(agent);
             return true;
         }
-        if !slots.waiting.iter().any(|a| a == agent) {
-            slots.waiting.push_back(agent.to_owned());
-        }
+        slots.join(agent);
         false
     }
 
@@ -68,13 +94,13 @@ impl Admission {
     /// next agent to check while a slot is free.
     pub(crate) fn leave(&self, agent: &str) -> Option<String> {
         let mut slots = self.slots();
-        slots.waiting.retain(|a| a != agent);
+        slots.remove(agent);
         Admission::next(&mut slots, self.limit)
     }
 
     fn next(slots: &mut Slots, limit: usize) -> Option<String> {
         if slots.held < limit {
-            slots.waiting.pop_front()
+            slots.pop_front()
         } else {
             None
         }
@@ -82,7 +108,7 @@ impl Admission {
 
     /// Agents waiting in line.
     pub(crate) fn waiting(&self) -> usize {
-        self.slots().waiting.len()
+        self.slots().line.len()
     }
 }
 
@@ -112,5 +138,35 @@ mod tests {
         admission.take_anyway();
         assert!(!admission.try_take("g"));
         assert_eq!(admission.leave("g"), None, "no slot free: nobody to wake");
+    }
+
+    #[test]
+    fn the_line_keeps_its_order_through_leaves_and_returns() {
+        let admission = Admission::new(1);
+        // 1 slot and a margin of 1, both taken.
+        assert!(admission.try_take("x"));
+        assert!(admission.try_take("y"));
+        for agent in ["a", "b", "c", "d"] {
+            assert!(!admission.try_take(agent));
+        }
+        // No slot free: nobody is woken, but "b" is out of the line.
+        assert_eq!(admission.leave("b"), None);
+        assert!(!admission.try_take("c"), "asking again keeps its place");
+        // "b" comes back: behind everyone already waiting.
+        assert!(!admission.try_take("b"));
+        assert_eq!(admission.waiting(), 4);
+        // Each slot freed wakes the first in line, which takes it.
+        let mut served = Vec::new();
+        while let Some(next) = admission.give_back() {
+            assert!(
+                admission.try_take(&next),
+                "the woken agent takes the freed slot"
+            );
+            served.push(next);
+        }
+        assert_eq!(served, ["a", "c", "d", "b"]);
+        // The slot freed with nobody in line wakes nobody.
+        assert_eq!(admission.give_back(), None);
+        assert_eq!(admission.waiting(), 0);
     }
 }

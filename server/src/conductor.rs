@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::AppState;
 use crate::clock::now_ms;
-use crate::engine::{AgentPosition, channel_admits, resolve_channel, resolve_channels};
+use crate::engine::{AgentPosition, channel_admits, resolve_channels};
 use crate::maintenance::closed_until;
 use crate::releases::{Channel, Release, ReleaseIndex};
 use crate::rollouts::book::{Book, KnownTargets, LiveRollout};
@@ -827,7 +827,7 @@ pub(crate) async fn rollback(
                     && r.record.state.is_open()
             })
             .map(|r| r.record.clone());
-        if open.is_some() || state.store.agents_running(version).await?.is_empty() {
+        if open.is_some() || !state.store.version_runs(version).await? {
             return Ok(RollbackOutcome {
                 rollout: open,
                 targeted: 0,
@@ -932,7 +932,7 @@ async fn abort_and_move_back(
             aborted.push(rollout.id.clone());
         }
     }
-    let agents = state.store.agents_running(version).await?;
+    let agents = state.store.running_version(version).await?;
     let now = now_ms();
     let index = state.releases.current();
     let blocked = state.blocked_versions().clone();
@@ -949,18 +949,24 @@ async fn abort_and_move_back(
     };
     let mut candidates = Vec::new();
     let mut platforms: Vec<(String, String)> = Vec::new();
+    let mut no_build = Vec::new();
     for agent in &agents {
         let position = AgentPosition {
-            version: agent.version.clone(),
+            version: version.to_owned(),
             os: agent.os.clone(),
             arch: agent.arch.clone(),
-            channel: resolve_channel(agent).0,
+            channel: resolve_channels(
+                agent.agent_channel.as_deref(),
+                agent.site_channel.as_deref(),
+                agent.client_channel.as_deref(),
+            )
+            .0,
             paused: agent.paused,
             auto_update: agent.auto_update,
             failed_versions: Default::default(),
         };
         if rollback_target(&index, &position, &blocked).is_none() {
-            outcome.no_build.push(agent.id.clone());
+            no_build.push((&agent.hostname, &agent.id));
             continue;
         }
         outcome.targeted += 1;
@@ -973,8 +979,17 @@ async fn abort_and_move_back(
         if !platforms.contains(&platform) {
             platforms.push(platform);
         }
-        candidates.push(candidate(agent));
+        candidates.push(candidate_of(
+            &agent.id,
+            &agent.site_id,
+            &agent.os,
+            &agent.arch,
+        ));
     }
+    // Read in no order: listed as the agents are.
+    no_build.sort();
+    outcome.no_build = no_build.into_iter().map(|(_, id)| id.clone()).collect();
+    platforms.sort();
     if !candidates.is_empty() {
         let detail = format!(
             "{version} rolled back: {} to move, {} with no build to go back to",

@@ -214,12 +214,51 @@ async fn story(store: &dyn Store) {
     assert_eq!(by_id(&one.agent_id).last_seen_ms, 5_000);
     assert_eq!(by_id(&two.agent_id).last_seen_ms, 1_000);
     assert_eq!(by_id(&two.agent_id).site_id, by_id(&one.agent_id).site_id);
+    // What a rollback reads of the agents on a version: each one's fraction of its
+    // record, and whether there is any.
     let running = |version: &'static str| async move {
-        let agents = store.agents_running(version).await.unwrap();
-        agents.into_iter().map(|a| a.id).collect::<Vec<_>>()
+        let agents = store.running_version(version).await.unwrap();
+        assert_eq!(
+            store.version_runs(version).await.unwrap(),
+            !agents.is_empty()
+        );
+        agents
     };
-    assert_eq!(running("1.2.0").await, vec![one.agent_id.clone()]);
-    assert_eq!(running("1.0.0").await, vec![two.agent_id.clone()]);
+    for (version, agent_id) in [("1.2.0", &one.agent_id), ("1.0.0", &two.agent_id)] {
+        let running = running(version).await;
+        let agent = by_id(agent_id);
+        let got: Vec<_> = running
+            .iter()
+            .map(|r| {
+                (
+                    &r.id,
+                    &r.site_id,
+                    &r.hostname,
+                    (&r.os, &r.arch),
+                    (r.paused, r.auto_update),
+                    (&r.agent_channel, &r.site_channel, &r.client_channel),
+                    (&r.node_id, r.node_last_beat_ms),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [(
+                &agent.id,
+                &agent.site_id,
+                &agent.hostname,
+                (&agent.os, &agent.arch),
+                (agent.paused, agent.auto_update),
+                (
+                    &agent.agent_channel,
+                    &agent.site_channel,
+                    &agent.client_channel
+                ),
+                (&agent.node_id, agent.node_last_beat_ms),
+            )],
+            "{version}"
+        );
+    }
     assert!(running("1.1.0").await.is_empty());
     // What a rollout's start reads of every agent: the same agents (in no order).
     let candidates = store.list_candidates().await.unwrap();

@@ -135,8 +135,11 @@ pub trait Queries: Send + Sync {
     /// targets by `rollouts::plan::placement`).
     async fn list_candidates(&self) -> StoreResult<Vec<CandidateRecord>>;
 
-    /// The agents that run `version`, in the order of `list_agents`.
-    async fn agents_running(&self, version: &str) -> StoreResult<Vec<AgentRecord>>;
+    /// What a rollback needs of each agent that runs `version`, in no order.
+    async fn running_version(&self, version: &str) -> StoreResult<Vec<RunningRecord>>;
+
+    /// Whether any agent runs `version`.
+    async fn version_runs(&self, version: &str) -> StoreResult<bool>;
 
     /// Writes the `version_key` of agents written before it existed; how many. Each is
     /// written only if its version is still the one the key was computed from.
@@ -1159,15 +1162,32 @@ macro_rules! impl_queries {
                     .await?)
                 }
 
-                async fn agents_running(&self, version: &str) -> StoreResult<Vec<AgentRecord>> {
-                    let bytes = <$store as Dialect>::BYTE_ORDER;
-                    Ok(sqlx::query_as(&format!(
-                        "{SELECT_AGENTS} WHERE a.version = $1 \
-                         ORDER BY a.hostname{bytes}, a.id{bytes}"
-                    ))
+                async fn running_version(
+                    &self,
+                    version: &str,
+                ) -> StoreResult<Vec<RunningRecord>> {
+                    Ok(sqlx::query_as(
+                        "SELECT a.id, a.site_id, a.hostname, a.os, a.arch, a.paused, \
+                             a.auto_update, a.channel AS agent_channel, \
+                             s.channel AS site_channel, c.channel AS client_channel, \
+                             a.node_id, n.last_beat AS node_last_beat_ms \
+                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                         JOIN clients c ON c.id = s.client_id \
+                         LEFT JOIN nodes n ON n.id = a.node_id \
+                         WHERE a.version = $1",
+                    )
                     .bind(version)
                     .fetch_all(&self.pool)
                     .await?)
+                }
+
+                async fn version_runs(&self, version: &str) -> StoreResult<bool> {
+                    let one: Option<(String,)> =
+                        sqlx::query_as("SELECT id FROM agents WHERE version = $1 LIMIT 1")
+                            .bind(version)
+                            .fetch_optional(&self.pool)
+                            .await?;
+                    Ok(one.is_some())
                 }
 
                 async fn held_by(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::AppState;
 use crate::clock::now_ms;
-use crate::engine::{AgentPosition, channel_admits, resolve_channels};
+use crate::engine::{AgentPosition, channel_admits, resolve_candidate_channel};
 use crate::maintenance::closed_until;
 use crate::releases::{Channel, Release, ReleaseIndex};
 use crate::rollouts::book::{Book, KnownTargets, LiveRollout};
@@ -182,14 +182,14 @@ pub(crate) fn candidates(
     agents
         .iter()
         .filter(|a| platforms.iter().any(|(o, r)| *o == a.os && *r == a.arch))
-        .filter(|a| {
-            let channels = [&a.agent_channel, &a.site_channel, &a.client_channel];
-            let [agent, site, client] = channels.map(Option::as_deref);
-            audience(resolve_channels(agent, site, client).0)
-        })
+        .filter(|a| audience(resolve_candidate_channel(a)))
         .filter(|a| semver::Version::parse(&a.version).is_ok_and(|v| v < *version))
-        .map(|a| candidate_of(&a.id, &a.site_id, &a.os, &a.arch))
+        .map(candidate_of_record)
         .collect()
+}
+
+fn candidate_of_record(agent: &CandidateRecord) -> Candidate {
+    candidate_of(&agent.id, &agent.site_id, &agent.os, &agent.arch)
 }
 
 pub(crate) fn candidate(agent: &AgentRecord) -> Candidate {
@@ -951,22 +951,18 @@ async fn abort_and_move_back(
     let mut platforms: Vec<(String, String)> = Vec::new();
     let mut no_build = Vec::new();
     for agent in &agents {
+        let record = &agent.candidate;
         let position = AgentPosition {
-            version: version.to_owned(),
-            os: agent.os.clone(),
-            arch: agent.arch.clone(),
-            channel: resolve_channels(
-                agent.agent_channel.as_deref(),
-                agent.site_channel.as_deref(),
-                agent.client_channel.as_deref(),
-            )
-            .0,
+            version: record.version.clone(),
+            os: record.os.clone(),
+            arch: record.arch.clone(),
+            channel: resolve_candidate_channel(record),
             paused: agent.paused,
             auto_update: agent.auto_update,
             failed_versions: Default::default(),
         };
         if rollback_target(&index, &position, &blocked).is_none() {
-            no_build.push((&agent.hostname, &agent.id));
+            no_build.push((&agent.hostname, &record.id));
             continue;
         }
         outcome.targeted += 1;
@@ -975,16 +971,11 @@ async fn abort_and_move_back(
         if !crate::nodes::is_live(agent.node_last_beat_ms, now) || agent.node_id.is_none() {
             outcome.offline += 1;
         }
-        let platform = (agent.os.clone(), agent.arch.clone());
+        let platform = (record.os.clone(), record.arch.clone());
         if !platforms.contains(&platform) {
             platforms.push(platform);
         }
-        candidates.push(candidate_of(
-            &agent.id,
-            &agent.site_id,
-            &agent.os,
-            &agent.arch,
-        ));
+        candidates.push(candidate_of_record(record));
     }
     // Read in no order: listed as the agents are.
     no_build.sort();

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use semver::Version;
 
 use crate::releases::{Channel, Release, ReleaseIndex};
-use crate::store::AgentRecord;
+use crate::store::{AgentRecord, CandidateRecord};
 
 /// What the decision needs to know about one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +83,16 @@ pub(crate) fn resolve_channel(agent: &AgentRecord) -> (Channel, &'static str) {
         agent.site_channel.as_deref(),
         agent.client_channel.as_deref(),
     )
+}
+
+/// `resolve_channel` of the part of an agent's record a rollout's start reads.
+pub(crate) fn resolve_candidate_channel(agent: &CandidateRecord) -> Channel {
+    resolve_channels(
+        agent.agent_channel.as_deref(),
+        agent.site_channel.as_deref(),
+        agent.client_channel.as_deref(),
+    )
+    .0
 }
 
 /// `resolve_channel` from the channels set on the agent, its site and its client.

@@ -230,13 +230,14 @@ async fn story(store: &dyn Store) {
         let got: Vec<_> = running
             .iter()
             .map(|r| {
+                let c = &r.candidate;
                 (
-                    &r.id,
-                    &r.site_id,
+                    (&c.id, &c.version),
+                    &c.site_id,
                     &r.hostname,
-                    (&r.os, &r.arch),
+                    (&c.os, &c.arch),
                     (r.paused, r.auto_update),
-                    (&r.agent_channel, &r.site_channel, &r.client_channel),
+                    (&c.agent_channel, &c.site_channel, &c.client_channel),
                     (&r.node_id, r.node_last_beat_ms),
                 )
             })
@@ -244,7 +245,7 @@ async fn story(store: &dyn Store) {
         assert_eq!(
             got,
             [(
-                &agent.id,
+                (&agent.id, &agent.version),
                 &agent.site_id,
                 &agent.hostname,
                 (&agent.os, &agent.arch),

@@ -194,20 +194,15 @@ pub struct CandidateRecord {
 }
 
 /// What rolling a version back needs to know of an agent that runs it
-/// (`Queries::running_version`): a fraction of an `AgentRecord`, read for every agent
-/// on the version at once.
+/// (`Queries::running_version`): what any rollout's start reads, and a little more, read
+/// for every agent on the version at once.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunningRecord {
-    pub id: String,
-    pub site_id: String,
+    #[sqlx(flatten)]
+    pub candidate: CandidateRecord,
     pub hostname: String,
-    pub os: String,
-    pub arch: String,
     pub paused: bool,
     pub auto_update: bool,
-    pub agent_channel: Option<String>,
-    pub site_channel: Option<String>,
-    pub client_channel: Option<String>,
     pub node_id: Option<String>,
     pub node_last_beat_ms: Option<i64>,
 }

@@ -1167,10 +1167,10 @@ macro_rules! impl_queries {
                     version: &str,
                 ) -> StoreResult<Vec<RunningRecord>> {
                     Ok(sqlx::query_as(
-                        "SELECT a.id, a.site_id, a.hostname, a.os, a.arch, a.paused, \
-                             a.auto_update, a.channel AS agent_channel, \
-                             s.channel AS site_channel, c.channel AS client_channel, \
-                             a.node_id, n.last_beat AS node_last_beat_ms \
+                        "SELECT a.id, a.site_id, a.version, a.os, a.arch, \
+                             a.channel AS agent_channel, s.channel AS site_channel, \
+                             c.channel AS client_channel, a.hostname, a.paused, \
+                             a.auto_update, a.node_id, n.last_beat AS node_last_beat_ms \
                          FROM agents a JOIN sites s ON s.id = a.site_id \
                          JOIN clients c ON c.id = s.client_id \
                          LEFT JOIN nodes n ON n.id = a.node_id \

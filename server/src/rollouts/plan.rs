@@ -308,7 +308,9 @@ pub(crate) fn assign(
         .iter()
         .map(|c| (c, placement(rollout_id, &c.agent_id)))
         .collect();
-    ordered.sort_by_key(|(c, place)| (*place, c.agent_id.clone()));
+    ordered.sort_unstable_by(|(a, place_a), (b, place_b)| {
+        (place_a, &a.agent_id).cmp(&(place_b, &b.agent_id))
+    });
 
     let canary_size = if plan.waves.len() > 1 {
         plan.reach.first().copied().unwrap_or(0) as usize

@@ -184,6 +184,7 @@ impl Dialect for PostgresStore {
     // reads every change of an agent, site or client committed before.
     const TARGET_FACTS_LOCK: Option<&'static str> = Some("SELECT rollout_targets_facts_lock()");
     const BEGIN: &'static str = "BEGIN";
+    const BULK_AS_JSON: bool = false;
 }
 
 impl_queries!(PostgresStore);

@@ -29,6 +29,51 @@ pub(super) trait Dialect {
     /// agents' facts: orders it after any change of those facts under way, and holds
     /// new ones until the targets are visible to them (migration 0017).
     const TARGET_FACTS_LOCK: Option<&'static str>;
+    /// Reads thousands of rows as one JSON array (`fetch_bulk`) rather than row by row.
+    const BULK_AS_JSON: bool;
+}
+
+/// The columns of a `CandidateRecord`, in the order of its fields: (expression, name)
+/// over `agents a` joined to `sites s` and `clients c`.
+pub(super) const CANDIDATE_COLUMNS: &[(&str, &str)] = &[
+    ("a.id", "id"),
+    ("a.site_id", "site_id"),
+    ("a.version", "version"),
+    ("a.os", "os"),
+    ("a.arch", "arch"),
+    ("a.channel", "agent_channel"),
+    ("s.channel", "site_channel"),
+    ("c.channel", "client_channel"),
+];
+
+/// The columns a `RunningRecord` adds to `CANDIDATE_COLUMNS`, in the order of its fields,
+/// with `nodes n` joined too.
+pub(super) const RUNNING_COLUMNS: &[(&str, &str)] = &[
+    ("a.hostname", "hostname"),
+    ("a.paused", "paused"),
+    ("a.auto_update", "auto_update"),
+    ("a.node_id", "node_id"),
+    ("n.last_beat", "node_last_beat_ms"),
+];
+
+/// The statement of a bulk read (`fetch_bulk`) of `columns` and what follows `FROM`: one
+/// row holding a JSON array of the rows' values, in the order of `columns`, when
+/// `as_json`; the rows themselves, each value named, otherwise.
+pub(super) fn bulk_sql(columns: &[&[(&str, &str)]], from: &str, as_json: bool) -> String {
+    let columns = columns.iter().flat_map(|part| part.iter());
+    let list: Vec<String> = if as_json {
+        columns.map(|(expr, _)| (*expr).to_owned()).collect()
+    } else {
+        columns
+            .map(|(expr, name)| format!("{expr} AS {name}"))
+            .collect()
+    };
+    let list = list.join(", ");
+    if as_json {
+        format!("SELECT json_group_array(json_array({list})) FROM {from}")
+    } else {
+        format!("SELECT {list} FROM {from}")
+    }
 }
 
 /// Begins a store transaction, as the backend `D` begins one that may write
@@ -636,6 +681,43 @@ macro_rules! impl_queries {
             use $crate::store::*;
 
             impl $store {
+                /// Every row of `bulk_sql(columns, from)`, `$1` bound to `bind` if given.
+                /// sqlx hands SQLite's rows over from its worker thread one at a time, a
+                /// few microseconds each, so there thousands of rows come as one JSON
+                /// array, about six times sooner (BENCHMARKS.md, bench-promote);
+                /// PostgreSQL sends rows cheaply and builds JSON slowly, so it sends rows.
+                pub(super) async fn fetch_bulk<T>(
+                    &self,
+                    columns: &[&[(&str, &str)]],
+                    from: &str,
+                    bind: Option<&str>,
+                ) -> StoreResult<Vec<T>>
+                where
+                    T: serde::de::DeserializeOwned
+                        + for<'r> sqlx::FromRow<'r, <<$store as Dialect>::Db as sqlx::Database>::Row>
+                        + Send
+                        + Unpin,
+                {
+                    let as_json = <$store as Dialect>::BULK_AS_JSON;
+                    let sql = bulk_sql(columns, from, as_json);
+                    if as_json {
+                        let mut query = sqlx::query_scalar::<_, String>(&sql);
+                        if let Some(value) = bind {
+                            query = query.bind(value);
+                        }
+                        let rows = query.fetch_one(&self.pool).await?;
+                        serde_json::from_str(&rows).map_err(|err| {
+                            StoreError::Other(format!("could not read the rows of {from}: {err}"))
+                        })
+                    } else {
+                        let mut query = sqlx::query_as::<_, T>(&sql);
+                        if let Some(value) = bind {
+                            query = query.bind(value);
+                        }
+                        Ok(query.fetch_all(&self.pool).await?)
+                    }
+                }
+
                 /// Runs one pruning statement: `$1` is the cutoff, `$2` the batch size;
                 /// how many rows it deleted.
                 async fn delete_batch(&self, sql: &str, before_ms: i64, batch: i64) -> StoreResult<u64> {
@@ -1151,34 +1233,28 @@ macro_rules! impl_queries {
                 }
 
                 async fn list_candidates(&self) -> StoreResult<Vec<CandidateRecord>> {
-                    Ok(sqlx::query_as(
-                        "SELECT a.id, a.site_id, a.version, a.os, a.arch, \
-                             a.channel AS agent_channel, s.channel AS site_channel, \
-                             c.channel AS client_channel \
-                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                    self.fetch_bulk(
+                        &[CANDIDATE_COLUMNS],
+                        "agents a JOIN sites s ON s.id = a.site_id \
                          JOIN clients c ON c.id = s.client_id",
+                        None,
                     )
-                    .fetch_all(&self.pool)
-                    .await?)
+                    .await
                 }
 
                 async fn running_version(
                     &self,
                     version: &str,
                 ) -> StoreResult<Vec<RunningRecord>> {
-                    Ok(sqlx::query_as(
-                        "SELECT a.id, a.site_id, a.version, a.os, a.arch, \
-                             a.channel AS agent_channel, s.channel AS site_channel, \
-                             c.channel AS client_channel, a.hostname, a.paused, \
-                             a.auto_update, a.node_id, n.last_beat AS node_last_beat_ms \
-                         FROM agents a JOIN sites s ON s.id = a.site_id \
+                    self.fetch_bulk(
+                        &[CANDIDATE_COLUMNS, RUNNING_COLUMNS],
+                        "agents a JOIN sites s ON s.id = a.site_id \
                          JOIN clients c ON c.id = s.client_id \
                          LEFT JOIN nodes n ON n.id = a.node_id \
                          WHERE a.version = $1",
+                        Some(version),
                     )
-                    .bind(version)
-                    .fetch_all(&self.pool)
-                    .await?)
+                    .await
                 }
 
                 async fn version_runs(&self, version: &str) -> StoreResult<bool> {

@@ -895,15 +895,21 @@ macro_rules! impl_rollout_store {
                 ))
                 .fetch_all(&self.pool)
                 .await?;
-                let targets: Vec<(String, String, i64)> = sqlx::query_as(&format!(
-                    "SELECT t.rollout_id, t.agent_id, t.wave FROM rollout_targets t \
-                     JOIN rollouts o ON o.id = t.rollout_id \
-                     WHERE o.state IN {} AND o.id <> $1",
-                    r::OPEN_STATES
-                ))
-                .bind(known.unwrap_or(""))
-                .fetch_all(&self.pool)
-                .await?;
+                let targets: Vec<(String, String, i64)> = self
+                    .fetch_bulk(
+                        &[&[
+                            ("t.rollout_id", "rollout_id"),
+                            ("t.agent_id", "agent_id"),
+                            ("t.wave", "wave"),
+                        ]],
+                        &format!(
+                            "rollout_targets t JOIN rollouts o ON o.id = t.rollout_id \
+                             WHERE o.state IN {} AND o.id <> $1",
+                            r::OPEN_STATES
+                        ),
+                        Some(known.unwrap_or("")),
+                    )
+                    .await?;
                 Ok((
                     r::convert(rows)?,
                     targets

@@ -90,6 +90,7 @@ impl Dialect for SqliteStore {
     // SQLite runs one write at a time.
     const TARGET_FACTS_LOCK: Option<&'static str> = None;
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    const BULK_AS_JSON: bool = true;
 }
 
 impl_queries!(SqliteStore);

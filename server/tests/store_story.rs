@@ -159,8 +159,11 @@ async fn story(store: &dyn Store) {
     let bootstrap_token = store.bootstrap_state().await.unwrap().first_enroll_token;
     assert_eq!(bootstrap_token.map(|t| t.uses), Some(3));
 
-    // Authentication uses the newest secret only, and records the hello's facts.
-    let hello = facts("fp-1", "one-again", "1.1.0");
+    // Authentication uses the newest secret only, and records the hello's facts (a
+    // hostname with quotes, a backslash, a line break and more than ASCII, which every
+    // read of the agent, bulk reads as JSON on SQLite included, gives back as it was).
+    const HOSTNAME: &str = "one \"again\" \\ Zürich\n";
+    let hello = facts("fp-1", HOSTNAME, "1.1.0");
     assert!(matches!(
         store
             .authenticate(&one.agent_id, "secret-1", &hello, 3_000)
@@ -184,7 +187,7 @@ async fn story(store: &dyn Store) {
             record.version.as_str(),
             record.last_seen_ms
         ),
-        ("one-again", "1.1.0", 3_000)
+        (HOSTNAME, "1.1.0", 3_000)
     );
 
     // Heartbeats in a batch larger than one statement holds, the real agents last;

@@ -180,8 +180,7 @@ pub struct AgentRecord {
 }
 
 /// What starting a rollout needs to know of an agent (`Queries::list_candidates`): a
-/// fraction of an `AgentRecord`, read for the whole fleet at once. Its fields are in the
-/// order of `queries::CANDIDATE_COLUMNS`, as a bulk read on SQLite decodes them.
+/// fraction of an `AgentRecord`, read for the whole fleet at once.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct CandidateRecord {
     pub id: String,
@@ -198,57 +197,17 @@ pub struct CandidateRecord {
 /// (`Queries::running_version`): what any rollout's start reads, and a little more, read
 /// for every agent on the version at once.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
-#[serde(from = "RunningColumns")]
 pub struct RunningRecord {
     #[sqlx(flatten)]
+    #[serde(flatten)]
     pub candidate: CandidateRecord,
     pub hostname: String,
+    #[serde(deserialize_with = "queries::flag")]
     pub paused: bool,
+    #[serde(deserialize_with = "queries::flag")]
     pub auto_update: bool,
     pub node_id: Option<String>,
     pub node_last_beat_ms: Option<i64>,
-}
-
-/// A `RunningRecord` as a bulk read on SQLite gives it: the values of
-/// `queries::CANDIDATE_COLUMNS` then of `queries::RUNNING_COLUMNS`, in order, with the
-/// flags as SQLite keeps them (0 or 1).
-#[derive(serde::Deserialize)]
-struct RunningColumns(
-    String,
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    Option<String>,
-    Option<i64>,
-);
-
-impl From<RunningColumns> for RunningRecord {
-    fn from(c: RunningColumns) -> RunningRecord {
-        RunningRecord {
-            candidate: CandidateRecord {
-                id: c.0,
-                site_id: c.1,
-                version: c.2,
-                os: c.3,
-                arch: c.4,
-                agent_channel: c.5,
-                site_channel: c.6,
-                client_channel: c.7,
-            },
-            hostname: c.8,
-            paused: c.9 != 0,
-            auto_update: c.10 != 0,
-            node_id: c.11,
-            node_last_beat_ms: c.12,
-        }
-    }
 }
 
 /// Silent tasks in one status, ended alike (`Queries::time_out_tasks`).

@@ -33,8 +33,8 @@ pub(super) trait Dialect {
     const BULK_AS_JSON: bool;
 }
 
-/// The columns of a `CandidateRecord`, in the order of its fields: (expression, name)
-/// over `agents a` joined to `sites s` and `clients c`.
+/// The columns of a `CandidateRecord`, (expression, name) over `agents a` joined to
+/// `sites s` and `clients c`.
 pub(super) const CANDIDATE_COLUMNS: &[(&str, &str)] = &[
     ("a.id", "id"),
     ("a.site_id", "site_id"),
@@ -46,8 +46,7 @@ pub(super) const CANDIDATE_COLUMNS: &[(&str, &str)] = &[
     ("c.channel", "client_channel"),
 ];
 
-/// The columns a `RunningRecord` adds to `CANDIDATE_COLUMNS`, in the order of its fields,
-/// with `nodes n` joined too.
+/// The columns a `RunningRecord` adds to `CANDIDATE_COLUMNS`, with `nodes n` joined too.
 pub(super) const RUNNING_COLUMNS: &[(&str, &str)] = &[
     ("a.hostname", "hostname"),
     ("a.paused", "paused"),
@@ -56,13 +55,15 @@ pub(super) const RUNNING_COLUMNS: &[(&str, &str)] = &[
     ("n.last_beat", "node_last_beat_ms"),
 ];
 
-/// The statement of a bulk read (`fetch_bulk`) of `columns` and what follows `FROM`: one
-/// row holding a JSON array of the rows' values, in the order of `columns`, when
-/// `as_json`; the rows themselves, each value named, otherwise.
+/// The statement of a bulk read (`fetch_bulk`) of `columns` and what follows `FROM`:
+/// each value named, as a row or, when `as_json`, as a member of the row's JSON object,
+/// all rows in one JSON array.
 pub(super) fn bulk_sql(columns: &[&[(&str, &str)]], from: &str, as_json: bool) -> String {
     let columns = columns.iter().flat_map(|part| part.iter());
     let list: Vec<String> = if as_json {
-        columns.map(|(expr, _)| (*expr).to_owned()).collect()
+        columns
+            .map(|(expr, name)| format!("'{name}', {expr}"))
+            .collect()
     } else {
         columns
             .map(|(expr, name)| format!("{expr} AS {name}"))
@@ -70,10 +71,24 @@ pub(super) fn bulk_sql(columns: &[&[(&str, &str)]], from: &str, as_json: bool) -
     };
     let list = list.join(", ");
     if as_json {
-        format!("SELECT json_group_array(json_array({list})) FROM {from}")
+        format!("SELECT json_group_array(json_object({list})) FROM {from}")
     } else {
         format!("SELECT {list} FROM {from}")
     }
+}
+
+/// A flag as a bulk read gives it: a boolean, or 0 or 1 as SQLite keeps it.
+pub(super) fn flag<'de, D: serde::Deserializer<'de>>(value: D) -> Result<bool, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Int(i64),
+    }
+    Ok(match serde::Deserialize::deserialize(value)? {
+        Flag::Bool(set) => set,
+        Flag::Int(n) => n != 0,
+    })
 }
 
 /// Begins a store transaction, as the backend `D` begins one that may write
@@ -684,7 +699,7 @@ macro_rules! impl_queries {
                 /// Every row of `bulk_sql(columns, from)`, `$1` bound to `bind` if given.
                 /// sqlx hands SQLite's rows over from its worker thread one at a time, a
                 /// few microseconds each, so there thousands of rows come as one JSON
-                /// array, about six times sooner (BENCHMARKS.md, bench-promote);
+                /// array, about three times sooner (BENCHMARKS.md, bench-promote);
                 /// PostgreSQL sends rows cheaply and builds JSON slowly, so it sends rows.
                 pub(super) async fn fetch_bulk<T>(
                     &self,

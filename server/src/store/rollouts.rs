@@ -372,6 +372,21 @@ pub(super) fn failure_class(text: Option<String>) -> StoreResult<Option<FailureC
         .transpose()
 }
 
+/// A target as the book reads it (`rollout_book`), with `BOOK_TARGET_COLUMNS`.
+#[derive(Debug, sqlx::FromRow, serde::Deserialize)]
+pub(super) struct BookTarget {
+    pub(super) rollout_id: String,
+    pub(super) agent_id: String,
+    pub(super) wave: i64,
+}
+
+/// The columns of a `BookTarget` over `rollout_targets t`.
+pub(super) const BOOK_TARGET_COLUMNS: &[(&str, &str)] = &[
+    ("t.rollout_id", "rollout_id"),
+    ("t.agent_id", "agent_id"),
+    ("t.wave", "wave"),
+];
+
 pub(super) fn wave(n: i64) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
@@ -895,13 +910,9 @@ macro_rules! impl_rollout_store {
                 ))
                 .fetch_all(&self.pool)
                 .await?;
-                let targets: Vec<(String, String, i64)> = self
+                let targets: Vec<r::BookTarget> = self
                     .fetch_bulk(
-                        &[&[
-                            ("t.rollout_id", "rollout_id"),
-                            ("t.agent_id", "agent_id"),
-                            ("t.wave", "wave"),
-                        ]],
+                        &[r::BOOK_TARGET_COLUMNS],
                         &format!(
                             "rollout_targets t JOIN rollouts o ON o.id = t.rollout_id \
                              WHERE o.state IN {} AND o.id <> $1",
@@ -914,7 +925,7 @@ macro_rules! impl_rollout_store {
                     r::convert(rows)?,
                     targets
                         .into_iter()
-                        .map(|(rollout, agent, wave)| (rollout, agent, r::wave(wave)))
+                        .map(|t| (t.rollout_id, t.agent_id, r::wave(t.wave)))
                         .collect(),
                 ))
             }

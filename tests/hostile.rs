@@ -49,6 +49,32 @@ async fn enroll_from(
         .expect("the server answers a hello")
 }
 
+/// Enrolls from `source` as `enroll_from` does, and answers the welcome as an agent does
+/// (a heartbeat, then a ping whose pong proves the server read it), so the server knows
+/// the machine has its secret; the welcome, once answered.
+async fn enroll_answered_from(
+    server: &Server,
+    source: Ipv4Addr,
+    token: &str,
+    fingerprint: &str,
+) -> protocol::Welcome {
+    let mut socket = connect_from(server, source).await;
+    let mut hello = hello(fingerprint);
+    hello.enroll_token = Some(token.into());
+    send(&mut socket, AgentMessage::Hello(hello)).await;
+    let answer = receive(&mut socket).await;
+    let Some(ServerMessage::Welcome(welcome)) = answer else {
+        panic!("{fingerprint} is enrolled: {answer:?}");
+    };
+    let beat = AgentMessage::Heartbeat(Heartbeat {
+        seq: 1,
+        version: "1.0.0".into(),
+    });
+    send(&mut socket, beat).await;
+    assert!(ping_answered(&mut socket, 1).await, "the heartbeat is read");
+    welcome
+}
+
 /// Sends a ping and waits for its pong: proof that the server is reading this session.
 async fn ping_answered(socket: &mut RawSocket, round: u8) -> bool {
     let payload = vec![round; 8];
@@ -279,16 +305,17 @@ async fn enrollment_attempts_are_limited_per_source_address() {
     // machine just enrolled again, which is refused as a fingerprint conflict, counts
     // too), then it is refused for the generous limit.
     let mut enrolled = Vec::new();
-    for i in 0..5 {
+    for i in 0..4 {
         let fingerprint = format!("fp-site-{i}");
         match enroll_from(&server, site, ENROLL_TOKEN, &fingerprint).await {
             ServerMessage::Welcome(welcome) => enrolled.push(welcome),
             other => panic!("enrollment {i} is accepted: {other:?}"),
         }
     }
+    enrolled.push(enroll_answered_from(&server, site, ENROLL_TOKEN, "fp-site-4").await);
     let answer = enroll_from(&server, site, ENROLL_TOKEN, "fp-site-4").await;
     let ServerMessage::Reject(reject) = answer else {
-        panic!("a machine seen a moment ago is not re-bound: {answer:?}");
+        panic!("a machine seen a moment ago, with its secret, is not re-bound: {answer:?}");
     };
     assert_eq!(reject.code, RejectCode::FingerprintConflict, "{reject:?}");
     let answer = enroll_from(&server, site, ENROLL_TOKEN, "fp-site-6").await;
@@ -1125,6 +1152,52 @@ async fn a_live_agents_fingerprint_cannot_be_taken_over_and_clones_do_not_flap()
         panic!("a quiet record is re-bound: {answer:?}");
     };
     assert_eq!(welcome.agent_id, id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_whose_welcome_was_lost_enrolls_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default `--rebind-after` (10 minutes): a record seen that recently is live
+    // once its agent has shown it holds the secret.
+    let server = Server::start(dir.path());
+    let api = server.api();
+    // The server enrolls the machine, but the welcome with its secret never reaches the
+    // agent, which gave up waiting: nothing ever answers it.
+    let answer = enroll_from(&server, Ipv4Addr::LOCALHOST, ENROLL_TOKEN, "fp-lost").await;
+    let ServerMessage::Welcome(lost) = answer else {
+        panic!("the machine is enrolled: {answer:?}");
+    };
+    eventually("the unanswered session to end", SOON, || async {
+        (agent_online(&api, &lost.agent_id).await == Some(false)).then_some(())
+    })
+    .await;
+
+    // The machine's agent enrolls again at once, re-bound to the same record.
+    let agent = Agent::start_with(
+        &server,
+        dir.path(),
+        "lost",
+        &["--enroll-token", ENROLL_TOKEN, "--fingerprint", "fp-lost"],
+    );
+    let listed = all_online(&api, 1).await;
+    assert_eq!(listed[0]["id"], lost.agent_id.as_str(), "{listed:?}");
+    assert_eq!(agent.stored_id().as_deref(), Some(lost.agent_id.as_str()));
+    assert!(
+        !agent.log().contains("FingerprintConflict"),
+        "never refused: {}",
+        agent.log()
+    );
+    let (_, audit) = api.get("/api/v1/audit?action=agent.reenroll").await;
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 1, "{audit}");
+
+    // This agent answered its welcome: a clone of the machine is refused now.
+    let answer = enroll_from(&server, Ipv4Addr::LOCALHOST, ENROLL_TOKEN, "fp-lost").await;
+    let ServerMessage::Reject(reject) = answer else {
+        panic!("a machine whose agent has its secret is not re-bound: {answer:?}");
+    };
+    assert_eq!(reject.code, RejectCode::FingerprintConflict, "{reject:?}");
+    let (_, agent_now) = api.get(&format!("/api/v1/agents/{}", lost.agent_id)).await;
+    assert_eq!(agent_now["online"], true, "{agent_now}");
 }
 
 /// A TCP connection from `source` with a small receive buffer, so a peer that stops

@@ -282,6 +282,9 @@ struct Opened {
     claimed_at: i64,
     /// False when the peer was gone before its welcome.
     welcomed: bool,
+    /// The hash of the secret the welcome carried (an enrollment), until the agent shows
+    /// it has it by sending a message.
+    unshown_secret: Option<String>,
 }
 
 pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
@@ -294,7 +297,14 @@ pub async fn run(mut socket: WebSocket, state: AppState, peer: SocketAddr) {
         Err(refusal) => return Box::pin(refuse(socket, peer, refusal)).await,
     };
     let ended = if opened.welcomed {
-        serve(&mut socket, &state, &mut opened.live, &opened.mailbox).await
+        serve(
+            &mut socket,
+            &state,
+            &mut opened.live,
+            &opened.mailbox,
+            opened.unshown_secret.take(),
+        )
+        .await
     } else {
         Ok(())
     };
@@ -335,6 +345,7 @@ async fn open(
     let session = state.registry.register(&agent_id, mailbox.clone());
     let claimed_at = state.claims.claim(&agent_id).await;
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, version = %hello.version, %peer, "agent connected");
+    let unshown_secret = secret.as_deref().map(hash_secret);
     let welcome = ServerMessage::Welcome(Welcome {
         agent_id,
         secret,
@@ -352,6 +363,7 @@ async fn open(
         mailbox,
         session,
         welcomed,
+        unshown_secret,
     }))
 }
 
@@ -530,12 +542,15 @@ fn internal(err: StoreError) -> Refusal {
     Refusal::new(RejectCode::ServerError, "server error; retry later")
 }
 
-/// The established session: heartbeats and reports in, updates out.
+/// The established session: heartbeats and reports in, updates out. `unshown_secret`:
+/// the hash of the secret an enrollment's welcome carried, recorded as shown at the
+/// agent's first message.
 async fn serve(
     socket: &mut WebSocket,
     state: &AppState,
     live: &mut LiveAgent,
     mailbox: &Mailbox,
+    mut unshown_secret: Option<String>,
 ) -> Result<(), Refusal> {
     let silence_limit = state.settings.heartbeat_interval * MISSED_HEARTBEATS;
     let write_limit = silence_limit.min(MAX_WRITE_STALL);
@@ -592,6 +607,9 @@ async fn serve(
                     }
                     Some(Ok(Message::Binary(bytes))) => {
                         let message = AgentMessage::decode(&bytes)?;
+                        if let Some(hash) = unshown_secret.take() {
+                            Box::pin(secret_shown(state, &live.id, &hash)).await;
+                        }
                         outgoing.extend(Box::pin(handle(state, live, message)).await.map(encoded));
                     }
                 }
@@ -623,6 +641,15 @@ async fn serve(
                 return Ok(());
             }
         }
+    }
+}
+
+/// An enrolled agent's first message: it has the secret of its welcome, so its record is
+/// no longer one whose welcome was lost (`Queries::enroll`). Should the write fail, its
+/// next authentication records it.
+async fn secret_shown(state: &AppState, agent_id: &str, secret_hash: &str) {
+    if let Err(err) = state.store.confirm_secret(agent_id, secret_hash).await {
+        tracing::warn!(agent = %agent_id, %err, "could not record that the agent has its secret");
     }
 }
 

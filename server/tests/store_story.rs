@@ -1183,14 +1183,14 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
     // A live record is never re-bound: a conflict is noted on it, the token's use is not
     // counted, and the live agent's secret still works. Once quiet it is re-bound.
     store
-        .create_enrollment_token(site, "rebind", None, Some(3))
+        .create_enrollment_token(site, "rebind", None, Some(4))
         .await
         .unwrap();
     let live = store
         .enroll(
             "rebind",
             &facts("fp-live", "live", "1.0.0"),
-            "live-1",
+            "lost",
             10_000,
             NONE_LIVE,
         )
@@ -1201,6 +1201,33 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         node_beat_ms: i64::MAX,
         seen_ms: 5_000,
     };
+    // Until an agent shows it has the secret, the record is live only while a node holds
+    // its session: its welcome was lost, so the machine's next enrollment re-binds it at
+    // once. Showing a secret that is not the record's changes nothing.
+    store
+        .confirm_secret(&live.agent_id, "not-its-secret")
+        .await
+        .unwrap();
+    let again = store
+        .enroll(
+            "rebind",
+            &facts("fp-live", "live", "1.0.0"),
+            "live-1",
+            10_500,
+            seen_recently,
+        )
+        .await
+        .map(enrolled)
+        .unwrap();
+    assert_eq!(
+        (again.agent_id.as_str(), again.rebound),
+        (live.agent_id.as_str(), true),
+        "a record whose welcome was lost is re-bound at once"
+    );
+    store
+        .confirm_secret(&live.agent_id, "live-1")
+        .await
+        .unwrap();
     for attempt in 1..=2 {
         let answer = store
             .enroll(
@@ -1284,14 +1311,36 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         (rebound.agent_id.as_str(), rebound.rebound),
         (live.agent_id.as_str(), true)
     );
+    // Authenticating with the secret shows it too: seen since, the record is live again.
+    store
+        .authenticate(
+            &live.agent_id,
+            "live-2",
+            &facts("fp-live", "reinstalled", "1.0.0"),
+            30_500,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .enroll(
+                "rebind",
+                &facts("fp-live", "clone", "1.0.0"),
+                "y",
+                31_000,
+                quiet
+            )
+            .await,
+        Ok(Enrollment::Conflict { .. })
+    ));
     let rebind_token = store
         .list_enrollment_tokens(Some(site))
         .await
         .unwrap()
         .into_iter()
-        .find(|t| t.max_uses == Some(3))
+        .find(|t| t.max_uses == Some(4))
         .unwrap();
-    assert_eq!(rebind_token.uses, 2, "refused enrollments use nothing");
+    assert_eq!(rebind_token.uses, 3, "refused enrollments use nothing");
 
     // Dashboard sessions last until they expire, are deleted, or their token is revoked.
     let token = store

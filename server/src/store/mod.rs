@@ -111,7 +111,8 @@ pub enum Enrollment {
 
 /// When a machine's record counts as live, so that an enrollment may not re-bind it:
 /// held by a node that beat at or after `node_beat_ms`, or seen (authenticated or
-/// heartbeating) at or after `seen_ms`.
+/// heartbeating) at or after `seen_ms` once an agent has shown it holds the record's
+/// secret (a record whose welcome was lost is live only while its session is held).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LiveSince {
     pub node_beat_ms: i64,

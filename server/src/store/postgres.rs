@@ -233,7 +233,7 @@ impl Store for PostgresStore {
         if !crate::auth::hashes_equal(&stored, secret_hash) {
             return Err(StoreError::NotFound);
         }
-        Self::record_hello(&mut *tx, agent_id, facts, now_ms).await?;
+        Self::record_hello(&mut *tx, agent_id, secret_hash, facts, now_ms).await?;
         tx.commit().await?;
         Ok(())
     }

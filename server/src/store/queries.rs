@@ -166,7 +166,9 @@ pub trait Queries: Send + Sync {
     /// that site if there is one (same id, new secret), otherwise creates one, and counts
     /// a use of the token. A record that is live (`live`) is never re-bound: the answer
     /// is `Conflict`, the token's use is not counted, and the conflict is noted on the
-    /// record. `NotFound` when the token is unknown, revoked, expired or used up.
+    /// record. A record whose secret no agent has shown (`confirm_secret`) is live only
+    /// while a node holds its session. `NotFound` when the token is unknown, revoked,
+    /// expired or used up.
     async fn enroll(
         &self,
         enroll_token_hash: &str,
@@ -175,6 +177,11 @@ pub trait Queries: Send + Sync {
         now_ms: i64,
         live: LiveSince,
     ) -> StoreResult<Enrollment>;
+
+    /// Records that an agent has shown it holds the secret whose hash is `secret_hash`
+    /// (it answered the welcome that carried it), so that its record is no longer
+    /// re-bound as one whose welcome was lost; nothing if the record's secret is another.
+    async fn confirm_secret(&self, agent_id: &str, secret_hash: &str) -> StoreResult<()>;
 
     /// Enrollment tokens, oldest first; only the site's when `site_id` is given.
     async fn list_enrollment_tokens(
@@ -629,6 +636,13 @@ pub(super) const ENROLL_TOKEN_COLUMNS: &str = "id, site_id, created_at AS create
      expires_at AS expires_at_ms, max_uses, uses + (SELECT COUNT(*) FROM enrollment_uses u \
      WHERE u.token_id = enrollment_tokens.id) AS uses, revoked_at AS revoked_at_ms";
 
+/// The assignment that records an agent showing it holds a secret, whose hash is the
+/// parameter `hash`: the record's secret counts as shown (migration 0021) only if it is
+/// still that secret, so a re-enrollment that replaced it meanwhile stays unshown.
+pub(super) fn shown_secret(hash: &str) -> String {
+    format!("secret_proven = (secret_proven OR secret_hash = {hash})")
+}
+
 /// How long a fingerprint conflict lasts: a refused enrollment this long after the
 /// previous one starts counting again.
 pub(super) const CONFLICT_SPELL_MS: i64 = 24 * 60 * 60 * 1000;
@@ -745,20 +759,24 @@ macro_rules! impl_queries {
                 }
 
                 /// Writes what an agent's hello said, once `authenticate` has checked its
-                /// secret (each backend guards that check its own way).
+                /// secret (each backend guards that check its own way); the agent has
+                /// shown that it holds `secret_hash`'s secret (`shown_secret`).
                 async fn record_hello<'c, E>(
                     executor: E,
                     agent_id: &str,
+                    secret_hash: &str,
                     facts: &AgentFacts,
                     now_ms: i64,
                 ) -> StoreResult<()>
                 where
                     E: sqlx::Executor<'c, Database = <$store as Dialect>::Db>,
                 {
-                    sqlx::query(
+                    sqlx::query(&format!(
                         "UPDATE agents SET hostname = $1, version = $2, os = $3, arch = $4, \
-                             auto_update = $5, last_seen = $6, version_key = $8 WHERE id = $7",
-                    )
+                             auto_update = $5, last_seen = $6, version_key = $8, {} \
+                         WHERE id = $7",
+                        shown_secret("$9")
+                    ))
                     .bind(&facts.hostname)
                     .bind(&facts.version)
                     .bind(&facts.os)
@@ -767,6 +785,7 @@ macro_rules! impl_queries {
                     .bind(now_ms)
                     .bind(agent_id)
                     .bind(super::version_key::version_key(&facts.version))
+                    .bind(secret_hash)
                     .execute(executor)
                     .await?;
                     Ok(())
@@ -1088,18 +1107,22 @@ macro_rules! impl_queries {
                     let candidate = new_id();
                     // The re-bind happens in the same statement that checks the record is
                     // not live, so two enrollments racing for one machine cannot both win.
+                    // A record whose secret no agent has shown (`confirm_secret`) is live
+                    // only while a node holds its session: its welcome never arrived, or
+                    // the agent gave up waiting for it, and no machine holds that secret.
                     let agent_id: Option<String> = sqlx::query_scalar(
                         "INSERT INTO agents (id, site_id, fingerprint, secret_hash, hostname, \
                                              version, os, arch, auto_update, enrolled_at, \
-                                             last_seen, version_key) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $13) \
+                                             last_seen, version_key, secret_proven) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $13, FALSE) \
                          ON CONFLICT (site_id, fingerprint) DO UPDATE SET \
                              secret_hash = excluded.secret_hash, hostname = excluded.hostname, \
                              version = excluded.version, version_key = excluded.version_key, \
                              os = excluded.os, \
                              arch = excluded.arch, auto_update = excluded.auto_update, \
-                             last_seen = excluded.last_seen \
-                         WHERE agents.last_seen < $11 AND NOT EXISTS ( \
+                             last_seen = excluded.last_seen, secret_proven = FALSE \
+                         WHERE (agents.last_seen < $11 OR NOT agents.secret_proven) \
+                             AND NOT EXISTS ( \
                              SELECT 1 FROM nodes n \
                              WHERE n.id = agents.node_id AND n.last_beat >= $12) \
                          RETURNING id",
@@ -1172,6 +1195,18 @@ macro_rules! impl_queries {
                         rebound: agent_id != candidate,
                         agent_id,
                     }))
+                }
+
+                async fn confirm_secret(&self, agent_id: &str, secret_hash: &str) -> StoreResult<()> {
+                    sqlx::query(&format!(
+                        "UPDATE agents SET {} WHERE id = $1 AND NOT secret_proven",
+                        shown_secret("$2")
+                    ))
+                    .bind(agent_id)
+                    .bind(secret_hash)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
                 }
 
                 async fn list_enrollment_tokens(

@@ -123,7 +123,7 @@ impl Store for SqliteStore {
         if !crate::auth::hashes_equal(&stored, secret_hash) {
             return Err(StoreError::NotFound);
         }
-        Self::record_hello(&self.pool, agent_id, facts, now_ms).await
+        Self::record_hello(&self.pool, agent_id, secret_hash, facts, now_ms).await
     }
 
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {

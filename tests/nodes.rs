@@ -1,6 +1,7 @@
 //! End-to-end: several server nodes on one PostgreSQL database and one downloads
-//! directory. Actions on one node reach agents connected to another, and a node that
-//! dies hands its agents to the others, and nodes upgraded one at a time from 0.1.0 keep
+//! directory. Actions on one node reach agents connected to another, one node at a time
+//! sweeps for silent agents' tasks, and a node that dies hands its agents (and the
+//! sweep) to the others, and nodes upgraded one at a time from 0.1.0 keep
 //! the fleet connected and every task. Each test gets a database of its own; without
 //! PostgreSQL these tests skip, except under CI, where they must run.
 
@@ -100,24 +101,49 @@ impl Database {
     }
 }
 
+/// The sum of the samples in `url`'s `/metrics` whose lines start with `prefix`; `None`
+/// when the node does not answer.
+async fn metric_at(url: &str, prefix: &str) -> Option<u64> {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
 /// Two nodes on one database and one downloads directory.
 fn two_nodes(root: &Path, database: &Database) -> (Server, Server) {
+    two_nodes_with(root, database, &[])
+}
+
+/// Two nodes as `two_nodes` makes them, each with `extra` flags.
+fn two_nodes_with(root: &Path, database: &Database, extra: &[&str]) -> (Server, Server) {
     let a_dir = root.join("node-a");
     let b_dir = root.join("node-b");
     std::fs::create_dir_all(&a_dir).unwrap();
     std::fs::create_dir_all(&b_dir).unwrap();
     let shared = a_dir.join("downloads");
     std::fs::create_dir_all(&shared).unwrap();
-    let a = Server::start_with_args(&a_dir, &["--database", &database.url]);
-    let b = Server::start_with_args(
-        &b_dir,
+    let a_args = [&["--database", database.url.as_str()][..], extra].concat();
+    let b_args = [
         &[
             "--database",
-            &database.url,
+            database.url.as_str(),
             "--downloads",
             shared.to_str().unwrap(),
-        ],
-    );
+        ][..],
+        extra,
+    ]
+    .concat();
+    let a = Server::start_with_args(&a_dir, &a_args);
+    let b = Server::start_with_args(&b_dir, &b_args);
     (a, b)
 }
 
@@ -583,6 +609,79 @@ async fn a_new_build_is_one_check_per_node_not_one_per_pair_of_nodes() {
             "{checks} checks of one node's agents for 1 build and {changes} rollout changes"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_node_at_a_time_sweeps_for_silent_agents_and_another_takes_over_when_it_dies() {
+    let Some(database) = Database::create("sweep") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A task without progress times out after 4 s: each node tries for the sweep's
+    // lease every 2 s, and its holder keeps it for 6 s from each renewal.
+    let (a, b) = two_nodes_with(dir.path(), &database, &["--task-timeout", "4s"]);
+    let mut nodes = [a, b];
+    const SWEEPS: &str = "drover_silent_task_sweeps_total";
+    const TIMED_OUT: &str = "drover_task_endings_total{status=\"timed_out\"";
+    let sweeps = || async {
+        [
+            metric_at(&nodes[0].url, SWEEPS).await,
+            metric_at(&nodes[1].url, SWEEPS).await,
+        ]
+    };
+    let first = eventually("a node to sweep", SOON, || async {
+        let [Some(a), Some(b)] = sweeps().await else {
+            return None;
+        };
+        (a + b > 0).then_some([a, b])
+    })
+    .await;
+    let sweeper = if first[0] > 0 { 0 } else { 1 };
+    let other = 1 - sweeper;
+
+    // An agent on the other node goes silent with its update under way. The sweeper
+    // times its task out; the other node, which never holds the lease, never sweeps.
+    publish(
+        &nodes[0].downloads(),
+        "1.1.0",
+        Some("stable"),
+        b"a build nobody installs",
+    );
+    let mut agent = ProtocolAgent::enroll(&nodes[other], "fp-silent", "1.0.0").await;
+    agent.next_update(SOON).await.expect("an update");
+    let id = agent.id.clone();
+    drop(agent);
+    eventually("the silent agent's task to time out", SOON * 3, || async {
+        let tasks = tasks_of(&nodes[other], &id).await;
+        (tasks.first()?["status"] == "timed_out").then_some(())
+    })
+    .await;
+    assert_eq!(tasks_of(&nodes[other], &id).await.len(), 1);
+    assert_eq!(
+        metric_at(&nodes[sweeper].url, TIMED_OUT).await,
+        Some(1),
+        "the sweeper ended it"
+    );
+    assert_eq!(
+        metric_at(&nodes[other].url, TIMED_OUT).await,
+        Some(0),
+        "the other node did not"
+    );
+    let now = sweeps().await;
+    assert_eq!(now[other], Some(0), "only one node swept: {now:?}");
+    assert!(
+        now[sweeper] > Some(first[sweeper]),
+        "the holder kept sweeping: {first:?} then {now:?}"
+    );
+
+    // The sweeper dies: its lease runs out and the other node sweeps from then on.
+    nodes[sweeper].kill9();
+    eventually(
+        "the other node to take the sweep over",
+        SOON * 3,
+        || async { (metric_at(&nodes[other].url, SWEEPS).await? > 0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1168,6 +1168,7 @@ pub(crate) async fn time_out_silent_agents(state: AppState) {
                 continue;
             }
         }
+        crate::metrics::Counters::bump(&crate::metrics::COUNTERS.silent_task_sweeps);
         let live_since = now - i64::try_from(crate::nodes::NODE_LEASE.as_millis()).unwrap_or(0);
         let stale = match state
             .store

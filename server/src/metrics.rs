@@ -40,6 +40,8 @@ pub(crate) struct Counters {
     task_endings: [AtomicU64; TASK_ENDINGS.len()],
     /// Times this node checked every agent connected to it.
     pub(crate) fleet_checks: AtomicU64,
+    /// Sweeps for silent agents' tasks this node ran, holding the sweep's lease.
+    pub(crate) silent_task_sweeps: AtomicU64,
     /// Signals this node received from the others, by kind (`SIGNALS` order).
     signals_received: [AtomicU64; SIGNALS.len()],
     /// Sessions re-checked after this node lost the other nodes' signals for a while:
@@ -77,6 +79,7 @@ pub(crate) static COUNTERS: Counters = Counters {
     heartbeat_write_lag_ms: AtomicU64::new(0),
     task_endings: [const { AtomicU64::new(0) }; TASK_ENDINGS.len()],
     fleet_checks: AtomicU64::new(0),
+    silent_task_sweeps: AtomicU64::new(0),
     signals_received: [const { AtomicU64::new(0) }; SIGNALS.len()],
     rechecked_unchanged: AtomicU64::new(0),
     rechecked_refreshed: AtomicU64::new(0),
@@ -273,6 +276,17 @@ pub(crate) async fn render(
         out,
         "drover_fleet_checks_total {}",
         c.fleet_checks.load(Ordering::Relaxed)
+    );
+    metric(
+        &mut out,
+        "drover_silent_task_sweeps_total",
+        "counter",
+        "Sweeps for the tasks of agents gone silent that this node ran; one node at a time holds the sweep's lease.",
+    );
+    let _ = writeln!(
+        out,
+        "drover_silent_task_sweeps_total {}",
+        c.silent_task_sweeps.load(Ordering::Relaxed)
     );
     metric(
         &mut out,

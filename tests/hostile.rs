@@ -50,8 +50,8 @@ async fn enroll_from(
 }
 
 /// Enrolls from `source` as `enroll_from` does, and answers the welcome as an agent does
-/// (a heartbeat, then a ping whose pong proves the server read it), so the server knows
-/// the machine has its secret; the welcome, once answered.
+/// (a heartbeat), so the server knows the machine has its secret; the welcome, once the
+/// server has written that heartbeat (its `last_seen` moved past the enrollment).
 async fn enroll_answered_from(
     server: &Server,
     source: Ipv4Addr,
@@ -66,12 +66,21 @@ async fn enroll_answered_from(
     let Some(ServerMessage::Welcome(welcome)) = answer else {
         panic!("{fingerprint} is enrolled: {answer:?}");
     };
+    // A millisecond later than the enrollment, so the heartbeat's write shows.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let beat = AgentMessage::Heartbeat(Heartbeat {
         seq: 1,
         version: "1.0.0".into(),
     });
     send(&mut socket, beat).await;
-    assert!(ping_answered(&mut socket, 1).await, "the heartbeat is read");
+    let api = server.api();
+    eventually("the heartbeat to be written", SOON, || async {
+        let (_, agent) = api
+            .get(&format!("/api/v1/agents/{}", welcome.agent_id))
+            .await;
+        (agent["last_seen"] != agent["enrolled_at"]).then_some(())
+    })
+    .await;
     welcome
 }
 

@@ -101,11 +101,16 @@ async fn write_batches(store: Arc<dyn Store>, mut batches: mpsc::Receiver<Vec<He
     }
 }
 
-/// Keeps only the newest heartbeat of each agent.
-fn fold(pending: &mut HashMap<String, HeartbeatRecord>, beat: HeartbeatRecord) {
+/// Keeps only the newest heartbeat of each agent, and a secret any of them showed.
+fn fold(pending: &mut HashMap<String, HeartbeatRecord>, mut beat: HeartbeatRecord) {
     match pending.get_mut(&beat.agent_id) {
-        Some(existing) if existing.at_ms > beat.at_ms => {}
-        Some(existing) => *existing = beat,
+        Some(existing) => {
+            let shown = beat.shown_secret.take().or(existing.shown_secret.take());
+            if existing.at_ms <= beat.at_ms {
+                *existing = beat;
+            }
+            existing.shown_secret = shown;
+        }
         None => {
             pending.insert(beat.agent_id.clone(), beat);
         }
@@ -121,6 +126,7 @@ mod tests {
             agent_id: agent.into(),
             version: version.into(),
             at_ms,
+            shown_secret: None,
         }
     }
 
@@ -138,5 +144,24 @@ mod tests {
         assert_eq!(pending.len(), 2);
         assert_eq!(pending["a"], beat("a", "1.1.0", 30));
         assert_eq!(pending["b"], beat("b", "1.0.0", 11));
+    }
+
+    #[test]
+    fn folding_keeps_a_shown_secret_whichever_beat_showed_it() {
+        let shown = |mut b: HeartbeatRecord| {
+            b.shown_secret = Some("hash".into());
+            b
+        };
+        for beats in [
+            [shown(beat("a", "1.0.0", 10)), beat("a", "1.0.0", 20)],
+            [beat("a", "1.0.0", 20), shown(beat("a", "1.0.0", 10))],
+            [shown(beat("a", "1.0.0", 20)), beat("a", "1.0.0", 10)],
+        ] {
+            let mut pending = HashMap::new();
+            for b in beats {
+                fold(&mut pending, b);
+            }
+            assert_eq!(pending["a"], shown(beat("a", "1.0.0", 20)));
+        }
     }
 }

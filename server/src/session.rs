@@ -283,7 +283,7 @@ struct Opened {
     /// False when the peer was gone before its welcome.
     welcomed: bool,
     /// The hash of the secret the welcome carried (an enrollment), until the agent shows
-    /// it has it by sending a message.
+    /// it has it by heartbeating.
     unshown_secret: Option<String>,
 }
 
@@ -543,8 +543,8 @@ fn internal(err: StoreError) -> Refusal {
 }
 
 /// The established session: heartbeats and reports in, updates out. `unshown_secret`:
-/// the hash of the secret an enrollment's welcome carried, recorded as shown at the
-/// agent's first message.
+/// the hash of the secret an enrollment's welcome carried, recorded as shown with the
+/// agent's first heartbeat.
 async fn serve(
     socket: &mut WebSocket,
     state: &AppState,
@@ -607,10 +607,11 @@ async fn serve(
                     }
                     Some(Ok(Message::Binary(bytes))) => {
                         let message = AgentMessage::decode(&bytes)?;
-                        if let Some(hash) = unshown_secret.take() {
-                            Box::pin(secret_shown(state, &live.id, &hash)).await;
-                        }
-                        outgoing.extend(Box::pin(handle(state, live, message)).await.map(encoded));
+                        outgoing.extend(
+                            Box::pin(handle(state, live, message, &mut unshown_secret))
+                                .await
+                                .map(encoded),
+                        );
                     }
                 }
             }
@@ -641,15 +642,6 @@ async fn serve(
                 return Ok(());
             }
         }
-    }
-}
-
-/// An enrolled agent's first message: it has the secret of its welcome, so its record is
-/// no longer one whose welcome was lost (`Queries::enroll`). Should the write fail, its
-/// next authentication records it.
-async fn secret_shown(state: &AppState, agent_id: &str, secret_hash: &str) {
-    if let Err(err) = state.store.confirm_secret(agent_id, secret_hash).await {
-        tracing::warn!(agent = %agent_id, %err, "could not record that the agent has its secret");
     }
 }
 
@@ -726,10 +718,14 @@ async fn refresh(state: &AppState, live: &mut LiveAgent) -> Option<ServerMessage
     }
 }
 
+/// Handles one message. The first heartbeat of an enrolled session takes
+/// `unshown_secret` to its record: the agent has the secret its welcome carried, so its
+/// record is no longer one whose welcome was lost (`Queries::enroll`).
 async fn handle(
     state: &AppState,
     live: &mut LiveAgent,
     message: AgentMessage,
+    unshown_secret: &mut Option<String>,
 ) -> Option<ServerMessage> {
     let outcome = match message {
         // A version the hello would refuse is not recorded: the heartbeat is ignored.
@@ -746,6 +742,7 @@ async fn handle(
                     agent_id: live.id.clone(),
                     version: beat.version.clone(),
                     at_ms: now_ms(),
+                    shown_secret: unshown_secret.take(),
                 })
                 .await;
             live.position.version = beat.version;

@@ -197,17 +197,20 @@ async fn story(store: &dyn Store) {
             agent_id: format!("gone-{i}"),
             version: "9.9.9".into(),
             at_ms: 9_000,
+            shown_secret: None,
         })
         .collect();
     batch.push(HeartbeatRecord {
         agent_id: one.agent_id.clone(),
         version: "1.2.0".into(),
         at_ms: 5_000,
+        shown_secret: None,
     });
     batch.push(HeartbeatRecord {
         agent_id: two.agent_id.clone(),
         version: "1.0.0".into(),
         at_ms: 500,
+        shown_secret: None,
     });
     store.record_heartbeats(&batch).await.unwrap();
     let agents = store.list_agents().await.unwrap();
@@ -1201,11 +1204,18 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         node_beat_ms: i64::MAX,
         seen_ms: 5_000,
     };
-    // Until an agent shows it has the secret, the record is live only while a node holds
-    // its session: its welcome was lost, so the machine's next enrollment re-binds it at
-    // once. Showing a secret that is not the record's changes nothing.
+    // Until an agent shows it has the secret (a heartbeat after the welcome that carried
+    // it), the record is live only while a node holds its session: its welcome was lost,
+    // so the machine's next enrollment re-binds it at once. A heartbeat showing a secret
+    // that is not the record's (one a re-enrollment replaced) changes nothing.
+    let heartbeat = |shown: &str| HeartbeatRecord {
+        agent_id: live.agent_id.clone(),
+        version: "1.0.0".into(),
+        at_ms: 10_100,
+        shown_secret: Some(shown.into()),
+    };
     store
-        .confirm_secret(&live.agent_id, "not-its-secret")
+        .record_heartbeats(&[heartbeat("not-its-secret")])
         .await
         .unwrap();
     let again = store
@@ -1225,7 +1235,7 @@ async fn story_of_operators(store: &dyn Store, site: &str) {
         "a record whose welcome was lost is re-bound at once"
     );
     store
-        .confirm_secret(&live.agent_id, "live-1")
+        .record_heartbeats(&[heartbeat("live-1")])
         .await
         .unwrap();
     for attempt in 1..=2 {
@@ -1554,6 +1564,7 @@ async fn postgres_heartbeats_do_not_wait_for_references_to_their_agents() {
             agent_id: agent.clone(),
             version: "1.0.1".into(),
             at_ms: 5_000,
+            shown_secret: None,
         };
         tokio::time::timeout(Duration::from_secs(5), store.record_heartbeats(&[beat]))
             .await
@@ -1736,6 +1747,7 @@ async fn postgres_two_nodes_never_double_dispatch() {
                 agent_id: id.to_owned(),
                 version: "1.1.0".into(),
                 at_ms,
+                shown_secret: None,
             };
             let forward = [beat(&agent, 20_000 + round), beat(&other, 20_000 + round)];
             let backward = [beat(&other, 19_000 + round), beat(&agent, 19_000 + round)];
@@ -2306,6 +2318,7 @@ async fn version_key_story(store: &dyn Store) {
             agent_id: ids[6].clone(),
             version: "1.3.0".into(),
             at_ms: 2_000,
+            shown_secret: None,
         }])
         .await
         .unwrap();

@@ -247,6 +247,9 @@ pub struct HeartbeatRecord {
     pub agent_id: String,
     pub version: String,
     pub at_ms: i64,
+    /// On the first heartbeat of an enrolled session: the hash of the secret its welcome
+    /// carried, which the agent has shown it holds by heartbeating (migration 0021).
+    pub shown_secret: Option<String>,
 }
 
 /// What first start needs: a default client and site, and the hashes of the bootstrap

@@ -241,22 +241,25 @@ impl Store for PostgresStore {
     async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
         // Folded per agent as writing the batch in order would: the last version wins and
         // last_seen only moves forward.
-        let mut newest: BTreeMap<&str, (&str, i64)> = BTreeMap::new();
+        let mut newest: BTreeMap<&str, (&str, i64, Option<&str>)> = BTreeMap::new();
         for beat in batch {
+            let shown = beat.shown_secret.as_deref();
             newest
                 .entry(&beat.agent_id)
-                .and_modify(|(version, at)| {
+                .and_modify(|(version, at, was_shown)| {
                     *version = &beat.version;
                     *at = (*at).max(beat.at_ms);
+                    *was_shown = was_shown.or(shown);
                 })
-                .or_insert((&beat.version, beat.at_ms));
+                .or_insert((&beat.version, beat.at_ms, shown));
         }
         if newest.is_empty() {
             return Ok(());
         }
         let ids: Vec<&str> = newest.keys().copied().collect();
-        let versions: Vec<&str> = newest.values().map(|(version, _)| *version).collect();
-        let ats: Vec<i64> = newest.values().map(|(_, at)| *at).collect();
+        let versions: Vec<&str> = newest.values().map(|(version, _, _)| *version).collect();
+        let ats: Vec<i64> = newest.values().map(|(_, at, _)| *at).collect();
+        let shown: Vec<Option<&str>> = newest.values().map(|(_, _, shown)| *shown).collect();
         let keys: Vec<String> = versions
             .iter()
             .map(|v| super::version_key::version_key(v))
@@ -273,17 +276,19 @@ impl Store for PostgresStore {
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE agents AS a SET version = b.version, version_key = b.version_key, \
-                 last_seen = GREATEST(a.last_seen, b.at) \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
-                 AS b (id, version, at, version_key) \
+                 last_seen = GREATEST(a.last_seen, b.at), {} \
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
+                 AS b (id, version, at, version_key, shown) \
              WHERE a.id = b.id",
-        )
+            super::queries::shown_secret("b.shown")
+        ))
         .bind(&ids)
         .bind(&versions)
         .bind(&ats)
         .bind(&keys)
+        .bind(&shown)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

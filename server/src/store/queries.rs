@@ -166,8 +166,9 @@ pub trait Queries: Send + Sync {
     /// that site if there is one (same id, new secret), otherwise creates one, and counts
     /// a use of the token. A record that is live (`live`) is never re-bound: the answer
     /// is `Conflict`, the token's use is not counted, and the conflict is noted on the
-    /// record. A record whose secret no agent has shown (`confirm_secret`) is live only
-    /// while a node holds its session. `NotFound` when the token is unknown, revoked,
+    /// record. A record whose secret no agent has shown (`shown_secret`: a heartbeat after
+    /// the welcome that carried it, or an authentication) is live only while a node holds
+    /// its session. `NotFound` when the token is unknown, revoked,
     /// expired or used up.
     async fn enroll(
         &self,
@@ -177,11 +178,6 @@ pub trait Queries: Send + Sync {
         now_ms: i64,
         live: LiveSince,
     ) -> StoreResult<Enrollment>;
-
-    /// Records that an agent has shown it holds the secret whose hash is `secret_hash`
-    /// (it answered the welcome that carried it), so that its record is no longer
-    /// re-bound as one whose welcome was lost; nothing if the record's secret is another.
-    async fn confirm_secret(&self, agent_id: &str, secret_hash: &str) -> StoreResult<()>;
 
     /// Enrollment tokens, oldest first; only the site's when `site_id` is given.
     async fn list_enrollment_tokens(
@@ -637,10 +633,11 @@ pub(super) const ENROLL_TOKEN_COLUMNS: &str = "id, site_id, created_at AS create
      WHERE u.token_id = enrollment_tokens.id) AS uses, revoked_at AS revoked_at_ms";
 
 /// The assignment that records an agent showing it holds a secret, whose hash is the
-/// parameter `hash`: the record's secret counts as shown (migration 0021) only if it is
-/// still that secret, so a re-enrollment that replaced it meanwhile stays unshown.
+/// expression `hash` (NULL: none shown): the record's secret counts as shown (migration
+/// 0021) only if it is still that secret, so a re-enrollment that replaced it meanwhile
+/// stays unshown.
 pub(super) fn shown_secret(hash: &str) -> String {
-    format!("secret_proven = (secret_proven OR secret_hash = {hash})")
+    format!("secret_proven = (secret_proven OR COALESCE(secret_hash = {hash}, FALSE))")
 }
 
 /// How long a fingerprint conflict lasts: a refused enrollment this long after the
@@ -1107,7 +1104,7 @@ macro_rules! impl_queries {
                     let candidate = new_id();
                     // The re-bind happens in the same statement that checks the record is
                     // not live, so two enrollments racing for one machine cannot both win.
-                    // A record whose secret no agent has shown (`confirm_secret`) is live
+                    // A record whose secret no agent has shown (`shown_secret`) is live
                     // only while a node holds its session: its welcome never arrived, or
                     // the agent gave up waiting for it, and no machine holds that secret.
                     let agent_id: Option<String> = sqlx::query_scalar(
@@ -1195,18 +1192,6 @@ macro_rules! impl_queries {
                         rebound: agent_id != candidate,
                         agent_id,
                     }))
-                }
-
-                async fn confirm_secret(&self, agent_id: &str, secret_hash: &str) -> StoreResult<()> {
-                    sqlx::query(&format!(
-                        "UPDATE agents SET {} WHERE id = $1 AND NOT secret_proven",
-                        shown_secret("$2")
-                    ))
-                    .bind(agent_id)
-                    .bind(secret_hash)
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(())
                 }
 
                 async fn list_enrollment_tokens(

@@ -131,11 +131,12 @@ impl Store for SqliteStore {
         // tens of thousands is a handful of statements.
         let mut tx = super::queries::begin_write::<Self>(&self.pool).await?;
         for chunk in batch.chunks(HEARTBEAT_CHUNK) {
-            let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+            let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             let statement = format!(
                 "UPDATE agents SET version = v.column2, version_key = v.column4, \
-                     last_seen = MAX(agents.last_seen, v.column3) \
-                 FROM (VALUES {values}) AS v WHERE agents.id = v.column1"
+                     last_seen = MAX(agents.last_seen, v.column3), {} \
+                 FROM (VALUES {values}) AS v WHERE agents.id = v.column1",
+                super::queries::shown_secret("v.column5")
             );
             let mut query = sqlx::query(&statement);
             for beat in chunk {
@@ -143,7 +144,8 @@ impl Store for SqliteStore {
                     .bind(&beat.agent_id)
                     .bind(&beat.version)
                     .bind(beat.at_ms)
-                    .bind(super::version_key::version_key(&beat.version));
+                    .bind(super::version_key::version_key(&beat.version))
+                    .bind(beat.shown_secret.as_deref());
             }
             query.execute(&mut *tx).await?;
         }
